@@ -60,6 +60,7 @@ macro_rules! push_packet {
 }
 
 mod channels;
+pub(crate) use channels::SessionWindowWake;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
 
 mod parsing;
@@ -512,6 +513,8 @@ pub(crate) struct ChannelParams {
     pending_data: std::collections::VecDeque<(bytes::Bytes, Option<u32>, usize)>,
     pending_eof: bool,
     pending_close: bool,
+    /// Bytes the application consumed that the peer has not been credited for (patched).
+    consumed_unacked: u32,
 }
 
 impl ChannelParams {

@@ -88,7 +88,13 @@ impl OpenChannelMessage {
                 ensure_end(r)?;
                 ChannelType::AgentForward
             }
-            _ => ChannelType::Unknown { typ },
+            _ => {
+                // Patched (PATCHES.md): keep the type-specific data (Tower puts a
+                // raw `host:port` there).
+                let mut data = vec![0; r.remaining_len()];
+                map_err!(r.read(&mut data))?;
+                ChannelType::Unknown { typ, data }
+            }
         };
 
         Ok(Self {
@@ -98,7 +104,6 @@ impl OpenChannelMessage {
             recipient_maximum_packet_size: maxpacket,
         })
     }
-
 
     /// Pushes a failure message to the vec.
     pub fn fail(
@@ -141,6 +146,8 @@ pub enum ChannelType {
     AgentForward,
     Unknown {
         typ: String,
+        /// The raw type-specific data that followed the standard fields.
+        data: Vec<u8>,
     },
 }
 

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fmt::{Debug, Formatter};
 use std::mem::replace;
 use std::num::Wrapping;
+use std::sync::Arc;
 use std::time::Duration;
 
 use byteorder::{BigEndian, ByteOrder};
@@ -78,6 +79,8 @@ pub(crate) struct CommonSession<Config> {
     pub strict_kex: bool,
     pub alive_timeouts: usize,
     pub received_data: bool,
+    /// Consumption reports from this session's channel readers (patched).
+    pub window_wake: Arc<crate::SessionWindowWake>,
 }
 
 impl<C> Debug for CommonSession<C> {
@@ -129,6 +132,17 @@ impl ChannelFlushResult {
 }
 
 impl<C> CommonSession<C> {
+    /// Give the peer back the window its data took, for what readers consumed.
+    pub(crate) fn credit_consumed_windows(&mut self, target: u32) -> Result<(), crate::Error> {
+        let consumed = self.window_wake.take();
+        if let Some(enc) = self.encrypted.as_mut() {
+            for (id, len) in consumed {
+                enc.window_consumed(id, len, target)?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn has_any_pending_data(&self) -> bool {
         self.encrypted
             .as_ref()
@@ -302,6 +316,42 @@ impl Encrypted {
         }
     }
 
+    /// Count received data against the window we granted. Credit comes back
+    /// only through [`Self::window_consumed`], when the reader has taken it
+    /// (patched, see PATCHES.md: russh credited on arrival).
+    pub fn consume_window(&mut self, channel: ChannelId, len: usize) {
+        if let Some(channel) = self.channels.get_mut(&channel) {
+            // Ignore extra data: https://tools.ietf.org/html/rfc4254#section-5.2
+            channel.sender_window_size = channel.sender_window_size.saturating_sub(len as u32);
+        }
+    }
+
+    /// The reader of `channel` consumed `len` bytes: once a quarter of the
+    /// window has been consumed, give it back to the peer.
+    pub fn window_consumed(
+        &mut self,
+        channel: ChannelId,
+        len: u32,
+        target: u32,
+    ) -> Result<(), crate::Error> {
+        if let Some(channel) = self.channels.get_mut(&channel) {
+            channel.consumed_unacked = channel.consumed_unacked.saturating_add(len);
+            let room = target.saturating_sub(channel.sender_window_size);
+            let credit = channel.consumed_unacked.min(room);
+            if credit > 0 && credit >= target / 4 {
+                push_packet!(self.write, {
+                    self.write.push(msg::CHANNEL_WINDOW_ADJUST);
+                    channel.recipient_channel.encode(&mut self.write)?;
+                    credit.encode(&mut self.write)?;
+                });
+                channel.sender_window_size += credit;
+                channel.consumed_unacked = 0;
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(dead_code)]
     pub fn adjust_window_size(
         &mut self,
         channel: ChannelId,
@@ -772,6 +822,7 @@ impl Encrypted {
                 self.channels.entry(ChannelId(self.last_channel_id.0))
             {
                 vacant_entry.insert(ChannelParams {
+                    consumed_unacked: 0,
                     recipient_channel: 0,
                     sender_channel: ChannelId(self.last_channel_id.0),
                     sender_window_size: window_size,
@@ -852,9 +903,10 @@ pub(crate) enum GlobalRequestResponse {
         return_channel: oneshot::Sender<Result<(), crate::Error>>,
         keys: Vec<crate::keys::PublicKey>,
     },
-    /// request had a custom name; sends `Some` with the response-specific
-    /// payload on success or `None` on failure
-    Other(oneshot::Sender<Option<CryptoVec>>),
+    /// request had a custom name; sends `Ok` with the response-specific
+    /// payload on success or `Err` with the bytes after REQUEST_FAILURE
+    /// (patched: non-standard, Tower puts its error text there)
+    Other(oneshot::Sender<Result<CryptoVec, CryptoVec>>),
 }
 
 #[cfg(test)]
@@ -901,6 +953,7 @@ mod tests {
         pending_close: bool,
     ) -> ChannelParams {
         ChannelParams {
+            consumed_unacked: 0,
             recipient_channel,
             sender_channel,
             recipient_window_size: 1024,
@@ -955,6 +1008,7 @@ mod tests {
         pending_close: bool,
     ) -> ChannelParams {
         ChannelParams {
+            consumed_unacked: 0,
             recipient_channel,
             sender_channel,
             recipient_window_size: window_size,

@@ -186,11 +186,13 @@ impl<R: AsyncRead + Unpin> SshRead<R> {
                     return Err(Error::Version);
                 }
                 // If we have a full line, handle it.
-                if i >= 8 {
+                if i >= 4 {
                     // Check if we have a valid SSH protocol identifier
                     #[allow(clippy::indexing_slicing)]
                     if let Ok(s) = std::str::from_utf8(&ssh_id.buf[..i])
-                        && (s.starts_with("SSH-1.99-") || s.starts_with("SSH-2.0-"))
+                        // Patched (PATCHES.md): like Go's x/crypto, take any `SSH-`
+                        // line; Tower speaks `SSH-kubesphere-v1-*`.
+                        && s.starts_with("SSH-")
                     {
                         ssh_id.sshid_len = i;
                         return Ok(ssh_id.id());
@@ -238,8 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_ssh_id_too_long() {
-        let data = String::from_iter(iter::once("SSH-2.0-").chain(
-            iter::repeat("A").take(500)));
+        let data = String::from_iter(iter::once("SSH-2.0-").chain(iter::repeat("A").take(500)));
         let mut read = SshRead::new(data.as_bytes());
 
         let received = read.read_ssh_id().await;

@@ -1,33 +1,59 @@
-use tokio::sync::mpsc::Sender;
+use std::sync::Arc;
 
-use super::WindowSizeRef;
-use crate::ChannelMsg;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::SendError;
+
+use super::{ChannelReadHalf, WindowFeedback, WindowSizeRef};
+use crate::{ChannelId, ChannelMsg};
 
 /// A handle to the [`super::Channel`]'s to be able to transmit messages
 /// to it and update it's `window_size`.
+///
+/// Patched (see PATCHES.md): the queue towards the channel is unbounded so that
+/// the session loop never waits on one slow reader; the peer's send window,
+/// re-opened only as the reader consumes data, bounds what can pile up here.
 #[derive(Debug)]
 pub struct ChannelRef {
-    pub(super) sender: Sender<ChannelMsg>,
+    pub(super) sender: UnboundedSender<ChannelMsg>,
     pub(super) window_size: WindowSizeRef,
+    pub(super) feedback: Arc<WindowFeedback>,
 }
 
 impl ChannelRef {
-    pub fn new(sender: Sender<ChannelMsg>) -> Self {
-        Self {
-            sender,
-            window_size: WindowSizeRef::new(0),
-        }
+    /// A new channel queue: the session's end and the application's read half.
+    pub fn pair() -> (Self, ChannelReadHalf) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let feedback = Arc::new(WindowFeedback::default());
+        (
+            Self {
+                sender,
+                window_size: WindowSizeRef::new(0),
+                feedback: feedback.clone(),
+            },
+            ChannelReadHalf { receiver, feedback },
+        )
     }
 
     pub(crate) fn window_size(&self) -> &WindowSizeRef {
         &self.window_size
     }
-}
 
-impl std::ops::Deref for ChannelRef {
-    type Target = Sender<ChannelMsg>;
+    /// Queue a message for the channel's reader. Never waits.
+    pub async fn send(&self, msg: ChannelMsg) -> Result<(), SendError<ChannelMsg>> {
+        self.sender.send(msg)
+    }
 
-    fn deref(&self) -> &Self::Target {
-        &self.sender
+    /// Queue a message for the channel's reader. Never waits.
+    pub fn try_send(&self, msg: ChannelMsg) -> Result<(), SendError<ChannelMsg>> {
+        self.sender.send(msg)
+    }
+
+    /// Route the reader's consumption reports for channel `id` to `session`.
+    pub(crate) fn bind_window_feedback(
+        &self,
+        id: ChannelId,
+        session: &Arc<crate::SessionWindowWake>,
+    ) {
+        let _ = self.feedback.target.set((id, session.clone()));
     }
 }

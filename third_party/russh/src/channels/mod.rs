@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::mpsc::{Sender, UnboundedReceiver};
 use tokio::sync::{Mutex, Notify};
 
 use crate::{ChannelId, ChannelOpenFailure, Error, Pty, Sig};
@@ -140,11 +140,62 @@ impl WindowSizeRef {
     }
 }
 
+/// Where a channel's reader reports consumed bytes (patched, see PATCHES.md):
+/// the session re-opens the peer's send window only for bytes the application
+/// has taken, so one stalled reader holds back its own channel and no other.
+#[derive(Debug, Default)]
+pub(crate) struct WindowFeedback {
+    pub(crate) target: std::sync::OnceLock<(ChannelId, Arc<crate::SessionWindowWake>)>,
+}
+
+impl WindowFeedback {
+    fn consumed(&self, msg: &ChannelMsg) {
+        let len = match msg {
+            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
+            _ => return,
+        };
+        if let Some((id, wake)) = self.target.get() {
+            wake.consumed(*id, len as u32);
+        }
+    }
+}
+
+/// The session loop's end of the consumption reports: channels push the bytes
+/// their readers took, the loop wakes and answers with WINDOW_ADJUSTs.
+#[derive(Debug, Default)]
+pub(crate) struct SessionWindowWake {
+    consumed: std::sync::Mutex<Vec<(ChannelId, u32)>>,
+    notify: Notify,
+}
+
+impl SessionWindowWake {
+    fn consumed(&self, id: ChannelId, len: u32) {
+        if let Ok(mut consumed) = self.consumed.lock() {
+            consumed.push((id, len));
+        }
+        self.notify.notify_one();
+    }
+
+    /// Resolves when some reader reported consumption since the last `take`.
+    pub(crate) async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// The consumption reported since the last call.
+    pub(crate) fn take(&self) -> Vec<(ChannelId, u32)> {
+        self.consumed
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+}
+
 /// A handle to the reading part of a session channel.
 ///
 /// Allows you to read from a channel without borrowing the session
 pub struct ChannelReadHalf {
-    pub(crate) receiver: Receiver<ChannelMsg>,
+    pub(crate) receiver: UnboundedReceiver<ChannelMsg>,
+    pub(crate) feedback: Arc<WindowFeedback>,
 }
 
 impl std::fmt::Debug for ChannelReadHalf {
@@ -156,7 +207,22 @@ impl std::fmt::Debug for ChannelReadHalf {
 impl ChannelReadHalf {
     /// Awaits an incoming [`ChannelMsg`], this method returns [`None`] if the channel has been closed.
     pub async fn wait(&mut self) -> Option<ChannelMsg> {
-        self.receiver.recv().await
+        let msg = self.receiver.recv().await;
+        if let Some(msg) = &msg {
+            self.feedback.consumed(msg);
+        }
+        msg
+    }
+
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ChannelMsg>> {
+        let poll = self.receiver.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(msg)) = &poll {
+            self.feedback.consumed(msg);
+        }
+        poll
     }
 
     /// Make a reader for the [`Channel`] to receive [`ChannelMsg::Data`]
@@ -341,11 +407,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
     }
 
     /// Send owned extended data to a channel without copying it into the `AsyncWrite` path.
-    pub async fn extended_data_bytes(
-        &self,
-        ext: u32,
-        data: impl Into<Bytes>,
-    ) -> Result<(), Error> {
+    pub async fn extended_data_bytes(&self, ext: u32, data: impl Into<Bytes>) -> Result<(), Error> {
         self.send_bytes(Some(ext), data.into()).await
     }
 
@@ -466,16 +528,15 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
         sender: Sender<S>,
         max_packet_size: u32,
         window_size: u32,
-        channel_buffer_size: usize,
     ) -> (Self, ChannelRef) {
-        let (tx, rx) = tokio::sync::mpsc::channel(channel_buffer_size);
+        let (mut channel_ref, read_half) = ChannelRef::pair();
         let window_size = WindowSizeRef::new(window_size);
-        let read_half = ChannelReadHalf { receiver: rx };
+        channel_ref.window_size = window_size.clone();
         let write_half = ChannelWriteHalf {
             id,
             sender,
             max_packet_size,
-            window_size: window_size.clone(),
+            window_size,
         };
 
         (
@@ -483,10 +544,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
                 write_half,
                 read_half,
             },
-            ChannelRef {
-                sender: tx,
-                window_size,
-            },
+            channel_ref,
         )
     }
 
@@ -632,11 +690,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
     }
 
     /// Send owned extended data to a channel without copying it into the `AsyncWrite` path.
-    pub async fn extended_data_bytes(
-        &self,
-        ext: u32,
-        data: impl Into<Bytes>,
-    ) -> Result<(), Error> {
+    pub async fn extended_data_bytes(&self, ext: u32, data: impl Into<Bytes>) -> Result<(), Error> {
         self.write_half.extended_data_bytes(ext, data).await
     }
 
@@ -833,7 +887,10 @@ mod tests {
         let (channel, _reference) =
             Channel::<(ChannelId, ChannelMsg)>::new(ChannelId(9), sender, 1024, 1024, 8);
 
-        channel.data_bytes(Bytes::from_static(b"channel")).await.unwrap();
+        channel
+            .data_bytes(Bytes::from_static(b"channel"))
+            .await
+            .unwrap();
 
         match receiver.recv().await.unwrap() {
             (ChannelId(9), ChannelMsg::Data { data }) => {

@@ -595,19 +595,12 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
+                    enc.consume_window(channel_num, data.len());
                 }
 
                 if let Some(chan) = self.channels.get(&channel_num) {
+                    chan.bind_window_feedback(channel_num, &self.common.window_wake);
                     let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
                 }
 
@@ -622,19 +615,12 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
+                    enc.consume_window(channel_num, data.len());
                 }
 
                 if let Some(chan) = self.channels.get(&channel_num) {
+                    chan.bind_window_feedback(channel_num, &self.common.window_wake);
                     let _ = chan
                         .send(ChannelMsg::ExtendedData {
                             ext: extended_code,
@@ -844,6 +830,7 @@ impl Session {
                 };
 
                 let channel_params = ChannelParams {
+                    consumed_unacked: 0,
                     recipient_channel: msg.recipient_channel,
                     sender_channel: id,
                     recipient_window_size: msg.recipient_window_size,
@@ -862,7 +849,6 @@ impl Session {
                     self.inbound_channel_sender.clone(),
                     channel_params.recipient_maximum_packet_size,
                     channel_params.recipient_window_size,
-                    self.common.config.channel_buffer_size,
                 );
 
                 let pending = crate::PendingChannelOpen {
@@ -950,10 +936,10 @@ impl Session {
                             .server_channel_open_agent_forward(channel, reply, self)
                             .await?
                     }
-                    ChannelType::Unknown { typ } => {
+                    ChannelType::Unknown { typ, data } => {
                         if client.should_accept_unknown_server_channel(id, typ).await {
                             client
-                                .server_channel_open_unknown(channel, reply, self)
+                                .server_channel_open_custom(channel, typ, data, reply, self)
                                 .await?;
                         } else {
                             debug!("unknown channel type: {typ}");
@@ -1030,7 +1016,7 @@ impl Session {
                         let _ = return_channel.send(result);
                     }
                     Some(GlobalRequestResponse::Other(return_channel)) => {
-                        let _ = return_channel.send(Some(CryptoVec::from_slice(r)));
+                        let _ = return_channel.send(Ok(CryptoVec::from_slice(r)));
                     }
                     None => {
                         error!("Received global request failure for unknown request!")
@@ -1040,8 +1026,11 @@ impl Session {
             }
             Some((&msg::REQUEST_FAILURE, r)) => {
                 trace!("global request failure");
-                map_err!(ensure_end(&r))?;
-                match self.open_global_requests.pop_front() {
+                let request = self.open_global_requests.pop_front();
+                if !matches!(request, Some(GlobalRequestResponse::Other(_))) {
+                    map_err!(ensure_end(&r))?;
+                }
+                match request {
                     Some(GlobalRequestResponse::Keepalive) => {
                         // ignore keepalives
                     }
@@ -1067,7 +1056,7 @@ impl Session {
                         let _ = return_channel.send(Err(crate::Error::RequestDenied));
                     }
                     Some(GlobalRequestResponse::Other(return_channel)) => {
-                        let _ = return_channel.send(None);
+                        let _ = return_channel.send(Err(CryptoVec::from_slice(r)));
                     }
                     None => {
                         error!("Received global request failure for unknown request!")

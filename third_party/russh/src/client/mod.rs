@@ -256,7 +256,7 @@ pub enum Msg {
         name: String,
         data: CryptoVec,
         /// Provide a channel for the reply result to request a reply from the server
-        reply_channel: Option<oneshot::Sender<Option<CryptoVec>>>,
+        reply_channel: Option<oneshot::Sender<Result<CryptoVec, CryptoVec>>>,
     },
 }
 
@@ -740,11 +740,11 @@ impl<H: Handler> Handle<H> {
     /// Wait for confirmation that a channel is open
     async fn wait_channel_confirmation(
         &self,
-        mut receiver: Receiver<ChannelMsg>,
+        mut receiver: ChannelReadHalf,
         window_size_ref: WindowSizeRef,
     ) -> Result<Channel<Msg>, crate::Error> {
         loop {
-            match receiver.recv().await {
+            match receiver.receiver.recv().await {
                 Some(ChannelMsg::Open {
                     id,
                     max_packet_size,
@@ -759,7 +759,7 @@ impl<H: Handler> Handle<H> {
                             max_packet_size,
                             window_size: window_size_ref,
                         },
-                        read_half: ChannelReadHalf { receiver },
+                        read_half: receiver,
                     });
                 }
                 Some(ChannelMsg::OpenFailure(reason)) => {
@@ -842,8 +842,7 @@ impl<H: Handler> Handle<H> {
     /// usable when it's confirmed by the server, as indicated by the
     /// `confirmed` field of the corresponding `Channel`.
     pub async fn channel_open_session(&self) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -860,8 +859,7 @@ impl<H: Handler> Handle<H> {
         originator_address: A,
         originator_port: u32,
     ) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -891,8 +889,7 @@ impl<H: Handler> Handle<H> {
         originator_address: B,
         originator_port: u32,
     ) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -913,8 +910,7 @@ impl<H: Handler> Handle<H> {
         &self,
         socket_path: S,
     ) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -1121,6 +1117,31 @@ impl<H: Handler> Handle<H> {
         reply_recv.await.unwrap_or(Err(Error::Disconnect))
     }
 
+    /// Send a global request with want-reply set and wait for the answer:
+    /// `Ok(payload)` for REQUEST_SUCCESS, `Err(payload)` for REQUEST_FAILURE,
+    /// where `payload` is whatever followed the status byte (patched, see
+    /// PATCHES.md: Tower sends its error text there).
+    pub async fn global_request<A: Into<String>>(
+        &self,
+        name: A,
+        data: &[u8],
+    ) -> Result<Result<Vec<u8>, Vec<u8>>, Error> {
+        let (reply_channel, reply_recv) = oneshot::channel();
+        self.sender
+            .send(Msg::SendGlobalRequest {
+                name: name.into(),
+                data: CryptoVec::from_slice(data),
+                reply_channel: Some(reply_channel),
+            })
+            .await
+            .map_err(|_| Error::SendError)?;
+        match reply_recv.await {
+            Ok(Ok(data)) => Ok(Ok(data.to_vec())),
+            Ok(Err(data)) => Ok(Err(data.to_vec())),
+            Err(_) => Err(Error::Disconnect),
+        }
+    }
+
     /// Send a global request with a custom, non-standard name to the remote peer.
     ///
     /// `data` is the request-specific payload and is appended verbatim after the
@@ -1151,8 +1172,8 @@ impl<H: Handler> Handle<H> {
 
         match reply_recv {
             Some(reply_recv) => match reply_recv.await {
-                Ok(Some(data)) => Ok(Some(data)),
-                Ok(None) => Err(Error::RequestDenied),
+                Ok(Ok(data)) => Ok(Some(data)),
+                Ok(Err(_)) => Err(Error::RequestDenied),
                 Err(e) => {
                     error!("Unable to receive send_global_request result: {e:?}");
                     Err(Error::Disconnect)
@@ -1238,6 +1259,7 @@ where
     let mut session = Session::new(
         config.window_size,
         CommonSession {
+            window_wake: Default::default(),
             packet_writer: PacketWriter::clear(),
             auth_user: String::new(),
             auth_attempts: 0,
@@ -1430,7 +1452,12 @@ impl Session {
             let rekey_timer =
                 crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
             pin!(rekey_timer);
+            let window_wake = self.common.window_wake.clone();
             tokio::select! {
+                () = window_wake.notified(), if !self.kex.active() => {
+                    let target = self.common.config.window_size;
+                    self.common.credit_consumed_windows(target)?;
+                }
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
@@ -2153,6 +2180,7 @@ mod tests {
         let session = Session::new(
             config.window_size,
             CommonSession {
+                window_wake: Default::default(),
                 auth_user: "user".to_owned(),
                 auth_attempts: 0,
                 auth_method: Some(Method::KeyboardInteractive {
@@ -2294,12 +2322,20 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert!(session
-            .process_packet(&mut TestHandler, &packet)
-            .await
-            .is_err());
+        assert!(
+            session
+                .process_packet(&mut TestHandler, &packet)
+                .await
+                .is_err()
+        );
         assert_eq!(
-            session.common.encrypted.as_ref().unwrap().received_extensions.len(),
+            session
+                .common
+                .encrypted
+                .as_ref()
+                .unwrap()
+                .received_extensions
+                .len(),
             2
         );
     }
@@ -2368,10 +2404,16 @@ mod tests {
     #[test]
     fn limit_triggered_rekey_waits_for_authentication() {
         let (mut session, _sender, _replies) = keyboard_interactive_session();
-        allow_rekey(&mut session, crate::Limits::new(0, 0, Duration::from_secs(3600)));
+        allow_rekey(
+            &mut session,
+            crate::Limits::new(0, 0, Duration::from_secs(3600)),
+        );
 
         session.flush().unwrap();
-        assert!(!session.kex.active(), "write limit hit before authentication");
+        assert!(
+            !session.kex.active(),
+            "write limit hit before authentication"
+        );
         assert_eq!(session.rekey_time_remaining(), None);
 
         session.common.encrypted.as_mut().unwrap().state = EncryptedState::Authenticated;
@@ -2462,6 +2504,7 @@ mod tests {
         let mut session = Session::new(
             config.window_size,
             CommonSession {
+                window_wake: Default::default(),
                 auth_user: String::new(),
                 auth_attempts: 0,
                 auth_method: None,
@@ -2999,6 +3042,22 @@ pub trait Handler: Sized + Send {
         session: &mut Session,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         async { Ok(()) }
+    }
+
+    /// Called when the server opens a channel of a type russh does not know
+    /// (after [`should_accept_unknown_server_channel`](Handler::should_accept_unknown_server_channel)
+    /// returned `true`), with the raw type-specific data. Patched (PATCHES.md);
+    /// the default forwards to [`server_channel_open_unknown`](Handler::server_channel_open_unknown).
+    #[allow(unused_variables)]
+    fn server_channel_open_custom(
+        &mut self,
+        channel: Channel<Msg>,
+        channel_type: &str,
+        data: &[u8],
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.server_channel_open_unknown(channel, reply, session)
     }
 
     /// Called when the server opens a session channel.

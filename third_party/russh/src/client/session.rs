@@ -420,7 +420,7 @@ impl Session {
     /// on failure.
     pub fn send_global_request(
         &mut self,
-        reply_channel: Option<oneshot::Sender<Option<CryptoVec>>>,
+        reply_channel: Option<oneshot::Sender<Result<CryptoVec, CryptoVec>>>,
         name: &str,
         data: &[u8],
     ) -> Result<(), crate::Error> {

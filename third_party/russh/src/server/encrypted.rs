@@ -592,12 +592,8 @@ mod tests {
         // Same key, signed as rsa-sha2-256.
         let mut session = test_auth_session();
         let mut handler = Recorder::default();
-        let packet = publickey_signed_packet_as(
-            "alice",
-            private,
-            "rsa-sha2-256",
-            Some(HashAlg::Sha256),
-        );
+        let packet =
+            publickey_signed_packet_as("alice", private, "rsa-sha2-256", Some(HashAlg::Sha256));
         session.process_packet(&mut handler, &packet).await.unwrap();
         assert_eq!(
             handler.calls,
@@ -661,12 +657,8 @@ mod tests {
 
         let mut session = test_auth_session();
         let mut handler = NoSha1::default();
-        let packet = publickey_signed_packet_as(
-            "alice",
-            private,
-            "rsa-sha2-256",
-            Some(HashAlg::Sha256),
-        );
+        let packet =
+            publickey_signed_packet_as("alice", private, "rsa-sha2-256", Some(HashAlg::Sha256));
         session.process_packet(&mut handler, &packet).await.unwrap();
         assert!(handler.authenticated, "rsa-sha2-256 was refused");
     }
@@ -838,6 +830,7 @@ mod tests {
         Session {
             target_window_size: config.window_size,
             common: CommonSession {
+                window_wake: Default::default(),
                 packet_writer: PacketWriter::clear(),
                 auth_user: String::new(),
                 auth_method: None,
@@ -1487,18 +1480,12 @@ impl Session {
                 trace!("handler.data {ext:?} {channel_num:?}");
                 let data = map_err!(Bytes::decode(r))?;
                 map_err!(ensure_end(r))?;
-                let target = self.target_window_size;
-
-                #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let window = handler.adjust_window(channel_num, self.target_window_size);
-                        if window > 0 {
-                            self.target_window_size = window
-                        }
-                    }
+                    enc.consume_window(channel_num, data.len());
                 }
-                self.flush()?;
+                if let Some(chan) = self.channels.get(&channel_num) {
+                    chan.bind_window_feedback(channel_num, &self.common.window_wake);
+                }
                 if let Some(ext) = ext {
                     if let Some(chan) = self.channels.get(&channel_num) {
                         chan.send(ChannelMsg::ExtendedData {
@@ -1920,7 +1907,11 @@ impl Session {
                         Ok(())
                     }
                     _ => {
-                        self.request_failure();
+                        let mut data = vec![0; r.remaining_len()];
+                        map_err!(r.read(&mut data))?;
+                        debug!("handler.global_request {req_type:?}");
+                        let reply = handler.global_request(&req_type, &data, self).await?;
+                        self.request_reply(&reply);
                         Ok(())
                     }
                 }
@@ -2037,6 +2028,7 @@ impl Session {
             unreachable!()
         };
         let channel_params = ChannelParams {
+            consumed_unacked: 0,
             recipient_channel: msg.recipient_channel,
 
             // "sender" is the local end, i.e. we're the sender, the remote is the recipient.
@@ -2058,7 +2050,6 @@ impl Session {
             self.sender.sender.clone(),
             channel_params.recipient_maximum_packet_size,
             channel_params.recipient_window_size,
-            self.common.config.channel_buffer_size,
         );
 
         let pending = PendingChannelOpen {
@@ -2136,7 +2127,7 @@ impl Session {
                 }
                 Ok(())
             }
-            ChannelType::Unknown { typ } => {
+            ChannelType::Unknown { typ, .. } => {
                 debug!("unknown channel type: {typ}");
                 if let Some(ref mut enc) = self.common.encrypted {
                     msg.unknown_type(&mut enc.write)?;

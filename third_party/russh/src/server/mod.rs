@@ -62,6 +62,15 @@ pub use self::session::*;
 mod encrypted;
 
 /// Configuration of a server.
+/// The answer to a global request (patched, see PATCHES.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobalRequestReply {
+    /// REQUEST_SUCCESS followed by these bytes.
+    Success(Vec<u8>),
+    /// REQUEST_FAILURE followed by these bytes (non-standard unless empty).
+    Failure(Vec<u8>),
+}
+
 pub struct Config {
     /// The server ID string sent at the beginning of the protocol.
     pub server_id: SshId,
@@ -829,6 +838,20 @@ pub trait Handler: Sized {
         async { Ok(false) }
     }
 
+    /// Called for a global request russh does not handle itself, with its raw
+    /// request-specific data (patched, see PATCHES.md). The answer is sent when
+    /// the client asked for one; either kind may carry a payload (Tower puts
+    /// its error text after REQUEST_FAILURE). The default refuses.
+    #[allow(unused_variables)]
+    fn global_request(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        session: &mut Session,
+    ) -> impl Future<Output = Result<GlobalRequestReply, Self::Error>> + Send {
+        async { Ok(GlobalRequestReply::Failure(Vec::new())) }
+    }
+
     #[allow(unused_variables)]
     fn streamlocal_forward(
         &mut self,
@@ -1146,6 +1169,7 @@ async fn read_ssh_id<R: AsyncRead + Unpin>(
     };
 
     let session = CommonSession {
+        window_wake: Default::default(),
         packet_writer: PacketWriter::clear(),
         // kex: Some(Kex::Init(kexinit)),
         auth_user: String::new(),

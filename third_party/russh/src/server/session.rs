@@ -7,7 +7,7 @@ use channels::WindowSizeRef;
 use kex::ServerKex;
 use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc::{Receiver, Sender, UnboundedReceiver, UnboundedSender, channel};
+use tokio::sync::mpsc::{Receiver, Sender, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -37,6 +37,12 @@ pub enum Msg {
         channel_ref: ChannelRef,
     },
     ChannelOpenSession {
+        channel_ref: ChannelRef,
+    },
+    /// Patched (PATCHES.md): a channel of any type with raw type-specific data.
+    ChannelOpenCustom {
+        kind: String,
+        data: Vec<u8>,
         channel_ref: ChannelRef,
     },
     ChannelOpenDirectTcpIp {
@@ -246,8 +252,7 @@ impl Handle {
     /// confirmed that it allows agent forwarding. See
     /// [PROTOCOL.agent](https://datatracker.ietf.org/doc/html/draft-miller-ssh-agent).
     pub async fn channel_open_agent(&self) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -265,8 +270,7 @@ impl Handle {
     /// usable when it's confirmed by the server, as indicated by the
     /// `confirmed` field of the corresponding `Channel`.
     pub async fn channel_open_session(&self) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -274,6 +278,29 @@ impl Handle {
             .await
             .map_err(|_| Error::SendError)?;
 
+        self.wait_channel_confirmation(receiver, window_size_ref)
+            .await
+    }
+
+    /// Open a channel of type `kind` whose type-specific data is `data`,
+    /// appended verbatim (patched, see PATCHES.md; Tower's `kubesphere`
+    /// channels carry a raw `host:port`).
+    pub async fn channel_open_custom(
+        &self,
+        kind: impl Into<String>,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<Channel<Msg>, Error> {
+        let (channel_ref, receiver) = ChannelRef::pair();
+        let window_size_ref = channel_ref.window_size().clone();
+
+        self.sender
+            .send(Msg::ChannelOpenCustom {
+                kind: kind.into(),
+                data: data.into(),
+                channel_ref,
+            })
+            .await
+            .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
             .await
     }
@@ -290,8 +317,7 @@ impl Handle {
         originator_address: B,
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -313,8 +339,7 @@ impl Handle {
         &self,
         socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -335,8 +360,7 @@ impl Handle {
         originator_address: B,
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -357,8 +381,7 @@ impl Handle {
         &self,
         server_socket_path: A,
     ) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -377,8 +400,7 @@ impl Handle {
         originator_address: A,
         originator_port: u32,
     ) -> Result<Channel<Msg>, Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
-        let channel_ref = ChannelRef::new(sender);
+        let (channel_ref, receiver) = ChannelRef::pair();
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
@@ -395,11 +417,11 @@ impl Handle {
 
     async fn wait_channel_confirmation(
         &self,
-        mut receiver: Receiver<ChannelMsg>,
+        mut receiver: ChannelReadHalf,
         window_size_ref: WindowSizeRef,
     ) -> Result<Channel<Msg>, Error> {
         loop {
-            match receiver.recv().await {
+            match receiver.receiver.recv().await {
                 Some(ChannelMsg::Open {
                     id,
                     max_packet_size,
@@ -414,7 +436,7 @@ impl Handle {
                             max_packet_size,
                             window_size: window_size_ref,
                         },
-                        read_half: ChannelReadHalf { receiver },
+                        read_half: receiver,
                     });
                 }
                 Some(ChannelMsg::OpenFailure(reason)) => {
@@ -541,6 +563,17 @@ impl Session {
             }
             Msg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
+                self.channels.insert(id, channel_ref);
+            }
+            Msg::ChannelOpenCustom {
+                kind,
+                data,
+                channel_ref,
+            } => {
+                let id = self.channel_open_generic(kind.as_bytes(), |write| {
+                    write.extend_from_slice(&data);
+                    Ok(())
+                })?;
                 self.channels.insert(id, channel_ref);
             }
             Msg::ChannelOpenDirectTcpIp {
@@ -714,7 +747,12 @@ impl Session {
             let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
             pin!(rekey_timer);
 
+            let window_wake = self.common.window_wake.clone();
             tokio::select! {
+                () = window_wake.notified(), if !self.kex.active() => {
+                    let target = self.common.config.window_size;
+                    self.common.credit_consumed_windows(target)?;
+                }
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
@@ -1042,6 +1080,24 @@ impl Session {
         {
             self.common.wants_reply = false;
             push_packet!(enc.write, enc.write.push(msg::REQUEST_SUCCESS))
+        }
+    }
+
+    /// Answer a global request with a payload after the status byte (it checks
+    /// whether the client expects an answer). Patched, see PATCHES.md.
+    pub fn request_reply(&mut self, reply: &super::GlobalRequestReply) {
+        if self.common.wants_reply
+            && let Some(ref mut enc) = self.common.encrypted
+        {
+            self.common.wants_reply = false;
+            let (code, payload) = match reply {
+                super::GlobalRequestReply::Success(p) => (msg::REQUEST_SUCCESS, p),
+                super::GlobalRequestReply::Failure(p) => (msg::REQUEST_FAILURE, p),
+            };
+            push_packet!(enc.write, {
+                enc.write.push(code);
+                enc.write.extend_from_slice(payload);
+            })
         }
     }
 
@@ -1629,6 +1685,7 @@ mod tests {
 
         Session {
             common: CommonSession {
+                window_wake: Default::default(),
                 auth_user: String::new(),
                 remote_sshid: b"SSH-2.0-test".to_vec(),
                 config: config.clone(),
@@ -1723,7 +1780,10 @@ mod tests {
     #[test]
     fn limit_triggered_rekey_waits_for_authentication() {
         let mut session = authenticated_session();
-        allow_rekey(&mut session, crate::Limits::new(0, 0, Duration::from_secs(3600)));
+        allow_rekey(
+            &mut session,
+            crate::Limits::new(0, 0, Duration::from_secs(3600)),
+        );
         let enc = session.common.encrypted.as_mut().unwrap();
         enc.state = EncryptedState::WaitingAuthServiceRequest {
             accepted: false,
@@ -1732,7 +1792,10 @@ mod tests {
         enc.server_compression = Compression::ZlibOpenSSH;
 
         session.flush().unwrap();
-        assert!(!session.kex.active(), "write limit hit before authentication");
+        assert!(
+            !session.kex.active(),
+            "write limit hit before authentication"
+        );
         assert_eq!(session.rekey_time_remaining(), None);
 
         // USERAUTH_SUCCESS has been flushed; the next peer packet would
