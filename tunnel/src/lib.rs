@@ -1,1 +1,28 @@
+//! Tower's tunnel protocol, shared by `proxy` and `agent`.
+//!
+//! The stack, bottom up (see `shared/notes/tower-protocol.md` for the facts):
+//!
+//! ```text
+//! TCP -> HTTP/1.1 websocket upgrade (subprotocol `kubesphere-v1`)   [ws]
+//!     -> the websocket used as a plain byte stream                  [ws::WsStream]
+//!     -> SSH-2 with Tower's identification lines                    [ssh]
+//!     -> `config` global request: the agent's credentials           [wire::AgentConfig]
+//!     -> `kubesphere` channels opened by the proxy, one per stream  [server, client]
+//! ```
+//!
+//! The agent dials out and is the SSH *client*; the proxy is the SSH *server* yet
+//! the side that opens channels. [`server`] runs one agent connection on the proxy
+//! side and hands out a [`server::Session`] that dials through it; [`client`] runs
+//! the agent side and hands each accepted channel to a [`client::Dialer`].
+//!
+//! russh is vendored with a small patch for this wire format and for head-of-line
+//! blocking between channels: `third_party/russh/PATCHES.md`.
 
+pub mod client;
+pub mod copy;
+pub mod server;
+pub mod ssh;
+pub mod wire;
+pub mod ws;
+
+pub use wire::AgentConfig;

@@ -23,6 +23,7 @@ pub struct Session {
     pub(crate) sender: Handle,
     pub(crate) priority_receiver: UnboundedReceiver<Msg>,
     pub(crate) receiver: Receiver<Msg>,
+    #[allow(dead_code)] // unused since window credit follows consumption (PATCHES.md)
     pub(crate) target_window_size: u32,
     pub(crate) pending_reads: Vec<Vec<u8>>,
     pub(crate) pending_len: u32,
@@ -118,6 +119,7 @@ pub type ChannelOpenHandle = crate::ChannelOpenHandleInner<Msg>;
 pub struct Handle {
     pub(crate) priority_sender: UnboundedSender<Msg>,
     pub(crate) sender: Sender<Msg>,
+    #[allow(dead_code)] // unused since window credit follows consumption (PATCHES.md)
     pub(crate) channel_buffer_size: usize,
 }
 

@@ -1,0 +1,265 @@
+//! The agent's side of the tunnel.
+//!
+//! [`run`] speaks SSH over an upgraded websocket as Tower's agent does: password
+//! login as "" / "", the `config` request (a failure carries the proxy's reason,
+//! e.g. `Unauthorized agent`), then `ping` every keepalive period. The proxy opens
+//! `kubesphere` channels; each one whose target the agent advertised is dialed
+//! through a [`Dialer`] and joined, any other target is refused. `run` returns
+//! when the tunnel ends, with the reason; reconnecting is the caller's job.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use russh::client::{Handle, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, PING_REQUEST, parse_target};
+
+/// How long the SSH handshake and the `config` answer may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent's connect to its local target may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Missed pings after which the proxy counts as gone.
+pub const MAX_MISSED_PINGS: u32 = 3;
+
+/// Connects the agent to the targets it forwards to (its kube-apiserver and
+/// ks-apiserver). A plain TCP dialer in production; tests may substitute.
+pub trait Dialer: Send + Sync + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn dial(&self, target: &str) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+/// Dials TCP with `TCP_NODELAY` (Nagle adds ~40 ms to small round trips).
+pub struct TcpDialer;
+
+impl Dialer for TcpDialer {
+    type Stream = tokio::net::TcpStream;
+    async fn dial(&self, target: &str) -> std::io::Result<Self::Stream> {
+        let stream = tokio::net::TcpStream::connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// What the agent needs to run one tunnel.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Sent as the `config` request.
+    pub config: AgentConfig,
+    /// Period of `ping` requests; the tunnel is dead after [`MAX_MISSED_PINGS`].
+    pub keepalive: Duration,
+    /// `SHA256:...` fingerprint the proxy's host key must have, if pinned.
+    pub host_key_fingerprint: Option<String>,
+    /// Targets the proxy may ask for; anything else is refused.
+    pub allowed_targets: Vec<String>,
+}
+
+/// Why a tunnel ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("SSH handshake with the proxy failed: {0}")]
+    Handshake(russh::Error),
+    #[error("the proxy did not finish the handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error(
+        "the proxy's SSH host key is {actual}, but --proxy-host-key-fingerprint pins {expected}: \
+         refusing to send credentials (a different proxy, or a man in the middle)"
+    )]
+    HostKeyMismatch { expected: String, actual: String },
+    #[error("the proxy refused the password login")]
+    LoginRefused,
+    #[error("the proxy rejected this agent: {0}")]
+    Rejected(String),
+    #[error("the proxy missed {MAX_MISSED_PINGS} pings in a row: tunnel is dead")]
+    KeepaliveTimeout,
+    #[error("the tunnel closed: {0}")]
+    Closed(String),
+}
+
+impl ClientError {
+    /// True when retrying cannot help without a change by the operator.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::HostKeyMismatch { .. })
+    }
+}
+
+struct Handler<D: Dialer> {
+    dialer: Arc<D>,
+    allowed: Arc<Vec<String>>,
+    pin: Option<String>,
+    seen_key: Arc<Mutex<Option<String>>>,
+}
+
+impl<D: Dialer> russh::client::Handler for Handler<D> {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key.key_data(),
+            russh::keys::PublicKeyOrCertificate::Certificate(cert) => cert.public_key(),
+        };
+        let actual = key.fingerprint(russh::keys::HashAlg::Sha256).to_string();
+        if let Ok(mut seen) = self.seen_key.lock() {
+            *seen = Some(actual.clone());
+        }
+        Ok(match &self.pin {
+            Some(expected) => *expected == actual,
+            None => true,
+        })
+    }
+
+    async fn should_accept_unknown_server_channel(&mut self, _: ChannelId, kind: &str) -> bool {
+        kind == CHANNEL_TYPE
+    }
+
+    async fn server_channel_open_custom(
+        &mut self,
+        channel: Channel<Msg>,
+        _kind: &str,
+        data: &[u8],
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let target = match parse_target(data) {
+            Ok(t) if self.allowed.iter().any(|a| a == t) => t.to_string(),
+            Ok(t) => {
+                tracing::warn!(target = t, "refused a channel to a target this agent does not serve");
+                tokio::spawn(reply.reject(ChannelOpenFailure::AdministrativelyProhibited));
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a channel with a malformed target");
+                tokio::spawn(reply.reject(ChannelOpenFailure::AdministrativelyProhibited));
+                return Ok(());
+            }
+        };
+        // Dial outside the session loop: a slow target must not stall other channels.
+        let dialer = self.dialer.clone();
+        tokio::spawn(async move {
+            let upstream = match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial(&target)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%target, error = %e, "cannot reach target");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%target, "connect to target timed out");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            reply.accept().await;
+            let mut upstream = upstream;
+            let mut stream = channel.into_stream();
+            if let Err(e) = crate::copy::join(&mut stream, &mut upstream).await {
+                tracing::debug!(%target, error = %e, "stream ended with an error");
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Run one tunnel over `stream` until it ends. `on_connected` runs once the proxy
+/// has accepted the agent's config.
+pub async fn run<S, D>(
+    stream: S,
+    options: &ClientOptions,
+    dialer: Arc<D>,
+    on_connected: impl FnOnce(),
+) -> ClientError
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
+    let seen_key = Arc::new(Mutex::new(None));
+    let handler = Handler {
+        dialer,
+        allowed: Arc::new(options.allowed_targets.clone()),
+        pin: options.host_key_fingerprint.clone(),
+        seen_key: seen_key.clone(),
+    };
+    let handshake = handshake(stream, options, handler);
+    let handle = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Err(_) => return ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT),
+        Ok(Err(ClientError::Handshake(russh::Error::UnknownKey)))
+        | Ok(Err(ClientError::Handshake(russh::Error::WrongServerSig))) => {
+            let actual = seen_key
+                .lock()
+                .ok()
+                .and_then(|k| k.clone())
+                .unwrap_or_else(|| "unknown".into());
+            return ClientError::HostKeyMismatch {
+                expected: options.host_key_fingerprint.clone().unwrap_or_default(),
+                actual,
+            };
+        }
+        Ok(Err(e)) => return e,
+        Ok(Ok(handle)) => handle,
+    };
+    on_connected();
+    keepalive(handle, options.keepalive).await
+}
+
+async fn handshake<S, D>(
+    stream: S,
+    options: &ClientOptions,
+    handler: Handler<D>,
+) -> Result<Handle<Handler<D>>, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
+    let config = Arc::new(crate::ssh::client_config());
+    let mut handle = russh::client::connect_stream(config, stream, handler)
+        .await
+        .map_err(ClientError::Handshake)?;
+    let login = handle
+        .authenticate_password("", "")
+        .await
+        .map_err(ClientError::Handshake)?;
+    if !login.success() {
+        return Err(ClientError::LoginRefused);
+    }
+    match handle.global_request(CONFIG_REQUEST, &options.config.to_json()).await {
+        // Go Tower treats any payload as an error text; so do we.
+        Ok(Ok(payload)) if payload.is_empty() => Ok(handle),
+        Ok(Ok(payload)) | Ok(Err(payload)) => Err(ClientError::Rejected(
+            String::from_utf8_lossy(&payload).into_owned(),
+        )),
+        Err(e) => Err(ClientError::Handshake(e)),
+    }
+}
+
+/// Ping every `period`; a ping unanswered within a period is a miss.
+async fn keepalive<D: Dialer>(handle: Handle<Handler<D>>, period: Duration) -> ClientError {
+    let mut missed = 0;
+    loop {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(period, handle.global_request(PING_REQUEST, &[])).await {
+            Ok(Ok(_)) => missed = 0,
+            Ok(Err(e)) => return ClientError::Closed(e.to_string()),
+            Err(_) => {
+                missed += 1;
+                tracing::warn!(missed, "proxy did not answer a ping");
+                if missed >= MAX_MISSED_PINGS {
+                    let _ = handle
+                        .disconnect(russh::Disconnect::ByApplication, "keepalive timeout", "")
+                        .await;
+                    return ClientError::KeepaliveTimeout;
+                }
+                continue;
+            }
+        }
+        if handle.is_closed() {
+            return ClientError::Closed("session ended".into());
+        }
+        tokio::time::sleep_until(started + period).await;
+    }
+}

@@ -1,0 +1,369 @@
+//! The proxy's side of one agent connection.
+//!
+//! [`serve`] runs SSH over an upgraded websocket: it accepts the empty password,
+//! waits at most [`CONFIG_TIMEOUT`] for the agent's `config` request, asks an
+//! [`Admission`] whether that agent may join, answers (success, or failure with
+//! the reason, never silence), closes rejected connections, and answers `ping`.
+//! An admitted agent becomes a [`Session`] through which the proxy [`Session::dial`]s
+//! `kubesphere` channels. Channels the agent tries to open are refused: Tower let
+//! agents dial into the host network through them.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use russh::server::{Auth, GlobalRequestReply, Handle, Msg, Session as SshSession};
+use russh::{Channel, ChannelId, ChannelStream, Disconnect};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+
+use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, PING_REQUEST};
+
+/// How long an agent has, from its first byte, to finish SSH and send `config`.
+pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening a channel may take before the dial counts as failed.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decides whether an agent may join and keeps it registered while it is
+/// connected. The proxy's session registry implements it.
+pub trait Admission: Send + Sync + 'static {
+    /// Held for as long as the session lives; dropping it unregisters.
+    type Guard: Send + 'static;
+    /// Admit `session` (its config is [`Session::config`]) or say why not; the
+    /// reason is sent to the agent, so it must not reveal secrets.
+    fn admit(&self, session: Session) -> impl Future<Output = Result<Self::Guard, String>> + Send;
+}
+
+/// One connected, admitted agent, as the proxy sees it. Cheap to clone.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<SessionInner>,
+}
+
+struct SessionInner {
+    handle: Handle,
+    config: AgentConfig,
+    peer: String,
+    open_streams: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// Why a channel could not be opened through a session.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("the agent's tunnel is closed")]
+    Closed,
+    #[error("the agent did not answer the channel open within {0:?}")]
+    Timeout(Duration),
+    #[error("the agent refused to open a channel to {target}: {reason}")]
+    Refused { target: String, reason: String },
+}
+
+impl Session {
+    /// What the agent sent in its `config` request.
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.config
+    }
+
+    /// The agent's network address, for logs.
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
+    }
+
+    /// Streams open through this session right now: the dialer picks the least busy.
+    pub fn load(&self) -> usize {
+        self.inner.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// True once the SSH connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Relaxed)
+    }
+
+    /// Open a `kubesphere` channel to `target` (`host:port` on the agent's side).
+    pub async fn dial(&self, target: &str) -> Result<TunnelStream, DialError> {
+        if self.is_closed() {
+            return Err(DialError::Closed);
+        }
+        let open = self
+            .inner
+            .handle
+            .channel_open_custom(CHANNEL_TYPE, target.as_bytes().to_vec());
+        let channel = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            Err(_) => return Err(DialError::Timeout(OPEN_TIMEOUT)),
+            Ok(Ok(channel)) => channel,
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
+                return Err(DialError::Refused {
+                    target: target.to_string(),
+                    reason: format!("{reason:?}"),
+                });
+            }
+            Ok(Err(_)) => return Err(DialError::Closed),
+        };
+        Ok(TunnelStream::new(channel, self.inner.clone()))
+    }
+
+    /// Close the SSH connection, telling the agent why.
+    pub async fn close(&self, reason: &str) {
+        let _ = self
+            .inner
+            .handle
+            .disconnect(Disconnect::ByApplication, reason.to_string(), String::new())
+            .await;
+    }
+}
+
+/// A byte stream through one `kubesphere` channel. Counts towards its session's
+/// load until dropped.
+pub struct TunnelStream {
+    inner: ChannelStream<Msg>,
+    session: Arc<SessionInner>,
+}
+
+impl TunnelStream {
+    fn new(channel: Channel<Msg>, session: Arc<SessionInner>) -> Self {
+        session.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner: channel.into_stream(),
+            session,
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.session.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How an agent connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("SSH handshake failed: {0}")]
+    Handshake(russh::Error),
+    #[error("no config request within {0:?}")]
+    ConfigTimeout(Duration),
+    #[error("agent rejected: {0}")]
+    Rejected(String),
+    #[error("connection lost: {0}")]
+    Lost(russh::Error),
+}
+
+enum AuthOutcome {
+    Admitted(String),
+    Rejected(String),
+}
+
+struct Handler<A: Admission> {
+    admission: Arc<A>,
+    peer: String,
+    guard: Option<A::Guard>,
+    session: Option<Session>,
+    outcome: Option<oneshot::Sender<AuthOutcome>>,
+}
+
+impl<A: Admission> Handler<A> {
+    fn finish(&mut self, outcome: AuthOutcome) {
+        if let Some(tx) = self.outcome.take() {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    async fn on_config(&mut self, data: &[u8], ssh: &mut SshSession) -> GlobalRequestReply {
+        if self.guard.is_some() {
+            return GlobalRequestReply::Failure(b"config already accepted".to_vec());
+        }
+        let config = match AgentConfig::from_json(data) {
+            Ok(config) => config,
+            Err(e) => return self.reject(format!("invalid config: {e}"), ssh),
+        };
+        let name = config.name.clone();
+        let session = Session {
+            inner: Arc::new(SessionInner {
+                handle: ssh.handle(),
+                config,
+                peer: self.peer.clone(),
+                open_streams: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        match self.admission.admit(session.clone()).await {
+            Ok(guard) => {
+                self.guard = Some(guard);
+                self.session = Some(session);
+                self.finish(AuthOutcome::Admitted(name));
+                GlobalRequestReply::Success(Vec::new())
+            }
+            Err(reason) => self.reject(reason, ssh),
+        }
+    }
+
+    /// Answer with the reason, then close: the disconnect is queued behind the
+    /// answer, so the agent reads why before the connection ends.
+    fn reject(&mut self, reason: String, ssh: &mut SshSession) -> GlobalRequestReply {
+        self.finish(AuthOutcome::Rejected(reason.clone()));
+        let handle = ssh.handle();
+        let text = reason.clone();
+        tokio::spawn(async move {
+            let _ = handle
+                .disconnect(Disconnect::ByApplication, text, String::new())
+                .await;
+        });
+        GlobalRequestReply::Failure(reason.into_bytes())
+    }
+}
+
+impl<A: Admission> Drop for Handler<A> {
+    fn drop(&mut self) {
+        if let Some(session) = &self.session {
+            session.inner.closed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<A: Admission> russh::server::Handler for Handler<A> {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        // Tower's agents log in as "" with password ""; `config` is the real check.
+        Ok(Auth::Accept)
+    }
+
+    async fn global_request(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        session: &mut SshSession,
+    ) -> Result<GlobalRequestReply, Self::Error> {
+        Ok(match name {
+            CONFIG_REQUEST => self.on_config(data, session).await,
+            PING_REQUEST if self.guard.is_some() => GlobalRequestReply::Success(Vec::new()),
+            _ => {
+                tracing::debug!(peer = %self.peer, request = name, "refused global request");
+                GlobalRequestReply::Failure(Vec::new())
+            }
+        })
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        _reply: russh::server::ChannelOpenHandle,
+        _session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        // Dropping `_reply` refuses the channel.
+        tracing::warn!(peer = %self.peer, "refused a session channel opened by the agent");
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator: &str,
+        _originator_port: u32,
+        _reply: russh::server::ChannelOpenHandle,
+        _session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        tracing::warn!(peer = %self.peer, target = %format!("{host}:{port}"),
+            "refused a channel opened by the agent: agents may not dial into the host network");
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, _: ChannelId, _: &mut SshSession) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// Run one agent connection on `stream` (an upgraded websocket) until it ends.
+/// `peer` names the connection in logs.
+pub async fn serve<S, A>(
+    stream: S,
+    config: Arc<russh::server::Config>,
+    admission: Arc<A>,
+    peer: String,
+) -> Result<(), ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: Admission,
+{
+    let (tx, rx) = oneshot::channel();
+    let handler = Handler {
+        admission,
+        peer: peer.clone(),
+        guard: None,
+        session: None,
+        outcome: Some(tx),
+    };
+    let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
+    let running = match tokio::time::timeout_at(
+        deadline,
+        russh::server::run_stream(config, stream, handler),
+    )
+    .await
+    {
+        Err(_) => return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT)),
+        Ok(Err(e)) => return Err(ServeError::Handshake(e)),
+        Ok(Ok(running)) => running,
+    };
+    let handle = running.handle();
+    tokio::pin!(running);
+    tokio::select! {
+        outcome = rx => match outcome {
+            Ok(AuthOutcome::Admitted(name)) => {
+                tracing::info!(%peer, cluster = %name, "agent connected");
+            }
+            Ok(AuthOutcome::Rejected(reason)) => {
+                // The handler queued the answer and the disconnect; let them go out.
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+                return Err(ServeError::Rejected(reason));
+            }
+            Err(_) => {}
+        },
+        ended = &mut running => {
+            return Err(ServeError::Handshake(ended.err().unwrap_or(russh::Error::Disconnect)));
+        }
+        () = tokio::time::sleep_until(deadline) => {
+            let _ = handle
+                .disconnect(Disconnect::ByApplication, "no config request".into(), String::new())
+                .await;
+            return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT));
+        }
+    }
+    match running.await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(ServeError::Lost(e)),
+    }
+}

@@ -1,0 +1,205 @@
+//! SSH settings both ends share: Tower's identification lines, algorithms Go
+//! Tower v0.2.1 can speak (AES-GCM first), windows, and the proxy's host key.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::Duration;
+
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use russh::{MethodKind, MethodSet, Preferred, SshId, cipher, kex, mac};
+
+use crate::wire::{CLIENT_ID, SERVER_ID};
+
+/// Per-channel receive window. It bounds what one stalled stream can buffer.
+pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
+/// Largest SSH data packet we accept (Go uses 32 KiB; more gains nothing).
+pub const MAX_PACKET: u32 = 32 * 1024;
+
+/// Key exchange: modern first, then what Go Tower v0.2.1 (x/crypto of 2020) has.
+const KEX: &[kex::Name] = &[
+    kex::CURVE25519,
+    kex::CURVE25519_PRE_RFC_8731,
+    kex::ECDH_SHA2_NISTP256,
+    kex::ECDH_SHA2_NISTP384,
+    kex::ECDH_SHA2_NISTP521,
+    kex::DH_G14_SHA256,
+    kex::DH_G14_SHA1,
+    kex::EXTENSION_SUPPORT_AS_CLIENT,
+    kex::EXTENSION_SUPPORT_AS_SERVER,
+    kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+    kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+];
+
+/// AES-GCM is the cheapest on AES-NI CPUs; the client's order wins.
+const CIPHERS: &[cipher::Name] = &[
+    cipher::AES_256_GCM,
+    cipher::AES_128_GCM,
+    cipher::CHACHA20_POLY1305,
+    cipher::AES_256_CTR,
+    cipher::AES_192_CTR,
+    cipher::AES_128_CTR,
+];
+
+const MACS: &[mac::Name] = &[
+    mac::HMAC_SHA256_ETM,
+    mac::HMAC_SHA512_ETM,
+    mac::HMAC_SHA256,
+    mac::HMAC_SHA512,
+];
+
+const HOST_KEYS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa {
+        curve: russh::keys::EcdsaCurve::NistP256,
+    },
+];
+
+fn preferred() -> Preferred {
+    Preferred {
+        kex: Cow::Borrowed(KEX),
+        key: Cow::Borrowed(HOST_KEYS),
+        cipher: Cow::Borrowed(CIPHERS),
+        mac: Cow::Borrowed(MACS),
+        ..Preferred::default()
+    }
+}
+
+/// The proxy's SSH server settings. `keepalive`: the proxy pings every period
+/// and drops a session after 3 periods without a word from the agent.
+pub fn server_config(host_key: PrivateKey, keepalive: Duration) -> russh::server::Config {
+    russh::server::Config {
+        server_id: SshId::Standard(Cow::Borrowed(SERVER_ID)),
+        methods: MethodSet::from(&[MethodKind::Password][..]),
+        // Go clients try "none" first; don't make them wait for the real attempt.
+        auth_rejection_time: Duration::from_millis(100),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        preferred: preferred(),
+        inactivity_timeout: None,
+        keepalive_interval: Some(keepalive),
+        keepalive_max: 2,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// The agent's SSH client settings. The agent's own `ping` loop detects dead
+/// proxies (see [`crate::client`]), so russh's keepalive stays off.
+pub fn client_config() -> russh::client::Config {
+    russh::client::Config {
+        client_id: SshId::Standard(Cow::Borrowed(CLIENT_ID)),
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        preferred: preferred(),
+        inactivity_timeout: None,
+        keepalive_interval: None,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// `SHA256:...`, as `ssh-keygen -l` and Go's `ssh.FingerprintSHA256` print it.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// Errors loading or creating the proxy's host key.
+#[derive(Debug, thiserror::Error)]
+pub enum HostKeyError {
+    #[error("cannot read SSH host key {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("SSH host key {path} is not an OpenSSH private key: {source}")]
+    Parse { path: String, source: russh::keys::ssh_key::Error },
+    #[error("cannot write SSH host key {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("cannot generate an SSH host key: {0}")]
+    Generate(russh::keys::ssh_key::Error),
+}
+
+/// A new Ed25519 host key.
+pub fn generate_host_key() -> Result<PrivateKey, HostKeyError> {
+    PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(HostKeyError::Generate)
+}
+
+/// Parse an OpenSSH private key.
+pub fn parse_host_key(pem: &str, origin: &str) -> Result<PrivateKey, HostKeyError> {
+    PrivateKey::from_openssh(pem).map_err(|source| HostKeyError::Parse {
+        path: origin.to_string(),
+        source,
+    })
+}
+
+/// OpenSSH encoding of a private key.
+pub fn encode_host_key(key: &PrivateKey) -> Result<String, HostKeyError> {
+    key.to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map(|pem| pem.to_string())
+        .map_err(HostKeyError::Generate)
+}
+
+/// Load the host key at `path`, or create it (mode 0600) the first time, so the
+/// fingerprint agents pin stays the same across restarts.
+pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, HostKeyError> {
+    let shown = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(pem) => parse_host_key(&pem, &shown),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = generate_host_key()?;
+            let pem = encode_host_key(&key)?;
+            write_private(path, pem.as_bytes()).map_err(|source| HostKeyError::Write {
+                path: shown,
+                source,
+            })?;
+            Ok(key)
+        }
+        Err(source) => Err(HostKeyError::Read {
+            path: shown,
+            source,
+        }),
+    }
+}
+
+/// Write a secret file readable by its owner only, atomically.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_key_is_created_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("hostkey-{}", std::process::id()));
+        let path = dir.join("ssh_host_key");
+        let first = load_or_create_host_key(&path).unwrap();
+        let second = load_or_create_host_key(&path).unwrap();
+        assert_eq!(fingerprint(first.public_key()), fingerprint(second.public_key()));
+        assert!(fingerprint(first.public_key()).starts_with("SHA256:"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "host key must not be readable by others");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_host_key_is_refused_with_its_path() {
+        let err = parse_host_key("not a key", "/etc/tower/key").unwrap_err().to_string();
+        assert!(err.contains("/etc/tower/key"), "{err}");
+    }
+}
