@@ -129,7 +129,10 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
         let target = match parse_target(data) {
             Ok(t) if self.allowed.iter().any(|a| a == t) => t.to_string(),
             Ok(t) => {
-                tracing::warn!(target = t, "refused a channel to a target this agent does not serve");
+                tracing::warn!(
+                    target = t,
+                    "refused a channel to a target this agent does not serve"
+                );
                 tokio::spawn(reply.reject(ChannelOpenFailure::AdministrativelyProhibited));
                 return Ok(());
             }
@@ -227,7 +230,10 @@ where
     if !login.success() {
         return Err(ClientError::LoginRefused);
     }
-    match handle.global_request(CONFIG_REQUEST, &options.config.to_json()).await {
+    match handle
+        .global_request(CONFIG_REQUEST, &options.config.to_json())
+        .await
+    {
         // Go Tower treats any payload as an error text; so do we.
         Ok(Ok(payload)) if payload.is_empty() => Ok(handle),
         Ok(Ok(payload)) | Ok(Err(payload)) => Err(ClientError::Rejected(

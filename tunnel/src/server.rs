@@ -328,16 +328,14 @@ where
         outcome: Some(tx),
     };
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
-    let running = match tokio::time::timeout_at(
-        deadline,
-        russh::server::run_stream(config, stream, handler),
-    )
-    .await
-    {
-        Err(_) => return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT)),
-        Ok(Err(e)) => return Err(ServeError::Handshake(e)),
-        Ok(Ok(running)) => running,
-    };
+    let running =
+        match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler))
+            .await
+        {
+            Err(_) => return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT)),
+            Ok(Err(e)) => return Err(ServeError::Handshake(e)),
+            Ok(Ok(running)) => running,
+        };
     let handle = running.handle();
     tokio::pin!(running);
     tokio::select! {

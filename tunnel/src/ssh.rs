@@ -109,11 +109,20 @@ pub fn fingerprint(key: &PublicKey) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum HostKeyError {
     #[error("cannot read SSH host key {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("SSH host key {path} is not an OpenSSH private key: {source}")]
-    Parse { path: String, source: russh::keys::ssh_key::Error },
+    Parse {
+        path: String,
+        source: russh::keys::ssh_key::Error,
+    },
     #[error("cannot write SSH host key {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot generate an SSH host key: {0}")]
     Generate(russh::keys::ssh_key::Error),
 }
@@ -189,7 +198,10 @@ mod tests {
         let path = dir.join("ssh_host_key");
         let first = load_or_create_host_key(&path).unwrap();
         let second = load_or_create_host_key(&path).unwrap();
-        assert_eq!(fingerprint(first.public_key()), fingerprint(second.public_key()));
+        assert_eq!(
+            fingerprint(first.public_key()),
+            fingerprint(second.public_key())
+        );
         assert!(fingerprint(first.public_key()).starts_with("SHA256:"));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -199,7 +211,9 @@ mod tests {
 
     #[test]
     fn garbage_host_key_is_refused_with_its_path() {
-        let err = parse_host_key("not a key", "/etc/tower/key").unwrap_err().to_string();
+        let err = parse_host_key("not a key", "/etc/tower/key")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/etc/tower/key"), "{err}");
     }
 }

@@ -40,16 +40,36 @@ pub struct AgentConfig {
     #[serde(rename = "KubeSphereSvcHost", default)]
     pub kubesphere_svc_host: String,
     /// PEM client certificate for the member kube-apiserver.
-    #[serde(rename = "CertData", default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "CertData",
+        default,
+        with = "b64",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub cert_data: Vec<u8>,
     /// PEM client key for the member kube-apiserver.
-    #[serde(rename = "KeyData", default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "KeyData",
+        default,
+        with = "b64",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub key_data: Vec<u8>,
     /// PEM CA bundle that signs the member kube-apiserver's serving certificate.
-    #[serde(rename = "CAData", default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "CAData",
+        default,
+        with = "b64",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub ca_data: Vec<u8>,
     /// Bearer token for the member kube-apiserver.
-    #[serde(rename = "BearerToken", default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "BearerToken",
+        default,
+        with = "b64",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub bearer_token: Vec<u8>,
 }
 
@@ -172,10 +192,19 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_problem() {
-        assert!(matches!(AgentConfig::from_json(b"{not json"), Err(ConfigError::Json(_))));
-        assert!(matches!(AgentConfig::from_json(b"{}"), Err(ConfigError::NoName)));
+        assert!(matches!(
+            AgentConfig::from_json(b"{not json"),
+            Err(ConfigError::Json(_))
+        ));
+        assert!(matches!(
+            AgentConfig::from_json(b"{}"),
+            Err(ConfigError::NoName)
+        ));
         let huge = vec![b' '; MAX_CONFIG_LEN + 1];
-        assert!(matches!(AgentConfig::from_json(&huge), Err(ConfigError::TooLarge(_))));
+        assert!(matches!(
+            AgentConfig::from_json(&huge),
+            Err(ConfigError::TooLarge(_))
+        ));
         let bad_b64 = br#"{"Name":"a","CAData":"%%%"}"#;
         let err = AgentConfig::from_json(bad_b64).unwrap_err().to_string();
         assert!(err.contains("not valid JSON"), "{err}");

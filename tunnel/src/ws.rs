@@ -128,9 +128,15 @@ mod tests {
         let (a, b) = duplex(1 << 20);
         let mut raw = WebSocketStream::from_raw_socket(a, Role::Client, Some(config())).await;
         let mut stream = WsStream::from_upgraded(b, Role::Server).await;
-        raw.send(Message::Binary(Bytes::from_static(b"SSH-kubesphere-"))).await.unwrap();
-        raw.send(Message::Ping(Bytes::from_static(b"p"))).await.unwrap();
-        raw.send(Message::Text("v1-client\r\n".into())).await.unwrap();
+        raw.send(Message::Binary(Bytes::from_static(b"SSH-kubesphere-")))
+            .await
+            .unwrap();
+        raw.send(Message::Ping(Bytes::from_static(b"p")))
+            .await
+            .unwrap();
+        raw.send(Message::Text("v1-client\r\n".into()))
+            .await
+            .unwrap();
         raw.send(Message::Binary(Bytes::new())).await.unwrap();
         raw.close(None).await.unwrap();
         let mut got = Vec::new();

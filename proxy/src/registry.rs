@@ -1,0 +1,245 @@
+//! Which agents are connected, per cluster, and who may connect.
+//!
+//! A [`ClusterStore`] answers "what is this cluster's token?" (a static file in
+//! this version; Cluster custom resources later). The [`Registry`] checks an
+//! agent's name and token against it in constant time, keeps every live session
+//! per cluster (several at once: rolling restarts, HA agents), and dials through
+//! the least busy one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use subtle::ConstantTimeEq;
+use tunnel::server::{Admission, DialError, Session, TunnelStream};
+use tunnel::wire::UNAUTHORIZED;
+
+/// Where cluster tokens come from.
+pub trait ClusterStore: Send + Sync + 'static {
+    /// The token agents of `cluster` must present, if the cluster exists.
+    fn token(&self, cluster: &str) -> Option<String>;
+}
+
+/// Clusters and tokens fixed at start, e.g. from `--clusters-file`.
+#[derive(Default)]
+pub struct StaticClusters(HashMap<String, String>);
+
+impl StaticClusters {
+    /// Parse `{"alpha": "<token>", ...}`.
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        let map: HashMap<String, String> = serde_json::from_str(json)
+            .map_err(|e| format!("expected a JSON object of cluster name to token: {e}"))?;
+        if let Some(name) = map.iter().find(|(_, t)| t.is_empty()).map(|(n, _)| n) {
+            return Err(format!("cluster {name:?} has an empty token"));
+        }
+        Ok(Self(map))
+    }
+}
+
+impl ClusterStore for StaticClusters {
+    fn token(&self, cluster: &str) -> Option<String> {
+        self.0.get(cluster).cloned()
+    }
+}
+
+/// The member services an agent advertises.
+#[derive(Clone, Copy, Debug)]
+#[allow(dead_code)] // KubeSphere: the ks-apiserver port comes with the per-cluster listeners.
+pub enum Upstream {
+    /// `KubernetesSvcHost`: the member's kube-apiserver.
+    Kubernetes,
+    /// `KubeSphereSvcHost`: the member's ks-apiserver.
+    KubeSphere,
+}
+
+/// Why a request for a cluster could not be sent through its tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no agent of cluster {0:?} is connected")]
+    NoSession(String),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+}
+
+/// Live sessions by cluster name. Cheap to clone; clones share the sessions.
+pub struct Registry<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Registry<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<S> {
+    store: S,
+    sessions: Mutex<HashMap<String, Vec<Entry>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Entry {
+    id: u64,
+    session: Session,
+}
+
+/// Keeps a session registered; dropping it (the connection ended) removes it.
+pub struct Registration<S: ClusterStore> {
+    registry: Registry<S>,
+    cluster: String,
+    id: u64,
+}
+
+impl<S: ClusterStore> Drop for Registration<S> {
+    fn drop(&mut self) {
+        let left = self.registry.remove(&self.cluster, self.id);
+        tracing::info!(cluster = %self.cluster, sessions_left = left, "agent disconnected");
+    }
+}
+
+impl<S: ClusterStore> Registry<S> {
+    pub fn new(store: S) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                sessions: Mutex::default(),
+                next_id: Default::default(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Entry>>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, cluster: &str, id: u64) -> usize {
+        let mut sessions = self.lock();
+        let left = match sessions.get_mut(cluster) {
+            Some(list) => {
+                list.retain(|e| e.id != id);
+                list.len()
+            }
+            None => 0,
+        };
+        if left == 0 {
+            sessions.remove(cluster);
+        }
+        left
+    }
+
+    /// Live sessions per cluster.
+    pub fn counts(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(c, l)| {
+                (
+                    c.clone(),
+                    l.iter().filter(|e| !e.session.is_closed()).count(),
+                )
+            })
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    /// The least busy live session of `cluster`.
+    pub fn pick(&self, cluster: &str) -> Option<Session> {
+        self.lock()
+            .get(cluster)?
+            .iter()
+            .filter(|e| !e.session.is_closed())
+            .min_by_key(|e| e.session.load())
+            .map(|e| e.session.clone())
+    }
+
+    /// Open a stream to `upstream` through `cluster`'s least busy session; if
+    /// that session died meanwhile, try the next.
+    pub async fn dial(
+        &self,
+        cluster: &str,
+        upstream: Upstream,
+    ) -> Result<TunnelStream, RouteError> {
+        let mut last = None;
+        for _ in 0..3 {
+            let Some(session) = self.pick(cluster) else {
+                break;
+            };
+            let config = session.config();
+            let target = match upstream {
+                Upstream::Kubernetes => config.kubernetes_svc_host.clone(),
+                Upstream::KubeSphere => config.kubesphere_svc_host.clone(),
+            };
+            match session.dial(&target).await {
+                Ok(stream) => return Ok(stream),
+                Err(DialError::Closed) => last = Some(DialError::Closed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or_else(
+            || RouteError::NoSession(cluster.to_string()),
+            RouteError::from,
+        ))
+    }
+}
+
+fn tokens_match(expected: &str, given: &str) -> bool {
+    expected.as_bytes().ct_eq(given.as_bytes()).into()
+}
+
+impl<S: ClusterStore> Admission for Registry<S> {
+    type Guard = Registration<S>;
+
+    async fn admit(&self, session: Session) -> Result<Self::Guard, String> {
+        let config = session.config();
+        let cluster = config.name.clone();
+        // Same answer for unknown cluster and wrong token: don't reveal which.
+        let expected = self.inner.store.token(&cluster).unwrap_or_default();
+        if expected.is_empty() || !tokens_match(&expected, &config.token) {
+            return Err(UNAUTHORIZED.to_string());
+        }
+        let id = self
+            .inner
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut sessions = self.lock();
+        let list = sessions.entry(cluster.clone()).or_default();
+        list.push(Entry { id, session });
+        tracing::debug!(%cluster, sessions = list.len(), "session registered");
+        drop(sessions);
+        Ok(Registration {
+            registry: self.clone(),
+            cluster,
+            id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_clusters_file() {
+        let store = StaticClusters::from_json(r#"{"alpha":"t1"}"#).unwrap();
+        assert_eq!(store.token("alpha").as_deref(), Some("t1"));
+        assert_eq!(store.token("beta"), None);
+        let err = StaticClusters::from_json("[1]").err().unwrap();
+        assert!(err.contains("JSON object"), "{err}");
+        let err = StaticClusters::from_json(r#"{"a":""}"#).err().unwrap();
+        assert!(err.contains("empty token"), "{err}");
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(tokens_match("abc", "abc"));
+        assert!(!tokens_match("abc", "abd"));
+        assert!(!tokens_match("abc", "ab"));
+        assert!(!tokens_match("abc", ""));
+    }
+}
