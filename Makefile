@@ -32,6 +32,12 @@ lint:
 test: build harness go-peers lint
 	$(CARGO) test --workspace --release -- --test-threads=2
 
+demo: build harness
+	./hack/demo.sh
+
+demo-down:
+	./hack/demo-down.sh
+
 certs: certs/ca.crt
 certs/ca.crt:
 	./certs/gen-ca.sh certs
