@@ -1,1 +1,159 @@
-fn main() {}
+//! `agent`: the member-cluster side of KubeSphere's Tower tunnel.
+//!
+//! It dials the Tower proxy on the host cluster (websocket, then SSH), proves
+//! who it is with the cluster's token, hands over the credentials the proxy
+//! needs to reach this cluster's kube-apiserver, and then serves the channels
+//! the proxy opens to the kube-apiserver and the ks-apiserver, reconnecting for
+//! as long as it runs.
+//!
+//! Modules, in the order a connection uses them:
+//! - [`options`]: flags, checked at start;
+//! - [`credentials`]: the token and member credentials, re-read when they change;
+//! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY;
+//! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
+//! - [`run`]: the reconnect loop, with [`backoff`] and [`killable`].
+//!
+//! Signals: SIGHUP re-reads the credentials and retries at once; SIGTERM and
+//! SIGINT close the tunnel and exit 0. Exit 1: `--max-retry` exhausted or the
+//! proxy's host key does not match the pinned one; exit 2: invalid flags.
+
+mod backoff;
+mod credentials;
+mod dial;
+mod killable;
+mod options;
+mod proxy_env;
+mod run;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::credentials::{CredentialSource, Loader};
+use crate::options::{Flags, LogFormat};
+use crate::run::{Controls, Exit};
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    init_logging(flags.log_format);
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match flags.check(&env) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent(config)) {
+        Ok(Exit::Terminated) => ExitCode::SUCCESS,
+        Ok(Exit::GaveUp | Exit::HostKeyMismatch) => ExitCode::FAILURE,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn agent(config: options::Config) -> anyhow::Result<Exit> {
+    let loader = Loader {
+        token: config.token.clone(),
+        source: config.credentials.clone(),
+    };
+    let initial = tokio::task::spawn_blocking({
+        let loader = loader.clone();
+        move || loader.load()
+    })
+    .await
+    .context("reading credentials")??;
+
+    info!(
+        version = run::VERSION,
+        name = %config.name,
+        proxy = %config.dialer.endpoint().url(),
+        via = %config.dialer.via().map_or("direct".to_string(), ToString::to_string),
+        credentials = %config.credentials,
+        kinds = initial.credentials.kinds(),
+        "starting agent"
+    );
+    match &config.credentials {
+        CredentialSource::None => warn!(
+            "no credentials for the kube-apiserver: not in a pod and no --kubeconfig; \
+             the proxy will reach it anonymously"
+        ),
+        _ if initial.credentials.ca_data.is_empty() => {
+            warn!("no CA for the kube-apiserver: the proxy cannot verify its certificate")
+        }
+        _ => {}
+    }
+
+    let controls = Controls::default();
+    let refresh = Arc::new(Notify::new());
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn({
+        let controls = controls.clone();
+        let refresh = refresh.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = hangup.recv() => {
+                        info!("SIGHUP: re-reading credentials");
+                        refresh.notify_one();
+                        controls.retry_now.notify_one();
+                    }
+                    _ = terminate.recv() => {
+                        info!("SIGTERM: shutting down");
+                        controls.shutdown.cancel();
+                    }
+                    _ = interrupt.recv() => {
+                        info!("SIGINT: shutting down");
+                        controls.shutdown.cancel();
+                    }
+                }
+            }
+        }
+    });
+
+    let material = credentials::watch(
+        loader,
+        initial,
+        config.credentials_refresh_interval,
+        refresh,
+    );
+    let exit = run::run(config, material, controls).await;
+    if exit == Exit::Terminated {
+        info!("stopped");
+    }
+    Ok(exit)
+}
+
+/// Logs go to stderr, as text (default) or JSON lines; `RUST_LOG` filters.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

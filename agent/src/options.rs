@@ -1,0 +1,423 @@
+//! Command-line flags and their validation.
+//!
+//! [`Flags`] is what clap parses: Tower's agent flags (`--name`, `--token`,
+//! `--proxy-server`, `--keepalive`, `--max-retry`, `--max-retry-interval`,
+//! `--kubernetes-service`, `--kubesphere-service`, `--kubeconfig`) plus ours
+//! (`--token-file`, `--proxy-ca`, `--proxy-host-key-fingerprint`, `--log-format`,
+//! `--credentials-refresh-interval`). [`Flags::check`] turns them into a
+//! [`Config`] in which every value has been checked, so that a bad flag stops the
+//! agent at start with a message naming the flag and the expected form, instead of
+//! a panic or a retry loop that can never succeed (Go Tower panics on a
+//! `--kubesphere-service` with a scheme).
+//!
+//! Durations use Go's syntax (`30s`, `2m`, `1h30m`, `500ms`) so that Tower's
+//! deployment manifests keep working unchanged.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+
+use crate::credentials::{CredentialSource, TokenSource};
+use crate::dial::{Endpoint, ProxyDialer};
+use crate::proxy_env::HttpProxy;
+
+/// Tower's default for `--kubernetes-service` (Tower leaves the port out; the
+/// proxy needs it to dial, so ours carries it).
+pub const DEFAULT_KUBERNETES_SERVICE: &str = "kubernetes.default.svc:443";
+/// Tower's default for `--kubesphere-service`, with its port.
+pub const DEFAULT_KUBESPHERE_SERVICE: &str = "ks-apiserver.kubesphere-system.svc:80";
+
+/// Tower agent: dials the Tower proxy and serves this cluster's kube-apiserver and
+/// ks-apiserver through the tunnel.
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about)]
+pub struct Flags {
+    /// Name of this member cluster, as registered on the host cluster.
+    #[arg(long)]
+    pub name: String,
+
+    /// The cluster's agent token. Visible in `ps`: prefer --token-file or the
+    /// AGENT_TOKEN environment variable.
+    #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// File holding the agent token (surrounding whitespace ignored); re-read
+    /// periodically, a change reconnects with the new token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The Tower proxy: http://HOST[:PORT][/PATH] (websocket) or https://... (TLS).
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    pub proxy_server: String,
+
+    /// Extra CA (PEM) trusted for an https:// proxy, besides the public web roots.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_ca: Option<PathBuf>,
+
+    /// Pin the proxy's SSH host key (`SHA256:...`, as printed by the proxy); the
+    /// agent refuses to send its credentials to any other key.
+    #[arg(long, value_name = "SHA256:...")]
+    pub proxy_host_key_fingerprint: Option<String>,
+
+    /// Period of keepalive pings to the proxy; three missed pings end the tunnel.
+    #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub keepalive: Duration,
+
+    /// Give up (exit 1) after this many failed connection attempts in a row;
+    /// 0 retries forever.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub max_retry: u32,
+
+    /// Longest wait between two connection attempts (the backoff's cap).
+    #[arg(long, default_value = "2m", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub max_retry_interval: Duration,
+
+    /// HOST:PORT of the kube-apiserver as this agent reaches it [default: the
+    /// --kubeconfig server, else kubernetes.default.svc:443].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub kubernetes_service: Option<String>,
+
+    /// HOST:PORT of the ks-apiserver as this agent reaches it.
+    #[arg(long, default_value = DEFAULT_KUBESPHERE_SERVICE, value_name = "HOST:PORT")]
+    pub kubesphere_service: String,
+
+    /// Kubeconfig whose current context gives the kube-apiserver and the
+    /// credentials handed to the proxy [default: the pod's service account].
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// How often token files and the kubeconfig are re-read (SIGHUP re-reads now).
+    #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub credentials_refresh_interval: Duration,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Checked configuration: everything the agent needs, validated.
+#[derive(Debug)]
+pub struct Config {
+    pub name: String,
+    pub token: TokenSource,
+    /// Dials the proxy (URL, TLS roots, HTTP(S)_PROXY).
+    pub dialer: ProxyDialer,
+    pub host_key_fingerprint: Option<String>,
+    pub keepalive: Duration,
+    /// `None`: retry forever.
+    pub max_retry: Option<u32>,
+    pub max_retry_interval: Duration,
+    /// Explicit `--kubernetes-service`; otherwise it comes with the credentials.
+    pub kubernetes_service: Option<String>,
+    pub kubesphere_service: String,
+    pub credentials: CredentialSource,
+    pub credentials_refresh_interval: Duration,
+}
+
+impl Flags {
+    /// Validate every flag; `env` reads environment variables (HTTP(S)_PROXY,
+    /// NO_PROXY, AGENT_SERVICEACCOUNT_DIR), injectable for tests.
+    pub fn check(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let name = self.name.trim().to_string();
+        if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            bail!("--name {:?}: expected the member cluster's name", self.name);
+        }
+        let token = match (self.token, self.token_file) {
+            (Some(_), Some(_)) => {
+                bail!(
+                    "give the agent token once: --token (or AGENT_TOKEN) or --token-file, not both"
+                )
+            }
+            (None, None) => {
+                bail!("the agent token is required: --token-file FILE, AGENT_TOKEN, or --token")
+            }
+            (Some(t), None) if t.trim().is_empty() => bail!("--token is empty"),
+            (Some(t), None) => TokenSource::Literal(t.trim().to_string()),
+            (None, Some(path)) => TokenSource::File(path),
+        };
+        // Read once now so that a missing or empty token file fails at start.
+        token.read().context("--token-file")?;
+
+        let endpoint = Endpoint::parse(&self.proxy_server)
+            .map_err(|e| anyhow::anyhow!("--proxy-server {:?}: {e}", self.proxy_server))?;
+        let via = HttpProxy::from_env(&endpoint, env)?;
+        let dialer = ProxyDialer::new(endpoint, via, self.proxy_ca.as_deref())?;
+
+        let host_key_fingerprint = self
+            .proxy_host_key_fingerprint
+            .as_deref()
+            .map(check_fingerprint)
+            .transpose()?;
+
+        if self.keepalive.is_zero() {
+            bail!("--keepalive must be longer than 0s");
+        }
+        if self.max_retry_interval.is_zero() {
+            bail!("--max-retry-interval must be longer than 0s");
+        }
+        if self.credentials_refresh_interval < Duration::from_secs(1) {
+            bail!("--credentials-refresh-interval must be at least 1s");
+        }
+        let kubernetes_service = self
+            .kubernetes_service
+            .as_deref()
+            .map(|v| check_host_port("--kubernetes-service", v, "kubernetes.default.svc:443"))
+            .transpose()?;
+        let kubesphere_service = check_host_port(
+            "--kubesphere-service",
+            &self.kubesphere_service,
+            DEFAULT_KUBESPHERE_SERVICE,
+        )?;
+        let credentials = CredentialSource::detect(self.kubeconfig, env);
+
+        Ok(Config {
+            name,
+            token,
+            dialer,
+            host_key_fingerprint,
+            keepalive: self.keepalive,
+            max_retry: (self.max_retry > 0).then_some(self.max_retry),
+            max_retry_interval: self.max_retry_interval,
+            kubernetes_service,
+            kubesphere_service,
+            credentials,
+            credentials_refresh_interval: self.credentials_refresh_interval,
+        })
+    }
+}
+
+/// Check a `HOST:PORT` flag value and return it unchanged: the proxy asks for
+/// channels to exactly the string the agent advertised, so it must not be
+/// rewritten. IPv6 hosts need brackets (`[fd00::1]:6443`).
+pub fn check_host_port(flag: &str, value: &str, example: &str) -> anyhow::Result<String> {
+    let expected = format!("expected HOST:PORT, e.g. {example} or [fd00::1]:6443");
+    if value.contains("://") {
+        bail!("{flag} {value:?} has a URL scheme; {expected} (no scheme)");
+    }
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            bail!("{flag} {value:?} has no closing ']'; {expected}");
+        };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            bail!("{flag} {value:?}: {host:?} in brackets is not an IPv6 address; {expected}");
+        }
+        match after.strip_prefix(':') {
+            Some(port) => (host, port),
+            None => bail!("{flag} {value:?} has no port; {expected}"),
+        }
+    } else {
+        match value.rsplit_once(':') {
+            None => bail!("{flag} {value:?} has no port; {expected}"),
+            Some((host, _)) if host.contains(':') => {
+                bail!("{flag} {value:?}: an IPv6 address needs brackets; {expected}")
+            }
+            Some(parts) => parts,
+        }
+    };
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@' | '?' | '#'))
+    {
+        bail!("{flag} {value:?}: {host:?} is not a host name or address; {expected}");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(value.to_string()),
+        _ => bail!("{flag} {value:?}: {port:?} is not a port (1-65535); {expected}"),
+    }
+}
+
+/// Check a `--proxy-host-key-fingerprint` and return it in the form the SSH
+/// library prints (`SHA256:` + unpadded base64 of 32 bytes).
+fn check_fingerprint(value: &str) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let expected =
+        "expected SHA256:<base64>, the proxy host key's fingerprint as the proxy logs it";
+    let Some(b64) = value.trim().strip_prefix("SHA256:") else {
+        bail!("--proxy-host-key-fingerprint {value:?}: {expected}");
+    };
+    let b64 = b64.trim_end_matches('=');
+    match base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64) {
+        Ok(bytes) if bytes.len() == 32 => Ok(format!("SHA256:{b64}")),
+        _ => {
+            bail!("--proxy-host-key-fingerprint {value:?} is not a SHA-256 fingerprint; {expected}")
+        }
+    }
+}
+
+/// Parse a Go duration: a sequence of decimal numbers with units `ns`, `us`
+/// (`µs`), `ms`, `s`, `m`, `h`, e.g. `30s`, `1h30m`, `1.5s`; `0` alone is allowed.
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration (e.g. 30s, 2m, 1h30m, 500ms)");
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total += number * seconds;
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut argv = vec!["agent", "--name", "member", "--token", "t0k"];
+        argv.extend_from_slice(args);
+        Flags::try_parse_from(argv).unwrap()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn check(args: &[&str]) -> anyhow::Result<Config> {
+        flags(args).check(&no_env)
+    }
+
+    fn err(args: &[&str]) -> String {
+        format!("{:#}", check(args).unwrap_err())
+    }
+
+    #[test]
+    fn defaults_are_towers() {
+        let config = check(&[]).unwrap();
+        assert_eq!(config.name, "member");
+        assert_eq!(config.keepalive, Duration::from_secs(30));
+        assert_eq!(config.max_retry, None);
+        assert_eq!(config.max_retry_interval, Duration::from_secs(120));
+        assert_eq!(config.kubernetes_service, None);
+        assert_eq!(config.kubesphere_service, DEFAULT_KUBESPHERE_SERVICE);
+        assert_eq!(config.dialer.endpoint().url(), "ws://127.0.0.1:8080/");
+    }
+
+    #[test]
+    fn service_with_a_scheme_is_a_clear_error() {
+        let e = err(&["--kubesphere-service", "http://ks-apiserver:80"]);
+        assert!(e.contains("--kubesphere-service"), "{e}");
+        assert!(e.contains("scheme"), "{e}");
+        assert!(e.contains("HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn service_without_a_port_is_a_clear_error() {
+        let e = err(&["--kubesphere-service", "ks-apiserver.kubesphere-system.svc"]);
+        assert!(
+            e.contains("--kubesphere-service") && e.contains("no port"),
+            "{e}"
+        );
+        let e = err(&["--kubernetes-service", "10.0.0.1:https"]);
+        assert!(
+            e.contains("--kubernetes-service") && e.contains("not a port"),
+            "{e}"
+        );
+        let e = err(&["--kubernetes-service", "10.0.0.1:0"]);
+        assert!(e.contains("not a port"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_services_need_brackets() {
+        let config = check(&[
+            "--kubernetes-service",
+            "[::1]:6443",
+            "--kubesphere-service",
+            "[fd00::1]:80",
+        ])
+        .unwrap();
+        assert_eq!(config.kubernetes_service.as_deref(), Some("[::1]:6443"));
+        assert_eq!(config.kubesphere_service, "[fd00::1]:80");
+        let e = err(&["--kubernetes-service", "::1:6443"]);
+        assert!(e.contains("brackets"), "{e}");
+        let e = err(&["--kubernetes-service", "[::1]"]);
+        assert!(e.contains("no port"), "{e}");
+        let e = err(&["--kubernetes-service", "[nothost]:1"]);
+        assert!(e.contains("not an IPv6"), "{e}");
+    }
+
+    #[test]
+    fn token_once() {
+        let e = Flags::try_parse_from(["agent", "--name", "a"])
+            .unwrap()
+            .check(&no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token is required"), "{e}");
+        let e = err(&["--token-file", "/nonexistent"]);
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_are_checked() {
+        let good = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+        let config = check(&["--proxy-host-key-fingerprint", good]).unwrap();
+        assert_eq!(config.host_key_fingerprint.as_deref(), Some(good));
+        let padded = format!("{good}=");
+        let config = check(&["--proxy-host-key-fingerprint", &padded]).unwrap();
+        assert_eq!(config.host_key_fingerprint.as_deref(), Some(good));
+        let e = err(&["--proxy-host-key-fingerprint", "MD5:aa:bb"]);
+        assert!(e.contains("SHA256:"), "{e}");
+        let e = err(&["--proxy-host-key-fingerprint", "SHA256:short"]);
+        assert!(e.contains("not a SHA-256"), "{e}");
+    }
+
+    #[test]
+    fn proxy_server_errors_name_the_flag() {
+        let e = err(&["--proxy-server", "ftp://x"]);
+        assert!(e.contains("--proxy-server"), "{e}");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_go_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_go_duration("30").is_err());
+        assert!(parse_go_duration("").is_err());
+        assert!(parse_go_duration("s").is_err());
+        assert!(parse_go_duration("5x").is_err());
+        assert!(parse_go_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn zero_durations_are_refused() {
+        assert!(err(&["--keepalive", "0"]).contains("--keepalive"));
+        assert!(err(&["--max-retry-interval", "0s"]).contains("--max-retry-interval"));
+    }
+}
