@@ -250,6 +250,9 @@ async fn keepalive<D: Dialer>(handle: Handle<Handler<D>>, period: Duration) -> C
         let started = tokio::time::Instant::now();
         match tokio::time::timeout(period, handle.global_request(PING_REQUEST, &[])).await {
             Ok(Ok(_)) => missed = 0,
+            Ok(Err(russh::Error::SendError | russh::Error::Disconnect)) => {
+                return ClientError::Closed("the proxy closed the connection".into());
+            }
             Ok(Err(e)) => return ClientError::Closed(e.to_string()),
             Err(_) => {
                 missed += 1;
