@@ -3,12 +3,25 @@
 //! channels back through the tunnel to reach the member's API servers.
 //!
 //! Layout: [`agents`] is the agents' HTTP port, [`registry`] knows who is
-//! connected, [`forward`] is a raw TCP port per cluster. The SSH and websocket
-//! details live in the shared `tunnel` crate.
+//! connected, [`controller`] runs Tower's workflow on `Cluster` resources
+//! ([`crd`]), [`ports`] and [`listener`] serve each connected cluster over
+//! HTTPS with certificates from [`ca`], [`secret`] keeps the proxy's identity in
+//! the host cluster, [`forward`] is a raw TCP port per cluster. The SSH and
+//! websocket details live in the shared `tunnel` crate.
+//!
+//! Two modes: with `--clusters-file` the proxy needs no Kubernetes (tokens come
+//! from the file; for tests and debugging); otherwise it watches Cluster
+//! resources through `--kubeconfig` or its in-cluster service account.
 
 mod agents;
+mod ca;
+mod controller;
+mod crd;
 mod forward;
+mod listener;
+mod ports;
 mod registry;
+mod secret;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,7 +70,22 @@ struct Flags {
     /// periods without a word from its agent.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     keepalive: Duration,
-    /// JSON file mapping cluster names to agent tokens, e.g. {"alpha": "<token>"}.
+    /// Endpoints and kubeconfigs point at https://HOST:<cluster port> instead of
+    /// the mc-<name> Service's ClusterIP (a proxy running outside the cluster).
+    #[arg(long)]
+    advertise_address: Option<String>,
+    /// Namespace of the mc-<name> Services and of the proxy's Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubesphere-system")]
+    namespace: String,
+    /// Ports for the clusters' kube API listeners, FIRST-LAST; the ks-apiserver
+    /// port of each is 10000 higher.
+    #[arg(long, default_value = "16000-16999", value_parser = parse_port_range)]
+    cluster_ports: std::ops::Range<u16>,
+    /// Labels of the proxy's pods, selected by the mc-<name> Services.
+    #[arg(long, default_value = "app=tower")]
+    service_selector: String,
+    /// JSON file mapping cluster names to agent tokens, e.g. {"alpha": "<token>"}:
+    /// run without Kubernetes (no Cluster resources, no per-cluster listeners).
     #[arg(long)]
     clusters_file: Option<PathBuf>,
     /// Raw TCP port to a cluster's kube-apiserver through its tunnel: NAME=ADDR
@@ -94,6 +122,30 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+fn parse_port_range(s: &str) -> Result<std::ops::Range<u16>, String> {
+    let bad = || format!("{s:?} is not a port range like 16000-16999");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || b < a || b > 55535 {
+        return Err(format!(
+            "{s:?}: need 0 < FIRST <= LAST <= 55535 (the ks port adds 10000)"
+        ));
+    }
+    Ok(a..b + 1)
+}
+
+fn parse_selector(s: &str) -> anyhow::Result<Vec<(String, String)>> {
+    s.split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--service-selector {s:?}: expected KEY=VALUE[,KEY=VALUE]")
+                })
+        })
+        .collect()
+}
+
 fn parse_forward(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s
         .split_once('=')
@@ -127,34 +179,108 @@ async fn main() -> anyhow::Result<()> {
     if flags.ca_cert.is_some() != flags.ca_key.is_some() {
         bail!("--ca-cert and --ca-key go together: give both or neither");
     }
-    let store = match &flags.clusters_file {
+    match flags.clusters_file.clone() {
         Some(path) => {
-            let json = std::fs::read_to_string(path)
+            let json = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read --clusters-file {}", path.display()))?;
-            StaticClusters::from_json(&json)
-                .map_err(|e| anyhow::anyhow!("--clusters-file {}: {e}", path.display()))?
+            let store = StaticClusters::from_json(&json)
+                .map_err(|e| anyhow::anyhow!("--clusters-file {}: {e}", path.display()))?;
+            let host_key = host_key_from_file(&flags)?;
+            serve_agents(&flags, Registry::new(store), host_key).await
         }
-        None => StaticClusters::default(),
-    };
+        None => run_with_kubernetes(flags).await,
+    }
+}
 
+fn host_key_from_file(flags: &Flags) -> anyhow::Result<russh::keys::PrivateKey> {
     let key_path = flags
         .host_key
         .clone()
         .unwrap_or_else(|| flags.data_dir.join("ssh_host_ed25519_key"));
-    let host_key = tunnel::ssh::load_or_create_host_key(&key_path)
-        .context("set --host-key to a writable path, or --data-dir to a writable directory")?;
-    tracing::info!(
-        fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),
-        path = %key_path.display(),
-        "SSH host key (agents pin it with --proxy-host-key-fingerprint)"
+    tunnel::ssh::load_or_create_host_key(&key_path)
+        .context("set --host-key to a writable path, or --data-dir to a writable directory")
+}
+
+/// The Cluster-resource workflow: identity from the Secret (or flags), the
+/// controller, the per-cluster listeners.
+async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
+    let config = match &flags.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {} is unusable", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "not running in a pod: give --kubeconfig for the host cluster, or --clusters-file to run without Kubernetes",
+        )?,
+    };
+    let client = kube::Client::try_from(config).context("cannot build a Kubernetes client")?;
+
+    let flag_ca = match (&flags.ca_cert, &flags.ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            Some(ca::Ca::load(&read(cert)?, &read(key)?).context("--ca-cert/--ca-key")?)
+        }
+        _ => None,
+    };
+    let identity = secret::load_or_create(client.clone(), &flags.namespace, flag_ca.is_none())
+        .await
+        .with_context(|| {
+            format!(
+                "the proxy's Secret {}/{}",
+                flags.namespace,
+                secret::SECRET_NAME
+            )
+        })?;
+    let host_key = match flags.host_key {
+        Some(_) => host_key_from_file(&flags)?,
+        None => identity.host_key,
+    };
+    let ca = Arc::new(
+        flag_ca
+            .or(identity.ca)
+            .ok_or_else(|| anyhow::anyhow!("no CA: give --ca-cert and --ca-key"))?,
     );
 
-    let registry = Registry::new(store);
+    let bind: std::net::IpAddr = flags
+        .host
+        .parse()
+        .with_context(|| format!("--host {:?} must be an IP address", flags.host))?;
+    let ports = Arc::new(ports::ListenerPorts::new(ca.clone(), bind));
+    let options = controller::Options {
+        namespace: flags.namespace.clone(),
+        advertise_address: flags.advertise_address.clone(),
+        selector: parse_selector(&flags.service_selector)?,
+        ports: flags.cluster_ports.clone(),
+        bind_host: flags.host.clone(),
+    };
+    let running = controller::start(client, ca, ports.clone(), options);
+    let _ = ports.registry.set(running.registry.clone());
+    let controller_task = running.task;
+    tokio::select! {
+        served = serve_agents(&flags, running.registry, host_key) => served,
+        _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
+    }
+}
+
+/// The agents' port (and any --forward ports) until SIGTERM or SIGINT.
+async fn serve_agents<S: registry::ClusterStore>(
+    flags: &Flags,
+    registry: Registry<S>,
+    host_key: russh::keys::PrivateKey,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),
+        "SSH host key (agents pin it with --proxy-host-key-fingerprint)"
+    );
     let endpoint = Arc::new(agents::Endpoint {
         registry: registry.clone(),
         ssh: Arc::new(tunnel::ssh::server_config(host_key, flags.keepalive)),
     });
-
     for (cluster, addr) in &flags.forwards {
         let listener = TcpListener::bind(addr)
             .await
@@ -163,7 +289,6 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(%cluster, addr = %bound, "forward listening");
         tokio::spawn(forward::run(listener, cluster.clone(), registry.clone()));
     }
-
     let addr = format!("{}:{}", flags.host, flags.port);
     let listener = TcpListener::bind(&addr)
         .await

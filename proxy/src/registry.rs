@@ -7,16 +7,26 @@
 //! the least busy one.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use subtle::ConstantTimeEq;
 use tunnel::server::{Admission, DialError, Session, TunnelStream};
 use tunnel::wire::UNAUTHORIZED;
 
-/// Where cluster tokens come from.
+/// Where cluster tokens come from, and who hears about sessions.
 pub trait ClusterStore: Send + Sync + 'static {
     /// The token agents of `cluster` must present, if the cluster exists.
     fn token(&self, cluster: &str) -> Option<String>;
+
+    /// After the token check, before the agent hears success: e.g. bind the
+    /// cluster's listeners. An error rejects the agent with that reason.
+    fn on_connect(&self, _cluster: &str) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+
+    /// A session of `cluster` was added or has ended.
+    fn on_change(&self, _cluster: &str) {}
 }
 
 /// Clusters and tokens fixed at start, e.g. from `--clusters-file`.
@@ -82,6 +92,8 @@ struct Inner<S> {
 struct Entry {
     id: u64,
     session: Session,
+    /// The token this session was admitted with: a changed token revokes it.
+    token: String,
 }
 
 /// Keeps a session registered; dropping it (the connection ended) removes it.
@@ -95,6 +107,7 @@ impl<S: ClusterStore> Drop for Registration<S> {
     fn drop(&mut self) {
         let left = self.registry.remove(&self.cluster, self.id);
         tracing::info!(cluster = %self.cluster, sessions_left = left, "agent disconnected");
+        self.registry.inner.store.on_change(&self.cluster);
     }
 }
 
@@ -146,6 +159,38 @@ impl<S: ClusterStore> Registry<S> {
             .collect();
         counts.sort();
         counts
+    }
+
+    /// Live sessions of `cluster`.
+    pub fn live(&self, cluster: &str) -> usize {
+        self.lock()
+            .get(cluster)
+            .map_or(0, |l| l.iter().filter(|e| !e.session.is_closed()).count())
+    }
+
+    /// Clusters with at least one registered session.
+    pub fn clusters(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Close the sessions of `cluster` not admitted with `token` (all of them
+    /// for `None`: the cluster was deleted or is no longer served).
+    pub async fn revoke(&self, cluster: &str, token: Option<&str>, reason: &str) -> usize {
+        let stale: Vec<Session> = self
+            .lock()
+            .get(cluster)
+            .map(|list| {
+                list.iter()
+                    .filter(|e| token.is_none_or(|t| !tokens_match(t, &e.token)))
+                    .map(|e| e.session.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for session in &stale {
+            tracing::info!(%cluster, peer = session.peer(), %reason, "closing agent session");
+            session.close(reason).await;
+        }
+        stale.len()
     }
 
     /// The least busy live session of `cluster`.
@@ -203,15 +248,21 @@ impl<S: ClusterStore> Admission for Registry<S> {
         if expected.is_empty() || !tokens_match(&expected, &config.token) {
             return Err(UNAUTHORIZED.to_string());
         }
+        self.inner.store.on_connect(&cluster).await?;
         let id = self
             .inner
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut sessions = self.lock();
         let list = sessions.entry(cluster.clone()).or_default();
-        list.push(Entry { id, session });
+        list.push(Entry {
+            id,
+            session,
+            token: expected,
+        });
         tracing::debug!(%cluster, sessions = list.len(), "session registered");
         drop(sessions);
+        self.inner.store.on_change(&cluster);
         Ok(Registration {
             registry: self.clone(),
             cluster,

@@ -1,0 +1,699 @@
+//! The proxy's certificate authority.
+//!
+//! It signs the serving certificate of every per-cluster HTTPS listener and the
+//! client certificates the proxy hands out in kubeconfigs; the listeners accept
+//! only client certificates it signed. Either loaded (`--ca-cert`/`--ca-key`, as
+//! `certs/gen-ca.sh` or openssl makes them) or generated (ECDSA P-256, 10 years).
+//! Every issued certificate gets a fresh ECDSA P-256 key and never outlives the CA.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Common name of a generated CA.
+pub const GENERATED_CA_NAME: &str = "tower-proxy-ca";
+/// Lifetime of a generated CA.
+pub const GENERATED_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Issued certificates start this long before "now", for clocks that lag.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// rcgen keeps one value per subject attribute type; a second `O` goes in under
+/// the same OID as a custom attribute, so at most two organizations fit.
+pub const MAX_ORGANIZATIONS: usize = 2;
+
+/// Why the CA could not be loaded or could not issue a certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CA certificate: {0}")]
+    Cert(String),
+    #[error("CA key: {0}")]
+    Key(String),
+    #[error(
+        "the CA key does not belong to the CA certificate: give the private key the certificate \
+         was made with (--ca-cert and --ca-key must be a pair)"
+    )]
+    KeyMismatch,
+    #[error("cannot put {name:?} in a certificate: {reason}")]
+    Name { name: String, reason: String },
+    #[error("a serving certificate needs at least one DNS name or IP address")]
+    NoNames,
+    #[error(
+        "a client certificate holds at most {MAX_ORGANIZATIONS} organizations (groups), got {0}"
+    )]
+    TooManyOrganizations(usize),
+    #[error("the CA expired on {0}: make a new one (certs/gen-ca.sh) and restart the proxy")]
+    Expired(String),
+    #[error("issued certificate: {0}")]
+    Issued(String),
+    #[error("cannot make a certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// A certificate and its fresh private key, both PEM.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    /// PKCS#8 PEM.
+    pub key_pem: String,
+    pub not_after: SystemTime,
+}
+
+/// Never print the key.
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CA: its certificate and the key that signs with it.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_pem: String,
+    not_after: SystemTime,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// Never print the key.
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Load a CA from its PEM certificate (the first one in `cert_pem`) and its
+    /// unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE
+    /// KEY`) or PKCS#1 (`RSA PRIVATE KEY`); ECDSA P-256/P-384, Ed25519 or RSA.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, CaError> {
+        let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .ok_or_else(|| CaError::Cert("no PEM CERTIFICATE block found".into()))?
+            .map_err(|e| CaError::Cert(format!("not a readable PEM certificate: {e}")))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| CaError::Cert(format!("not a valid X.509 certificate: {e}")))?;
+        if !x509.is_ca() {
+            return Err(CaError::Cert(
+                "not a CA certificate (it lacks basicConstraints CA:TRUE); make one with \
+                 certs/gen-ca.sh"
+                    .into(),
+            ));
+        }
+        if let Ok(Some(ku)) = x509.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(CaError::Cert(
+                "its keyUsage does not allow signing certificates (keyCertSign)".into(),
+            ));
+        }
+        let not_after = unix_to_system(x509.validity().not_after.timestamp());
+        if not_after <= SystemTime::now() {
+            return Err(CaError::Expired(x509.validity().not_after.to_string()));
+        }
+        let not_before = unix_to_system(x509.validity().not_before.timestamp());
+        if not_before > SystemTime::now() + BACKDATE {
+            return Err(CaError::Cert(format!(
+                "not valid before {} (is this machine's clock right?)",
+                x509.validity().not_before
+            )));
+        }
+
+        let pkcs8 = read_private_key(key_pem, x509.public_key().raw)?;
+        let key = KeyPair::try_from(&pkcs8).map_err(|e| {
+            CaError::Key(format!(
+                "unsupported key ({e}); use ECDSA P-256/P-384, Ed25519 or RSA"
+            ))
+        })?;
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::KeyMismatch);
+        }
+        let key_pem = key.serialize_pem();
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
+            .map_err(|e| CaError::Cert(format!("cannot use it as an issuer: {e}")))?;
+        Ok(Ca {
+            cert_pem: pem_of(&cert_der),
+            cert_der: cert_der.into_owned(),
+            key_pem,
+            not_after,
+            issuer,
+        })
+    }
+
+    /// A new self-signed CA: ECDSA P-256, CN [`GENERATED_CA_NAME`], valid for
+    /// [`GENERATED_CA_VALIDITY`].
+    pub fn generate() -> Result<Ca, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, GENERATED_CA_NAME);
+        // Path length 0: it signs leaf certificates only.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        let not_after = now + GENERATED_CA_VALIDITY;
+        params.not_after = not_after.into();
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem,
+            not_after: truncate_to_secs(not_after),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate, PEM: what clients trust (kubeconfig
+    /// `certificate-authority-data`).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The CA's private key, PKCS#8 PEM (to keep a generated CA).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// When the CA expires; no issued certificate lasts longer.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// A serving certificate for `sans`: each one that parses as an IP address
+    /// (v4, v6, or v6 in brackets) becomes an IP SAN, any other a DNS SAN. The
+    /// subject CN is the first of them.
+    pub fn issue_server(&self, sans: &[String], validity: Duration) -> Result<Issued, CaError> {
+        let first = sans.first().ok_or(CaError::NoNames)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, first);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params, validity)
+    }
+
+    /// A client certificate (clientAuth) with subject CN `common_name` and an O
+    /// per organization: Kubernetes reads them as user name and groups.
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+        validity: Duration,
+    ) -> Result<Issued, CaError> {
+        if common_name.is_empty() {
+            return Err(CaError::Name {
+                name: String::new(),
+                reason: "a client certificate needs a common name (the user name)".into(),
+            });
+        }
+        if organizations.len() > MAX_ORGANIZATIONS {
+            return Err(CaError::TooManyOrganizations(organizations.len()));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        for (i, org) in organizations.iter().enumerate() {
+            let ty = if i == 0 {
+                DnType::OrganizationName
+            } else {
+                // Same OID as O (2.5.4.10); a distinct key for rcgen's map.
+                DnType::CustomDnType(vec![2, 5, 4, 10])
+            };
+            params.distinguished_name.push(ty, *org);
+        }
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params, validity)
+    }
+
+    fn issue(&self, mut params: CertificateParams, validity: Duration) -> Result<Issued, CaError> {
+        let now = SystemTime::now();
+        if self.not_after <= now {
+            return Err(CaError::Expired(format!("{:?}", self.not_after)));
+        }
+        let not_after = (now + validity).min(self.not_after);
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: truncate_to_secs(not_after),
+        })
+    }
+}
+
+/// One subject alternative name: an IP address if it parses as one, else a DNS name.
+fn san(name: &str) -> Result<SanType, CaError> {
+    let bare = name
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(name);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let bad = |reason: &str| CaError::Name {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    // Same rules clients apply (webpki): letters, digits, '-', '.', no port.
+    if rustls_pki_types::DnsName::try_from(name).is_err() {
+        return Err(bad(
+            "not an IP address nor a valid DNS name (give a host name without scheme or port)",
+        ));
+    }
+    Ok(SanType::DnsName(
+        name.try_into()
+            .map_err(|e: rcgen::Error| bad(&e.to_string()))?,
+    ))
+}
+
+/// Read an unencrypted PEM private key as PKCS#8. SEC1 and PKCS#1 keys are
+/// wrapped using the algorithm identifier of the certificate's public key
+/// (`spki`), which is what PKCS#8 carries for EC and RSA keys.
+fn read_private_key(pem: &str, spki: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, CaError> {
+    if pem.contains("ENCRYPTED PRIVATE KEY") {
+        return Err(CaError::Key(
+            "the key is encrypted; decrypt it first (openssl pkey -in KEY -out PLAIN.key)".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+        CaError::Key(format!(
+            "no readable PEM private key (PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY): {e}"
+        ))
+    })?;
+    match key {
+        PrivateKeyDer::Pkcs8(k) => Ok(k.clone_key()),
+        PrivateKeyDer::Sec1(k) => wrap_pkcs8(k.secret_sec1_der(), spki),
+        PrivateKeyDer::Pkcs1(k) => wrap_pkcs8(k.secret_pkcs1_der(), spki),
+        _ => Err(CaError::Key("unsupported private key format".into())),
+    }
+}
+
+fn wrap_pkcs8(inner: &[u8], spki: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, CaError> {
+    // SubjectPublicKeyInfo ::= SEQUENCE { algorithm AlgorithmIdentifier, ... }
+    let bad = || CaError::Cert("cannot read the certificate's public key algorithm".into());
+    let (tag, body, _) = der_tlv(spki).ok_or_else(bad)?;
+    if tag != 0x30 {
+        return Err(bad());
+    }
+    let (tag, _, algorithm) = der_tlv(body).ok_or_else(bad)?;
+    if tag != 0x30 {
+        return Err(bad());
+    }
+    let mut content = vec![0x02, 0x01, 0x00]; // version 0
+    content.extend_from_slice(algorithm);
+    content.extend_from_slice(&der_encode(0x04, inner));
+    Ok(PrivatePkcs8KeyDer::from(der_encode(0x30, &content)))
+}
+
+/// Split the first DER element of `input`: (tag, contents, whole element).
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *input.first()?;
+    let first = *input.get(1)? as usize;
+    let (len, header) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let bytes = input.get(2..2 + n)?;
+        (
+            bytes.iter().fold(0usize, |acc, b| (acc << 8) | *b as usize),
+            2 + n,
+        )
+    };
+    let end = header.checked_add(len)?;
+    Some((tag, input.get(header..end)?, input.get(..end)?))
+}
+
+fn der_encode(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend_from_slice(&bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn unix_to_system(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// Certificates hold whole seconds.
+fn truncate_to_secs(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use rustls::server::WebPkiClientVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+    use rustls_pki_types::UnixTime;
+    use x509_parser::extensions::GeneralName;
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn der_of(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    fn sans_of(pem: &str) -> Vec<String> {
+        let der = der_of(pem);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let ext = x509.subject_alternative_name().unwrap().unwrap();
+        ext.value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => format!("dns:{d}"),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => format!("ip:{}", IpAddr::from(<[u8; 4]>::try_from(*b).unwrap())),
+                    16 => format!("ip:{}", IpAddr::from(<[u8; 16]>::try_from(*b).unwrap())),
+                    _ => panic!("bad IP SAN"),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn client_verifier(ca: &Ca) -> Arc<dyn ClientCertVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap()
+    }
+
+    fn verify_client(ca: &Ca, issued: &Issued) -> Result<(), rustls::Error> {
+        client_verifier(ca)
+            .verify_client_cert(&der_of(&issued.cert_pem), &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn server_certificate_sans() {
+        let ca = Ca::generate().unwrap();
+        let sans: Vec<String> = [
+            "mc-alpha.kubesphere-system.svc",
+            "10.96.0.12",
+            "fd00::12",
+            "[::1]",
+            "localhost",
+            "lb-1234.elb.example.com",
+        ]
+        .map(String::from)
+        .to_vec();
+        let issued = ca.issue_server(&sans, 30 * DAY).unwrap();
+        assert_eq!(
+            sans_of(&issued.cert_pem),
+            [
+                "dns:mc-alpha.kubesphere-system.svc",
+                "ip:10.96.0.12",
+                "ip:fd00::12",
+                "ip:::1",
+                "dns:localhost",
+                "dns:lb-1234.elb.example.com",
+            ]
+        );
+        let der = der_of(&issued.cert_pem);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn: Vec<_> = x509.subject().iter_common_name().collect();
+        assert_eq!(cn[0].as_str().unwrap(), "mc-alpha.kubesphere-system.svc");
+        assert!(!x509.is_ca());
+        assert!(
+            x509.extended_key_usage()
+                .unwrap()
+                .unwrap()
+                .value
+                .server_auth
+        );
+        // Usable as a rustls server key.
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+
+        // Valid for the requested time, give or take the backdating.
+        let left = issued.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(left > 29 * DAY && left <= 30 * DAY, "{left:?}");
+        let not_after = unix_to_system(x509.validity().not_after.timestamp());
+        assert_eq!(not_after, issued.not_after);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let ca = Ca::generate().unwrap();
+        assert!(matches!(
+            ca.issue_server(&[], DAY).unwrap_err(),
+            CaError::NoNames
+        ));
+        for bad in ["https://x.example.com", "x.example.com:6443", "a b", ""] {
+            let err = ca.issue_server(&[bad.to_string()], DAY).unwrap_err();
+            assert!(matches!(err, CaError::Name { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn client_certificate_is_accepted_by_a_verifier_with_the_ca_as_root() {
+        let ca = Ca::generate().unwrap();
+        let issued = ca
+            .issue_client("kubernetes-admin", &["system:masters", "ops"], DAY)
+            .unwrap();
+        verify_client(&ca, &issued).unwrap();
+
+        let der = der_of(&issued.cert_pem);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let orgs: Vec<_> = x509
+            .subject()
+            .iter_organization()
+            .map(|o| o.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(orgs, ["system:masters", "ops"]);
+        let cn: Vec<_> = x509.subject().iter_common_name().collect();
+        assert_eq!(cn[0].as_str().unwrap(), "kubernetes-admin");
+        assert!(
+            x509.extended_key_usage()
+                .unwrap()
+                .unwrap()
+                .value
+                .client_auth
+        );
+
+        // Another CA's certificate is refused; so is a serving certificate.
+        let other = Ca::generate().unwrap();
+        let foreign = other.issue_client("kubernetes-admin", &[], DAY).unwrap();
+        assert!(verify_client(&ca, &foreign).is_err());
+        let server = ca.issue_server(&["localhost".into()], DAY).unwrap();
+        assert!(verify_client(&ca, &server).is_err());
+
+        assert!(matches!(
+            ca.issue_client("u", &["a", "b", "c"], DAY).unwrap_err(),
+            CaError::TooManyOrganizations(3)
+        ));
+    }
+
+    #[test]
+    fn issued_certificates_never_outlive_the_ca() {
+        let ca = Ca::generate().unwrap();
+        let issued = ca
+            .issue_server(&["localhost".into()], 100 * 365 * DAY)
+            .unwrap();
+        assert_eq!(issued.not_after, ca.not_after());
+    }
+
+    #[test]
+    fn generated_ca_round_trips_through_pem() {
+        let ca = Ca::generate().unwrap();
+        let again = Ca::load(ca.cert_pem(), ca.key_pem()).unwrap();
+        assert_eq!(again.cert_der(), ca.cert_der());
+        let issued = again.issue_client("u", &["g"], DAY).unwrap();
+        verify_client(&ca, &issued).unwrap();
+
+        let other = Ca::generate().unwrap();
+        assert!(matches!(
+            Ca::load(ca.cert_pem(), other.key_pem()).unwrap_err(),
+            CaError::KeyMismatch
+        ));
+        let leaf = ca.issue_server(&["localhost".into()], DAY).unwrap();
+        let err = Ca::load(&leaf.cert_pem, &leaf.key_pem).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+        let err = Ca::load("junk", ca.key_pem()).unwrap_err();
+        assert!(matches!(err, CaError::Cert(_)), "{err}");
+        let err = Ca::load(ca.cert_pem(), "junk").unwrap_err();
+        assert!(matches!(err, CaError::Key(_)), "{err}");
+    }
+
+    fn openssl(args: &[&str]) -> bool {
+        match std::process::Command::new("openssl").args(args).output() {
+            Ok(out) if out.status.success() => true,
+            Ok(out) => panic!(
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(_) => false,
+        }
+    }
+
+    /// CAs as openssl makes them: certs/gen-ca.sh (PKCS#8 P-256) and keys in
+    /// the SEC1, PKCS#1 RSA and Ed25519 forms.
+    #[test]
+    fn loads_openssl_made_cas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../certs/gen-ca.sh");
+        let gen_ca = dir.join("gen-ca");
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .arg(&gen_ca)
+            .output();
+        match status {
+            Ok(out) if out.status.success() => {}
+            Ok(out) if String::from_utf8_lossy(&out.stderr).contains("openssl not found") => {
+                eprintln!("skipping: openssl not installed");
+                return;
+            }
+            Ok(out) => panic!("gen-ca.sh failed: {}", String::from_utf8_lossy(&out.stderr)),
+            Err(e) => panic!("cannot run bash: {e}"),
+        }
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        let mut cases = vec![(
+            "gen-ca.sh",
+            read(&gen_ca.join("ca.crt")),
+            read(&gen_ca.join("ca.key")),
+        )];
+
+        let d = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        let mut make = |label: &'static str, genkey: &[&str]| {
+            let key = d(&format!("{label}.key"));
+            let crt = d(&format!("{label}.crt"));
+            // The subcommand, then -out (genrsa wants the key size last).
+            let mut args = vec![genkey[0], "-out", &key];
+            args.extend(&genkey[1..]);
+            if !openssl(&args) {
+                return;
+            }
+            assert!(openssl(&[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                &key,
+                "-days",
+                "30",
+                "-subj",
+                "/O=Example/CN=other-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-out",
+                &crt,
+            ]));
+            cases.push((label, read(crt.as_ref()), read(key.as_ref())));
+        };
+        make("sec1-p256", &["ecparam", "-genkey", "-name", "prime256v1"]);
+        make("sec1-p384", &["ecparam", "-genkey", "-name", "secp384r1"]);
+        make("pkcs1-rsa", &["genrsa", "-traditional", "2048"]);
+        make(
+            "pkcs8-rsa",
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ],
+        );
+        make("ed25519", &["genpkey", "-algorithm", "ed25519"]);
+
+        let kinds: Vec<_> = cases.iter().map(|c| c.0).collect();
+        for (label, _, key) in &cases {
+            let want = match *label {
+                "sec1-p256" | "sec1-p384" => "BEGIN EC PRIVATE KEY",
+                "pkcs1-rsa" => "BEGIN RSA PRIVATE KEY",
+                _ => "BEGIN PRIVATE KEY",
+            };
+            assert!(key.contains(want), "{label}: expected a {want} key");
+        }
+        eprintln!("loaded CAs: {kinds:?}");
+        for (label, crt, key) in cases {
+            let ca = Ca::load(&crt, &key).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let client = ca
+                .issue_client("kubernetes-admin", &["system:masters"], DAY)
+                .unwrap();
+            verify_client(&ca, &client).unwrap_or_else(|e| panic!("{label}: {e}"));
+            // The issuer name is copied byte for byte from the CA's subject.
+            let ca_der = der_of(&crt);
+            let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+            let leaf_der = der_of(&client.cert_pem);
+            let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+            assert_eq!(
+                leaf.issuer().as_raw(),
+                ca_x509.subject().as_raw(),
+                "{label}"
+            );
+            let server = ca.issue_server(&["127.0.0.1".into()], DAY).unwrap();
+            assert_eq!(sans_of(&server.cert_pem), ["ip:127.0.0.1"], "{label}");
+        }
+    }
+}

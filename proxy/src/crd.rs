@@ -1,0 +1,86 @@
+//! The `Cluster` custom resource (`cluster.kubesphere.io/v1alpha1`), as far as
+//! the proxy reads it. KubeSphere owns most of it: the proxy writes only the
+//! fields it owns, with merge patches (see [`crate::controller`]), so fields
+//! missing here survive untouched.
+
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+/// `spec` of a Cluster.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize)]
+#[kube(
+    group = "cluster.kubesphere.io",
+    version = "v1alpha1",
+    kind = "Cluster",
+    status = "ClusterStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    #[serde(default)]
+    pub join_federation: bool,
+    #[serde(default)]
+    pub enable: bool,
+    #[serde(default)]
+    pub external_kube_api_enabled: bool,
+    #[serde(default)]
+    pub connection: Connection,
+}
+
+/// `spec.connection`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    #[serde(default, rename = "kubernetesAPIEndpoint")]
+    pub kubernetes_api_endpoint: String,
+    #[serde(default, rename = "kubesphereAPIEndpoint")]
+    pub kubesphere_api_endpoint: String,
+    #[serde(default, rename = "externalKubernetesAPIEndpoint")]
+    pub external_kubernetes_api_endpoint: String,
+    /// base64 in JSON, like Go's []byte.
+    #[serde(default)]
+    pub kubeconfig: String,
+    #[serde(default)]
+    pub token: String,
+    #[serde(default, rename = "kubernetesAPIServerPort")]
+    pub kubernetes_api_server_port: i32,
+    #[serde(default, rename = "kubesphereAPIServerPort")]
+    pub kubesphere_api_server_port: i32,
+}
+
+/// `status` of a Cluster; only the conditions matter to the proxy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One entry of `status.conditions`, as KubeSphere writes it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// `connection.type` of clusters reached through this proxy.
+pub const CONNECTION_PROXY: &str = "proxy";
+
+impl Cluster {
+    /// Tower serves clusters that join the federation through a proxy connection.
+    pub fn is_served(&self) -> bool {
+        self.spec.join_federation && self.spec.connection.kind == CONNECTION_PROXY
+    }
+}

@@ -1,0 +1,96 @@
+//! The proxy's identity kept in the host cluster: Secret `<namespace>/tower-proxy`
+//! holds the SSH host key (so agents' pinned fingerprints survive restarts and
+//! replicas share one key) and, unless `--ca-cert`/`--ca-key` are given, the CA.
+//! The first replica to start creates it; the others read it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use russh::keys::PrivateKey;
+
+use crate::ca::Ca;
+
+pub const SECRET_NAME: &str = "tower-proxy";
+const HOST_KEY: &str = "ssh-host-key";
+const CA_CERT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+
+/// What the Secret holds.
+pub struct Identity {
+    pub host_key: PrivateKey,
+    pub ca: Option<Ca>,
+}
+
+fn get<'a>(data: &'a BTreeMap<String, ByteString>, key: &str) -> Option<&'a str> {
+    data.get(key).and_then(|v| std::str::from_utf8(&v.0).ok())
+}
+
+/// Read the Secret, creating it first if it does not exist. `with_ca`: also keep a CA there.
+pub async fn load_or_create(
+    client: Client,
+    namespace: &str,
+    with_ca: bool,
+) -> anyhow::Result<Identity> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    for _ in 0..3 {
+        if let Some(secret) = api.get_opt(SECRET_NAME).await? {
+            let data = secret.data.unwrap_or_default();
+            let shown = format!("Secret {namespace}/{SECRET_NAME} key {HOST_KEY}");
+            let pem = get(&data, HOST_KEY).ok_or_else(|| {
+                anyhow::anyhow!("{shown} is missing: delete the Secret to have it recreated")
+            })?;
+            let host_key = tunnel::ssh::parse_host_key(pem, &shown)?;
+            let ca = match (with_ca, get(&data, CA_CERT), get(&data, CA_KEY)) {
+                (false, ..) => None,
+                (true, Some(cert), Some(key)) => Some(Ca::load(cert, key).map_err(|e| {
+                    anyhow::anyhow!("the CA in Secret {namespace}/{SECRET_NAME} is unusable: {e}")
+                })?),
+                (true, ..) => anyhow::bail!(
+                    "Secret {namespace}/{SECRET_NAME} has no {CA_CERT}/{CA_KEY}: give --ca-cert and --ca-key, or delete the Secret"
+                ),
+            };
+            return Ok(Identity { host_key, ca });
+        }
+        let host_key = tunnel::ssh::generate_host_key()?;
+        let mut data = BTreeMap::new();
+        data.insert(
+            HOST_KEY.to_string(),
+            ByteString(tunnel::ssh::encode_host_key(&host_key)?.into_bytes()),
+        );
+        if with_ca {
+            let ca = Ca::generate().map_err(|e| anyhow::anyhow!("cannot create a CA: {e}"))?;
+            data.insert(
+                CA_CERT.to_string(),
+                ByteString(ca.cert_pem().as_bytes().to_vec()),
+            );
+            data.insert(
+                CA_KEY.to_string(),
+                ByteString(ca.key_pem().as_bytes().to_vec()),
+            );
+        }
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(SECRET_NAME.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..Default::default()
+            },
+            data: Some(data),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(%namespace, name = SECRET_NAME, "created the proxy's identity Secret")
+            }
+            // Another replica won the race: read theirs.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => anyhow::bail!(
+                "namespace {namespace:?} does not exist: create it or set --namespace"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("Secret {namespace}/{SECRET_NAME} could not be read or created")
+}
