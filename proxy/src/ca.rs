@@ -250,10 +250,11 @@ impl Ca {
 
     fn issue(&self, mut params: CertificateParams, validity: Duration) -> Result<Issued, CaError> {
         let now = SystemTime::now();
-        if self.not_after <= now {
-            return Err(CaError::Expired(format!("{:?}", self.not_after)));
+        let ca_not_after = self.not_after();
+        if ca_not_after <= now {
+            return Err(CaError::Expired(format!("{ca_not_after:?}")));
         }
-        let not_after = (now + validity).min(self.not_after);
+        let not_after = (now + validity).min(ca_not_after);
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         params.is_ca = IsCa::ExplicitNoCa;

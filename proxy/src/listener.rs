@@ -167,7 +167,6 @@ fn server_tls(ca: &Ca, cert: ServerCert) -> Result<ServerConfig, rustls::Error> 
 /// One proxy port of one cluster. Dropping it (or [`ClusterListener::shutdown`])
 /// closes the port and ends its connections, upgraded streams included.
 pub struct ClusterListener {
-    cluster: String,
     local_addr: SocketAddr,
     cancel: CancellationToken,
     accept: Option<JoinHandle<()>>,
@@ -273,7 +272,6 @@ impl ClusterListener {
             cancel.clone(),
         ));
         Ok(Self {
-            cluster,
             local_addr,
             cancel,
             accept: Some(accept),
@@ -281,13 +279,9 @@ impl ClusterListener {
     }
 
     /// The bound address (the real port when `addr` asked for port 0).
+    #[allow(dead_code)] // The controller binds fixed ports; tests bind port 0.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
-    }
-
-    /// The cluster this port serves.
-    pub fn cluster(&self) -> &str {
-        &self.cluster
     }
 
     /// Close the port and end its connections; returns once the port is closed.
