@@ -8,7 +8,6 @@ ROOT=$(pwd)
 DEMO=$ROOT/.demo
 BIN=$ROOT/bin
 PROXY_PORT=${PROXY_PORT:-18080}
-FORWARD_PORT=${FORWARD_PORT:-16443}
 
 say() { printf '\n==> %s\n' "$*"; }
 wait_for() { # file pattern seconds what
@@ -46,35 +45,62 @@ kubectl --kubeconfig "$MEMBER_KC" create namespace only-in-member >/dev/null 2>&
 echo "host:   kubectl --kubeconfig $HOST_KC get ns"
 echo "member: kubectl --kubeconfig $MEMBER_KC get ns   (has namespace only-in-member)"
 
-say "starting the proxy on 127.0.0.1:$PROXY_PORT with a token for cluster alpha"
-TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-umask 077
-printf '{"alpha": "%s"}\n' "$TOKEN" >"$DEMO/clusters.json"
-printf '%s' "$TOKEN" >"$DEMO/alpha.token"
+say "installing the Cluster CRD on the host (kubectl kustomize config/crd | kubectl create -f -)"
+kubectl kustomize "$ROOT/config/crd" | kubectl --kubeconfig "$HOST_KC" apply -f - >/dev/null
+kubectl --kubeconfig "$HOST_KC" wait --for condition=established crd/clusters.cluster.kubesphere.io --timeout=60s >/dev/null
+kubectl --kubeconfig "$HOST_KC" create namespace kubesphere-system >/dev/null 2>&1 || true
+
+say "starting the proxy on 127.0.0.1:$PROXY_PORT against the host cluster"
 start proxy "$DEMO/proxy.log" "$BIN/proxy" --host 127.0.0.1 --port "$PROXY_PORT" \
-  --data-dir "$DEMO/proxy" --clusters-file "$DEMO/clusters.json" \
-  --forward "alpha=127.0.0.1:$FORWARD_PORT" --keepalive 10s
+  --kubeconfig "$HOST_KC" --advertise-address 127.0.0.1 --keepalive 10s
 wait_for "$DEMO/proxy.log" "listening for agents" 30 "the proxy"
 FINGERPRINT=$(grep -o 'fingerprint=SHA256:[^ ]*' "$DEMO/proxy.log" | head -n1 | cut -d= -f2)
-echo "proxy SSH host key: $FINGERPRINT"
+echo "proxy SSH host key: $FINGERPRINT (kept in Secret kubesphere-system/tower-proxy)"
 
-say "starting the agent for alpha (it dials out to the proxy, pinning its host key)"
+say "creating Cluster alpha on the host; the proxy gives it a token, ports and a Service"
+kubectl --kubeconfig "$HOST_KC" apply -f - <<EOC
+apiVersion: cluster.kubesphere.io/v1alpha1
+kind: Cluster
+metadata:
+  name: alpha
+spec:
+  joinFederation: true
+  connection:
+    type: proxy
+EOC
+TOKEN=
+for _ in $(seq 300); do
+  TOKEN=$(kubectl --kubeconfig "$HOST_KC" get cluster alpha -o jsonpath='{.spec.connection.token}')
+  [[ -n $TOKEN ]] && break
+  sleep 0.1
+done
+[[ -n $TOKEN ]] || { echo "demo: the proxy did not give alpha a token; see $DEMO/proxy.log" >&2; exit 1; }
+umask 077
+printf '%s' "$TOKEN" >"$DEMO/alpha.token"
+echo "token: kubectl get cluster alpha -o jsonpath='{.spec.connection.token}'"
+
+say "starting the agent for alpha with the member's credentials (it dials out, pinning the proxy's host key)"
 start agent "$DEMO/agent.log" "$BIN/agent" --name alpha --token-file "$DEMO/alpha.token" \
   --proxy-server "http://127.0.0.1:$PROXY_PORT" --kubeconfig "$MEMBER_KC" \
   --kubesphere-service 127.0.0.1:9 --proxy-host-key-fingerprint "$FINGERPRINT" --keepalive 10s
 wait_for "$DEMO/agent.log" "connected to proxy" 30 "the agent to connect"
+kubectl --kubeconfig "$HOST_KC" wait --for=jsonpath='{.status.conditions[?(@.type=="AgentAvailable")].status}'=True \
+  cluster/alpha --timeout=60s
+kubectl --kubeconfig "$HOST_KC" get clusters
 
-say "kubectl through the tunnel: config_alpha points at the proxy's port for alpha"
-kubectl --kubeconfig "$MEMBER_KC" config view --raw --minify \
-  | sed "s#server: https://.*#server: https://127.0.0.1:$FORWARD_PORT#" >"$ROOT/config_alpha"
+say "the seed flow: the kubeconfig the proxy wrote into the Cluster reaches the MEMBER"
+echo "\$ kubectl get cluster alpha -o jsonpath='{.spec.connection.kubeconfig}' | base64 -d > config_alpha"
+kubectl --kubeconfig "$HOST_KC" get cluster alpha -o jsonpath='{.spec.connection.kubeconfig}' | base64 -d >"$ROOT/config_alpha"
 echo "\$ kubectl --kubeconfig config_alpha get ns"
 kubectl --kubeconfig "$ROOT/config_alpha" get ns
 
 cat <<EOT
 
 Everything is running (logs in .demo/). Try:
-  kubectl --kubeconfig config_alpha get ns -w          # a watch through the tunnel
-  kubectl --kubeconfig $MEMBER_KC create ns hello      # ...and see it arrive
+  kubectl --kubeconfig config_alpha get ns -w               # a watch through the tunnel
+  kubectl --kubeconfig $MEMBER_KC create ns hello           # ...and see it arrive
+  kubectl --kubeconfig $HOST_KC get clusters              # AGENT column: is it connected?
+  kill \$(cat .demo/agent.pid)                                # ...AGENT turns False
   curl -s http://127.0.0.1:$PROXY_PORT/metrics
 Stop it all with: make demo-down
 EOT
