@@ -1,0 +1,391 @@
+//! The manifests in `config/` against a real kube-apiserver: the Cluster CRD
+//! installs the way Tower's README says (`kubectl kustomize config/crd |
+//! kubectl create -f -`), the proxy and agent bases pass server-side
+//! validation and grant what they should (and not more), and a Cluster
+//! written by KubeSphere round-trips unchanged, fields we do not know
+//! included.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use e2e::k8s_openapi::serde_json::{self, Value, json};
+use e2e::{KubeCluster, kubectl_binary, workspace_root};
+
+const CRD: &str = "crd/clusters.cluster.kubesphere.io";
+const PROXY_SA: &str = "system:serviceaccount:kubesphere-system:tower";
+const AGENT_SA: &str = "system:serviceaccount:kubesphere-system:tower-agent";
+
+fn config_dir(sub: &str) -> PathBuf {
+    workspace_root().join("config").join(sub)
+}
+
+fn config_arg(sub: &str) -> String {
+    config_dir(sub).display().to_string()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl kustomize DIR` (no cluster involved).
+fn kustomize(dir: &Path) -> Result<String> {
+    let out = Command::new(kubectl_binary())
+        .arg("kustomize")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running kubectl kustomize")?;
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout(&out))
+}
+
+/// `kubectl <args>` against `cluster` with `input` on stdin; fails unless it
+/// exits 0. Returns stdout.
+fn kubectl_stdin(cluster: &KubeCluster, args: &[&str], input: &str) -> Result<String> {
+    let mut child = Command::new(kubectl_binary())
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning kubectl")?;
+    let mut stdin = child.stdin.take().context("kubectl stdin")?;
+    stdin.write_all(input.as_bytes())?;
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        stdout(&out)
+    );
+    Ok(stdout(&out))
+}
+
+/// `kubectl auth can-i VERB RESOURCE --as SUBJECT [extra]` is "yes".
+fn can_i(cluster: &KubeCluster, subject: &str, verb: &str, resource: &str, extra: &[&str]) -> bool {
+    let mut args = vec!["auth", "can-i", verb, resource, "--as", subject];
+    args.extend_from_slice(extra);
+    let out = cluster.kubectl(&args);
+    let answer = stdout(&out);
+    match answer.trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!(
+            "kubectl {} answered {other:?}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The Cluster object as KubeSphere writes it: every field of the schema,
+/// plus fields this schema does not declare (as a newer KubeSphere might
+/// add), at several levels.
+fn kubesphere_cluster(name: &str) -> Value {
+    json!({
+        "apiVersion": "cluster.kubesphere.io/v1alpha1",
+        "kind": "Cluster",
+        "metadata": {
+            "name": name,
+            "labels": {"cluster-role.kubesphere.io/member": ""},
+            "annotations": {
+                "tower.kubesphere.io/external-lb-service-annoations": "{\"lb.kubesphere.io/v1alpha1\":\"openelb\"}"
+            }
+        },
+        "spec": {
+            "joinFederation": true,
+            "enable": true,
+            "provider": "kubesphere",
+            // base64 of "values:\n  a: 1\n" (helm values, []byte in Go)
+            "config": "dmFsdWVzOgogIGE6IDEK",
+            "externalKubeAPIEnabled": false,
+            "connection": {
+                "type": "proxy",
+                "kubernetesAPIEndpoint": "https://10.96.0.10:6443",
+                "kubesphereAPIEndpoint": "http://10.96.0.10:80",
+                "externalKubernetesAPIEndpoint": "https://203.0.113.7:6443",
+                // base64 of "apiVersion: v1\nkind: Config\n"
+                "kubeconfig": "YXBpVmVyc2lvbjogdjEKa2luZDogQ29uZmlnCg==",
+                "token": "6888951db2eef4323fd4f84d05f490be86af102f43e47c3c58e6a1ddc81cc253",
+                "kubernetesAPIServerPort": 6123,
+                "kubesphereAPIServerPort": 16123,
+                "futureConnectionField": "kept"
+            },
+            "futureSpecField": {"nested": ["a", "b"], "n": 3}
+        }
+    })
+}
+
+/// The status KubeSphere and the proxy write, plus unknown fields.
+fn kubesphere_status() -> Value {
+    json!({
+        "conditions": [
+            {
+                "type": "Initialized",
+                "status": "True",
+                "lastUpdateTime": "2025-01-02T03:04:05Z",
+                "lastTransitionTime": "2025-01-02T03:04:05Z",
+                "reason": "",
+                "message": "Cluster has been initialized"
+            },
+            {
+                "type": "AgentAvailable",
+                "status": "True",
+                "lastUpdateTime": "2025-01-02T03:04:06Z",
+                "lastTransitionTime": "2025-01-02T03:04:06Z",
+                "message": "Agent has connected to proxy successfully.",
+                "futureConditionField": 7
+            }
+        ],
+        "kubernetesVersion": "v1.34.1",
+        "kubeSphereVersion": "v4.1.3",
+        "nodeCount": 3,
+        "zones": ["zone-a", "zone-b"],
+        "region": "region-1",
+        "configz": {"devops": false, "monitoring": true},
+        "uid": "0b6a5e3c-1f6e-4b7a-9d5e-2f3c4a5b6c7d",
+        "futureStatusField": {"x": true}
+    })
+}
+
+fn get_cluster(cluster: &KubeCluster, name: &str) -> Result<Value> {
+    let text = cluster.kubectl_ok(&["get", "cluster", name, "-o", "json"]);
+    serde_json::from_str(&text).context("parsing kubectl get cluster -o json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_install_and_clusters_round_trip() -> Result<()> {
+    let t0 = Instant::now();
+    let host = KubeCluster::start("manifests").await?;
+    eprintln!("cluster ready in {:?}", t0.elapsed());
+
+    // ---- The CRD, as in Tower's README. ----
+    host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg("crd")]);
+    let crd_yaml = kustomize(&config_dir("crd"))?;
+    let created = kubectl_stdin(&host, &["create", "-f", "-"], &crd_yaml)?;
+    ensure!(
+        created.contains(
+            "customresourcedefinition.apiextensions.k8s.io/clusters.cluster.kubesphere.io created"
+        ),
+        "kubectl create said: {created}"
+    );
+    host.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        CRD,
+        "--timeout=60s",
+    ]);
+    let scope = host.kubectl_ok(&["get", CRD, "-o", "jsonpath={.spec.scope}"]);
+    assert_eq!(scope, "Cluster");
+
+    // The KubeSphere-compatible variant differs only by the status subresource.
+    let compat = kustomize(&config_dir("crd/kubesphere-compat"))?;
+    ensure!(crd_yaml.contains("subresources:") && !compat.contains("subresources"));
+    host.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-k",
+        &config_arg("crd/kubesphere-compat"),
+    ]);
+
+    // ---- Proxy and agent bases: server-side validation, then for real. ----
+    host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg("namespace")]);
+    host.kubectl_ok(&["apply", "-k", &config_arg("namespace")]);
+    for base in ["proxy", "agent"] {
+        host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg(base)]);
+    }
+    for base in ["proxy", "agent"] {
+        host.kubectl_ok(&["apply", "-k", &config_arg(base)]);
+    }
+    let selector = host.kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "service",
+        "tower",
+        "-o",
+        "jsonpath={.spec.selector.app}",
+    ]);
+    assert_eq!(selector, "tower", "mc-<name> Services select app=tower");
+
+    // The proxy gets what it needs and no more.
+    let ns = ["-n", "kubesphere-system"];
+    let allowed: &[(&str, &str, &[&str])] = &[
+        ("watch", "clusters.cluster.kubesphere.io", &[]),
+        ("patch", "clusters.cluster.kubesphere.io", &[]),
+        (
+            "patch",
+            "clusters.cluster.kubesphere.io",
+            &["--subresource=status"],
+        ),
+        (
+            "update",
+            "clusters.cluster.kubesphere.io",
+            &["--subresource=status"],
+        ),
+        ("create", "services", &ns),
+        ("delete", "services/mc-alpha", &ns),
+        ("create", "secrets", &ns),
+        ("get", "secrets/tower-proxy", &ns),
+        ("patch", "secrets/tower-proxy", &ns),
+        ("create", "leases.coordination.k8s.io", &ns),
+        ("update", "leases.coordination.k8s.io/tower", &ns),
+        ("create", "events.events.k8s.io", &ns),
+        ("create", "events", &ns),
+        ("create", "events.events.k8s.io", &["-n", "default"]),
+        ("patch", "events", &["-n", "default"]),
+    ];
+    let denied: &[(&str, &str, &[&str])] = &[
+        ("update", "clusters.cluster.kubesphere.io", &[]),
+        ("delete", "clusters.cluster.kubesphere.io", &[]),
+        ("create", "clusters.cluster.kubesphere.io", &[]),
+        ("get", "secrets/tower-agent-token", &ns),
+        ("list", "secrets", &ns),
+        ("delete", "secrets/tower-proxy", &ns),
+        ("update", "leases.coordination.k8s.io/other", &ns),
+        ("create", "services", &["-n", "default"]),
+        ("get", "secrets", &["-n", "kube-system"]),
+        ("create", "pods", &ns),
+    ];
+    for (verb, resource, extra) in allowed {
+        ensure!(
+            can_i(&host, PROXY_SA, verb, resource, extra),
+            "the proxy cannot {verb} {resource} {extra:?}"
+        );
+    }
+    for (verb, resource, extra) in denied {
+        ensure!(
+            !can_i(&host, PROXY_SA, verb, resource, extra),
+            "the proxy may {verb} {resource} {extra:?}"
+        );
+    }
+    // The agent's identity is cluster-admin (what KubeSphere expects).
+    ensure!(can_i(&host, AGENT_SA, "*", "*", &[]));
+
+    // ---- A Cluster written by KubeSphere round-trips unchanged. ----
+    let sent = kubesphere_cluster("alpha");
+    kubectl_stdin(&host, &["create", "-f", "-"], &sent.to_string())?;
+    let status = kubesphere_status();
+    let patch = json!({ "status": status }).to_string();
+    host.kubectl_ok(&[
+        "patch",
+        "cluster",
+        "alpha",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch,
+    ]);
+    let got = get_cluster(&host, "alpha")?;
+    assert_eq!(got["spec"], sent["spec"], "spec changed on the way");
+    assert_eq!(got["status"], status, "status changed on the way");
+    assert_eq!(
+        got["metadata"]["annotations"],
+        sent["metadata"]["annotations"]
+    );
+
+    // A spec patch (what the proxy does) leaves every other field alone.
+    host.kubectl_ok(&[
+        "patch",
+        "cluster",
+        "alpha",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"connection":{"token":"0123"}}}"#,
+    ]);
+    let mut expected = sent["spec"].clone();
+    expected["connection"]["token"] = json!("0123");
+    assert_eq!(get_cluster(&host, "alpha")?["spec"], expected);
+
+    // The status subresource is on: status written through the main resource
+    // is ignored.
+    host.kubectl_ok(&[
+        "patch",
+        "cluster",
+        "alpha",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"kubernetesVersion":"v0.0.0"}}"#,
+    ]);
+    assert_eq!(get_cluster(&host, "alpha")?["status"], status);
+
+    // The schema is enforced: bytes must be base64, ports fit in 16 bits.
+    for (field, bad) in [
+        ("config", json!({"config": "not base64!"})),
+        (
+            "kubernetesAPIServerPort",
+            json!({"connection": {"kubernetesAPIServerPort": 70000}}),
+        ),
+    ] {
+        let mut obj = kubesphere_cluster("bad");
+        for (k, v) in bad.as_object().into_iter().flatten() {
+            obj["spec"][k] = v.clone();
+        }
+        let err = kubectl_stdin(&host, &["create", "-f", "-"], &obj.to_string())
+            .expect_err("an invalid Cluster was accepted");
+        ensure!(
+            format!("{err:#}").contains(field),
+            "the rejection does not name {field}: {err:#}"
+        );
+    }
+
+    // ---- Printer columns. ----
+    let table = host.kubectl_ok(&["get", "clusters"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "FEDERATED",
+            "PROVIDER",
+            "ACTIVE",
+            "AGENT",
+            "VERSION",
+            "AGE"
+        ],
+        "kubectl get clusters:\n{table}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[..6],
+        ["alpha", "true", "kubesphere", "true", "True", "v1.34.1"],
+        "kubectl get clusters:\n{table}"
+    );
+    let wide = host.kubectl_ok(&["get", "clusters", "-o", "wide"]);
+    let wide_header = wide.lines().next().unwrap_or_default();
+    ensure!(
+        wide_header.contains("TYPE") && wide_header.contains("ENDPOINT"),
+        "kubectl get clusters -o wide:\n{wide}"
+    );
+    ensure!(wide.contains("https://10.96.0.10:6443"), "{wide}");
+
+    host.stop().await?;
+    eprintln!(
+        "manifests_install_and_clusters_round_trip took {:?}",
+        t0.elapsed()
+    );
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! [`KubeCluster`]: a real kube-apiserver (with embedded etcd) from
+//! `bin/kube-harness`, listening on 127.0.0.1, with an admin kubeconfig.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use e2e::KubeCluster;
+//! use e2e::k8s_openapi::api::core::v1::Namespace;
+//! use e2e::kube::{Api, api::ListParams};
+//!
+//! let c = KubeCluster::start("member").await?;
+//! let namespaces: Api<Namespace> = Api::all(c.client().await?);
+//! let list = namespaces.list(&ListParams::default()).await?;
+//! assert!(list.items.iter().any(|n| n.metadata.name.as_deref() == Some("default")));
+//! let out = c.kubectl_ok(&["get", "ns", "default", "-o", "name"]);
+//! assert_eq!(out.trim(), "namespace/default");
+//! # Ok(()) }
+//! ```
+//!
+//! The harness prints `ready <dir>/kubeconfig` on stdout once the API
+//! server serves; its logs go to stderr (collected, see [`KubeCluster::proc`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::process::Command;
+use tokio::task::JoinSet;
+
+use crate::paths::{bin, kubectl_binary};
+use crate::proc::Proc;
+
+/// How long a cluster may take to print `ready` (a cold start on a busy
+/// 2-core machine takes tens of seconds; this leaves ample margin).
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long dropping or stopping a cluster waits after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+enum DataDir {
+    /// Created by the testkit, removed on drop (after the process stopped).
+    Temp(TempDir),
+    /// Given by the caller ([`KubeCluster::start_in`]), kept.
+    Kept(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Temp(t) => t.path(),
+            DataDir::Kept(p) => p,
+        }
+    }
+}
+
+/// A running `bin/kube-harness`: one kube-apiserver + etcd, data in a
+/// directory, admin (system:masters) kubeconfig in that directory.
+///
+/// Dropping it stops the process (SIGTERM, SIGKILL after [`STOP_GRACE`]) and
+/// then removes its temporary directory (not a directory given to
+/// [`KubeCluster::start_in`]).
+pub struct KubeCluster {
+    name: String,
+    kubeconfig: PathBuf,
+    // Field order matters: fields drop in declaration order, so the process
+    // is stopped (Proc's drop: SIGTERM, wait, SIGKILL) before the directory
+    // is removed.
+    proc: Proc,
+    dir: DataDir,
+}
+
+impl KubeCluster {
+    /// Starts a cluster in a new temporary directory and waits until it is
+    /// ready. `name` prefixes its log lines and names its temp dir.
+    pub async fn start(name: &str) -> Result<KubeCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kube-{name}-"))
+            .tempdir()
+            .context("creating the cluster's temp dir")?;
+        Self::start_dir(name, DataDir::Temp(dir)).await
+    }
+
+    /// Starts a cluster on `dir` (created if missing, kept on drop): a second
+    /// start on the same directory reuses the data of the first.
+    pub async fn start_in(name: &str, dir: &Path) -> Result<KubeCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Self::start_dir(name, DataDir::Kept(dir.to_path_buf())).await
+    }
+
+    /// Starts several clusters in parallel; returns them in the order of
+    /// `names`. If one fails, the others are stopped and the error returned.
+    pub async fn start_many(names: &[&str]) -> Result<Vec<KubeCluster>> {
+        let mut set = JoinSet::new();
+        for (i, name) in names.iter().enumerate() {
+            let name = name.to_string();
+            set.spawn(async move { (i, KubeCluster::start(&name).await) });
+        }
+        let mut slots: Vec<Option<KubeCluster>> = names.iter().map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            let (i, res) = joined.context("a cluster start task panicked")?;
+            // On error, returning drops `set` (aborting the other starts,
+            // whose Procs are then killed) and `slots` (stopping the
+            // clusters already up).
+            slots[i] = Some(res.with_context(|| format!("starting cluster {:?}", names[i]))?);
+        }
+        Ok(slots.into_iter().flatten().collect())
+    }
+
+    async fn start_dir(name: &str, dir: DataDir) -> Result<KubeCluster> {
+        let mut cmd = Command::new(bin("kube-harness"));
+        cmd.arg("--dir").arg(dir.path());
+        let mut proc = Proc::spawn(name, cmd)?;
+        proc.set_drop_grace(STOP_GRACE);
+        let line = match proc
+            .wait_for_line(|l| l.starts_with("ready "), READY_TIMEOUT)
+            .await
+        {
+            Ok(line) => line,
+            // The harness logs to files in its dir: show them before the
+            // dir is removed.
+            Err(e) => {
+                return Err(e.context(format!(
+                    "cluster {name:?} did not get ready; its log files end with:\n{}",
+                    log_tails(dir.path(), 30)
+                )));
+            }
+        };
+        let kubeconfig = PathBuf::from(line["ready ".len()..].trim());
+        if !kubeconfig.is_file() {
+            bail!(
+                "cluster {name:?} said {line:?} but {} is not a file",
+                kubeconfig.display()
+            );
+        }
+        Ok(KubeCluster {
+            name: name.to_string(),
+            kubeconfig,
+            proc,
+            dir,
+        })
+    }
+
+    /// The name given at start.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The admin kubeconfig (server `https://127.0.0.1:<port>`).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The harness process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The last `n` lines of each `*.log` file in the cluster's directory
+    /// (the harness writes the API server's and etcd's logs there), for
+    /// failure messages.
+    pub fn log_tails(&self, n: usize) -> String {
+        log_tails(self.dir(), n)
+    }
+
+    /// The harness process (its collected log lines, signals, ...).
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
+
+    /// Mutable access to the harness process.
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// A kube-rs client built from the kubeconfig (rustls with ring).
+    pub async fn client(&self) -> Result<kube::Client> {
+        // Make ring the process' rustls provider even if feature unification
+        // in a workspace build also enables another one (rustls then has no
+        // default). An error only means a provider is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .with_context(|| format!("reading {}", self.kubeconfig.display()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .context("kube config from the kubeconfig")?;
+        kube::Client::try_from(config).context("building the kube client")
+    }
+
+    /// Runs the real `kubectl --kubeconfig <kubeconfig> <args>` (see
+    /// [`crate::kubectl_binary`]) and returns its output, whatever its exit
+    /// status. Blocks the calling thread until kubectl exits.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let kubectl = kubectl_binary();
+        std::process::Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e} (set KUBECTL?)", kubectl.display()))
+    }
+
+    /// Runs kubectl like [`KubeCluster::kubectl`], panics (with stderr) if
+    /// it fails, and returns its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} on cluster {:?} failed ({}):\n{}{}",
+            args.join(" "),
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the harness (SIGTERM, SIGKILL after `grace`) and waits for it.
+    /// The directory stays until the `KubeCluster` is dropped.
+    pub async fn terminate(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
+        self.proc.terminate(grace).await
+    }
+
+    /// Stops the harness (see [`STOP_GRACE`]) and removes its temporary
+    /// directory; unlike a plain drop, returns errors.
+    pub async fn stop(mut self) -> Result<()> {
+        let status = self.terminate(STOP_GRACE).await?;
+        if !status.success() {
+            bail!(
+                "cluster {:?} exited with {status} on SIGTERM; last lines:\n{}",
+                self.name,
+                self.proc.tail(20)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for KubeCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeCluster")
+            .field("name", &self.name)
+            .field("kubeconfig", &self.kubeconfig)
+            .field("proc", &self.proc)
+            .finish()
+    }
+}
+
+/// `== file ==` headers and the last `n` lines of each `*.log` in `dir`.
+fn log_tails(dir: &Path, n: usize) -> String {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    let mut out = String::new();
+    for log in logs {
+        let text = std::fs::read(&log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("== {} ==\n", log.display()));
+        for l in &lines[lines.len().saturating_sub(n)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    if out.is_empty() {
+        out.push_str("(no *.log files)\n");
+    }
+    out
+}
