@@ -20,7 +20,7 @@
 //! status does. Sessions trigger reconciles through [`CrStore::on_change`]; a
 //! separate watch closes the sessions and ports of deleted Clusters at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -33,6 +33,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -45,6 +46,8 @@ use crate::registry::{ClusterStore, Registry};
 
 /// Field manager name for server-side apply, and the managed-by label.
 const MANAGER: &str = "tower-proxy";
+/// Label marking the Services we manage.
+const MANAGER_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Label naming the Cluster an mc-<name> Service belongs to.
 const CLUSTER_LABEL: &str = "cluster.kubesphere.io/name";
 /// How long the client certificates in written kubeconfigs are valid...
@@ -94,6 +97,7 @@ pub struct Context<P: Ports> {
     ca: Arc<Ca>,
     ports: Arc<P>,
     options: Options,
+    recorder: Recorder,
     /// Ports handed out per cluster, maybe not yet visible in the store.
     reserved: Mutex<HashMap<String, (u16, u16)>>,
 }
@@ -118,6 +122,7 @@ pub enum Error {
 /// success.
 pub struct CrStore {
     store: Store<Cluster>,
+    recorder: Recorder,
     trigger: mpsc::UnboundedSender<ObjectRef<Cluster>>,
     open: OpenPorts,
     options: Options,
@@ -154,10 +159,21 @@ impl ClusterStore for CrStore {
             u16::try_from(conn.kubesphere_api_server_port),
         ) {
             (Ok(kube), Ok(ks)) if kube != 0 && ks != 0 => {
-                let sans = sans(cluster, &self.options, None);
+                let sans = sans(cluster, &self.options, &[]);
                 (self.open)(cluster.to_string(), kube, ks, sans).await
             }
             _ => Err("the cluster's ports are not assigned yet, retry shortly".into()),
+        }
+    }
+
+    fn on_reject(&self, cluster: &str, reason: &str) {
+        // Only for clusters that exist: anyone can send any name.
+        if let Some(obj) = self.store.get(&ObjectRef::new(cluster)) {
+            let recorder = self.recorder.clone();
+            let note = format!("an agent was refused: {reason}");
+            tokio::spawn(async move {
+                publish(&recorder, &obj, EventType::Warning, "AgentRejected", note).await;
+            });
         }
     }
 
@@ -180,7 +196,7 @@ fn service_name(cluster: &str) -> String {
 }
 
 /// SANs of a cluster's serving certificate.
-fn sans(cluster: &str, options: &Options, cluster_ip: Option<&str>) -> Vec<String> {
+fn sans(cluster: &str, options: &Options, addresses: &[&str]) -> Vec<String> {
     let svc = service_name(cluster);
     let ns = &options.namespace;
     let mut sans = vec![
@@ -191,7 +207,7 @@ fn sans(cluster: &str, options: &Options, cluster_ip: Option<&str>) -> Vec<Strin
         "127.0.0.1".to_string(),
     ];
     sans.extend(options.advertise_address.iter().cloned());
-    sans.extend(cluster_ip.map(str::to_string));
+    sans.extend(addresses.iter().map(|a| a.to_string()));
     let mut seen = HashSet::new();
     sans.retain(|s| seen.insert(s.clone()));
     sans
@@ -251,6 +267,11 @@ pub fn set_condition(
 }
 
 impl<P: Ports> Context<P> {
+    /// A Kubernetes Event on the Cluster; failing to record one is only logged.
+    async fn event(&self, cluster: &Cluster, type_: EventType, reason: &str, note: String) {
+        publish(&self.recorder, cluster, type_, reason, note).await;
+    }
+
     /// Ports of `cluster` if set and not taken by another Cluster, else a free pair.
     fn ports_for(&self, cluster: &Cluster) -> Result<(u16, u16), Error> {
         let name = cluster.name_any();
@@ -312,19 +333,32 @@ impl<P: Ports> Context<P> {
         std::net::TcpListener::bind((self.options.bind_host.as_str(), port)).is_ok()
     }
 
-    async fn apply_service(&self, cluster: &Cluster, kube: u16, ks: u16) -> Result<Service, Error> {
+    /// Create or fix Service mc-<name>. Writes only when our fields differ, so
+    /// an unchanged cluster causes no PATCH.
+    async fn apply_service(
+        &self,
+        cluster: &Cluster,
+        kube: u16,
+        ks: u16,
+        exposure: &Exposure,
+    ) -> Result<Service, Error> {
         let name = service_name(&cluster.name_any());
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.options.namespace);
         let owner = cluster
             .controller_owner_ref(&())
             .map(|o| vec![o])
             .unwrap_or_default();
-        let selector: serde_json::Map<String, serde_json::Value> = self
-            .options
-            .selector
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
+        let selector: BTreeMap<String, String> = self.options.selector.iter().cloned().collect();
+        let kind = if exposure.enabled {
+            "LoadBalancer"
+        } else {
+            "ClusterIP"
+        };
+        if let Some(current) = api.get_opt(&name).await?
+            && service_matches(&current, kind, kube, ks, &selector, &exposure.annotations)
+        {
+            return Ok(current);
+        }
         let svc = json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -332,9 +366,11 @@ impl<P: Ports> Context<P> {
                 "name": name,
                 "namespace": self.options.namespace,
                 "labels": {"app.kubernetes.io/managed-by": MANAGER, CLUSTER_LABEL: cluster.name_any()},
+                "annotations": exposure.annotations,
                 "ownerReferences": owner,
             },
             "spec": {
+                "type": kind,
                 "selector": selector,
                 "ports": [
                     {"name": "kubernetes", "protocol": "TCP", "port": 6443, "targetPort": kube},
@@ -342,7 +378,6 @@ impl<P: Ports> Context<P> {
                 ],
             },
         });
-        // Server-side apply only sends a write when our fields differ.
         match api
             .patch(
                 &name,
@@ -351,7 +386,10 @@ impl<P: Ports> Context<P> {
             )
             .await
         {
-            Ok(svc) => Ok(svc),
+            Ok(svc) => {
+                tracing::info!(cluster = %cluster.name_any(), service = %name, kind, "service applied");
+                Ok(svc)
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 Err(Error::Namespace(name, self.options.namespace.clone()))
             }
@@ -379,6 +417,119 @@ impl<P: Ports> Context<P> {
             &issued.key_pem,
         );
         Ok(Some(B64.encode(yaml)))
+    }
+}
+
+/// How mc-<name> is exposed: Tower's `externalKubeAPIEnabled` plus the JSON
+/// object in the Cluster annotation (key spelled as in Tower).
+#[derive(Debug, Default)]
+pub struct Exposure {
+    pub enabled: bool,
+    pub annotations: BTreeMap<String, String>,
+    /// Why the annotation could not be used.
+    pub invalid: Option<String>,
+}
+
+/// Cluster annotation whose JSON object becomes the LB Service's annotations.
+pub const LB_ANNOTATION: &str = "tower.kubesphere.io/external-lb-service-annoations";
+pub const EXTERNAL_ACCESS_READY: &str = "ExternalAccessReady";
+
+impl Exposure {
+    pub fn of(cluster: &Cluster) -> Self {
+        if !cluster.spec.external_kube_api_enabled {
+            return Self::default();
+        }
+        let mut exposure = Self {
+            enabled: true,
+            ..Self::default()
+        };
+        if let Some(raw) = cluster.annotations().get(LB_ANNOTATION) {
+            match serde_json::from_str::<BTreeMap<String, String>>(raw) {
+                Ok(map) => exposure.annotations = map,
+                Err(e) => {
+                    exposure.invalid = Some(format!(
+                        "annotation {LB_ANNOTATION} is not a JSON object of strings: {e}"
+                    ))
+                }
+            }
+        }
+        exposure
+    }
+}
+
+/// The first address the load balancer got, if any.
+fn lb_address(svc: &Service) -> Option<String> {
+    let ingress = svc
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?;
+    ingress
+        .iter()
+        .find_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
+        .filter(|a| !a.is_empty())
+}
+
+/// True when `svc` already has every field we would apply.
+fn service_matches(
+    svc: &Service,
+    kind: &str,
+    kube: u16,
+    ks: u16,
+    selector: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> bool {
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    let port = |name: &str, port: i32, target: u16| {
+        spec.ports.iter().flatten().any(|p| {
+            p.name.as_deref() == Some(name)
+                && p.port == port
+                && p.target_port
+                    == Some(
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(
+                            target,
+                        )),
+                    )
+        })
+    };
+    let current_annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    spec.type_.as_deref().unwrap_or("ClusterIP") == kind
+        && spec.ports.as_ref().map_or(0, Vec::len) == 2
+        && port("kubernetes", 6443, kube)
+        && port("kubesphere", 80, ks)
+        && spec.selector.as_ref() == Some(selector)
+        && annotations
+            .iter()
+            .all(|(k, v)| current_annotations.get(k) == Some(v))
+        && svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGER_LABEL))
+            .map(String::as_str)
+            == Some(MANAGER)
+}
+
+async fn publish(
+    recorder: &Recorder,
+    cluster: &Cluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: reason.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &cluster.object_ref(&())).await {
+        tracing::debug!(cluster = %cluster.name_any(), error = %e, "cannot record an event");
     }
 }
 
@@ -479,7 +630,15 @@ pub async fn reconcile<P: Ports>(
         .revoke(&name, Some(&token), "the cluster's token changed")
         .await;
     let (kube_port, ks_port) = ctx.ports_for(&cluster)?;
-    let svc = ctx.apply_service(&cluster, kube_port, ks_port).await?;
+    let exposure = Exposure::of(&cluster);
+    let svc = ctx
+        .apply_service(&cluster, kube_port, ks_port, &exposure)
+        .await?;
+    let lb = if exposure.enabled {
+        lb_address(&svc)
+    } else {
+        None
+    };
     let cluster_ip = svc
         .spec
         .as_ref()
@@ -511,14 +670,34 @@ pub async fn reconcile<P: Ports>(
     if !ks_ep.is_empty() && conn.kubesphere_api_endpoint != ks_ep {
         spec.insert("kubesphereAPIEndpoint".into(), json!(ks_ep));
     }
+    let external_ep = lb.as_deref().map(|a| endpoint("https", a, 6443));
+    match &external_ep {
+        Some(ep) if conn.external_kubernetes_api_endpoint != *ep => {
+            spec.insert("externalKubernetesAPIEndpoint".into(), json!(ep));
+        }
+        None if !exposure.enabled && !conn.external_kubernetes_api_endpoint.is_empty() => {
+            // Exposure switched off: the endpoint is gone.
+            spec.insert(
+                "externalKubernetesAPIEndpoint".into(),
+                serde_json::Value::Null,
+            );
+        }
+        _ => {}
+    }
+    let addresses: Vec<&str> = cluster_ip
+        .iter()
+        .chain(lb.iter())
+        .map(String::as_str)
+        .collect();
     if live > 0 && !kube_ep.is_empty() {
-        // The listener's certificate must also cover addresses learnt since it opened.
+        // The listener's certificate must also cover addresses learnt since it
+        // opened: the ClusterIP, the load balancer's IP or hostname.
         ctx.ports
             .open(
                 &name,
                 kube_port,
                 ks_port,
-                &sans(&name, &ctx.options, cluster_ip.as_deref()),
+                &sans(&name, &ctx.options, &addresses),
             )
             .await
             .map_err(Error::Cert)?;
@@ -565,7 +744,48 @@ pub async fn reconcile<P: Ports>(
     } else {
         ("AgentDisconnected", "no agent is connected".to_string())
     };
+    let mut events = Vec::new();
     if let Some(c) = set_condition(&conditions, AGENT_AVAILABLE, live > 0, reason, &message) {
+        let before = conditions.iter().find(|c| c.kind == AGENT_AVAILABLE);
+        if before.map(|c| c.status == "True") != Some(live > 0) {
+            events.push((EventType::Normal, reason, message.clone()));
+        }
+        conditions = c;
+        changed = true;
+    }
+    let external = match (&exposure, &external_ep) {
+        (Exposure { enabled: false, .. }, _) => conditions
+            .iter()
+            .any(|c| c.kind == EXTERNAL_ACCESS_READY)
+            .then(|| {
+                (
+                    false,
+                    "ExternalAccessDisabled",
+                    "externalKubeAPIEnabled is false".to_string(),
+                )
+            }),
+        (
+            Exposure {
+                invalid: Some(why), ..
+            },
+            _,
+        ) => Some((false, "InvalidAnnotation", why.clone())),
+        (_, Some(ep)) => Some((true, "LoadBalancerReady", format!("reachable at {ep}"))),
+        (_, None) => Some((
+            false,
+            "WaitingForLoadBalancer",
+            "the Service has no load balancer address yet".to_string(),
+        )),
+    };
+    if let Some((ready, reason, message)) = external
+        && let Some(c) = set_condition(&conditions, EXTERNAL_ACCESS_READY, ready, reason, &message)
+    {
+        let kind = if reason == "InvalidAnnotation" {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        events.push((kind, reason, message));
         conditions = c;
         changed = true;
     }
@@ -589,6 +809,9 @@ pub async fn reconcile<P: Ports>(
             Err(e) => return Err(e.into()),
         }
         tracing::info!(cluster = %name, agent_available = live > 0, "cluster status updated");
+    }
+    for (type_, reason, note) in events {
+        ctx.event(&cluster, type_, reason, note).await;
     }
     Ok(Action::requeue(RESYNC))
 }
@@ -674,8 +897,16 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
     let store = controller.store();
     let (trigger, triggers) = mpsc::unbounded_channel();
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let open_ports = ports.clone();
     let cr_store = CrStore {
+        recorder: recorder.clone(),
         store: store.clone(),
         trigger,
         open: Arc::new(move |cluster, kube, ks, sans| {
@@ -686,6 +917,7 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
     };
     let registry = Registry::new(cr_store);
     let ctx = Arc::new(Context {
+        recorder: recorder.clone(),
         client,
         store,
         registry: registry.clone(),

@@ -21,7 +21,7 @@ pub struct ClusterSpec {
     pub join_federation: bool,
     #[serde(default)]
     pub enable: bool,
-    #[serde(default)]
+    #[serde(default, rename = "externalKubeAPIEnabled")]
     pub external_kube_api_enabled: bool,
     #[serde(default)]
     pub connection: Connection,

@@ -25,6 +25,9 @@ pub trait ClusterStore: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// An agent claiming `cluster` was refused (wrong token, unknown cluster).
+    fn on_reject(&self, _cluster: &str, _reason: &str) {}
+
     /// A session of `cluster` was added or has ended.
     fn on_change(&self, _cluster: &str) {}
 }
@@ -246,6 +249,7 @@ impl<S: ClusterStore> Admission for Registry<S> {
         // Same answer for unknown cluster and wrong token: don't reveal which.
         let expected = self.inner.store.token(&cluster).unwrap_or_default();
         if expected.is_empty() || !tokens_match(&expected, &config.token) {
+            self.inner.store.on_reject(&cluster, "wrong token");
             return Err(UNAUTHORIZED.to_string());
         }
         self.inner.store.on_connect(&cluster).await?;
