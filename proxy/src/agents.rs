@@ -29,6 +29,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Endpoint<S: ClusterStore> {
     pub registry: Registry<S>,
     pub ssh: Arc<russh::server::Config>,
+    /// Set once the proxy can admit agents (the Cluster cache is synced).
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Accept connections until `shutdown` resolves.
@@ -129,8 +131,24 @@ fn handle<S: ClusterStore>(
     }
     match req.uri().path() {
         "/health" | "/healthz" => text(StatusCode::OK, "OK\n"),
+        "/readyz" if endpoint.ready.load(std::sync::atomic::Ordering::Relaxed) => {
+            text(StatusCode::OK, "ok\n")
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the Cluster cache is not synced yet\n",
+        ),
         "/version" => text(StatusCode::OK, format!("{}\n", env!("CARGO_PKG_VERSION"))),
-        "/metrics" => text(StatusCode::OK, metrics(&endpoint.registry)),
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, crate::metrics::render(&endpoint.registry));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
         _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
     }
 }
@@ -148,17 +166,4 @@ where
         }
         Err(e) => tracing::warn!(%peer, error = %e, "tunnel ended"),
     }
-}
-
-/// Prometheus text format.
-fn metrics<S: ClusterStore>(registry: &Registry<S>) -> String {
-    let mut out = String::from(
-        "# HELP tower_agent_sessions Live agent sessions per cluster.\n# TYPE tower_agent_sessions gauge\n",
-    );
-    for (cluster, n) in registry.counts() {
-        out.push_str(&format!(
-            "tower_agent_sessions{{cluster=\"{cluster}\"}} {n}\n"
-        ));
-    }
-    out
 }

@@ -409,6 +409,7 @@ impl<P: Ports> Context<P> {
             .ca
             .issue_client(&user, &["tower:clients"], CLIENT_CERT_VALIDITY)
             .map_err(|e| Error::Cert(e.to_string()))?;
+        crate::metrics::METRICS.set_cert_expiry(&name, "client", issued.not_after);
         let yaml = render_kubeconfig(
             &name,
             server,
@@ -876,6 +877,8 @@ async fn watch_deletions<P: Ports>(api: Api<Cluster>, registry: Registry<CrStore
 /// Build the registry and run the controller until `shutdown`.
 pub struct Running {
     pub registry: Registry<CrStore>,
+    /// The controller's cache of Clusters.
+    pub store: Store<Cluster>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -916,6 +919,7 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
         options: options.clone(),
     };
     let registry = Registry::new(cr_store);
+    let ctx_store = store.clone();
     let ctx = Arc::new(Context {
         recorder: recorder.clone(),
         client,
@@ -936,7 +940,11 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
             .await;
         deletions.abort();
     });
-    Running { registry, task }
+    Running {
+        registry,
+        store: ctx_store,
+        task,
+    }
 }
 
 fn tokio_stream_from<T: Send + 'static>(

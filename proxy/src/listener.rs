@@ -719,7 +719,15 @@ impl<S: ClusterStore> Proxy<S> {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// [`Self::forward`], timed to response headers for /metrics.
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let resp = self.forward(req).await;
+        crate::metrics::METRICS.observe_request(&self.cluster, started.elapsed());
+        resp
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let cluster = &self.cluster;
         let Some(session) = self.registry.pick(cluster) else {
             return status(

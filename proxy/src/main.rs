@@ -19,6 +19,7 @@ mod controller;
 mod crd;
 mod forward;
 mod listener;
+mod metrics;
 mod ports;
 mod registry;
 mod secret;
@@ -186,7 +187,8 @@ async fn main() -> anyhow::Result<()> {
             let store = StaticClusters::from_json(&json)
                 .map_err(|e| anyhow::anyhow!("--clusters-file {}: {e}", path.display()))?;
             let host_key = host_key_from_file(&flags)?;
-            serve_agents(&flags, Registry::new(store), host_key).await
+            let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            serve_agents(&flags, Registry::new(store), host_key, ready).await
         }
         None => run_with_kubernetes(flags).await,
     }
@@ -246,6 +248,7 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("no CA: give --ca-cert and --ca-key"))?,
     );
 
+    metrics::METRICS.set_cert_expiry("", "ca", ca.not_after());
     let bind: std::net::IpAddr = flags
         .host
         .parse()
@@ -261,8 +264,16 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
     let running = controller::start(client, ca, ports.clone(), options);
     let _ = ports.registry.set(running.registry.clone());
     let controller_task = running.task;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (store, ready_flag) = (running.store, ready.clone());
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            ready_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("Cluster cache synced: ready");
+        }
+    });
     tokio::select! {
-        served = serve_agents(&flags, running.registry, host_key) => served,
+        served = serve_agents(&flags, running.registry, host_key, ready) => served,
         _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
     }
 }
@@ -272,6 +283,7 @@ async fn serve_agents<S: registry::ClusterStore>(
     flags: &Flags,
     registry: Registry<S>,
     host_key: russh::keys::PrivateKey,
+    ready: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),
@@ -280,6 +292,7 @@ async fn serve_agents<S: registry::ClusterStore>(
     let endpoint = Arc::new(agents::Endpoint {
         registry: registry.clone(),
         ssh: Arc::new(tunnel::ssh::server_config(host_key, flags.keepalive)),
+        ready,
     });
     for (cluster, addr) in &flags.forwards {
         let listener = TcpListener::bind(addr)

@@ -77,7 +77,9 @@ impl Ports for ListenerPorts {
                         .ca
                         .issue_server(sans, SERVER_CERT_VALIDITY)
                         .map_err(|e| format!("cannot issue the listener certificate: {e}"))?;
+                    let not_after = issued.not_after;
                     current.cert.set(issued).map_err(|e| e.to_string())?;
+                    crate::metrics::METRICS.set_cert_expiry(cluster, "serving", not_after);
                     current.sans = sans.to_vec();
                     tracing::info!(%cluster, ?sans, "listener certificate re-issued");
                 }
@@ -90,6 +92,7 @@ impl Ports for ListenerPorts {
             }
         }
         let cert = self.issue(sans)?;
+        crate::metrics::METRICS.set_cert_expiry(cluster, "serving", cert.not_after());
         let bind = |port| SocketAddr::new(self.bind, port);
         let kube = ClusterListener::start(
             cluster.to_string(),

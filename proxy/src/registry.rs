@@ -73,6 +73,15 @@ pub enum RouteError {
     Dial(#[from] DialError),
 }
 
+/// One cluster's line in /metrics.
+pub struct ClusterStats {
+    pub cluster: String,
+    pub sessions: usize,
+    pub streams: usize,
+    pub received: u64,
+    pub sent: u64,
+}
+
 /// Live sessions by cluster name. Cheap to clone; clones share the sessions.
 pub struct Registry<S> {
     inner: Arc<Inner<S>>,
@@ -89,6 +98,8 @@ impl<S> Clone for Registry<S> {
 struct Inner<S> {
     store: S,
     sessions: Mutex<HashMap<String, Vec<Entry>>>,
+    /// Bytes (received, sent) of sessions that have ended, per cluster.
+    ended_bytes: Mutex<HashMap<String, (u64, u64)>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -120,6 +131,7 @@ impl<S: ClusterStore> Registry<S> {
             inner: Arc::new(Inner {
                 store,
                 sessions: Mutex::default(),
+                ended_bytes: Mutex::default(),
                 next_id: Default::default(),
             }),
         }
@@ -137,6 +149,17 @@ impl<S: ClusterStore> Registry<S> {
         let mut sessions = self.lock();
         let left = match sessions.get_mut(cluster) {
             Some(list) => {
+                for gone in list.iter().filter(|e| e.id == id) {
+                    let (r, s) = gone.session.bytes();
+                    let mut ended = self
+                        .inner
+                        .ended_bytes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let total = ended.entry(cluster.to_string()).or_default();
+                    total.0 += r;
+                    total.1 += s;
+                }
                 list.retain(|e| e.id != id);
                 list.len()
             }
@@ -148,20 +171,36 @@ impl<S: ClusterStore> Registry<S> {
         left
     }
 
-    /// Live sessions per cluster.
-    pub fn counts(&self) -> Vec<(String, usize)> {
-        let mut counts: Vec<_> = self
+    /// Per cluster: live sessions, open streams, bytes so far (for /metrics).
+    pub fn stats(&self) -> Vec<ClusterStats> {
+        let sessions = self.lock();
+        let ended = self
+            .inner
+            .ended_bytes
             .lock()
-            .iter()
-            .map(|(c, l)| {
-                (
-                    c.clone(),
-                    l.iter().filter(|e| !e.session.is_closed()).count(),
-                )
+            .unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<&String> = sessions.keys().chain(ended.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|cluster| {
+                let live = sessions.get(cluster).map(Vec::as_slice).unwrap_or_default();
+                let (mut received, mut sent) = ended.get(cluster).copied().unwrap_or_default();
+                for e in live {
+                    let (r, s) = e.session.bytes();
+                    received += r;
+                    sent += s;
+                }
+                ClusterStats {
+                    cluster: cluster.clone(),
+                    sessions: live.iter().filter(|e| !e.session.is_closed()).count(),
+                    streams: live.iter().map(|e| e.session.load()).sum(),
+                    received,
+                    sent,
+                }
             })
-            .collect();
-        counts.sort();
-        counts
+            .collect()
     }
 
     /// Live sessions of `cluster`.
@@ -250,6 +289,7 @@ impl<S: ClusterStore> Admission for Registry<S> {
         let expected = self.inner.store.token(&cluster).unwrap_or_default();
         if expected.is_empty() || !tokens_match(&expected, &config.token) {
             self.inner.store.on_reject(&cluster, "wrong token");
+            crate::metrics::METRICS.auth_failures.inc();
             return Err(UNAUTHORIZED.to_string());
         }
         self.inner.store.on_connect(&cluster).await?;
@@ -267,6 +307,10 @@ impl<S: ClusterStore> Admission for Registry<S> {
         tracing::debug!(%cluster, sessions = list.len(), "session registered");
         drop(sessions);
         self.inner.store.on_change(&cluster);
+        crate::metrics::METRICS
+            .connects
+            .get_or_create(&crate::metrics::Metrics::cluster(&cluster))
+            .inc();
         Ok(Registration {
             registry: self.clone(),
             cluster,

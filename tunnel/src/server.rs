@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ struct SessionInner {
     peer: String,
     open_streams: AtomicUsize,
     closed: AtomicBool,
+    /// Bytes read from / written to this session's streams.
+    received: AtomicU64,
+    sent: AtomicU64,
 }
 
 /// Why a channel could not be opened through a session.
@@ -77,6 +80,14 @@ impl Session {
     /// Streams open through this session right now: the dialer picks the least busy.
     pub fn load(&self) -> usize {
         self.inner.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// Bytes (received from the agent, sent to the agent) through its streams.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.inner.received.load(Ordering::Relaxed),
+            self.inner.sent.load(Ordering::Relaxed),
+        )
     }
 
     /// True once the SSH connection has ended.
@@ -146,7 +157,11 @@ impl AsyncRead for TunnelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.session.received.fetch_add(n, Ordering::Relaxed);
+        poll
     }
 }
 
@@ -156,7 +171,11 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -215,6 +234,8 @@ impl<A: Admission> Handler<A> {
                 peer: self.peer.clone(),
                 open_streams: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
+                received: AtomicU64::new(0),
+                sent: AtomicU64::new(0),
             }),
         };
         match self.admission.admit(session.clone()).await {

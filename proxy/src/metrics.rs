@@ -1,0 +1,159 @@
+//! `/metrics` in the Prometheus/OpenMetrics text format.
+//!
+//! Event counters and histograms live in [`METRICS`] and are bumped where things
+//! happen; gauges that describe the present (sessions, open streams, bytes per
+//! cluster) are read from the session registry at scrape time, so they can
+//! never drift from the truth.
+
+use std::fmt::Write as _;
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::registry::{ClusterStore, Registry};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    pub cluster: String,
+    /// `serving` (the cluster port's certificate), `client` (the kubeconfig's), `ca`.
+    pub kind: String,
+}
+
+/// The proxy's event metrics.
+pub struct Metrics {
+    registry: prometheus_client::registry::Registry,
+    /// Agent sessions admitted, per cluster.
+    pub connects: Family<ClusterLabel, Counter>,
+    /// Agents refused (wrong token or unknown cluster). No cluster label: the
+    /// name comes from whoever knocks.
+    pub auth_failures: Counter,
+    /// Time to response headers of requests on the clusters' ports.
+    pub request_seconds: Family<ClusterLabel, Histogram>,
+    /// Expiry of certificates, as Unix seconds.
+    pub cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tower");
+    let connects = Family::<ClusterLabel, Counter>::default();
+    registry.register(
+        "agent_connects",
+        "Agent sessions admitted",
+        connects.clone(),
+    );
+    let auth_failures = Counter::default();
+    registry.register(
+        "agent_auth_failures",
+        "Agents refused for a wrong name or token",
+        auth_failures.clone(),
+    );
+    let request_seconds = Family::<ClusterLabel, Histogram>::new_with_constructor(|| {
+        Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    });
+    registry.register(
+        "request_duration_seconds",
+        "Time to response headers of requests through a cluster's port",
+        request_seconds.clone(),
+    );
+    let cert_expiry = Family::<CertLabel, Gauge<f64, AtomicU64>>::default();
+    registry.register(
+        "certificate_expiry_timestamp_seconds",
+        "When a certificate the proxy issued or uses expires",
+        cert_expiry.clone(),
+    );
+    Metrics {
+        registry,
+        connects,
+        auth_failures,
+        request_seconds,
+        cert_expiry,
+    }
+});
+
+impl Metrics {
+    pub fn cluster(cluster: &str) -> ClusterLabel {
+        ClusterLabel {
+            cluster: cluster.to_string(),
+        }
+    }
+
+    pub fn observe_request(&self, cluster: &str, elapsed: Duration) {
+        self.request_seconds
+            .get_or_create(&Self::cluster(cluster))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_cert_expiry(&self, cluster: &str, kind: &str, not_after: SystemTime) {
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.cert_expiry
+            .get_or_create(&CertLabel {
+                cluster: cluster.to_string(),
+                kind: kind.to_string(),
+            })
+            .set(secs);
+    }
+}
+
+/// Everything, in the OpenMetrics text format.
+pub fn render<S: ClusterStore>(registry: &Registry<S>) -> String {
+    let mut out = String::new();
+    let stats = registry.stats();
+    let _ = writeln!(
+        out,
+        "# HELP tower_agent_sessions Live agent sessions per cluster."
+    );
+    let _ = writeln!(out, "# TYPE tower_agent_sessions gauge");
+    for s in &stats {
+        let _ = writeln!(
+            out,
+            "tower_agent_sessions{{cluster=\"{}\"}} {}",
+            s.cluster, s.sessions
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tower_streams_open Streams open through the tunnel per cluster."
+    );
+    let _ = writeln!(out, "# TYPE tower_streams_open gauge");
+    for s in &stats {
+        let _ = writeln!(
+            out,
+            "tower_streams_open{{cluster=\"{}\"}} {}",
+            s.cluster, s.streams
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tower_tunnel_bytes Bytes through the tunnel per cluster and direction."
+    );
+    let _ = writeln!(out, "# TYPE tower_tunnel_bytes counter");
+    for s in &stats {
+        let _ = writeln!(
+            out,
+            "tower_tunnel_bytes_total{{cluster=\"{}\",direction=\"from_agent\"}} {}",
+            s.cluster, s.received
+        );
+        let _ = writeln!(
+            out,
+            "tower_tunnel_bytes_total{{cluster=\"{}\",direction=\"to_agent\"}} {}",
+            s.cluster, s.sent
+        );
+    }
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    out
+}
