@@ -98,6 +98,7 @@ pub struct Context<P: Ports> {
     ports: Arc<P>,
     options: Options,
     recorder: Recorder,
+    names: Names,
     /// Ports handed out per cluster, maybe not yet visible in the store.
     reserved: Mutex<HashMap<String, (u16, u16)>>,
 }
@@ -122,11 +123,16 @@ pub enum Error {
 /// success.
 pub struct CrStore {
     store: Store<Cluster>,
+    /// The serving certificate names reconcile last computed per cluster (it
+    /// knows the ClusterIP and LB address), so connecting agents get them too.
+    names: Names,
     recorder: Recorder,
     trigger: mpsc::UnboundedSender<ObjectRef<Cluster>>,
     open: OpenPorts,
     options: Options,
 }
+
+type Names = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 /// [`Ports::open`], type-erased: the listeners hold a `Registry<CrStore>`, so
 /// `CrStore` cannot name their type.
@@ -159,7 +165,13 @@ impl ClusterStore for CrStore {
             u16::try_from(conn.kubesphere_api_server_port),
         ) {
             (Ok(kube), Ok(ks)) if kube != 0 && ks != 0 => {
-                let sans = sans(cluster, &self.options, &[]);
+                let cached = self
+                    .names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(cluster)
+                    .cloned();
+                let sans = cached.unwrap_or_else(|| sans(cluster, &self.options, &[]));
                 (self.open)(cluster.to_string(), kube, ks, sans).await
             }
             _ => Err("the cluster's ports are not assigned yet, retry shortly".into()),
@@ -690,16 +702,16 @@ pub async fn reconcile<P: Ports>(
         .chain(lb.iter())
         .map(String::as_str)
         .collect();
+    let names = sans(&name, &ctx.options, &addresses);
+    ctx.names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), names.clone());
     if live > 0 && !kube_ep.is_empty() {
         // The listener's certificate must also cover addresses learnt since it
         // opened: the ClusterIP, the load balancer's IP or hostname.
         ctx.ports
-            .open(
-                &name,
-                kube_port,
-                ks_port,
-                &sans(&name, &ctx.options, &addresses),
-            )
+            .open(&name, kube_port, ks_port, &names)
             .await
             .map_err(Error::Cert)?;
         if let Some(kubeconfig) = ctx.kubeconfig(&cluster, &kube_ep)? {
@@ -908,7 +920,9 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
         },
     );
     let open_ports = ports.clone();
+    let names = Names::default();
     let cr_store = CrStore {
+        names: names.clone(),
         recorder: recorder.clone(),
         store: store.clone(),
         trigger,
@@ -921,6 +935,7 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
     let registry = Registry::new(cr_store);
     let ctx_store = store.clone();
     let ctx = Arc::new(Context {
+        names,
         recorder: recorder.clone(),
         client,
         store,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use russh::client::{Handle, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 
 use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, PING_REQUEST, parse_target};
 
@@ -91,6 +92,15 @@ struct Handler<D: Dialer> {
     allowed: Arc<Vec<String>>,
     pin: Option<String>,
     seen_key: Arc<Mutex<Option<String>>>,
+    /// Signalled when the SSH session ends (the session task drops its handler).
+    ended: Arc<Notify>,
+}
+
+impl<D: Dialer> Drop for Handler<D> {
+    fn drop(&mut self) {
+        // notify_one keeps the signal for a waiter that comes later.
+        self.ended.notify_one();
+    }
 }
 
 impl<D: Dialer> russh::client::Handler for Handler<D> {
@@ -182,7 +192,9 @@ where
     D: Dialer,
 {
     let seen_key = Arc::new(Mutex::new(None));
+    let ended = Arc::new(Notify::new());
     let handler = Handler {
+        ended: ended.clone(),
         dialer,
         allowed: Arc::new(options.allowed_targets.clone()),
         pin: options.host_key_fingerprint.clone(),
@@ -207,7 +219,7 @@ where
         Ok(Ok(handle)) => handle,
     };
     on_connected();
-    keepalive(handle, options.keepalive).await
+    keepalive(handle, options.keepalive, &ended).await
 }
 
 async fn handshake<S, D>(
@@ -243,16 +255,25 @@ where
     }
 }
 
-/// Ping every `period`; a ping unanswered within a period is a miss.
-async fn keepalive<D: Dialer>(handle: Handle<Handler<D>>, period: Duration) -> ClientError {
+/// Ping every `period`; a ping unanswered within a period is a miss. Returns
+/// as soon as the session ends, not at the next ping.
+async fn keepalive<D: Dialer>(
+    handle: Handle<Handler<D>>,
+    period: Duration,
+    ended: &Notify,
+) -> ClientError {
+    let closed = || ClientError::Closed("the proxy closed the connection".into());
     let mut missed = 0;
     loop {
         let started = tokio::time::Instant::now();
-        match tokio::time::timeout(period, handle.global_request(PING_REQUEST, &[])).await {
+        let ping = tokio::time::timeout(period, handle.global_request(PING_REQUEST, &[]));
+        let answer = tokio::select! {
+            () = ended.notified() => return closed(),
+            answer = ping => answer,
+        };
+        match answer {
             Ok(Ok(_)) => missed = 0,
-            Ok(Err(russh::Error::SendError | russh::Error::Disconnect)) => {
-                return ClientError::Closed("the proxy closed the connection".into());
-            }
+            Ok(Err(russh::Error::SendError | russh::Error::Disconnect)) => return closed(),
             Ok(Err(e)) => return ClientError::Closed(e.to_string()),
             Err(_) => {
                 missed += 1;
@@ -266,9 +287,9 @@ async fn keepalive<D: Dialer>(handle: Handle<Handler<D>>, period: Duration) -> C
                 continue;
             }
         }
-        if handle.is_closed() {
-            return ClientError::Closed("session ended".into());
+        tokio::select! {
+            () = ended.notified() => return closed(),
+            () = tokio::time::sleep_until(started + period) => {}
         }
-        tokio::time::sleep_until(started + period).await;
     }
 }
