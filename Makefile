@@ -12,7 +12,8 @@ all: build
 build:
 	$(CARGO) build --release --bin proxy --bin agent
 	@mkdir -p $(BIN)
-	cp target/release/proxy target/release/agent $(BIN)/
+	@# copy, then rename: running binaries (tests, the demo) are replaced, not overwritten
+	for b in proxy agent; do cp target/release/$$b $(BIN)/.$$b.new && mv -f $(BIN)/.$$b.new $(BIN)/$$b; done
 
 harness: $(BIN)/kube-harness
 $(BIN)/kube-harness: $(shell find tests/kube-harness -name '*.go' -o -name go.mod -o -name go.sum 2>/dev/null)
@@ -37,6 +38,22 @@ demo: build harness
 
 demo-down:
 	./hack/demo-down.sh
+
+# `make bench`: the benchmark suite (bench/), in release, against the same
+# binaries as the tests plus Chisel, built from bench/chisel/go.mod into a
+# bench-local GOBIN. BENCH_QUICK=1 for a fast pass; BENCH_ONLY=bulk,small,...
+# to pick scenarios. Results: target/bench/results.md and results.json.
+BENCH_GOBIN := $(CURDIR)/target/bench/gobin
+CHISEL_VERSION := $(shell awk '$$1 == "require" && $$2 == "github.com/jpillora/chisel" { print $$3 }' bench/chisel/go.mod)
+
+bench: build harness go-peers $(BENCH_GOBIN)/chisel
+	$(CARGO) build --release -p bench
+	./target/release/bench
+
+$(BENCH_GOBIN)/chisel: bench/chisel/go.mod bench/chisel/go.sum
+	@mkdir -p $(BENCH_GOBIN)
+	cd bench/chisel && GOBIN=$(BENCH_GOBIN) $(GO) install -trimpath \
+	  -ldflags '-X github.com/jpillora/chisel/share.BuildVersion=$(CHISEL_VERSION)' github.com/jpillora/chisel
 
 certs: certs/ca.crt
 certs/ca.crt:
