@@ -14,6 +14,7 @@ pub fn decode_pkcs5(
     use aes::cipher::{block_padding::Pkcs7, BlockModeDecrypt, KeyIvInit};
 
     if let Some(pass) = password {
+        #[allow(unused_variables)] // unused without the des feature (PATCHES.md)
         let sec = match enc {
             Encryption::Aes128Cbc(ref iv) => {
                 let mut c = md5::Context::new();
