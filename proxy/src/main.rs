@@ -308,7 +308,12 @@ async fn serve_agents<S: registry::ClusterStore>(
         .with_context(|| format!("cannot listen on {addr} (--host, --port)"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening for agents");
     agents::run(listener, endpoint, shutdown_signal()).await;
-    tracing::info!("shutting down");
+    // Agents hear why and reconnect at once (to another replica, if any)
+    // instead of waiting for their keepalive to notice a dead socket.
+    tracing::info!("shutting down: closing agent sessions");
+    registry
+        .close_all("the proxy is shutting down, reconnect")
+        .await;
     Ok(())
 }
 

@@ -235,6 +235,13 @@ impl<S: ClusterStore> Registry<S> {
         stale.len()
     }
 
+    /// Close every session, telling agents why (they reconnect, e.g. to another replica).
+    pub async fn close_all(&self, reason: &str) {
+        for cluster in self.clusters() {
+            self.revoke(&cluster, None, reason).await;
+        }
+    }
+
     /// The least busy live session of `cluster`.
     pub fn pick(&self, cluster: &str) -> Option<Session> {
         self.lock()
