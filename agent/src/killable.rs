@@ -75,7 +75,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Killable<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        // A killed tunnel is closed by dropping it; a polite close frame into a
+        // full socket would wait forever.
+        if this.check(cx).is_err() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

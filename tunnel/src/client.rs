@@ -232,6 +232,7 @@ where
     D: Dialer,
 {
     let config = Arc::new(crate::ssh::client_config());
+    let stream = crate::write_behind::WriteBehind::new(stream);
     let mut handle = russh::client::connect_stream(config, stream, handler)
         .await
         .map_err(ClientError::Handshake)?;

@@ -23,6 +23,7 @@ pub mod copy;
 pub mod server;
 pub mod ssh;
 pub mod wire;
+pub mod write_behind;
 pub mod ws;
 
 pub use wire::AgentConfig;

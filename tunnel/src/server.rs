@@ -349,6 +349,7 @@ where
         outcome: Some(tx),
     };
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
+    let stream = crate::write_behind::WriteBehind::new(stream);
     let running =
         match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler))
             .await

@@ -19,6 +19,15 @@ pub struct ChannelRef {
     pub(super) feedback: Arc<WindowFeedback>,
 }
 
+/// Patched (PATCHES.md): when the session ends it drops its channel refs; wake
+/// writers waiting for window space so they see the session is gone instead
+/// of waiting forever.
+impl Drop for ChannelRef {
+    fn drop(&mut self) {
+        self.window_size.notifier.notify_waiters();
+    }
+}
+
 impl ChannelRef {
     /// A new channel queue: the session's end and the application's read half.
     pub fn pair() -> (Self, ChannelReadHalf) {

@@ -166,6 +166,10 @@ where
                 "cannot send empty buffer",
             )));
         }
+        // Patched (PATCHES.md): the session is gone; don't wait for window space.
+        if self.send_fut.is_none() && self.sender.is_closed() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         let send_fut = if let Some(x) = self.send_fut.as_mut() {
             x
         } else {

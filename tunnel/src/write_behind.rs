@@ -1,0 +1,188 @@
+//! Writes that never block the SSH session loop.
+//!
+//! russh's session loop writes and then waits for the write to finish before it
+//! reads again. When both ends of a busy tunnel do that at the same moment with
+//! full socket buffers, nobody reads and the tunnel deadlocks for good (seen with
+//! 100 busy channels). [`WriteBehind`] hands writes to a writer task instead, so
+//! the loop always goes back to reading. What can pile up is bounded by the SSH
+//! windows the peer granted (each channel's unacknowledged data), not by this
+//! queue: the peer grants more only as its readers consume what we delivered.
+//!
+//! The writer also coalesces queued writes into larger websocket messages. When
+//! the wrapper is dropped, the writer stops at once, even mid-write into a full
+//! socket, so a dead tunnel's connection is closed instead of held open.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Largest write the writer task sends in one go (one websocket message).
+const MAX_BATCH: usize = 256 * 1024;
+/// How long a clean shutdown may take before the connection is just dropped.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A stream whose writes are queued to a writer task; see the module docs.
+pub struct WriteBehind<S> {
+    read: ReadHalf<S>,
+    queue: Option<mpsc::UnboundedSender<Bytes>>,
+    failed: Arc<Mutex<Option<io::ErrorKind>>>,
+    _stop_writer: DropGuard,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
+    pub fn new(stream: S) -> Self {
+        let (read, write) = tokio::io::split(stream);
+        let (queue, rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(Mutex::new(None));
+        let stop = CancellationToken::new();
+        tokio::spawn(writer(write, rx, failed.clone(), stop.clone()));
+        Self {
+            read,
+            queue: Some(queue),
+            failed,
+            _stop_writer: stop.drop_guard(),
+        }
+    }
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    failed: Arc<Mutex<Option<io::ErrorKind>>>,
+    stop: CancellationToken,
+) {
+    let mut batch = BytesMut::new();
+    let result: io::Result<()> = async {
+        loop {
+            let first = tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                next = rx.recv() => next,
+            };
+            let Some(first) = first else {
+                // The session shut its side down: say goodbye, briefly.
+                let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
+                return Ok(());
+            };
+            let data = if rx.is_empty() {
+                first
+            } else {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                batch.split().freeze()
+            };
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                written = async {
+                    write.write_all(&data).await?;
+                    write.flush().await
+                } => written?,
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result
+        && let Ok(mut failed) = failed.lock()
+    {
+        *failed = Some(e.kind());
+    }
+}
+
+impl<S> WriteBehind<S> {
+    fn check(&self) -> io::Result<()> {
+        match self.failed.lock().ok().and_then(|f| *f) {
+            Some(kind) => Err(io::Error::new(kind, "the tunnel's connection failed")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for WriteBehind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<S> AsyncWrite for WriteBehind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        match &self.queue {
+            Some(queue) if queue.send(Bytes::copy_from_slice(buf)).is_ok() => {
+                Poll::Ready(Ok(buf.len()))
+            }
+            _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The writer task flushes after every batch.
+        Poll::Ready(self.check())
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Closing the queue makes the writer shut the connection down after
+        // what is already queued.
+        self.queue = None;
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, duplex};
+
+    #[tokio::test]
+    async fn writes_do_not_wait_for_the_reader() {
+        let (a, mut b) = duplex(1024);
+        let mut w = WriteBehind::new(a);
+        // Far more than the pipe holds, and nobody reads yet: must not block.
+        for _ in 0..1000 {
+            w.write_all(&[7u8; 1024]).await.unwrap();
+        }
+        w.flush().await.unwrap();
+        let mut got = vec![0u8; 1000 * 1024];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&x| x == 7));
+        w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_it_releases_the_connection_even_when_stuck() {
+        let (a, mut b) = duplex(16);
+        let mut w = WriteBehind::new(a);
+        w.write_all(&[1u8; 4096]).await.unwrap();
+        drop(w);
+        // The writer gives up its half at once, the reader half went with `w`:
+        // the peer sees the end after what fit into the pipe.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), b.read_to_end(&mut got))
+            .await
+            .expect("the connection was held open after drop")
+            .unwrap();
+        assert!(got.len() <= 4096);
+    }
+}
