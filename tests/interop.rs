@@ -236,6 +236,10 @@ async fn go_agent_with_a_wrong_token_is_told_why() -> Result<()> {
     let mut agent = Proc::spawn("go-agent", cmd)?;
     let status = agent.wait(SOON).await?;
     ensure!(status.code() == Some(1), "go-agent exited with {status}");
+    // The exit may be seen before the reader thread has the last lines.
+    agent
+        .wait_for_line(|l| l.starts_with("config rejected"), SOON)
+        .await?;
     let stderr = agent.stream_lines(Stream::Stderr);
     ensure!(
         stderr
@@ -373,6 +377,9 @@ async fn go_agent_with_towers_2020_libraries_joins_our_proxy() -> Result<()> {
     let mut rejected = Proc::spawn("go-agent-2020-wrong-token", cmd)?;
     let status = rejected.wait(SOON).await?;
     ensure!(status.code() == Some(1), "exited with {status}");
+    rejected
+        .wait_for_line(|l| l.starts_with("config rejected"), SOON)
+        .await?;
     ensure!(
         rejected
             .stream_lines(Stream::Stderr)

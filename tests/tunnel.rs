@@ -14,6 +14,10 @@
 //!   proxy by itself and refuses one whose host key is not the pinned one;
 //! - with two agents for one cluster, losing one mid-transfer leaves the
 //!   cluster reachable through the other;
+//! - when a tunnel dies, the streams through it end on both sides: the proxy
+//!   closes the forwarded connections, the agent its target connections, also
+//!   when they were waiting for SSH window space; an agent that gives up on
+//!   a tunnel (its pings unanswered) closes that connection for sure;
 //! - the agent reaches the proxy through an HTTP CONNECT proxy.
 //!
 //! Deadlines below are generous upper bounds for "eventually" on a slow CI
@@ -44,7 +48,7 @@ const TOKEN: &str = "e2e-4f7c1a9b3d5e8f20a6c4b2d1e9f8a7b6";
 /// Upper bound for anything that takes seconds on an idle machine.
 const SOON: Duration = Duration::from_secs(60);
 /// Upper bound for the big transfers.
-const BULK: Duration = Duration::from_secs(900);
+const BULK: Duration = Duration::from_secs(300);
 
 // ---------------------------------------------------------------------------
 // Processes
@@ -111,7 +115,9 @@ fn clean_env(cmd: &mut Command) {
         "AGENT_SERVICEACCOUNT_DIR",
         "/nonexistent/e2e-no-service-account",
     );
-    cmd.env("RUST_LOG", "info,russh=warn");
+    // E2E_RUST_LOG: more detail from the processes under test when debugging.
+    let level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info,russh=warn".into());
+    cmd.env("RUST_LOG", level);
 }
 
 /// A running `bin/proxy` with cluster `alpha` and a `--forward` port for it.
@@ -216,6 +222,44 @@ impl Proxy {
         }
         Ok(fds)
     }
+}
+
+/// The TCP connections (IPv4) of process `pid`, as (local, remote), from
+/// /proc: which sockets a process still holds.
+fn tcp_connections(pid: u32) -> Result<Vec<(SocketAddr, SocketAddr)>> {
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue;
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_string());
+        }
+    }
+    // "0100007F:1F90" is 127.0.0.1:8080: the address as a host-order u32.
+    let parse = |hex: &str| -> Option<SocketAddr> {
+        let (ip, port) = hex.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?.to_le_bytes();
+        Some(SocketAddr::from((ip, u16::from_str_radix(port, 16).ok()?)))
+    };
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))?;
+    let mut conns = Vec::new();
+    for line in table.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st ... inode (10th column); 0A is LISTEN.
+        if cols.len() > 9
+            && cols[3] != "0A"
+            && inodes.contains(cols[9])
+            && let (Some(local), Some(remote)) = (parse(cols[1]), parse(cols[2]))
+        {
+            conns.push((local, remote));
+        }
+    }
+    Ok(conns)
 }
 
 /// `bin/agent` for cluster `name` with `token`, serving `target` as both its
@@ -757,9 +801,7 @@ async fn agent_follows_a_restarted_proxy_and_refuses_another_host_key() -> Resul
         .await
         .context("the agent keeps going with a proxy whose host key is not pinned")?;
     ensure!(status.code() == Some(1), "agent exited with {status}");
-    let line = agent
-        .wait_for_line(|l| l.contains("pins"), Duration::from_secs(5))
-        .await?;
+    let line = agent.wait_for_line(|l| l.contains("pins"), SOON).await?;
     ensure!(
         line.contains(&pinned) && line.contains(&other.fingerprint),
         "the refusal does not name both fingerprints: {line}"
@@ -820,24 +862,10 @@ async fn two_agents_for_one_cluster_survive_losing_one() -> Result<()> {
     );
     let (victim, survivor) = (carriers[0], 1 - carriers[0]);
 
-    // Kill the agent carrying it: the transfer fails, both ways: the proxy
-    // closes the forwarded connection rather than leave it hanging.
+    // Kill the agent carrying it...
     agents[victim].signal(Signal::SIGKILL)?;
     agents[victim].wait(SOON).await?;
-    let read_end = tokio::time::timeout(SOON, reader)
-        .await
-        .context("reads through the killed agent hang")?
-        .context("reader task")?;
-    eprintln!(
-        "reading through the killed agent ended after {} MiB: {read_end:?}",
-        progress.load(Ordering::Relaxed) >> 20
-    );
-    let write_end = tokio::time::timeout(SOON, writer).await.context(
-        "the proxy half-closed the forwarded connection of the dead session but never \
-         closed it: writes to it hang (the proxy stopped reading it; its socket stays in \
-         FIN-WAIT-2)",
-    )?;
-    eprintln!("writing through the killed agent ended: {write_end:?}");
+    let killed = tokio::time::Instant::now();
     proxy
         .proc
         .wait_for_line(
@@ -847,7 +875,7 @@ async fn two_agents_for_one_cluster_survive_losing_one() -> Result<()> {
         .await?;
     proxy.wait_sessions(1).await?;
 
-    // ...and new channels go through the other one, one after another and at once.
+    // ...new channels go through the other one, one after another and at once...
     let before = echoes[survivor].connections();
     for i in 0..10 {
         round_trip(proxy.forward)
@@ -867,6 +895,26 @@ async fn two_agents_for_one_cluster_survive_losing_one() -> Result<()> {
         "the surviving agent carried {} of 20 channels",
         echoes[survivor].connections() - before
     );
+
+    // ...and the transfer through the dead one failed both ways: the proxy
+    // closed the forwarded connection rather than leave it hanging.
+    let read_end = tokio::time::timeout_at(killed + SOON, reader)
+        .await
+        .context("reads through the killed agent hang")?
+        .context("reader task")?;
+    eprintln!(
+        "reading through the killed agent ended after {} MiB: {read_end:?}",
+        progress.load(Ordering::Relaxed) >> 20
+    );
+    let write_end = tokio::time::timeout_at(killed + SOON, writer)
+        .await
+        .context(
+            "the proxy half-closed the forwarded connection of the dead session but never \
+             closed it: writes to it hang (the proxy stopped reading it; its socket stays in \
+             FIN-WAIT-2)",
+        )?
+        .context("writer task")?;
+    eprintln!("writing through the killed agent ended: {write_end}");
     ensure!(count(&agents[survivor], |l| l.contains("tunnel lost")) == 0);
     eprintln!(
         "two_agents_for_one_cluster_survive_losing_one took {:?}",
@@ -891,22 +939,20 @@ struct Talker {
 impl Talker {
     async fn start() -> Result<Talker> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let talker = Talker {
-            addr: listener.local_addr()?,
-            accepted: Arc::default(),
-            written: Arc::default(),
-            last_write: Arc::new(Mutex::new(Instant::now())),
-            ended: Arc::default(),
-            _tasks: JoinSet::new(),
-        };
-        let (accepted, written, last_write, ended) = (
-            talker.accepted.clone(),
-            talker.written.clone(),
-            talker.last_write.clone(),
-            talker.ended.clone(),
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let last_write = Arc::new(Mutex::new(Instant::now()));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let mut tasks = JoinSet::new();
+        let counters = (
+            accepted.clone(),
+            written.clone(),
+            last_write.clone(),
+            ended.clone(),
         );
-        let mut talker = talker;
-        talker._tasks.spawn(async move {
+        tasks.spawn(async move {
+            let (accepted, written, last_write, ended) = counters;
             let mut conns = JoinSet::new();
             loop {
                 tokio::select! {
@@ -930,7 +976,14 @@ impl Talker {
                 }
             }
         });
-        Ok(talker)
+        Ok(Talker {
+            addr,
+            accepted,
+            written,
+            last_write,
+            ended,
+            _tasks: tasks,
+        })
     }
 
     /// True when no write completed for a second: every buffer between the
@@ -982,6 +1035,79 @@ async fn agent_lets_go_of_its_targets_when_the_proxy_dies() -> Result<()> {
         )?;
     eprintln!(
         "agent_lets_go_of_its_targets_when_the_proxy_dies took {:?}",
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+/// The proxy stops reading (frozen) while the agent has plenty to send: the
+/// agent's pings go unanswered, it gives up on the tunnel, and it must then
+/// close that connection for sure, even though nothing can be written to it
+/// any more (a websocket close frame cannot go out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_closes_a_tunnel_it_gave_up_on() -> Result<()> {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let talker = Talker::start().await?;
+    let mut proxy = Proxy::start("proxy", dir.path(), 0).await?;
+    let agent = start_agent("agent", agent_cmd(CLUSTER, TOKEN, &proxy, talker.addr)).await?;
+    let proxy_addr = proxy.addr();
+    let to_proxy = |pid| -> Result<Vec<SocketAddr>> {
+        Ok(tcp_connections(pid)?
+            .into_iter()
+            .filter(|(_, remote)| *remote == proxy_addr)
+            .map(|(local, _)| local)
+            .collect())
+    };
+    let tunnel = to_proxy(agent.pid())?;
+    ensure!(
+        tunnel.len() == 1,
+        "agent connections to the proxy: {tunnel:?}"
+    );
+    let tunnel = tunnel[0];
+
+    // 64 channels, each the talker's endless output, read as fast as we can:
+    // 64 windows of 2 MiB are more than the socket buffers can hold.
+    let mut readers = JoinSet::new();
+    for _ in 0..64 {
+        let mut tcp = TcpStream::connect(proxy.forward).await?;
+        readers.spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+    }
+    wait_until(SOON, || async {
+        talker.accepted.load(Ordering::SeqCst) == 64
+            && talker.written.load(Ordering::SeqCst) >= 256 << 20
+    })
+    .await
+    .context("the talker's output does not flow through the tunnel")?;
+
+    // Frozen mid-flow: the agent fills the connection and hears nothing back.
+    proxy.proc.signal(Signal::SIGSTOP)?;
+    let result = async {
+        wait_count(&agent, 1, "tunnel lost", SOON, |l| {
+            l.contains("tunnel lost")
+        })
+        .await?;
+        wait_until(SOON, || async {
+            to_proxy(agent.pid()).is_ok_and(|c| !c.contains(&tunnel))
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "the agent gave up on its tunnel ({tunnel} -> {}) but keeps the connection \
+                 open; agent connections to the proxy now: {:?}",
+                proxy_addr,
+                to_proxy(agent.pid())
+            )
+        })
+    }
+    .await;
+    proxy.proc.signal(Signal::SIGCONT)?;
+    result?;
+    eprintln!(
+        "agent_closes_a_tunnel_it_gave_up_on took {:?}",
         t0.elapsed()
     );
     Ok(())

@@ -13,6 +13,8 @@
 //! | wait for a condition               | [`wait_until`], [`wait_for_ok`]            |
 //! | a local TCP target for the tunnel  | [`EchoServer::start`], [`free_port`]       |
 //! | checked bytes through the tunnel   | [`echo_transfer`] (GiBs, every byte verified) |
+//! | pods to exec/port-forward/log into | [`KubeCluster::start_with_args`]`(n, &["--kubelet"])`, [`KubeCluster::run_pod`] |
+//! | host + member + proxy + agent, config_alpha | [`Tower::start`], [`Tower::kubectl`] |
 //!
 //! ## Writing a test
 //!
@@ -75,17 +77,21 @@
 //!   kubectl binary.
 
 mod cluster;
+mod kubelet;
 mod net;
 mod paths;
 mod proc;
 mod stream;
+mod tower;
 mod wait;
 
 pub use cluster::{KubeCluster, STOP_GRACE};
+pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use net::{EchoServer, free_addr, free_port};
 pub use paths::{bin, kubectl_binary, workspace_root};
 pub use proc::{Proc, Stream};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};
+pub use tower::{CLUSTER, Tower, TowerOptions};
 pub use wait::{wait_for_ok, wait_until};
 
 // Re-exported so tests use the exact versions the testkit was built with.
