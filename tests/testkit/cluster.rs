@@ -78,14 +78,26 @@ impl KubeCluster {
             .prefix(&format!("kube-{name}-"))
             .tempdir()
             .context("creating the cluster's temp dir")?;
-        Self::start_dir(name, DataDir::Temp(dir)).await
+        Self::start_dir(name, DataDir::Temp(dir), &[]).await
+    }
+
+    /// Like [`KubeCluster::start`], with extra `kube-harness` flags, e.g.
+    /// `&["--kubelet"]` for the kubelet stand-in (Node [`crate::HARNESS_NODE`]
+    /// whose pods can be exec'd into, attached to, port-forwarded and
+    /// logged; see [`KubeCluster::run_pod`]).
+    pub async fn start_with_args(name: &str, args: &[&str]) -> Result<KubeCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kube-{name}-"))
+            .tempdir()
+            .context("creating the cluster's temp dir")?;
+        Self::start_dir(name, DataDir::Temp(dir), args).await
     }
 
     /// Starts a cluster on `dir` (created if missing, kept on drop): a second
     /// start on the same directory reuses the data of the first.
     pub async fn start_in(name: &str, dir: &Path) -> Result<KubeCluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Self::start_dir(name, DataDir::Kept(dir.to_path_buf())).await
+        Self::start_dir(name, DataDir::Kept(dir.to_path_buf()), &[]).await
     }
 
     /// Starts several clusters in parallel; returns them in the order of
@@ -107,9 +119,9 @@ impl KubeCluster {
         Ok(slots.into_iter().flatten().collect())
     }
 
-    async fn start_dir(name: &str, dir: DataDir) -> Result<KubeCluster> {
+    async fn start_dir(name: &str, dir: DataDir, args: &[&str]) -> Result<KubeCluster> {
         let mut cmd = Command::new(bin("kube-harness"));
-        cmd.arg("--dir").arg(dir.path());
+        cmd.arg("--dir").arg(dir.path()).args(args);
         let mut proc = Proc::spawn(name, cmd)?;
         proc.set_drop_grace(STOP_GRACE);
         let line = match proc

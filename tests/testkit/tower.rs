@@ -1,0 +1,446 @@
+//! [`Tower`]: the whole seed flow in one call, for tests that need kubectl
+//! reaching a member cluster through the tunnel.
+//!
+//! It does what `hack/demo.sh` and a user do: a host and a member cluster
+//! (real kube-apiservers; the member with the kubelet stand-in), the Cluster
+//! CRD and `kubesphere-system` on the host, `bin/proxy` watching Clusters
+//! through the host's kubeconfig, Cluster `alpha`, `bin/agent` with alpha's
+//! token and the member's kubeconfig, and finally `config_alpha`: the
+//! kubeconfig the proxy published in `spec.connection.kubeconfig`, which
+//! points at alpha's per-cluster HTTPS listener.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let tower = e2e::Tower::start().await?;
+//! tower.member().run_pod("default", "box").await?;
+//! // the real kubectl, through the tunnel
+//! let out = tower.kubectl_ok(&["exec", "box", "--", "echo", "hi"]).await?;
+//! assert_eq!(out, "hi\n");
+//! # Ok(()) }
+//! ```
+//!
+//! Dropping it stops the agent, then the proxy, then the clusters.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::serde_json::{self, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::cluster::KubeCluster;
+use crate::net::free_port;
+use crate::paths::{bin, kubectl_binary, workspace_root};
+use crate::proc::Proc;
+use crate::wait::wait_for_ok;
+
+/// The Cluster [`Tower::start`] creates.
+pub const CLUSTER: &str = "alpha";
+const CRD: &str = "crd/clusters.cluster.kubesphere.io";
+const NS: &str = "kubesphere-system";
+const SETTLE: Duration = Duration::from_secs(120);
+
+/// What [`Tower::start_with`] sets up.
+#[derive(Clone, Debug)]
+pub struct TowerOptions {
+    /// Run the member with `--kubelet` (default true).
+    pub kubelet: bool,
+    /// `--keepalive` of the proxy and the agent (default: theirs, 30s).
+    pub keepalive: Option<String>,
+}
+
+impl Default for TowerOptions {
+    fn default() -> Self {
+        Self {
+            kubelet: true,
+            keepalive: None,
+        }
+    }
+}
+
+/// Host + member + proxy + agent + Cluster alpha, and alpha's kubeconfig.
+pub struct Tower {
+    // Fields drop in declaration order: the agent and the proxy stop before
+    // the clusters they talk to, the directory goes last.
+    agent: Proc,
+    proxy: Proc,
+    member: KubeCluster,
+    host: KubeCluster,
+    config_alpha: PathBuf,
+    kube_port: u16,
+    proxy_port: u16,
+    fingerprint: String,
+    dir: tempfile::TempDir,
+}
+
+impl Tower {
+    /// Everything with the defaults (member with the kubelet stand-in).
+    pub async fn start() -> Result<Tower> {
+        Self::start_with(TowerOptions::default()).await
+    }
+
+    /// Everything, as `opts` says.
+    pub async fn start_with(opts: TowerOptions) -> Result<Tower> {
+        let t0 = Instant::now();
+        let member_args: &[&str] = if opts.kubelet { &["--kubelet"] } else { &[] };
+        let (host, member) = tokio::join!(
+            KubeCluster::start("host"),
+            KubeCluster::start_with_args("member", member_args)
+        );
+        let (host, member) = (host?, member?);
+        let dir = tempfile::Builder::new().prefix("tower-").tempdir()?;
+
+        // The CRD as in Tower's README: kubectl kustomize config/crd | kubectl create -f -
+        let crd = checked(
+            &["kustomize", "config/crd"],
+            run_kubectl(
+                None,
+                &[
+                    "kustomize",
+                    &workspace_root().join("config/crd").to_string_lossy(),
+                ],
+                None,
+                &[],
+            )
+            .await?,
+        )?;
+        let host_kc = host.kubeconfig().to_path_buf();
+        let k = |args: &'static [&'static str]| {
+            let host_kc = host_kc.clone();
+            async move { checked(args, run_kubectl(Some(&host_kc), args, None, &[]).await?) }
+        };
+        checked(
+            &["create", "-f", "-"],
+            run_kubectl(
+                Some(&host_kc),
+                &["create", "-f", "-"],
+                Some(crd.as_bytes()),
+                &[],
+            )
+            .await?,
+        )?;
+        k(&[
+            "wait",
+            "--for",
+            "condition=established",
+            CRD,
+            "--timeout=120s",
+        ])
+        .await?;
+        k(&["create", "ns", NS]).await?;
+
+        // The proxy, with one port range of its own (below the ephemeral
+        // range; it skips ports it cannot bind).
+        let proxy_port = free_port();
+        let first = pick_ports(20);
+        let mut cmd = Command::new(bin("proxy"));
+        cmd.args(["--host", "127.0.0.1", "--port"])
+            .arg(proxy_port.to_string())
+            .arg("--kubeconfig")
+            .arg(&host_kc)
+            .args(["--advertise-address", "127.0.0.1"])
+            .arg("--cluster-ports")
+            .arg(format!("{first}-{}", first + 19))
+            .arg("--data-dir")
+            .arg(dir.path().join("proxy-data"));
+        if let Some(k) = &opts.keepalive {
+            cmd.args(["--keepalive", k]);
+        }
+        let proxy = Proc::spawn("proxy", cmd)?;
+        let line = proxy
+            .wait_for_line(|l| l.contains("SSH host key"), SETTLE)
+            .await?;
+        let fingerprint = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("fingerprint="))
+            .with_context(|| format!("no fingerprint= in {line:?}"))?
+            .to_string();
+        proxy
+            .wait_for_line(|l| l.contains("listening for agents"), SETTLE)
+            .await?;
+
+        // Cluster alpha; the proxy gives it a token and ports.
+        let cluster = serde_json::json!({
+            "apiVersion": "cluster.kubesphere.io/v1alpha1",
+            "kind": "Cluster",
+            "metadata": {"name": CLUSTER},
+            "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
+        })
+        .to_string();
+        checked(
+            &["create", "-f", "-"],
+            run_kubectl(
+                Some(&host_kc),
+                &["create", "-f", "-"],
+                Some(cluster.as_bytes()),
+                &[],
+            )
+            .await?,
+        )?;
+        let get_cluster = || async {
+            let out = checked(
+                &["get", "cluster"],
+                run_kubectl(
+                    Some(&host_kc),
+                    &["get", "cluster", CLUSTER, "-o", "json"],
+                    None,
+                    &[],
+                )
+                .await?,
+            )?;
+            serde_json::from_str::<Value>(&out).context("parsing the Cluster")
+        };
+        let token = wait_for_ok(SETTLE, || async {
+            let c = get_cluster().await?;
+            let token = c["spec"]["connection"]["token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            ensure!(!token.is_empty(), "Cluster {CLUSTER} has no token yet");
+            Ok(token)
+        })
+        .await?;
+
+        // The agent, in the "member", with the member's admin kubeconfig.
+        let token_file = dir.path().join("alpha.token");
+        std::fs::write(&token_file, &token)?;
+        let mut cmd = Command::new(bin("agent"));
+        cmd.args(["--name", CLUSTER])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--proxy-server")
+            .arg(format!("http://127.0.0.1:{proxy_port}"))
+            .arg("--kubeconfig")
+            .arg(member.kubeconfig())
+            .args(["--kubesphere-service", "127.0.0.1:9"])
+            .args(["--max-retry-interval", "5s"])
+            .arg("--proxy-host-key-fingerprint")
+            .arg(&fingerprint);
+        if let Some(k) = &opts.keepalive {
+            cmd.args(["--keepalive", k]);
+        }
+        let agent = Proc::spawn("agent", cmd)?;
+        agent
+            .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
+            .await?;
+
+        // The published kubeconfig: config_alpha.
+        let (b64, kube_port) = wait_for_ok(SETTLE, || async {
+            let c = get_cluster().await?;
+            let available = c["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
+            ensure!(available, "AgentAvailable is not True yet");
+            let kc = c["spec"]["connection"]["kubeconfig"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            ensure!(!kc.is_empty(), "no kubeconfig published yet");
+            let port = c["spec"]["connection"]["kubernetesAPIServerPort"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .context("no kubernetesAPIServerPort")?;
+            Ok((kc, port))
+        })
+        .await
+        .context("Cluster alpha never got AgentAvailable=True and a kubeconfig")?;
+        let config_alpha = dir.path().join("config_alpha");
+        std::fs::write(&config_alpha, b64_decode(&b64)?)?;
+        let tower = Tower {
+            agent,
+            proxy,
+            member,
+            host,
+            config_alpha,
+            kube_port,
+            proxy_port,
+            fingerprint,
+            dir,
+        };
+        // Through the tunnel: the member's namespaces.
+        wait_for_ok(SETTLE, || async {
+            tower
+                .kubectl_ok(&["get", "ns", "kube-system", "-o", "name"])
+                .await
+        })
+        .await
+        .context("kubectl through config_alpha")?;
+        eprintln!(
+            "tower: host, member, proxy, agent and config_alpha ready in {:?}",
+            t0.elapsed()
+        );
+        Ok(tower)
+    }
+
+    /// The kubeconfig the proxy published for alpha (through the tunnel).
+    pub fn config_alpha(&self) -> &Path {
+        &self.config_alpha
+    }
+
+    /// The host cluster (Cluster resources, the proxy's Secret).
+    pub fn host(&self) -> &KubeCluster {
+        &self.host
+    }
+
+    /// The member cluster (direct access, not through the tunnel).
+    pub fn member(&self) -> &KubeCluster {
+        &self.member
+    }
+
+    pub fn proxy(&self) -> &Proc {
+        &self.proxy
+    }
+
+    pub fn agent(&self) -> &Proc {
+        &self.agent
+    }
+
+    /// Alpha's kube-apiserver port on the proxy (config_alpha's server port).
+    pub fn kube_port(&self) -> u16 {
+        self.kube_port
+    }
+
+    /// The proxy's port for agents (`/health`, `/metrics`).
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy_port
+    }
+
+    /// The proxy's SSH host key fingerprint (`SHA256:...`).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// A scratch directory removed with the `Tower`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The real kubectl with config_alpha; output whatever the exit status.
+    /// Async: the runtime keeps running while kubectl does.
+    pub async fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        run_kubectl(Some(&self.config_alpha), args, None, &[]).await
+    }
+
+    /// [`Tower::kubectl`] with stdin `input` and extra environment variables.
+    pub async fn kubectl_with(
+        &self,
+        args: &[&str],
+        input: Option<&[u8]>,
+        env: &[(&str, &str)],
+    ) -> Result<Output> {
+        run_kubectl(Some(&self.config_alpha), args, input, env).await
+    }
+
+    /// [`Tower::kubectl`] that must succeed; returns stdout.
+    pub async fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        checked(args, self.kubectl(args).await?)
+    }
+
+    /// A `tokio::process::Command` for kubectl with config_alpha, for tests
+    /// that drive kubectl's stdin/stdout themselves.
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = Command::new(kubectl_binary());
+        cmd.arg("--kubeconfig").arg(&self.config_alpha);
+        cmd.kill_on_drop(true);
+        cmd
+    }
+}
+
+impl std::fmt::Debug for Tower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tower")
+            .field("config_alpha", &self.config_alpha)
+            .field("kube_port", &self.kube_port)
+            .field("proxy_port", &self.proxy_port)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn run_kubectl(
+    kubeconfig: Option<&Path>,
+    args: &[&str],
+    input: Option<&[u8]>,
+    env: &[(&str, &str)],
+) -> Result<Output> {
+    let mut cmd = Command::new(kubectl_binary());
+    if let Some(kc) = kubeconfig {
+        cmd.arg("--kubeconfig").arg(kc);
+    }
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("spawning kubectl (set KUBECTL?)")?;
+    let writer = match (input, child.stdin.take()) {
+        (Some(input), Some(mut stdin)) => {
+            let input = input.to_vec();
+            Some(tokio::spawn(async move {
+                let _ = stdin.write_all(&input).await;
+            }))
+        }
+        _ => None,
+    };
+    let out = child
+        .wait_with_output()
+        .await
+        .context("waiting for kubectl")?;
+    if let Some(w) = writer {
+        let _ = w.await;
+    }
+    Ok(out)
+}
+
+fn checked(args: &[&str], out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A block of `width` ports in 20000..22000 (their +10000 in 30000..32000):
+/// below Linux's ephemeral range, random so parallel runs rarely meet.
+fn pick_ports(width: u16) -> u16 {
+    use std::hash::BuildHasher;
+    let r = std::collections::hash_map::RandomState::new()
+        .hash_one((std::process::id(), Instant::now()));
+    20000 + (r % u64::from(2000 - width)) as u16
+}
+
+/// Standard base64 (the kubeconfig in the Cluster), padding optional.
+fn b64_decode(text: &str) -> Result<Vec<u8>> {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+    {
+        let v = B64
+            .iter()
+            .position(|&x| x == c)
+            .with_context(|| format!("{:?} is not base64", c as char))?;
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
