@@ -76,6 +76,13 @@ func apiServerArgs(p *pki, port int, etcdURL string) []string {
 		"--service-account-signing-key-file=" + p.SAPrivateKey(),
 		"--service-cluster-ip-range=" + serviceCIDR,
 		"--allow-privileged=true",
+		// How the apiserver reaches kubelets (the --kubelet stand-in): the
+		// Node's InternalIP, a serving cert from the harness CA, and a
+		// client cert the stand-in accepts.
+		"--kubelet-certificate-authority=" + p.CACert(),
+		"--kubelet-client-certificate=" + p.KubeletClientCert(),
+		"--kubelet-client-key=" + p.KubeletClientKey(),
+		"--kubelet-preferred-address-types=InternalIP",
 		// The lease reconciler would try to publish 127.0.0.1 as the endpoint
 		// of the "kubernetes" service, which validation refuses (loopback).
 		"--endpoint-reconciler-type=none",

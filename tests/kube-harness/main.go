@@ -1,7 +1,7 @@
 // Command kube-harness runs a real kube-apiserver (k8s.io/kubernetes) with an
 // embedded etcd on loopback, for tests and demos.
 //
-//	kube-harness --dir DIR [--port N]
+//	kube-harness --dir DIR [--port N] [--kubelet]
 //
 // It prints exactly one line, "ready DIR/kubeconfig", on stdout once /readyz
 // answers ok, and stops (exit 0) on SIGTERM or SIGINT. See README.md.
@@ -60,11 +60,12 @@ func fail(err error) int {
 func main() { os.Exit(run()) }
 
 type options struct {
-	dir  string
-	port int
+	dir     string
+	port    int
+	kubelet bool
 }
 
-const usage = "usage: kube-harness --dir DIR [--port N]"
+const usage = "usage: kube-harness --dir DIR [--port N] [--kubelet]"
 
 func parseFlags(args []string) (options, error) {
 	var o options
@@ -72,6 +73,7 @@ func parseFlags(args []string) (options, error) {
 	fs.SetOutput(io.Discard) // run prints the error and the usage once
 	fs.StringVar(&o.dir, "dir", "", "state directory: PKI, etcd data, logs and the kubeconfig (required)")
 	fs.IntVar(&o.port, "port", 0, "apiserver port on 127.0.0.1; 0 reuses the port of the last run if free, else picks a free one")
+	fs.BoolVar(&o.kubelet, "kubelet", false, "also run a kubelet stand-in: Node "+nodeName+" whose pods' containers are local processes (exec, attach, port-forward, logs)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(realStderr, usage)
@@ -151,7 +153,14 @@ func run() int {
 		}
 		return fail(fmt.Errorf("etcd: %w (see %s)", err, filepath.Join(dir, "etcd.log")))
 	}
-	st = state{Port: port, EtcdClientPort: etcd.clientPort, EtcdPeerPort: etcd.peerPort}
+	kubeletPort := 0
+	if o.kubelet {
+		if kubeletPort, err = choosePort(0, st.KubeletPort); err != nil {
+			etcd.Close(etcdStopTimeout)
+			return fail(fmt.Errorf("kubelet port: %w", err))
+		}
+	}
+	st = state{Port: port, EtcdClientPort: etcd.clientPort, EtcdPeerPort: etcd.peerPort, KubeletPort: kubeletPort}
 	if err := saveState(dir, st); err != nil {
 		logf("saving %s: %v", statePath(dir), err)
 	}
@@ -166,6 +175,16 @@ func run() int {
 		code := fail(fmt.Errorf("%w (see %s)", err, logPath))
 		requestStop()
 		return shutdown(api, etcd, code)
+	}
+	if o.kubelet {
+		if _, err := startKubelet(ctx, filepath.Join(dir, "kubelet"), p, port, kubeletPort); err != nil {
+			if errors.Is(err, errInterrupted) || ctx.Err() != nil {
+				return shutdown(api, etcd, 0)
+			}
+			code := fail(fmt.Errorf("kubelet stand-in: %w (see %s)", err, logPath))
+			requestStop()
+			return shutdown(api, etcd, code)
+		}
 	}
 	if err := writeKubeconfig(kubeconfig, p, port); err != nil {
 		code := fail(fmt.Errorf("writing %s: %w", kubeconfig, err))
@@ -280,6 +299,7 @@ type state struct {
 	Port           int `json:"port"`
 	EtcdClientPort int `json:"etcdClientPort"`
 	EtcdPeerPort   int `json:"etcdPeerPort"`
+	KubeletPort    int `json:"kubeletPort,omitempty"`
 }
 
 func statePath(dir string) string { return filepath.Join(dir, "state.json") }

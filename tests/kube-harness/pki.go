@@ -27,6 +27,11 @@ import (
 //	                              kubernetes{,.default{,.svc{,.cluster.local}}},
 //	                              the first service IP
 //	admin.crt, admin.key          client cert CN=admin, O=system:masters
+//	apiserver-kubelet-client.crt, .key
+//	                              the apiserver's client cert towards kubelets:
+//	                              CN=kube-apiserver-kubelet-client, O=system:masters
+//	kubelet.crt, kubelet.key      serving cert of the kubelet stand-in:
+//	                              127.0.0.1, harness-node
 //	sa.key, sa.pub                service-account token signing key pair
 type pki struct {
 	dir string
@@ -44,12 +49,20 @@ const (
 
 func (p *pki) path(name string) string { return filepath.Join(p.dir, name) }
 
-func (p *pki) CACert() string       { return p.path("ca.crt") }
-func (p *pki) CAKey() string        { return p.path("ca.key") }
-func (p *pki) ServingCert() string  { return p.path("apiserver.crt") }
-func (p *pki) ServingKey() string   { return p.path("apiserver.key") }
-func (p *pki) AdminCert() string    { return p.path("admin.crt") }
-func (p *pki) AdminKey() string     { return p.path("admin.key") }
+func (p *pki) CACert() string      { return p.path("ca.crt") }
+func (p *pki) CAKey() string       { return p.path("ca.key") }
+func (p *pki) ServingCert() string { return p.path("apiserver.crt") }
+func (p *pki) ServingKey() string  { return p.path("apiserver.key") }
+func (p *pki) AdminCert() string   { return p.path("admin.crt") }
+func (p *pki) AdminKey() string    { return p.path("admin.key") }
+func (p *pki) KubeletClientCert() string {
+	return p.path("apiserver-kubelet-client.crt")
+}
+func (p *pki) KubeletClientKey() string {
+	return p.path("apiserver-kubelet-client.key")
+}
+func (p *pki) KubeletCert() string  { return p.path("kubelet.crt") }
+func (p *pki) KubeletKey() string   { return p.path("kubelet.key") }
 func (p *pki) SAPublicKey() string  { return p.path("sa.pub") }
 func (p *pki) SAPrivateKey() string { return p.path("sa.key") }
 
@@ -70,7 +83,8 @@ func ensurePKI(dir string, serviceIP net.IP) (*pki, error) {
 		if caCert, caKey, err = p.makeCA(); err != nil {
 			return nil, fmt.Errorf("making the CA: %w", err)
 		}
-		for _, name := range []string{"apiserver.crt", "apiserver.key", "admin.crt", "admin.key"} {
+		for _, name := range []string{"apiserver.crt", "apiserver.key", "admin.crt", "admin.key",
+			"apiserver-kubelet-client.crt", "apiserver-kubelet-client.key", "kubelet.crt", "kubelet.key"} {
 			_ = os.Remove(p.path(name))
 		}
 	}
@@ -100,6 +114,25 @@ func ensurePKI(dir string, serviceIP net.IP) (*pki, error) {
 	}
 	if err := p.ensureLeaf(p.AdminCert(), p.AdminKey(), admin); err != nil {
 		return nil, fmt.Errorf("making the admin certificate: %w", err)
+	}
+
+	kubeletClient := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	if err := p.ensureLeaf(p.KubeletClientCert(), p.KubeletClientKey(), kubeletClient); err != nil {
+		return nil, fmt.Errorf("making the apiserver's kubelet client certificate: %w", err)
+	}
+	kubelet := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: nodeName},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:    []string{nodeName},
+		IPAddresses: []net.IP{net.ParseIP(nodeIP)},
+	}
+	if err := p.ensureLeaf(p.KubeletCert(), p.KubeletKey(), kubelet); err != nil {
+		return nil, fmt.Errorf("making the kubelet serving certificate: %w", err)
 	}
 
 	if err := p.ensureSAKeys(); err != nil {
