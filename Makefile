@@ -4,6 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 GO ?= go
 BIN := bin
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: all build harness go-peers test lint demo demo-down certs bench clean
 
@@ -13,7 +14,7 @@ build:
 	$(CARGO) build --release --bin proxy --bin agent
 	@mkdir -p $(BIN)
 	@# copy, then rename: running binaries (tests, the demo) are replaced, not overwritten
-	for b in proxy agent; do cp target/release/$$b $(BIN)/.$$b.new && mv -f $(BIN)/.$$b.new $(BIN)/$$b; done
+	for b in proxy agent; do cp $(TARGET_DIR)/release/$$b $(BIN)/.$$b.new && mv -f $(BIN)/.$$b.new $(BIN)/$$b; done
 
 harness: $(BIN)/kube-harness
 $(BIN)/kube-harness: $(shell find tests/kube-harness -name '*.go' -o -name go.mod -o -name go.sum 2>/dev/null)
