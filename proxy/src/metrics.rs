@@ -107,51 +107,67 @@ impl Metrics {
     }
 }
 
+/// One metric family written by hand: its HELP and TYPE lines, then one
+/// sample per (labels, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let sample = if kind == "counter" {
+        format!("{name}_total")
+    } else {
+        name.to_string()
+    };
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{sample}{{{labels}}} {value}");
+    }
+}
+
 /// Everything, in the OpenMetrics text format.
 pub fn render<S: ClusterStore>(registry: &Registry<S>) -> String {
     let mut out = String::new();
     let stats = registry.stats();
-    let _ = writeln!(
-        out,
-        "# HELP tower_agent_sessions Live agent sessions per cluster."
+    let per_cluster = |value: fn(&crate::registry::ClusterStats) -> u64| -> Vec<(String, u64)> {
+        stats
+            .iter()
+            .map(|s| (format!("cluster=\"{}\"", s.cluster), value(s)))
+            .collect()
+    };
+    family(
+        &mut out,
+        "tower_agent_sessions",
+        "gauge",
+        "Live agent sessions per cluster.",
+        &per_cluster(|s| s.sessions as u64),
     );
-    let _ = writeln!(out, "# TYPE tower_agent_sessions gauge");
-    for s in &stats {
-        let _ = writeln!(
-            out,
-            "tower_agent_sessions{{cluster=\"{}\"}} {}",
-            s.cluster, s.sessions
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tower_streams_open Streams open through the tunnel per cluster."
+    family(
+        &mut out,
+        "tower_streams_open",
+        "gauge",
+        "Streams open through the tunnel per cluster.",
+        &per_cluster(|s| s.streams as u64),
     );
-    let _ = writeln!(out, "# TYPE tower_streams_open gauge");
-    for s in &stats {
-        let _ = writeln!(
-            out,
-            "tower_streams_open{{cluster=\"{}\"}} {}",
-            s.cluster, s.streams
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP tower_tunnel_bytes Bytes through the tunnel per cluster and direction."
+    let bytes: Vec<(String, u64)> = stats
+        .iter()
+        .flat_map(|s| {
+            [
+                (
+                    format!("cluster=\"{}\",direction=\"from_agent\"", s.cluster),
+                    s.received,
+                ),
+                (
+                    format!("cluster=\"{}\",direction=\"to_agent\"", s.cluster),
+                    s.sent,
+                ),
+            ]
+        })
+        .collect();
+    family(
+        &mut out,
+        "tower_tunnel_bytes",
+        "counter",
+        "Bytes through the tunnel per cluster and direction.",
+        &bytes,
     );
-    let _ = writeln!(out, "# TYPE tower_tunnel_bytes counter");
-    for s in &stats {
-        let _ = writeln!(
-            out,
-            "tower_tunnel_bytes_total{{cluster=\"{}\",direction=\"from_agent\"}} {}",
-            s.cluster, s.received
-        );
-        let _ = writeln!(
-            out,
-            "tower_tunnel_bytes_total{{cluster=\"{}\",direction=\"to_agent\"}} {}",
-            s.cluster, s.sent
-        );
-    }
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry) {
         tracing::warn!(error = %e, "cannot encode metrics");
     }
