@@ -45,7 +45,7 @@ demo-down:
 # bench-local GOBIN. BENCH_QUICK=1 for a fast pass; BENCH_ONLY=bulk,small,...
 # to pick scenarios. Results: target/bench/results.md and results.json.
 BENCH_GOBIN := $(CURDIR)/target/bench/gobin
-CHISEL_VERSION := $(shell awk '$$1 == "require" && $$2 == "github.com/jpillora/chisel" { print $$3 }' bench/chisel/go.mod)
+CHISEL_VERSION = $(shell awk '$$1 == "require" && $$2 == "github.com/jpillora/chisel" { print $$3 }' bench/chisel/go.mod 2>/dev/null)
 
 bench: build harness go-peers $(BENCH_GOBIN)/chisel
 	$(CARGO) build --release -p bench
