@@ -1,0 +1,238 @@
+//! Bulk: one big HTTPS GET (download) and one big POST (upload) per path, on a
+//! connection opened before the clock starts; MiB/s.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::http::Target;
+use crate::measure::{Measure, mib_per_s};
+use crate::report::{Compare, Figure, Goal, Report};
+use crate::setup::{CHISEL, FORWARD, HTTPS, Setup};
+use crate::sys;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Download,
+    Upload,
+}
+
+/// What one transfer measured.
+pub struct Transfer {
+    pub mib_s: f64,
+    /// CPU seconds the path's own processes (both tunnel ends) spent per GiB.
+    pub cpu_s_per_gib: Option<f64>,
+    /// CPU seconds the endpoints (this process's client, the upstream) spent per GiB.
+    pub endpoints_s_per_gib: Option<f64>,
+}
+
+fn cpu_of(procs: &[u32]) -> Option<Duration> {
+    procs.iter().map(|p| sys::cpu_precise(*p).ok()).sum()
+}
+
+/// One transfer of `len` bytes.
+pub async fn transfer(
+    target: &Target,
+    endpoints: &[u32],
+    direction: Direction,
+    len: u64,
+) -> Result<Transfer> {
+    let mut conn = target.connect().await?;
+    // A tiny request first: the path's own connection setup (channel open,
+    // the proxy's upstream TLS) is not part of the figure.
+    conn.get(1).await?;
+    let (cpu0, ends0) = (cpu_of(&target.procs), cpu_of(endpoints));
+    let t = Instant::now();
+    match direction {
+        Direction::Download => conn.get(len).await?,
+        Direction::Upload => conn.upload(len).await?,
+    }
+    let elapsed = t.elapsed();
+    let gib = len as f64 / (1u64 << 30) as f64;
+    let per_gib =
+        |before: Option<Duration>, after: Option<Duration>, procs: &[u32]| match (before, after) {
+            (Some(a), Some(b)) if !procs.is_empty() => Some((b - a).as_secs_f64() / gib),
+            _ => None,
+        };
+    Ok(Transfer {
+        mib_s: mib_per_s(len, elapsed),
+        cpu_s_per_gib: per_gib(cpu0, cpu_of(&target.procs), &target.procs),
+        endpoints_s_per_gib: per_gib(ends0, cpu_of(endpoints), endpoints),
+    })
+}
+
+pub async fn run(setup: &Setup, report: &mut Report) {
+    let quick = setup.env.quick;
+    let len: u64 = if quick { 16 << 20 } else { 64 << 20 };
+    let runs = if quick { 2 } else { 5 };
+    let paths = &setup.paths;
+    report.note(format!(
+        "bulk: {runs} runs; each transfer on a new keep-alive connection after a 1-byte request (channel open and the \
+         proxy's upstream TLS are not timed). CPU: /proc/PID/task/*/schedstat of the path's two tunnel processes. \
+         CPU cost ratio = direct's CPU per GiB (client + upstream) / the path's (client + upstream + both tunnel ends): \
+         when all processes compete for the cores, as here, it predicts the throughput ratio."
+    ));
+    let endpoints = [std::process::id(), setup.upstream.proc.pid()];
+    for direction in [Direction::Download, Direction::Upload] {
+        let scenario = format!(
+            "bulk {} {} MiB",
+            match direction {
+                Direction::Download => "download (GET)",
+                Direction::Upload => "upload (POST)",
+            },
+            len >> 20
+        );
+        eprintln!("bulk: {scenario}, {runs} runs");
+        let through = paths.through();
+        let mut direct = Measure::new();
+        let mut values: Vec<Measure> = through.iter().map(|_| Measure::new()).collect();
+        let mut ratios: Vec<Measure> = through.iter().map(|_| Measure::new()).collect();
+        let mut cpu: Vec<Measure> = through.iter().map(|_| Measure::new()).collect();
+        // direct's CPU per GiB ÷ the path's (endpoints + tunnel), per run.
+        let mut cost: Vec<Measure> = through.iter().map(|_| Measure::new()).collect();
+        let mut direct_cpu = Measure::new();
+        let mut failed = vec![false; through.len()];
+        let mut vs_chisel = Measure::new();
+        let (mut b_vs_forward, mut b_cpu_vs_forward) = (Measure::new(), Measure::new());
+        for _ in 0..runs {
+            let (d, d_cpu) = match transfer(&paths.direct, &endpoints, direction, len).await {
+                Ok(d) => (d.mib_s, d.endpoints_s_per_gib),
+                Err(e) => {
+                    report.error(&format!("{scenario}: direct"), &e);
+                    return;
+                }
+            };
+            direct.push(d);
+            if let Some(c) = d_cpu {
+                direct_cpu.push(c);
+            }
+            let mut forward_value = None;
+            let mut chisel_value = None;
+            let mut b_value = None;
+            for (i, t) in through.iter().enumerate() {
+                if failed[i] {
+                    continue;
+                }
+                match transfer(t, &endpoints, direction, len).await {
+                    Ok(Transfer {
+                        mib_s: v,
+                        cpu_s_per_gib,
+                        endpoints_s_per_gib,
+                    }) => {
+                        if let Some(c) = cpu_s_per_gib {
+                            cpu[i].push(c);
+                        }
+                        if let (Some(dc), Some(c), Some(e)) =
+                            (d_cpu, cpu_s_per_gib, endpoints_s_per_gib)
+                        {
+                            cost[i].push(dc / (c + e));
+                        }
+                        values[i].push(v);
+                        ratios[i].push(v / d);
+                        if t.name == FORWARD {
+                            forward_value = Some((v, cpu_s_per_gib));
+                        }
+                        if t.name.starts_with("B:") {
+                            b_value = Some((v, cpu_s_per_gib));
+                        }
+                        if t.name == CHISEL {
+                            chisel_value = Some(v);
+                        }
+                    }
+                    Err(e) => {
+                        report.error(&format!("{scenario}: {}", t.name), &e);
+                        failed[i] = true;
+                    }
+                }
+            }
+            if let (Some((f, _)), Some(c)) = (forward_value, chisel_value) {
+                vs_chisel.push(f / c);
+            }
+            if let (Some((f, fc)), Some((b, bc))) = (forward_value, b_value) {
+                b_vs_forward.push(b / f);
+                if let (Some(fc), Some(bc)) = (fc, bc) {
+                    b_cpu_vs_forward.push(bc / fc);
+                }
+            }
+        }
+        let direct_stat = direct.stat();
+        report.add(Figure::new(
+            &scenario,
+            "direct",
+            "throughput",
+            "MiB/s",
+            direct_stat.expect("runs > 0"),
+        ));
+        for (i, t) in through.iter().enumerate() {
+            let (Some(v), Some(r)) = (values[i].stat(), ratios[i].stat()) else {
+                continue;
+            };
+            let goal = (t.name == HTTPS).then(|| Goal::at_least(">= 0.6x direct", r.median, 0.6));
+            report.add(
+                Figure::new(&scenario, &t.name, "throughput", "MiB/s", v)
+                    .direct(direct_stat)
+                    .compare(Compare::Ratio(r))
+                    .goal(goal),
+            );
+        }
+        if let Some(c) = direct_cpu.stat() {
+            report.add(Figure::new(
+                &scenario,
+                "direct",
+                "CPU of client + upstream per GiB",
+                "CPU-s/GiB",
+                c,
+            ));
+        }
+        for (i, t) in through.iter().enumerate() {
+            if let Some(c) = cpu[i].stat() {
+                report.add(Figure::new(
+                    &scenario,
+                    &t.name,
+                    "CPU of both tunnel ends per GiB",
+                    "CPU-s/GiB",
+                    c,
+                ));
+            }
+            if let Some(c) = cost[i].stat() {
+                report.add(Figure::new(
+                    &scenario,
+                    &t.name,
+                    "CPU cost ratio: direct's CPU/GiB ÷ the path's (all processes)",
+                    "x",
+                    c,
+                ));
+            }
+        }
+        if let Some(s) = b_vs_forward.stat() {
+            report.add(Figure::new(
+                &scenario,
+                "B / tower-rs forward (b)",
+                "throughput ratio",
+                "x",
+                s,
+            ));
+        }
+        if let Some(s) = b_cpu_vs_forward.stat() {
+            report.add(Figure::new(
+                &scenario,
+                "B / tower-rs forward (b)",
+                "CPU per GiB ratio",
+                "x",
+                s,
+            ));
+        }
+        if let Some(s) = vs_chisel.stat() {
+            report.add(
+                Figure::new(
+                    &scenario,
+                    "tower-rs forward (b) / chisel reverse",
+                    "throughput ratio",
+                    "x",
+                    s,
+                )
+                .goal(Some(Goal::at_least(">= 5x Chisel", s.median, 5.0))),
+            );
+        }
+    }
+}
