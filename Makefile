@@ -49,7 +49,7 @@ CHISEL_VERSION = $(shell awk '$$1 == "require" && $$2 == "github.com/jpillora/ch
 
 bench: build harness go-peers $(BENCH_GOBIN)/chisel
 	$(CARGO) build --release -p bench
-	./target/release/bench
+	$(TARGET_DIR)/release/bench
 
 $(BENCH_GOBIN)/chisel: bench/chisel/go.mod bench/chisel/go.sum
 	@mkdir -p $(BENCH_GOBIN)

@@ -641,6 +641,31 @@ async fn port_forward_100_mib_both_protocols() -> Result<()> {
         let env = [proto.port_forward_env()];
         {
             let (pf, _) = port_forward(&tower, "pf-v8", &[blob.port], &env, true).await?;
+            // "Forwarding from" (stdout) can arrive before kubectl's stderr
+            // lines for the 101: wait for the headers that matter.
+            let wanted = match proto {
+                Proto::WebSocket => [
+                    "Upgrade: websocket",
+                    "Sec-Websocket-Protocol: SPDY/3.1+portforward.k8s.io",
+                ],
+                Proto::Spdy => [
+                    "Upgrade: SPDY/3.1",
+                    "X-Stream-Protocol-Version: portforward.k8s.io",
+                ],
+            };
+            let (mut after_101, mut found) = (false, [false; 2]);
+            let waited = pf
+                .wait_for_line(
+                    |l| {
+                        after_101 |= l.contains("Response Status: 101");
+                        for (i, w) in wanted.iter().enumerate() {
+                            found[i] |= after_101 && l.contains(w);
+                        }
+                        found == [true; 2]
+                    },
+                    QUICK,
+                )
+                .await;
             let lines = pf.stream_lines(Stream::Stderr).join("\n");
             check_negotiated(
                 &lines,
@@ -649,6 +674,7 @@ async fn port_forward_100_mib_both_protocols() -> Result<()> {
                 "portforward.k8s.io",
             )
             .with_context(|| format!("{proto:?}: port-forward's 101"))?;
+            waited?;
         }
         let (_pf, addrs) = port_forward(
             &tower,

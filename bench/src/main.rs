@@ -8,11 +8,15 @@
 //! `BENCH_PATHS=https,forward,go,chisel` to pick the paths besides direct,
 //! `BENCH_SCALE=1000,10000` for the numbers of idle agents,
 //! `BENCH_OUT` for the output directory (default `<repo>/target/bench`).
+//! `BENCH_B_BIN=DIR` (a directory with another build's `proxy` and `agent`)
+//! and/or `BENCH_B_ENV='K=V ...'` add a path "B" (a raw forward through that
+//! build) next to ours in every scenario, to measure a change in the same run.
 //!
 //! Layout: [`setup`] starts the processes every path needs, [`http`] is the
 //! HTTPS client and the upstream server (`bench upstream`, its own process),
-//! [`fleet`] runs many in-process agents, [`relay`] makes a long link, [`measure`] summarises runs,
-//! [`report`] writes the table, [`scenarios`] has one module per scenario.
+//! [`fleet`] runs many in-process agents, [`relay`] makes a long link,
+//! [`measure`] summarises runs, [`report`] writes the table, [`sys`] reads
+//! /proc, [`tls`] makes certificates, [`scenarios`] has one module per scenario.
 
 mod fleet;
 mod http;

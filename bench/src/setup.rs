@@ -14,7 +14,8 @@
 //! The proxy runs in Kubernetes mode against a host `kube-harness` (Cluster
 //! resources `bench` and `alpha`, tokens and kubeconfigs read back from them as
 //! `hack/demo.sh` does); `bench`'s agent fronts the upstream, `alpha`'s a real
-//! member kube-apiserver.
+//! member kube-apiserver. [`ForwardPair`] is our proxy in `--clusters-file`
+//! mode with one agent (for `BENCH_B_*` builds and the long-link scenario).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

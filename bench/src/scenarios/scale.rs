@@ -126,9 +126,9 @@ async fn one(env: &Env, n: usize, report: &mut Report) -> Result<()> {
     } else {
         KEEPALIVE
     };
-    let (p0, s0) = (sys::cpu_time(proxy.pid())?, sys::cpu_time(self_pid)?);
+    let (p0, s0) = (sys::cpu_precise(proxy.pid())?, sys::cpu_precise(self_pid)?);
     tokio::time::sleep(window).await;
-    let (p1, s1) = (sys::cpu_time(proxy.pid())?, sys::cpu_time(self_pid)?);
+    let (p1, s1) = (sys::cpu_precise(proxy.pid())?, sys::cpu_precise(self_pid)?);
     let proxy_cpu = 100.0 * (p1 - p0).as_secs_f64() / window.as_secs_f64();
     let agents_cpu = 100.0 * (s1 - s0).as_secs_f64() / window.as_secs_f64();
     let connected_now = fleet.connected();
