@@ -32,7 +32,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test: build harness go-peers lint
-	$(CARGO) test --workspace --release -- --test-threads=2
+	$(CARGO) test --workspace --release --no-fail-fast -- --test-threads=2
 
 demo: build harness
 	./hack/demo.sh
