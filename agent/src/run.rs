@@ -114,6 +114,8 @@ struct Attempt {
     task: JoinHandle<End>,
     /// Fires once the proxy accepted the config; dropped unfired on failure.
     connected: oneshot::Receiver<()>,
+    /// The proxy replica is draining: connect again, elsewhere.
+    drain: Arc<Notify>,
     kill: CancellationToken,
 }
 
@@ -123,8 +125,10 @@ impl Attempt {
         let shared = shared.clone();
         let kill = CancellationToken::new();
         let (connected_tx, connected) = oneshot::channel();
+        let drain = Arc::new(Notify::new());
         let task = tokio::spawn({
             let kill = kill.clone();
+            let drain = drain.clone();
             async move {
                 let ws = tokio::select! {
                     ws = shared.dialer.dial() => match ws {
@@ -140,8 +144,14 @@ impl Attempt {
                     info!(%proxy, %name, "connected to proxy");
                     let _ = connected_tx.send(());
                 };
-                let end =
-                    tunnel::client::run(stream, &options, Arc::new(TcpDialer), on_connected).await;
+                let end = tunnel::client::run_with_drain(
+                    stream,
+                    &options,
+                    Arc::new(TcpDialer),
+                    on_connected,
+                    drain,
+                )
+                .await;
                 // Whatever ended the tunnel (a rejection included), close the
                 // connection now rather than leave it to the proxy.
                 kill.cancel();
@@ -151,6 +161,7 @@ impl Attempt {
         Self {
             task,
             connected,
+            drain,
             kill,
         }
     }
@@ -189,7 +200,11 @@ pub async fn run(
     let mut failures = 0u32;
     // The tunnel being replaced after a credentials change, still serving.
     let mut previous: Option<Attempt> = None;
+    // Tunnels to a draining proxy replica: they serve their last streams
+    // until the proxy closes them.
+    let mut retiring: Vec<Attempt> = Vec::new();
     let shutdown = controls.shutdown.clone();
+    let mut replacing_drained = false;
 
     loop {
         let current = material.borrow_and_update().clone();
@@ -205,29 +220,47 @@ pub async fn run(
                     previous = None;
                     warn!(error = %end, "previous tunnel lost while connecting its replacement");
                 }
+                () = retired(&mut retiring) => {}
             }
         };
 
         if connected {
-            if previous.take().is_some() {
-                info!("closed the previous tunnel");
+            if let Some(old) = previous.take() {
+                if replacing_drained {
+                    info!("connected elsewhere; the draining tunnel serves its last streams");
+                    retiring.push(old);
+                } else {
+                    info!("closed the previous tunnel");
+                }
             }
+            replacing_drained = false;
             backoff.reset();
             failures = 0;
-            // Until the tunnel ends (Some) or the credentials change (None).
+            // Until the tunnel ends (Some) or the credentials change or the
+            // proxy drains (None).
+            let drain = attempt.drain.clone();
             let ended = loop {
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return Exit::Terminated,
                     end = attempt.end() => break Some(end),
                     () = changed(&mut material) => break None,
+                    () = drain.notified() => {
+                        replacing_drained = true;
+                        break None;
+                    }
+                    () = retired(&mut retiring) => {}
                     // SIGHUP while connected: the credentials watcher re-reads.
                     () = controls.retry_now.notified() => {}
                 }
             };
             match ended {
                 None => {
-                    info!("credentials changed, reconnecting");
+                    if replacing_drained {
+                        info!("the proxy is draining, reconnecting");
+                    } else {
+                        info!("credentials changed, reconnecting");
+                    }
                     // Make before break: this one serves until its replacement is in.
                     previous = Some(attempt);
                     continue;
@@ -279,9 +312,22 @@ pub async fn run(
                     previous = None;
                     warn!(error = %end, "previous tunnel lost");
                 }
+                () = retired(&mut retiring) => {}
             }
         }
     }
+}
+
+/// Wait for one retiring tunnel to end (the draining proxy closed it) and
+/// forget it; pending when there is none.
+async fn retired(retiring: &mut Vec<Attempt>) {
+    if retiring.is_empty() {
+        return std::future::pending().await;
+    }
+    let ends = retiring.iter_mut().map(|a| Box::pin(a.end()));
+    let (end, index, _) = futures_util::future::select_all(ends).await;
+    retiring.swap_remove(index);
+    info!(reason = %end, "draining tunnel closed");
 }
 
 /// The end of the tunnel being replaced; pending when there is none.

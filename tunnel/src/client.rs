@@ -17,7 +17,9 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
-use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, PING_REQUEST, parse_target};
+use crate::wire::{
+    AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, PING_REQUEST, parse_target,
+};
 
 /// How long the SSH handshake and the `config` answer may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -94,6 +96,8 @@ struct Handler<D: Dialer> {
     seen_key: Arc<Mutex<Option<String>>>,
     /// Signalled when the SSH session ends (the session task drops its handler).
     ended: Arc<Notify>,
+    /// Signalled when the proxy asks the agent to move (it is draining).
+    drain: Arc<Notify>,
 }
 
 impl<D: Dialer> Drop for Handler<D> {
@@ -125,17 +129,24 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
     }
 
     async fn should_accept_unknown_server_channel(&mut self, _: ChannelId, kind: &str) -> bool {
-        kind == CHANNEL_TYPE
+        kind == CHANNEL_TYPE || kind == DRAIN_CHANNEL_TYPE
     }
 
     async fn server_channel_open_custom(
         &mut self,
         channel: Channel<Msg>,
-        _kind: &str,
+        kind: &str,
         data: &[u8],
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if kind == DRAIN_CHANNEL_TYPE {
+            tracing::info!("the proxy is draining: moving to another replica");
+            self.drain.notify_one();
+            drop(channel);
+            tokio::spawn(reply.accept());
+            return Ok(());
+        }
         let target = match parse_target(data) {
             Ok(t) if self.allowed.iter().any(|a| a == t) => t.to_string(),
             Ok(t) => {
@@ -191,9 +202,27 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
+    run_with_drain(stream, options, dialer, on_connected, Arc::default()).await
+}
+
+/// [`run`], and `drain` is notified when the proxy asks the agent to connect
+/// again elsewhere (the proxy replica is shutting down). The tunnel keeps
+/// serving until the proxy closes it.
+pub async fn run_with_drain<S, D>(
+    stream: S,
+    options: &ClientOptions,
+    dialer: Arc<D>,
+    on_connected: impl FnOnce(),
+    drain: Arc<Notify>,
+) -> ClientError
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
     let seen_key = Arc::new(Mutex::new(None));
     let ended = Arc::new(Notify::new());
     let handler = Handler {
+        drain,
         ended: ended.clone(),
         dialer,
         allowed: Arc::new(options.allowed_targets.clone()),

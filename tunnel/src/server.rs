@@ -21,7 +21,7 @@ use russh::{Channel, ChannelId, ChannelStream, Disconnect};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
-use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, PING_REQUEST};
+use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, PING_REQUEST};
 
 /// How long an agent has, from its first byte, to finish SSH and send `config`.
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +116,26 @@ impl Session {
             Ok(Err(_)) => return Err(DialError::Closed),
         };
         Ok(TunnelStream::new(channel, self.inner.clone()))
+    }
+
+    /// Ask the agent to connect again (to another replica) and close this
+    /// tunnel once its streams are done. False when the agent does not know
+    /// the request (Go Tower agents): the caller closes the session itself.
+    pub async fn drain(&self) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let open = self
+            .inner
+            .handle
+            .channel_open_custom(DRAIN_CHANNEL_TYPE, Vec::new());
+        match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Close the SSH connection, telling the agent why.

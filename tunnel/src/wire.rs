@@ -17,6 +17,10 @@ pub const CONFIG_REQUEST: &str = "config";
 pub const PING_REQUEST: &str = "ping";
 /// Channel type the proxy opens; its extra data is the raw `host:port` to dial.
 pub const CHANNEL_TYPE: &str = "kubesphere";
+/// Channel type the proxy opens to ask an agent to move to another replica
+/// (our extension; Go agents refuse unknown channel types, and the proxy then
+/// knows to wait for them to go idle instead).
+pub const DRAIN_CHANNEL_TYPE: &str = "drain@tower.kubesphere.io";
 /// Failure text for a wrong name or token; Go agents print it.
 pub const UNAUTHORIZED: &str = "Unauthorized agent";
 /// Largest `config` payload accepted; real ones are a few KiB.
