@@ -18,6 +18,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Common name of a generated CA.
 pub const GENERATED_CA_NAME: &str = "tower-proxy-ca";
+/// Subject CN of the certificates replicas show each other; the peer port
+/// accepts no other client certificate of the CA.
+pub const PEER_COMMON_NAME: &str = "tower-proxy-peer";
 /// Lifetime of a generated CA.
 pub const GENERATED_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Issued certificates start this long before "now", for clocks that lag.
@@ -210,6 +213,22 @@ impl Ca {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, first);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params, validity)
+    }
+
+    /// A certificate for the replica-to-replica port (HA): subject CN
+    /// [`PEER_COMMON_NAME`], valid for `sans`, usable as server and client.
+    pub fn issue_peer(&self, sans: &[String], validity: Duration) -> Result<Issued, CaError> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, PEER_COMMON_NAME);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         self.issue(params, validity)
     }
 

@@ -42,6 +42,8 @@ use tokio::sync::mpsc;
 
 use crate::ca::Ca;
 use crate::crd::{Cluster, Condition};
+use crate::leader::Leadership;
+use crate::owners::Owners;
 use crate::registry::{ClusterStore, Registry};
 
 /// Field manager name for server-side apply, and the managed-by label.
@@ -101,6 +103,18 @@ pub struct Context<P: Ports> {
     names: Names,
     /// Ports handed out per cluster, maybe not yet visible in the store.
     reserved: Mutex<HashMap<String, (u16, u16)>>,
+    /// Only the leader writes; the others keep their own ports and sessions right.
+    leader: Leadership,
+    /// Who serves what across replicas (HA), if several run.
+    owners: Option<Arc<Owners>>,
+}
+
+/// What the controller needs when several replicas run (`--leader-elect`).
+pub struct Ha {
+    pub leader: Leadership,
+    pub owners: Arc<Owners>,
+    /// Clusters whose holder changed ([`Owners::new`]).
+    pub changes: mpsc::UnboundedReceiver<String>,
 }
 
 /// Errors of one reconcile; the controller retries with backoff.
@@ -130,6 +144,7 @@ pub struct CrStore {
     trigger: mpsc::UnboundedSender<ObjectRef<Cluster>>,
     open: OpenPorts,
     options: Options,
+    owners: Option<Arc<Owners>>,
 }
 
 type Names = Arc<Mutex<HashMap<String, Vec<String>>>>;
@@ -191,6 +206,9 @@ impl ClusterStore for CrStore {
 
     fn on_change(&self, cluster: &str) {
         let _ = self.trigger.send(ObjectRef::new(cluster));
+        if let Some(owners) = &self.owners {
+            owners.sessions_changed();
+        }
     }
 }
 
@@ -629,6 +647,9 @@ pub async fn reconcile<P: Ports>(
         ctx.ports.close(&name).await;
         return Ok(Action::await_change());
     }
+    if !ctx.leader.is_leader() {
+        return follow(&cluster, &name, &ctx).await;
+    }
     let api: Api<Cluster> = Api::all(ctx.client.clone());
     let conn = &cluster.spec.connection;
 
@@ -667,6 +688,9 @@ pub async fn reconcile<P: Ports>(
     };
 
     let live = ctx.registry.live(&name);
+    // An agent on another replica counts: clients reach it through any replica.
+    let elsewhere = ctx.owners.as_ref().and_then(|o| o.owner(&name));
+    let available = live > 0 || elsewhere.is_some();
     let mut spec = serde_json::Map::new();
     if conn.token != token {
         spec.insert("token".into(), json!(token));
@@ -707,7 +731,7 @@ pub async fn reconcile<P: Ports>(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.clone(), names.clone());
-    if live > 0 && !kube_ep.is_empty() {
+    if available && !kube_ep.is_empty() {
         // The listener's certificate must also cover addresses learnt since it
         // opened: the ClusterIP, the load balancer's IP or hostname.
         ctx.ports
@@ -754,13 +778,18 @@ pub async fn reconcile<P: Ports>(
             "AgentConnected",
             format!("{live} agent session(s) connected"),
         )
+    } else if let Some(owner) = &elsewhere {
+        (
+            "AgentConnected",
+            format!("agent connected to proxy replica {}", owner.replica),
+        )
     } else {
         ("AgentDisconnected", "no agent is connected".to_string())
     };
     let mut events = Vec::new();
-    if let Some(c) = set_condition(&conditions, AGENT_AVAILABLE, live > 0, reason, &message) {
+    if let Some(c) = set_condition(&conditions, AGENT_AVAILABLE, available, reason, &message) {
         let before = conditions.iter().find(|c| c.kind == AGENT_AVAILABLE);
-        if before.map(|c| c.status == "True") != Some(live > 0) {
+        if before.map(|c| c.status == "True") != Some(available) {
             events.push((EventType::Normal, reason, message.clone()));
         }
         conditions = c;
@@ -821,11 +850,64 @@ pub async fn reconcile<P: Ports>(
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(cluster = %name, agent_available = live > 0, "cluster status updated");
+        tracing::info!(cluster = %name, agent_available = available, "cluster status updated");
     }
     for (type_, reason, note) in events {
         ctx.event(&cluster, type_, reason, note).await;
     }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// A replica that does not lead writes nothing: it revokes sessions of a
+/// stale token and keeps the cluster's ports open (for its own sessions, and
+/// to relay clients to the replica with the agent).
+async fn follow<P: Ports>(
+    cluster: &Cluster,
+    name: &str,
+    ctx: &Context<P>,
+) -> Result<Action, Error> {
+    let conn = &cluster.spec.connection;
+    if conn.token.is_empty() {
+        return Ok(Action::requeue(RESYNC));
+    }
+    ctx.registry
+        .revoke(name, Some(&conn.token), "the cluster's token changed")
+        .await;
+    let (Ok(kube), Ok(ks)) = (
+        u16::try_from(conn.kubernetes_api_server_port),
+        u16::try_from(conn.kubesphere_api_server_port),
+    ) else {
+        return Ok(Action::requeue(RESYNC));
+    };
+    let available =
+        ctx.registry.live(name) > 0 || ctx.owners.as_ref().is_some_and(|o| o.owner(name).is_some());
+    if kube == 0 || ks == 0 || !available {
+        return Ok(Action::requeue(RESYNC));
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ctx.options.namespace);
+    let svc = services.get_opt(&service_name(name)).await?;
+    let cluster_ip = svc
+        .as_ref()
+        .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+        .filter(|ip| ip.parse::<IpAddr>().is_ok());
+    let lb = svc
+        .as_ref()
+        .filter(|_| Exposure::of(cluster).enabled)
+        .and_then(lb_address);
+    let addresses: Vec<&str> = cluster_ip
+        .iter()
+        .chain(lb.iter())
+        .map(String::as_str)
+        .collect();
+    let names = sans(name, &ctx.options, &addresses);
+    ctx.names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), names.clone());
+    ctx.ports
+        .open(name, kube, ks, &names)
+        .await
+        .map_err(Error::Cert)?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -896,7 +978,13 @@ pub struct Running {
 
 /// Start the controller. The returned registry is what the agents' endpoint
 /// admits agents into.
-pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Options) -> Running {
+pub fn start<P: Ports>(
+    client: Client,
+    ca: Arc<Ca>,
+    ports: Arc<P>,
+    options: Options,
+    ha: Option<Ha>,
+) -> Running {
     let api: Api<Cluster> = Api::all(client.clone());
     let services: Api<Service> = Api::namespaced(client.clone(), &options.namespace);
     // `owns` would map a Service to a *namespaced* ref of its cluster-scoped
@@ -931,6 +1019,7 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
             Box::pin(async move { ports.open(&cluster, kube, ks, &sans).await })
         }),
         options: options.clone(),
+        owners: ha.as_ref().map(|h| h.owners.clone()),
     };
     let registry = Registry::new(cr_store);
     let ctx_store = store.clone();
@@ -944,12 +1033,34 @@ pub fn start<P: Ports>(client: Client, ca: Arc<Ca>, ports: Arc<P>, options: Opti
         ports: ports.clone(),
         options,
         reserved: Mutex::default(),
+        leader: ha
+            .as_ref()
+            .map_or_else(Leadership::always, |h| h.leader.clone()),
+        owners: ha.as_ref().map(|h| h.owners.clone()),
     });
     let deletions = tokio::spawn(watch_deletions(api, registry.clone(), ports));
     let task = tokio::spawn(async move {
         let triggers = tokio_stream_from(triggers);
+        let controller = controller.reconcile_on(triggers);
+        let controller = match ha {
+            Some(Ha {
+                leader, changes, ..
+            }) => {
+                // Another replica's agent came or went: the leader re-counts.
+                let changes = tokio_stream_from(changes).map(|c| ObjectRef::new(&c));
+                // A new leader makes its first pass over every cluster.
+                let elected = futures_util::stream::unfold(leader, |mut leader| async move {
+                    loop {
+                        if leader.changed().await {
+                            return Some(((), leader));
+                        }
+                    }
+                });
+                controller.reconcile_on(changes).reconcile_all_on(elected)
+            }
+            None => controller,
+        };
         controller
-            .reconcile_on(triggers)
             .run(reconcile, error_policy, ctx)
             .for_each(|_| async {})
             .await;

@@ -72,6 +72,58 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The HTTP bodies this proxy answers with.
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Requests (until their response body ends), upgraded streams and relayed
+/// connections in progress on every port of this process: a draining replica
+/// waits for them.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many requests, upgraded streams and relays are in progress.
+pub fn in_flight() -> usize {
+    IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one unit of [`in_flight`] while alive.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted until it ends.
+struct Counted {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Serving certificate
 
@@ -170,6 +222,31 @@ pub struct ClusterListener {
     local_addr: SocketAddr,
     cancel: CancellationToken,
     accept: Option<JoinHandle<()>>,
+    /// Serves a connection that arrived some other way (relayed by a peer
+    /// replica) as if this port had accepted it.
+    serve: Arc<dyn Fn(Box<dyn Io>, SocketAddr) + Send + Sync>,
+}
+
+/// A client connection, whatever carries it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// HA: where a client connection goes when another replica serves its cluster
+/// ([`crate::peers`]).
+pub trait Relay: Send + Sync + 'static {
+    /// The peer replica to relay a new connection for `cluster` to, given how
+    /// many sessions of it this replica has; `None` serves it here.
+    fn target(&self, cluster: &str, local_sessions: usize) -> Option<String>;
+    /// Carry `tcp` to `target`'s port of the same kind, untouched (the
+    /// client's TLS ends there). Gives `tcp` back when `target` cannot be
+    /// reached, to be served here.
+    fn relay(
+        &self,
+        target: String,
+        cluster: String,
+        kind: Upstream,
+        tcp: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>>;
 }
 
 /// What clients speak to the port.
@@ -202,6 +279,7 @@ impl ClusterListener {
         registry: Registry<S>,
         ca: Arc<Ca>,
         cert: ServerCert,
+        relay: Option<Arc<dyn Relay>>,
     ) -> io::Result<Self> {
         Self::start_with(
             cluster,
@@ -209,6 +287,7 @@ impl ClusterListener {
             registry,
             Some((ca, cert)),
             Timeouts::default(),
+            relay,
         )
         .await
     }
@@ -218,8 +297,9 @@ impl ClusterListener {
         cluster: String,
         addr: SocketAddr,
         registry: Registry<S>,
+        relay: Option<Arc<dyn Relay>>,
     ) -> io::Result<Self> {
-        Self::start_with(cluster, addr, registry, None, Timeouts::default()).await
+        Self::start_with(cluster, addr, registry, None, Timeouts::default(), relay).await
     }
 
     async fn start_with<S: ClusterStore>(
@@ -228,6 +308,7 @@ impl ClusterListener {
         registry: Registry<S>,
         tls: Option<(Arc<Ca>, ServerCert)>,
         timeouts: Timeouts,
+        relay: Option<Arc<dyn Relay>>,
     ) -> io::Result<Self> {
         let (front, upstream) = match tls {
             Some((ca, cert)) => {
@@ -265,17 +346,26 @@ impl ClusterListener {
             Front::Http => "ks-apiserver",
         };
         tracing::info!(%cluster, addr = %local_addr, kind, "cluster proxy listening");
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            Arc::new(front),
-            proxy,
-            cancel.clone(),
-        ));
+        let front = Arc::new(front);
+        let serve = {
+            let (front, proxy, cancel) = (front.clone(), proxy.clone(), cancel.clone());
+            Arc::new(move |io: Box<dyn Io>, peer: SocketAddr| {
+                spawn_connection(io, peer, front.clone(), proxy.clone(), cancel.clone());
+            })
+        };
+        let accept = tokio::spawn(accept_loop(listener, front, proxy, relay, cancel.clone()));
         Ok(Self {
             local_addr,
             cancel,
             accept: Some(accept),
+            serve,
         })
+    }
+
+    /// Serve a connection relayed from a peer replica (`peer` is the client's
+    /// address as far as known) as if this port had accepted it.
+    pub fn serve_relayed(&self, io: Box<dyn Io>, peer: SocketAddr) {
+        (self.serve)(io, peer);
     }
 
     /// The bound address (the real port when `addr` asked for port 0).
@@ -307,6 +397,7 @@ async fn accept_loop<S: ClusterStore>(
     listener: TcpListener,
     front: Arc<Front>,
     proxy: Arc<Proxy<S>>,
+    relay: Option<Arc<dyn Relay>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -322,21 +413,47 @@ async fn accept_loop<S: ClusterStore>(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let front = front.clone();
-        let proxy = proxy.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                () = serve_connection(tcp, peer, &front, proxy) => {}
-            }
-        });
+        if let Some(relay) = &relay
+            && let Some(target) = relay.target(&proxy.cluster, proxy.registry.live(&proxy.cluster))
+        {
+            tracing::debug!(cluster = %proxy.cluster, %peer, %target, "relaying to the replica with the agent");
+            let relayed = relay.relay(target, proxy.cluster.clone(), proxy.upstream, tcp);
+            let (front, proxy, cancel) = (front.clone(), proxy.clone(), cancel.clone());
+            let in_flight = InFlight::enter();
+            tokio::spawn(async move {
+                let _in_flight = in_flight;
+                let unreachable = tokio::select! {
+                    () = cancel.cancelled() => None,
+                    back = relayed => back,
+                };
+                if let Some(tcp) = unreachable {
+                    spawn_connection(tcp, peer, front, proxy, cancel);
+                }
+            });
+            continue;
+        }
+        spawn_connection(tcp, peer, front.clone(), proxy.clone(), cancel.clone());
     }
     tracing::info!(cluster = %proxy.cluster, "cluster proxy closed");
 }
 
-async fn serve_connection<S: ClusterStore>(
-    tcp: TcpStream,
+fn spawn_connection<S: ClusterStore, T: Io>(
+    io: T,
+    peer: SocketAddr,
+    front: Arc<Front>,
+    proxy: Arc<Proxy<S>>,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = serve_connection(io, peer, &front, proxy) => {}
+        }
+    });
+}
+
+async fn serve_connection<S: ClusterStore, T: Io>(
+    tcp: T,
     peer: SocketAddr,
     front: &Front,
     proxy: Arc<Proxy<S>>,
@@ -721,10 +838,17 @@ impl<S: ClusterStore> Proxy<S> {
 
     /// [`Self::forward`], timed to response headers for /metrics.
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let in_flight = InFlight::enter();
         let started = std::time::Instant::now();
         let resp = self.forward(req).await;
         crate::metrics::METRICS.observe_request(&self.cluster, started.elapsed());
-        resp
+        resp.map(|inner| {
+            Counted {
+                inner,
+                _in_flight: in_flight,
+            }
+            .boxed()
+        })
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
@@ -814,7 +938,9 @@ impl<S: ClusterStore> Proxy<S> {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let cancel = self.cancel.clone();
             let cluster = cluster.clone();
+            let in_flight = InFlight::enter();
             tokio::spawn(async move {
+                let _in_flight = in_flight;
                 let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok(both) => both,
                     Err(e) => {
@@ -1281,6 +1407,7 @@ mod tests {
             registry.clone(),
             Some((ca.clone(), cert.clone())),
             timeouts,
+            None,
         )
         .await
         .unwrap();
@@ -1757,6 +1884,7 @@ mod tests {
             CLUSTER.into(),
             "127.0.0.1:0".parse().unwrap(),
             registry.clone(),
+            None,
         )
         .await
         .unwrap();
@@ -1777,6 +1905,7 @@ mod tests {
             "beta".into(),
             "127.0.0.1:0".parse().unwrap(),
             registry.clone(),
+            None,
         )
         .await
         .unwrap();

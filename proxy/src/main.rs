@@ -18,8 +18,11 @@ mod ca;
 mod controller;
 mod crd;
 mod forward;
+mod leader;
 mod listener;
 mod metrics;
+mod owners;
+mod peers;
 mod ports;
 mod registry;
 mod secret;
@@ -57,9 +60,27 @@ struct Flags {
     /// Address agents use to reach this proxy (shown in agent manifests).
     #[arg(long)]
     publish_service_address: Option<String>,
-    /// Elect a leader among replicas for writes to the host cluster.
+    /// Run as one of several replicas: a leader (Lease <namespace>/tower)
+    /// writes to the host cluster, every replica serves agents and clients,
+    /// and relays clients to the replica that has their cluster's agent.
     #[arg(long, default_value_t = false)]
     leader_elect: bool,
+    /// How long the leader's Lease lasts without renewal (renewed halfway).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    leader_elect_lease_duration: Duration,
+    /// This replica's name among replicas (default: the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    replica_id: Option<String>,
+    /// Port other replicas relay clients through (mutual TLS), with --leader-elect.
+    #[arg(long, default_value_t = 8443)]
+    peer_port: u16,
+    /// HOST:PORT other replicas reach this one at (default: $POD_IP:--peer-port).
+    #[arg(long)]
+    peer_address: Option<String>,
+    /// On SIGTERM: how long agents and running requests get to move to
+    /// another replica before the last tunnels are closed.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     /// OpenSSH private key for the SSH host key; created on first start.
     /// Default: <data-dir>/ssh_host_ed25519_key.
     #[arg(long)]
@@ -188,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("--clusters-file {}: {e}", path.display()))?;
             let host_key = host_key_from_file(&flags)?;
             let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-            serve_agents(&flags, Registry::new(store), host_key, ready).await
+            serve_agents(&flags, Registry::new(store), host_key, ready, None).await
         }
         None => run_with_kubernetes(flags).await,
     }
@@ -254,6 +275,14 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("--host {:?} must be an IP address", flags.host))?;
     let ports = Arc::new(ports::ListenerPorts::new(ca.clone(), bind));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ha, ha_tasks) = if flags.leader_elect {
+        let (ha, tasks) = start_ha(&flags, &client, &ca, &ports, bind, &stop).await?;
+        (Some(ha), tasks)
+    } else {
+        (None, Vec::new())
+    };
+    let owners = ha.as_ref().map(|h: &controller::Ha| h.owners.clone());
     let options = controller::Options {
         namespace: flags.namespace.clone(),
         advertise_address: flags.advertise_address.clone(),
@@ -261,21 +290,120 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
         ports: flags.cluster_ports.clone(),
         bind_host: flags.host.clone(),
     };
-    let running = controller::start(client, ca, ports.clone(), options);
+    let running = controller::start(client, ca, ports.clone(), options, ha);
     let _ = ports.registry.set(running.registry.clone());
+    if let Some(owners) = &owners {
+        let registry = running.registry.clone();
+        let live = move || {
+            let mut clusters = registry.clusters();
+            clusters.retain(|c| registry.live(c) > 0);
+            clusters
+        };
+        let run = tokio::spawn(owners.clone().run(live, stop.clone()));
+        let mut tasks = ha_tasks;
+        tasks.push(run);
+        let drained = Drained {
+            owners: owners.clone(),
+            stop: stop.clone(),
+            tasks,
+        };
+        let controller_task = running.task;
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        spawn_ready(running.store, ready.clone());
+        return tokio::select! {
+            served = serve_agents(&flags, running.registry, host_key, ready, Some(drained)) => served,
+            _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
+        };
+    }
     let controller_task = running.task;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (store, ready_flag) = (running.store, ready.clone());
+    spawn_ready(running.store, ready.clone());
+    tokio::select! {
+        served = serve_agents(&flags, running.registry, host_key, ready, None) => served,
+        _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
+    }
+}
+
+fn spawn_ready(
+    store: kube::runtime::reflector::Store<crd::Cluster>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
     tokio::spawn(async move {
         if store.wait_until_ready().await.is_ok() {
-            ready_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("Cluster cache synced: ready");
         }
     });
-    tokio::select! {
-        served = serve_agents(&flags, running.registry, host_key, ready) => served,
-        _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
-    }
+}
+
+/// HA pieces to stop, in order, once this replica has drained.
+struct Drained {
+    owners: Arc<owners::Owners>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// `--leader-elect`: this replica's identity, the leader election, the
+/// holder records and the peer port.
+async fn start_ha(
+    flags: &Flags,
+    client: &kube::Client,
+    ca: &Arc<ca::Ca>,
+    ports: &Arc<ports::ListenerPorts>,
+    bind: std::net::IpAddr,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(controller::Ha, Vec<tokio::task::JoinHandle<()>>)> {
+    let replica = match &flags.replica_id {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .context("--leader-elect needs a replica name: set --replica-id or POD_NAME")?,
+    };
+    let peer_address = match &flags.peer_address {
+        Some(a) => a.clone(),
+        None => {
+            let host = std::env::var("POD_IP")
+                .ok()
+                .filter(|ip| !ip.is_empty())
+                .or_else(|| (!bind.is_unspecified()).then(|| bind.to_string()))
+                .context("--leader-elect needs --peer-address (or POD_IP, or a specific --host)")?;
+            controller::endpoint("tcp", &host, flags.peer_port)
+                .trim_start_matches("tcp://")
+                .to_string()
+        }
+    };
+    let (owners, changes) =
+        owners::Owners::new(client.clone(), &flags.namespace, &replica, &peer_address);
+    let peers = Arc::new(
+        peers::Peers::new(ca, owners.clone(), &peer_address)
+            .context("the peer port's certificate")?,
+    );
+    let _ = ports.relay.set(peers.clone() as Arc<dyn listener::Relay>);
+    let peer_bind = std::net::SocketAddr::new(bind, flags.peer_port);
+    let peer_listener = TcpListener::bind(peer_bind)
+        .await
+        .with_context(|| format!("cannot listen on the peer port {peer_bind} (--peer-port)"))?;
+    tracing::info!(replica = %replica, addr = %peer_listener.local_addr()?, %peer_address, "peer port listening");
+    let peer_task = tokio::spawn(peers.serve(peer_listener, ports.clone(), stop.clone()));
+    let (leader, leader_task) = leader::Leadership::elect(
+        client.clone(),
+        &flags.namespace,
+        &replica,
+        flags.leader_elect_lease_duration,
+        stop.clone(),
+    )
+    .await
+    .context("leader election (Lease tower)")?;
+    Ok((
+        controller::Ha {
+            leader,
+            owners,
+            changes,
+        },
+        vec![peer_task, leader_task],
+    ))
 }
 
 /// The agents' port (and any --forward ports) until SIGTERM or SIGINT.
@@ -284,6 +412,7 @@ async fn serve_agents<S: registry::ClusterStore>(
     registry: Registry<S>,
     host_key: russh::keys::PrivateKey,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    ha: Option<Drained>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),
@@ -307,14 +436,74 @@ async fn serve_agents<S: registry::ClusterStore>(
         .await
         .with_context(|| format!("cannot listen on {addr} (--host, --port)"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening for agents");
-    agents::run(listener, endpoint, shutdown_signal()).await;
+    agents::run(listener, endpoint.clone(), shutdown_signal()).await;
+    // No new agents from here on (the port is closed).
+    endpoint
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(ha) = &ha {
+        ha.owners.set_draining().await;
+    }
+    let moved = |cluster: &str| {
+        ha.as_ref()
+            .is_none_or(|ha| ha.owners.owner(cluster).is_some())
+    };
+    drain(&registry, flags.shutdown_grace, moved).await;
     // Agents hear why and reconnect at once (to another replica, if any)
     // instead of waiting for their keepalive to notice a dead socket.
     tracing::info!("shutting down: closing agent sessions");
     registry
         .close_all("the proxy is shutting down, reconnect")
         .await;
+    if let Some(ha) = ha {
+        ha.stop.cancel();
+        let finished = futures_util::future::join_all(ha.tasks);
+        if tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!("leases not released within 5 s; they expire by themselves");
+        }
+    }
     Ok(())
+}
+
+/// Ask every agent to move to another replica, wait until they have
+/// (`moved`) and no request, upgraded stream or relay is in progress here,
+/// then return so the caller closes what is left. Tunnels of agents that
+/// cannot be asked (Go Tower agents) are closed as soon as nothing is in
+/// progress. `grace` bounds the wait.
+async fn drain<S: registry::ClusterStore>(
+    registry: &Registry<S>,
+    grace: Duration,
+    moved: impl Fn(&str) -> bool,
+) {
+    if registry.total_live() == 0 {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(sessions = registry.total_live(), grace = ?grace, "draining: asking agents to move to another replica");
+    let (asked, legacy) = registry.drain_all().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let idle = listener::in_flight() == 0;
+        if idle {
+            for session in legacy.iter().filter(|s| !s.is_closed()) {
+                session.close("the proxy is shutting down, reconnect").await;
+            }
+        }
+        if registry.total_live() == 0 || (idle && asked.iter().all(|c| moved(c))) {
+            tracing::info!("drained: agents moved, nothing in progress");
+            return;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(sessions = registry.total_live(), in_flight = listener::in_flight(), "grace period over: closing what is left");
+                return;
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -12,8 +12,8 @@ use tokio::sync::Mutex;
 
 use crate::ca::Ca;
 use crate::controller::{CrStore, Ports};
-use crate::listener::{ClusterListener, ServerCert};
-use crate::registry::Registry;
+use crate::listener::{ClusterListener, Io, Relay, ServerCert};
+use crate::registry::{Registry, Upstream};
 
 /// Serving certificates live this long and are renewed a month before.
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -33,6 +33,8 @@ pub struct ListenerPorts {
     bind: IpAddr,
     /// Set once the registry exists (it needs the controller, which needs us).
     pub registry: OnceLock<Registry<CrStore>>,
+    /// HA: connections for clusters another replica serves go there.
+    pub relay: OnceLock<Arc<dyn Relay>>,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -42,8 +44,29 @@ impl ListenerPorts {
             ca,
             bind,
             registry: OnceLock::new(),
+            relay: OnceLock::new(),
             open: Mutex::default(),
         }
+    }
+
+    /// Serve a connection a peer replica relayed for `cluster`'s port of
+    /// `kind`; false when that port is not open here.
+    pub async fn serve_relayed(
+        &self,
+        cluster: &str,
+        kind: Upstream,
+        io: Box<dyn Io>,
+        peer: SocketAddr,
+    ) -> bool {
+        let open = self.open.lock().await;
+        let Some(ports) = open.get(cluster) else {
+            return false;
+        };
+        match kind {
+            Upstream::Kubernetes => ports.kube.serve_relayed(io, peer),
+            Upstream::KubeSphere => ports.ks.serve_relayed(io, peer),
+        }
+        true
     }
 
     fn issue(&self, sans: &[String]) -> Result<ServerCert, String> {
@@ -100,12 +123,18 @@ impl Ports for ListenerPorts {
             registry.clone(),
             self.ca.clone(),
             cert.clone(),
+            self.relay.get().cloned(),
         )
         .await
         .map_err(|e| format!("cannot listen on port {kube_port} for {cluster}: {e}"))?;
-        let ks = ClusterListener::start_kubesphere(cluster.to_string(), bind(ks_port), registry)
-            .await
-            .map_err(|e| format!("cannot listen on port {ks_port} for {cluster}: {e}"))?;
+        let ks = ClusterListener::start_kubesphere(
+            cluster.to_string(),
+            bind(ks_port),
+            registry,
+            self.relay.get().cloned(),
+        )
+        .await
+        .map_err(|e| format!("cannot listen on port {ks_port} for {cluster}: {e}"))?;
         open.insert(
             cluster.to_string(),
             Open {

@@ -55,8 +55,7 @@ impl ClusterStore for StaticClusters {
 }
 
 /// The member services an agent advertises.
-#[derive(Clone, Copy, Debug)]
-#[allow(dead_code)] // KubeSphere: the ks-apiserver port comes with the per-cluster listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Upstream {
     /// `KubernetesSvcHost`: the member's kube-apiserver.
     Kubernetes,
@@ -240,6 +239,40 @@ impl<S: ClusterStore> Registry<S> {
         for cluster in self.clusters() {
             self.revoke(&cluster, None, reason).await;
         }
+    }
+
+    /// Live sessions of all clusters.
+    pub fn total_live(&self) -> usize {
+        self.lock()
+            .values()
+            .flatten()
+            .filter(|e| !e.session.is_closed())
+            .count()
+    }
+
+    /// Ask every agent to connect again elsewhere, keeping its tunnel until
+    /// it is closed (this replica is draining). Returns the clusters of the
+    /// agents that were asked, and the sessions whose agents do not know the
+    /// request (Go Tower agents).
+    pub async fn drain_all(&self) -> (Vec<String>, Vec<Session>) {
+        let sessions: Vec<(String, Session)> = self
+            .lock()
+            .iter()
+            .flat_map(|(c, l)| l.iter().map(|e| (c.clone(), e.session.clone())))
+            .collect();
+        let asks = sessions.into_iter().map(|(c, s)| async move {
+            let understood = s.drain().await;
+            (c, s, understood)
+        });
+        let (mut asked, mut legacy) = (Vec::new(), Vec::new());
+        for (cluster, session, understood) in futures_util::future::join_all(asks).await {
+            if understood {
+                asked.push(cluster);
+            } else {
+                legacy.push(session);
+            }
+        }
+        (asked, legacy)
     }
 
     /// The least busy live session of `cluster`.

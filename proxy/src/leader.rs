@@ -1,0 +1,98 @@
+//! Leader election among proxy replicas (`--leader-elect`).
+//!
+//! Only the leader writes to the host cluster (tokens, ports, Services,
+//! kubeconfigs, conditions); every replica serves agents and clients. The lock
+//! is Tower's: Lease `<namespace>/tower`, 30 s, renewed 15 s before it
+//! expires. The lease is released on shutdown so the next leader need not wait
+//! for it to expire.
+
+use std::time::Duration;
+
+use kube::Client;
+use kube_lease_manager::{LeaseManagerBuilder, LeaseParams};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Tower's leader-election Lease.
+pub const LEASE_NAME: &str = "tower";
+
+/// Whether this replica leads. Cheap to clone.
+#[derive(Clone)]
+pub struct Leadership {
+    rx: watch::Receiver<bool>,
+    /// For [`Leadership::always`]: keeps the channel open.
+    _fixed: Option<std::sync::Arc<watch::Sender<bool>>>,
+}
+
+impl Leadership {
+    /// A single replica: always the leader.
+    pub fn always() -> Self {
+        let (tx, rx) = watch::channel(true);
+        Self {
+            rx,
+            _fixed: Some(std::sync::Arc::new(tx)),
+        }
+    }
+
+    /// Contend for the Lease until `stop` is cancelled, then release it. The
+    /// returned task ends after the release.
+    pub async fn elect(
+        client: Client,
+        namespace: &str,
+        identity: &str,
+        lease_duration: Duration,
+        stop: CancellationToken,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), kube_lease_manager::LeaseManagerError> {
+        let secs = lease_duration.as_secs().max(2);
+        let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+            .with_namespace(namespace)
+            .with_parameters(LeaseParams::new(identity, secs, secs / 2))
+            .build()
+            .await?;
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    changed = manager.changed() => match changed {
+                        Ok(leading) => {
+                            failures = 0;
+                            tracing::info!(leading, lease = LEASE_NAME, "leadership changed");
+                            let _ = tx.send(leading);
+                        }
+                        Err(e) => {
+                            // Can't tell whether we still hold it: stop writing.
+                            let _ = tx.send(false);
+                            failures += 1;
+                            tracing::warn!(error = %e, "leader election failed, retrying");
+                            let wait = Duration::from_secs(u64::from(failures.min(5)));
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                    },
+                }
+            }
+            let _ = tx.send(false);
+            match manager.release().await {
+                Ok(()) => tracing::info!(lease = LEASE_NAME, "leadership released"),
+                Err(e) => tracing::warn!(error = %e, "could not release the leader lease"),
+            }
+        });
+        Ok((Self { rx, _fixed: None }, task))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves at the next change (pending forever for [`Leadership::always`]).
+    pub async fn changed(&mut self) -> bool {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        *self.rx.borrow_and_update()
+    }
+}

@@ -1,0 +1,583 @@
+//! Which replica serves which cluster, when several proxy replicas run
+//! (`--leader-elect`).
+//!
+//! Agents connect to any replica. Each replica keeps a Lease
+//! `tower-replica-<id>` renewed (its heartbeat), with its peer address and
+//! whether it is draining in annotations. While it has a live session of a
+//! cluster it records itself as the holder of the Lease `tower-cluster-<name>`;
+//! that Lease is written only when its holder changes, so steady state costs
+//! one write per replica per [`RENEW`], not one per cluster. A holder counts
+//! while its replica Lease is fresh; a replica that has a session takes over a
+//! cluster whose holder died or is draining.
+//!
+//! Every replica watches these Leases: a client connection for a cluster this
+//! replica has no session of is relayed to the holder ([`crate::peers`]), and
+//! the leader counts the cluster as available while it has a live holder.
+//! Freshness compares the Lease's renewTime with this replica's clock, so the
+//! replicas' clocks must agree to within a few seconds (as for Kubernetes'
+//! own leader election).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// A replica's heartbeat Lease is renewed this often...
+pub const RENEW: Duration = Duration::from_secs(5);
+/// ...and counts as dead this long after its last renewal.
+pub const REPLICA_LEASE: Duration = Duration::from_secs(15);
+
+const MANAGER: &str = "tower-proxy";
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// `replica` or `cluster`.
+const ROLE_LABEL: &str = "tower.kubesphere.io/lease";
+const CLUSTER_LABEL: &str = "cluster.kubesphere.io/name";
+pub const PEER_ANNOTATION: &str = "tower.kubesphere.io/peer-address";
+pub const DRAINING_ANNOTATION: &str = "tower.kubesphere.io/draining";
+
+/// The Lease recording who serves `cluster`. Lease names have the same rules
+/// as Cluster names; a name too long for the prefix is cut and made unique
+/// with a hash.
+pub fn cluster_lease_name(cluster: &str) -> String {
+    const PREFIX: &str = "tower-cluster-";
+    let name = format!("{PREFIX}{cluster}");
+    if name.len() <= 253 {
+        return name;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cluster.hash(&mut h);
+    let head: String = cluster.chars().take(200).collect();
+    format!("{PREFIX}{head}-{:016x}", h.finish())
+}
+
+fn replica_lease_name(replica: &str) -> String {
+    format!("tower-replica-{replica}")
+}
+
+/// The replica serving a cluster, as another replica sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub replica: String,
+    pub peer_address: String,
+    pub draining: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Replica {
+    peer_address: String,
+    draining: bool,
+    renewed: Option<Timestamp>,
+    duration: Duration,
+}
+
+impl Replica {
+    fn alive(&self, now: Timestamp) -> bool {
+        self.renewed.is_some_and(|t| {
+            let age = now.duration_since(t);
+            age.as_secs_f64() < self.duration.as_secs_f64()
+        })
+    }
+}
+
+#[derive(Default)]
+struct State {
+    replicas: HashMap<String, Replica>,
+    /// cluster -> holder replica (only Leases with a holder).
+    holders: HashMap<String, String>,
+    /// Replicas alive at the last check, to notice deaths (no event for those).
+    alive: HashSet<String>,
+}
+
+/// This replica's view of who serves what; see the module docs.
+pub struct Owners {
+    api: Api<Lease>,
+    me: String,
+    peer_address: String,
+    state: Mutex<State>,
+    draining: AtomicBool,
+    /// Sessions changed here: claim or release now.
+    wake: Notify,
+    /// Clusters whose availability may have changed (for the leader).
+    changes: mpsc::UnboundedSender<String>,
+}
+
+impl Owners {
+    /// `me` is this replica's id (its pod name), `peer_address` where other
+    /// replicas reach its peer port. The receiver yields names of clusters
+    /// whose holder changed.
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        me: &str,
+        peer_address: &str,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+        let (changes, rx) = mpsc::unbounded_channel();
+        let owners = Arc::new(Self {
+            api: Api::namespaced(client, namespace),
+            me: me.to_string(),
+            peer_address: peer_address.to_string(),
+            state: Mutex::default(),
+            draining: AtomicBool::new(false),
+            wake: Notify::new(),
+            changes,
+        });
+        (owners, rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Another live replica recorded as serving `cluster`, if any.
+    pub fn owner(&self, cluster: &str) -> Option<Owner> {
+        let state = self.lock();
+        let holder = state.holders.get(cluster)?;
+        if *holder == self.me {
+            return None;
+        }
+        let replica = state.replicas.get(holder)?;
+        replica.alive(Timestamp::now()).then(|| Owner {
+            replica: holder.clone(),
+            peer_address: replica.peer_address.clone(),
+            draining: replica.draining,
+        })
+    }
+
+    /// Where a new client connection for `cluster` should go: `None` to serve
+    /// it here. A draining replica sends clients on to the replica its agents
+    /// moved to.
+    pub fn relay_target(&self, cluster: &str, local_sessions: usize) -> Option<String> {
+        let draining = self.draining.load(Ordering::Relaxed);
+        if local_sessions > 0 && !draining {
+            return None;
+        }
+        let owner = self.owner(cluster)?;
+        if local_sessions > 0 && owner.draining {
+            return None;
+        }
+        Some(owner.peer_address)
+    }
+
+    /// Sessions were added or ended here.
+    pub fn sessions_changed(&self) {
+        self.wake.notify_one();
+    }
+
+    /// This replica is shutting down: tell the others now.
+    pub async fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        if let Err(e) = self.heartbeat().await {
+            tracing::warn!(error = %e, "could not mark this replica as draining");
+        }
+        self.wake.notify_one();
+    }
+
+    /// Renew this replica's Lease (server-side apply creates it the first time).
+    async fn heartbeat(&self) -> Result<(), kube::Error> {
+        let now = MicroTime(Timestamp::now());
+        let mut annotations = std::collections::BTreeMap::new();
+        annotations.insert(PEER_ANNOTATION.to_string(), self.peer_address.clone());
+        annotations.insert(
+            DRAINING_ANNOTATION.to_string(),
+            self.draining.load(Ordering::Relaxed).to_string(),
+        );
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(replica_lease_name(&self.me)),
+                labels: Some(
+                    [
+                        (MANAGED_BY.to_string(), MANAGER.to_string()),
+                        (ROLE_LABEL.to_string(), "replica".to_string()),
+                    ]
+                    .into(),
+                ),
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.me.clone()),
+                lease_duration_seconds: Some(REPLICA_LEASE.as_secs() as i32),
+                renew_time: Some(now),
+                ..Default::default()
+            }),
+        };
+        let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
+        value["apiVersion"] = "coordination.k8s.io/v1".into();
+        value["kind"] = "Lease".into();
+        self.api
+            .patch(
+                &replica_lease_name(&self.me),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(value),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Make this replica the holder of `cluster`'s Lease unless a live,
+    /// non-draining replica holds it. Compare-and-swap on resourceVersion.
+    async fn claim(&self, cluster: &str) -> Result<bool, kube::Error> {
+        let name = cluster_lease_name(cluster);
+        let now = MicroTime(Timestamp::now());
+        match self.api.get_opt(&name).await? {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name),
+                        labels: Some(
+                            [
+                                (MANAGED_BY.to_string(), MANAGER.to_string()),
+                                (ROLE_LABEL.to_string(), "cluster".to_string()),
+                                (CLUSTER_LABEL.to_string(), cluster.to_string()),
+                            ]
+                            .into(),
+                        ),
+                        ..Default::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.me.clone()),
+                        acquire_time: Some(now.clone()),
+                        renew_time: Some(now),
+                        lease_transitions: Some(0),
+                        ..Default::default()
+                    }),
+                };
+                self.api.create(&PostParams::default(), &lease).await?;
+                Ok(true)
+            }
+            Some(mut lease) => {
+                let spec = lease.spec.get_or_insert_with(Default::default);
+                let holder = spec.holder_identity.clone().unwrap_or_default();
+                if holder == self.me {
+                    return Ok(true);
+                }
+                if !holder.is_empty() {
+                    let state = self.lock();
+                    let busy = state
+                        .replicas
+                        .get(&holder)
+                        .is_some_and(|r| r.alive(Timestamp::now()) && !r.draining);
+                    if busy {
+                        return Ok(false);
+                    }
+                }
+                spec.holder_identity = Some(self.me.clone());
+                spec.acquire_time = Some(now.clone());
+                spec.renew_time = Some(now);
+                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                self.api
+                    .replace(&lease.name_any(), &PostParams::default(), &lease)
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Clear the holder of `cluster`'s Lease if it is this replica.
+    async fn release(&self, cluster: &str) -> Result<(), kube::Error> {
+        let name = cluster_lease_name(cluster);
+        let Some(mut lease) = self.api.get_opt(&name).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(self.me.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.api
+            .replace(&name, &PostParams::default(), &lease)
+            .await?;
+        Ok(())
+    }
+
+    /// Claim the clusters this replica has sessions of, release the others it
+    /// holds.
+    async fn sync(&self, live: &[String]) {
+        let draining = self.draining.load(Ordering::Relaxed);
+        let (to_claim, to_release): (Vec<String>, Vec<String>) = {
+            let state = self.lock();
+            let now = Timestamp::now();
+            let claim = live
+                .iter()
+                .filter(|c| match state.holders.get(*c) {
+                    Some(h) if *h == self.me => false,
+                    Some(h) => {
+                        // Take over from a dead or draining holder, never
+                        // while draining ourselves.
+                        !draining
+                            && state
+                                .replicas
+                                .get(h)
+                                .is_none_or(|r| !r.alive(now) || r.draining)
+                    }
+                    None => !draining,
+                })
+                .cloned()
+                .collect();
+            let release = state
+                .holders
+                .iter()
+                .filter(|(c, h)| **h == self.me && !live.contains(c))
+                .map(|(c, _)| c.clone())
+                .collect();
+            (claim, release)
+        };
+        for cluster in to_claim {
+            match self.claim(&cluster).await {
+                Ok(true) => tracing::info!(%cluster, "this replica now serves the cluster"),
+                Ok(false) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {} // raced: next round
+                Err(e) => {
+                    tracing::warn!(%cluster, error = %e, "could not record this replica as the cluster's holder")
+                }
+            }
+        }
+        for cluster in to_release {
+            if let Err(e) = self.release(&cluster).await {
+                tracing::warn!(%cluster, error = %e, "could not release the cluster's lease");
+            }
+        }
+    }
+
+    /// On shutdown: give up every cluster and the heartbeat.
+    async fn release_all(&self) {
+        let held: Vec<String> = {
+            let state = self.lock();
+            state
+                .holders
+                .iter()
+                .filter(|(_, h)| **h == self.me)
+                .map(|(c, _)| c.clone())
+                .collect()
+        };
+        for cluster in held {
+            if let Err(e) = self.release(&cluster).await {
+                tracing::warn!(%cluster, error = %e, "could not release the cluster's lease");
+            }
+        }
+        if let Err(e) = self
+            .api
+            .delete(&replica_lease_name(&self.me), &DeleteParams::default())
+            .await
+        {
+            tracing::warn!(error = %e, "could not delete this replica's lease");
+        }
+    }
+
+    fn apply(&self, lease: &Lease) {
+        let labels = lease.labels();
+        let spec = lease.spec.clone().unwrap_or_default();
+        let mut changed = Vec::new();
+        {
+            let mut state = self.lock();
+            match labels.get(ROLE_LABEL).map(String::as_str) {
+                Some("replica") => {
+                    let Some(id) = spec.holder_identity.clone() else {
+                        return;
+                    };
+                    let annotations = lease.annotations();
+                    let replica = Replica {
+                        peer_address: annotations
+                            .get(PEER_ANNOTATION)
+                            .cloned()
+                            .unwrap_or_default(),
+                        draining: annotations.get(DRAINING_ANNOTATION).map(String::as_str)
+                            == Some("true"),
+                        renewed: spec.renew_time.map(|t| t.0),
+                        duration: Duration::from_secs(
+                            spec.lease_duration_seconds
+                                .and_then(|s| u64::try_from(s).ok())
+                                .unwrap_or(REPLICA_LEASE.as_secs()),
+                        ),
+                    };
+                    let before = state.replicas.insert(id.clone(), replica.clone());
+                    if before.is_none_or(|b| b.draining != replica.draining) {
+                        changed.extend(
+                            state
+                                .holders
+                                .iter()
+                                .filter(|(_, h)| **h == id)
+                                .map(|(c, _)| c.clone()),
+                        );
+                    }
+                }
+                Some("cluster") => {
+                    let Some(cluster) = labels.get(CLUSTER_LABEL).cloned() else {
+                        return;
+                    };
+                    let holder = spec.holder_identity.filter(|h| !h.is_empty());
+                    let before = match &holder {
+                        Some(h) => state.holders.insert(cluster.clone(), h.clone()),
+                        None => state.holders.remove(&cluster),
+                    };
+                    if before != holder {
+                        changed.push(cluster);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for cluster in changed {
+            let _ = self.changes.send(cluster);
+        }
+    }
+
+    fn forget(&self, lease: &Lease) {
+        let labels = lease.labels();
+        let mut changed = Vec::new();
+        {
+            let mut state = self.lock();
+            match labels.get(ROLE_LABEL).map(String::as_str) {
+                Some("replica") => {
+                    if let Some(id) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) {
+                        state.replicas.remove(&id);
+                        changed.extend(
+                            state
+                                .holders
+                                .iter()
+                                .filter(|(_, h)| **h == id)
+                                .map(|(c, _)| c.clone()),
+                        );
+                    }
+                }
+                Some("cluster") => {
+                    if let Some(cluster) = labels.get(CLUSTER_LABEL)
+                        && state.holders.remove(cluster).is_some()
+                    {
+                        changed.push(cluster.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        for cluster in changed {
+            let _ = self.changes.send(cluster);
+        }
+    }
+
+    /// Replicas whose Lease went stale since the last check: their clusters
+    /// changed availability (a death produces no watch event).
+    fn check_deaths(&self) {
+        let changed: Vec<String> = {
+            let mut state = self.lock();
+            let now = Timestamp::now();
+            let alive: HashSet<String> = state
+                .replicas
+                .iter()
+                .filter(|(_, r)| r.alive(now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let flipped: HashSet<&String> = alive.symmetric_difference(&state.alive).collect();
+            let clusters = state
+                .holders
+                .iter()
+                .filter(|(_, h)| flipped.contains(h))
+                .map(|(c, _)| c.clone())
+                .collect();
+            state.alive = alive;
+            clusters
+        };
+        for cluster in changed {
+            let _ = self.changes.send(cluster);
+        }
+    }
+
+    /// Keep the view current and this replica's records written until `stop`,
+    /// then release what this replica holds. `live` lists the clusters with a
+    /// live session here.
+    pub async fn run(
+        self: Arc<Self>,
+        live: impl Fn() -> Vec<String> + Send + 'static,
+        stop: CancellationToken,
+    ) {
+        let watch = {
+            let owners = self.clone();
+            let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}"));
+            let api = self.api.clone();
+            async move {
+                let mut events = watcher(api, config).boxed();
+                let mut seen = Vec::new();
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(watcher::Event::Apply(l)) => owners.apply(&l),
+                        Ok(watcher::Event::Delete(l)) => owners.forget(&l),
+                        Ok(watcher::Event::Init) => seen.clear(),
+                        Ok(watcher::Event::InitApply(l)) => seen.push(l),
+                        Ok(watcher::Event::InitDone) => {
+                            {
+                                let mut state = owners.lock();
+                                state.replicas.clear();
+                                state.holders.clear();
+                            }
+                            for l in seen.drain(..) {
+                                owners.apply(&l);
+                            }
+                            owners.wake.notify_one();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watching leases failed, retrying");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            }
+        };
+        let watch = tokio::spawn(watch);
+        let mut tick = tokio::time::interval(RENEW);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.heartbeat().await {
+                        tracing::warn!(error = %e, "could not renew this replica's lease");
+                    }
+                    self.check_deaths();
+                }
+                () = self.wake.notified() => {}
+            }
+            self.sync(&live()).await;
+        }
+        watch.abort();
+        self.release_all().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_names_stay_valid() {
+        assert_eq!(cluster_lease_name("alpha"), "tower-cluster-alpha");
+        let long = "a".repeat(250);
+        let name = cluster_lease_name(&long);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert_ne!(name, cluster_lease_name(&"a".repeat(251)));
+    }
+
+    #[test]
+    fn replicas_expire() {
+        let now = Timestamp::now();
+        let r = Replica {
+            peer_address: String::new(),
+            draining: false,
+            renewed: Some(now),
+            duration: Duration::from_secs(15),
+        };
+        assert!(r.alive(now));
+        let later = now + Duration::from_secs(16);
+        assert!(!r.alive(later));
+        assert!(!Replica { renewed: None, ..r }.alive(now));
+    }
+}

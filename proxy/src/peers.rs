@@ -1,0 +1,255 @@
+//! The port replicas relay client connections through (HA, `--leader-elect`).
+//!
+//! A client connection for a cluster whose agent is on another replica
+//! ([`crate::owners`]) is relayed before any TLS: this replica opens a mutual
+//! TLS connection to the other's peer port (both sides show a certificate of
+//! the proxy CA with CN [`PEER_COMMON_NAME`]; the CA's other certificates are
+//! refused), sends one line naming the cluster and the port kind, then copies
+//! bytes both ways. The client's own TLS, client certificate included, ends at
+//! the serving replica's listener exactly as if it had connected there, so a
+//! relay adds no trust and sees no plaintext.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::{Ca, PEER_COMMON_NAME};
+use crate::listener::Relay;
+use crate::owners::Owners;
+use crate::ports::ListenerPorts;
+use crate::registry::Upstream;
+
+/// Peer certificates live this long; a replica issues its own at start.
+const PEER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_PREFACE: u64 = 512;
+const PREFACE_VERSION: &str = "TOWER-PEER/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot issue the peer certificate: {0}")]
+    Cert(#[from] crate::ca::CaError),
+    #[error("peer TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("peer TLS: {0}")]
+    Verifier(String),
+}
+
+/// This replica's side of the peer port: it relays out and accepts relays in.
+pub struct Peers {
+    owners: Arc<Owners>,
+    connector: TlsConnector,
+    acceptor: TlsAcceptor,
+}
+
+fn kind_name(kind: Upstream) -> &'static str {
+    match kind {
+        Upstream::Kubernetes => "kube",
+        Upstream::KubeSphere => "ks",
+    }
+}
+
+/// `host` of `host:port` (brackets of IPv6 removed).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+impl Peers {
+    /// `peer_address` is where the others reach this replica (`host:port`);
+    /// its host goes into this replica's certificate.
+    pub fn new(ca: &Ca, owners: Arc<Owners>, peer_address: &str) -> Result<Self, PeerError> {
+        let issued = ca.issue_peer(&[host_of(peer_address).to_string()], PEER_CERT_VALIDITY)?;
+        let chain = vec![
+            CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+                .map_err(|e| PeerError::Verifier(e.to_string()))?,
+        ];
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+            .map_err(|e| PeerError::Verifier(e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.cert_der().clone())?;
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| PeerError::Verifier(e.to_string()))?;
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        Ok(Self {
+            owners,
+            connector: TlsConnector::from(Arc::new(client)),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+        })
+    }
+
+    /// Accept relays from other replicas until `stop`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        ports: Arc<ListenerPorts>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (tcp, from) = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "peer port: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (peers, ports) = (self.clone(), ports.clone());
+            tokio::spawn(async move {
+                if let Err(e) = peers.accept(tcp, from, &ports).await {
+                    tracing::warn!(%from, error = %e, "peer port: relay refused");
+                }
+            });
+        }
+    }
+
+    async fn accept(
+        &self,
+        tcp: TcpStream,
+        from: SocketAddr,
+        ports: &ListenerPorts,
+    ) -> Result<(), String> {
+        let tls = tokio::time::timeout(PREFACE_TIMEOUT, self.acceptor.accept(tcp))
+            .await
+            .map_err(|_| "no TLS handshake in time".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let cn = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                let cn = cert.subject().iter_common_name().next()?;
+                cn.as_str().ok().map(str::to_string)
+            });
+        if cn.as_deref() != Some(PEER_COMMON_NAME) {
+            return Err(format!(
+                "client certificate CN {cn:?} is not a proxy replica's ({PEER_COMMON_NAME})"
+            ));
+        }
+        let mut reader = BufReader::new(tls);
+        let mut line = String::new();
+        let mut limited = (&mut reader).take(MAX_PREFACE);
+        tokio::time::timeout(PREFACE_TIMEOUT, limited.read_line(&mut line))
+            .await
+            .map_err(|_| "no preface in time".to_string())?
+            .map_err(|e| format!("reading the preface: {e}"))?;
+        let mut words = line.split_whitespace();
+        let (version, kind, cluster) = (words.next(), words.next(), words.next());
+        if version != Some(PREFACE_VERSION) {
+            return Err(format!("unknown preface {line:?}"));
+        }
+        let kind = match kind {
+            Some("kube") => Upstream::Kubernetes,
+            Some("ks") => Upstream::KubeSphere,
+            _ => return Err(format!("unknown port kind in {line:?}")),
+        };
+        let cluster = cluster.ok_or_else(|| format!("no cluster in {line:?}"))?;
+        // The reader may hold bytes of the client's TLS already: keep it.
+        if !ports
+            .serve_relayed(cluster, kind, Box::new(reader), from)
+            .await
+        {
+            return Err(format!(
+                "cluster {cluster} has no {} port here",
+                kind_name(kind)
+            ));
+        }
+        Ok(())
+    }
+
+    async fn connect(
+        &self,
+        target: &str,
+        cluster: &str,
+        kind: Upstream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let name = ServerName::try_from(host_of(target).to_string())
+            .map_err(|e| format!("peer address {target:?}: {e}"))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let mut tls = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let preface = format!("{PREFACE_VERSION} {} {cluster}\n", kind_name(kind));
+        tls.write_all(preface.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(tls)
+    }
+}
+
+impl Relay for Peers {
+    fn target(&self, cluster: &str, local_sessions: usize) -> Option<String> {
+        self.owners.relay_target(cluster, local_sessions)
+    }
+
+    fn relay(
+        &self,
+        target: String,
+        cluster: String,
+        kind: Upstream,
+        mut tcp: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>> {
+        let connector = Self {
+            owners: self.owners.clone(),
+            connector: self.connector.clone(),
+            acceptor: self.acceptor.clone(),
+        };
+        Box::pin(async move {
+            let mut peer = match connector.connect(&target, &cluster, kind).await {
+                Ok(peer) => peer,
+                Err(e) => {
+                    tracing::warn!(%cluster, %target, error = %e, "cannot reach the replica with the agent; serving here");
+                    return Some(tcp);
+                }
+            };
+            if let Err(e) = tokio::io::copy_bidirectional(&mut tcp, &mut peer).await {
+                tracing::debug!(%cluster, %target, error = %e, "relayed connection ended");
+            }
+            None
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_of_peer_addresses() {
+        assert_eq!(host_of("10.0.0.5:8443"), "10.0.0.5");
+        assert_eq!(host_of("[fd00::5]:8443"), "fd00::5");
+        assert_eq!(host_of("peer.example:8443"), "peer.example");
+    }
+}

@@ -1,0 +1,461 @@
+//! Proxy HA (issue #6, parts 2 and 5) with two real proxy replicas against one
+//! real host kube-apiserver: replica `a` on 127.0.0.1 and replica `b` on
+//! 127.0.0.2, both with `--leader-elect`. The agent reaches them through a
+//! small TCP balancer that plays the agents' Service (first replica that
+//! accepts), and kubectl reaches replica `b` directly with config_alpha's
+//! credentials (`--server https://127.0.0.2:<port>`).
+//!
+//! - the agent on `a`, kubectl through `b` works (relayed over the peer port);
+//!   `a` killed: the agent moves to `b` by itself and kubectl works again,
+//!   and `b` takes over the leader Lease and the cluster's Lease.
+//! - `a` drains on SIGTERM: a watch relayed through `b` to `a` keeps
+//!   delivering during the drain, requests through `b` never fail, the agent
+//!   connects to `b` before its tunnel to `a` closes, and the Cluster never
+//!   shows AgentAvailable=False.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use e2e::{
+    KubeCluster, Proc, bin, free_port, kubectl_binary, wait_for_ok, wait_until, workspace_root,
+};
+use nix::sys::signal::Signal;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::Command;
+
+const NS: &str = "kubesphere-system";
+const DEADLINE: Duration = Duration::from_secs(90);
+const GRACE: &str = "8s";
+
+/// Plays the agents' Service: each connection goes to the first backend
+/// that accepts it, in order.
+struct Balancer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    async fn start(backends: Vec<SocketAddr>) -> Result<Balancer> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let backends = backends.clone();
+                tokio::spawn(async move {
+                    for backend in backends {
+                        if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Balancer { addr, task })
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Replica {
+    proc: Proc,
+    host: &'static str,
+}
+
+struct Ha {
+    agent: Proc,
+    replicas: Vec<Option<Replica>>,
+    _balancer: Balancer,
+    member: KubeCluster,
+    host: KubeCluster,
+    config_alpha: PathBuf,
+    kube_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn host_kubectl(host: &KubeCluster, args: &[&str]) -> String {
+    let out = host.kubectl(args);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn jsonpath(host: &KubeCluster, what: &[&str], path: &str) -> String {
+    let expr = format!("jsonpath={path}");
+    let mut args = vec!["get"];
+    args.extend(what);
+    args.extend(["-o", &expr]);
+    host_kubectl(host, &args)
+}
+
+fn lease_holder(host: &KubeCluster, lease: &str) -> String {
+    jsonpath(host, &["lease", "-n", NS, lease], "{.spec.holderIdentity}")
+}
+
+async fn spawn_replica(
+    id: &str,
+    host_ip: &'static str,
+    ports: (u16, u16, u16),
+    kubeconfig: &Path,
+    dir: &Path,
+) -> Result<Replica> {
+    let (agents_port, peer_port, first) = ports;
+    let mut cmd = Command::new(bin("proxy"));
+    cmd.args(["--host", host_ip, "--port", &agents_port.to_string()])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--advertise-address", "127.0.0.1"])
+        .args(["--cluster-ports", &format!("{first}-{}", first + 9)])
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{id}")))
+        .args(["--leader-elect", "--leader-elect-lease-duration", "4s"])
+        .args(["--replica-id", id, "--peer-port", &peer_port.to_string()])
+        .args(["--shutdown-grace", GRACE]);
+    let proc = Proc::spawn(&format!("proxy-{id}"), cmd)?;
+    proc.wait_for_line(|l| l.contains("listening for agents"), DEADLINE)
+        .await?;
+    Ok(Replica {
+        proc,
+        host: host_ip,
+    })
+}
+
+impl Ha {
+    async fn start() -> Result<Ha> {
+        let (host, member) = tokio::join!(
+            KubeCluster::start("host"),
+            KubeCluster::start_with_args("member", &["--kubelet"])
+        );
+        let (host, member) = (host?, member?);
+        let dir = tempfile::Builder::new().prefix("tower-ha-").tempdir()?;
+        let crd = std::process::Command::new(kubectl_binary())
+            .args(["kustomize"])
+            .arg(workspace_root().join("config/crd"))
+            .output()?;
+        ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
+        let crd_file = dir.path().join("crd.yaml");
+        std::fs::write(&crd_file, &crd.stdout)?;
+        host.kubectl_ok(&["create", "-f", &crd_file.to_string_lossy()]);
+        host.kubectl_ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd/clusters.cluster.kubesphere.io",
+            "--timeout=120s",
+        ]);
+        host.kubectl_ok(&["create", "ns", NS]);
+
+        // Same ports on two addresses, as two pods would have.
+        let (agents_port, peer_port) = (free_port(), free_port());
+        let first = 20000 + (std::process::id() % 1900) as u16;
+        let ports = (agents_port, peer_port, first);
+        let a = spawn_replica("a", "127.0.0.1", ports, host.kubeconfig(), dir.path()).await?;
+        // `a` leads before `b` starts.
+        wait_until(DEADLINE, || async { lease_holder(&host, "tower") == "a" })
+            .await
+            .context("replica a never took the leader Lease")?;
+        let b = spawn_replica("b", "127.0.0.2", ports, host.kubeconfig(), dir.path()).await?;
+        let balancer = Balancer::start(vec![
+            SocketAddr::from(([127, 0, 0, 1], agents_port)),
+            SocketAddr::from(([127, 0, 0, 2], agents_port)),
+        ])
+        .await?;
+
+        let cluster_file = dir.path().join("alpha.yaml");
+        std::fs::write(
+            &cluster_file,
+            r#"{"apiVersion":"cluster.kubesphere.io/v1alpha1","kind":"Cluster","metadata":{"name":"alpha"},"spec":{"joinFederation":true,"connection":{"type":"proxy"}}}"#,
+        )?;
+        host.kubectl_ok(&["create", "-f", &cluster_file.to_string_lossy()]);
+        let token = wait_for_ok(DEADLINE, || async {
+            let t = jsonpath(&host, &["cluster", "alpha"], "{.spec.connection.token}");
+            ensure!(!t.is_empty(), "no token yet");
+            Ok(t)
+        })
+        .await?;
+        let token_file = dir.path().join("alpha.token");
+        std::fs::write(&token_file, &token)?;
+        let mut cmd = Command::new(bin("agent"));
+        cmd.args(["--name", "alpha", "--token-file"])
+            .arg(&token_file)
+            .arg("--proxy-server")
+            .arg(format!("http://{}", balancer.addr))
+            .arg("--kubeconfig")
+            .arg(member.kubeconfig())
+            .args(["--kubesphere-service", "127.0.0.1:9"])
+            .args(["--max-retry-interval", "2s"]);
+        let agent = Proc::spawn("agent", cmd)?;
+        agent
+            .wait_for_line(|l| l.contains("connected to proxy"), DEADLINE)
+            .await?;
+        let (b64, kube_port) = wait_for_ok(DEADLINE, || async {
+            let kc = jsonpath(
+                &host,
+                &["cluster", "alpha"],
+                "{.spec.connection.kubeconfig}",
+            );
+            let available = jsonpath(
+                &host,
+                &["cluster", "alpha"],
+                r#"{.status.conditions[?(@.type=="AgentAvailable")].status}"#,
+            );
+            ensure!(!kc.is_empty() && available == "True", "not available yet");
+            let port: u16 = jsonpath(
+                &host,
+                &["cluster", "alpha"],
+                "{.spec.connection.kubernetesAPIServerPort}",
+            )
+            .parse()?;
+            Ok((kc, port))
+        })
+        .await?;
+        let config_alpha = dir.path().join("config_alpha");
+        let decoded = std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(b64.as_bytes())?;
+                }
+                child.wait_with_output()
+            })?;
+        std::fs::write(&config_alpha, decoded.stdout)?;
+        Ok(Ha {
+            agent,
+            replicas: vec![Some(a), Some(b)],
+            _balancer: balancer,
+            member,
+            host,
+            config_alpha,
+            kube_port,
+            _dir: dir,
+        })
+    }
+
+    /// kubectl with config_alpha's credentials, to replica `index`'s port.
+    fn kubectl_via(&self, index: usize, args: &[&str]) -> Command {
+        let host = self.replicas[index]
+            .as_ref()
+            .map_or("127.0.0.1", |r| r.host);
+        let mut cmd = Command::new(kubectl_binary());
+        cmd.arg("--kubeconfig")
+            .arg(&self.config_alpha)
+            .arg(format!("--server=https://{host}:{}", self.kube_port))
+            // The listener's certificate names the advertised address.
+            .arg("--tls-server-name=127.0.0.1")
+            .args(args)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn kubectl_ok(&self, index: usize, args: &[&str]) -> Result<String> {
+        let out = self.kubectl_via(index, args).output().await?;
+        ensure!(
+            out.status.success(),
+            "kubectl via replica {index} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn replica(&mut self, index: usize) -> Result<&mut Replica> {
+        self.replicas[index]
+            .as_mut()
+            .context("replica already stopped")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_on_one_replica_serves_clients_of_the_other_and_moves_when_it_dies() -> Result<()> {
+    let mut ha = Ha::start().await?;
+    ensure!(
+        lease_holder(&ha.host, "tower-cluster-alpha") == "a",
+        "the agent should be on a"
+    );
+    // Through a (the agent's replica) and through b (relayed to a).
+    ha.kubectl_ok(0, &["get", "ns", "kube-system", "-o", "name"])
+        .await?;
+    let ns = wait_for_ok(DEADLINE, || {
+        ha.kubectl_ok(1, &["get", "ns", "kube-system", "-o", "name"])
+    })
+    .await
+    .context("kubectl through replica b (relayed to a)")?;
+    ensure!(ns.trim() == "namespace/kube-system", "{ns}");
+    // An upgraded stream across the relay too.
+    ha.member.run_pod("default", "box").await?;
+    let hi = wait_for_ok(DEADLINE, || {
+        ha.kubectl_ok(1, &["exec", "box", "--", "echo", "hi"])
+    })
+    .await?;
+    ensure!(hi == "hi\n", "{hi:?}");
+    ensure!(
+        lease_holder(&ha.host, "tower-cluster-alpha") == "a",
+        "b must relay, not take the agent"
+    );
+
+    // a dies without a word: the agent moves to b by itself.
+    ha.replica(0)?.proc.signal(Signal::SIGKILL)?;
+    ha.replicas[0] = None;
+    wait_for_ok(DEADLINE, || {
+        ha.kubectl_ok(1, &["get", "ns", "kube-system", "-o", "name"])
+    })
+    .await
+    .context("kubectl through b after a died")?;
+    wait_until(DEADLINE, || async {
+        lease_holder(&ha.host, "tower-cluster-alpha") == "b"
+    })
+    .await
+    .context("b never recorded itself as alpha's replica")?;
+    wait_until(DEADLINE, || async {
+        lease_holder(&ha.host, "tower") == "b"
+    })
+    .await
+    .context("b never took over the leader Lease")?;
+    let available = jsonpath(
+        &ha.host,
+        &["cluster", "alpha"],
+        r#"{.status.conditions[?(@.type=="AgentAvailable")].status}"#,
+    );
+    ensure!(available == "True", "AgentAvailable={available}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_hands_over_without_a_gap() -> Result<()> {
+    let mut ha = Ha::start().await?;
+    ensure!(
+        lease_holder(&ha.host, "tower-cluster-alpha") == "a",
+        "the agent should be on a"
+    );
+    // Every AgentAvailable status the host shows from now on.
+    let mut cmd = Command::new(kubectl_binary());
+    cmd.arg("--kubeconfig")
+        .arg(ha.host.kubeconfig())
+        .args(["get", "cluster", "alpha", "-w", "-o"])
+        .arg(r#"jsonpath={.status.conditions[?(@.type=="AgentAvailable")].status}{"\n"}"#);
+    let conditions = Proc::spawn_quiet("cluster-watch", cmd)?;
+    conditions
+        .wait_for_line(|l| l.trim() == "True", DEADLINE)
+        .await?;
+    // A watch relayed through b to a.
+    ha.member
+        .kubectl_ok(&["create", "configmap", "before-drain", "-n", "default"]);
+    let watch = Proc::spawn_quiet(
+        "cm-watch",
+        ha.kubectl_via(
+            1,
+            &["get", "configmaps", "-n", "default", "-w", "-o", "name"],
+        ),
+    )?;
+    watch
+        .wait_for_line(|l| l.contains("before-drain"), DEADLINE)
+        .await?;
+
+    // Requests through b, all the time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let poller = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (config_alpha, server) = (
+            ha.config_alpha.clone(),
+            format!("--server=https://127.0.0.2:{}", ha.kube_port),
+        );
+        let cmd = move || {
+            let mut c = Command::new(kubectl_binary());
+            c.arg("--kubeconfig")
+                .arg(&config_alpha)
+                .arg(&server)
+                .arg("--tls-server-name=127.0.0.1")
+                .args(["get", "ns", "default", "-o", "name"])
+                .kill_on_drop(true);
+            c
+        };
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match cmd().output().await {
+                    Ok(out) if out.status.success() => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(out) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            errors
+        })
+    };
+
+    // a drains.
+    ha.replica(0)?.proc.signal(Signal::SIGTERM)?;
+    ha.agent
+        .wait_for_line(
+            |l| l.contains("the proxy is draining, reconnecting"),
+            DEADLINE,
+        )
+        .await?;
+    let moved = ha
+        .agent
+        .wait_for_line(
+            |l| l.contains("draining tunnel serves its last streams"),
+            DEADLINE,
+        )
+        .await;
+    moved.context("the agent did not connect elsewhere while its tunnel to a drained")?;
+    // The relayed watch still delivers during the drain.
+    ha.member
+        .kubectl_ok(&["create", "configmap", "during-drain", "-n", "default"]);
+    watch
+        .wait_for_line(|l| l.contains("during-drain"), DEADLINE)
+        .await
+        .context("the watch through b stopped delivering while a drained")?;
+    ensure!(
+        ha.replica(0)?.proc.is_running(),
+        "a should still be draining (a watch is in flight)"
+    );
+    // a exits once its grace period is over.
+    let status = ha.replica(0)?.proc.wait(Duration::from_secs(60)).await?;
+    ensure!(status.success(), "a exited with {status}");
+    ha.replicas[0] = None;
+    ha.agent
+        .wait_for_line(|l| l.contains("draining tunnel closed"), DEADLINE)
+        .await?;
+    // A few more requests through b, then stop polling.
+    let before = ok.load(Ordering::Relaxed);
+    wait_until(DEADLINE, || async {
+        ok.load(Ordering::Relaxed) >= before + 3
+    })
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let errors = poller.await?;
+    ensure!(
+        failed.load(Ordering::Relaxed) == 0 && errors.is_empty(),
+        "{} of {} requests through b failed during the drain: {errors:?}",
+        failed.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed) + ok.load(Ordering::Relaxed)
+    );
+    wait_until(DEADLINE, || async {
+        lease_holder(&ha.host, "tower-cluster-alpha") == "b"
+    })
+    .await?;
+    let seen = conditions.stream_lines(e2e::Stream::Stdout);
+    if seen.iter().any(|l| l.trim() == "False") {
+        bail!("the Cluster showed AgentAvailable=False during the handover: {seen:?}");
+    }
+    eprintln!(
+        "drain: {} requests through b, none failed; AgentAvailable seen: {seen:?}",
+        ok.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
