@@ -157,6 +157,10 @@ fn kubesphere_status() -> Value {
         "region": "region-1",
         "configz": {"devops": false, "monitoring": true},
         "uid": "0b6a5e3c-1f6e-4b7a-9d5e-2f3c4a5b6c7d",
+        // What the proxy adds (declared in our schema).
+        "agentVersion": "tower-agent/0.1.0",
+        "lastHeartbeatTime": "2025-01-02T03:05:00Z",
+        "certificateExpirationTime": "2025-04-02T03:04:06Z",
         "futureStatusField": {"x": true}
     })
 }
@@ -195,6 +199,19 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     // The KubeSphere-compatible variant differs only by the status subresource.
     let compat = kustomize(&config_dir("crd/kubesphere-compat"))?;
     ensure!(crd_yaml.contains("subresources:") && !compat.contains("subresources"));
+    // The status fields the proxy writes are declared in both variants.
+    for field in [
+        "agentVersion:",
+        "lastHeartbeatTime:",
+        "certificateExpirationTime:",
+        "nodeCount:",
+        "kubernetesVersion:",
+    ] {
+        ensure!(
+            compat.contains(field),
+            "{field} missing from the compat CRD"
+        );
+    }
     host.kubectl_ok(&[
         "apply",
         "--dry-run=server",

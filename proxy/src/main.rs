@@ -19,8 +19,10 @@ mod controller;
 mod crd;
 mod forward;
 mod listener;
+mod member_info;
 mod metrics;
 mod ports;
+mod readiness;
 mod registry;
 mod secret;
 
@@ -261,17 +263,12 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
         ports: flags.cluster_ports.clone(),
         bind_host: flags.host.clone(),
     };
-    let running = controller::start(client, ca, ports.clone(), options);
+    let running = controller::start(client.clone(), ca, ports.clone(), options);
+    member_info::start(client, running.store.clone(), running.registry.clone());
     let _ = ports.registry.set(running.registry.clone());
     let controller_task = running.task;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (store, ready_flag) = (running.store, ready.clone());
-    tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready_flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!("Cluster cache synced: ready");
-        }
-    });
+    tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
     tokio::select! {
         served = serve_agents(&flags, running.registry, host_key, ready) => served,
         _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
