@@ -539,5 +539,55 @@ async fn cluster_status_shows_the_member() -> Result<()> {
     })
     .await
     .with_context(|| format!("nodeCount never became {nodes}"))?;
+
+    // A Go Tower agent joins too: its version shows as what it sends, next
+    // to ours (sorted, so two sessions always read the same).
+    let (bearer_kc, bearer) = bearer_kubeconfig(&tower)?;
+    let kc: Value = serde_json::from_str(&std::fs::read_to_string(&bearer_kc)?)?;
+    let server = kc["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("https://"))
+        .context("member server")?
+        .to_string();
+    let ca = tower.dir().join("member-ca.pem");
+    std::fs::write(
+        &ca,
+        b64_decode(
+            kc["clusters"][0]["cluster"]["certificate-authority-data"]
+                .as_str()
+                .unwrap_or_default(),
+        )?,
+    )?;
+    let token = cluster(host)?["spec"]["connection"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut cmd = Command::new(bin("go-agent"));
+    cmd.args([
+        "--proxy-server",
+        &format!("http://127.0.0.1:{}", tower.proxy_port()),
+    ])
+    .args(["--name", CLUSTER, "--token", &token])
+    .args(["--kubernetes-service", &server])
+    .args(["--kubesphere-service", "127.0.0.1:9"])
+    .arg("--ca-data-file")
+    .arg(&ca)
+    .args(["--bearer-token", &bearer])
+    .args(["--expect-host-key", tower.fingerprint()]);
+    let _go_agent = Proc::spawn("go-agent", cmd)?;
+    let versions = wait_for_ok(DEADLINE, || async {
+        let v = cluster(host)?["status"]["agentVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let parts: Vec<&str> = v.split(", ").collect();
+        ensure!(
+            parts.len() == 2 && parts.contains(&agent_version.as_str()),
+            "agentVersion {v:?} does not show both agents"
+        );
+        Ok(v)
+    })
+    .await?;
+    eprintln!("agentVersion with a Go agent too: {versions}");
     Ok(())
 }

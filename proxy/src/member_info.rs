@@ -117,6 +117,14 @@ fn agent_version(session: &Session) -> String {
     }
 }
 
+/// The versions of all of a cluster's agents, sorted and deduplicated: the
+/// same set of sessions always gives the same text (no flapping writes
+/// during a rolling update with two agent versions).
+fn agent_versions(sessions: &[Session]) -> String {
+    let versions: std::collections::BTreeSet<String> = sessions.iter().map(agent_version).collect();
+    versions.into_iter().collect::<Vec<_>>().join(", ")
+}
+
 /// Ask the member's kube-apiserver, through `session`, for its version and
 /// node count.
 pub async fn probe(session: &Session, cluster: &str) -> Result<Member, ProbeError> {
@@ -330,12 +338,21 @@ async fn refresh(
     };
     // The store may have moved on while we asked.
     let cluster = store.get(&ObjectRef::new(name)).unwrap_or(cluster);
+    let sessions = registry.sessions(name);
     let seen = Observed {
         member,
-        agent_version: agent_version(&session),
-        heartbeat: session.last_heartbeat(),
+        agent_version: agent_versions(&sessions),
+        heartbeat: sessions
+            .iter()
+            .map(Session::last_heartbeat)
+            .max()
+            .unwrap_or_else(|| session.last_heartbeat()),
         now: SystemTime::now(),
     };
+    if sessions.is_empty() {
+        // Gone while we asked: nothing current to report.
+        return;
+    }
     let current = cluster.status.clone().unwrap_or_default();
     let patch = status_patch(&current, &cluster.spec.connection.kubeconfig, &seen);
     if patch.is_empty() {
