@@ -157,6 +157,10 @@ fn kubesphere_status() -> Value {
         "region": "region-1",
         "configz": {"devops": false, "monitoring": true},
         "uid": "0b6a5e3c-1f6e-4b7a-9d5e-2f3c4a5b6c7d",
+        // What the proxy adds (declared in our schema).
+        "agentVersion": "tower-agent/0.1.0",
+        "lastHeartbeatTime": "2025-01-02T03:05:00Z",
+        "certificateExpirationTime": "2025-04-02T03:04:06Z",
         "futureStatusField": {"x": true}
     })
 }
@@ -195,6 +199,19 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     // The KubeSphere-compatible variant differs only by the status subresource.
     let compat = kustomize(&config_dir("crd/kubesphere-compat"))?;
     ensure!(crd_yaml.contains("subresources:") && !compat.contains("subresources"));
+    // The status fields the proxy writes are declared in both variants.
+    for field in [
+        "agentVersion:",
+        "lastHeartbeatTime:",
+        "certificateExpirationTime:",
+        "nodeCount:",
+        "kubernetesVersion:",
+    ] {
+        ensure!(
+            compat.contains(field),
+            "{field} missing from the compat CRD"
+        );
+    }
     host.kubectl_ok(&[
         "apply",
         "--dry-run=server",
@@ -232,18 +249,16 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             "clusters.cluster.kubesphere.io",
             &["--subresource=status"],
         ),
-        (
-            "update",
-            "clusters.cluster.kubesphere.io",
-            &["--subresource=status"],
-        ),
         ("create", "services", &ns),
-        ("delete", "services/mc-alpha", &ns),
+        ("patch", "services/mc-alpha", &ns),
         ("create", "secrets", &ns),
         ("get", "secrets/tower-proxy", &ns),
-        ("patch", "secrets/tower-proxy", &ns),
+        // Lease tower (leader election) and the per-cluster Leases (HA).
         ("create", "leases.coordination.k8s.io", &ns),
         ("update", "leases.coordination.k8s.io/tower", &ns),
+        ("watch", "leases.coordination.k8s.io", &ns),
+        ("patch", "leases.coordination.k8s.io/alpha", &ns),
+        ("delete", "leases.coordination.k8s.io/alpha", &ns),
         ("create", "events.events.k8s.io", &ns),
         ("create", "events", &ns),
         ("create", "events.events.k8s.io", &["-n", "default"]),
@@ -253,10 +268,18 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("update", "clusters.cluster.kubesphere.io", &[]),
         ("delete", "clusters.cluster.kubesphere.io", &[]),
         ("create", "clusters.cluster.kubesphere.io", &[]),
+        (
+            "update",
+            "clusters.cluster.kubesphere.io",
+            &["--subresource=status"],
+        ),
         ("get", "secrets/tower-agent-token", &ns),
         ("list", "secrets", &ns),
+        ("patch", "secrets/tower-proxy", &ns),
         ("delete", "secrets/tower-proxy", &ns),
-        ("update", "leases.coordination.k8s.io/other", &ns),
+        ("delete", "services/mc-alpha", &ns),
+        ("update", "services/status", &ns),
+        ("create", "leases.coordination.k8s.io", &["-n", "default"]),
         ("create", "services", &["-n", "default"]),
         ("get", "secrets", &["-n", "kube-system"]),
         ("create", "pods", &ns),
@@ -273,6 +296,71 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             "the proxy may {verb} {resource} {extra:?}"
         );
     }
+    // The proxy Deployment as the issue asks: 2 replicas, probes on the
+    // agents' port, the downward API for the HA flags, a disruption budget.
+    let deployment: Value = serde_json::from_str(&host.kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "deployment",
+        "tower",
+        "-o",
+        "json",
+    ]))?;
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    ensure!(
+        container["resources"]["requests"]["memory"].is_string()
+            && container["resources"]["limits"]["memory"].is_string(),
+        "no memory requests/limits: {container}"
+    );
+    let env: Vec<(&str, &str)> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or_default(),
+                e["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    for wanted in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_IP", "status.podIP"),
+    ] {
+        ensure!(env.contains(&wanted), "env {wanted:?} missing: {env:?}");
+    }
+    let ports: Vec<(&str, u64)> = container["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default(),
+                p["containerPort"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(ports, [("agents", 8080), ("peer", 8443)]);
+    let pod_security = &deployment["spec"]["template"]["spec"]["securityContext"];
+    assert_eq!(pod_security["runAsNonRoot"], true);
+    let min_available = host.kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "pdb",
+        "tower",
+        "-o",
+        "jsonpath={.spec.minAvailable} {.spec.selector.matchLabels.app}",
+    ]);
+    assert_eq!(min_available, "1 tower");
+
     // The agent's identity is cluster-admin (what KubeSphere expects).
     ensure!(can_i(&host, AGENT_SA, "*", "*", &[]));
 

@@ -103,6 +103,7 @@ fn handle<S: ClusterStore>(
             return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        let user_agent = req.headers().get(header::USER_AGENT).cloned();
         tokio::spawn(async move {
             let io = match upgrade.await {
                 Ok(io) => io,
@@ -112,7 +113,9 @@ fn handle<S: ClusterStore>(
                 }
             };
             let ws = WsStream::from_upgraded(TokioIo::new(io), Role::Server).await;
-            tunnel_session(ws, endpoint, peer).await;
+            crate::member_info::remember_user_agent(&peer, user_agent.as_ref());
+            tunnel_session(ws, endpoint, peer.clone()).await;
+            crate::member_info::forget_user_agent(&peer);
         });
         let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
         let headers = resp.headers_mut();

@@ -209,6 +209,7 @@ impl ClusterStore for CrStore {
         if let Some(owners) = &self.owners {
             owners.sessions_changed();
         }
+        crate::member_info::notify(cluster);
     }
 }
 
@@ -618,7 +619,7 @@ fn kubeconfig_is_current(b64: &str, server: &str, ca_pem: &str) -> bool {
 }
 
 /// Expiry of the first certificate in a PEM block.
-fn pem_not_after(pem: &[u8]) -> Option<SystemTime> {
+pub(crate) fn pem_not_after(pem: &[u8]) -> Option<SystemTime> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
     let cert = pem.parse_x509().ok()?;
     let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
@@ -754,6 +755,10 @@ pub async fn reconcile<P: Ports>(
             .await?;
         resource_version = patched.resource_version();
         tracing::info!(cluster = %name, ?fields, "cluster spec updated");
+        if spec.contains_key("kubeconfig") {
+            // Its certificate's expiry goes into the status.
+            crate::member_info::notify(&name);
+        }
     }
 
     let conditions = cluster

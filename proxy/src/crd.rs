@@ -50,12 +50,23 @@ pub struct Connection {
     pub kubesphere_api_server_port: i32,
 }
 
-/// `status` of a Cluster; only the conditions matter to the proxy.
+/// `status` of a Cluster: the conditions, and what [`crate::member_info`]
+/// reports (KubeSphere's `kubernetesVersion` and `nodeCount`, and ours).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterStatus {
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expiration_time: Option<String>,
 }
 
 /// One entry of `status.conditions`, as KubeSphere writes it.

@@ -516,9 +516,9 @@ struct Route {
     prepared: Result<Prepared, String>,
 }
 
-struct Prepared {
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
-    authorization: Option<HeaderValue>,
+pub(crate) struct Prepared {
+    pub(crate) tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    pub(crate) authorization: Option<HeaderValue>,
 }
 
 impl Routes {
@@ -586,7 +586,10 @@ impl Route {
 
 /// TLS to the member kube-apiserver, verified against the agent's CA, and the
 /// agent's credentials (bearer token, else client certificate).
-fn prepare_kubernetes(config: &tunnel::AgentConfig, cluster: &str) -> Result<Prepared, String> {
+pub(crate) fn prepare_kubernetes(
+    config: &tunnel::AgentConfig,
+    cluster: &str,
+) -> Result<Prepared, String> {
     let target = &config.kubernetes_svc_host;
     if target.is_empty() {
         return Err(format!(

@@ -20,10 +20,12 @@ mod crd;
 mod forward;
 mod leader;
 mod listener;
+mod member_info;
 mod metrics;
 mod owners;
 mod peers;
 mod ports;
+mod readiness;
 mod registry;
 mod secret;
 
@@ -290,7 +292,8 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
         ports: flags.cluster_ports.clone(),
         bind_host: flags.host.clone(),
     };
-    let running = controller::start(client, ca, ports.clone(), options, ha);
+    let running = controller::start(client.clone(), ca, ports.clone(), options, ha);
+    member_info::start(client, running.store.clone(), running.registry.clone());
     let _ = ports.registry.set(running.registry.clone());
     if let Some(owners) = &owners {
         let registry = running.registry.clone();
@@ -328,12 +331,7 @@ fn spawn_ready(
     store: kube::runtime::reflector::Store<crd::Cluster>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!("Cluster cache synced: ready");
-        }
-    });
+    tokio::spawn(readiness::mark_when_synced(store, ready));
 }
 
 /// HA pieces to stop, in order, once this replica has drained.

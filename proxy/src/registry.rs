@@ -285,6 +285,17 @@ impl<S: ClusterStore> Registry<S> {
             .map(|e| e.session.clone())
     }
 
+    /// Every live session of `cluster` (for its status: versions, heartbeat).
+    pub fn sessions(&self, cluster: &str) -> Vec<Session> {
+        self.lock()
+            .get(cluster)
+            .map(|l| l.iter().filter(|e| !e.session.is_closed()))
+            .into_iter()
+            .flatten()
+            .map(|e| e.session.clone())
+            .collect()
+    }
+
     /// Open a stream to `upstream` through `cluster`'s least busy session; if
     /// that session died meanwhile, try the next.
     pub async fn dial(

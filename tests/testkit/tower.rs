@@ -49,6 +49,9 @@ pub struct TowerOptions {
     pub kubelet: bool,
     /// `--keepalive` of the proxy and the agent (default: theirs, 30s).
     pub keepalive: Option<String>,
+    /// More flags for the proxy and the agent (e.g. `--log-format json`).
+    pub proxy_args: Vec<String>,
+    pub agent_args: Vec<String>,
 }
 
 impl Default for TowerOptions {
@@ -56,6 +59,8 @@ impl Default for TowerOptions {
         Self {
             kubelet: true,
             keepalive: None,
+            proxy_args: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -148,15 +153,12 @@ impl Tower {
         if let Some(k) = &opts.keepalive {
             cmd.args(["--keepalive", k]);
         }
+        cmd.args(&opts.proxy_args);
         let proxy = Proc::spawn("proxy", cmd)?;
         let line = proxy
             .wait_for_line(|l| l.contains("SSH host key"), SETTLE)
             .await?;
-        let fingerprint = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("fingerprint="))
-            .with_context(|| format!("no fingerprint= in {line:?}"))?
-            .to_string();
+        let fingerprint = fingerprint_in(&line)?;
         proxy
             .wait_for_line(|l| l.contains("listening for agents"), SETTLE)
             .await?;
@@ -221,6 +223,7 @@ impl Tower {
         if let Some(k) = &opts.keepalive {
             cmd.args(["--keepalive", k]);
         }
+        cmd.args(&opts.agent_args);
         let agent = Proc::spawn("agent", cmd)?;
         agent
             .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
@@ -411,6 +414,19 @@ fn checked(args: &[&str], out: Output) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The proxy's host key fingerprint from its log line, text
+/// (`fingerprint=SHA256:...`) or JSON (`"fields":{"fingerprint":...}`).
+fn fingerprint_in(line: &str) -> Result<String> {
+    let found = match serde_json::from_str::<Value>(line) {
+        Ok(json) => json["fields"]["fingerprint"].as_str().map(str::to_string),
+        Err(_) => line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("fingerprint="))
+            .map(str::to_string),
+    };
+    found.with_context(|| format!("no fingerprint in {line:?}"))
 }
 
 /// A block of `width` ports in 20000..22000 (their +10000 in 30000..32000):

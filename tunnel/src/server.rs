@@ -53,6 +53,14 @@ struct SessionInner {
     /// Bytes read from / written to this session's streams.
     received: AtomicU64,
     sent: AtomicU64,
+    /// Unix seconds of the agent's last `config` or `ping`.
+    heartbeat: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Why a channel could not be opened through a session.
@@ -88,6 +96,11 @@ impl Session {
             self.inner.received.load(Ordering::Relaxed),
             self.inner.sent.load(Ordering::Relaxed),
         )
+    }
+
+    /// When the agent last spoke up (its `config`, then each `ping`), to the second.
+    pub fn last_heartbeat(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(self.inner.heartbeat.load(Ordering::Relaxed))
     }
 
     /// True once the SSH connection has ended.
@@ -256,6 +269,7 @@ impl<A: Admission> Handler<A> {
                 closed: AtomicBool::new(false),
                 received: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
+                heartbeat: AtomicU64::new(unix_now()),
             }),
         };
         match self.admission.admit(session.clone()).await {
@@ -308,7 +322,12 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
     ) -> Result<GlobalRequestReply, Self::Error> {
         Ok(match name {
             CONFIG_REQUEST => self.on_config(data, session).await,
-            PING_REQUEST if self.guard.is_some() => GlobalRequestReply::Success(Vec::new()),
+            PING_REQUEST if self.guard.is_some() => {
+                if let Some(s) = &self.session {
+                    s.inner.heartbeat.store(unix_now(), Ordering::Relaxed);
+                }
+                GlobalRequestReply::Success(Vec::new())
+            }
             _ => {
                 tracing::debug!(peer = %self.peer, request = name, "refused global request");
                 GlobalRequestReply::Failure(Vec::new())
