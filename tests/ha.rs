@@ -78,6 +78,7 @@ struct Ha {
     host: KubeCluster,
     config_alpha: PathBuf,
     kube_port: u16,
+    agents_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -237,6 +238,7 @@ impl Ha {
             host,
             config_alpha,
             kube_port,
+            agents_port,
             _dir: dir,
         })
     }
@@ -265,6 +267,29 @@ impl Ha {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A sample of replica `index`'s /metrics (0 when absent).
+    async fn metrics_text(&self, index: usize) -> Result<String> {
+        let host = self.replicas[index]
+            .as_ref()
+            .context("replica stopped")?
+            .host;
+        let url = format!("http://{host}:{}/metrics", self.agents_port);
+        let out = Command::new("curl").args(["-sf", &url]).output().await?;
+        ensure!(out.status.success(), "curl {url} failed");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A sample of replica `index`'s /metrics (0 when absent).
+    async fn metric(&self, index: usize, prefix: &str) -> Result<f64> {
+        Ok(self
+            .metrics_text(index)
+            .await?
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     fn replica(&mut self, index: usize) -> Result<&mut Replica> {
@@ -300,6 +325,14 @@ async fn agent_on_one_replica_serves_clients_of_the_other_and_moves_when_it_dies
     ensure!(
         lease_holder(&ha.host, "tower-cluster-alpha") == "a",
         "b must relay, not take the agent"
+    );
+    let relayed = ha
+        .metric(1, r#"tower_relayed_connections_total{cluster="alpha"}"#)
+        .await?;
+    ensure!(
+        relayed >= 2.0,
+        "b's /metrics counts {relayed} relayed connections:\n{}",
+        ha.metrics_text(1).await?
     );
 
     // a dies without a word: the agent moves to b by itself.

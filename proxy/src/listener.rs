@@ -417,6 +417,10 @@ async fn accept_loop<S: ClusterStore>(
             && let Some(target) = relay.target(&proxy.cluster, proxy.registry.live(&proxy.cluster))
         {
             tracing::debug!(cluster = %proxy.cluster, %peer, %target, "relaying to the replica with the agent");
+            crate::metrics::METRICS
+                .relayed
+                .get_or_create(&crate::metrics::Metrics::cluster(&proxy.cluster))
+                .inc();
             let relayed = relay.relay(target, proxy.cluster.clone(), proxy.upstream, tcp);
             let (front, proxy, cancel) = (front.clone(), proxy.clone(), cancel.clone());
             let in_flight = InFlight::enter();

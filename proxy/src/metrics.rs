@@ -42,6 +42,10 @@ pub struct Metrics {
     pub request_seconds: Family<ClusterLabel, Histogram>,
     /// Expiry of certificates, as Unix seconds.
     pub cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
+    /// Sessions admitted for a cluster that had one before (in this process).
+    pub reconnects: Family<ClusterLabel, Counter>,
+    /// Client connections relayed to the replica with the cluster's agent (HA).
+    pub relayed: Family<ClusterLabel, Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -72,8 +76,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "When a certificate the proxy issued or uses expires",
         cert_expiry.clone(),
     );
+    let reconnects = Family::<ClusterLabel, Counter>::default();
+    registry.register(
+        "agent_reconnects",
+        "Agent sessions admitted for a cluster that had a session before",
+        reconnects.clone(),
+    );
+    let relayed = Family::<ClusterLabel, Counter>::default();
+    registry.register(
+        "relayed_connections",
+        "Client connections relayed to the proxy replica with the cluster's agent",
+        relayed.clone(),
+    );
     Metrics {
         registry,
+        reconnects,
+        relayed,
         connects,
         auth_failures,
         request_seconds,

@@ -350,6 +350,19 @@ impl<S: ClusterStore> Admission for Registry<S> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut sessions = self.lock();
         let list = sessions.entry(cluster.clone()).or_default();
+        let again = !list.is_empty()
+            || self
+                .inner
+                .ended_bytes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&cluster);
+        if again {
+            crate::metrics::METRICS
+                .reconnects
+                .get_or_create(&crate::metrics::Metrics::cluster(&cluster))
+                .inc();
+        }
         list.push(Entry {
             id,
             session,
