@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use e2e::metric_sample as sample;
 use e2e::{CLUSTER, Tower, TowerOptions, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -57,21 +58,7 @@ fn cluster_without_heartbeat(tower: &Tower) -> Result<e2e::k8s_openapi::serde_js
 }
 
 async fn metrics(tower: &Tower) -> Result<String> {
-    let url = format!("http://127.0.0.1:{}/metrics", tower.proxy_port());
-    let out = tokio::process::Command::new("curl")
-        .args(["-sf", &url])
-        .output()
-        .await?;
-    anyhow::ensure!(out.status.success(), "curl {url} failed");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    e2e::scrape_metrics("127.0.0.1", tower.proxy_port()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

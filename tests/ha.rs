@@ -275,21 +275,12 @@ impl Ha {
             .as_ref()
             .context("replica stopped")?
             .host;
-        let url = format!("http://{host}:{}/metrics", self.agents_port);
-        let out = Command::new("curl").args(["-sf", &url]).output().await?;
-        ensure!(out.status.success(), "curl {url} failed");
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        e2e::scrape_metrics(host, self.agents_port).await
     }
 
     /// A sample of replica `index`'s /metrics (0 when absent).
     async fn metric(&self, index: usize, prefix: &str) -> Result<f64> {
-        Ok(self
-            .metrics_text(index)
-            .await?
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(e2e::metric_sample(&self.metrics_text(index).await?, prefix))
     }
 
     fn replica(&mut self, index: usize) -> Result<&mut Replica> {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value, json};
+use e2e::metric_sample as sample;
 use e2e::{
     CLUSTER, KubeCluster, Proc, Tower, TowerOptions, bin, free_port, kubectl_binary, wait_for_ok,
     wait_until, workspace_root,
@@ -107,19 +108,7 @@ async fn wait_for_event(host: &KubeCluster, type_: &str, reason: &str) -> Result
 }
 
 async fn scrape(port: u16) -> Result<String> {
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let out = Command::new("curl").args(["-sf", &url]).output().await?;
-    ensure!(out.status.success(), "curl {url} failed");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Sum of the samples whose line starts with `prefix` (0 when none).
-fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    e2e::scrape_metrics("127.0.0.1", port).await
 }
 
 /// An agent for alpha with `token`, reaching the member with `kubeconfig`.

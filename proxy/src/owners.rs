@@ -99,6 +99,17 @@ struct State {
     alive: HashSet<String>,
 }
 
+impl State {
+    /// The clusters `replica` holds.
+    fn held_by(&self, replica: &str) -> Vec<String> {
+        self.holders
+            .iter()
+            .filter(|(_, h)| *h == replica)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+}
+
 /// This replica's view of who serves what; see the module docs.
 pub struct Owners {
     api: Api<Lease>,
@@ -352,15 +363,7 @@ impl Owners {
 
     /// On shutdown: give up every cluster and the heartbeat.
     async fn release_all(&self) {
-        let held: Vec<String> = {
-            let state = self.lock();
-            state
-                .holders
-                .iter()
-                .filter(|(_, h)| **h == self.me)
-                .map(|(c, _)| c.clone())
-                .collect()
-        };
+        let held = self.lock().held_by(&self.me);
         for cluster in held {
             if let Err(e) = self.release(&cluster).await {
                 tracing::warn!(%cluster, error = %e, "could not release the cluster's lease");
@@ -403,13 +406,7 @@ impl Owners {
                     };
                     let before = state.replicas.insert(id.clone(), replica.clone());
                     if before.is_none_or(|b| b.draining != replica.draining) {
-                        changed.extend(
-                            state
-                                .holders
-                                .iter()
-                                .filter(|(_, h)| **h == id)
-                                .map(|(c, _)| c.clone()),
-                        );
+                        changed.extend(state.held_by(&id));
                     }
                 }
                 Some("cluster") => {
@@ -442,13 +439,7 @@ impl Owners {
                 Some("replica") => {
                     if let Some(id) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) {
                         state.replicas.remove(&id);
-                        changed.extend(
-                            state
-                                .holders
-                                .iter()
-                                .filter(|(_, h)| **h == id)
-                                .map(|(c, _)| c.clone()),
-                        );
+                        changed.extend(state.held_by(&id));
                     }
                 }
                 Some("cluster") => {

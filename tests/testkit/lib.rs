@@ -78,6 +78,7 @@
 
 mod cluster;
 mod kubelet;
+mod metrics;
 mod net;
 mod paths;
 mod proc;
@@ -87,6 +88,7 @@ mod wait;
 
 pub use cluster::{KubeCluster, STOP_GRACE};
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
+pub use metrics::{metric_sample, scrape_metrics};
 pub use net::{EchoServer, free_addr, free_port};
 pub use paths::{bin, kubectl_binary, workspace_root};
 pub use proc::{Proc, Stream};
