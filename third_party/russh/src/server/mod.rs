@@ -1155,7 +1155,7 @@ where
 
     // Patched (PATCHES.md): boxed, so the spawn wrapper does not hold a
     // second inline copy of the session future (idle memory per connection).
-    let join = russh_util::runtime::spawn(Box::pin(session.run(stream, handler)));
+    let join = russh_util::runtime::spawn(Box::pin(Box::new(session).run(stream, handler)));
 
     Ok(RunningSession { handle, join })
 }

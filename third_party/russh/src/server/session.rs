@@ -664,8 +664,10 @@ impl Session {
         Ok(())
     }
 
+    // Patched (PATCHES.md): `Box<Self>`, so the future does not hold the
+    // session twice (as its argument and as the moved local).
     pub(crate) async fn run<H, R>(
-        mut self,
+        mut self: Box<Self>,
         mut stream: SshRead<R>,
         mut handler: H,
     ) -> Result<(), H::Error>
