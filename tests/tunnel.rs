@@ -248,12 +248,16 @@ fn tcp_connections(pid: u32) -> Result<Vec<(SocketAddr, SocketAddr)>> {
     };
     let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))?;
     let mut conns = Vec::new();
+    // The kernel reads the table out in chunks: while other tests open and
+    // close connections, one socket can be listed twice. Count each once.
+    let mut seen = std::collections::HashSet::new();
     for line in table.lines().skip(1) {
         let cols: Vec<&str> = line.split_whitespace().collect();
         // sl local_address rem_address st ... inode (10th column); 0A is LISTEN.
         if cols.len() > 9
             && cols[3] != "0A"
             && inodes.contains(cols[9])
+            && seen.insert(cols[9])
             && let (Some(local), Some(remote)) = (parse(cols[1]), parse(cols[2]))
         {
             conns.push((local, remote));

@@ -1282,7 +1282,9 @@ where
     );
     session.begin_rekey()?;
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
-    let join = russh_util::runtime::spawn(session.run(stream, handler, Some(kex_done_signal)));
+    // Patched (PATCHES.md): boxed, see server::run_stream.
+    let join =
+        russh_util::runtime::spawn(Box::pin(session.run(stream, handler, Some(kex_done_signal))));
 
     let agent_session_binding = match kex_done_signal_rx.await {
         Ok(binding) => binding,

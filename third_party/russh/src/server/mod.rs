@@ -1153,7 +1153,9 @@ where
 
     session.begin_rekey()?;
 
-    let join = russh_util::runtime::spawn(session.run(stream, handler));
+    // Patched (PATCHES.md): boxed, so the spawn wrapper does not hold a
+    // second inline copy of the session future (idle memory per connection).
+    let join = russh_util::runtime::spawn(Box::pin(Box::new(session).run(stream, handler)));
 
     Ok(RunningSession { handle, join })
 }

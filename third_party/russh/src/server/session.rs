@@ -91,8 +91,9 @@ pub enum Msg {
         language_tag: String,
     },
     Channel(ChannelId, ChannelMsg),
+    // Patched (PATCHES.md): boxed, the largest variant sized every queue slot.
     ChannelOpenReply {
-        pending: PendingChannelOpen,
+        pending: Box<PendingChannelOpen>,
         result: Result<(), ChannelOpenFailure>,
     },
 }
@@ -653,7 +654,7 @@ impl Session {
                     .disconnect(reason, &description, &language_tag)?;
             }
             Msg::ChannelOpenReply { pending, result } => {
-                self.finalize_channel_open_reply(pending, result)?;
+                self.finalize_channel_open_reply(*pending, result)?;
             }
             other => {
                 // should be unreachable, since the receiver only gets
@@ -664,8 +665,10 @@ impl Session {
         Ok(())
     }
 
+    // Patched (PATCHES.md): `Box<Self>`, so the future does not hold the
+    // session twice (as its argument and as the moved local).
     pub(crate) async fn run<H, R>(
-        mut self,
+        mut self: Box<Self>,
         mut stream: SshRead<R>,
         mut handler: H,
     ) -> Result<(), H::Error>
