@@ -428,6 +428,24 @@ impl<P: Ports> Context<P> {
         }
     }
 
+    /// The names the cluster's serving certificate covers (its ClusterIP and
+    /// load balancer address when known), remembered for agents that connect
+    /// before the next reconcile.
+    fn listener_names(
+        &self,
+        cluster: &str,
+        cluster_ip: Option<&str>,
+        lb: Option<&str>,
+    ) -> Vec<String> {
+        let addresses: Vec<&str> = cluster_ip.into_iter().chain(lb).collect();
+        let names = sans(cluster, &self.options, &addresses);
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cluster.to_string(), names.clone());
+        names
+    }
+
     /// The kubeconfig to publish, or None when the current one is still good.
     fn kubeconfig(&self, cluster: &Cluster, server: &str) -> Result<Option<String>, Error> {
         let current = &cluster.spec.connection.kubeconfig;
@@ -722,16 +740,7 @@ pub async fn reconcile<P: Ports>(
         }
         _ => {}
     }
-    let addresses: Vec<&str> = cluster_ip
-        .iter()
-        .chain(lb.iter())
-        .map(String::as_str)
-        .collect();
-    let names = sans(&name, &ctx.options, &addresses);
-    ctx.names
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.clone(), names.clone());
+    let names = ctx.listener_names(&name, cluster_ip.as_deref(), lb.as_deref());
     if available && !kube_ep.is_empty() {
         // The listener's certificate must also cover addresses learnt since it
         // opened: the ClusterIP, the load balancer's IP or hostname.
@@ -899,16 +908,7 @@ async fn follow<P: Ports>(
         .as_ref()
         .filter(|_| Exposure::of(cluster).enabled)
         .and_then(lb_address);
-    let addresses: Vec<&str> = cluster_ip
-        .iter()
-        .chain(lb.iter())
-        .map(String::as_str)
-        .collect();
-    let names = sans(name, &ctx.options, &addresses);
-    ctx.names
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_string(), names.clone());
+    let names = ctx.listener_names(name, cluster_ip.as_deref(), lb.as_deref());
     ctx.ports
         .open(name, kube, ks, &names)
         .await

@@ -295,34 +295,26 @@ async fn run_with_kubernetes(flags: Flags) -> anyhow::Result<()> {
     let running = controller::start(client.clone(), ca, ports.clone(), options, ha);
     member_info::start(client, running.store.clone(), running.registry.clone());
     let _ = ports.registry.set(running.registry.clone());
-    if let Some(owners) = &owners {
+    let ha = owners.map(|owners| {
         let registry = running.registry.clone();
         let live = move || {
             let mut clusters = registry.clusters();
             clusters.retain(|c| registry.live(c) > 0);
             clusters
         };
-        let run = tokio::spawn(owners.clone().run(live, stop.clone()));
         let mut tasks = ha_tasks;
-        tasks.push(run);
-        let drained = Drained {
-            owners: owners.clone(),
+        tasks.push(tokio::spawn(owners.clone().run(live, stop.clone())));
+        HaTasks {
+            owners,
             stop: stop.clone(),
             tasks,
-        };
-        let controller_task = running.task;
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        spawn_ready(running.store, ready.clone());
-        return tokio::select! {
-            served = serve_agents(&flags, running.registry, host_key, ready, Some(drained)) => served,
-            _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
-        };
-    }
+        }
+    });
     let controller_task = running.task;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     spawn_ready(running.store, ready.clone());
     tokio::select! {
-        served = serve_agents(&flags, running.registry, host_key, ready, None) => served,
+        served = serve_agents(&flags, running.registry, host_key, ready, ha) => served,
         _ = controller_task => anyhow::bail!("the Cluster controller stopped"),
     }
 }
@@ -334,8 +326,8 @@ fn spawn_ready(
     tokio::spawn(readiness::mark_when_synced(store, ready));
 }
 
-/// HA pieces to stop, in order, once this replica has drained.
-struct Drained {
+/// The HA pieces, stopped once this replica has drained.
+struct HaTasks {
     owners: Arc<owners::Owners>,
     stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -410,7 +402,7 @@ async fn serve_agents<S: registry::ClusterStore>(
     registry: Registry<S>,
     host_key: russh::keys::PrivateKey,
     ready: Arc<std::sync::atomic::AtomicBool>,
-    ha: Option<Drained>,
+    ha: Option<HaTasks>,
 ) -> anyhow::Result<()> {
     tracing::info!(
         fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),

@@ -183,30 +183,31 @@ impl Peers {
         }
         Ok(())
     }
+}
 
-    async fn connect(
-        &self,
-        target: &str,
-        cluster: &str,
-        kind: Upstream,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-        let name = ServerName::try_from(host_of(target).to_string())
-            .map_err(|e| format!("peer address {target:?}: {e}"))?;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let mut tls = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect(name, tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let preface = format!("{PREFACE_VERSION} {} {cluster}\n", kind_name(kind));
-        tls.write_all(preface.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(tls)
-    }
+/// A mutual-TLS connection to a peer replica's port, the preface sent.
+async fn connect(
+    connector: &TlsConnector,
+    target: &str,
+    cluster: &str,
+    kind: Upstream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let name = ServerName::try_from(host_of(target).to_string())
+        .map_err(|e| format!("peer address {target:?}: {e}"))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let preface = format!("{PREFACE_VERSION} {} {cluster}\n", kind_name(kind));
+    tls.write_all(preface.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls)
 }
 
 impl Relay for Peers {
@@ -221,13 +222,9 @@ impl Relay for Peers {
         kind: Upstream,
         mut tcp: TcpStream,
     ) -> Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>> {
-        let connector = Self {
-            owners: self.owners.clone(),
-            connector: self.connector.clone(),
-            acceptor: self.acceptor.clone(),
-        };
+        let connector = self.connector.clone();
         Box::pin(async move {
-            let mut peer = match connector.connect(&target, &cluster, kind).await {
+            let mut peer = match connect(&connector, &target, &cluster, kind).await {
                 Ok(peer) => peer,
                 Err(e) => {
                     tracing::warn!(%cluster, %target, error = %e, "cannot reach the replica with the agent; serving here");
