@@ -72,6 +72,31 @@ pub fn log_field(line: &str, name: &str) -> Option<String> {
     }
 }
 
+/// From a starting proxy's JSON log (`--log-format=json`, one `--forward`):
+/// its agents' address, its forward port and its host key fingerprint.
+async fn started_proxy(proxy: &Proc) -> Result<(SocketAddr, SocketAddr, String)> {
+    let listening = proxy
+        .wait_for_line(
+            |l| log_message_is(l, "listening for agents"),
+            Duration::from_secs(30),
+        )
+        .await?;
+    let agents: SocketAddr = log_field(&listening, "addr").context("addr")?.parse()?;
+    let fw = proxy
+        .wait_for_line(
+            |l| log_message_is(l, "forward listening"),
+            Duration::from_secs(5),
+        )
+        .await?;
+    let forward: SocketAddr = log_field(&fw, "addr").context("addr")?.parse()?;
+    let fingerprint = proxy
+        .lines()
+        .iter()
+        .find_map(|l| log_field(l, "fingerprint"))
+        .context("no host key fingerprint in the proxy's log")?;
+    Ok((agents, forward, fingerprint))
+}
+
 pub fn log_message_is(line: &str, message: &str) -> bool {
     log_field(line, "message").is_some_and(|m| m == message)
 }
@@ -208,25 +233,7 @@ impl TowerRs {
                 "--log-format=json".into(),
             ],
         )?;
-        let listening = proxy
-            .wait_for_line(
-                |l| log_message_is(l, "listening for agents"),
-                Duration::from_secs(30),
-            )
-            .await?;
-        let agents_addr: SocketAddr = log_field(&listening, "addr").context("addr")?.parse()?;
-        let fw = proxy
-            .wait_for_line(
-                |l| log_message_is(l, "forward listening"),
-                Duration::from_secs(5),
-            )
-            .await?;
-        let forward: SocketAddr = log_field(&fw, "addr").context("addr")?.parse()?;
-        let fingerprint = proxy
-            .lines()
-            .iter()
-            .find_map(|l| log_field(l, "fingerprint"))
-            .context("no host key fingerprint in the proxy's log")?;
+        let (agents_addr, forward, fingerprint) = started_proxy(&proxy).await?;
 
         let clusters = env.work.join("clusters.yaml");
         std::fs::write(&clusters, CLUSTERS)?;
@@ -592,25 +599,7 @@ impl ForwardPair {
             ),
         )?;
         proxy.set_drop_grace(Duration::from_secs(3));
-        let listening = proxy
-            .wait_for_line(
-                |l| log_message_is(l, "listening for agents"),
-                Duration::from_secs(30),
-            )
-            .await?;
-        let agents: SocketAddr = log_field(&listening, "addr").context("addr")?.parse()?;
-        let fw = proxy
-            .wait_for_line(
-                |l| log_message_is(l, "forward listening"),
-                Duration::from_secs(5),
-            )
-            .await?;
-        let forward: SocketAddr = log_field(&fw, "addr").context("addr")?.parse()?;
-        let fingerprint = proxy
-            .lines()
-            .iter()
-            .find_map(|l| log_field(l, "fingerprint"))
-            .context("no fingerprint")?;
+        let (agents, forward, fingerprint) = started_proxy(&proxy).await?;
         let relay = match delay {
             Some(d) => Some(Relay::start(agents, d).await?),
             None => None,
