@@ -44,10 +44,29 @@ pub struct Session {
     inner: Arc<SessionInner>,
 }
 
+/// Who is on the other end of an agent connection, as the proxy's port saw it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// The agent's network address, for logs.
+    pub addr: String,
+    /// The `User-Agent` of its websocket upgrade (`tower-agent/<version>` for
+    /// ours, whatever a Go agent sends for theirs); empty if none.
+    pub user_agent: String,
+}
+
+impl From<String> for Peer {
+    fn from(addr: String) -> Self {
+        Self {
+            addr,
+            user_agent: String::new(),
+        }
+    }
+}
+
 struct SessionInner {
     handle: Handle,
     config: AgentConfig,
-    peer: String,
+    peer: Peer,
     open_streams: AtomicUsize,
     closed: AtomicBool,
     /// Bytes read from / written to this session's streams.
@@ -82,7 +101,18 @@ impl Session {
 
     /// The agent's network address, for logs.
     pub fn peer(&self) -> &str {
-        &self.inner.peer
+        &self.inner.peer.addr
+    }
+
+    /// The User-Agent the agent introduced itself with (may be empty).
+    pub fn user_agent(&self) -> &str {
+        &self.inner.peer.user_agent
+    }
+
+    /// Identifies this session among the live ones (two live sessions never
+    /// share it; a clone has the same).
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
     }
 
     /// Streams open through this session right now: the dialer picks the least busy.
@@ -238,7 +268,7 @@ enum AuthOutcome {
 
 struct Handler<A: Admission> {
     admission: Arc<A>,
-    peer: String,
+    peer: Peer,
     guard: Option<A::Guard>,
     session: Option<Session>,
     outcome: Option<oneshot::Sender<AuthOutcome>>,
@@ -329,7 +359,7 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
                 GlobalRequestReply::Success(Vec::new())
             }
             _ => {
-                tracing::debug!(peer = %self.peer, request = name, "refused global request");
+                tracing::debug!(peer = %self.peer.addr, request = name, "refused global request");
                 GlobalRequestReply::Failure(Vec::new())
             }
         })
@@ -342,7 +372,7 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
         _session: &mut SshSession,
     ) -> Result<(), Self::Error> {
         // Dropping `_reply` refuses the channel.
-        tracing::warn!(peer = %self.peer, "refused a session channel opened by the agent");
+        tracing::warn!(peer = %self.peer.addr, "refused a session channel opened by the agent");
         Ok(())
     }
 
@@ -357,7 +387,7 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
         _reply: russh::server::ChannelOpenHandle,
         _session: &mut SshSession,
     ) -> Result<(), Self::Error> {
-        tracing::warn!(peer = %self.peer, target = %format!("{host}:{port}"),
+        tracing::warn!(peer = %self.peer.addr, target = %format!("{host}:{port}"),
             "refused a channel opened by the agent: agents may not dial into the host network");
         Ok(())
     }
@@ -368,21 +398,23 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
 }
 
 /// Run one agent connection on `stream` (an upgraded websocket) until it ends.
-/// `peer` names the connection in logs.
+/// `peer` names the connection in logs (an address, or a [`Peer`]).
 pub async fn serve<S, A>(
     stream: S,
     config: Arc<russh::server::Config>,
     admission: Arc<A>,
-    peer: String,
+    peer: impl Into<Peer>,
 ) -> Result<(), ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: Admission,
 {
+    let peer_info = peer.into();
+    let peer = peer_info.addr.clone();
     let (tx, rx) = oneshot::channel();
     let handler = Handler {
         admission,
-        peer: peer.clone(),
+        peer: peer_info,
         guard: None,
         session: None,
         outcome: Some(tx),
