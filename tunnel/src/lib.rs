@@ -1,6 +1,6 @@
 //! Tower's tunnel protocol, shared by `proxy` and `agent`.
 //!
-//! The stack, bottom up (see `shared/notes/tower-protocol.md` for the facts):
+//! The stack, bottom up (see docs/protocol.md in the repository for the details):
 //!
 //! ```text
 //! TCP -> HTTP/1.1 websocket upgrade (subprotocol `kubesphere-v1`)   [ws]
