@@ -15,8 +15,8 @@
 //! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
 //! - [`run`]: the reconnect loop, with [`backoff`] and [`killable`].
 //!
-//! Imports go one way, down that list: `dial` uses `proxy_env` and `endpoint`,
-//! `proxy_env` uses `endpoint`, and `endpoint` uses neither.
+//! Imports have no cycles: `dial` uses `proxy_env` and `endpoint`, `proxy_env`
+//! uses `endpoint`, and `endpoint` uses neither (only `tunnel::addr`).
 //!
 //! Signals: SIGHUP re-reads the credentials and retries at once; SIGTERM and
 //! SIGINT close the tunnel and exit 0. Exit 1: `--max-retry` exhausted or the
