@@ -34,8 +34,7 @@ use base64::Engine as _;
 use kube_client::config::{AuthInfo, Kubeconfig};
 use secrecy::ExposeSecret as _;
 use tokio::sync::{Notify, watch};
-
-use crate::proxy_env::{join_host_port, split_host_port};
+use tunnel::addr::{join_host_port, split_host_port};
 
 /// Where pods get their service-account token and CA.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";

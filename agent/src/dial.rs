@@ -40,7 +40,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::wire::SUBPROTOCOL;
 use tunnel::ws::WsStream;
 
-use crate::proxy_env::{HttpProxy, join_host_port, split_host_port};
+use crate::endpoint::Endpoint;
+use crate::proxy_env::HttpProxy;
 
 /// TCP connect, DNS lookup included.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,96 +56,6 @@ const BODY_PREFIX: usize = 200;
 
 /// The websocket the tunnel runs over.
 pub type ProxyStream = WsStream<TokioIo<Upgraded>>;
-
-/// Where the Tower proxy is: `--proxy-server` mapped to a websocket URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    secure: bool,
-    /// Without brackets.
-    host: String,
-    port: u16,
-    /// Path and query, at least `/`.
-    path: String,
-}
-
-impl Endpoint {
-    /// Map `http://` to `ws://` and `https://` to `wss://` (`ws://` and `wss://`
-    /// are taken as they are), adding port 80 or 443 when none is given.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let expected = "expected http://HOST[:PORT][/PATH] or https://HOST[:PORT][/PATH]";
-        let uri: hyper::Uri = text
-            .trim()
-            .parse()
-            .map_err(|e| format!("{e}; {expected}"))?;
-        let secure = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
-            Some("http" | "ws") => false,
-            Some("https" | "wss") => true,
-            Some(other) => return Err(format!("unsupported scheme {other:?}; {expected}")),
-            None => return Err(format!("no scheme; {expected}")),
-        };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("no host; {expected}"))?;
-        if authority.as_str().contains('@') {
-            return Err(
-                "credentials in the URL are not supported; the agent authenticates with its token"
-                    .into(),
-            );
-        }
-        let (host, _) = split_host_port(authority.as_str())
-            .ok_or_else(|| format!("{:?} is not HOST[:PORT]; {expected}", authority.as_str()))?;
-        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-        let path = match uri.path_and_query().map(|p| p.as_str()) {
-            None | Some("") => "/".to_string(),
-            Some(p) if p.starts_with('/') => p.to_string(),
-            Some(p) => format!("/{p}"),
-        };
-        Ok(Self {
-            secure,
-            host: host.to_ascii_lowercase(),
-            port,
-            path,
-        })
-    }
-
-    /// True for `wss://`.
-    pub fn secure(&self) -> bool {
-        self.secure
-    }
-
-    /// Host name or address, without brackets.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `host:port` to dial (brackets around IPv6).
-    pub fn authority(&self) -> String {
-        join_host_port(&self.host, self.port)
-    }
-
-    /// The full websocket URL, port always shown.
-    pub fn url(&self) -> String {
-        let scheme = if self.secure { "wss" } else { "ws" };
-        format!("{scheme}://{}{}", self.authority(), self.path)
-    }
-
-    /// `Host` header: the port only when it is not the scheme's default.
-    fn host_header(&self) -> String {
-        let default = if self.secure { 443 } else { 80 };
-        if self.port == default {
-            join_host_port(&self.host, self.port)
-                .rsplit_once(':')
-                .map(|(h, _)| h.to_string())
-                .unwrap_or_default()
-        } else {
-            self.authority()
-        }
-    }
-}
 
 /// Why a dial failed. All of them are worth a retry.
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +112,7 @@ impl ProxyDialer {
         via: Option<HttpProxy>,
         proxy_ca: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        let tls = match (endpoint.secure, proxy_ca) {
+        let tls = match (endpoint.secure(), proxy_ca) {
             (true, ca) => Some(tokio_rustls::TlsConnector::from(tls_config(ca)?)),
             (false, Some(_)) => {
                 tracing::warn!("--proxy-ca is ignored: --proxy-server is not https://");
@@ -265,7 +176,7 @@ impl ProxyDialer {
         let Some(tls) = &self.tls else {
             return self.upgrade(io).await;
         };
-        let host = self.endpoint.host.clone();
+        let host = self.endpoint.host().to_string();
         let name =
             rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| DialError::Tls {
                 host: host.clone(),
@@ -300,7 +211,7 @@ impl ProxyDialer {
                 let _ = conn.with_upgrades().await;
             }));
             let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-            let request = Request::get(self.endpoint.path.as_str())
+            let request = Request::get(self.endpoint.path())
                 .header(header::HOST, self.endpoint.host_header())
                 .header(header::CONNECTION, "Upgrade")
                 .header(header::UPGRADE, "websocket")
@@ -491,43 +402,6 @@ mod tests {
     use std::convert::Infallible;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    #[test]
-    fn proxy_server_urls_map_to_websocket_urls() {
-        let url = |s: &str| Endpoint::parse(s).map(|e| e.url());
-        assert_eq!(
-            url("http://127.0.0.1:8080"),
-            Ok("ws://127.0.0.1:8080/".into())
-        );
-        assert_eq!(url("http://tower"), Ok("ws://tower:80/".into()));
-        assert_eq!(url("https://tower"), Ok("wss://tower:443/".into()));
-        assert_eq!(
-            url("https://Tower.example:8443/a/b?c=d"),
-            Ok("wss://tower.example:8443/a/b?c=d".into())
-        );
-        assert_eq!(url("http://[::1]:8080"), Ok("ws://[::1]:8080/".into()));
-        assert_eq!(url("https://[fd00::1]"), Ok("wss://[fd00::1]:443/".into()));
-        assert_eq!(url("ws://tower:1"), Ok("ws://tower:1/".into()));
-        assert!(
-            url("ftp://tower")
-                .unwrap_err()
-                .contains("unsupported scheme")
-        );
-        assert!(url("tower:8080").is_err());
-        assert!(
-            url("http://user:pw@tower")
-                .unwrap_err()
-                .contains("credentials")
-        );
-        let e = Endpoint::parse("https://[::1]").unwrap();
-        assert_eq!((e.host(), e.port(), e.secure()), ("::1", 443, true));
-        assert_eq!(e.host_header(), "[::1]");
-        assert_eq!(
-            Endpoint::parse("http://h:81").unwrap().host_header(),
-            "h:81"
-        );
-        assert_eq!(Endpoint::parse("http://h:80").unwrap().host_header(), "h");
-    }
 
     #[test]
     fn upgrade_answers_are_checked() {

@@ -7,11 +7,16 @@
 //! as long as it runs.
 //!
 //! Modules, in the order a connection uses them:
-//! - [`options`]: flags, checked at start;
+//! - [`options`]: flags, checked at start (syntax, durations, klog's flags and
+//!   the logging set-up come from `tunnel::cli`);
 //! - [`credentials`]: the token and member credentials, re-read when they change;
-//! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY;
+//! - [`endpoint`]: `--proxy-server` as a websocket URL;
+//! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY, chosen for that endpoint;
 //! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
 //! - [`run`]: the reconnect loop, with [`backoff`] and [`killable`].
+//!
+//! Imports have no cycles: `dial` uses `proxy_env` and `endpoint`, `proxy_env`
+//! uses `endpoint`, and `endpoint` uses neither (only `tunnel::addr`).
 //!
 //! Signals: SIGHUP re-reads the credentials and retries at once; SIGTERM and
 //! SIGINT close the tunnel and exit 0. Exit 1: `--max-retry` exhausted or the
@@ -20,12 +25,12 @@
 mod backoff;
 mod credentials;
 mod dial;
+mod endpoint;
 mod killable;
 mod options;
 mod proxy_env;
 mod run;
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -36,12 +41,21 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::credentials::{CredentialSource, Loader};
-use crate::options::{Flags, LogFormat};
+use crate::options::Flags;
 use crate::run::{Controls, Exit};
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    init_logging(flags.log_format);
+    let notes = match tunnel::cli::init_logging(flags.log_format, &flags.klog) {
+        Ok(notes) => notes,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for note in notes {
+        info!("{note}");
+    }
     let env = |name: &str| std::env::var(name).ok();
     let config = match flags.check(&env) {
         Ok(config) => config,
@@ -143,17 +157,4 @@ async fn agent(config: options::Config) -> anyhow::Result<Exit> {
         info!("stopped");
     }
     Ok(exit)
-}
-
-/// Logs go to stderr, as text (default) or JSON lines; `RUST_LOG` filters.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

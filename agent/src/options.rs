@@ -4,23 +4,27 @@
 //! `--proxy-server`, `--keepalive`, `--max-retry`, `--max-retry-interval`,
 //! `--kubernetes-service`, `--kubesphere-service`, `--kubeconfig`) plus ours
 //! (`--token-file`, `--proxy-ca`, `--proxy-host-key-fingerprint`, `--log-format`,
-//! `--credentials-refresh-interval`). [`Flags::check`] turns them into a
+//! `--credentials-refresh-interval`) and Go Tower's klog flags
+//! ([`KlogFlags`], `--v=0` and friends). [`Flags::check`] turns them into a
 //! [`Config`] in which every value has been checked, so that a bad flag stops the
 //! agent at start with a message naming the flag and the expected form, instead of
 //! a panic or a retry loop that can never succeed (Go Tower panics on a
 //! `--kubesphere-service` with a scheme).
 //!
-//! Durations use Go's syntax (`30s`, `2m`, `1h30m`, `500ms`) so that Tower's
+//! Syntax and values are Go Tower's (pflag's `--keepalive=10s`, Go durations
+//! like `30s`, `2m`, `1h30m`, `500ms`, see [`tunnel::cli`]) so that KubeSphere's
 //! deployment manifests keep working unchanged.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use tunnel::cli::{KlogFlags, LogFormat, parse_go_duration};
 
 use crate::credentials::{CredentialSource, TokenSource};
-use crate::dial::{Endpoint, ProxyDialer};
+use crate::dial::ProxyDialer;
+use crate::endpoint::Endpoint;
 use crate::proxy_env::HttpProxy;
 
 /// Tower's default for `--kubernetes-service` (Tower leaves the port out; the
@@ -32,7 +36,8 @@ pub const DEFAULT_KUBESPHERE_SERVICE: &str = "ks-apiserver.kubesphere-system.svc
 /// Tower agent: dials the Tower proxy and serves this cluster's kube-apiserver and
 /// ks-apiserver through the tunnel.
 #[derive(Debug, Parser)]
-#[command(name = "agent", version, about)]
+// args_override_self: a repeated flag's last value wins, as in Go's pflag.
+#[command(name = "agent", version, about, args_override_self = true)]
 pub struct Flags {
     /// Name of this member cluster, as registered on the host cluster.
     #[arg(long)]
@@ -92,16 +97,13 @@ pub struct Flags {
     #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub credentials_refresh_interval: Duration,
 
-    /// Log format on stderr.
+    /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
 
-/// `--log-format`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+    /// Go Tower's logging flags (`--v=0`, ...): see `tunnel::cli::logging`.
+    #[command(flatten)]
+    pub klog: KlogFlags,
 }
 
 /// Checked configuration: everything the agent needs, validated.
@@ -254,43 +256,6 @@ fn check_fingerprint(value: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Parse a Go duration: a sequence of decimal numbers with units `ns`, `us`
-/// (`µs`), `ms`, `s`, `m`, `h`, e.g. `30s`, `1h30m`, `1.5s`; `0` alone is allowed.
-pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration (e.g. 30s, 2m, 1h30m, 500ms)");
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = text;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        rest = &rest[unit_len..];
-        total += number * seconds;
-    }
-    Duration::try_from_secs_f64(total).map_err(|_| bad())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,19 +365,102 @@ mod tests {
         assert!(e.contains("--proxy-server"), "{e}");
     }
 
+    /// KubeSphere's agent Deployment, word for word.
+    const KUBESPHERE_AGENT_LINE: [&str; 8] = [
+        "agent",
+        "--name=alpha",
+        "--token=abc",
+        "--proxy-server=http://127.0.0.1:8080",
+        "--keepalive=10s",
+        "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80",
+        "--kubernetes-service=kubernetes.default.svc:443",
+        "--v=0",
+    ];
+
     #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_go_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_go_duration("30").is_err());
-        assert!(parse_go_duration("").is_err());
-        assert!(parse_go_duration("s").is_err());
-        assert!(parse_go_duration("5x").is_err());
-        assert!(parse_go_duration("-5s").is_err());
+    fn kubesphere_agent_command_line_is_accepted() {
+        let flags = Flags::try_parse_from(KUBESPHERE_AGENT_LINE).unwrap();
+        assert_eq!(flags.klog.v, Some(0));
+        let config = flags.check(&no_env).unwrap();
+        assert_eq!(config.name, "alpha");
+        assert_eq!(config.dialer.endpoint().url(), "ws://127.0.0.1:8080/");
+        assert_eq!(config.keepalive, Duration::from_secs(10));
+        assert_eq!(
+            config.kubernetes_service.as_deref(),
+            Some("kubernetes.default.svc:443")
+        );
+        assert_eq!(
+            config.kubesphere_service,
+            "ks-apiserver.kubesphere-system.svc:80"
+        );
+    }
+
+    #[test]
+    fn every_go_tower_agent_flag_in_pflag_syntax() {
+        let flags = Flags::try_parse_from([
+            "agent",
+            "--name=alpha",
+            "--token=abc",
+            "--proxy-server=https://tower.example:8443",
+            "--keepalive=1m30s",
+            "--max-retry=5",
+            "--max-retry-interval=1.5m",
+            "--kubernetes-service=[fd00::1]:6443",
+            "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80",
+            "--kubeconfig=/etc/member/kubeconfig",
+            "--v=4",
+            "--vmodule=proxy=2",
+            "--logtostderr=true",
+            "--alsologtostderr=false",
+            "--log-dir=/var/log",
+            "--log-file=/var/log/agent.log",
+            "--log-file-max-size=1800",
+            "--skip-headers",
+            "--skip-log-headers=false",
+            "--stderrthreshold=2",
+            "--add-dir-header",
+            "--log-backtrace-at=agent.go:42",
+            "--one-output=true",
+        ])
+        .unwrap();
+        assert_eq!(flags.klog.v, Some(4));
+        assert_eq!(flags.klog.logtostderr, Some(true));
+        assert_eq!(flags.klog.without_effect().len(), 8);
+        let config = flags.check(&no_env).unwrap();
+        assert_eq!(config.keepalive, Duration::from_secs(90));
+        assert_eq!(config.max_retry, Some(5));
+        assert_eq!(config.max_retry_interval, Duration::from_secs(90));
+        assert_eq!(config.kubernetes_service.as_deref(), Some("[fd00::1]:6443"));
+        assert!(matches!(
+            config.credentials,
+            CredentialSource::Kubeconfig { .. }
+        ));
+        assert_eq!(config.dialer.endpoint().url(), "wss://tower.example:8443/");
+    }
+
+    #[test]
+    fn klog_short_forms_and_version_coexist() {
+        for v in [&["-v", "4"][..], &["-v4"], &["-v=4"], &["--v", "4"]] {
+            let mut argv = vec!["agent", "--name=a", "--token=t"];
+            argv.extend_from_slice(v);
+            assert_eq!(
+                Flags::try_parse_from(argv).unwrap().klog.v,
+                Some(4),
+                "{v:?}"
+            );
+        }
+        let e = Flags::try_parse_from(["agent", "-V"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_flag() {
+        let e = Flags::try_parse_from(["agent", "--name=a", "--token=t", "--keepalive=soon"])
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = e.to_string();
+        assert!(e.contains("--keepalive"), "{e}");
+        assert!(e.contains("is not a duration like 30s"), "{e}");
     }
 
     #[test]

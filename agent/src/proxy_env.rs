@@ -23,8 +23,9 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
+use tunnel::addr::{join_host_port, split_host_port};
 
-use crate::dial::Endpoint;
+use crate::endpoint::Endpoint;
 
 /// An egress HTTP proxy to tunnel through with CONNECT.
 #[derive(Clone, PartialEq, Eq)]
@@ -221,42 +222,6 @@ fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     }
     let shift = width - u32::from(bits);
     (ip >> shift) == (net >> shift)
-}
-
-/// Split `host[:port]` / `[v6][:port]` into a bracket-less host and a port.
-pub fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        host.parse::<std::net::Ipv6Addr>().ok()?;
-        match after {
-            "" => (host, None),
-            _ => (host, Some(after.strip_prefix(':')?)),
-        }
-    } else {
-        match text.rsplit_once(':') {
-            // A bare IPv6 address has colons but no brackets and no port.
-            Some(_) if text.parse::<std::net::Ipv6Addr>().is_ok() => (text, None),
-            Some((host, port)) => (host, Some(port)),
-            None => (text, None),
-        }
-    };
-    if host.is_empty() || host.contains(['/', '@', ' ']) {
-        return None;
-    }
-    let port = match port {
-        None => None,
-        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0)?),
-    };
-    Some((host.to_string(), port))
-}
-
-/// `host:port`, with brackets around an IPv6 host.
-pub fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
 }
 
 fn percent_decode(text: &str) -> String {

@@ -608,7 +608,7 @@ mod tests {
         let shared = Shared {
             name: "member".into(),
             dialer: ProxyDialer::new(
-                crate::dial::Endpoint::parse("http://p").unwrap(),
+                crate::endpoint::Endpoint::parse("http://p").unwrap(),
                 None,
                 None,
             )

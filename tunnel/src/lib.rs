@@ -15,9 +15,15 @@
 //! side and hands out a [`server::Session`] that dials through it; [`client`] runs
 //! the agent side and hands each accepted channel to a [`client::Dialer`].
 //!
+//! Beside the protocol, what both binaries need at their edges: [`cli`], Go
+//! Tower's command-line syntax (durations, booleans, klog's flags) and the
+//! logging set-up, and [`addr`], `host:port` strings with IPv6 brackets.
+//!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.
 
+pub mod addr;
+pub mod cli;
 pub mod client;
 pub mod copy;
 pub mod server;
