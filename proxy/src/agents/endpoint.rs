@@ -1,7 +1,8 @@
 //! The agents' endpoint: one HTTP/1.1 port (`--host`, `--port`) that upgrades
 //! websocket requests carrying the `kubesphere-v1` subprotocol into tunnels and
 //! answers `/health`, `/version` and `/metrics`; anything else is 404. There is
-//! no path routing, as in Tower.
+//! no path routing, as in Tower. The agent's `User-Agent` travels with its
+//! session ([`tunnel::server::Peer`]) into the Cluster status.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,44 +17,35 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tunnel::server::serve;
+use tokio_util::sync::CancellationToken;
+use tunnel::server::{Peer, serve};
 use tunnel::wire::SUBPROTOCOL;
 use tunnel::ws::WsStream;
 
-use crate::registry::{ClusterStore, Registry};
+use super::admission::Gate;
+use super::store::ClusterStore;
+use crate::ops::accept::accept_loop;
+use crate::ops::metrics::{Metrics, render};
 
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a request handler needs.
 pub struct Endpoint<S: ClusterStore> {
-    pub registry: Registry<S>,
+    pub gate: Arc<Gate<S>>,
+    pub metrics: Arc<Metrics>,
     pub ssh: Arc<russh::server::Config>,
     /// Set once the proxy can admit agents (the Cluster cache is synced).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Accept connections until `shutdown` resolves.
+/// Accept connections until `stop` is cancelled.
 pub async fn run<S: ClusterStore>(
     listener: TcpListener,
     endpoint: Arc<Endpoint<S>>,
-    shutdown: impl std::future::Future<Output = ()>,
+    stop: CancellationToken,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving the others.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    accept_loop(listener, "agents", stop, |tcp, peer| {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -69,7 +61,9 @@ pub async fn run<S: ClusterStore>(
                 tracing::warn!(%peer, error = %e, "bad HTTP request on the agents' port, connection closed");
             }
         });
-    }
+        async {}
+    })
+    .await;
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -103,7 +97,7 @@ fn handle<S: ClusterStore>(
             return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
         };
         let upgrade = hyper::upgrade::on(&mut req);
-        let user_agent = req.headers().get(header::USER_AGENT).cloned();
+        let user_agent = user_agent_of(req.headers());
         tokio::spawn(async move {
             let io = match upgrade.await {
                 Ok(io) => io,
@@ -113,9 +107,11 @@ fn handle<S: ClusterStore>(
                 }
             };
             let ws = WsStream::from_upgraded(TokioIo::new(io), Role::Server).await;
-            crate::member_info::remember_user_agent(&peer, user_agent.as_ref());
-            tunnel_session(ws, endpoint, peer.clone()).await;
-            crate::member_info::forget_user_agent(&peer);
+            let peer = Peer {
+                addr: peer,
+                user_agent,
+            };
+            tunnel_session(ws, endpoint, peer).await;
         });
         let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
         let headers = resp.headers_mut();
@@ -143,7 +139,8 @@ fn handle<S: ClusterStore>(
         ),
         "/version" => text(StatusCode::OK, format!("{}\n", env!("CARGO_PKG_VERSION"))),
         "/metrics" => {
-            let mut resp = text(StatusCode::OK, crate::metrics::render(&endpoint.registry));
+            let stats = endpoint.gate.registry().stats();
+            let mut resp = text(StatusCode::OK, render(&endpoint.metrics, &stats));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -156,13 +153,22 @@ fn handle<S: ClusterStore>(
     }
 }
 
-async fn tunnel_session<S, T>(ws: WsStream<T>, endpoint: Arc<Endpoint<S>>, peer: String)
+/// The agent's User-Agent, cut to a sane length (it ends up in the status).
+fn user_agent_of(headers: &header::HeaderMap) -> String {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(200).collect())
+        .unwrap_or_default()
+}
+
+async fn tunnel_session<S, T>(ws: WsStream<T>, endpoint: Arc<Endpoint<S>>, peer_info: Peer)
 where
     S: ClusterStore,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let admission = Arc::new(endpoint.registry.clone());
-    match serve(ws, endpoint.ssh.clone(), admission, peer.clone()).await {
+    let peer = peer_info.addr.clone();
+    match serve(ws, endpoint.ssh.clone(), endpoint.gate.clone(), peer_info).await {
         Ok(()) => tracing::info!(%peer, "tunnel closed"),
         Err(tunnel::server::ServeError::Rejected(reason)) => {
             tracing::warn!(%peer, %reason, "agent rejected");

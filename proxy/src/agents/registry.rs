@@ -1,101 +1,28 @@
-//! Which agents are connected, per cluster, and who may connect.
+//! Which agents are connected, per cluster: every live session (several at
+//! once: rolling restarts, HA agents), the token each was admitted with, and
+//! the bytes of those that ended. Who may join is decided by
+//! [`super::admission::Gate`]; reaching a member through a session is
+//! [`crate::member::MemberDialer`]'s job.
 //!
-//! A [`ClusterStore`] answers "what is this cluster's token?" (a static file in
-//! this version; Cluster custom resources later). The [`Registry`] checks an
-//! agent's name and token against it in constant time, keeps every live session
-//! per cluster (several at once: rolling restarts, HA agents), and dials through
-//! the least busy one.
+//! The registry depends on nothing but the metrics, so it is built first and
+//! handed to everything that needs sessions.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use subtle::ConstantTimeEq;
-use tunnel::server::{Admission, DialError, Session, TunnelStream};
-use tunnel::wire::UNAUTHORIZED;
+use tunnel::server::Session;
 
-/// Where cluster tokens come from, and who hears about sessions.
-pub trait ClusterStore: Send + Sync + 'static {
-    /// The token agents of `cluster` must present, if the cluster exists.
-    fn token(&self, cluster: &str) -> Option<String>;
-
-    /// After the token check, before the agent hears success: e.g. bind the
-    /// cluster's listeners. An error rejects the agent with that reason.
-    fn on_connect(&self, _cluster: &str) -> impl Future<Output = Result<(), String>> + Send {
-        async { Ok(()) }
-    }
-
-    /// An agent claiming `cluster` was refused (wrong token, unknown cluster).
-    fn on_reject(&self, _cluster: &str, _reason: &str) {}
-
-    /// A session of `cluster` was added or has ended.
-    fn on_change(&self, _cluster: &str) {}
-}
-
-/// Clusters and tokens fixed at start, e.g. from `--clusters-file`.
-#[derive(Default)]
-pub struct StaticClusters(HashMap<String, String>);
-
-impl StaticClusters {
-    /// Parse `{"alpha": "<token>", ...}`.
-    pub fn from_json(json: &str) -> Result<Self, String> {
-        let map: HashMap<String, String> = serde_json::from_str(json)
-            .map_err(|e| format!("expected a JSON object of cluster name to token: {e}"))?;
-        if let Some(name) = map.iter().find(|(_, t)| t.is_empty()).map(|(n, _)| n) {
-            return Err(format!("cluster {name:?} has an empty token"));
-        }
-        Ok(Self(map))
-    }
-}
-
-impl ClusterStore for StaticClusters {
-    fn token(&self, cluster: &str) -> Option<String> {
-        self.0.get(cluster).cloned()
-    }
-}
-
-/// The member services an agent advertises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Upstream {
-    /// `KubernetesSvcHost`: the member's kube-apiserver.
-    Kubernetes,
-    /// `KubeSphereSvcHost`: the member's ks-apiserver.
-    KubeSphere,
-}
-
-/// Why a request for a cluster could not be sent through its tunnel.
-#[derive(Debug, thiserror::Error)]
-pub enum RouteError {
-    #[error("no agent of cluster {0:?} is connected")]
-    NoSession(String),
-    #[error(transparent)]
-    Dial(#[from] DialError),
-}
-
-/// One cluster's line in /metrics.
-pub struct ClusterStats {
-    pub cluster: String,
-    pub sessions: usize,
-    pub streams: usize,
-    pub received: u64,
-    pub sent: u64,
-}
+use crate::ops::metrics::{ClusterStats, Metrics};
 
 /// Live sessions by cluster name. Cheap to clone; clones share the sessions.
-pub struct Registry<S> {
-    inner: Arc<Inner<S>>,
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
 }
 
-impl<S> Clone for Registry<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
-}
-
-struct Inner<S> {
-    store: S,
+struct Inner {
+    metrics: Arc<Metrics>,
     sessions: Mutex<HashMap<String, Vec<Entry>>>,
     /// Bytes (received, sent) of sessions that have ended, per cluster.
     ended_bytes: Mutex<HashMap<String, (u64, u64)>>,
@@ -109,26 +36,21 @@ struct Entry {
     token: String,
 }
 
-/// Keeps a session registered; dropping it (the connection ended) removes it.
-pub struct Registration<S: ClusterStore> {
-    registry: Registry<S>,
-    cluster: String,
-    id: u64,
+/// Constant-time token comparison.
+pub fn tokens_match(expected: &str, given: &str) -> bool {
+    expected.as_bytes().ct_eq(given.as_bytes()).into()
 }
 
-impl<S: ClusterStore> Drop for Registration<S> {
-    fn drop(&mut self) {
-        let left = self.registry.remove(&self.cluster, self.id);
-        tracing::info!(cluster = %self.cluster, sessions_left = left, "agent disconnected");
-        self.registry.inner.store.on_change(&self.cluster);
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the maps inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<S: ClusterStore> Registry<S> {
-    pub fn new(store: S) -> Self {
+impl Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
+                metrics,
                 sessions: Mutex::default(),
                 ended_bytes: Mutex::default(),
                 next_id: Default::default(),
@@ -136,25 +58,39 @@ impl<S: ClusterStore> Registry<S> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Entry>>> {
-        // A panic while holding the lock cannot leave the map inconsistent.
-        self.inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// The metrics this registry counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
-    fn remove(&self, cluster: &str, id: u64) -> usize {
-        let mut sessions = self.lock();
+    /// Register an admitted `session` of `cluster`; returns its id for
+    /// [`Registry::remove`].
+    pub(super) fn insert(&self, cluster: &str, session: Session, token: String) -> u64 {
+        let id = self
+            .inner
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut sessions = lock(&self.inner.sessions);
+        let list = sessions.entry(cluster.to_string()).or_default();
+        let again = !list.is_empty() || lock(&self.inner.ended_bytes).contains_key(cluster);
+        let label = Metrics::cluster(cluster);
+        if again {
+            self.inner.metrics.reconnects.get_or_create(&label).inc();
+        }
+        list.push(Entry { id, session, token });
+        tracing::debug!(%cluster, sessions = list.len(), "session registered");
+        self.inner.metrics.connects.get_or_create(&label).inc();
+        id
+    }
+
+    /// Forget session `id` of `cluster`; returns how many are left.
+    pub(super) fn remove(&self, cluster: &str, id: u64) -> usize {
+        let mut sessions = lock(&self.inner.sessions);
         let left = match sessions.get_mut(cluster) {
             Some(list) => {
                 for gone in list.iter().filter(|e| e.id == id) {
                     let (r, s) = gone.session.bytes();
-                    let mut ended = self
-                        .inner
-                        .ended_bytes
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
+                    let mut ended = lock(&self.inner.ended_bytes);
                     let total = ended.entry(cluster.to_string()).or_default();
                     total.0 += r;
                     total.1 += s;
@@ -172,12 +108,8 @@ impl<S: ClusterStore> Registry<S> {
 
     /// Per cluster: live sessions, open streams, bytes so far (for /metrics).
     pub fn stats(&self) -> Vec<ClusterStats> {
-        let sessions = self.lock();
-        let ended = self
-            .inner
-            .ended_bytes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let sessions = lock(&self.inner.sessions);
+        let ended = lock(&self.inner.ended_bytes);
         let mut names: Vec<&String> = sessions.keys().chain(ended.keys()).collect();
         names.sort();
         names.dedup();
@@ -204,21 +136,27 @@ impl<S: ClusterStore> Registry<S> {
 
     /// Live sessions of `cluster`.
     pub fn live(&self, cluster: &str) -> usize {
-        self.lock()
+        lock(&self.inner.sessions)
             .get(cluster)
             .map_or(0, |l| l.iter().filter(|e| !e.session.is_closed()).count())
     }
 
     /// Clusters with at least one registered session.
     pub fn clusters(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        lock(&self.inner.sessions).keys().cloned().collect()
+    }
+
+    /// Clusters with at least one live session.
+    pub fn live_clusters(&self) -> Vec<String> {
+        let mut clusters = self.clusters();
+        clusters.retain(|c| self.live(c) > 0);
+        clusters
     }
 
     /// Close the sessions of `cluster` not admitted with `token` (all of them
     /// for `None`: the cluster was deleted or is no longer served).
     pub async fn revoke(&self, cluster: &str, token: Option<&str>, reason: &str) -> usize {
-        let stale: Vec<Session> = self
-            .lock()
+        let stale: Vec<Session> = lock(&self.inner.sessions)
             .get(cluster)
             .map(|list| {
                 list.iter()
@@ -243,7 +181,7 @@ impl<S: ClusterStore> Registry<S> {
 
     /// Live sessions of all clusters.
     pub fn total_live(&self) -> usize {
-        self.lock()
+        lock(&self.inner.sessions)
             .values()
             .flatten()
             .filter(|e| !e.session.is_closed())
@@ -255,8 +193,7 @@ impl<S: ClusterStore> Registry<S> {
     /// agents that were asked, and the sessions whose agents do not know the
     /// request (Go Tower agents).
     pub async fn drain_all(&self) -> (Vec<String>, Vec<Session>) {
-        let sessions: Vec<(String, Session)> = self
-            .lock()
+        let sessions: Vec<(String, Session)> = lock(&self.inner.sessions)
             .iter()
             .flat_map(|(c, l)| l.iter().map(|e| (c.clone(), e.session.clone())))
             .collect();
@@ -277,7 +214,7 @@ impl<S: ClusterStore> Registry<S> {
 
     /// The least busy live session of `cluster`.
     pub fn pick(&self, cluster: &str) -> Option<Session> {
-        self.lock()
+        lock(&self.inner.sessions)
             .get(cluster)?
             .iter()
             .filter(|e| !e.session.is_closed())
@@ -287,7 +224,7 @@ impl<S: ClusterStore> Registry<S> {
 
     /// Every live session of `cluster` (for its status: versions, heartbeat).
     pub fn sessions(&self, cluster: &str) -> Vec<Session> {
-        self.lock()
+        lock(&self.inner.sessions)
             .get(cluster)
             .map(|l| l.iter().filter(|e| !e.session.is_closed()))
             .into_iter()
@@ -295,108 +232,11 @@ impl<S: ClusterStore> Registry<S> {
             .map(|e| e.session.clone())
             .collect()
     }
-
-    /// Open a stream to `upstream` through `cluster`'s least busy session; if
-    /// that session died meanwhile, try the next.
-    pub async fn dial(
-        &self,
-        cluster: &str,
-        upstream: Upstream,
-    ) -> Result<TunnelStream, RouteError> {
-        let mut last = None;
-        for _ in 0..3 {
-            let Some(session) = self.pick(cluster) else {
-                break;
-            };
-            let config = session.config();
-            let target = match upstream {
-                Upstream::Kubernetes => config.kubernetes_svc_host.clone(),
-                Upstream::KubeSphere => config.kubesphere_svc_host.clone(),
-            };
-            match session.dial(&target).await {
-                Ok(stream) => return Ok(stream),
-                Err(DialError::Closed) => last = Some(DialError::Closed),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(last.map_or_else(
-            || RouteError::NoSession(cluster.to_string()),
-            RouteError::from,
-        ))
-    }
-}
-
-fn tokens_match(expected: &str, given: &str) -> bool {
-    expected.as_bytes().ct_eq(given.as_bytes()).into()
-}
-
-impl<S: ClusterStore> Admission for Registry<S> {
-    type Guard = Registration<S>;
-
-    async fn admit(&self, session: Session) -> Result<Self::Guard, String> {
-        let config = session.config();
-        let cluster = config.name.clone();
-        // Same answer for unknown cluster and wrong token: don't reveal which.
-        let expected = self.inner.store.token(&cluster).unwrap_or_default();
-        if expected.is_empty() || !tokens_match(&expected, &config.token) {
-            self.inner.store.on_reject(&cluster, "wrong token");
-            crate::metrics::METRICS.auth_failures.inc();
-            return Err(UNAUTHORIZED.to_string());
-        }
-        self.inner.store.on_connect(&cluster).await?;
-        let id = self
-            .inner
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut sessions = self.lock();
-        let list = sessions.entry(cluster.clone()).or_default();
-        let again = !list.is_empty()
-            || self
-                .inner
-                .ended_bytes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&cluster);
-        if again {
-            crate::metrics::METRICS
-                .reconnects
-                .get_or_create(&crate::metrics::Metrics::cluster(&cluster))
-                .inc();
-        }
-        list.push(Entry {
-            id,
-            session,
-            token: expected,
-        });
-        tracing::debug!(%cluster, sessions = list.len(), "session registered");
-        drop(sessions);
-        self.inner.store.on_change(&cluster);
-        crate::metrics::METRICS
-            .connects
-            .get_or_create(&crate::metrics::Metrics::cluster(&cluster))
-            .inc();
-        Ok(Registration {
-            registry: self.clone(),
-            cluster,
-            id,
-        })
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn static_clusters_file() {
-        let store = StaticClusters::from_json(r#"{"alpha":"t1"}"#).unwrap();
-        assert_eq!(store.token("alpha").as_deref(), Some("t1"));
-        assert_eq!(store.token("beta"), None);
-        let err = StaticClusters::from_json("[1]").err().unwrap();
-        assert!(err.contains("JSON object"), "{err}");
-        let err = StaticClusters::from_json(r#"{"a":""}"#).err().unwrap();
-        assert!(err.contains("empty token"), "{err}");
-    }
 
     #[test]
     fn token_comparison() {

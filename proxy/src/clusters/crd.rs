@@ -1,6 +1,6 @@
 //! The `Cluster` custom resource (`cluster.kubesphere.io/v1alpha1`), as far as
 //! the proxy reads it. KubeSphere owns most of it: the proxy writes only the
-//! fields it owns, with merge patches (see [`crate::controller`]), so fields
+//! fields it owns, with merge patches (see [`super::reconcile`]), so fields
 //! missing here survive untouched.
 
 use kube::CustomResource;
@@ -50,7 +50,7 @@ pub struct Connection {
     pub kubesphere_api_server_port: i32,
 }
 
-/// `status` of a Cluster: the conditions, and what [`crate::member_info`]
+/// `status` of a Cluster: the conditions, and what [`super::status`]
 /// reports (KubeSphere's `kubernetesVersion` and `nodeCount`, and ours).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

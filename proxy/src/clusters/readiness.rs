@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kube::runtime::reflector::Store;
 
-use crate::crd::Cluster;
+use super::crd::Cluster;
 
 /// Sets `ready` once `store` has synced.
 ///

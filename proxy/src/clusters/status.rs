@@ -2,10 +2,11 @@
 //! through the tunnel: the member's Kubernetes version (`/version`) and node
 //! count (a LIST of nodes with `limit=1`: the item plus
 //! `metadata.remainingItemCount`), asked with the agent's own credentials like
-//! any request on the cluster's port; the agent's version (the User-Agent of
-//! its websocket upgrade, `tower-agent/<version>` for ours, whatever a Go
-//! agent sends for theirs); its last heartbeat; when the client certificate
-//! of the published kubeconfig expires.
+//! any request on the cluster's port, through [`MemberDialer`]; the agent's
+//! version (the User-Agent of its websocket upgrade, carried by its session:
+//! `tower-agent/<version>` for ours, whatever a Go agent sends for theirs);
+//! its last heartbeat; when the client certificate of the published
+//! kubeconfig expires.
 //!
 //! Written to `status.kubernetesVersion` and `status.nodeCount`
 //! (KubeSphere's fields) and `status.agentVersion`, `status.lastHeartbeatTime`,
@@ -18,28 +19,25 @@
 //! [`HEARTBEAT_GRANULARITY`] old, so a connected, unchanged cluster costs one
 //! status write every one to two minutes, not one per keepalive.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Request;
-use hyper::header::{self, HeaderValue};
+use hyper::header;
 use hyper_util::rt::TokioIo;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
 use tunnel::server::Session;
 
-use crate::controller::CrStore;
-use crate::crd::{Cluster, ClusterStatus};
-use crate::registry::Registry;
+use super::crd::{Cluster, ClusterStatus};
+use super::kubeconfig;
+use crate::member::{MemberDialer, ReachError, Target};
 
 /// How often a connected member is asked again.
 pub const REFRESH: Duration = Duration::from_secs(60);
@@ -54,11 +52,7 @@ const MAX_BODY: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("{0}")]
-    Prepare(String),
-    #[error("dial through the tunnel: {0}")]
-    Dial(#[from] tunnel::server::DialError),
-    #[error("TLS with the member kube-apiserver: {0}")]
-    Tls(std::io::Error),
+    Reach(#[from] ReachError),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
     #[error("GET {path}: {detail}")]
@@ -74,29 +68,30 @@ pub struct Member {
     pub nodes: i64,
 }
 
-/// User-Agent of each agent connection by peer address, while it lasts.
-static USER_AGENTS: LazyLock<Mutex<HashMap<String, String>>> = LazyLock::new(Default::default);
-/// Clusters to refresh now (a session came or went, a kubeconfig was written).
-static KICK: OnceLock<mpsc::UnboundedSender<String>> = OnceLock::new();
+/// Asks for a cluster's status to be refreshed now (a session came or went,
+/// a kubeconfig was written). Cheap to clone.
+#[derive(Clone)]
+pub struct Kick(mpsc::UnboundedSender<String>);
 
-/// Called by the agents' endpoint before an agent connection is served.
-pub fn remember_user_agent(peer: &str, user_agent: Option<&HeaderValue>) {
-    let ua = user_agent
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(200).collect::<String>())
-        .unwrap_or_default();
-    lock(&USER_AGENTS).insert(peer.to_string(), ua);
+/// The other end of a [`Kick`], for [`start`].
+pub struct Kicks(mpsc::UnboundedReceiver<String>);
+
+impl Kicks {
+    /// The next cluster to refresh.
+    pub async fn recv(&mut self) -> Option<String> {
+        self.0.recv().await
+    }
 }
 
-/// Called when that connection has ended.
-pub fn forget_user_agent(peer: &str) {
-    lock(&USER_AGENTS).remove(peer);
-}
+impl Kick {
+    pub fn new() -> (Self, Kicks) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), Kicks(rx))
+    }
 
-/// Refresh `cluster`'s status soon (no-op before [`start`]).
-pub fn notify(cluster: &str) {
-    if let Some(tx) = KICK.get() {
-        let _ = tx.send(cluster.to_string());
+    /// Refresh `cluster`'s status soon (dropped once the refresher is gone).
+    pub fn notify(&self, cluster: &str) {
+        let _ = self.0.send(cluster.to_string());
     }
 }
 
@@ -106,12 +101,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The agent's version as it introduced itself.
 fn agent_version(session: &Session) -> String {
-    let ua = lock(&USER_AGENTS)
-        .get(session.peer())
-        .cloned()
-        .unwrap_or_default();
+    let ua = session.user_agent();
     match (ua.is_empty(), session.config().version.is_empty()) {
-        (false, _) => ua,
+        (false, _) => ua.to_string(),
         (true, false) => session.config().version.clone(),
         (true, true) => "unknown".to_string(),
     }
@@ -125,23 +117,15 @@ fn agent_versions(sessions: &[Session]) -> String {
     versions.into_iter().collect::<Vec<_>>().join(", ")
 }
 
-/// Ask the member's kube-apiserver, through `session`, for its version and
-/// node count.
-pub async fn probe(session: &Session, cluster: &str) -> Result<Member, ProbeError> {
-    let config = session.config();
-    let prepared =
-        crate::listener::prepare_kubernetes(config, cluster).map_err(ProbeError::Prepare)?;
-    let (tls, server_name) = prepared
-        .tls
-        .ok_or_else(|| ProbeError::Prepare("no TLS settings for the member".into()))?;
-    let stream = session.dial(&config.kubernetes_svc_host).await?;
-    let tls = TlsConnector::from(tls)
-        .connect(server_name, stream)
-        .await
-        .map_err(ProbeError::Tls)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+/// Ask the member's kube-apiserver, through one of its agents, for its
+/// version and node count.
+pub async fn probe(dialer: &MemberDialer, cluster: &str) -> Result<Member, ProbeError> {
+    let reached = dialer.reach(cluster, Target::KubeApiserver).await?;
+    let prepared = reached.access;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(reached.stream)).await?;
     let conn = tokio::spawn(conn);
-    let host = config.kubernetes_svc_host.clone();
+    let host = prepared.address.clone();
     let mut get = async |path: &'static str| -> Result<Value, ProbeError> {
         let mut req = Request::get(path)
             .header(header::HOST, &host)
@@ -209,20 +193,6 @@ fn parse_time(s: &str) -> Option<SystemTime> {
     s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
 }
 
-/// Expiry of the client certificate in a published (base64) kubeconfig.
-fn kubeconfig_expiry(b64: &str) -> Option<SystemTime> {
-    let yaml = String::from_utf8(B64.decode(b64.trim()).ok()?).ok()?;
-    let config = kube::config::Kubeconfig::from_yaml(&yaml).ok()?;
-    let cert = config
-        .auth_infos
-        .first()?
-        .auth_info
-        .as_ref()?
-        .client_certificate_data
-        .clone()?;
-    crate::controller::pem_not_after(&B64.decode(cert).ok()?)
-}
-
 /// What to observe for one cluster right now.
 pub struct Observed {
     pub member: Option<Member>,
@@ -253,7 +223,9 @@ pub fn status_patch(
     if current.agent_version.as_deref() != Some(seen.agent_version.as_str()) {
         patch.insert("agentVersion".into(), json!(seen.agent_version));
     }
-    if let Some(expiry) = kubeconfig_expiry(kubeconfig).map(rfc3339)
+    if let Some(expiry) = kubeconfig::read(kubeconfig)
+        .and_then(|k| k.cert_not_after)
+        .map(rfc3339)
         && current.certificate_expiration_time.as_deref() != Some(expiry.as_str())
     {
         patch.insert("certificateExpirationTime".into(), json!(expiry));
@@ -271,21 +243,21 @@ pub fn status_patch(
     patch
 }
 
-/// Refreshes connected clusters' status on [`notify`] and every [`REFRESH`].
-pub fn start(client: Client, store: Store<Cluster>, registry: Registry<CrStore>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    if KICK.set(tx).is_err() {
-        tracing::warn!("member status refresher started twice; keeping the first");
-        return;
-    }
+/// Refreshes connected clusters' status on a [`Kick`] and every [`REFRESH`].
+pub fn start(
+    mut kicks: Kicks,
+    client: Client,
+    store: Store<Cluster>,
+    dialer: MemberDialer,
+) -> tokio::task::JoinHandle<()> {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let names = tokio::select! {
-                Some(name) = rx.recv() => vec![name],
-                _ = tick.tick() => registry.clusters(),
+                Some(name) = kicks.recv() => vec![name],
+                _ = tick.tick() => dialer.registry().clusters(),
                 else => return,
             };
             for name in names {
@@ -294,28 +266,23 @@ pub fn start(client: Client, store: Store<Cluster>, registry: Registry<CrStore>)
                 if !lock(&running).insert(name.clone()) {
                     continue;
                 }
-                let (client, store, registry, running) = (
+                let (client, store, dialer, running) = (
                     client.clone(),
                     store.clone(),
-                    registry.clone(),
+                    dialer.clone(),
                     running.clone(),
                 );
                 tokio::spawn(async move {
-                    refresh(&client, &store, &registry, &name).await;
+                    refresh(&client, &store, &dialer, &name).await;
                     lock(&running).remove(&name);
                 });
             }
         }
-    });
+    })
 }
 
-async fn refresh(
-    client: &Client,
-    store: &Store<Cluster>,
-    registry: &Registry<CrStore>,
-    name: &str,
-) {
-    let Some(session) = registry.pick(name) else {
+async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer, name: &str) {
+    let Some(session) = dialer.pick(name) else {
         return;
     };
     let Some(cluster) = store.get(&ObjectRef::new(name)) else {
@@ -324,7 +291,7 @@ async fn refresh(
     if !cluster.is_served() {
         return;
     }
-    let member = match tokio::time::timeout(PROBE_TIMEOUT, probe(&session, name)).await {
+    let member = match tokio::time::timeout(PROBE_TIMEOUT, probe(dialer, name)).await {
         Ok(Ok(m)) => Some(m),
         Ok(Err(e)) => {
             tracing::warn!(cluster = %name, error = %e, "cannot read the member's version and nodes");
@@ -338,7 +305,7 @@ async fn refresh(
     };
     // The store may have moved on while we asked.
     let cluster = store.get(&ObjectRef::new(name)).unwrap_or(cluster);
-    let sessions = registry.sessions(name);
+    let sessions = dialer.registry().sessions(name);
     let seen = Observed {
         member,
         agent_version: agent_versions(&sessions),

@@ -11,7 +11,7 @@
 //! cluster whose holder died or is draining.
 //!
 //! Every replica watches these Leases: a client connection for a cluster this
-//! replica has no session of is relayed to the holder ([`crate::peers`]), and
+//! replica has no session of is relayed to the holder ([`super::peers`]), and
 //! the leader counts the cluster as available while it has a live holder.
 //! Freshness compares the Lease's renewTime with this replica's clock, so the
 //! replicas' clocks must agree to within a few seconds (as for Kubernetes'
@@ -32,16 +32,15 @@ use kube::{Client, ResourceExt};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::names::{CLUSTER_LABEL, MANAGED_BY, MANAGER};
+
 /// A replica's heartbeat Lease is renewed this often...
 pub const RENEW: Duration = Duration::from_secs(5);
 /// ...and counts as dead this long after its last renewal.
 pub const REPLICA_LEASE: Duration = Duration::from_secs(15);
 
-const MANAGER: &str = "tower-proxy";
-const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// `replica` or `cluster`.
 const ROLE_LABEL: &str = "tower.kubesphere.io/lease";
-const CLUSTER_LABEL: &str = "cluster.kubesphere.io/name";
 pub const PEER_ANNOTATION: &str = "tower.kubesphere.io/peer-address";
 pub const DRAINING_ANNOTATION: &str = "tower.kubesphere.io/draining";
 

@@ -1,7 +1,7 @@
 //! The port replicas relay client connections through (HA, `--leader-elect`).
 //!
 //! A client connection for a cluster whose agent is on another replica
-//! ([`crate::owners`]) is relayed before any TLS: this replica opens a mutual
+//! ([`super::owners`]) is relayed before any TLS: this replica opens a mutual
 //! TLS connection to the other's peer port (both sides show a certificate of
 //! the proxy CA with CN [`PEER_COMMON_NAME`]; the CA's other certificates are
 //! refused), sends one line naming the cluster and the port kind, then copies
@@ -22,12 +22,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
+use tunnel::addr::host_of;
 
-use crate::ca::{Ca, PEER_COMMON_NAME};
-use crate::listener::Relay;
-use crate::owners::Owners;
-use crate::ports::ListenerPorts;
-use crate::registry::Upstream;
+use super::owners::Owners;
+use crate::identity::ca::{Ca, CaError, PEER_COMMON_NAME};
+use crate::member::Target;
+use crate::ops::accept::accept_loop;
+use crate::serve::listener::Relay;
+use crate::serve::ports::ListenerPorts;
 
 /// Peer certificates live this long; a replica issues its own at start.
 const PEER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -39,7 +41,7 @@ const PREFACE_VERSION: &str = "TOWER-PEER/1";
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     #[error("cannot issue the peer certificate: {0}")]
-    Cert(#[from] crate::ca::CaError),
+    Cert(#[from] CaError),
     #[error("peer TLS: {0}")]
     Tls(#[from] rustls::Error),
     #[error("peer TLS: {0}")]
@@ -53,17 +55,11 @@ pub struct Peers {
     acceptor: TlsAcceptor,
 }
 
-fn kind_name(kind: Upstream) -> &'static str {
+fn kind_name(kind: Target) -> &'static str {
     match kind {
-        Upstream::Kubernetes => "kube",
-        Upstream::KubeSphere => "ks",
+        Target::KubeApiserver => "kube",
+        Target::KsApiserver => "ks",
     }
-}
-
-/// `host` of `host:port` (brackets of IPv6 removed).
-fn host_of(addr: &str) -> &str {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 impl Peers {
@@ -106,26 +102,16 @@ impl Peers {
         ports: Arc<ListenerPorts>,
         stop: CancellationToken,
     ) {
-        loop {
-            let (tcp, from) = tokio::select! {
-                () = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "peer port: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
+        accept_loop(listener, "peer", stop, |tcp, from| {
             let (peers, ports) = (self.clone(), ports.clone());
             tokio::spawn(async move {
                 if let Err(e) = peers.accept(tcp, from, &ports).await {
                     tracing::warn!(%from, error = %e, "peer port: relay refused");
                 }
             });
-        }
+            async {}
+        })
+        .await;
     }
 
     async fn accept(
@@ -166,8 +152,8 @@ impl Peers {
             return Err(format!("unknown preface {line:?}"));
         }
         let kind = match kind {
-            Some("kube") => Upstream::Kubernetes,
-            Some("ks") => Upstream::KubeSphere,
+            Some("kube") => Target::KubeApiserver,
+            Some("ks") => Target::KsApiserver,
             _ => return Err(format!("unknown port kind in {line:?}")),
         };
         let cluster = cluster.ok_or_else(|| format!("no cluster in {line:?}"))?;
@@ -190,7 +176,7 @@ async fn connect(
     connector: &TlsConnector,
     target: &str,
     cluster: &str,
-    kind: Upstream,
+    kind: Target,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let name = ServerName::try_from(host_of(target).to_string())
         .map_err(|e| format!("peer address {target:?}: {e}"))?;
@@ -219,7 +205,7 @@ impl Relay for Peers {
         &self,
         target: String,
         cluster: String,
-        kind: Upstream,
+        kind: Target,
         mut tcp: TcpStream,
     ) -> Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>> {
         let connector = self.connector.clone();

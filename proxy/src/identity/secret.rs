@@ -11,7 +11,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use russh::keys::PrivateKey;
 
-use crate::ca::Ca;
+use super::ca::Ca;
 
 pub const SECRET_NAME: &str = "tower-proxy";
 const HOST_KEY: &str = "ssh-host-key";

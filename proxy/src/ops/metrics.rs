@@ -1,12 +1,12 @@
 //! `/metrics` in the Prometheus/OpenMetrics text format.
 //!
-//! Event counters and histograms live in [`METRICS`] and are bumped where things
-//! happen; gauges that describe the present (sessions, open streams, bytes per
-//! cluster) are read from the session registry at scrape time, so they can
-//! never drift from the truth.
+//! Event counters and histograms live in a [`Metrics`] handle that is passed to
+//! whoever counts (the registry, the listeners, the controller) and bumped
+//! where things happen; gauges that describe the present (sessions, open
+//! streams, bytes per cluster) are read from the session registry at scrape
+//! time ([`ClusterStats`]), so they can never drift from the truth.
 
 use std::fmt::Write as _;
-use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
@@ -15,8 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-
-use crate::registry::{ClusterStore, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabel {
@@ -30,7 +28,16 @@ pub struct CertLabel {
     pub kind: String,
 }
 
-/// The proxy's event metrics.
+/// One cluster's line in /metrics, read from the registry at scrape time.
+pub struct ClusterStats {
+    pub cluster: String,
+    pub sessions: usize,
+    pub streams: usize,
+    pub received: u64,
+    pub sent: u64,
+}
+
+/// The proxy's event metrics. One per process, shared as `Arc<Metrics>`.
 pub struct Metrics {
     registry: prometheus_client::registry::Registry,
     /// Agent sessions admitted, per cluster.
@@ -48,58 +55,64 @@ pub struct Metrics {
     pub relayed: Family<ClusterLabel, Counter>,
 }
 
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut registry = prometheus_client::registry::Registry::with_prefix("tower");
-    let connects = Family::<ClusterLabel, Counter>::default();
-    registry.register(
-        "agent_connects",
-        "Agent sessions admitted",
-        connects.clone(),
-    );
-    let auth_failures = Counter::default();
-    registry.register(
-        "agent_auth_failures",
-        "Agents refused for a wrong name or token",
-        auth_failures.clone(),
-    );
-    let request_seconds = Family::<ClusterLabel, Histogram>::new_with_constructor(|| {
-        Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-    });
-    registry.register(
-        "request_duration_seconds",
-        "Time to response headers of requests through a cluster's port",
-        request_seconds.clone(),
-    );
-    let cert_expiry = Family::<CertLabel, Gauge<f64, AtomicU64>>::default();
-    registry.register(
-        "certificate_expiry_timestamp_seconds",
-        "When a certificate the proxy issued or uses expires",
-        cert_expiry.clone(),
-    );
-    let reconnects = Family::<ClusterLabel, Counter>::default();
-    registry.register(
-        "agent_reconnects",
-        "Agent sessions admitted for a cluster that had a session before",
-        reconnects.clone(),
-    );
-    let relayed = Family::<ClusterLabel, Counter>::default();
-    registry.register(
-        "relayed_connections",
-        "Client connections relayed to the proxy replica with the cluster's agent",
-        relayed.clone(),
-    );
-    Metrics {
-        registry,
-        reconnects,
-        relayed,
-        connects,
-        auth_failures,
-        request_seconds,
-        cert_expiry,
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
-});
+}
 
 impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("tower");
+        let connects = Family::<ClusterLabel, Counter>::default();
+        registry.register(
+            "agent_connects",
+            "Agent sessions admitted",
+            connects.clone(),
+        );
+        let auth_failures = Counter::default();
+        registry.register(
+            "agent_auth_failures",
+            "Agents refused for a wrong name or token",
+            auth_failures.clone(),
+        );
+        let request_seconds = Family::<ClusterLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time to response headers of requests through a cluster's port",
+            request_seconds.clone(),
+        );
+        let cert_expiry = Family::<CertLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When a certificate the proxy issued or uses expires",
+            cert_expiry.clone(),
+        );
+        let reconnects = Family::<ClusterLabel, Counter>::default();
+        registry.register(
+            "agent_reconnects",
+            "Agent sessions admitted for a cluster that had a session before",
+            reconnects.clone(),
+        );
+        let relayed = Family::<ClusterLabel, Counter>::default();
+        registry.register(
+            "relayed_connections",
+            "Client connections relayed to the proxy replica with the cluster's agent",
+            relayed.clone(),
+        );
+        Metrics {
+            registry,
+            reconnects,
+            relayed,
+            connects,
+            auth_failures,
+            request_seconds,
+            cert_expiry,
+        }
+    }
+
     pub fn cluster(cluster: &str) -> ClusterLabel {
         ClusterLabel {
             cluster: cluster.to_string(),
@@ -140,11 +153,11 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
-/// Everything, in the OpenMetrics text format.
-pub fn render<S: ClusterStore>(registry: &Registry<S>) -> String {
+/// Everything, in the OpenMetrics text format: the registry's `stats`, then
+/// the event metrics.
+pub fn render(metrics: &Metrics, stats: &[ClusterStats]) -> String {
     let mut out = String::new();
-    let stats = registry.stats();
-    let per_cluster = |value: fn(&crate::registry::ClusterStats) -> u64| -> Vec<(String, u64)> {
+    let per_cluster = |value: fn(&ClusterStats) -> u64| -> Vec<(String, u64)> {
         stats
             .iter()
             .map(|s| (format!("cluster=\"{}\"", s.cluster), value(s)))
@@ -186,7 +199,7 @@ pub fn render<S: ClusterStore>(registry: &Registry<S>) -> String {
         "Bytes through the tunnel per cluster and direction.",
         &bytes,
     );
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &metrics.registry) {
         tracing::warn!(error = %e, "cannot encode metrics");
     }
     out

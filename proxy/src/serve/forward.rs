@@ -4,25 +4,22 @@
 //! is the way clients are meant to reach members.
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-use crate::registry::{ClusterStore, Registry, Upstream};
+use crate::member::{MemberDialer, Target};
+use crate::ops::accept::accept_loop;
 
-/// Serve `listener` for `cluster` until the task is dropped.
-pub async fn run<S: ClusterStore>(listener: TcpListener, cluster: String, registry: Registry<S>) {
-    loop {
-        let (mut tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let registry = registry.clone();
-        let cluster = cluster.clone();
+/// Serve `listener` for `cluster` until `stop`.
+pub async fn run(
+    listener: TcpListener,
+    cluster: String,
+    dialer: MemberDialer,
+    stop: CancellationToken,
+) {
+    accept_loop(listener, "forward", stop, |mut tcp, peer| {
+        let (dialer, cluster) = (dialer.clone(), cluster.clone());
         tokio::spawn(async move {
-            let mut stream = match registry.dial(&cluster, Upstream::Kubernetes).await {
+            let mut stream = match dialer.open(&cluster, Target::KubeApiserver).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(%cluster, %peer, error = %e, "closing forwarded connection");
@@ -33,5 +30,7 @@ pub async fn run<S: ClusterStore>(listener: TcpListener, cluster: String, regist
                 tracing::debug!(%cluster, %peer, error = %e, "forwarded connection ended");
             }
         });
-    }
+        async {}
+    })
+    .await;
 }

@@ -1,19 +1,20 @@
 //! The per-cluster ports as the controller sees them: for each connected
 //! cluster, an HTTPS port for its kube-apiserver and an HTTP port for its
-//! ks-apiserver ([`crate::listener`]). Opening an open cluster again only
+//! ks-apiserver ([`super::listener`]). Opening an open cluster again only
 //! re-issues the serving certificate when its names changed or it nears expiry.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
 
-use crate::ca::Ca;
-use crate::controller::{CrStore, Ports};
-use crate::listener::{ClusterListener, Io, Relay, ServerCert};
-use crate::registry::{Registry, Upstream};
+use super::listener::tls::ServerCert;
+use super::listener::{ClusterListener, Io, Shared};
+use crate::identity::ca::Ca;
+use crate::member::Target;
 
 /// Serving certificates live this long and are renewed a month before.
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -27,24 +28,35 @@ struct Open {
     ks: ClusterListener,
 }
 
+/// Opens and closes a cluster's ports (kube API over HTTPS, ks-apiserver over
+/// HTTP). Implemented by [`ListenerPorts`]; the controller's seam (a fake in tests).
+pub trait Ports: Send + Sync + 'static {
+    /// Make sure both ports listen, with a serving certificate for `sans`.
+    fn open(
+        &self,
+        cluster: &str,
+        kube_port: u16,
+        ks_port: u16,
+        sans: &[String],
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Close both ports at once.
+    fn close(&self, cluster: &str) -> impl Future<Output = ()> + Send;
+}
+
 /// All clusters' listeners.
 pub struct ListenerPorts {
     ca: Arc<Ca>,
     bind: IpAddr,
-    /// Set once the registry exists (it needs the controller, which needs us).
-    pub registry: OnceLock<Registry<CrStore>>,
-    /// HA: connections for clusters another replica serves go there.
-    pub relay: OnceLock<Arc<dyn Relay>>,
+    shared: Shared,
     open: Mutex<HashMap<String, Open>>,
 }
 
 impl ListenerPorts {
-    pub fn new(ca: Arc<Ca>, bind: IpAddr) -> Self {
+    pub fn new(ca: Arc<Ca>, bind: IpAddr, shared: Shared) -> Self {
         Self {
             ca,
             bind,
-            registry: OnceLock::new(),
-            relay: OnceLock::new(),
+            shared,
             open: Mutex::default(),
         }
     }
@@ -54,7 +66,7 @@ impl ListenerPorts {
     pub async fn serve_relayed(
         &self,
         cluster: &str,
-        kind: Upstream,
+        kind: Target,
         io: Box<dyn Io>,
         peer: SocketAddr,
     ) -> bool {
@@ -63,18 +75,22 @@ impl ListenerPorts {
             return false;
         };
         match kind {
-            Upstream::Kubernetes => ports.kube.serve_relayed(io, peer),
-            Upstream::KubeSphere => ports.ks.serve_relayed(io, peer),
+            Target::KubeApiserver => ports.kube.serve_relayed(io, peer),
+            Target::KsApiserver => ports.ks.serve_relayed(io, peer),
         }
         true
     }
 
-    fn issue(&self, sans: &[String]) -> Result<ServerCert, String> {
+    /// A serving certificate for `sans`, its expiry in /metrics.
+    fn issue(&self, cluster: &str, sans: &[String]) -> Result<crate::identity::ca::Issued, String> {
         let issued = self
             .ca
             .issue_server(sans, SERVER_CERT_VALIDITY)
             .map_err(|e| format!("cannot issue the listener certificate: {e}"))?;
-        ServerCert::new(issued).map_err(|e| format!("unusable listener certificate: {e}"))
+        self.shared
+            .metrics
+            .set_cert_expiry(cluster, "serving", issued.not_after);
+        Ok(issued)
     }
 }
 
@@ -86,23 +102,13 @@ impl Ports for ListenerPorts {
         ks_port: u16,
         sans: &[String],
     ) -> Result<(), String> {
-        let registry = self
-            .registry
-            .get()
-            .ok_or_else(|| "the proxy is still starting, retry shortly".to_string())?
-            .clone();
         let mut open = self.open.lock().await;
         if let Some(current) = open.get_mut(cluster) {
             if current.ports == (kube_port, ks_port) {
                 let expiring = current.cert.not_after() < SystemTime::now() + SERVER_CERT_RENEW;
                 if current.sans != sans || expiring {
-                    let issued = self
-                        .ca
-                        .issue_server(sans, SERVER_CERT_VALIDITY)
-                        .map_err(|e| format!("cannot issue the listener certificate: {e}"))?;
-                    let not_after = issued.not_after;
+                    let issued = self.issue(cluster, sans)?;
                     current.cert.set(issued).map_err(|e| e.to_string())?;
-                    crate::metrics::METRICS.set_cert_expiry(cluster, "serving", not_after);
                     current.sans = sans.to_vec();
                     tracing::info!(%cluster, ?sans, "listener certificate re-issued");
                 }
@@ -114,27 +120,22 @@ impl Ports for ListenerPorts {
                 old.ks.shutdown().await;
             }
         }
-        let cert = self.issue(sans)?;
-        crate::metrics::METRICS.set_cert_expiry(cluster, "serving", cert.not_after());
+        let cert = ServerCert::new(self.issue(cluster, sans)?)
+            .map_err(|e| format!("unusable listener certificate: {e}"))?;
         let bind = |port| SocketAddr::new(self.bind, port);
         let kube = ClusterListener::start(
             cluster.to_string(),
             bind(kube_port),
-            registry.clone(),
-            self.ca.clone(),
+            &self.shared,
+            &self.ca,
             cert.clone(),
-            self.relay.get().cloned(),
         )
         .await
         .map_err(|e| format!("cannot listen on port {kube_port} for {cluster}: {e}"))?;
-        let ks = ClusterListener::start_kubesphere(
-            cluster.to_string(),
-            bind(ks_port),
-            registry,
-            self.relay.get().cloned(),
-        )
-        .await
-        .map_err(|e| format!("cannot listen on port {ks_port} for {cluster}: {e}"))?;
+        let ks =
+            ClusterListener::start_kubesphere(cluster.to_string(), bind(ks_port), &self.shared)
+                .await
+                .map_err(|e| format!("cannot listen on port {ks_port} for {cluster}: {e}"))?;
         open.insert(
             cluster.to_string(),
             Open {

@@ -1,0 +1,8 @@
+//! The agents' side: the port agents dial ([`endpoint`]), who may join
+//! ([`admission`], with tokens from a [`store::ClusterStore`]), and who is
+//! connected ([`registry`]).
+
+pub mod admission;
+pub mod endpoint;
+pub mod registry;
+pub mod store;

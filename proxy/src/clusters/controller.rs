@@ -1,0 +1,195 @@
+//! The controller: kube-rs's `Controller` over Cluster resources (and the
+//! `mc-<name>` Services, mapped to their Cluster by label), woken also by
+//! session changes, by other replicas' holder changes and by a new leader;
+//! each wake-up runs [`super::reconcile::reconcile`]. A plain watch closes
+//! the sessions and ports of deleted Clusters, which the controller never sees.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::sync::mpsc;
+
+use super::crd::Cluster;
+use super::reconcile::{Context, Ha, error_policy, reconcile};
+use super::status::Kick;
+use super::store::{CrStore, Names};
+use super::{Options, Ports};
+use crate::agents::registry::Registry;
+use crate::ha::leader::Leadership;
+use crate::identity::ca::Ca;
+use crate::identity::names::{CLUSTER_LABEL, MANAGED_BY, MANAGER};
+use crate::ops::metrics::Metrics;
+
+/// Close the sessions and ports of Clusters that disappear. The controller
+/// never sees deletions (it reconciles objects that exist), so a plain watch
+/// does this; after a re-list it also sweeps clusters deleted meanwhile.
+async fn watch_deletions<P: Ports>(api: Api<Cluster>, registry: Registry, ports: Arc<P>) {
+    let mut seen = HashSet::new();
+    let mut events = watcher(api, watcher::Config::default()).boxed();
+    let forget = |name: String| {
+        let registry = registry.clone();
+        let ports = ports.clone();
+        async move {
+            registry
+                .revoke(&name, None, "the cluster was deleted")
+                .await;
+            ports.close(&name).await;
+        }
+    };
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Delete(c)) => {
+                tracing::info!(cluster = %c.name_any(), "cluster deleted: closing its sessions and ports");
+                forget(c.name_any()).await;
+            }
+            Ok(watcher::Event::Init) => seen.clear(),
+            Ok(watcher::Event::InitApply(c)) => {
+                seen.insert(c.name_any());
+            }
+            Ok(watcher::Event::InitDone) => {
+                for name in registry.clusters() {
+                    if !seen.contains(&name) {
+                        forget(name).await;
+                    }
+                }
+            }
+            Ok(watcher::Event::Apply(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "watching clusters failed, retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// What the workflow needs from the rest of the proxy, built before it.
+pub struct Deps<P> {
+    pub client: Client,
+    pub registry: Registry,
+    pub ca: Arc<Ca>,
+    pub ports: Arc<P>,
+    pub options: Options,
+    pub ha: Option<Ha>,
+    pub kick: Kick,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The running controller.
+pub struct Running<P> {
+    /// The registry's view of the Clusters: admit agents with it.
+    pub clusters: Arc<CrStore<P>>,
+    /// The controller's cache of Clusters.
+    pub store: Store<Cluster>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Start the controller.
+pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
+    let Deps {
+        client,
+        registry,
+        ca,
+        ports,
+        options,
+        ha,
+        kick,
+        metrics,
+    } = deps;
+    let api: Api<Cluster> = Api::all(client.clone());
+    let services: Api<Service> = Api::namespaced(client.clone(), &options.namespace);
+    // `owns` would map a Service to a *namespaced* ref of its cluster-scoped
+    // owner, a second queue key racing the Cluster's own; map by label instead.
+    let controller = Controller::new(api.clone(), watcher::Config::default()).watches(
+        services,
+        watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
+        |svc: Service| {
+            let name = svc.labels().get(CLUSTER_LABEL)?;
+            Some(ObjectRef::new(name))
+        },
+    );
+    let store = controller.store();
+    let (trigger, triggers) = mpsc::unbounded_channel();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let names = Names::default();
+    let owners = ha.as_ref().map(|h| h.owners.clone());
+    let clusters = Arc::new(CrStore {
+        store: store.clone(),
+        names: names.clone(),
+        recorder: recorder.clone(),
+        trigger,
+        ports: ports.clone(),
+        options: options.clone(),
+        owners: owners.clone(),
+        kick: kick.clone(),
+    });
+    let ctx = Arc::new(Context {
+        client,
+        store: store.clone(),
+        registry: registry.clone(),
+        ca,
+        ports: ports.clone(),
+        options,
+        recorder,
+        names,
+        reserved: Mutex::default(),
+        leader: ha
+            .as_ref()
+            .map_or_else(Leadership::always, |h| h.leader.clone()),
+        owners,
+        kick,
+        metrics,
+    });
+    let deletions = tokio::spawn(watch_deletions(api, registry, ports));
+    let task = tokio::spawn(async move {
+        let controller = controller.reconcile_on(stream_of(triggers));
+        let controller = match ha {
+            Some(Ha {
+                leader, changes, ..
+            }) => {
+                // Another replica's agent came or went: the leader re-counts.
+                let changes = stream_of(changes).map(|c| ObjectRef::new(&c));
+                // A new leader makes its first pass over every cluster.
+                let elected = futures_util::stream::unfold(leader, |mut leader| async move {
+                    loop {
+                        if leader.changed().await {
+                            return Some(((), leader));
+                        }
+                    }
+                });
+                controller.reconcile_on(changes).reconcile_all_on(elected)
+            }
+            None => controller,
+        };
+        controller
+            .run(reconcile, error_policy, ctx)
+            .for_each(|_| async {})
+            .await;
+        deletions.abort();
+    });
+    Running {
+        clusters,
+        store,
+        task,
+    }
+}
+
+fn stream_of<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

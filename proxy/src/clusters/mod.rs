@@ -1,0 +1,50 @@
+//! The clusters' workflow: Tower's on `cluster.kubesphere.io` Cluster
+//! resources ([`crd`]).
+//!
+//! For every Cluster with `joinFederation: true` and `connection.type: proxy`
+//! the leader makes the world match:
+//! - a token (64 hex chars from the OS CSPRNG) when `spec.connection.token` is empty;
+//! - a kube API port and a ks-apiserver port (+10000) that no other Cluster uses
+//!   and that are free on this host;
+//! - Service `<namespace>/mc-<name>` (6443 -> kube port, 80 -> ks port), owned by
+//!   the Cluster, re-created if deleted, a LoadBalancer when exposed ([`service`]);
+//! - `kubernetesAPIEndpoint` / `kubesphereAPIEndpoint` (`--advertise-address`, or
+//!   the Service's ClusterIP), IPv6-safe;
+//! - while an agent is connected: the cluster's ports open and a kubeconfig for
+//!   its HTTPS port in `spec.connection.kubeconfig` ([`kubeconfig`]);
+//! - conditions `Initialized`, `AgentAvailable`, `ExternalAccessReady`, and
+//!   Events when they change;
+//! - what the member says about itself in the status ([`status`]).
+//!
+//! [`decide`] holds every decision as a pure function; [`reconcile`] gathers
+//! the facts, asks [`decide`], and writes; [`controller`] runs it when a
+//! Cluster, its Service or its sessions change. [`store`] is the registry's view of
+//! the Clusters (tokens, and the ports opened before an agent hears success).
+
+pub mod controller;
+pub mod crd;
+pub mod decide;
+pub mod events;
+pub mod kubeconfig;
+pub mod readiness;
+pub mod reconcile;
+pub mod service;
+pub mod status;
+pub mod store;
+
+pub use crate::serve::ports::Ports;
+
+/// Settings of the workflow.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Namespace of the `mc-<name>` Services.
+    pub namespace: String,
+    /// Endpoints point here instead of the Service's ClusterIP (proxy outside the cluster).
+    pub advertise_address: Option<String>,
+    /// Labels selecting the proxy's pods, for the `mc-<name>` Services.
+    pub selector: Vec<(String, String)>,
+    /// Kube API ports are taken from here; the ks port is +10000.
+    pub ports: std::ops::Range<u16>,
+    /// Address the listeners bind to, for the "is it free" check.
+    pub bind_host: String,
+}

@@ -1,0 +1,240 @@
+//! [`CrStore`]: the registry's view of the Cluster resources. Tokens come
+//! from the controller's cache; ports open before an agent hears success;
+//! session changes trigger a reconcile, the HA holder records and a status
+//! refresh; refused agents become Events on their Cluster.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::mpsc;
+
+use super::crd::Cluster;
+use super::events::publish;
+use super::service::Addresses;
+use super::status::Kick;
+use super::{Options, Ports, decide};
+use crate::agents::store::ClusterStore;
+use crate::ha::owners::Owners;
+
+/// The serving certificate names reconcile last computed per cluster (it
+/// knows the ClusterIP and LB address), so connecting agents get them too.
+pub type Names = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
+pub struct CrStore<P> {
+    pub(super) store: Store<Cluster>,
+    pub(super) names: Names,
+    pub(super) recorder: Recorder,
+    pub(super) trigger: mpsc::UnboundedSender<ObjectRef<Cluster>>,
+    pub(super) ports: Arc<P>,
+    pub(super) options: Options,
+    pub(super) owners: Option<Arc<Owners>>,
+    pub(super) kick: Kick,
+}
+
+impl<P: Ports> ClusterStore for CrStore<P> {
+    fn token(&self, cluster: &str) -> Option<String> {
+        let obj = self.store.get(&ObjectRef::new(cluster))?;
+        (obj.is_served() && !obj.spec.connection.token.is_empty())
+            .then(|| obj.spec.connection.token.clone())
+    }
+
+    async fn on_connect(&self, cluster: &str) -> Result<(), String> {
+        let obj = self
+            .store
+            .get(&ObjectRef::new(cluster))
+            .ok_or_else(|| format!("cluster {cluster} not found"))?;
+        let conn = &obj.spec.connection;
+        match (
+            u16::try_from(conn.kubernetes_api_server_port),
+            u16::try_from(conn.kubesphere_api_server_port),
+        ) {
+            (Ok(kube), Ok(ks)) if kube != 0 && ks != 0 => {
+                let cached = self
+                    .names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(cluster)
+                    .cloned();
+                let sans = cached.unwrap_or_else(|| {
+                    decide::sans(
+                        cluster,
+                        &self.options.namespace,
+                        self.options.advertise_address.as_deref(),
+                        &Addresses::default(),
+                    )
+                });
+                self.ports.open(cluster, kube, ks, &sans).await
+            }
+            _ => Err("the cluster's ports are not assigned yet, retry shortly".into()),
+        }
+    }
+
+    fn on_reject(&self, cluster: &str, reason: &str) {
+        // Only for clusters that exist: anyone can send any name.
+        if let Some(obj) = self.store.get(&ObjectRef::new(cluster)) {
+            let recorder = self.recorder.clone();
+            let note = format!("an agent was refused: {reason}");
+            tokio::spawn(async move {
+                publish(&recorder, &obj, EventType::Warning, "AgentRejected", note).await;
+            });
+        }
+    }
+
+    fn on_change(&self, cluster: &str) {
+        let _ = self.trigger.send(ObjectRef::new(cluster));
+        if let Some(owners) = &self.owners {
+            owners.sessions_changed();
+        }
+        self.kick.notify(cluster);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher;
+
+    use super::*;
+    use crate::clusters::crd::{ClusterSpec, Connection};
+    use crate::clusters::status::Kicks;
+
+    /// Records what the store asks of the ports.
+    #[derive(Default)]
+    struct FakePorts(Mutex<Vec<Opened>>);
+
+    /// (cluster, kube port, ks port, certificate names).
+    type Opened = (String, u16, u16, Vec<String>);
+
+    impl Ports for FakePorts {
+        async fn open(
+            &self,
+            cluster: &str,
+            kube: u16,
+            ks: u16,
+            sans: &[String],
+        ) -> Result<(), String> {
+            let mut opened = self.0.lock().unwrap();
+            opened.push((cluster.to_string(), kube, ks, sans.to_vec()));
+            Ok(())
+        }
+
+        async fn close(&self, _cluster: &str) {}
+    }
+
+    fn cluster(name: &str, token: &str, ports: (i32, i32), served: bool) -> Cluster {
+        Cluster::new(
+            name,
+            ClusterSpec {
+                join_federation: served,
+                connection: Connection {
+                    kind: "proxy".into(),
+                    token: token.into(),
+                    kubernetes_api_server_port: ports.0,
+                    kubesphere_api_server_port: ports.1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    struct Setup {
+        store: CrStore<FakePorts>,
+        triggers: mpsc::UnboundedReceiver<ObjectRef<Cluster>>,
+        kicks: Kicks,
+    }
+
+    fn setup(clusters: Vec<Cluster>) -> Setup {
+        let (reader, mut writer) = kube::runtime::reflector::store::<Cluster>();
+        for c in clusters {
+            writer.apply_watcher_event(&watcher::Event::Apply(c));
+        }
+        // Never contacted: events of these tests only go to refused agents
+        // of clusters that exist, and the tests do not wait for them.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let recorder = Recorder::new(
+            client,
+            kube::runtime::events::Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        let (trigger, triggers) = mpsc::unbounded_channel();
+        let (kick, kicks) = Kick::new();
+        let store = CrStore {
+            store: reader,
+            names: Names::default(),
+            recorder,
+            trigger,
+            ports: Arc::new(FakePorts::default()),
+            options: Options {
+                namespace: "kubesphere-system".into(),
+                advertise_address: Some("192.168.100.3".into()),
+                selector: vec![],
+                ports: 16000..16010,
+                bind_host: "127.0.0.1".into(),
+            },
+            owners: None,
+            kick,
+        };
+        Setup {
+            store,
+            triggers,
+            kicks,
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_only_of_served_clusters_that_have_one() {
+        let s = setup(vec![
+            cluster("alpha", "t1", (16000, 26000), true),
+            cluster("beta", "t2", (16001, 26001), false),
+            cluster("gamma", "", (0, 0), true),
+        ]);
+        assert_eq!(s.store.token("alpha").as_deref(), Some("t1"));
+        assert_eq!(s.store.token("beta"), None, "not served");
+        assert_eq!(s.store.token("gamma"), None, "no token yet");
+        assert_eq!(s.store.token("delta"), None, "unknown");
+    }
+
+    #[tokio::test]
+    async fn an_agent_hears_success_only_once_its_ports_are_open() {
+        let s = setup(vec![
+            cluster("alpha", "t1", (16000, 26000), true),
+            cluster("gamma", "t3", (0, 0), true),
+        ]);
+        s.store.on_connect("alpha").await.unwrap();
+        {
+            let opened = s.store.ports.0.lock().unwrap();
+            let (name, kube, ks, sans) = &opened[0];
+            assert_eq!((name.as_str(), *kube, *ks), ("alpha", 16000, 26000));
+            // Before any reconcile: the names known without the Service.
+            assert!(sans.contains(&"mc-alpha.kubesphere-system.svc".to_string()));
+            assert!(sans.contains(&"192.168.100.3".to_string()));
+        }
+        // Names reconcile learnt (a ClusterIP) are used from then on.
+        s.store
+            .names
+            .lock()
+            .unwrap()
+            .insert("alpha".into(), vec!["10.96.0.10".into()]);
+        s.store.on_connect("alpha").await.unwrap();
+        assert_eq!(s.store.ports.0.lock().unwrap()[1].3, ["10.96.0.10"]);
+
+        let e = s.store.on_connect("gamma").await.unwrap_err();
+        assert!(e.contains("not assigned yet"), "{e}");
+        let e = s.store.on_connect("delta").await.unwrap_err();
+        assert!(e.contains("not found"), "{e}");
+        assert_eq!(s.store.ports.0.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_session_change_reconciles_and_refreshes_the_status() {
+        let mut s = setup(vec![cluster("alpha", "t1", (16000, 26000), true)]);
+        s.store.on_change("alpha");
+        assert_eq!(s.triggers.recv().await.unwrap().name, "alpha");
+        assert_eq!(s.kicks.recv().await.as_deref(), Some("alpha"));
+    }
+}

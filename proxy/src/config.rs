@@ -1,0 +1,383 @@
+//! Command-line flags and their checking, in one place.
+//!
+//! [`Flags`] is what clap parses: Go Tower v0.2.1's proxy flags (`--ca-cert`,
+//! `--ca-key`, `--host`, `--port`, `--kubeconfig`, `--publish-service-address`,
+//! `--leader-elect` and its timings, klog's `--v` and friends), in Go's pflag
+//! syntax (`--leader-elect=true`, `--v=4`, `-v 4`), plus ours. [`Flags::check`]
+//! turns them into a [`Config`] in which every value has been checked (files
+//! read, CA parsed, selector and addresses parsed) before the proxy touches the
+//! network, so a bad flag stops it at once with a message naming the flag.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{ArgAction, Parser};
+use tunnel::addr::{join_host_port, split_host_port};
+use tunnel::cli::{KlogFlags, LogFormat, go_bool, parse_go_duration};
+
+use crate::agents::store::StaticClusters;
+use crate::clusters::Options as ClusterOptions;
+use crate::identity::ca::Ca;
+
+/// Tower proxy: accepts agents of member clusters and proxies to them.
+#[derive(Parser, Debug)]
+#[command(name = "proxy", version, about)]
+pub struct Flags {
+    /// Address to listen on for agents.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on for agents (websocket), /health and /version.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// CA certificate that signs per-cluster listener and client certificates.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert.
+    #[arg(long, value_name = "FILE")]
+    pub ca_key: Option<PathBuf>,
+    /// Kubeconfig of the host cluster (empty: in-cluster config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The address agents dial to reach this proxy, HOST[:PORT] or a URL, as
+    /// in Tower: logged at start as the agents' --proxy-server.
+    #[arg(long, value_name = "ADDRESS")]
+    pub publish_service_address: Option<String>,
+    /// Run as one of several replicas: a leader (Lease <namespace>/tower)
+    /// writes to the host cluster, every replica serves agents and clients,
+    /// and relays clients to the replica that has their cluster's agent.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", action = ArgAction::Set, value_parser = go_bool,
+          value_name = "BOOL")]
+    pub leader_elect: bool,
+    /// How long the leader's Lease lasts without renewal (renewed halfway).
+    #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub leader_elect_lease_duration: Duration,
+    /// Go Tower's renew deadline. Accepted; ours renews at half the lease.
+    #[arg(long, value_parser = parse_go_duration, value_name = "DURATION")]
+    pub leader_elect_renew_deadline: Option<Duration>,
+    /// Go Tower's retry period. Accepted; ours renews at half the lease.
+    #[arg(long, value_parser = parse_go_duration, value_name = "DURATION")]
+    pub leader_elect_retry_period: Option<Duration>,
+    /// This replica's name among replicas (default: the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    pub replica_id: Option<String>,
+    /// Port other replicas relay clients through (mutual TLS), with --leader-elect.
+    #[arg(long, default_value_t = 8443)]
+    pub peer_port: u16,
+    /// HOST:PORT other replicas reach this one at (default: $POD_IP:--peer-port).
+    #[arg(long)]
+    pub peer_address: Option<String>,
+    /// On SIGTERM: how long agents and running requests get to move to
+    /// another replica before the last tunnels are closed.
+    #[arg(long, default_value = "25s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub shutdown_grace: Duration,
+    /// OpenSSH private key for the SSH host key; created on first start.
+    /// Default: <data-dir>/ssh_host_ed25519_key.
+    #[arg(long, value_name = "FILE")]
+    pub host_key: Option<PathBuf>,
+    /// Directory for state kept across restarts (the SSH host key).
+    #[arg(long, default_value = "/var/lib/tower", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// How often the proxy pings each agent; a session is dropped after 3
+    /// periods without a word from its agent.
+    #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub keepalive: Duration,
+    /// Endpoints and kubeconfigs point at https://HOST:<cluster port> instead of
+    /// the mc-<name> Service's ClusterIP (a proxy running outside the cluster).
+    #[arg(long, value_name = "HOST")]
+    pub advertise_address: Option<String>,
+    /// Namespace of the mc-<name> Services and of the proxy's Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubesphere-system")]
+    pub namespace: String,
+    /// Ports for the clusters' kube API listeners, FIRST-LAST; the ks-apiserver
+    /// port of each is 10000 higher.
+    #[arg(long, default_value = "16000-16999", value_parser = parse_port_range)]
+    pub cluster_ports: Range<u16>,
+    /// Labels of the proxy's pods, selected by the mc-<name> Services.
+    #[arg(
+        long,
+        default_value = "app=tower",
+        value_name = "KEY=VALUE[,KEY=VALUE]"
+    )]
+    pub service_selector: String,
+    /// JSON file mapping cluster names to agent tokens, e.g. {"alpha": "<token>"}:
+    /// run without Kubernetes (no Cluster resources, no per-cluster listeners).
+    #[arg(long, value_name = "FILE")]
+    pub clusters_file: Option<PathBuf>,
+    /// Raw TCP port to a cluster's kube-apiserver through its tunnel: NAME=ADDR
+    /// (repeatable). For debugging and measurements.
+    #[arg(long = "forward", value_parser = parse_forward, value_name = "NAME=IP:PORT")]
+    pub forwards: Vec<(String, SocketAddr)>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub klog: KlogFlags,
+}
+
+/// Where cluster tokens come from.
+pub enum Mode {
+    /// `--clusters-file`: no Kubernetes.
+    File(StaticClusters),
+    /// Cluster resources, through `--kubeconfig` (or in-cluster when `None`).
+    Kubernetes {
+        kubeconfig: Option<(PathBuf, Box<kube::config::Kubeconfig>)>,
+    },
+}
+
+/// `--leader-elect`'s settings.
+pub struct HaConfig {
+    pub replica: String,
+    pub lease_duration: Duration,
+    pub peer_port: u16,
+    /// Where other replicas reach this one (`host:port`).
+    pub peer_address: String,
+}
+
+/// Checked configuration: everything the proxy needs, validated.
+pub struct Config {
+    pub mode: Mode,
+    /// The agents' port.
+    pub bind: IpAddr,
+    pub port: u16,
+    /// From `--ca-cert`/`--ca-key`; `None`: the CA kept in the proxy's Secret.
+    pub ca: Option<Ca>,
+    /// `--publish-service-address` as the URL agents give as `--proxy-server`.
+    pub publish_url: Option<String>,
+    pub ha: Option<HaConfig>,
+    pub shutdown_grace: Duration,
+    pub host_key: PathBuf,
+    /// `--host-key` given explicitly (else the Secret's key wins in Kubernetes mode).
+    pub host_key_given: bool,
+    pub keepalive: Duration,
+    pub clusters: ClusterOptions,
+    pub forwards: Vec<(String, SocketAddr)>,
+}
+
+impl Flags {
+    /// Validate every flag; `env` reads environment variables (POD_IP),
+    /// `hostname` the machine's name (the default replica id), injectable for tests.
+    pub fn check(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+        hostname: &dyn Fn() -> Option<String>,
+    ) -> anyhow::Result<Config> {
+        let bind: IpAddr = self.host.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--host {:?} must be an IP address to listen on, e.g. 0.0.0.0",
+                self.host
+            )
+        })?;
+        let ca = match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => {
+                let read = |flag: &str, p: &PathBuf| {
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("{flag} {}: cannot read it", p.display()))
+                };
+                let ca = Ca::load(&read("--ca-cert", cert)?, &read("--ca-key", key)?)
+                    .with_context(|| {
+                        format!(
+                            "--ca-cert {} / --ca-key {}: not a usable CA certificate and key",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?;
+                Some(ca)
+            }
+            (None, None) => None,
+            _ => bail!("--ca-cert and --ca-key go together: give both or neither"),
+        };
+        let mode = match (&self.clusters_file, &self.kubeconfig) {
+            (Some(_), Some(_)) => {
+                bail!("--clusters-file runs without Kubernetes: leave out --kubeconfig, or it")
+            }
+            (Some(path), None) => {
+                let json = std::fs::read_to_string(path).with_context(|| {
+                    format!("--clusters-file {}: cannot read it", path.display())
+                })?;
+                let store = StaticClusters::from_json(&json)
+                    .map_err(|e| anyhow::anyhow!("--clusters-file {}: {e}", path.display()))?;
+                Mode::File(store)
+            }
+            (None, Some(path)) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).with_context(|| {
+                    format!("--kubeconfig {}: not a readable kubeconfig", path.display())
+                })?;
+                Mode::Kubernetes {
+                    kubeconfig: Some((path.clone(), Box::new(kubeconfig))),
+                }
+            }
+            (None, None) => Mode::Kubernetes { kubeconfig: None },
+        };
+        let publish_url = self
+            .publish_service_address
+            .as_deref()
+            .map(|a| publish_url(a, self.port))
+            .transpose()?;
+        for (flag, value) in [
+            ("--keepalive", self.keepalive),
+            ("--shutdown-grace", self.shutdown_grace),
+            (
+                "--leader-elect-lease-duration",
+                self.leader_elect_lease_duration,
+            ),
+        ] {
+            if value.is_zero() {
+                bail!("{flag} must be longer than 0s");
+            }
+        }
+        if self.leader_elect_lease_duration < Duration::from_secs(2) {
+            bail!("--leader-elect-lease-duration must be at least 2s");
+        }
+        let selector = parse_selector(&self.service_selector)?;
+        if let Some(address) = &self.advertise_address
+            && (address.is_empty() || address.contains('/') || address.contains(' '))
+        {
+            bail!("--advertise-address {address:?}: expected a host name or IP address");
+        }
+        let ha = if self.leader_elect {
+            if matches!(mode, Mode::File(_)) {
+                bail!("--leader-elect needs Kubernetes: leave out --clusters-file");
+            }
+            let replica = match self.replica_id.as_deref().map(str::trim) {
+                Some(id) if !id.is_empty() => id.to_string(),
+                _ => hostname()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .context("--leader-elect needs a replica name: set --replica-id or POD_NAME")?,
+            };
+            let peer_address = match &self.peer_address {
+                Some(a) => {
+                    match split_host_port(a) {
+                        Some((host, Some(_))) if !host.is_empty() => {}
+                        _ => bail!("--peer-address {a:?}: expected HOST:PORT, e.g. 10.0.0.5:8443"),
+                    }
+                    a.clone()
+                }
+                None => {
+                    let host = env("POD_IP")
+                        .filter(|ip| !ip.is_empty())
+                        .or_else(|| (!bind.is_unspecified()).then(|| bind.to_string()))
+                        .context(
+                            "--leader-elect needs --peer-address (or POD_IP, or a specific --host)",
+                        )?;
+                    join_host_port(&host, self.peer_port)
+                }
+            };
+            Some(HaConfig {
+                replica,
+                lease_duration: self.leader_elect_lease_duration,
+                peer_port: self.peer_port,
+                peer_address,
+            })
+        } else {
+            None
+        };
+        let host_key_given = self.host_key.is_some();
+        let host_key = self
+            .host_key
+            .unwrap_or_else(|| self.data_dir.join("ssh_host_ed25519_key"));
+        Ok(Config {
+            mode,
+            bind,
+            port: self.port,
+            ca,
+            publish_url,
+            ha,
+            shutdown_grace: self.shutdown_grace,
+            host_key,
+            host_key_given,
+            keepalive: self.keepalive,
+            clusters: ClusterOptions {
+                namespace: self.namespace,
+                advertise_address: self.advertise_address,
+                selector,
+                ports: self.cluster_ports,
+                bind_host: self.host,
+            },
+            forwards: self.forwards,
+        })
+    }
+
+    /// Flags accepted for Go Tower's sake that change nothing here, for one
+    /// note in the start-up log.
+    pub fn without_effect(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        if self.leader_elect_renew_deadline.is_some() {
+            flags.push("--leader-elect-renew-deadline");
+        }
+        if self.leader_elect_retry_period.is_some() {
+            flags.push("--leader-elect-retry-period");
+        }
+        flags
+    }
+}
+
+/// `--publish-service-address` as a websocket URL for agents: a bare host
+/// gets `http://` and the agents' `--port`.
+fn publish_url(address: &str, port: u16) -> anyhow::Result<String> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--publish-service-address {address:?}: expected HOST[:PORT] or http(s)://HOST[:PORT], \
+             the address agents dial"
+        )
+    };
+    if let Some(rest) = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+    {
+        let host = rest.split('/').next().unwrap_or_default();
+        split_host_port(host)
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(bad)?;
+        return Ok(address.trim_end_matches('/').to_string());
+    }
+    match split_host_port(address) {
+        Some((host, port_given)) if !host.is_empty() && !address.contains('/') => Ok(format!(
+            "http://{}",
+            join_host_port(&host, port_given.unwrap_or(port))
+        )),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_port_range(s: &str) -> Result<Range<u16>, String> {
+    let bad = || format!("{s:?} is not a port range like 16000-16999");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || b < a || b > 55535 {
+        return Err(format!(
+            "{s:?}: need 0 < FIRST <= LAST <= 55535 (the ks port adds 10000)"
+        ));
+    }
+    Ok(a..b + 1)
+}
+
+fn parse_selector(s: &str) -> anyhow::Result<Vec<(String, String)>> {
+    s.split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--service-selector {s:?}: expected KEY=VALUE[,KEY=VALUE]")
+                })
+        })
+        .collect()
+}
+
+fn parse_forward(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=ADDR, e.g. alpha=127.0.0.1:7443"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} in --forward is not an IP:PORT address"))?;
+    Ok((name.to_string(), addr))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! Operations: what every other part uses to be run and watched. Nothing here
+//! knows about agents, clusters or members.
+//!
+//! - [`metrics`]: the `/metrics` families, a handle passed to whoever counts;
+//! - [`in_flight`]: the requests and streams in progress, which a draining
+//!   replica waits for;
+//! - [`accept`]: the one accept loop every listening port runs;
+//! - [`signals`]: SIGTERM / SIGINT.
+
+pub mod accept;
+pub mod in_flight;
+pub mod metrics;
+pub mod signals;

@@ -1,0 +1,254 @@
+//! HTTP forwarding and upgrades: each request goes to the member as the
+//! agent (the client's `Authorization` is replaced by the agent's credentials
+//! on the kube-apiserver port, passed through on the ks-apiserver port),
+//! hop-by-hop headers removed, bodies streamed both ways (watches, `logs -f`
+//! and large lists are never held whole). Upgrades (exec, attach,
+//! port-forward: SPDY or websocket) are forwarded and, once the member
+//! answers 101, joined byte for byte. Only the response headers have a
+//! deadline; a live stream is never cut.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use super::status::{Body, empty, explain, status};
+use super::upstream::{Pool, Routes};
+use crate::member::{MemberDialer, Target};
+use crate::ops::in_flight::{Entered, InFlight};
+use crate::ops::metrics::Metrics;
+
+/// How long the member may take to answer with response headers. Watches and
+/// `logs -f` answer headers at once; their bodies and upgraded streams have no
+/// deadline at all.
+pub const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One port's request handler.
+pub struct Proxy {
+    pub cluster: String,
+    pub target: Target,
+    pub dialer: MemberDialer,
+    pub routes: Arc<Routes>,
+    pub client: Pool,
+    pub cancel: CancellationToken,
+    pub response_header_timeout: Duration,
+    pub in_flight: InFlight,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A response body that keeps its request counted until it ends.
+struct Counted {
+    inner: Body,
+    _in_flight: Entered,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Proxy {
+    /// [`Self::forward`], timed to response headers for /metrics.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let in_flight = self.in_flight.enter();
+        let started = std::time::Instant::now();
+        let resp = self.forward(req).await;
+        self.metrics
+            .observe_request(&self.cluster, started.elapsed());
+        resp.map(|inner| {
+            Counted {
+                inner,
+                _in_flight: in_flight,
+            }
+            .boxed()
+        })
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let cluster = &self.cluster;
+        let Some(session) = self.dialer.pick(cluster) else {
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no agent of cluster {cluster:?} is connected to the proxy"),
+            );
+        };
+        let access = match self.dialer.access(&session, cluster, self.target) {
+            Ok(access) => access,
+            Err(why) => return status(StatusCode::BAD_GATEWAY, &why),
+        };
+        let host = self.routes.host_for(session);
+
+        let upgrade = upgrade_of(req.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        if self.target == Target::KubeApiserver {
+            // The member sees the agent's identity, never the client's credentials.
+            parts.headers.remove(header::AUTHORIZATION);
+            if let Some(auth) = &access.authorization {
+                parts.headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+        }
+        if let Ok(value) = HeaderValue::from_str(&access.address) {
+            parts.headers.insert(header::HOST, value);
+        }
+        let scheme = if access.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = match Uri::try_from(format!("{scheme}://{host}{path_and_query}")) {
+            Ok(uri) => uri,
+            Err(e) => return status(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+        };
+        parts.version = Version::HTTP_11;
+        parts.extensions = Default::default();
+        drop(access);
+
+        let sent = self.client.request(Request::from_parts(parts, body));
+        let mut resp = match tokio::time::timeout(self.response_header_timeout, sent).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let failure = explain(cluster, self.target.what(), &e);
+                tracing::warn!(%cluster, %method, %path, status = failure.code.as_u16(),
+                    error = %failure.message, "request to the member failed");
+                return failure.response();
+            }
+            Err(_) => {
+                let message = format!(
+                    "the member {} of cluster {cluster:?} sent no response headers within {:?}",
+                    self.target.what(),
+                    self.response_header_timeout
+                );
+                tracing::warn!(%cluster, %method, %path, "{message}");
+                return status(StatusCode::GATEWAY_TIMEOUT, &message);
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return status(
+                    StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "the member {} switched protocols without being asked to",
+                        self.target.what()
+                    ),
+                );
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let cancel = self.cancel.clone();
+            let cluster = cluster.clone();
+            let in_flight = self.in_flight.enter();
+            tokio::spawn(async move {
+                let _in_flight = in_flight;
+                let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok(both) => both,
+                    Err(e) => {
+                        tracing::warn!(%cluster, %path, error = %e, "upgrade failed");
+                        return;
+                    }
+                };
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    copied = tunnel::copy::join(&mut client, &mut upstream) => {
+                        if let Err(e) = copied {
+                            tracing::debug!(%cluster, %path, error = %e, "upgraded stream ended");
+                        }
+                    }
+                }
+            });
+            // The member's 101 as is: Upgrade, Connection and the negotiated
+            // Sec-WebSocket-Protocol / X-Stream-Protocol-Version.
+            let (parts, _) = resp.into_parts();
+            let mut answer = Response::new(empty());
+            *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *answer.headers_mut() = parts.headers;
+            return answer;
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.extensions = Default::default();
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// The `Upgrade` header of a request that asks for one (`Connection: upgrade`).
+pub(super) fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    headers.get(header::UPGRADE).cloned()
+}
+
+/// Remove the hop-by-hop headers (RFC 9110 7.6.1), including those the
+/// `Connection` header names.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}

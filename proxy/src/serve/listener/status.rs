@@ -1,0 +1,136 @@
+//! Failures as Kubernetes `Status` answers, which kubectl prints as the error:
+//! no agent 503 (with `Retry-After` when a session went away under the
+//! request, so client-go retries), refused or broken 502, timeouts 504.
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+use tunnel::server::DialError;
+
+use crate::member::ReachError;
+
+/// The HTTP bodies this proxy answers with.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Why a request to the member failed, as the client will be told.
+pub struct Failure {
+    pub code: StatusCode,
+    pub message: String,
+    /// The session went away under the request: client-go retries a 5xx
+    /// that carries `Retry-After`, and the next try picks another session.
+    pub transient: bool,
+}
+
+impl Failure {
+    pub fn response(&self) -> Response<Body> {
+        let mut resp = status(self.code, &self.message);
+        if self.transient {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// The HTTP status for a member that could not be reached.
+pub fn reach_status(e: &ReachError) -> StatusCode {
+    match e {
+        ReachError::NoAgent(_) | ReachError::SessionGone | ReachError::Dial(DialError::Closed) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ReachError::Dial(DialError::Timeout(_)) | ReachError::TlsTimeout(_) => {
+            StatusCode::GATEWAY_TIMEOUT
+        }
+        ReachError::Prepare(_)
+        | ReachError::Dial(DialError::Refused { .. })
+        | ReachError::Tls { .. } => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Explain a failed upstream request to `what` (kube-apiserver, ks-apiserver).
+pub fn explain(cluster: &str, what: &str, e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(reach) = err.downcast_ref::<ReachError>() {
+            return Failure {
+                code: reach_status(reach),
+                message: format!(
+                    "cannot reach the member {what} of cluster {cluster:?} through its tunnel: \
+                     {reach}"
+                ),
+                transient: reach.is_transient(),
+            };
+        }
+        if let Some(hyper_err) = err.downcast_ref::<hyper::Error>()
+            && hyper_err.is_timeout()
+        {
+            return Failure {
+                code: StatusCode::GATEWAY_TIMEOUT,
+                message: format!("the member {what} of cluster {cluster:?} timed out: {hyper_err}"),
+                transient: false,
+            };
+        }
+        source = err.source();
+    }
+    Failure {
+        code: StatusCode::BAD_GATEWAY,
+        message: format!(
+            "the connection to the member {what} of cluster {cluster:?} failed: {}",
+            error_chain(e)
+        ),
+        transient: false,
+    }
+}
+
+/// `e: cause: cause ...`, skipping repeats.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        let next = err.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = err.source();
+    }
+    text
+}
+
+pub fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A Kubernetes `Status` answer, which kubectl prints as the error.
+pub fn status(code: StatusCode, message: &str) -> Response<Body> {
+    let reason = match code {
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+        StatusCode::GATEWAY_TIMEOUT => "Timeout",
+        StatusCode::BAD_REQUEST => "BadRequest",
+        _ => "BadGateway",
+    };
+    let body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    });
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

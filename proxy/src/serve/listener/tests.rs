@@ -1,0 +1,896 @@
+//! The listener against a fake member API server, through a real tunnel in
+//! process: one agent, one proxy port, a kubectl stand-in.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::forward::{RESPONSE_HEADER_TIMEOUT, strip_hop_by_hop, upgrade_of};
+use super::status::explain;
+use super::tls::{Resolver, ServerCert, server_tls};
+use super::upstream::{Connector, Routes};
+use super::{ClusterListener, Front, Shared};
+use crate::agents::admission::Gate;
+use crate::agents::registry::Registry;
+use crate::identity::ca::{Ca, Issued};
+use crate::member::{MemberDialer, Target};
+use crate::ops::in_flight::InFlight;
+use crate::ops::metrics::Metrics;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tunnel::AgentConfig;
+use tunnel::client::{ClientOptions, TcpDialer};
+use tunnel::ws::WsStream;
+
+use crate::agents::store::StaticClusters;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const CLUSTER: &str = "alpha";
+const AGENT_TOKEN: &str = "agent-token-0123456789";
+const BEARER: &str = "member-service-account-token";
+const WAIT: Duration = Duration::from_secs(20);
+
+type TestError = Box<dyn std::error::Error + Send + Sync>;
+type MemberBody = BoxBody<Bytes, Infallible>;
+
+// -- the fake member API server ------------------------------------------
+
+/// A body whose chunks the test hands in one at a time.
+struct ChanBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response<MemberBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+    *resp.status_mut() = code;
+    resp
+}
+
+/// A fake kube-apiserver (HTTPS with a certificate for 127.0.0.1 from its
+/// own CA; client certificates of that CA are accepted and recorded) or a
+/// fake ks-apiserver (plain HTTP). It counts TCP connections.
+///
+/// `/stream` answers a body the test feeds through `streams`; `/hang`
+/// never answers; `/exec` upgrades (echo, then "bye" after the client's
+/// EOF); `/forbidden` is 403; anything else echoes what it was sent.
+struct Member {
+    addr: String,
+    ca: Ca,
+    accepted: Arc<AtomicUsize>,
+    streams: mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>,
+}
+
+impl Member {
+    async fn start(tls: bool) -> Member {
+        let ca = Ca::generate().unwrap();
+        let acceptor = tls.then(|| {
+            let issued = ca.issue_server(&["127.0.0.1".into()], DAY).unwrap();
+            let cert = ServerCert::new(issued).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.cert_der().clone()).unwrap();
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .allow_unauthenticated()
+                    .build()
+                    .unwrap();
+            let config = ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(Arc::new(Resolver(cert)));
+            TlsAcceptor::from(Arc::new(config))
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (streams_tx, streams) = mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let streams_tx = streams_tx.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let cn = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| common_name(c));
+                            let service = member_service(cn, streams_tx);
+                            let _ = http
+                                .serve_connection(TokioIo::new(tls), service)
+                                .with_upgrades()
+                                .await;
+                        }
+                        None => {
+                            let service = member_service(None, streams_tx);
+                            let _ = http
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .with_upgrades()
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Member {
+            addr,
+            ca,
+            accepted,
+            streams,
+        }
+    }
+}
+
+fn common_name(der: &CertificateDer<'_>) -> String {
+    let (_, x509) = x509_parser::parse_x509_certificate(der).unwrap();
+    let cn = x509.subject().iter_common_name().next().unwrap();
+    cn.as_str().unwrap().to_string()
+}
+
+fn member_service(
+    cn: Option<String>,
+    streams: mpsc::UnboundedSender<mpsc::Sender<Bytes>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<MemberBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<MemberBody>, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let cn = cn.clone();
+        let streams = streams.clone();
+        async move {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map_or("none".to_string(), |v| v.to_str().unwrap().to_string())
+            };
+            let resp = match req.uri().path() {
+                "/stream" => {
+                    let (tx, rx) = mpsc::channel(1);
+                    streams.send(tx).unwrap();
+                    Response::new(ChanBody(rx).boxed())
+                }
+                "/hang" => std::future::pending().await,
+                "/forbidden" => text(StatusCode::FORBIDDEN, "no exec for you".into()),
+                "/exec" if req.headers().contains_key(header::UPGRADE) => {
+                    let upgrade = req.headers()[header::UPGRADE].clone();
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on.await else { return };
+                        let mut io = TokioIo::new(upgraded);
+                        let mut buf = vec![0u8; 1024];
+                        // Errors: the test cut the stream.
+                        while let Ok(n @ 1..) = io.read(&mut buf).await {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = io.write_all(b"bye").await;
+                        let _ = io.shutdown().await;
+                    });
+                    let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, String::new());
+                    let h = resp.headers_mut();
+                    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                    h.insert(header::UPGRADE, upgrade);
+                    h.insert(
+                        "X-Stream-Protocol-Version",
+                        HeaderValue::from_static("v4.channel.k8s.io"),
+                    );
+                    resp
+                }
+                _ => {
+                    let (auth, host) = (header("authorization"), header("host"));
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "echo ok auth={auth} cn={} host={host} body={}",
+                            cn.as_deref().unwrap_or("none"),
+                            String::from_utf8_lossy(&body)
+                        ),
+                    )
+                }
+            };
+            Ok(resp)
+        }
+    })
+}
+
+// -- a real tunnel, in process ---------------------------------------------
+
+fn registry() -> Registry {
+    Registry::new(Arc::new(Metrics::new()))
+}
+
+fn gate(registry: &Registry) -> Arc<Gate<StaticClusters>> {
+    let json = format!(r#"{{"{CLUSTER}": "{AGENT_TOKEN}"}}"#);
+    let store = StaticClusters::from_json(&json).unwrap();
+    Arc::new(Gate::new(registry.clone(), Arc::new(store)))
+}
+
+fn shared(registry: &Registry) -> Shared {
+    Shared {
+        dialer: MemberDialer::new(registry.clone()),
+        relay: None,
+        in_flight: InFlight::default(),
+        metrics: registry.metrics().clone(),
+    }
+}
+
+/// Connect an agent for [`CLUSTER`] over a loopback websocket and wait
+/// until the registry has its session. The agent serves `targets`.
+async fn connect_agent(
+    registry: &Registry,
+    config: AgentConfig,
+    targets: Vec<String>,
+) -> JoinHandle<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let key = tunnel::ssh::generate_host_key().unwrap();
+    let ssh = Arc::new(tunnel::ssh::server_config(key, Duration::from_secs(30)));
+    let admission = gate(registry);
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let ws = WsStream::from_upgraded(tcp, Role::Server).await;
+        let _ = tunnel::server::serve(ws, ssh, admission, peer.to_string()).await;
+    });
+    let options = ClientOptions {
+        config,
+        keepalive: Duration::from_secs(30),
+        host_key_fingerprint: None,
+        allowed_targets: targets,
+    };
+    let agent = tokio::spawn(async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let ws = WsStream::from_upgraded(tcp, Role::Client).await;
+        let _ = tunnel::client::run(ws, &options, Arc::new(TcpDialer), || {}).await;
+    });
+    tokio::time::timeout(WAIT, async {
+        while registry.pick(CLUSTER).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the agent was admitted");
+    agent
+}
+
+fn agent_config(member: &Member, ks: Option<&Member>) -> AgentConfig {
+    AgentConfig {
+        name: CLUSTER.into(),
+        token: AGENT_TOKEN.into(),
+        kubernetes_svc_host: member.addr.clone(),
+        kubesphere_svc_host: ks.map(|m| m.addr.clone()).unwrap_or_default(),
+        ca_data: member.ca.cert_pem().as_bytes().to_vec(),
+        bearer_token: BEARER.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The proxy side: our CA, a kube-apiserver listener on loopback.
+struct ProxySide {
+    ca: Arc<Ca>,
+    cert: ServerCert,
+    listener: ClusterListener,
+    client: Issued,
+}
+
+async fn start_proxy(registry: &Registry, response_header_timeout: Duration) -> ProxySide {
+    let ca = Arc::new(Ca::generate().unwrap());
+    let sans = ["127.0.0.1".to_string(), "localhost".to_string()];
+    let cert = ServerCert::new(ca.issue_server(&sans, DAY).unwrap()).unwrap();
+    let config = server_tls(&ca, cert.clone()).unwrap();
+    let listener = ClusterListener::start_with(
+        CLUSTER.into(),
+        "127.0.0.1:0".parse().unwrap(),
+        &shared(registry),
+        Front::Https(TlsAcceptor::from(Arc::new(config))),
+        response_header_timeout,
+    )
+    .await
+    .unwrap();
+    let client = ca
+        .issue_client("kubernetes-admin", &["system:masters"], DAY)
+        .unwrap();
+    ProxySide {
+        ca,
+        cert,
+        listener,
+        client,
+    }
+}
+
+/// Member, agent and proxy, all connected.
+async fn setup(edit: impl FnOnce(&mut AgentConfig)) -> (Member, ProxySide, JoinHandle<()>) {
+    let member = Member::start(true).await;
+    let registry = registry();
+    let mut config = agent_config(&member, None);
+    edit(&mut config);
+    let agent = connect_agent(&registry, config, vec![member.addr.clone()]).await;
+    let proxy = start_proxy(&registry, RESPONSE_HEADER_TIMEOUT).await;
+    (member, proxy, agent)
+}
+
+// -- a kubectl stand-in -------------------------------------------------------
+
+fn client_tls(trust: &Ca, identity: Option<&Issued>) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(trust.cert_der().clone()).unwrap();
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::from(addr.ip());
+    TlsConnector::from(tls).connect(name, tcp).await
+}
+
+/// One request on a new connection (plain HTTP when `tls` is None).
+async fn send(
+    addr: SocketAddr,
+    tls: Option<Arc<ClientConfig>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, TestError> {
+    let mut sender = match tls {
+        Some(tls) => {
+            let stream = tls_connect(addr, tls).await?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+        }
+        None => {
+            let stream = TcpStream::connect(addr).await?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn.with_upgrades());
+            sender
+        }
+    };
+    Ok(sender.send_request(req).await?)
+}
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header(header::HOST, "proxy")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn body_text(resp: Response<Incoming>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+impl ProxySide {
+    fn tls(&self) -> Option<Arc<ClientConfig>> {
+        Some(client_tls(&self.ca, Some(&self.client)))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let resp = send(self.listener.local_addr(), self.tls(), get(path))
+            .await
+            .unwrap();
+        let code = resp.status();
+        (code, body_text(resp).await)
+    }
+}
+
+fn parse_status(body: &str) -> serde_json::Value {
+    let status: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(status["kind"], "Status", "{body}");
+    assert_eq!(status["apiVersion"], "v1", "{body}");
+    assert_eq!(status["status"], "Failure", "{body}");
+    status
+}
+
+// -- the tests -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_the_member_as_the_agent() {
+    let (member, proxy, _agent) = setup(|_| {}).await;
+    let req = Request::post("/api/v1/namespaces?fieldManager=x")
+        .header(header::AUTHORIZATION, "Bearer the-clients-own-token")
+        .header("Proxy-Authorization", "Basic c2VjcmV0")
+        .body(Full::new(Bytes::from_static(b"{\"kind\":\"Namespace\"}")))
+        .unwrap();
+    let resp = send(proxy.listener.local_addr(), proxy.tls(), req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = body_text(resp).await;
+    assert_eq!(
+        body,
+        format!(
+            "echo ok auth=Bearer {BEARER} cn=none host={} body={{\"kind\":\"Namespace\"}}",
+            member.addr
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_certificate_of_our_ca_are_refused() {
+    let (_member, proxy, _agent) = setup(|_| {}).await;
+    let addr = proxy.listener.local_addr();
+    let foreign_ca = Ca::generate().unwrap();
+    let foreign = foreign_ca
+        .issue_client("kubernetes-admin", &["system:masters"], DAY)
+        .unwrap();
+    for (what, tls) in [
+        ("no certificate", client_tls(&proxy.ca, None)),
+        ("foreign certificate", client_tls(&proxy.ca, Some(&foreign))),
+    ] {
+        // TLS 1.3: the client learns of the refusal on its first read.
+        let err = match tls_connect(addr, tls).await {
+            Err(e) => e.to_string(),
+            Ok(mut stream) => {
+                let _ = stream
+                    .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await;
+                let mut buf = Vec::new();
+                match stream.read_to_end(&mut buf).await {
+                    Err(e) => e.to_string(),
+                    Ok(_) => panic!("{what}: answered {:?}", String::from_utf8_lossy(&buf)),
+                }
+            }
+        };
+        assert!(
+            err.contains("CertificateRequired")
+                || err.contains("UnknownCA")
+                || err.contains("BadCertificate")
+                || err.contains("DecryptError"),
+            "{what}: {err}"
+        );
+        eprintln!("{what}: {err}");
+    }
+    // Our own client certificate still works.
+    assert_eq!(proxy.get("/echo").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_is_a_503_status() {
+    let registry = registry();
+    let proxy = start_proxy(&registry, RESPONSE_HEADER_TIMEOUT).await;
+    let (code, body) = proxy.get("/api").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    let status = parse_status(&body);
+    assert_eq!(status["code"], 503);
+    assert_eq!(status["reason"], "ServiceUnavailable");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("no agent of cluster \"alpha\""),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_ca_gets_no_unverified_connection() {
+    let (member, proxy, _agent) = setup(|c| c.ca_data.clear()).await;
+    let (code, body) = proxy.get("/api").await;
+    assert_eq!(code, StatusCode::BAD_GATEWAY);
+    let status = parse_status(&body);
+    assert_eq!(status["code"], 502);
+    assert!(
+        status["message"].as_str().unwrap().contains("CAData"),
+        "{body}"
+    );
+    assert_eq!(member.accepted.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_certificate_the_agents_ca_did_not_sign_is_a_502() {
+    let other = Ca::generate().unwrap();
+    let (_member, proxy, _agent) =
+        setup(|c| c.ca_data = other.cert_pem().as_bytes().to_vec()).await;
+    let (code, body) = proxy.get("/api").await;
+    assert_eq!(code, StatusCode::BAD_GATEWAY);
+    let message = parse_status(&body)["message"].as_str().unwrap().to_string();
+    // Both test CAs are named alike: webpki finds the issuer by name and
+    // then the signature does not match.
+    assert!(message.contains("TLS handshake"), "{message}");
+    assert!(message.contains("invalid peer certificate"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_bearer_token_the_agents_client_certificate_is_used() {
+    let member = Member::start(true).await;
+    let registry = registry();
+    let id = member
+        .ca
+        .issue_client("tower-agent", &["system:masters"], DAY)
+        .unwrap();
+    let mut config = agent_config(&member, None);
+    config.bearer_token.clear();
+    config.cert_data = id.cert_pem.into_bytes();
+    config.key_data = id.key_pem.into_bytes();
+    let _agent = connect_agent(&registry, config, vec![member.addr.clone()]).await;
+    let proxy = start_proxy(&registry, RESPONSE_HEADER_TIMEOUT).await;
+    let req = Request::get("/api")
+        .header(header::AUTHORIZATION, "Bearer the-clients-own-token")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send(proxy.listener.local_addr(), proxy.tls(), req)
+        .await
+        .unwrap();
+    let body = body_text(resp).await;
+    assert!(body.contains("auth=none cn=tower-agent"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_stream_chunk_by_chunk() {
+    let (mut member, proxy, _agent) = setup(|_| {}).await;
+    let resp = send(proxy.listener.local_addr(), proxy.tls(), get("/stream"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let feed = member.streams.recv().await.unwrap();
+    let mut body = resp.into_body();
+    // Each chunk reaches the client before the member writes the next.
+    for chunk in ["{\"type\":\"ADDED\"}\n", "{\"type\":\"MODIFIED\"}\n", "x"] {
+        feed.send(Bytes::from(chunk)).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < chunk.len() {
+            let frame = tokio::time::timeout(WAIT, body.frame())
+                .await
+                .expect("chunk did not arrive: the response is buffered")
+                .unwrap()
+                .unwrap();
+            got.extend_from_slice(&frame.into_data().unwrap());
+        }
+        assert_eq!(got, chunk.as_bytes());
+    }
+    drop(feed);
+    let end = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+    assert!(end.is_none(), "body must end when the member's ends");
+}
+
+fn exec_request(path: &str) -> Request<Full<Bytes>> {
+    Request::post(path)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header("X-Stream-Protocol-Version", "v4.channel.k8s.io")
+        .header("X-Stream-Protocol-Version", "v3.channel.k8s.io")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_round_trip_bytes_both_ways() {
+    let (_member, proxy, _agent) = setup(|_| {}).await;
+    let addr = proxy.listener.local_addr();
+    let resp = send(addr, proxy.tls(), exec_request("/exec"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers()[header::UPGRADE], "SPDY/3.1");
+    assert_eq!(
+        resp.headers()["X-Stream-Protocol-Version"],
+        "v4.channel.k8s.io"
+    );
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    for msg in [&b"hello"[..], &[7u8; 100_000][..]] {
+        io.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(WAIT, io.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+    // Half-close: our EOF reaches the member, which still answers.
+    io.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, io.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest, b"bye");
+
+    // A refused upgrade is passed through as is.
+    let resp = send(addr, proxy.tls(), exec_request("/forbidden"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(body_text(resp).await, "no exec for you");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    let (member, proxy, _agent) = setup(|_| {}).await;
+    for _ in 0..10 {
+        let (code, _) = proxy.get("/api/v1/pods").await;
+        assert_eq!(code, StatusCode::OK);
+        // The pool takes a connection back in a task of its own once the
+        // response has ended; give that task a moment on a busy machine.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let accepted = member.accepted.load(Ordering::SeqCst);
+    assert!(accepted <= 2, "10 requests took {accepted} connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_gone_under_a_request_is_a_503_to_retry() {
+    // The pool asks the connector for a session the routes no longer know.
+    let client: Client<Connector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(Connector {
+            cluster: CLUSTER.into(),
+            target: Target::KubeApiserver,
+            dialer: MemberDialer::new(registry()),
+            routes: Arc::new(Routes::default()),
+        });
+    let err = client
+        .request(
+            Request::get("https://s0000000000000000.tunnel/api")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let failure = explain(CLUSTER, "kube-apiserver", &err);
+    assert_eq!(failure.code, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(failure.transient);
+    let resp = failure.response();
+    assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let status = parse_status(std::str::from_utf8(&body).unwrap());
+    assert_eq!(status["code"], 503);
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("session ended"),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_leaves_and_returns() {
+    let member = Member::start(true).await;
+    let registry = registry();
+    let targets = vec![member.addr.clone()];
+    let agent = connect_agent(&registry, agent_config(&member, None), targets.clone()).await;
+    let proxy = start_proxy(&registry, RESPONSE_HEADER_TIMEOUT).await;
+    assert_eq!(proxy.get("/api").await.0, StatusCode::OK);
+
+    agent.abort();
+    tokio::time::timeout(WAIT, async {
+        while registry.pick(CLUSTER).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the session ended");
+    let (code, body) = proxy.get("/api").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    // A new session gets new upstream connections; the dead one's pooled
+    // connection is not used.
+    let _agent = connect_agent(&registry, agent_config(&member, None), targets).await;
+    assert_eq!(proxy.get("/api").await.0, StatusCode::OK);
+    assert_eq!(member.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_serves_new_connections() {
+    let (_member, proxy, _agent) = setup(|_| {}).await;
+    let addr = proxy.listener.local_addr();
+    let served = || async {
+        let tls = tls_connect(addr, client_tls(&proxy.ca, Some(&proxy.client)))
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    let first = served().await;
+    let old = proxy.cert.not_after();
+    let next = proxy
+        .ca
+        .issue_server(
+            &["127.0.0.1".into(), "mc-alpha.kubesphere-system.svc".into()],
+            2 * DAY,
+        )
+        .unwrap();
+    let next_der = CertificateDer::from_pem_slice(next.cert_pem.as_bytes()).unwrap();
+    // A certificate with another certificate's key is refused, and the
+    // one served stays.
+    let stray = proxy.ca.issue_server(&["127.0.0.1".into()], DAY).unwrap();
+    let mismatched = Issued {
+        key_pem: stray.key_pem,
+        ..next.clone()
+    };
+    let err = proxy.cert.set(mismatched).unwrap_err();
+    assert!(err.to_string().contains("unusable"), "{err}");
+    assert_eq!(served().await, first);
+    proxy.cert.set(next).unwrap();
+    assert!(proxy.cert.not_after() > old);
+    let second = served().await;
+    assert_ne!(first, second);
+    assert_eq!(second, next_der);
+    assert_eq!(proxy.get("/api").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_response_headers_are_a_504() {
+    let member = Member::start(true).await;
+    let registry = registry();
+    let _agent = connect_agent(
+        &registry,
+        agent_config(&member, None),
+        vec![member.addr.clone()],
+    )
+    .await;
+    let proxy = start_proxy(&registry, Duration::from_millis(300)).await;
+    let (code, body) = proxy.get("/hang").await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT);
+    let status = parse_status(&body);
+    assert_eq!(status["reason"], "Timeout");
+    assert_eq!(status["code"], 504);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ks_apiserver_port_forwards_plain_http() {
+    let member = Member::start(true).await;
+    let ks = Member::start(false).await;
+    let registry = registry();
+    let config = agent_config(&member, Some(&ks));
+    let _agent = connect_agent(
+        &registry,
+        config,
+        vec![member.addr.clone(), ks.addr.clone()],
+    )
+    .await;
+    let port = ClusterListener::start_kubesphere(
+        CLUSTER.into(),
+        "127.0.0.1:0".parse().unwrap(),
+        &shared(&registry),
+    )
+    .await
+    .unwrap();
+    // ks-apiserver checks its users' tokens itself: passed through.
+    let req = Request::get("/kapis/tenant.kubesphere.io/v1alpha2/workspaces")
+        .header(header::AUTHORIZATION, "Bearer ks-jwt")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send(port.local_addr(), None, req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = body_text(resp).await;
+    assert!(body.contains("auth=Bearer ks-jwt"), "{body}");
+    assert!(body.contains(&format!("host={}", ks.addr)), "{body}");
+    assert_eq!(member.accepted.load(Ordering::SeqCst), 0);
+
+    // Without an agent: 503 there too.
+    let idle = ClusterListener::start_kubesphere(
+        "beta".into(),
+        "127.0.0.1:0".parse().unwrap(),
+        &shared(&registry),
+    )
+    .await
+    .unwrap();
+    let resp = send(idle.local_addr(), None, get("/kapis")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    parse_status(&body_text(resp).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_port_and_its_streams() {
+    let (_member, proxy, _agent) = setup(|_| {}).await;
+    let addr = proxy.listener.local_addr();
+    let resp = send(addr, proxy.tls(), exec_request("/exec"))
+        .await
+        .unwrap();
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    io.read_exact(&mut buf).await.unwrap();
+
+    proxy.listener.shutdown().await;
+    // Closed at once in the proxy. A process the tests spawn meanwhile
+    // (openssl, in the CA tests) may hold a copy of the socket between its
+    // fork and exec, so allow for that moment.
+    let closed = tokio::time::timeout(WAIT, async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the port must be closed");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, io.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the upgraded stream must end with the listener"
+    );
+}
+
+#[test]
+fn hop_by_hop_headers_are_removed() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("keep-alive, X-Secret"),
+    );
+    h.insert("x-secret", HeaderValue::from_static("1"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert("x-stream-protocol-version", HeaderValue::from_static("v4"));
+    strip_hop_by_hop(&mut h);
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert!(h.contains_key("x-stream-protocol-version"));
+
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("keep-alive, Upgrade"),
+    );
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    assert_eq!(upgrade_of(&h).unwrap(), "websocket");
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    assert!(upgrade_of(&h).is_none());
+}

@@ -1,0 +1,102 @@
+//! The kube-apiserver port's TLS: a serving certificate from our CA that can
+//! be replaced at runtime ([`ServerCert`]), and client certificates signed
+//! by our CA required (unlike Tower): any other client is refused in the
+//! handshake.
+
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::identity::ca::{Ca, CaError, Issued};
+
+/// A listener's serving certificate. Clones share it: [`ServerCert::set`]
+/// replaces it for every new TLS connection of the listeners that use it, live
+/// connections keep the one they started with.
+#[derive(Clone)]
+pub struct ServerCert(Arc<RwLock<CurrentCert>>);
+
+struct CurrentCert {
+    key: Arc<CertifiedKey>,
+    not_after: SystemTime,
+}
+
+impl ServerCert {
+    pub fn new(issued: Issued) -> Result<Self, CaError> {
+        Ok(Self(Arc::new(RwLock::new(current_cert(&issued)?))))
+    }
+
+    /// Serve `issued` from now on (e.g. when the cluster's addresses changed or
+    /// the certificate nears its end).
+    pub fn set(&self, issued: Issued) -> Result<(), CaError> {
+        let next = current_cert(&issued)?;
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    /// When the certificate served now expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).not_after
+    }
+
+    fn key(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).key.clone()
+    }
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("not_after", &self.not_after())
+            .finish_non_exhaustive()
+    }
+}
+
+fn current_cert(issued: &Issued) -> Result<CurrentCert, CaError> {
+    let certs = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::Issued(format!("certificate is not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(CaError::Issued("no certificate in the PEM".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+        .map_err(|e| CaError::Issued(format!("key is not PEM: {e}")))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let key = CertifiedKey::from_der(certs, key, &provider)
+        .map_err(|e| CaError::Issued(format!("unusable certificate and key: {e}")))?;
+    Ok(CurrentCert {
+        key: Arc::new(key),
+        not_after: issued.not_after,
+    })
+}
+
+/// Serves whatever certificate a [`ServerCert`] holds now.
+#[derive(Debug)]
+pub struct Resolver(pub ServerCert);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.key())
+    }
+}
+
+/// TLS for the kube-apiserver port: our serving certificate, client
+/// certificates signed by `ca` required, HTTP/1.1 only.
+pub fn server_tls(ca: &Ca, cert: ServerCert) -> Result<ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der().clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(Resolver(cert)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}

@@ -1,0 +1,8 @@
+//! The client-facing servers: the per-cluster HTTPS/HTTP ports
+//! ([`listener`]), opened and closed for the controller by [`ports`], and the
+//! raw TCP `--forward` port ([`forward`]). All reach members through
+//! [`crate::member::MemberDialer`].
+
+pub mod forward;
+pub mod listener;
+pub mod ports;

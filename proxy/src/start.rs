@@ -1,0 +1,360 @@
+//! Start, serve, stop: the proxy's parts built in dependency order, then
+//! served until SIGTERM, then drained.
+//!
+//! Build order (nothing is filled in later): metrics and the session
+//! registry; the member dialer over the registry; with Kubernetes, the
+//! proxy's identity, the HA pieces (replica records, the peer port, the
+//! leader election), the cluster ports over the dialer, the Cluster
+//! controller over the ports, the status refresher; last the admission gate
+//! (registry + the controller's view of the Clusters) and the agents' port.
+//!
+//! Shutdown: the agents' port closes, readiness turns false, agents are asked
+//! to move to another replica and in-flight requests get `--shutdown-grace`
+//! to finish, then the remaining tunnels are closed with a reason and the
+//! background tasks are stopped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::admission::Gate;
+use crate::agents::endpoint::{self, Endpoint};
+use crate::agents::registry::Registry;
+use crate::agents::store::ClusterStore;
+use crate::clusters::{controller, readiness, reconcile, status};
+use crate::config::{Config, HaConfig, Mode};
+use crate::ha::leader::Leadership;
+use crate::ha::owners::Owners;
+use crate::ha::peers::Peers;
+use crate::identity::secret;
+use crate::member::MemberDialer;
+use crate::ops::in_flight::InFlight;
+use crate::ops::metrics::Metrics;
+use crate::ops::signals;
+use crate::serve::listener::{Relay, Shared};
+use crate::serve::ports::ListenerPorts;
+
+/// What every mode shares.
+struct Core {
+    config: Config,
+    registry: Registry,
+    dialer: MemberDialer,
+    in_flight: InFlight,
+    metrics: Arc<Metrics>,
+}
+
+/// Run the proxy until SIGTERM or SIGINT, then drain.
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let registry = Registry::new(metrics.clone());
+    let dialer = MemberDialer::new(registry.clone());
+    let mode = std::mem::replace(&mut config.mode, Mode::Kubernetes { kubeconfig: None });
+    let core = Core {
+        config,
+        registry,
+        dialer,
+        in_flight: InFlight::default(),
+        metrics,
+    };
+    match mode {
+        Mode::File(store) => {
+            let host_key = host_key_from_file(&core.config)?;
+            let gate = Gate::new(core.registry.clone(), Arc::new(store));
+            let ready = Arc::new(AtomicBool::new(true));
+            serve_agents(&core, gate, host_key, ready, None).await
+        }
+        Mode::Kubernetes { kubeconfig } => with_kubernetes(core, kubeconfig).await,
+    }
+}
+
+fn host_key_from_file(config: &Config) -> anyhow::Result<russh::keys::PrivateKey> {
+    tunnel::ssh::load_or_create_host_key(&config.host_key)
+        .context("set --host-key to a writable path, or --data-dir to a writable directory")
+}
+
+async fn client(
+    kubeconfig: Option<(std::path::PathBuf, Box<kube::config::Kubeconfig>)>,
+) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some((path, kubeconfig)) => {
+            kube::Config::from_custom_kubeconfig(*kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {} is unusable", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "not running in a pod: give --kubeconfig for the host cluster, or --clusters-file to run without Kubernetes",
+        )?,
+    };
+    kube::Client::try_from(config).context("cannot build a Kubernetes client")
+}
+
+/// The Cluster-resource workflow: identity from the Secret (or flags), HA,
+/// the cluster ports, the controller, the status refresher.
+async fn with_kubernetes(
+    mut core: Core,
+    kubeconfig: Option<(std::path::PathBuf, Box<kube::config::Kubeconfig>)>,
+) -> anyhow::Result<()> {
+    let client = client(kubeconfig).await?;
+    let config = &mut core.config;
+    let namespace = config.clusters.namespace.clone();
+    let flag_ca = config.ca.take();
+    let identity = secret::load_or_create(client.clone(), &namespace, flag_ca.is_none())
+        .await
+        .with_context(|| format!("the proxy's Secret {namespace}/{}", secret::SECRET_NAME))?;
+    let host_key = match config.host_key_given {
+        true => host_key_from_file(config)?,
+        false => identity.host_key,
+    };
+    let ca = Arc::new(
+        flag_ca
+            .or(identity.ca)
+            .ok_or_else(|| anyhow::anyhow!("no CA: give --ca-cert and --ca-key"))?,
+    );
+    core.metrics.set_cert_expiry("", "ca", ca.not_after());
+
+    let stop = CancellationToken::new();
+    let ha = match &core.config.ha {
+        Some(ha) => Some(start_ha(ha, &client, &ca, &namespace, &core, &stop).await?),
+        None => None,
+    };
+    let shared = Shared {
+        dialer: core.dialer.clone(),
+        relay: ha.as_ref().map(|h| h.peers.clone() as Arc<dyn Relay>),
+        in_flight: core.in_flight.clone(),
+        metrics: core.metrics.clone(),
+    };
+    let ports = Arc::new(ListenerPorts::new(ca.clone(), core.config.bind, shared));
+    let (kick, kicks) = status::Kick::new();
+    let mut tasks = Vec::new();
+    let mut ha_parts = None;
+    if let Some(ha) = ha {
+        tasks.push(tokio::spawn(ha.peers.clone().serve(
+            ha.peer_listener,
+            ports.clone(),
+            stop.clone(),
+        )));
+        tasks.push(ha.leader_task);
+        let registry = core.registry.clone();
+        let live = move || registry.live_clusters();
+        tasks.push(tokio::spawn(ha.owners.clone().run(live, stop.clone())));
+        ha_parts = Some((
+            reconcile::Ha {
+                leader: ha.leader,
+                owners: ha.owners.clone(),
+                changes: ha.changes,
+            },
+            ha.owners,
+        ));
+    }
+    let (ha, owners) = ha_parts.unzip();
+    let running = controller::start(controller::Deps {
+        client: client.clone(),
+        registry: core.registry.clone(),
+        ca,
+        ports,
+        options: core.config.clusters.clone(),
+        ha,
+        kick,
+        metrics: core.metrics.clone(),
+    });
+    // Runs as long as the process: it only reads and writes status.
+    drop(status::start(
+        kicks,
+        client,
+        running.store.clone(),
+        core.dialer.clone(),
+    ));
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
+    let gate = Gate::new(core.registry.clone(), running.clusters);
+    let background = Background {
+        owners,
+        stop,
+        tasks,
+    };
+    tokio::select! {
+        served = serve_agents(&core, gate, host_key, ready, Some(background)) => served,
+        _ = running.task => anyhow::bail!("the Cluster controller stopped"),
+    }
+}
+
+/// The HA pieces, started before the ports (which relay through `peers`).
+struct HaStarted {
+    owners: Arc<Owners>,
+    changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+    peers: Arc<Peers>,
+    peer_listener: TcpListener,
+    leader: Leadership,
+    leader_task: JoinHandle<()>,
+}
+
+/// `--leader-elect`: the holder records, the peer port, the leader election.
+async fn start_ha(
+    ha: &HaConfig,
+    client: &kube::Client,
+    ca: &crate::identity::ca::Ca,
+    namespace: &str,
+    core: &Core,
+    stop: &CancellationToken,
+) -> anyhow::Result<HaStarted> {
+    let (owners, changes) = Owners::new(client.clone(), namespace, &ha.replica, &ha.peer_address);
+    let peers = Arc::new(
+        Peers::new(ca, owners.clone(), &ha.peer_address).context("the peer port's certificate")?,
+    );
+    let peer_bind = std::net::SocketAddr::new(core.config.bind, ha.peer_port);
+    let peer_listener = TcpListener::bind(peer_bind)
+        .await
+        .with_context(|| format!("cannot listen on the peer port {peer_bind} (--peer-port)"))?;
+    tracing::info!(replica = %ha.replica, addr = %peer_listener.local_addr()?,
+        peer_address = %ha.peer_address, "peer port listening");
+    let (leader, leader_task) = Leadership::elect(
+        client.clone(),
+        namespace,
+        &ha.replica,
+        ha.lease_duration,
+        stop.clone(),
+    )
+    .await
+    .context("leader election (Lease tower)")?;
+    Ok(HaStarted {
+        owners,
+        changes,
+        peers,
+        peer_listener,
+        leader,
+        leader_task,
+    })
+}
+
+/// Tasks stopped once this replica has drained.
+struct Background {
+    /// HA: this replica's holder records.
+    owners: Option<Arc<Owners>>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The agents' port (and any --forward ports) until SIGTERM or SIGINT, then
+/// the drain.
+async fn serve_agents<S: ClusterStore>(
+    core: &Core,
+    gate: Gate<S>,
+    host_key: russh::keys::PrivateKey,
+    ready: Arc<AtomicBool>,
+    background: Option<Background>,
+) -> anyhow::Result<()> {
+    let config = &core.config;
+    tracing::info!(
+        fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),
+        "SSH host key (agents pin it with --proxy-host-key-fingerprint)"
+    );
+    if let Some(url) = &config.publish_url {
+        tracing::info!(proxy_server = %url, "agents dial this proxy with --proxy-server {url}");
+    }
+    let endpoint = Arc::new(Endpoint {
+        gate: Arc::new(gate),
+        metrics: core.metrics.clone(),
+        ssh: Arc::new(tunnel::ssh::server_config(host_key, config.keepalive)),
+        ready,
+    });
+    let ports_stop = CancellationToken::new();
+    for (cluster, addr) in &config.forwards {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on --forward {cluster}={addr}"))?;
+        tracing::info!(%cluster, addr = %listener.local_addr()?, "forward listening");
+        tokio::spawn(crate::serve::forward::run(
+            listener,
+            cluster.clone(),
+            core.dialer.clone(),
+            ports_stop.clone(),
+        ));
+    }
+    let addr = std::net::SocketAddr::new(config.bind, config.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--host, --port)"))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening for agents");
+    let agents = tokio::spawn(endpoint::run(
+        listener,
+        endpoint.clone(),
+        ports_stop.clone(),
+    ));
+    signals::terminated().await;
+    // No new agents from here on: the port closes with its accept loop.
+    ports_stop.cancel();
+    let _ = agents.await;
+    endpoint.ready.store(false, Ordering::Relaxed);
+    let owners = background.as_ref().and_then(|b| b.owners.clone());
+    if let Some(owners) = &owners {
+        owners.set_draining().await;
+    }
+    let moved = |cluster: &str| owners.as_ref().is_none_or(|o| o.owner(cluster).is_some());
+    drain(
+        &core.registry,
+        &core.in_flight,
+        config.shutdown_grace,
+        moved,
+    )
+    .await;
+    // Agents hear why and reconnect at once (to another replica, if any)
+    // instead of waiting for their keepalive to notice a dead socket.
+    tracing::info!("shutting down: closing agent sessions");
+    core.registry
+        .close_all("the proxy is shutting down, reconnect")
+        .await;
+    if let Some(background) = background {
+        background.stop.cancel();
+        let finished = futures_util::future::join_all(background.tasks);
+        if tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks not done within 5 s; leases expire by themselves");
+        }
+    }
+    Ok(())
+}
+
+/// Ask every agent to move to another replica, wait until they have
+/// (`moved`) and nothing is in flight here, then return so the caller closes
+/// what is left. Tunnels of agents that cannot be asked (Go Tower agents) are
+/// closed as soon as nothing is in flight. `grace` bounds the wait.
+async fn drain(
+    registry: &Registry,
+    in_flight: &InFlight,
+    grace: Duration,
+    moved: impl Fn(&str) -> bool,
+) {
+    if registry.total_live() == 0 {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(sessions = registry.total_live(), grace = ?grace, "draining: asking agents to move to another replica");
+    let (asked, legacy) = registry.drain_all().await;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let idle = in_flight.count() == 0;
+        if idle {
+            for session in legacy.iter().filter(|s| !s.is_closed()) {
+                session.close("the proxy is shutting down, reconnect").await;
+            }
+        }
+        if registry.total_live() == 0 || (idle && asked.iter().all(|c| moved(c))) {
+            tracing::info!("drained: agents moved, nothing in progress");
+            return;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(sessions = registry.total_live(), in_flight = in_flight.count(), "grace period over: closing what is left");
+                return;
+            }
+        }
+    }
+}
