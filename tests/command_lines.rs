@@ -7,14 +7,19 @@
 //! `/metrics` counts the agent's session, and a bad value is a usage error
 //! (exit 2) whose message names the flag.
 //!
-//! No Kubernetes here: the proxy takes its clusters from `--clusters-file`.
+//! The agent's tests need no Kubernetes: the proxy takes its clusters from
+//! `--clusters-file`. The proxy's literal line runs against a real
+//! kube-apiserver (it elects a leader and runs the Cluster workflow).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use e2e::{Proc, bin, metric_sample, scrape_metrics, wait_for_ok, wait_until};
+use e2e::{
+    KubeCluster, Proc, bin, free_port, kubectl_binary, metric_sample, scrape_metrics, wait_for_ok,
+    wait_until, workspace_root,
+};
 use tokio::process::Command;
 
 const CLUSTER: &str = "alpha";
@@ -215,7 +220,165 @@ async fn bad_values_exit_2_naming_the_flag() -> Result<()> {
     Ok(())
 }
 
-// The proxy's literal line from KubeSphere's manifests,
-// `proxy --ca-cert=/ca.crt --ca-key=/ca.key --v=4 --leader-elect=true`, goes
-// here once the proxy takes tunnel::cli's flags; it needs a kube-apiserver
-// (KubeCluster::start), unlike the tests above.
+/// KubeSphere's proxy arguments (its Deployment's `args`), word for word.
+fn kubesphere_proxy_args(ca_dir: &Path) -> Vec<String> {
+    vec![
+        format!("--ca-cert={}", ca_dir.join("ca.crt").display()),
+        format!("--ca-key={}", ca_dir.join("ca.key").display()),
+        "--v=4".to_string(),
+        "--leader-elect=true".to_string(),
+    ]
+}
+
+#[tokio::test]
+async fn kubesphere_proxy_command_line_leads_and_serves_clusters() -> Result<()> {
+    const NS: &str = "kubesphere-system";
+    let host = KubeCluster::start("host").await?;
+    let dir = tempfile::tempdir()?;
+    // The CA as an operator makes it for --ca-cert/--ca-key.
+    let ca_dir = dir.path().join("ca");
+    let made = std::process::Command::new(workspace_root().join("certs/gen-ca.sh"))
+        .arg(&ca_dir)
+        .output()?;
+    ensure!(made.status.success(), "certs/gen-ca.sh: {made:?}");
+    let crd = std::process::Command::new(kubectl_binary())
+        .arg("kustomize")
+        .arg(workspace_root().join("config/crd"))
+        .output()?;
+    ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
+    let crd_file = dir.path().join("crd.yaml");
+    std::fs::write(&crd_file, &crd.stdout)?;
+    host.kubectl_ok(&["create", "-f", &crd_file.to_string_lossy()]);
+    host.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "crd/clusters.cluster.kubesphere.io",
+        "--timeout=120s",
+    ]);
+    host.kubectl_ok(&["create", "ns", NS]);
+
+    // The literal line, plus what a pod has and a process on this machine
+    // lacks: the host cluster's kubeconfig, the downward-API names, and
+    // ports of its own.
+    let mut cmd = Command::new(bin("proxy"));
+    cmd.args(kubesphere_proxy_args(&ca_dir))
+        .arg(format!("--kubeconfig={}", host.kubeconfig().display()))
+        .args(["--host", "127.0.0.1", "--port", &free_port().to_string()])
+        .args(["--peer-port", &free_port().to_string()])
+        .args(["--advertise-address", "127.0.0.1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("POD_NAME", "tower-0")
+        .env("POD_NAMESPACE", NS);
+    let first = 21000 + (std::process::id() % 1900) as u16;
+    cmd.args(["--cluster-ports", &format!("{first}-{}", first + 9)]);
+    clean_env(&mut cmd);
+    let proxy = Proc::spawn("proxy", cmd)?;
+    proxy
+        .wait_for_line(|l| l.contains("listening for agents"), SOON)
+        .await?;
+    // --leader-elect=true: this replica takes Tower's Lease under its pod name.
+    let get = |args: &[&str]| String::from_utf8_lossy(&host.kubectl(args).stdout).into_owned();
+    wait_until(SOON, || async {
+        get(&[
+            "get",
+            "lease",
+            "-n",
+            NS,
+            "tower",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]) == "tower-0"
+    })
+    .await
+    .context("the proxy never took the leader Lease")?;
+    // ...and leads: a new Cluster gets a token and its ports.
+    let cluster_file = dir.path().join("alpha.json");
+    std::fs::write(
+        &cluster_file,
+        r#"{"apiVersion":"cluster.kubesphere.io/v1alpha1","kind":"Cluster","metadata":{"name":"alpha"},"spec":{"joinFederation":true,"connection":{"type":"proxy"}}}"#,
+    )?;
+    host.kubectl_ok(&["create", "-f", &cluster_file.to_string_lossy()]);
+    wait_until(SOON, || async {
+        let port = get(&[
+            "get",
+            "cluster",
+            "alpha",
+            "-o",
+            "jsonpath={.spec.connection.kubernetesAPIServerPort}",
+        ]);
+        port == first.to_string()
+    })
+    .await
+    .context("the Cluster got no port")?;
+    // --v=4 is debug; the CA came from the files, not from a generated one.
+    ensure!(
+        proxy.lines().iter().any(|l| l.contains("DEBUG")),
+        "no debug lines at --v=4:\n{}",
+        proxy.tail(20)
+    );
+    let secret = get(&[
+        "get",
+        "secret",
+        "-n",
+        NS,
+        "tower-proxy",
+        "-o",
+        "jsonpath={.data}",
+    ]);
+    ensure!(
+        !secret.contains("ca.crt"),
+        "a CA was generated despite --ca-cert: {secret}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn proxy_bad_flags_exit_2_before_any_network_io() -> Result<()> {
+    // A host cluster where nothing listens: a check that ran only after
+    // connecting would fail with a connection error, or retry; these fail at
+    // once, exit 2, naming the flag.
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:9'}\n\
+         contexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n\
+         users:\n- name: u\n  user: {token: t}\n",
+    )?;
+    for (args, flag) in [
+        (&["--service-selector=app"][..], "--service-selector"),
+        (&["--host=localhost"][..], "--host"),
+        (&["--leader-elect=maybe"][..], "--leader-elect"),
+        (
+            &[
+                "--ca-cert=/nonexistent/ca.crt",
+                "--ca-key=/nonexistent/ca.key",
+            ][..],
+            "--ca-cert",
+        ),
+        (&["--shutdown-grace=soon"][..], "--shutdown-grace"),
+        (&["--v=x"][..], "--v"),
+    ] {
+        let mut cmd = Command::new(bin("proxy"));
+        cmd.args(args)
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .kill_on_drop(true);
+        clean_env(&mut cmd);
+        let out = tokio::time::timeout(SOON, cmd.output())
+            .await
+            .context("the proxy did not exit")??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2),
+            "{args:?}: exit {:?}\n{stderr}",
+            out.status
+        );
+        ensure!(
+            stderr.contains(flag),
+            "{args:?}: {flag} not named:\n{stderr}"
+        );
+    }
+    Ok(())
+}

@@ -24,7 +24,8 @@ use crate::identity::ca::Ca;
 
 /// Tower proxy: accepts agents of member clusters and proxies to them.
 #[derive(Parser, Debug)]
-#[command(name = "proxy", version, about)]
+// pflag takes the last of a repeated flag; so do we (`args_override_self`).
+#[command(name = "proxy", version, about, args_override_self = true)]
 pub struct Flags {
     /// Address to listen on for agents.
     #[arg(long, default_value = "0.0.0.0")]
