@@ -23,7 +23,8 @@ use tokio::sync::oneshot;
 
 use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, PING_REQUEST};
 
-/// How long an agent has, from its first byte, to finish SSH and send `config`.
+/// How long an agent has, from the moment its upgraded connection is handed
+/// to SSH, to finish the handshake and send `config`.
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a channel may take before the dial counts as failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);

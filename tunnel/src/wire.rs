@@ -27,8 +27,8 @@ pub const UNAUTHORIZED: &str = "Unauthorized agent";
 pub const MAX_CONFIG_LEN: usize = 64 * 1024;
 
 /// What an agent tells the proxy in the `config` request. JSON keys are Go's field
-/// names; byte fields are base64 strings, omitted when empty (Go also sends
-/// `null`, which reads as empty).
+/// names; byte fields are base64 strings, omitted when empty (Tower's struct
+/// tags say `omitempty`; `null`, which other Go encoders write, reads as empty).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentConfig {
     #[serde(rename = "Version", default)]

@@ -1,5 +1,5 @@
 //! One stalled reader must not slow any other channel of the same tunnel
-//! (russh-findings.md, trap 2). Proxy and agent sides run in process over a
+//! (docs/protocol.md, "Consumption-gated windows"). Proxy and agent sides run in process over a
 //! real websocket on loopback; channel A's reader stops while its source keeps
 //! writing, and channel B must keep round-tripping.
 

@@ -1,6 +1,7 @@
 //! The agents' endpoint: one HTTP/1.1 port (`--host`, `--port`) that upgrades
 //! websocket requests carrying the `kubesphere-v1` subprotocol into tunnels and
-//! answers `/health`, `/version` and `/metrics`; anything else is 404. There is
+//! answers `/health`, `/healthz`, `/readyz`, `/version` and `/metrics`;
+//! anything else is 404. There is
 //! no path routing, as in Tower. The agent's `User-Agent` travels with its
 //! session ([`tunnel::server::Peer`]) into the Cluster status.
 
