@@ -93,6 +93,12 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Further addresses the proxy may open streams to through this agent
+    /// (repeatable): CIDR:PORT, CIDR:LOW-HIGH, HOST:PORT or *.DNS-SUFFIX:PORT,
+    /// e.g. 10.0.0.0/8:1-65535. Default: only the two API servers.
+    #[arg(long = "allow-dial", value_name = "RULE", value_parser = tunnel::allow::Rule::parse)]
+    pub allow_dial: Vec<tunnel::allow::Rule>,
+
     /// How often token files and the kubeconfig are re-read (SIGHUP re-reads now).
     #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub credentials_refresh_interval: Duration,
@@ -123,6 +129,8 @@ pub struct Config {
     pub kubesphere_service: String,
     pub credentials: CredentialSource,
     pub credentials_refresh_interval: Duration,
+    /// `--allow-dial` rules.
+    pub allow_dial: Vec<tunnel::allow::Rule>,
 }
 
 impl Flags {
@@ -193,6 +201,7 @@ impl Flags {
             kubesphere_service,
             credentials,
             credentials_refresh_interval: self.credentials_refresh_interval,
+            allow_dial: self.allow_dial,
         })
     }
 }

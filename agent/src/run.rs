@@ -66,11 +66,12 @@ struct Shared {
     keepalive: Duration,
     kubernetes_service: Option<String>,
     kubesphere_service: String,
+    allow_dial: Vec<tunnel::allow::Rule>,
 }
 
 impl Shared {
-    /// The `config` request and the targets it advertises, which are the only
-    /// ones the agent will dial.
+    /// The `config` request and the targets it advertises, which the agent
+    /// always dials; others only as `--allow-dial` allows.
     fn options(&self, material: &Material) -> ClientOptions {
         let creds = &material.credentials;
         let kubernetes = self
@@ -93,6 +94,7 @@ impl Shared {
             keepalive: self.keepalive,
             host_key_fingerprint: self.host_key_fingerprint.clone(),
             allowed_targets: vec![kubernetes, self.kubesphere_service.clone()],
+            allow_dial: self.allow_dial.clone(),
         }
     }
 }
@@ -195,6 +197,7 @@ pub async fn run(
         keepalive: config.keepalive,
         kubernetes_service: config.kubernetes_service,
         kubesphere_service: config.kubesphere_service,
+        allow_dial: config.allow_dial,
     });
     let mut backoff = Backoff::new(config.max_retry_interval);
     let mut failures = 0u32;
@@ -617,6 +620,7 @@ mod tests {
             keepalive: Duration::from_secs(30),
             kubernetes_service: None,
             kubesphere_service: "ks:80".into(),
+            allow_dial: Vec::new(),
         };
         let mut m = Material {
             token: "t".into(),

@@ -83,6 +83,7 @@ impl Fleet {
                     keepalive: options.keepalive,
                     host_key_fingerprint: Some(options.fingerprint.clone()),
                     allowed_targets: vec!["127.0.0.1:9".into()],
+                    allow_dial: Vec::new(),
                 };
                 let agents = agents.clone();
                 let gate = gate.clone();

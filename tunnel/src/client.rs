@@ -56,8 +56,11 @@ pub struct ClientOptions {
     pub keepalive: Duration,
     /// `SHA256:...` fingerprint the proxy's host key must have, if pinned.
     pub host_key_fingerprint: Option<String>,
-    /// Targets the proxy may ask for; anything else is refused.
+    /// Targets the proxy may ask for (the advertised API servers); anything
+    /// else is refused unless `allow_dial` allows it.
     pub allowed_targets: Vec<String>,
+    /// `--allow-dial` rules: further targets the proxy may ask for.
+    pub allow_dial: Vec<crate::allow::Rule>,
 }
 
 /// Why a tunnel ended.
@@ -91,7 +94,7 @@ impl ClientError {
 
 struct Handler<D: Dialer> {
     dialer: Arc<D>,
-    allowed: Arc<Vec<String>>,
+    allowed: Arc<crate::allow::AllowList>,
     pin: Option<String>,
     seen_key: Arc<Mutex<Option<String>>>,
     /// Signalled when the SSH session ends (the session task drops its handler).
@@ -147,13 +150,10 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
             tokio::spawn(reply.accept());
             return Ok(());
         }
-        let target = match parse_target(data) {
-            Ok(t) if self.allowed.iter().any(|a| a == t) => t.to_string(),
-            Ok(t) => {
-                tracing::warn!(
-                    target = t,
-                    "refused a channel to a target this agent does not serve"
-                );
+        let target = match parse_target(data).map(|t| (t, self.allowed.check(t))) {
+            Ok((t, Ok(()))) => t.to_string(),
+            Ok((t, Err(why))) => {
+                tracing::warn!(target = t, reason = %why, "refused a channel to a target this agent does not serve");
                 tokio::spawn(reply.reject(ChannelOpenFailure::AdministrativelyProhibited));
                 return Ok(());
             }
@@ -225,7 +225,10 @@ where
         drain,
         ended: ended.clone(),
         dialer,
-        allowed: Arc::new(options.allowed_targets.clone()),
+        allowed: Arc::new(crate::allow::AllowList::new(
+            options.allowed_targets.clone(),
+            options.allow_dial.clone(),
+        )),
         pin: options.host_key_fingerprint.clone(),
         seen_key: seen_key.clone(),
     };

@@ -23,6 +23,7 @@
 //! blocking between channels: `third_party/russh/PATCHES.md`.
 
 pub mod addr;
+pub mod allow;
 pub mod cli;
 pub mod client;
 pub mod copy;

@@ -78,6 +78,7 @@ async fn tunnel(targets: Vec<String>) -> Session {
         keepalive: Duration::from_secs(30),
         host_key_fingerprint: None,
         allowed_targets: targets,
+        allow_dial: Vec::new(),
     };
     tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();
