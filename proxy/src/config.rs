@@ -112,6 +112,17 @@ pub struct Flags {
     /// (repeatable). For debugging and measurements.
     #[arg(long = "forward", value_parser = parse_forward, value_name = "NAME=IP:PORT")]
     pub forwards: Vec<(String, SocketAddr)>,
+    /// HTTP CONNECT port with mutual TLS (client certificates of the proxy
+    /// CA): `CONNECT host:port` reaches host:port through a member's tunnel,
+    /// as its agent's --allow-dial allows; `CONNECT <cluster>:443` its
+    /// kube-apiserver. 0 picks a free port.
+    #[arg(long, value_name = "PORT")]
+    pub connect_port: Option<u16>,
+    /// Directory for one HTTP CONNECT Unix socket per connected cluster,
+    /// <cluster>.sock (mode 0660; no TLS): for a kube-apiserver's egress
+    /// selector, or local clients.
+    #[arg(long, value_name = "DIR")]
+    pub connect_socket_dir: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -156,6 +167,8 @@ pub struct Config {
     pub keepalive: Duration,
     pub clusters: ClusterOptions,
     pub forwards: Vec<(String, SocketAddr)>,
+    pub connect_port: Option<u16>,
+    pub connect_socket_dir: Option<PathBuf>,
 }
 
 impl Flags {
@@ -277,6 +290,18 @@ impl Flags {
         } else {
             None
         };
+        if self.connect_port.is_some() && ca.is_none() && matches!(mode, Mode::File(_)) {
+            bail!(
+                "--connect-port needs the proxy CA for its client certificates: give --ca-cert \
+                 and --ca-key (without --clusters-file the CA comes from the proxy's Secret)"
+            );
+        }
+        if let Some(dir) = &self.connect_socket_dir
+            && dir.exists()
+            && !dir.is_dir()
+        {
+            bail!("--connect-socket-dir {}: not a directory", dir.display());
+        }
         let host_key_given = self.host_key.is_some();
         let host_key = self
             .host_key
@@ -300,6 +325,8 @@ impl Flags {
                 bind_host: self.host,
             },
             forwards: self.forwards,
+            connect_port: self.connect_port,
+            connect_socket_dir: self.connect_socket_dir,
         })
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::admission::Gate;
@@ -31,13 +32,20 @@ use crate::config::{Config, HaConfig, Mode};
 use crate::ha::leader::Leadership;
 use crate::ha::owners::Owners;
 use crate::ha::peers::Peers;
+use crate::identity::ca::Ca;
 use crate::identity::secret;
 use crate::member::MemberDialer;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
+use crate::serve::connect::{Door, sockets};
+use crate::serve::listener::tls::{ServerCert, server_tls};
 use crate::serve::listener::{Relay, Shared};
 use crate::serve::ports::ListenerPorts;
+
+/// The CONNECT port's serving certificate lives this long (a restart issues
+/// a new one).
+const DOOR_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What every mode shares.
 struct Core {
@@ -63,10 +71,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     };
     match mode {
         Mode::File(store) => {
+            let mut core = core;
             let host_key = host_key_from_file(&core.config)?;
             let gate = Gate::new(core.registry.clone(), Arc::new(store));
             let ready = Arc::new(AtomicBool::new(true));
-            serve_agents(&core, gate, host_key, ready, None).await
+            let ca = core.config.ca.take().map(Arc::new);
+            serve_agents(&core, gate, host_key, ready, ca, None).await
         }
         Mode::Kubernetes { kubeconfig } => with_kubernetes(core, kubeconfig).await,
     }
@@ -129,6 +139,7 @@ async fn with_kubernetes(
         metrics: core.metrics.clone(),
     };
     let ports = Arc::new(ListenerPorts::new(ca.clone(), core.config.bind, shared));
+    let door_ca = ca.clone();
     let (kick, kicks) = status::Kick::new();
     let mut tasks = Vec::new();
     let mut ha_parts = None;
@@ -178,7 +189,7 @@ async fn with_kubernetes(
         tasks,
     };
     tokio::select! {
-        served = serve_agents(&core, gate, host_key, ready, Some(background)) => served,
+        served = serve_agents(&core, gate, host_key, ready, Some(door_ca), Some(background)) => served,
         _ = running.task => anyhow::bail!("the Cluster controller stopped"),
     }
 }
@@ -246,6 +257,7 @@ async fn serve_agents<S: ClusterStore>(
     gate: Gate<S>,
     host_key: russh::keys::PrivateKey,
     ready: Arc<AtomicBool>,
+    ca: Option<Arc<Ca>>,
     background: Option<Background>,
 ) -> anyhow::Result<()> {
     let config = &core.config;
@@ -275,6 +287,7 @@ async fn serve_agents<S: ClusterStore>(
             ports_stop.clone(),
         ));
     }
+    start_doors(core, &endpoint.gate, ca.as_deref(), &ports_stop).await?;
     let addr = std::net::SocketAddr::new(config.bind, config.port);
     let listener = TcpListener::bind(addr)
         .await
@@ -317,6 +330,64 @@ async fn serve_agents<S: ClusterStore>(
         {
             tracing::warn!("background tasks not done within 5 s; leases expire by themselves");
         }
+    }
+    Ok(())
+}
+
+/// The CONNECT doors (`--connect-port`, `--connect-socket-dir`), if asked
+/// for; they stop taking connections at `stop`.
+async fn start_doors<S: ClusterStore>(
+    core: &Core,
+    gate: &Arc<Gate<S>>,
+    ca: Option<&Ca>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let config = &core.config;
+    if config.connect_port.is_none() && config.connect_socket_dir.is_none() {
+        return Ok(());
+    }
+    let known = {
+        let gate = gate.clone();
+        Arc::new(move |cluster: &str| gate.knows(cluster))
+    };
+    let door = Arc::new(Door {
+        dialer: core.dialer.clone(),
+        known,
+        metrics: core.metrics.clone(),
+        in_flight: core.in_flight.clone(),
+    });
+    if let Some(port) = config.connect_port {
+        let ca = ca.context("--connect-port needs the proxy CA: give --ca-cert and --ca-key")?;
+        let addr = std::net::SocketAddr::new(config.bind, port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--connect-port)"))?;
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        if !config.bind.is_unspecified() {
+            sans.push(config.bind.to_string());
+        }
+        sans.extend(config.clusters.advertise_address.iter().cloned());
+        let issued = ca
+            .issue_server(&sans, DOOR_CERT_VALIDITY)
+            .context("the CONNECT port's certificate")?;
+        let cert = ServerCert::new(issued).context("the CONNECT port's certificate")?;
+        let tls = server_tls(ca, cert).context("the CONNECT port's TLS")?;
+        tracing::info!(addr = %listener.local_addr()?, "CONNECT port listening (mutual TLS)");
+        tokio::spawn(door.clone().serve_tls(
+            listener,
+            TlsAcceptor::from(Arc::new(tls)),
+            stop.clone(),
+        ));
+    }
+    if let Some(dir) = &config.connect_socket_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--connect-socket-dir {}: cannot create it", dir.display()))?;
+        tokio::spawn(sockets::run(
+            dir.clone(),
+            door,
+            core.registry.clone(),
+            stop.clone(),
+        ));
     }
     Ok(())
 }

@@ -22,6 +22,11 @@ impl<S: ClusterStore> Gate<S> {
         Self { registry, store }
     }
 
+    /// Whether `cluster` is one agents may join (it has a token).
+    pub fn knows(&self, cluster: &str) -> bool {
+        self.store.token(cluster).is_some_and(|t| !t.is_empty())
+    }
+
     /// The registry admitted sessions go into.
     pub fn registry(&self) -> &Registry {
         &self.registry

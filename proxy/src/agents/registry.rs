@@ -27,6 +27,8 @@ struct Inner {
     /// Bytes (received, sent) of sessions that have ended, per cluster.
     ended_bytes: Mutex<HashMap<String, (u64, u64)>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Bumped whenever a session is registered or removed.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 struct Entry {
@@ -54,8 +56,19 @@ impl Registry {
                 sessions: Mutex::default(),
                 ended_bytes: Mutex::default(),
                 next_id: Default::default(),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         }
+    }
+
+    /// Wakes when a session is registered or removed (for what follows the
+    /// set of connected clusters, e.g. the per-cluster Unix sockets).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The metrics this registry counts into.
@@ -80,6 +93,8 @@ impl Registry {
         list.push(Entry { id, session, token });
         tracing::debug!(%cluster, sessions = list.len(), "session registered");
         self.inner.metrics.connects.get_or_create(&label).inc();
+        drop(sessions);
+        self.changed();
         id
     }
 
@@ -103,6 +118,8 @@ impl Registry {
         if left == 0 {
             sessions.remove(cluster);
         }
+        drop(sessions);
+        self.changed();
         left
     }
 

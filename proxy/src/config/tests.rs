@@ -209,3 +209,20 @@ fn a_clusters_file_runs_without_kubernetes() {
     std::fs::write(&file, "[]").unwrap();
     assert!(err(&[&arg]).contains("JSON object"));
 }
+
+#[test]
+fn the_connect_port_needs_a_ca_without_kubernetes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clusters.json");
+    std::fs::write(&file, r#"{"alpha": "t"}"#).unwrap();
+    let arg = format!("--clusters-file={}", file.display());
+    assert!(err(&[&arg, "--connect-port=0"]).contains("--connect-port needs the proxy CA"));
+    let (cert, key) = ca_files(dir.path());
+    let (cert, key) = (format!("--ca-cert={cert}"), format!("--ca-key={key}"));
+    let config = check(&[&arg, &cert, &key, "--connect-port=0"]).unwrap();
+    assert_eq!(config.connect_port, Some(0));
+    // With Kubernetes the CA comes from the Secret.
+    assert!(check(&["--connect-port=9443"]).is_ok());
+    let e = err(&[&format!("--connect-socket-dir={}", file.display())]);
+    assert!(e.contains("not a directory"), "{e}");
+}

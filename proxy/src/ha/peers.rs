@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tunnel::addr::host_of;
 
 use super::owners::Owners;
-use crate::identity::ca::{Ca, CaError, PEER_COMMON_NAME};
+use crate::identity::ca::{Ca, CaError, PEER_COMMON_NAME, common_name};
 use crate::member::Target;
 use crate::ops::accept::accept_loop;
 use crate::serve::listener::Relay;
@@ -129,11 +129,7 @@ impl Peers {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|der| {
-                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-                let cn = cert.subject().iter_common_name().next()?;
-                cn.as_str().ok().map(str::to_string)
-            });
+            .and_then(common_name);
         if cn.as_deref() != Some(PEER_COMMON_NAME) {
             return Err(format!(
                 "client certificate CN {cn:?} is not a proxy replica's ({PEER_COMMON_NAME})"

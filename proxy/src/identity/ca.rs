@@ -420,6 +420,19 @@ fn truncate_to_secs(t: SystemTime) -> SystemTime {
     }
 }
 
+/// The common name of a certificate (a client's, after the handshake).
+pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// The cluster a client certificate of ours was issued for: the kubeconfigs
+/// the proxy writes carry CN `tower:<cluster>`.
+pub fn cluster_of(common_name: &str) -> Option<&str> {
+    common_name.strip_prefix("tower:").filter(|c| !c.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

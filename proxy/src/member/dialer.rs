@@ -115,12 +115,31 @@ impl MemberDialer {
     /// A raw channel to `target` through `cluster`'s least busy session; if
     /// that session died meanwhile, the next.
     pub async fn open(&self, cluster: &str, target: Target) -> Result<TunnelStream, ReachError> {
+        self.open_with(cluster, |session| {
+            target.address(session.config()).to_string()
+        })
+        .await
+    }
+
+    /// A raw channel to any `address` (`host:port` as the agent sees it)
+    /// through `cluster`'s least busy session. The agent decides whether it
+    /// serves that address (its `--allow-dial`); a refusal comes back as
+    /// [`DialError::Refused`].
+    pub async fn open_to(&self, cluster: &str, address: &str) -> Result<TunnelStream, ReachError> {
+        self.open_with(cluster, |_| address.to_string()).await
+    }
+
+    async fn open_with(
+        &self,
+        cluster: &str,
+        address: impl Fn(&Session) -> String,
+    ) -> Result<TunnelStream, ReachError> {
         let mut last = ReachError::NoAgent(cluster.to_string());
         for _ in 0..ATTEMPTS {
             let Some(session) = self.pick(cluster) else {
                 break;
             };
-            match session.dial(target.address(session.config())).await {
+            match session.dial(&address(&session)).await {
                 Ok(stream) => return Ok(stream),
                 Err(DialError::Closed) => last = DialError::Closed.into(),
                 Err(e) => return Err(e.into()),

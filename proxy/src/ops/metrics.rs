@@ -28,6 +28,30 @@ pub struct CertLabel {
     pub kind: String,
 }
 
+/// A CONNECT door (`tls` or `unix`) and the cluster a stream went to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DoorLabel {
+    pub door: String,
+    pub cluster: String,
+}
+
+/// A CONNECT door and why it refused (`unknown_cluster`, `no_agent`,
+/// `not_allowed`, `dial_failed`, `timeout`, `bad_request`, ...). No cluster
+/// label: the name comes from whoever knocks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    pub door: String,
+    pub reason: String,
+}
+
+/// A CONNECT door, a cluster and a direction (`to_member`, `from_member`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DoorBytesLabel {
+    pub door: String,
+    pub cluster: String,
+    pub direction: String,
+}
+
 /// One cluster's line in /metrics, read from the registry at scrape time.
 pub struct ClusterStats {
     pub cluster: String,
@@ -53,6 +77,12 @@ pub struct Metrics {
     pub reconnects: Family<ClusterLabel, Counter>,
     /// Client connections relayed to the replica with the cluster's agent (HA).
     pub relayed: Family<ClusterLabel, Counter>,
+    /// Streams opened through the CONNECT doors.
+    pub connect_streams: Family<DoorLabel, Counter>,
+    /// CONNECT requests refused, by reason.
+    pub connect_refusals: Family<RefusalLabel, Counter>,
+    /// Bytes through the CONNECT doors' streams, counted when a stream ends.
+    pub connect_bytes: Family<DoorBytesLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,8 +132,29 @@ impl Metrics {
             "Client connections relayed to the proxy replica with the cluster's agent",
             relayed.clone(),
         );
+        let connect_streams = Family::<DoorLabel, Counter>::default();
+        registry.register(
+            "connect_streams",
+            "Streams opened through a CONNECT door, per door and cluster",
+            connect_streams.clone(),
+        );
+        let connect_refusals = Family::<RefusalLabel, Counter>::default();
+        registry.register(
+            "connect_refusals",
+            "CONNECT requests refused, per door and reason",
+            connect_refusals.clone(),
+        );
+        let connect_bytes = Family::<DoorBytesLabel, Counter>::default();
+        registry.register(
+            "connect_bytes",
+            "Bytes through CONNECT streams that ended, per door, cluster and direction",
+            connect_bytes.clone(),
+        );
         Metrics {
             registry,
+            connect_streams,
+            connect_refusals,
+            connect_bytes,
             reconnects,
             relayed,
             connects,

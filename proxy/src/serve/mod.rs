@@ -1,8 +1,10 @@
 //! The client-facing servers: the per-cluster HTTPS/HTTP ports
 //! ([`listener`]), opened and closed for the controller by [`ports`], and the
-//! raw TCP `--forward` port ([`forward`]). All reach members through
+//! raw TCP `--forward` port ([`forward`]), and the HTTP CONNECT doors to any
+//! address a member's agent allows ([`connect`]). All reach members through
 //! [`crate::member::MemberDialer`].
 
+pub mod connect;
 pub mod forward;
 pub mod listener;
 pub mod ports;

@@ -283,6 +283,7 @@ async fn connect_agent(
         keepalive: Duration::from_secs(30),
         host_key_fingerprint: None,
         allowed_targets: targets,
+        allow_dial: Vec::new(),
     };
     let agent = tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();

@@ -1,0 +1,309 @@
+//! The HTTP CONNECT front doors: `CONNECT host:port` opens a stream through
+//! a member's tunnel to `host:port` as its agent sees it, byte for byte.
+//!
+//! - `--connect-port`: TCP with mutual TLS; client certificates from the
+//!   proxy CA are required. A certificate the proxy issued for a cluster (CN
+//!   `tower:<cluster>`, as in the kubeconfigs it writes) opens that cluster
+//!   only; another certificate of the CA must name the cluster in a
+//!   `Tower-Cluster` header. Replicas' peer certificates open nothing.
+//! - `--connect-socket-dir`: one Unix socket per connected cluster
+//!   ([`sockets`]), the same protocol without TLS: the file's permissions are
+//!   the access control. This is what a kube-apiserver's
+//!   `EgressSelectorConfiguration` (`HTTPConnect` over `uds`) speaks.
+//!
+//! `CONNECT <cluster>:443` (or `:6443`) reaches the member's kube-apiserver
+//! (the address its agent advertised); any other target is dialled by the
+//! agent only if its `--allow-dial` rules allow it: the proxy never decides
+//! that for it. Every refusal is an HTTP answer with a one-line reason
+//! ([`request::Refusal`]), never a silent close.
+
+pub mod request;
+pub mod sockets;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tunnel::server::{DialError, TunnelStream};
+
+use self::request::{CLUSTER_HEADER, Connect, Refusal};
+use super::listener::Io;
+use crate::identity::ca::{PEER_COMMON_NAME, cluster_of, common_name};
+use crate::member::{MemberDialer, ReachError, Target};
+use crate::ops::accept::accept_loop;
+use crate::ops::in_flight::InFlight;
+use crate::ops::metrics::{DoorBytesLabel, DoorLabel, Metrics, RefusalLabel};
+
+/// How long a client may take with its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a refusal: how long, and how much, the client's leftover input is
+/// read and dropped before closing.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Is this a cluster the proxy serves (it has a token)?
+pub type Known = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// What both doors share.
+pub struct Door {
+    pub dialer: MemberDialer,
+    pub known: Known,
+    pub metrics: Arc<Metrics>,
+    pub in_flight: InFlight,
+}
+
+/// What the connection itself says about the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bound {
+    /// The Unix socket of this cluster.
+    Socket(String),
+    /// A client certificate issued for this cluster.
+    Cluster(String),
+    /// A client certificate of the CA bound to no cluster: the request names it.
+    Unbound,
+}
+
+impl Door {
+    /// Serve the TLS door on `listener` until `stop`.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        stop: CancellationToken,
+    ) {
+        // Streams outlive `stop` (the port closing): they end with their tunnel.
+        accept_loop(listener, "connect", stop, |tcp, peer| {
+            let (door, acceptor) = (self.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        door.refused("tls", "tls");
+                        tracing::debug!(%peer, error = %e, "CONNECT door: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        door.refused("tls", "tls");
+                        tracing::debug!(%peer, "CONNECT door: no TLS handshake in time");
+                        return;
+                    }
+                };
+                let cn = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(common_name);
+                let bound = match cn.as_deref() {
+                    Some(PEER_COMMON_NAME) => None,
+                    Some(cn) => Some(
+                        cluster_of(cn).map_or(Bound::Unbound, |c| Bound::Cluster(c.to_string())),
+                    ),
+                    None => Some(Bound::Unbound),
+                };
+                let mut tls = tls;
+                let Some(bound) = bound else {
+                    door.refuse(
+                        &mut tls,
+                        "tls",
+                        Refusal::new(
+                            403,
+                            "forbidden",
+                            "a proxy replica's certificate opens no CONNECT stream",
+                        ),
+                    )
+                    .await;
+                    return;
+                };
+                door.serve(tls, "tls", bound).await;
+            });
+            async {}
+        })
+        .await;
+    }
+
+    /// Serve one client connection: read its CONNECT, open the stream, copy.
+    pub async fn serve<T: Io>(&self, mut io: T, door: &'static str, bound: Bound) {
+        let (connect, early) = match request::read(&mut io).await {
+            Ok(read) => read,
+            Err(refusal) => return self.refuse(&mut io, door, refusal).await,
+        };
+        let cluster = match self.cluster(&bound, &connect) {
+            Ok(cluster) => cluster,
+            Err(refusal) => return self.refuse(&mut io, door, refusal).await,
+        };
+        let stream = match self.open(&cluster, &connect).await {
+            Ok(stream) => stream,
+            Err(refusal) => {
+                tracing::info!(%cluster, target = %connect.authority, door, reason = %refusal.message, "CONNECT refused");
+                return self.refuse(&mut io, door, refusal).await;
+            }
+        };
+        let _in_flight = self.in_flight.enter();
+        self.metrics
+            .connect_streams
+            .get_or_create(&DoorLabel {
+                door: door.into(),
+                cluster: cluster.clone(),
+            })
+            .inc();
+        tracing::debug!(%cluster, target = %connect.authority, door, "CONNECT stream open");
+        let (to, from) = match pipe(io, stream, &early).await {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::debug!(%cluster, target = %connect.authority, error = %e, "CONNECT stream ended");
+                return;
+            }
+        };
+        for (direction, n) in [("to_member", to), ("from_member", from)] {
+            self.metrics
+                .connect_bytes
+                .get_or_create(&DoorBytesLabel {
+                    door: door.into(),
+                    cluster: cluster.clone(),
+                    direction: direction.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// The cluster the request is for: the one the connection is bound to
+    /// (a header, if any, must agree), else the header's.
+    fn cluster(&self, bound: &Bound, connect: &Connect) -> Result<String, Refusal> {
+        let cluster = match (bound, &connect.cluster) {
+            (Bound::Socket(c) | Bound::Cluster(c), Some(asked)) if asked != c => {
+                return Err(Refusal::new(
+                    403,
+                    "forbidden",
+                    format!("this credential opens cluster {c:?} only, not {asked:?}"),
+                ));
+            }
+            (Bound::Socket(c) | Bound::Cluster(c), _) => c.clone(),
+            (Bound::Unbound, Some(asked)) => asked.clone(),
+            (Bound::Unbound, None) => {
+                return Err(Refusal::new(
+                    400,
+                    "bad_request",
+                    format!(
+                        "this certificate is not bound to a cluster: name one with a \
+                         {CLUSTER_HEADER} header"
+                    ),
+                ));
+            }
+        };
+        if !(self.known)(&cluster) {
+            return Err(Refusal::new(
+                404,
+                "unknown_cluster",
+                format!("cluster {cluster:?} is not served by this proxy"),
+            ));
+        }
+        Ok(cluster)
+    }
+
+    /// Open the stream: the kube-apiserver for `<cluster>:443|6443`, any
+    /// other address as the agent allows.
+    async fn open(&self, cluster: &str, connect: &Connect) -> Result<TunnelStream, Refusal> {
+        let kube = connect.host.eq_ignore_ascii_case(cluster) && matches!(connect.port, 443 | 6443);
+        let opened = if kube {
+            self.dialer.open(cluster, Target::KubeApiserver).await
+        } else {
+            self.dialer.open_to(cluster, &connect.authority).await
+        };
+        let target = if kube {
+            format!("its kube-apiserver ({})", connect.authority)
+        } else {
+            connect.authority.clone()
+        };
+        opened.map_err(|e| refusal_of(cluster, &target, &e))
+    }
+
+    async fn refuse<T: Io>(&self, io: &mut T, door: &'static str, refusal: Refusal) {
+        self.refused(door, refusal.reason);
+        let _ = io.write_all(&refusal.answer()).await;
+        let _ = io.shutdown().await;
+        // Read on for a moment what the client still sends (the rest of an
+        // oversized head, say): closing with unread data resets the
+        // connection, and the client might never read the answer.
+        let mut sink = [0u8; 8192];
+        let mut left = LINGER_BYTES;
+        let drain = async {
+            while left > 0 {
+                match io.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+
+    fn refused(&self, door: &str, reason: &str) {
+        self.metrics
+            .connect_refusals
+            .get_or_create(&RefusalLabel {
+                door: door.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
+/// The answer for a stream that could not be opened.
+fn refusal_of(cluster: &str, target: &str, e: &ReachError) -> Refusal {
+    match e {
+        ReachError::NoAgent(_) | ReachError::SessionGone | ReachError::Dial(DialError::Closed) => {
+            Refusal::new(
+                503,
+                "no_agent",
+                format!("no agent of cluster {cluster:?} is connected to the proxy"),
+            )
+        }
+        ReachError::Dial(DialError::Refused { reason, .. }) if reason.contains("Prohibited") => {
+            Refusal::new(
+                403,
+                "not_allowed",
+                format!(
+                    "the agent of cluster {cluster:?} does not dial {target}: allow it with the \
+                     agent's --allow-dial (CIDR:PORT, HOST:PORT or *.DNS-SUFFIX:PORT)"
+                ),
+            )
+        }
+        ReachError::Dial(DialError::Refused { .. }) => Refusal::new(
+            502,
+            "dial_failed",
+            format!("the agent of cluster {cluster:?} could not connect to {target}"),
+        ),
+        ReachError::Dial(DialError::Timeout(t)) | ReachError::TlsTimeout(t) => Refusal::new(
+            504,
+            "timeout",
+            format!("the agent of cluster {cluster:?} did not open {target} within {t:?}"),
+        ),
+        other => Refusal::new(
+            502,
+            "dial_failed",
+            format!("cannot reach {target}: {other}"),
+        ),
+    }
+}
+
+/// Answer 200, send what the client sent early, then copy both ways.
+async fn pipe<T: Io>(
+    mut io: T,
+    mut stream: TunnelStream,
+    early: &[u8],
+) -> std::io::Result<(u64, u64)> {
+    io.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    io.flush().await?;
+    if !early.is_empty() {
+        stream.write_all(early).await?;
+    }
+    let (to, from) = tunnel::copy::join(&mut io, &mut stream).await?;
+    Ok((to + early.len() as u64, from))
+}

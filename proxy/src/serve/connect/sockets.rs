@@ -1,0 +1,124 @@
+//! `--connect-socket-dir DIR`: `DIR/<cluster>.sock` exists while the cluster
+//! has a live agent session and is removed when it has none. Mode 0660: the
+//! file's owner and group may connect, and that is the access control.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Bound, Door};
+use crate::agents::registry::Registry;
+use crate::ops::accept::accept_loop;
+
+/// A cluster name usable as a file name: what Kubernetes allows for a
+/// Cluster (lower-case letters, digits, `-` and `.`), nothing that walks out
+/// of the directory.
+fn file_name(cluster: &str) -> Option<String> {
+    let ok = !cluster.is_empty()
+        && cluster.len() <= 253
+        && !cluster.starts_with('.')
+        && !cluster.contains("..")
+        && cluster
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    ok.then(|| format!("{cluster}.sock"))
+}
+
+/// Keep one socket per connected cluster in `dir` until `stop`, then remove them.
+pub async fn run(dir: PathBuf, door: Arc<Door>, registry: Registry, stop: CancellationToken) {
+    let mut open: HashMap<String, (PathBuf, CancellationToken)> = HashMap::new();
+    let mut changes = registry.subscribe();
+    loop {
+        let live = registry.live_clusters();
+        open.retain(|cluster, (path, cancel)| {
+            if live.contains(cluster) {
+                return true;
+            }
+            cancel.cancel();
+            remove(path);
+            tracing::info!(%cluster, path = %path.display(), "CONNECT socket removed: no agent");
+            false
+        });
+        for cluster in live {
+            if open.contains_key(&cluster) {
+                continue;
+            }
+            let Some(name) = file_name(&cluster) else {
+                tracing::warn!(%cluster, "no CONNECT socket: the cluster's name is not a safe file name");
+                continue;
+            };
+            let path = dir.join(name);
+            match listen(&path) {
+                Ok(listener) => {
+                    let cancel = stop.child_token();
+                    tracing::info!(%cluster, path = %path.display(), "CONNECT socket listening");
+                    tokio::spawn(serve(
+                        listener,
+                        door.clone(),
+                        cluster.clone(),
+                        cancel.clone(),
+                    ));
+                    open.insert(cluster, (path, cancel));
+                }
+                Err(e) => {
+                    tracing::warn!(%cluster, path = %path.display(), error = %e,
+                        "cannot create the CONNECT socket (is --connect-socket-dir writable?)");
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+        }
+    }
+    for (path, cancel) in open.into_values() {
+        cancel.cancel();
+        remove(&path);
+    }
+}
+
+/// Bind `path` (replacing a stale socket file) with mode 0660.
+fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a CONNECT socket");
+    }
+}
+
+/// Streams outlive `stop` (the socket going away): they end with their tunnel.
+async fn serve(listener: UnixListener, door: Arc<Door>, cluster: String, stop: CancellationToken) {
+    accept_loop(listener, "connect-socket", stop, |stream, _| {
+        let (door, cluster) = (door.clone(), cluster.clone());
+        tokio::spawn(async move { door.serve(stream, "unix", Bound::Socket(cluster)).await });
+        async {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_safe_file_names() {
+        assert_eq!(file_name("alpha").as_deref(), Some("alpha.sock"));
+        assert_eq!(file_name("eu-1.prod").as_deref(), Some("eu-1.prod.sock"));
+        for bad in ["", "../etc", "a/b", ".hidden", "UPPER", "a..b", "sp ace"] {
+            assert_eq!(file_name(bad), None, "{bad}");
+        }
+    }
+}
