@@ -1,0 +1,557 @@
+//! The HTTP CONNECT doors (issue #11, parts 1-3) with real processes:
+//! `bin/proxy --connect-port --connect-socket-dir` and `bin/agent
+//! --allow-dial`, curl as the CONNECT client where users run it, a real
+//! kube-apiserver as the member.
+//!
+//! - excalibur case 1: curl through the mutual-TLS port reaches a
+//!   `python3 -m http.server` on the agent's side once `--allow-dial` allows
+//!   it; another port gets a 403 naming `--allow-dial`.
+//! - cases 2 and 3: `CONNECT alpha:443` through the TLS port and through
+//!   `alpha.sock` reaches the member's kube-apiserver; a client verifying the
+//!   member's certificate with its own credentials lists its pods.
+//! - bad input gets an answer with a reason; the socket follows the agent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use e2e::{
+    KubeCluster, Proc, bin, free_port, metric_sample, scrape_metrics, wait_until, workspace_root,
+};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::process::Command;
+use tokio_rustls::TlsConnector;
+
+const SOON: Duration = Duration::from_secs(60);
+const TOKEN: &str = "e2e-connect-5b7c9d1e3f5a7b9c1d3e5f7a9b1c3d5e";
+
+fn run(cmd: &mut std::process::Command) -> Result<std::process::Output> {
+    let out = cmd.output()?;
+    ensure!(out.status.success(), "{cmd:?}: {out:?}");
+    Ok(out)
+}
+
+/// A client certificate from the proxy CA in `ca_dir`, CN `cn`.
+fn client_cert(dir: &Path, ca_dir: &Path, cn: &str) -> Result<(PathBuf, PathBuf)> {
+    let name = cn.replace(':', "-");
+    let (key, csr, crt, ext) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.csr")),
+        dir.join(format!("{name}.crt")),
+        dir.join("client.ext"),
+    );
+    std::fs::write(&ext, "extendedKeyUsage=clientAuth\n")?;
+    run(std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .args(["-subj", &format!("/CN={cn}")])
+        .arg("-out")
+        .arg(&csr))?;
+    run(std::process::Command::new("openssl")
+        .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca_dir.join("ca.crt"))
+        .arg("-CAkey")
+        .arg(ca_dir.join("ca.key"))
+        .arg("-out")
+        .arg(&crt)
+        .arg("-extfile")
+        .arg(&ext))?;
+    Ok((crt, key))
+}
+
+/// The proxy (clusters alpha and beta from a file, both doors) and an agent
+/// of alpha; the member kube-apiserver when asked for.
+struct Setup {
+    dir: tempfile::TempDir,
+    proxy: Proc,
+    agent: Option<Proc>,
+    agents_addr: std::net::SocketAddr,
+    connect_addr: std::net::SocketAddr,
+    member: Option<KubeCluster>,
+    agent_args: Vec<String>,
+}
+
+impl Setup {
+    async fn start(member: bool, allow_dial: &[String]) -> Result<Setup> {
+        let member = match member {
+            true => Some(KubeCluster::start("member").await?),
+            false => None,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("tower-connect-")
+            .tempdir()?;
+        let ca = dir.path().join("ca");
+        run(std::process::Command::new(workspace_root().join("certs/gen-ca.sh")).arg(&ca))?;
+        let clusters = dir.path().join("clusters.json");
+        std::fs::write(
+            &clusters,
+            format!(r#"{{"alpha": "{TOKEN}", "beta": "{TOKEN}-b"}}"#),
+        )?;
+        let mut cmd = Command::new(bin("proxy"));
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--connect-port", "0"])
+            .arg("--clusters-file")
+            .arg(&clusters)
+            .arg("--ca-cert")
+            .arg(ca.join("ca.crt"))
+            .arg("--ca-key")
+            .arg(ca.join("ca.key"))
+            .arg("--connect-socket-dir")
+            .arg(dir.path().join("sockets"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("RUST_LOG");
+        let proxy = Proc::spawn("proxy", cmd)?;
+        let addr_in = |line: String| -> Result<std::net::SocketAddr> {
+            let addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .context("no addr= in the line")?;
+            Ok(addr.trim_matches('"').parse()?)
+        };
+        let connect_addr = addr_in(
+            proxy
+                .wait_for_line(|l| l.contains("CONNECT port listening"), SOON)
+                .await?,
+        )?;
+        let agents_addr = addr_in(
+            proxy
+                .wait_for_line(|l| l.contains("listening for agents"), SOON)
+                .await?,
+        )?;
+        let mut agent_args = vec![
+            "--name=alpha".to_string(),
+            format!("--token={TOKEN}"),
+            format!("--proxy-server=http://{agents_addr}"),
+            "--kubesphere-service=127.0.0.1:9".to_string(),
+            "--max-retry-interval=1s".to_string(),
+        ];
+        match &member {
+            Some(m) => agent_args.push(format!("--kubeconfig={}", m.kubeconfig().display())),
+            None => agent_args.push("--kubernetes-service=127.0.0.1:9".to_string()),
+        }
+        agent_args.extend(allow_dial.iter().map(|r| format!("--allow-dial={r}")));
+        let mut setup = Setup {
+            dir,
+            proxy,
+            agent: None,
+            agents_addr,
+            connect_addr,
+            member,
+            agent_args,
+        };
+        setup.start_agent().await?;
+        Ok(setup)
+    }
+
+    async fn start_agent(&mut self) -> Result<()> {
+        let mut cmd = Command::new(bin("agent"));
+        cmd.args(&self.agent_args)
+            .env("AGENT_SERVICEACCOUNT_DIR", "/nonexistent/e2e")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("https_proxy");
+        let agent = Proc::spawn("agent", cmd)?;
+        agent
+            .wait_for_line(|l| l.contains("connected to proxy"), SOON)
+            .await?;
+        self.agent = Some(agent);
+        wait_until(SOON, || async { self.socket("alpha").exists() }).await
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    fn socket(&self, cluster: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("sockets")
+            .join(format!("{cluster}.sock"))
+    }
+
+    fn client_cert(&self, cn: &str) -> Result<(PathBuf, PathBuf)> {
+        client_cert(self.dir.path(), &self.ca(), cn)
+    }
+
+    /// curl through the TLS door with the certificate of `cn`.
+    async fn curl(&self, cn: &str, url: &str) -> Result<std::process::Output> {
+        let (crt, key) = self.client_cert(cn)?;
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-v", "--max-time", "30", "-p", "--proxy"])
+            .arg(format!("https://{}", self.connect_addr))
+            .arg("--proxy-cacert")
+            .arg(self.ca().join("ca.crt"))
+            .arg("--proxy-cert")
+            .arg(&crt)
+            .arg("--proxy-key")
+            .arg(&key)
+            .arg(url)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .kill_on_drop(true);
+        Ok(cmd.output().await?)
+    }
+
+    /// A TLS connection to the door with the certificate of `cn`.
+    async fn door(&self, cn: &str) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let (crt, key) = self.client_cert(cn)?;
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(self.ca().join("ca.crt"))?)?;
+        let config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(crt)?],
+                PrivateKeyDer::from_pem_file(key)?,
+            )?;
+        let tcp = TcpStream::connect(self.connect_addr).await?;
+        let name = ServerName::try_from("127.0.0.1")?;
+        Ok(TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?)
+    }
+
+    async fn metric(&self, name: &str, labels: &str) -> Result<f64> {
+        let text = scrape_metrics("127.0.0.1", self.agents_addr.port()).await?;
+        Ok(metric_sample(&text, &format!("{name}{{{labels}}}")))
+    }
+}
+
+/// Send `head` and read the answer: status line, body (up to EOF) or, for a
+/// 200, nothing more.
+async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    head: &[u8],
+) -> Result<(u16, String)> {
+    io.write_all(head).await?;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(SOON, io.read(&mut byte)).await??;
+        ensure!(
+            n == 1,
+            "the door closed without an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    if status == 200 {
+        return Ok((status, text));
+    }
+    let mut body = String::new();
+    tokio::time::timeout(SOON, io.read_to_string(&mut body)).await??;
+    Ok((status, body))
+}
+
+/// Like kubectl: TLS to the member verified with its kubeconfig's CA and
+/// client certificate, `GET path`; the answer's status line and body.
+async fn member_get<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    kubeconfig: &Path,
+    path: &str,
+) -> Result<String> {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let cluster = config.clusters[0].cluster.as_ref().context("no cluster")?;
+    let user = config.auth_infos[0].auth_info.as_ref().context("no user")?;
+    let pem =
+        |b64: Option<&String>| -> Result<Vec<u8>> { Ok(B64.decode(b64.context("missing data")?)?) };
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(&pem(cluster
+        .certificate_authority_data
+        .as_ref())?)?)?;
+    let key = user
+        .client_key_data
+        .as_ref()
+        .map(|k| B64.decode(secrecy::ExposeSecret::expose_secret(k)))
+        .transpose()?;
+    let tls = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(&pem(user
+                .client_certificate_data
+                .as_ref())?)?],
+            PrivateKeyDer::from_pem_slice(&key.context("no client key")?)?,
+        )?;
+    let server = cluster.server.as_deref().context("no server")?;
+    let host = server
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map_or(server, |(h, _)| h)
+        .to_string();
+    let mut tls = TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from(host.clone())?, io)
+        .await
+        .context("TLS with the member kube-apiserver")?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(SOON, tls.read_to_end(&mut answer)).await??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// `python3 -m http.server` on loopback, serving a file only it has.
+async fn http_server(dir: &Path) -> Result<(Proc, u16)> {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("hello-from-member.txt"), "hi\n")?;
+    let port = free_port();
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ])
+    .arg(&www);
+    let server = Proc::spawn("http.server", cmd)?;
+    wait_until(SOON, || async {
+        TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await?;
+    Ok((server, port))
+}
+
+#[tokio::test]
+async fn excalibur_case_1_an_allowed_address_through_curl() -> Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let (_server, port) = http_server(scratch.path()).await?;
+    let setup = Setup::start(false, &[format!("127.0.0.1:{port}")]).await?;
+
+    let out = setup
+        .curl("tower:alpha", &format!("http://127.0.0.1:{port}/"))
+        .await?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        body.contains("hello-from-member.txt"),
+        "no listing: {body}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A port the agent was not told to allow: refused by the agent, with the reason.
+    let blocked = free_port();
+    let out = setup
+        .curl("tower:alpha", &format!("http://127.0.0.1:{blocked}/"))
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "curl went through to a blocked port");
+    ensure!(stderr.contains("< HTTP/1.1 403"), "{stderr}");
+    let mut door = setup.door("tower:alpha").await?;
+    let (status, reason) = connect(
+        &mut door,
+        format!("CONNECT 127.0.0.1:{blocked} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    ensure!(
+        status == 403 && reason.contains("--allow-dial"),
+        "{status} {reason}"
+    );
+
+    ensure!(
+        setup
+            .metric(
+                "tower_connect_streams_total",
+                r#"door="tls",cluster="alpha""#
+            )
+            .await?
+            >= 1.0
+    );
+    ensure!(
+        setup
+            .metric(
+                "tower_connect_refusals_total",
+                r#"door="tls",reason="not_allowed""#
+            )
+            .await?
+            >= 2.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn excalibur_cases_2_and_3_the_members_pods_through_the_port_and_the_socket() -> Result<()> {
+    let setup = Setup::start(true, &[]).await?;
+    let kubeconfig = setup
+        .member
+        .as_ref()
+        .context("member")?
+        .kubeconfig()
+        .to_path_buf();
+    let path = "/api/v1/namespaces/kube-system/pods";
+
+    // Case 2: the TLS port, the certificate the proxy would issue for alpha.
+    let mut door = setup.door("tower:alpha").await?;
+    let (status, _) = connect(
+        &mut door,
+        b"CONNECT alpha:443 HTTP/1.1\r\nHost: alpha:443\r\n\r\n",
+    )
+    .await?;
+    ensure!(status == 200, "CONNECT alpha:443 -> {status}");
+    let answer = member_get(door, &kubeconfig, path).await?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("\"PodList\""),
+        "{answer}"
+    );
+
+    // A certificate of the CA bound to no cluster names it in a header.
+    let mut door = setup.door("ops-admin").await?;
+    let (status, _) = connect(
+        &mut door,
+        b"CONNECT alpha:6443 HTTP/1.1\r\nTower-Cluster: alpha\r\n\r\n",
+    )
+    .await?;
+    ensure!(
+        status == 200,
+        "unbound certificate with the header -> {status}"
+    );
+    let answer = member_get(door, &kubeconfig, path).await?;
+    ensure!(answer.contains("\"PodList\""), "{answer}");
+
+    // Case 3: the same over the cluster's Unix socket.
+    let mut socket = UnixStream::connect(setup.socket("alpha")).await?;
+    let (status, _) = connect(&mut socket, b"CONNECT alpha:443 HTTP/1.1\r\n\r\n").await?;
+    ensure!(
+        status == 200,
+        "CONNECT alpha:443 over the socket -> {status}"
+    );
+    let answer = member_get(socket, &kubeconfig, path).await?;
+    ensure!(answer.contains("\"PodList\""), "{answer}");
+    ensure!(
+        setup
+            .metric(
+                "tower_connect_streams_total",
+                r#"door="unix",cluster="alpha""#
+            )
+            .await?
+            >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_reason_and_the_socket_follows_the_agent() -> Result<()> {
+    let mut setup = Setup::start(false, &[]).await?;
+    let alpha_sock = setup.socket("alpha");
+    let ask = |head: Vec<u8>| {
+        let socket = alpha_sock.clone();
+        async move {
+            let mut io = UnixStream::connect(socket).await?;
+            connect(&mut io, &head).await
+        }
+    };
+    for (head, want, words) in [
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), 405, "CONNECT host:port"),
+        (
+            b"CONNECT nohost HTTP/1.1\r\n\r\n".to_vec(),
+            400,
+            "host:port",
+        ),
+        (
+            format!("CONNECT a:1 HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(100_000)).into_bytes(),
+            431,
+            "larger than",
+        ),
+        (
+            b"CONNECT a:1 HTTP/1.1\r\nTower-Cluster: beta\r\n\r\n".to_vec(),
+            403,
+            "\"alpha\" only",
+        ),
+        (
+            b"CONNECT alpha:443 HTTP/1.1\r\n\r\n".to_vec(),
+            502,
+            "kube-apiserver",
+        ),
+    ] {
+        let (status, body) = ask(head).await?;
+        ensure!(
+            status == want && body.contains(words),
+            "want {want} with {words:?}: {status} {body}"
+        );
+    }
+    // A client that half-closes before its head is complete still hears why.
+    let mut io = UnixStream::connect(setup.socket("alpha")).await?;
+    io.write_all(b"CONNECT a:1 HTTP/1.1\r\n").await?;
+    io.shutdown().await?;
+    let mut answer = String::new();
+    tokio::time::timeout(SOON, io.read_to_string(&mut answer)).await??;
+    ensure!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    // Through the TLS port: a certificate for alpha opens only alpha, an
+    // unbound one must name a cluster the proxy serves.
+    let mut door = setup.door("tower:alpha").await?;
+    let (status, body) = connect(
+        &mut door,
+        b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nTower-Cluster: beta\r\n\r\n",
+    )
+    .await?;
+    ensure!(status == 403, "{status} {body}");
+    let mut door = setup.door("ops-admin").await?;
+    let (status, body) = connect(&mut door, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n\r\n").await?;
+    ensure!(
+        status == 400 && body.contains("Tower-Cluster"),
+        "{status} {body}"
+    );
+    let mut door = setup.door("ops-admin").await?;
+    let (status, body) = connect(
+        &mut door,
+        b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nTower-Cluster: nope\r\n\r\n",
+    )
+    .await?;
+    ensure!(status == 404, "{status} {body}");
+    // beta is served but has no agent.
+    let mut door = setup.door("tower:beta").await?;
+    let (status, body) = connect(&mut door, b"CONNECT beta:443 HTTP/1.1\r\n\r\n").await?;
+    ensure!(
+        status == 503 && body.contains("no agent"),
+        "{status} {body}"
+    );
+    ensure!(
+        !setup.socket("beta").exists(),
+        "beta has no agent, so no socket"
+    );
+
+    // The socket goes with the agent and comes back with it.
+    let Some(mut agent) = setup.agent.take() else {
+        bail!("no agent")
+    };
+    agent.terminate(Duration::from_secs(10)).await?;
+    wait_until(SOON, || async { !setup.socket("alpha").exists() })
+        .await
+        .context("alpha.sock stayed after its agent left")?;
+    setup.start_agent().await?;
+    let (status, body) = ask(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await?;
+    ensure!(status == 405, "{status} {body}");
+    ensure!(setup.proxy.is_running(), "the proxy died");
+    Ok(())
+}
