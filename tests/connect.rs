@@ -555,3 +555,55 @@ async fn bad_requests_get_a_reason_and_the_socket_follows_the_agent() -> Result<
     ensure!(setup.proxy.is_running(), "the proxy died");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_kube_apiservers_egress_selector_reaches_its_kubelet_through_the_socket() -> Result<()> {
+    // The agent may dial the kubelet stand-in (loopback, any port).
+    let mut setup = Setup::start(false, &["127.0.0.1/32:1-65535".to_string()]).await?;
+    let egress = setup.dir.path().join("egress.yaml");
+    std::fs::write(
+        &egress,
+        format!(
+            "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\n\
+             egressSelections:\n- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n\
+             \x20   transport:\n      uds:\n        udsName: {}\n",
+            setup.socket("alpha").display()
+        ),
+    )?;
+    let egress_arg = egress.display().to_string();
+    let control_plane = KubeCluster::start_with_args(
+        "egress",
+        &["--kubelet", "--egress-selector-config-file", &egress_arg],
+    )
+    .await?;
+    control_plane.run_pod("default", "box").await?;
+
+    // logs and exec go from the kube-apiserver to the kubelet: only through
+    // alpha.sock, the proxy and alpha's agent.
+    let logs = control_plane.kubectl_ok(&["logs", "box"]);
+    ensure!(!logs.is_empty(), "no logs");
+    let out = control_plane.kubectl_ok(&["exec", "box", "--", "sh", "-c", "echo via-the-tunnel"]);
+    ensure!(out == "via-the-tunnel\n", "{out:?}");
+    ensure!(
+        setup
+            .metric(
+                "tower_connect_streams_total",
+                r#"door="unix",cluster="alpha""#
+            )
+            .await?
+            >= 2.0
+    );
+
+    // Without the agent there is no socket and no way to the kubelet.
+    let Some(mut agent) = setup.agent.take() else {
+        bail!("no agent")
+    };
+    agent.terminate(Duration::from_secs(10)).await?;
+    wait_until(SOON, || async { !setup.socket("alpha").exists() }).await?;
+    let failed = control_plane.kubectl(&["logs", "box"]);
+    ensure!(
+        !failed.status.success(),
+        "logs without the tunnel: {failed:?}"
+    );
+    Ok(())
+}

@@ -1,7 +1,7 @@
 // Command kube-harness runs a real kube-apiserver (k8s.io/kubernetes) with an
 // embedded etcd on loopback, for tests and demos.
 //
-//	kube-harness --dir DIR [--port N] [--kubelet]
+//	kube-harness --dir DIR [--port N] [--kubelet] [--egress-selector-config-file FILE]
 //
 // It prints exactly one line, "ready DIR/kubeconfig", on stdout once /readyz
 // answers ok, and stops (exit 0) on SIGTERM or SIGINT. See README.md.
@@ -63,9 +63,12 @@ type options struct {
 	dir     string
 	port    int
 	kubelet bool
+	// Passed to kube-apiserver as is: how it reaches kubelets and the like
+	// (e.g. HTTPConnect over a Unix socket, through a tunnel).
+	egressSelectorConfig string
 }
 
-const usage = "usage: kube-harness --dir DIR [--port N] [--kubelet]"
+const usage = "usage: kube-harness --dir DIR [--port N] [--kubelet] [--egress-selector-config-file FILE]"
 
 func parseFlags(args []string) (options, error) {
 	var o options
@@ -74,6 +77,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.dir, "dir", "", "state directory: PKI, etcd data, logs and the kubeconfig (required)")
 	fs.IntVar(&o.port, "port", 0, "apiserver port on 127.0.0.1; 0 reuses the port of the last run if free, else picks a free one")
 	fs.BoolVar(&o.kubelet, "kubelet", false, "also run a kubelet stand-in: Node "+nodeName+" whose pods' containers are local processes (exec, attach, port-forward, logs)")
+	fs.StringVar(&o.egressSelectorConfig, "egress-selector-config-file", "", "kube-apiserver's EgressSelectorConfiguration file, passed through")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(realStderr, usage)
@@ -166,7 +170,11 @@ func run() int {
 	}
 	logf("etcd serving on %s; starting kube-apiserver on 127.0.0.1:%d", etcd.clientURL, port)
 
-	api.Start(apiServerArgs(p, port, etcd.clientURL))
+	args := apiServerArgs(p, port, etcd.clientURL)
+	if o.egressSelectorConfig != "" {
+		args = append(args, "--egress-selector-config-file="+o.egressSelectorConfig)
+	}
+	api.Start(args)
 
 	if err := api.waitReady(ctx, p, etcd.Err()); err != nil {
 		if errors.Is(err, errInterrupted) {
