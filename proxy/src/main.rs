@@ -14,12 +14,13 @@
 //!   names it marks its Kubernetes objects with.
 //! - [`agents`]: the agents' port ([`agents::endpoint`]), who may join
 //!   ([`agents::admission`] with a [`agents::store::ClusterStore`]), who is
-//!   connected ([`agents::registry`]).
+//!   connected ([`agents::registry`]), letting them go ([`agents::drain`]).
 //! - [`member`]: the one seam to a member, [`member::MemberDialer`]: session
 //!   picked, channel opened, TLS verified, credentials to present.
 //! - [`serve`]: the client-facing ports: the per-cluster HTTPS/HTTP
 //!   listeners ([`serve::listener`]), opened for the controller by
-//!   [`serve::ports`], and the raw `--forward` port.
+//!   [`serve::ports`], the raw `--forward` port, the HTTP CONNECT doors
+//!   ([`serve::connect`]).
 //! - [`ha`]: several replicas: leader election, who holds which cluster, the
 //!   peer port that relays clients.
 //! - [`clusters`]: the Cluster workflow: decisions ([`clusters::decide`],

@@ -20,10 +20,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::admission::Gate;
+use crate::agents::drain::drain;
 use crate::agents::endpoint::{self, Endpoint};
 use crate::agents::registry::Registry;
 use crate::agents::store::ClusterStore;
@@ -38,14 +38,9 @@ use crate::member::MemberDialer;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
-use crate::serve::connect::{Door, sockets};
-use crate::serve::listener::tls::{ServerCert, server_tls};
+use crate::serve::connect::{Door, Doors};
 use crate::serve::listener::{Relay, Shared};
 use crate::serve::ports::ListenerPorts;
-
-/// The CONNECT port's serving certificate lives this long (a restart issues
-/// a new one).
-const DOOR_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What every mode shares.
 struct Core {
@@ -287,7 +282,23 @@ async fn serve_agents<S: ClusterStore>(
             ports_stop.clone(),
         ));
     }
-    start_doors(core, &endpoint.gate, ca.as_deref(), &ports_stop).await?;
+    if config.connect_port.is_some() || config.connect_socket_dir.is_some() {
+        let gate = endpoint.gate.clone();
+        let door = Arc::new(Door {
+            dialer: core.dialer.clone(),
+            known: Arc::new(move |cluster: &str| gate.knows(cluster)),
+            metrics: core.metrics.clone(),
+            in_flight: core.in_flight.clone(),
+        });
+        let doors = Doors {
+            port: config.connect_port,
+            socket_dir: config.connect_socket_dir.clone(),
+            bind: config.bind,
+            advertise_address: config.clusters.advertise_address.clone(),
+        };
+        door.open(doors, ca.as_deref(), core.registry.clone(), &ports_stop)
+            .await?;
+    }
     let addr = std::net::SocketAddr::new(config.bind, config.port);
     let listener = TcpListener::bind(addr)
         .await
@@ -332,100 +343,4 @@ async fn serve_agents<S: ClusterStore>(
         }
     }
     Ok(())
-}
-
-/// The CONNECT doors (`--connect-port`, `--connect-socket-dir`), if asked
-/// for; they stop taking connections at `stop`.
-async fn start_doors<S: ClusterStore>(
-    core: &Core,
-    gate: &Arc<Gate<S>>,
-    ca: Option<&Ca>,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let config = &core.config;
-    if config.connect_port.is_none() && config.connect_socket_dir.is_none() {
-        return Ok(());
-    }
-    let known = {
-        let gate = gate.clone();
-        Arc::new(move |cluster: &str| gate.knows(cluster))
-    };
-    let door = Arc::new(Door {
-        dialer: core.dialer.clone(),
-        known,
-        metrics: core.metrics.clone(),
-        in_flight: core.in_flight.clone(),
-    });
-    if let Some(port) = config.connect_port {
-        let ca = ca.context("--connect-port needs the proxy CA: give --ca-cert and --ca-key")?;
-        let addr = std::net::SocketAddr::new(config.bind, port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (--connect-port)"))?;
-        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        if !config.bind.is_unspecified() {
-            sans.push(config.bind.to_string());
-        }
-        sans.extend(config.clusters.advertise_address.iter().cloned());
-        let issued = ca
-            .issue_server(&sans, DOOR_CERT_VALIDITY)
-            .context("the CONNECT port's certificate")?;
-        let cert = ServerCert::new(issued).context("the CONNECT port's certificate")?;
-        let tls = server_tls(ca, cert).context("the CONNECT port's TLS")?;
-        tracing::info!(addr = %listener.local_addr()?, "CONNECT port listening (mutual TLS)");
-        tokio::spawn(door.clone().serve_tls(
-            listener,
-            TlsAcceptor::from(Arc::new(tls)),
-            stop.clone(),
-        ));
-    }
-    if let Some(dir) = &config.connect_socket_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--connect-socket-dir {}: cannot create it", dir.display()))?;
-        tokio::spawn(sockets::run(
-            dir.clone(),
-            door,
-            core.registry.clone(),
-            stop.clone(),
-        ));
-    }
-    Ok(())
-}
-
-/// Ask every agent to move to another replica, wait until they have
-/// (`moved`) and nothing is in flight here, then return so the caller closes
-/// what is left. Tunnels of agents that cannot be asked (Go Tower agents) are
-/// closed as soon as nothing is in flight. `grace` bounds the wait.
-async fn drain(
-    registry: &Registry,
-    in_flight: &InFlight,
-    grace: Duration,
-    moved: impl Fn(&str) -> bool,
-) {
-    if registry.total_live() == 0 {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + grace;
-    tracing::info!(sessions = registry.total_live(), grace = ?grace, "draining: asking agents to move to another replica");
-    let (asked, legacy) = registry.drain_all().await;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        let idle = in_flight.count() == 0;
-        if idle {
-            for session in legacy.iter().filter(|s| !s.is_closed()) {
-                session.close("the proxy is shutting down, reconnect").await;
-            }
-        }
-        if registry.total_live() == 0 || (idle && asked.iter().all(|c| moved(c))) {
-            tracing::info!("drained: agents moved, nothing in progress");
-            return;
-        }
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(sessions = registry.total_live(), in_flight = in_flight.count(), "grace period over: closing what is left");
-                return;
-            }
-        }
-    }
 }

@@ -20,6 +20,8 @@
 pub mod request;
 pub mod sockets;
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +33,9 @@ use tunnel::server::{DialError, TunnelStream};
 
 use self::request::{CLUSTER_HEADER, Connect, Refusal};
 use super::listener::Io;
-use crate::identity::ca::{PEER_COMMON_NAME, cluster_of, common_name};
+use super::listener::tls::{ServerCert, server_tls};
+use crate::agents::registry::Registry;
+use crate::identity::ca::{Ca, PEER_COMMON_NAME, cluster_of, common_name};
 use crate::member::{MemberDialer, ReachError, Target};
 use crate::ops::accept::accept_loop;
 use crate::ops::in_flight::InFlight;
@@ -46,6 +50,34 @@ const LINGER_BYTES: usize = 1 << 20;
 
 /// Is this a cluster the proxy serves (it has a token)?
 pub type Known = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The CONNECT port's serving certificate lives this long (a restart issues
+/// a new one).
+const DOOR_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Which doors to open, from the flags.
+pub struct Doors {
+    /// `--connect-port`.
+    pub port: Option<u16>,
+    /// `--connect-socket-dir`.
+    pub socket_dir: Option<PathBuf>,
+    /// `--host`, and `--advertise-address` for the port's certificate.
+    pub bind: IpAddr,
+    pub advertise_address: Option<String>,
+}
+
+/// Why a door could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("--connect-port needs the proxy CA: give --ca-cert and --ca-key")]
+    NoCa,
+    #[error("cannot listen on {0} (--connect-port): {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("the CONNECT port's certificate: {0}")]
+    Cert(String),
+    #[error("--connect-socket-dir {0}: cannot create it: {1}")]
+    SocketDir(String, std::io::Error),
+}
 
 /// What both doors share.
 pub struct Door {
@@ -67,6 +99,48 @@ pub enum Bound {
 }
 
 impl Door {
+    /// Open the doors `doors` asks for; they take connections until `stop`.
+    pub async fn open(
+        self: Arc<Self>,
+        doors: Doors,
+        ca: Option<&Ca>,
+        registry: Registry,
+        stop: &CancellationToken,
+    ) -> Result<(), OpenError> {
+        if let Some(port) = doors.port {
+            let ca = ca.ok_or(OpenError::NoCa)?;
+            let addr = SocketAddr::new(doors.bind, port);
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| OpenError::Listen(addr, e))?;
+            let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            if !doors.bind.is_unspecified() {
+                sans.push(doors.bind.to_string());
+            }
+            sans.extend(doors.advertise_address);
+            let cert = ca
+                .issue_server(&sans, DOOR_CERT_VALIDITY)
+                .map_err(|e| OpenError::Cert(e.to_string()))
+                .and_then(|issued| {
+                    ServerCert::new(issued).map_err(|e| OpenError::Cert(e.to_string()))
+                })?;
+            let tls = server_tls(ca, cert).map_err(|e| OpenError::Cert(e.to_string()))?;
+            let local = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %local, "CONNECT port listening (mutual TLS)");
+            tokio::spawn(self.clone().serve_tls(
+                listener,
+                TlsAcceptor::from(Arc::new(tls)),
+                stop.clone(),
+            ));
+        }
+        if let Some(dir) = doors.socket_dir {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| OpenError::SocketDir(dir.display().to_string(), e))?;
+            tokio::spawn(sockets::run(dir, self, registry, stop.clone()));
+        }
+        Ok(())
+    }
+
     /// Serve the TLS door on `listener` until `stop`.
     pub async fn serve_tls(
         self: Arc<Self>,
@@ -137,7 +211,7 @@ impl Door {
             Ok(cluster) => cluster,
             Err(refusal) => return self.refuse(&mut io, door, refusal).await,
         };
-        let stream = match self.open(&cluster, &connect).await {
+        let stream = match self.open_stream(&cluster, &connect).await {
             Ok(stream) => stream,
             Err(refusal) => {
                 tracing::info!(%cluster, target = %connect.authority, door, reason = %refusal.message, "CONNECT refused");
@@ -208,7 +282,7 @@ impl Door {
 
     /// Open the stream: the kube-apiserver for `<cluster>:443|6443`, any
     /// other address as the agent allows.
-    async fn open(&self, cluster: &str, connect: &Connect) -> Result<TunnelStream, Refusal> {
+    async fn open_stream(&self, cluster: &str, connect: &Connect) -> Result<TunnelStream, Refusal> {
         let kube = connect.host.eq_ignore_ascii_case(cluster) && matches!(connect.port, 443 | 6443);
         let opened = if kube {
             self.dialer.open(cluster, Target::KubeApiserver).await
