@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::{
-    KubeCluster, Proc, bin, free_port, kubectl_binary, metric_sample, scrape_metrics, wait_for_ok,
-    wait_until, workspace_root,
+    KubeCluster, Proc, bin, clean_env, free_port, log_field, metric_sample, scrape_metrics,
+    wait_for_ok, wait_until, workspace_root,
 };
 use tokio::process::Command;
 
@@ -26,29 +26,6 @@ const CLUSTER: &str = "alpha";
 const TOKEN: &str = "e2e-cli-0d6f2b8a4c1e9f7352a0b4c6d8e1f3a5";
 /// Upper bound for anything that takes seconds on an idle machine.
 const SOON: Duration = Duration::from_secs(60);
-
-/// Nothing from the test's environment that changes what the binaries do:
-/// proxy variables, a service account, RUST_LOG (which would override --v).
-fn clean_env(cmd: &mut Command) {
-    for var in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "AGENT_TOKEN",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env(
-        "AGENT_SERVICEACCOUNT_DIR",
-        "/nonexistent/e2e-no-service-account",
-    );
-}
 
 /// `bin/proxy` with cluster alpha from `--clusters-file`; its agents' address.
 async fn start_proxy(dir: &Path) -> Result<(Proc, SocketAddr)> {
@@ -65,11 +42,8 @@ async fn start_proxy(dir: &Path) -> Result<(Proc, SocketAddr)> {
     let line = proxy
         .wait_for_line(|l| l.contains("listening for agents"), SOON)
         .await?;
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
+    let addr = log_field(&line, "addr")
         .context("no addr= in the listening line")?
-        .trim_matches('"')
         .parse()?;
     Ok((proxy, addr))
 }
@@ -241,21 +215,7 @@ async fn kubesphere_proxy_command_line_leads_and_serves_clusters() -> Result<()>
         .arg(&ca_dir)
         .output()?;
     ensure!(made.status.success(), "certs/gen-ca.sh: {made:?}");
-    let crd = std::process::Command::new(kubectl_binary())
-        .arg("kustomize")
-        .arg(workspace_root().join("config/crd"))
-        .output()?;
-    ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
-    let crd_file = dir.path().join("crd.yaml");
-    std::fs::write(&crd_file, &crd.stdout)?;
-    host.kubectl_ok(&["create", "-f", &crd_file.to_string_lossy()]);
-    host.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "crd/clusters.cluster.kubesphere.io",
-        "--timeout=120s",
-    ]);
+    host.install_crd()?;
     host.kubectl_ok(&["create", "ns", NS]);
 
     // The literal line, plus what a pod has and a process on this machine

@@ -19,7 +19,8 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use e2e::{
-    KubeCluster, Proc, bin, free_port, metric_sample, scrape_metrics, wait_until, workspace_root,
+    KubeCluster, Proc, bin, clean_env, free_port, log_field, metric_sample, scrape_metrics,
+    wait_until, workspace_root,
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
@@ -117,15 +118,13 @@ impl Setup {
             .arg("--connect-socket-dir")
             .arg(dir.path().join("sockets"))
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env_remove("RUST_LOG");
+            .arg(dir.path().join("data"));
+        clean_env(&mut cmd);
         let proxy = Proc::spawn("proxy", cmd)?;
         let addr_in = |line: String| -> Result<std::net::SocketAddr> {
-            let addr = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .context("no addr= in the line")?;
-            Ok(addr.trim_matches('"').parse()?)
+            Ok(log_field(&line, "addr")
+                .context("no addr= in the line")?
+                .parse()?)
         };
         let connect_addr = addr_in(
             proxy
@@ -164,12 +163,8 @@ impl Setup {
 
     async fn start_agent(&mut self) -> Result<()> {
         let mut cmd = Command::new(bin("agent"));
-        cmd.args(&self.agent_args)
-            .env("AGENT_SERVICEACCOUNT_DIR", "/nonexistent/e2e")
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("https_proxy");
+        cmd.args(&self.agent_args);
+        clean_env(&mut cmd);
         let agent = Proc::spawn("agent", cmd)?;
         agent
             .wait_for_line(|l| l.contains("connected to proxy"), SOON)
@@ -206,11 +201,8 @@ impl Setup {
             .arg("--proxy-key")
             .arg(&key)
             .arg(url)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
             .kill_on_drop(true);
+        clean_env(&mut cmd);
         Ok(cmd.output().await?)
     }
 

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use e2e::{
-    KubeCluster, Proc, bin, free_port, kubectl_binary, wait_for_ok, wait_until, workspace_root,
-};
+use e2e::{KubeCluster, Proc, bin, free_port, kubectl_binary, wait_for_ok, wait_until};
 use nix::sys::signal::Signal;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
@@ -135,21 +133,7 @@ impl Ha {
         );
         let (host, member) = (host?, member?);
         let dir = tempfile::Builder::new().prefix("tower-ha-").tempdir()?;
-        let crd = std::process::Command::new(kubectl_binary())
-            .args(["kustomize"])
-            .arg(workspace_root().join("config/crd"))
-            .output()?;
-        ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
-        let crd_file = dir.path().join("crd.yaml");
-        std::fs::write(&crd_file, &crd.stdout)?;
-        host.kubectl_ok(&["create", "-f", &crd_file.to_string_lossy()]);
-        host.kubectl_ok(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "crd/clusters.cluster.kubesphere.io",
-            "--timeout=120s",
-        ]);
+        host.install_crd()?;
         host.kubectl_ok(&["create", "ns", NS]);
 
         // Same ports on two addresses, as two pods would have.

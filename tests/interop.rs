@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use e2e::{EchoServer, Proc, Stream, bin, echo_transfer, workspace_root};
+use e2e::{EchoServer, Proc, Stream, bin, clean_env, echo_transfer, log_field, workspace_root};
 use tokio::process::Command;
 
 const CLUSTER: &str = "alpha";
@@ -27,37 +27,6 @@ const SOON: Duration = Duration::from_secs(60);
 const BULK: Duration = Duration::from_secs(600);
 /// Bytes each way in the interop transfers.
 const MIB_64: u64 = 64 << 20;
-
-/// `key=value` from a tracing text log line (quotes stripped).
-fn field(line: &str, key: &str) -> Option<String> {
-    let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(prefix.as_str()))
-        .map(|v| v.trim_matches('"').to_string())
-}
-
-/// No proxy variables from the environment (both agents honour them), no
-/// service account, explicit log level.
-fn clean_env(cmd: &mut Command) {
-    for var in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "AGENT_TOKEN",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env(
-        "AGENT_SERVICEACCOUNT_DIR",
-        "/nonexistent/e2e-no-service-account",
-    );
-    cmd.env("RUST_LOG", "info,russh=warn");
-}
 
 /// Our `bin/proxy` with cluster `alpha` and a `--forward` port for it.
 struct OurProxy {
@@ -81,21 +50,23 @@ impl OurProxy {
             .args(["--forward", &format!("{CLUSTER}=127.0.0.1:0")])
             .args(["--keepalive", "1s"]);
         clean_env(&mut cmd);
+        cmd.env("RUST_LOG", "info,russh=warn");
         let proc = Proc::spawn("proxy", cmd)?;
         let listening = proc
             .wait_for_line(|l| l.contains("listening for agents"), SOON)
             .await?;
-        let addr = field(&listening, "addr").context("addr=")?.parse()?;
+        let addr = log_field(&listening, "addr").context("addr=")?.parse()?;
         let line = |needle: &str| {
             proc.lines()
                 .into_iter()
                 .find(|l| l.contains(needle))
                 .with_context(|| format!("the proxy did not log {needle:?}"))
         };
-        let forward = field(&line("forward listening")?, "addr")
+        let forward = log_field(&line("forward listening")?, "addr")
             .context("addr=")?
             .parse()?;
-        let fingerprint = field(&line("SSH host key")?, "fingerprint").context("fingerprint=")?;
+        let fingerprint =
+            log_field(&line("SSH host key")?, "fingerprint").context("fingerprint=")?;
         Ok(OurProxy {
             proc,
             addr,
@@ -112,7 +83,8 @@ impl OurProxy {
         self.proc
             .wait_for_line(
                 |l| {
-                    l.contains("agent connected") && field(l, "cluster").as_deref() == Some(CLUSTER)
+                    l.contains("agent connected")
+                        && log_field(l, "cluster").as_deref() == Some(CLUSTER)
                 },
                 SOON,
             )
@@ -135,6 +107,7 @@ fn go_agent_cmd(binary: &Path, proxy_url: &str, token: &str, target: SocketAddr)
     .args(["--kubesphere-service", &target.to_string()])
     .args(["--keepalive", "1s"]);
     clean_env(&mut cmd);
+    cmd.env("RUST_LOG", "info,russh=warn");
     cmd
 }
 
@@ -153,6 +126,7 @@ fn our_agent_cmd(proxy_url: &str, token: &str, target: SocketAddr) -> Command {
     .args(["--kubesphere-service", &target.to_string()])
     .args(["--keepalive", "1s", "--max-retry-interval", "2s"]);
     clean_env(&mut cmd);
+    cmd.env("RUST_LOG", "info,russh=warn");
     cmd
 }
 
@@ -169,6 +143,7 @@ async fn start_go_proxy() -> Result<(Proc, SocketAddr, SocketAddr)> {
     ])
     .args(["--forward", "127.0.0.1:0"]);
     clean_env(&mut cmd);
+    cmd.env("RUST_LOG", "info,russh=warn");
     let proc = Proc::spawn("go-proxy", cmd)?;
     let listen = proc
         .wait_for_line(|l| l.starts_with("listening "), SOON)

@@ -13,8 +13,7 @@ use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value, json};
 use e2e::metric_sample as sample;
 use e2e::{
-    CLUSTER, KubeCluster, Proc, Tower, TowerOptions, bin, free_port, kubectl_binary, wait_for_ok,
-    wait_until, workspace_root,
+    CLUSTER, KubeCluster, Proc, Tower, TowerOptions, bin, free_port, wait_for_ok, wait_until,
 };
 use tokio::process::Command;
 
@@ -423,14 +422,7 @@ async fn readyz_waits_for_the_controller() -> Result<()> {
     assert_eq!(http_status(port, "/healthz").await?, 200);
 
     // The CRD, as in Tower's README.
-    let crd = std::process::Command::new(kubectl_binary())
-        .arg("kustomize")
-        .arg(workspace_root().join("config/crd"))
-        .output()?;
-    ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
-    let path = dir.path().join("crd.yaml");
-    std::fs::write(&path, &crd.stdout)?;
-    host.kubectl_ok(&["create", "-f", &path.display().to_string()]);
+    host.install_crd()?;
     wait_until(DEADLINE, || async {
         http_status(port, "/readyz").await.ok() == Some(200)
     })

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use e2e::{
-    EchoServer, PATTERN_BLOCK, Proc, bin, echo_transfer, fill_pattern, verify_pattern, wait_until,
+    EchoServer, PATTERN_BLOCK, Proc, bin, clean_env, echo_transfer, fill_pattern, log_field,
+    verify_pattern, wait_until,
 };
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -54,17 +55,9 @@ const BULK: Duration = Duration::from_secs(300);
 // Processes
 // ---------------------------------------------------------------------------
 
-/// `key=value` from a tracing text log line (quotes stripped).
-fn field(line: &str, key: &str) -> Option<String> {
-    let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(prefix.as_str()))
-        .map(|v| v.trim_matches('"').to_string())
-}
-
 /// True when the log line is about the connection from `local`.
 fn from_peer(line: &str, local: SocketAddr) -> bool {
-    field(line, "peer").is_some_and(|p| p == local.to_string())
+    log_field(line, "peer").is_some_and(|p| p == local.to_string())
 }
 
 /// How many lines of `proc` satisfy `pred` so far.
@@ -95,31 +88,6 @@ async fn wait_count(
     })
 }
 
-/// No proxy variables from the environment (the agent honours them, for
-/// 127.0.0.1 too), no service account, explicit log level.
-fn clean_env(cmd: &mut Command) {
-    for var in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "AGENT_TOKEN",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env(
-        "AGENT_SERVICEACCOUNT_DIR",
-        "/nonexistent/e2e-no-service-account",
-    );
-    // E2E_RUST_LOG: more detail from the processes under test when debugging.
-    let level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info,russh=warn".into());
-    cmd.env("RUST_LOG", level);
-}
-
 /// A running `bin/proxy` with cluster `alpha` and a `--forward` port for it.
 struct Proxy {
     proc: Proc,
@@ -146,11 +114,12 @@ impl Proxy {
             .args(["--forward", &format!("{CLUSTER}=127.0.0.1:0")])
             .args(["--keepalive", "1s"]);
         clean_env(&mut cmd);
+        log_level(&mut cmd);
         let proc = Proc::spawn(name, cmd)?;
         let listening = proc
             .wait_for_line(|l| l.contains("listening for agents"), SOON)
             .await?;
-        let addr: SocketAddr = field(&listening, "addr")
+        let addr: SocketAddr = log_field(&listening, "addr")
             .context("no addr= in the listening line")?
             .parse()?;
         let line = |needle: &str| {
@@ -159,11 +128,11 @@ impl Proxy {
                 .find(|l| l.contains(needle))
                 .with_context(|| format!("{name} did not log {needle:?} before listening"))
         };
-        let forward = field(&line("forward listening")?, "addr")
+        let forward = log_field(&line("forward listening")?, "addr")
             .context("no addr= in the forward line")?
             .parse()?;
         let fingerprint =
-            field(&line("SSH host key")?, "fingerprint").context("no fingerprint=")?;
+            log_field(&line("SSH host key")?, "fingerprint").context("no fingerprint=")?;
         ensure!(fingerprint.starts_with("SHA256:"), "{fingerprint}");
         Ok(Proxy {
             proc,
@@ -282,6 +251,7 @@ fn agent_cmd(name: &str, token: &str, proxy: &Proxy, target: SocketAddr) -> Comm
     .args(["--kubesphere-service", &target.to_string()])
     .args(["--keepalive", "1s", "--max-retry-interval", "2s"]);
     clean_env(&mut cmd);
+    log_level(&mut cmd);
     cmd
 }
 
@@ -424,7 +394,9 @@ async fn setup(dir: &Path) -> Result<(Proxy, Proc, EchoServer)> {
     proxy
         .proc
         .wait_for_line(
-            |l| l.contains("agent connected") && field(l, "cluster").as_deref() == Some(CLUSTER),
+            |l| {
+                l.contains("agent connected") && log_field(l, "cluster").as_deref() == Some(CLUSTER)
+            },
             SOON,
         )
         .await?;
@@ -709,7 +681,7 @@ async fn dead_agents_are_dropped() -> Result<()> {
     let (proxy, mut agent, _echo) = setup(dir.path()).await?;
     proxy.wait_sessions(1).await?;
     let disconnected = |l: &str| {
-        l.contains("agent disconnected") && field(l, "cluster").as_deref() == Some(CLUSTER)
+        l.contains("agent disconnected") && log_field(l, "cluster").as_deref() == Some(CLUSTER)
     };
 
     // Frozen: its TCP connection stays open, only the keepalive can tell.
@@ -1245,4 +1217,10 @@ async fn agent_reaches_the_proxy_through_an_http_connect_proxy() -> Result<()> {
         t0.elapsed()
     );
     Ok(())
+}
+
+/// E2E_RUST_LOG: more detail from the processes under test when debugging.
+fn log_level(cmd: &mut Command) {
+    let level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info,russh=warn".into());
+    cmd.env("RUST_LOG", level);
 }

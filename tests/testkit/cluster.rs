@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 use tokio::process::Command;
 use tokio::task::JoinSet;
@@ -232,6 +232,28 @@ impl KubeCluster {
             String::from_utf8_lossy(&out.stdout),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Installs the Cluster CRD the way Tower's README does (`kubectl
+    /// kustomize config/crd`, then `kubectl create -f`) and waits until it
+    /// is established.
+    pub fn install_crd(&self) -> Result<()> {
+        let crd = std::process::Command::new(kubectl_binary())
+            .arg("kustomize")
+            .arg(crate::workspace_root().join("config/crd"))
+            .output()?;
+        ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
+        let file = self.dir().join("crd.yaml");
+        std::fs::write(&file, &crd.stdout)?;
+        self.kubectl_ok(&["create", "-f", &file.to_string_lossy()]);
+        self.kubectl_ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd/clusters.cluster.kubesphere.io",
+            "--timeout=120s",
+        ]);
+        Ok(())
     }
 
     /// Stops the harness (SIGTERM, SIGKILL after `grace`) and waits for it.

@@ -77,6 +77,7 @@
 //!   kubectl binary.
 
 mod cluster;
+mod env;
 mod kubelet;
 mod metrics;
 mod net;
@@ -87,11 +88,12 @@ mod tower;
 mod wait;
 
 pub use cluster::{KubeCluster, STOP_GRACE};
+pub use env::clean_env;
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use metrics::{metric_sample, scrape_metrics};
 pub use net::{EchoServer, free_addr, free_port};
 pub use paths::{bin, kubectl_binary, workspace_root};
-pub use proc::{Proc, Stream};
+pub use proc::{Proc, Stream, log_field};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};
 pub use tower::{CLUSTER, Tower, TowerOptions};
 pub use wait::{wait_for_ok, wait_until};

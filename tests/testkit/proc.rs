@@ -393,6 +393,15 @@ fn read_lines(fd: OwnedFd, stream: Stream, name: &str, echo: bool, shared: &Shar
     shared.bump();
 }
 
+/// The value of `key=value` in a log line of our binaries (text format),
+/// quotes removed: `log_field(line, "addr")` of `... listening for agents addr=127.0.0.1:8080`.
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
