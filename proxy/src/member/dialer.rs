@@ -101,15 +101,21 @@ impl MemberDialer {
         target: Target,
     ) -> Result<Arc<Access>, String> {
         let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (session.id(), target);
+        if let Some(p) = prepared.get(&key) {
+            return p.access.clone();
+        }
+        // A new session: the time to forget the ended ones.
         prepared.retain(|_, p| !p.session.is_closed());
-        prepared
-            .entry((session.id(), target))
-            .or_insert_with(|| Prepared {
+        let access = Access::prepare(session.config(), cluster, target).map(Arc::new);
+        prepared.insert(
+            key,
+            Prepared {
                 session: session.clone(),
-                access: Access::prepare(session.config(), cluster, target).map(Arc::new),
-            })
-            .access
-            .clone()
+                access: access.clone(),
+            },
+        );
+        access
     }
 
     /// A raw channel to `target` through `cluster`'s least busy session; if

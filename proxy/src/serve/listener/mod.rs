@@ -221,8 +221,12 @@ async fn accept(
 ) {
     let port = format!("cluster {} {}", proxy.cluster, proxy.target.what());
     accept_loop(listener, &port, cancel.clone(), |tcp, peer| {
-        let local = proxy.dialer.registry().live(&proxy.cluster);
-        match relay.as_ref().and_then(|r| Some((r, r.target(&proxy.cluster, local)?))) {
+        // Only with replicas: how many sessions here decides where it goes.
+        let relay_to = relay.as_ref().and_then(|r| {
+            let local = proxy.dialer.registry().live(&proxy.cluster);
+            Some((r, r.target(&proxy.cluster, local)?))
+        });
+        match relay_to {
             Some((relay, target)) => {
                 tracing::debug!(cluster = %proxy.cluster, %peer, %target, "relaying to the replica with the agent");
                 proxy

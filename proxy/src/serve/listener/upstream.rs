@@ -33,12 +33,15 @@ impl Routes {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The pool host of `session`; forgets ended sessions.
+    /// The pool host of `session`; a new session also sweeps out ended ones.
     pub fn host_for(&self, session: Session) -> String {
         let host = format!("s{:016x}.tunnel", session.id());
         let mut routes = self.lock();
-        routes.retain(|_, s| !s.is_closed());
-        routes.entry(host.clone()).or_insert(session);
+        if !routes.contains_key(&host) {
+            // A new session: the time to forget the ended ones.
+            routes.retain(|_, s| !s.is_closed());
+            routes.insert(host.clone(), session);
+        }
         host
     }
 
