@@ -383,7 +383,7 @@ async fn excalibur_case_1_an_allowed_address_through_curl() -> Result<()> {
         setup
             .metric(
                 "tower_connect_refusals_total",
-                r#"door="tls",reason="not_allowed""#
+                r#"door="tls",cluster="alpha",reason="not_allowed""#
             )
             .await?
             >= 2.0
@@ -596,6 +596,88 @@ async fn a_kube_apiservers_egress_selector_reaches_its_kubelet_through_the_socke
     ensure!(
         !failed.status.success(),
         "logs without the tunnel: {failed:?}"
+    );
+    Ok(())
+}
+
+/// Refused targets of a Cluster become Warning Events on it, at most one
+/// per minute per cluster (the next says how many it stands for), so a
+/// client retrying in a loop cannot flood the host kube-apiserver.
+#[tokio::test]
+async fn refused_targets_are_events_on_the_cluster_and_rate_limited() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("tower-connect-events-")
+        .tempdir()?;
+    let sockets = dir.path().join("sockets");
+    // (Tower's agent allows its two API servers; 127.0.0.1:9 is its
+    // ks-apiserver, so ask for another port.)
+    let tower = e2e::Tower::start_with(e2e::TowerOptions {
+        kubelet: false,
+        proxy_args: vec![format!("--connect-socket-dir={}", sockets.display())],
+        ..Default::default()
+    })
+    .await?;
+    let socket = sockets.join(format!("{}.sock", e2e::CLUSTER));
+    wait_until(SOON, || async { socket.exists() }).await?;
+    const TRIES: usize = 20;
+    for _ in 0..TRIES {
+        let mut io = UnixStream::connect(&socket).await?;
+        let (status, body) = connect(&mut io, b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n").await?;
+        ensure!(
+            status == 403 && body.contains("--allow-dial"),
+            "{status} {body}"
+        );
+    }
+    let refused = || -> Result<Vec<String>> {
+        let text = tower.host().kubectl_ok(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &format!(
+                "involvedObject.kind=Cluster,involvedObject.name={},reason=ConnectRefused",
+                e2e::CLUSTER
+            ),
+            "-o",
+            "json",
+        ]);
+        let list: e2e::k8s_openapi::serde_json::Value =
+            e2e::k8s_openapi::serde_json::from_str(&text)?;
+        Ok(list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["type"] == "Warning")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect())
+    };
+    e2e::wait_for_ok(SOON, || async {
+        let seen = refused()?;
+        ensure!(!seen.is_empty(), "no ConnectRefused event yet");
+        Ok(())
+    })
+    .await?;
+    let seen = refused()?;
+    ensure!(
+        seen[0].contains("127.0.0.1:22") && seen[0].contains("not_allowed"),
+        "the event names the target and the reason: {seen:?}"
+    );
+    ensure!(
+        seen.len() < TRIES,
+        "{TRIES} refusals wrote {} events: not rate-limited",
+        seen.len()
+    );
+    let text = scrape_metrics("127.0.0.1", tower.proxy_port()).await?;
+    let refusals = metric_sample(
+        &text,
+        &format!(
+            "tower_connect_refusals_total{{door=\"unix\",cluster=\"{}\",reason=\"not_allowed\"}}",
+            e2e::CLUSTER
+        ),
+    );
+    ensure!(
+        refusals >= TRIES as f64,
+        "metrics count every refusal: {refusals}"
     );
     Ok(())
 }

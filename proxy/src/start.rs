@@ -27,7 +27,8 @@ use crate::agents::drain::drain;
 use crate::agents::endpoint::{self, Endpoint};
 use crate::agents::registry::Registry;
 use crate::agents::store::ClusterStore;
-use crate::clusters::{controller, readiness, reconcile, status};
+use crate::clusters::refusals::RefusalEvents;
+use crate::clusters::{controller, events, readiness, reconcile, status};
 use crate::config::{Config, HaConfig, Mode};
 use crate::ha::leader::Leadership;
 use crate::ha::owners::Owners;
@@ -38,7 +39,7 @@ use crate::member::MemberDialer;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
-use crate::serve::connect::{Door, Doors};
+use crate::serve::connect::{Door, Doors, TargetRefusals};
 use crate::serve::listener::{Relay, Shared};
 use crate::serve::ports::ListenerPorts;
 
@@ -71,7 +72,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             let gate = Gate::new(core.registry.clone(), Arc::new(store));
             let ready = Arc::new(AtomicBool::new(true));
             let ca = core.config.ca.take().map(Arc::new);
-            serve_agents(&core, gate, host_key, ready, ca, None).await
+            serve_agents(&core, gate, host_key, ready, ca, None, None).await
         }
         Mode::Kubernetes { kubeconfig } => with_kubernetes(core, kubeconfig).await,
     }
@@ -168,6 +169,7 @@ async fn with_kubernetes(
         kick,
         metrics: core.metrics.clone(),
     });
+    let refusals = RefusalEvents::new(events::recorder(client.clone()), running.store.clone());
     // Runs as long as the process: it only reads and writes status.
     drop(status::start(
         kicks,
@@ -184,7 +186,15 @@ async fn with_kubernetes(
         tasks,
     };
     tokio::select! {
-        served = serve_agents(&core, gate, host_key, ready, Some(door_ca), Some(background)) => served,
+        served = serve_agents(
+            &core,
+            gate,
+            host_key,
+            ready,
+            Some(door_ca),
+            Some(background),
+            Some(Arc::new(refusals)),
+        ) => served,
         _ = running.task => anyhow::bail!("the Cluster controller stopped"),
     }
 }
@@ -254,6 +264,7 @@ async fn serve_agents<S: ClusterStore>(
     ready: Arc<AtomicBool>,
     ca: Option<Arc<Ca>>,
     background: Option<Background>,
+    report: Option<Arc<dyn TargetRefusals>>,
 ) -> anyhow::Result<()> {
     let config = &core.config;
     tracing::info!(
@@ -289,6 +300,7 @@ async fn serve_agents<S: ClusterStore>(
             known: Arc::new(move |cluster: &str| gate.knows(cluster)),
             metrics: core.metrics.clone(),
             in_flight: core.in_flight.clone(),
+            report,
         });
         let doors = Doors {
             port: config.connect_port,

@@ -12,7 +12,6 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -118,13 +117,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     );
     let store = controller.store();
     let (trigger, triggers) = mpsc::unbounded_channel();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let recorder = super::events::recorder(client.clone());
     let names = Names::default();
     let owners = ha.as_ref().map(|h| h.owners.clone());
     let clusters = Arc::new(CrStore {

@@ -1,9 +1,22 @@
 //! Kubernetes Events on a Cluster: what users see in `kubectl describe`.
 
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Resource, ResourceExt};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
 
 use super::crd::Cluster;
+use crate::identity::names::MANAGER;
+
+/// The recorder the proxy's Events come from (`reportingController` is the
+/// proxy's field manager name, the instance its pod).
+pub fn recorder(client: Client) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    )
+}
 
 /// A Kubernetes Event on the Cluster; failing to record one is only logged.
 pub async fn publish(

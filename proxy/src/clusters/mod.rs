@@ -28,6 +28,7 @@ pub mod events;
 pub mod kubeconfig;
 pub mod readiness;
 pub mod reconcile;
+pub mod refusals;
 pub mod service;
 pub mod status;
 pub mod store;

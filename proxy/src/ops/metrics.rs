@@ -35,12 +35,14 @@ pub struct DoorLabel {
     pub cluster: String,
 }
 
-/// A CONNECT door and why it refused (`unknown_cluster`, `no_agent`,
-/// `not_allowed`, `dial_failed`, `timeout`, `bad_request`, ...). No cluster
-/// label: the name comes from whoever knocks.
+/// A CONNECT door, the cluster and why it refused (`unknown_cluster`,
+/// `no_agent`, `not_allowed`, `dial_failed`, `timeout`, `bad_request`, ...).
+/// `cluster` is empty until the request is known to be for a cluster the
+/// proxy serves: a name that comes from whoever knocks never becomes a label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabel {
     pub door: String,
+    pub cluster: String,
     pub reason: String,
 }
 
@@ -141,7 +143,7 @@ impl Metrics {
         let connect_refusals = Family::<RefusalLabel, Counter>::default();
         registry.register(
             "connect_refusals",
-            "CONNECT requests refused, per door and reason",
+            "CONNECT requests refused, per door, cluster (empty until known) and reason",
             connect_refusals.clone(),
         );
         let connect_bytes = Family::<DoorBytesLabel, Counter>::default();

@@ -79,12 +79,22 @@ pub enum OpenError {
     SocketDir(String, std::io::Error),
 }
 
+/// Where refused targets are told to the people who run the cluster (Events
+/// on its Cluster: `clusters::refusals`). Called for refusals of a target of
+/// a cluster the proxy serves (`not_allowed`, `dial_failed`, `timeout`),
+/// never for a request that named no such cluster.
+pub trait TargetRefusals: Send + Sync {
+    fn refused(&self, cluster: &str, door: &str, target: &str, refusal: &Refusal);
+}
+
 /// What both doors share.
 pub struct Door {
     pub dialer: MemberDialer,
     pub known: Known,
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
+    /// Without Kubernetes (`--clusters-file`): none.
+    pub report: Option<Arc<dyn TargetRefusals>>,
 }
 
 /// What the connection itself says about the cluster.
@@ -157,12 +167,12 @@ impl Door {
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        door.refused("tls", "tls");
+                        door.refused("tls", "", "tls");
                         tracing::debug!(%peer, error = %e, "CONNECT door: TLS handshake failed");
                         return;
                     }
                     Err(_) => {
-                        door.refused("tls", "tls");
+                        door.refused("tls", "", "tls");
                         tracing::debug!(%peer, "CONNECT door: no TLS handshake in time");
                         return;
                     }
@@ -185,6 +195,7 @@ impl Door {
                     door.refuse(
                         &mut tls,
                         "tls",
+                        "",
                         Refusal::new(
                             403,
                             "forbidden",
@@ -205,17 +216,24 @@ impl Door {
     pub async fn serve<T: Io>(&self, mut io: T, door: &'static str, bound: Bound) {
         let (connect, early) = match request::read(&mut io).await {
             Ok(read) => read,
-            Err(refusal) => return self.refuse(&mut io, door, refusal).await,
+            Err(refusal) => return self.refuse(&mut io, door, "", refusal).await,
         };
         let cluster = match self.cluster(&bound, &connect) {
             Ok(cluster) => cluster,
-            Err(refusal) => return self.refuse(&mut io, door, refusal).await,
+            Err(refusal) => return self.refuse(&mut io, door, "", refusal).await,
         };
         let stream = match self.open_stream(&cluster, &connect).await {
             Ok(stream) => stream,
             Err(refusal) => {
                 tracing::info!(%cluster, target = %connect.authority, door, reason = %refusal.message, "CONNECT refused");
-                return self.refuse(&mut io, door, refusal).await;
+                if let Some(report) = self
+                    .report
+                    .as_ref()
+                    .filter(|_| matches!(refusal.reason, "not_allowed" | "dial_failed" | "timeout"))
+                {
+                    report.refused(&cluster, door, &connect.authority, &refusal);
+                }
+                return self.refuse(&mut io, door, &cluster, refusal).await;
             }
         };
         let _in_flight = self.in_flight.enter();
@@ -297,8 +315,10 @@ impl Door {
         opened.map_err(|e| refusal_of(cluster, &target, &e))
     }
 
-    async fn refuse<T: Io>(&self, io: &mut T, door: &'static str, refusal: Refusal) {
-        self.refused(door, refusal.reason);
+    /// Answer `refusal` and close. `cluster`: "" unless the request is for a
+    /// cluster this proxy serves.
+    async fn refuse<T: Io>(&self, io: &mut T, door: &'static str, cluster: &str, refusal: Refusal) {
+        self.refused(door, cluster, refusal.reason);
         let _ = io.write_all(&refusal.answer()).await;
         let _ = io.shutdown().await;
         // Read on for a moment what the client still sends (the rest of an
@@ -317,11 +337,12 @@ impl Door {
         let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
-    fn refused(&self, door: &str, reason: &str) {
+    fn refused(&self, door: &str, cluster: &str, reason: &str) {
         self.metrics
             .connect_refusals
             .get_or_create(&RefusalLabel {
                 door: door.into(),
+                cluster: cluster.into(),
                 reason: reason.into(),
             })
             .inc();
