@@ -33,6 +33,24 @@ use tokio_rustls::TlsConnector;
 const SOON: Duration = Duration::from_secs(60);
 const TOKEN: &str = "e2e-connect-5b7c9d1e3f5a7b9c1d3e5f7a9b1c3d5e";
 
+/// The soft open-files limit the proxy and the agents start with here: the
+/// usual default (1024) or lower, so the 1,000-stream test proves that they
+/// raise it themselves.
+const START_FD_LIMIT: u64 = 512;
+
+/// Start `cmd` with [`START_FD_LIMIT`] as its soft open-files limit.
+fn low_fd_limit(cmd: &mut Command) {
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+            setrlimit(Resource::RLIMIT_NOFILE, START_FD_LIMIT.min(hard), hard)?;
+            Ok(())
+        });
+    }
+}
+
 fn run(cmd: &mut std::process::Command) -> Result<std::process::Output> {
     let out = cmd.output()?;
     ensure!(out.status.success(), "{cmd:?}: {out:?}");
@@ -120,6 +138,7 @@ impl Setup {
             .arg("--data-dir")
             .arg(dir.path().join("data"));
         clean_env(&mut cmd);
+        low_fd_limit(&mut cmd);
         let proxy = Proc::spawn("proxy", cmd)?;
         let addr_in = |line: String| -> Result<std::net::SocketAddr> {
             Ok(log_field(&line, "addr")
@@ -165,6 +184,7 @@ impl Setup {
         let mut cmd = Command::new(bin("agent"));
         cmd.args(&self.agent_args);
         clean_env(&mut cmd);
+        low_fd_limit(&mut cmd);
         let agent = Proc::spawn("agent", cmd)?;
         agent
             .wait_for_line(|l| l.contains("connected to proxy"), SOON)
@@ -679,5 +699,126 @@ async fn refused_targets_are_events_on_the_cluster_and_rate_limited() -> Result<
         refusals >= TRIES as f64,
         "metrics count every refusal: {refusals}"
     );
+    Ok(())
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// One stream through alpha's socket to the echo server, proven by an echo.
+async fn echo_stream(socket: &Path, target: &str, tag: usize) -> Result<UnixStream> {
+    let mut io = UnixStream::connect(socket).await?;
+    let (status, body) = connect(
+        &mut io,
+        format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    ensure!(status == 200, "stream {tag}: {status} {body}");
+    let ping = format!("ping {tag:06}\n");
+    io.write_all(ping.as_bytes()).await?;
+    let mut back = vec![0u8; ping.len()];
+    tokio::time::timeout(SOON, io.read_exact(&mut back)).await??;
+    ensure!(back == ping.as_bytes(), "stream {tag}: echo mismatch");
+    Ok(io)
+}
+
+/// 1,000 streams open at once through one cluster's socket: every one gets
+/// its answer, another cluster is served meanwhile, and once they close
+/// the proxy's and the agent's descriptors are back to where they were.
+#[tokio::test]
+async fn a_thousand_concurrent_streams_leak_nothing_and_slow_no_other_cluster() -> Result<()> {
+    const STREAMS: usize = 1000;
+    // The test itself holds two descriptors per stream (client and echo).
+    tunnel::limits::raise_open_files()?;
+    let echo = e2e::EchoServer::start().await?;
+    let target = echo.addr().to_string();
+    let setup = Setup::start(false, std::slice::from_ref(&target)).await?;
+    let mut beta_args: Vec<String> = setup
+        .agent_args
+        .iter()
+        .filter(|a| !a.starts_with("--name=") && !a.starts_with("--token="))
+        .cloned()
+        .collect();
+    beta_args.extend(["--name=beta".to_string(), format!("--token={TOKEN}-b")]);
+    let mut cmd = Command::new(bin("agent"));
+    cmd.args(&beta_args);
+    clean_env(&mut cmd);
+    low_fd_limit(&mut cmd);
+    let beta = Proc::spawn("agent-beta", cmd)?;
+    beta.wait_for_line(|l| l.contains("connected to proxy"), SOON)
+        .await?;
+    wait_until(SOON, || async { setup.socket("beta").exists() }).await?;
+
+    let alpha = setup.socket("alpha");
+    let agent_pid = setup.agent.as_ref().context("agent")?.pid();
+    let settled = |pid: u32, want: usize| async move {
+        wait_until(SOON, || async { open_fds(pid).is_ok_and(|n| n <= want) }).await
+    };
+    // The baseline; one stream opened and closed leaves nothing behind.
+    let proxy_base = open_fds(setup.proxy.pid())?;
+    let agent_base = open_fds(agent_pid)?;
+    drop(echo_stream(&alpha, &target, 0).await?);
+    settled(setup.proxy.pid(), proxy_base).await?;
+    settled(agent_pid, agent_base).await?;
+
+    // Open them all; a few dozen handshakes in flight at a time so the
+    // test's own connects do not overrun the socket's accept backlog.
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut opening = tokio::task::JoinSet::new();
+    for tag in 1..=STREAMS {
+        let (alpha, target, gate) = (alpha.clone(), target.clone(), gate.clone());
+        opening.spawn(async move {
+            let _turn = gate.acquire_owned().await?;
+            echo_stream(&alpha, &target, tag).await
+        });
+    }
+    let mut open = Vec::with_capacity(STREAMS);
+    while let Some(done) = opening.join_next().await {
+        open.push(done??);
+    }
+    ensure!(open.len() == STREAMS);
+    let (proxy_open, agent_open) = (open_fds(setup.proxy.pid())?, open_fds(agent_pid)?);
+    ensure!(
+        proxy_open >= proxy_base + STREAMS && agent_open >= agent_base + STREAMS,
+        "the streams are open at the same time: proxy {proxy_base} -> {proxy_open} fds, \
+         agent {agent_base} -> {agent_open}"
+    );
+    // Every one of them still answers, and beta is served meanwhile.
+    let beta_stream = echo_stream(&setup.socket("beta"), &target, 0).await?;
+    drop(beta_stream);
+    for (tag, io) in open.iter_mut().enumerate().step_by(97) {
+        let ping = format!("again {tag:06}\n");
+        io.write_all(ping.as_bytes()).await?;
+        let mut back = vec![0u8; ping.len()];
+        tokio::time::timeout(SOON, io.read_exact(&mut back)).await??;
+        ensure!(back == ping.as_bytes());
+    }
+    let streams = setup
+        .metric(
+            "tower_connect_streams_total",
+            r#"door="unix",cluster="alpha""#,
+        )
+        .await?;
+    ensure!(
+        streams >= (STREAMS + 1) as f64,
+        "streams counted: {streams}"
+    );
+
+    drop(open);
+    settled(setup.proxy.pid(), proxy_base)
+        .await
+        .with_context(|| {
+            format!(
+                "proxy fds: {:?} > {proxy_base}",
+                open_fds(setup.proxy.pid())
+            )
+        })?;
+    settled(agent_pid, agent_base)
+        .await
+        .with_context(|| format!("agent fds: {:?} > {agent_base}", open_fds(agent_pid)))?;
+    let mut setup = setup;
+    ensure!(setup.proxy.is_running(), "the proxy died");
     Ok(())
 }

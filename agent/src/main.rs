@@ -56,6 +56,7 @@ fn main() -> ExitCode {
     for note in notes {
         info!("{note}");
     }
+    tunnel::limits::raise_open_files_logged();
     let env = |name: &str| std::env::var(name).ok();
     let config = match flags.check(&env) {
         Ok(config) => config,

@@ -64,6 +64,7 @@ fn main() -> ExitCode {
     for note in notes {
         tracing::info!("{note}");
     }
+    tunnel::limits::raise_open_files_logged();
     let ignored = flags.without_effect();
     if !ignored.is_empty() {
         tracing::info!(flags = ?ignored, "accepted for Go Tower's command lines; no effect here");

@@ -17,7 +17,8 @@
 //!
 //! Beside the protocol, what both binaries need at their edges: [`cli`], Go
 //! Tower's command-line syntax (durations, booleans, klog's flags) and the
-//! logging set-up, and [`addr`], `host:port` strings with IPv6 brackets.
+//! logging set-up, [`addr`], `host:port` strings with IPv6 brackets, and
+//! [`limits`], the open-files limit raised at start.
 //!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.
@@ -27,6 +28,7 @@ pub mod allow;
 pub mod cli;
 pub mod client;
 pub mod copy;
+pub mod limits;
 pub mod server;
 pub mod ssh;
 pub mod wire;
