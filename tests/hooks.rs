@@ -14,9 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use e2e::{
-    Proc, Tower, TowerOptions, bin, clean_env, kubectl_binary, log_field, wait_until,
-};
+use e2e::{Proc, Tower, TowerOptions, bin, clean_env, kubectl_binary, log_field, wait_until};
 use tokio::process::Command;
 
 const SOON: Duration = Duration::from_secs(60);
@@ -118,7 +116,10 @@ fn agent(proxy: &str, hook_args: &[&str]) -> Result<Proc> {
     let mut cmd = Command::new(bin("agent"));
     cmd.args(["--name=alpha", &format!("--token={TOKEN}")])
         .arg(format!("--proxy-server={proxy}"))
-        .args(["--kubernetes-service=127.0.0.1:9", "--kubesphere-service=127.0.0.1:9"])
+        .args([
+            "--kubernetes-service=127.0.0.1:9",
+            "--kubesphere-service=127.0.0.1:9",
+        ])
         .arg("--max-retry-interval=1s")
         .args(hook_args);
     clean_env(&mut cmd);
@@ -151,12 +152,19 @@ async fn a_failing_hook_is_retried_and_the_post_start_hook_sees_the_connection()
             f = env_file.display()
         ),
     )?;
-    let agent = agent(&url, &["--pre-start-hook", &pre, "--post-start-hook", &post])?;
+    let agent = agent(
+        &url,
+        &["--pre-start-hook", &pre, "--post-start-hook", &post],
+    )?;
     agent
         .wait_for_line(|l| l.contains("connected to proxy"), SOON)
         .await?;
     assert_eq!(count(&agent, "pre-start hook failed"), 2);
-    assert_eq!(count(&agent, "not ready ("), 2, "the hook's stderr is logged");
+    assert_eq!(
+        count(&agent, "not ready ("),
+        2,
+        "the hook's stderr is logged"
+    );
     assert_eq!(std::fs::read_to_string(&runs)?.lines().count(), 3);
     assert_eq!(count(&agent, "pre-start hook printed nothing"), 1);
 
@@ -168,7 +176,10 @@ async fn a_failing_hook_is_retried_and_the_post_start_hook_sees_the_connection()
         "TOWER_ATTEMPT=3",
         &format!("TOWER_PROXY=ws{}/", url.trim_start_matches("http")),
     ] {
-        assert!(env.lines().any(|l| l == expected), "{expected} not in {env}");
+        assert!(
+            env.lines().any(|l| l == expected),
+            "{expected} not in {env}"
+        );
     }
     agent
         .wait_for_line(|l| l.contains("post-start hook failed"), SOON)
@@ -205,7 +216,10 @@ async fn a_hanging_hook_is_killed_at_its_timeout() -> Result<()> {
     let line = agent
         .wait_for_line(|l| l.contains("pre-start hook failed"), SOON)
         .await?;
-    assert!(line.contains("did not finish within 2s and was killed"), "{line}");
+    assert!(
+        line.contains("did not finish within 2s and was killed"),
+        "{line}"
+    );
     let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
     wait_until(SOON, || async { !running(pid) })
         .await
