@@ -643,6 +643,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_pre_start_hooks_credentials_are_sent_and_its_failures_retried() {
+        let mut proxy = test_proxy().await;
+        let hook = r#"echo '{"bearerToken": "from-hook"}'"#;
+        let hooked = config(&proxy, &["--pre-start-hook", hook]);
+        let (_tx, rx) = watch::channel(material("good", "own"));
+        let controls = Controls::default();
+        let agent = tokio::spawn(run(hooked, rx, controls.clone()));
+        let session = tokio::time::timeout(WAIT, proxy.admitted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.config().bearer_token, b"from-hook");
+        controls.shutdown.cancel();
+        assert_eq!(
+            tokio::time::timeout(WAIT, agent).await.unwrap().unwrap(),
+            Exit::Terminated
+        );
+
+        // A failing hook is a failed attempt: the proxy never hears of it.
+        let failing = config(
+            &proxy,
+            &[
+                "--pre-start-hook=exit 1",
+                "--max-retry=2",
+                "--max-retry-interval=50ms",
+            ],
+        );
+        let (_tx, rx) = watch::channel(material("good", "own"));
+        let exit = tokio::time::timeout(WAIT, run(failing, rx, Controls::default()))
+            .await
+            .unwrap();
+        assert_eq!(exit, Exit::GaveUp);
+        assert!(proxy.admitted.try_recv().is_err() && proxy.rejections.try_recv().is_err());
+    }
+
     #[test]
     fn the_config_advertises_what_the_agent_dials() {
         let shared = Shared {

@@ -99,9 +99,15 @@ async fn a_hanging_hook_and_its_children_are_killed_at_the_timeout() {
         .trim()
         .parse()
         .unwrap();
-    // Killed and, its parent gone too, reaped by init: no such process.
+    // Killed: gone, or a zombie until its new parent reaps it.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ")?.1.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    };
     let deadline = std::time::Instant::now() + LONG;
-    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+    while running() {
         assert!(std::time::Instant::now() < deadline, "sleep {pid} survived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
