@@ -13,7 +13,8 @@
 //! - [`endpoint`]: `--proxy-server` as a websocket URL;
 //! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY, chosen for that endpoint;
 //! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
-//! - [`run`]: the reconnect loop, with [`backoff`] and [`killable`].
+//! - [`run`]: the reconnect loop, with [`backoff`] and [`killable`], running
+//!   the [`hooks`] around each connection.
 //!
 //! Imports have no cycles: `dial` uses `proxy_env` and `endpoint`, `proxy_env`
 //! uses `endpoint`, and `endpoint` uses neither (only `tunnel::addr`).
@@ -26,6 +27,7 @@ mod backoff;
 mod credentials;
 mod dial;
 mod endpoint;
+mod hooks;
 mod killable;
 mod options;
 mod proxy_env;

@@ -4,7 +4,8 @@
 //! `--proxy-server`, `--keepalive`, `--max-retry`, `--max-retry-interval`,
 //! `--kubernetes-service`, `--kubesphere-service`, `--kubeconfig`) plus ours
 //! (`--token-file`, `--proxy-ca`, `--proxy-host-key-fingerprint`, `--log-format`,
-//! `--credentials-refresh-interval`) and Go Tower's klog flags
+//! `--credentials-refresh-interval`, `--pre-start-hook`, `--post-start-hook`,
+//! `--hook-timeout`) and Go Tower's klog flags
 //! ([`KlogFlags`], `--v=0` and friends). [`Flags::check`] turns them into a
 //! [`Config`] in which every value has been checked, so that a bad flag stops the
 //! agent at start with a message naming the flag and the expected form, instead of
@@ -25,6 +26,7 @@ use tunnel::cli::{KlogFlags, LogFormat, parse_go_duration};
 use crate::credentials::{CredentialSource, TokenSource};
 use crate::dial::ProxyDialer;
 use crate::endpoint::Endpoint;
+use crate::hooks::Hook;
 use crate::proxy_env::HttpProxy;
 
 /// Tower's default for `--kubernetes-service` (Tower leaves the port out; the
@@ -103,6 +105,21 @@ pub struct Flags {
     #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub credentials_refresh_interval: Duration,
 
+    /// Shell command (`sh -c CMD`) run before each connection attempt; its stdout,
+    /// if not empty, is a JSON object replacing the credentials handed to the
+    /// proxy (`bearerToken`, `caData`, `certData`, `keyData`). A failure is retried.
+    #[arg(long, value_name = "CMD")]
+    pub pre_start_hook: Option<String>,
+
+    /// Shell command (`sh -c CMD`) run after each successful connection, in the
+    /// background; its failure is only logged.
+    #[arg(long, value_name = "CMD")]
+    pub post_start_hook: Option<String>,
+
+    /// Longest a hook may run before it (and its children) are killed.
+    #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
+    pub hook_timeout: Duration,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -131,6 +148,8 @@ pub struct Config {
     pub credentials_refresh_interval: Duration,
     /// `--allow-dial` rules.
     pub allow_dial: Vec<tunnel::allow::Rule>,
+    pub pre_start_hook: Option<Hook>,
+    pub post_start_hook: Option<Hook>,
 }
 
 impl Flags {
@@ -188,6 +207,19 @@ impl Flags {
             DEFAULT_KUBESPHERE_SERVICE,
         )?;
         let credentials = CredentialSource::detect(self.kubeconfig, env);
+        if self.hook_timeout.is_zero() {
+            bail!("--hook-timeout must be longer than 0s");
+        }
+        let hook = |flag: &str, cmd: Option<String>| match cmd {
+            Some(cmd) if cmd.trim().is_empty() => bail!("{flag} is empty"),
+            Some(cmd) => Ok(Some(Hook {
+                cmd,
+                timeout: self.hook_timeout,
+            })),
+            None => Ok(None),
+        };
+        let pre_start_hook = hook("--pre-start-hook", self.pre_start_hook)?;
+        let post_start_hook = hook("--post-start-hook", self.post_start_hook)?;
 
         Ok(Config {
             name,
@@ -202,6 +234,8 @@ impl Flags {
             credentials,
             credentials_refresh_interval: self.credentials_refresh_interval,
             allow_dial: self.allow_dial,
+            pre_start_hook,
+            post_start_hook,
         })
     }
 }
@@ -476,5 +510,33 @@ mod tests {
     fn zero_durations_are_refused() {
         assert!(err(&["--keepalive", "0"]).contains("--keepalive"));
         assert!(err(&["--max-retry-interval", "0s"]).contains("--max-retry-interval"));
+        assert!(err(&["--hook-timeout", "0s"]).contains("--hook-timeout"));
+    }
+
+    #[test]
+    fn hooks_share_the_timeout() {
+        let config = check(&[]).unwrap();
+        assert!(config.pre_start_hook.is_none() && config.post_start_hook.is_none());
+        let config = check(&[
+            "--pre-start-hook=cat /run/creds.json",
+            "--post-start-hook",
+            "logger joined",
+            "--hook-timeout=2s",
+        ])
+        .unwrap();
+        let pre = config.pre_start_hook.unwrap();
+        assert_eq!(pre.cmd, "cat /run/creds.json");
+        assert_eq!(pre.timeout, Duration::from_secs(2));
+        let post = config.post_start_hook.unwrap();
+        assert_eq!(
+            (post.cmd.as_str(), post.timeout),
+            ("logger joined", pre.timeout)
+        );
+        assert!(err(&["--pre-start-hook", " "]).contains("--pre-start-hook is empty"));
+        let config = check(&["--post-start-hook=true"]).unwrap();
+        assert_eq!(
+            config.post_start_hook.unwrap().timeout,
+            Duration::from_secs(30)
+        );
     }
 }

@@ -17,9 +17,16 @@
 //! Log lines other tools grep for (keep them exact):
 //! `connected to proxy` (fields `proxy`, `name`), `tunnel lost` (`error`),
 //! `rejected by proxy` (`reason`), `cannot connect to proxy` (`error`),
-//! `retrying in <duration>`, `credentials changed, reconnecting`.
+//! `retrying in <duration>`, `credentials changed, reconnecting`,
+//! `pre-start hook failed` (`error`).
+//!
+//! Hooks ([`crate::hooks`]): the pre-start hook runs inside each attempt, before
+//! the dial, so a slow hook delays only that attempt (a tunnel being replaced
+//! keeps serving) and its failure counts as a failed attempt, retried with the
+//! backoff. The post-start hook is spawned once the proxy accepted the config.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot, watch};
@@ -32,6 +39,7 @@ use tunnel::wire::AgentConfig;
 use crate::backoff::Backoff;
 use crate::credentials::Material;
 use crate::dial::{DialError, ProxyDialer};
+use crate::hooks::{self, Hook, HookError};
 use crate::killable::Killable;
 use crate::options::{Config, DEFAULT_KUBERNETES_SERVICE};
 
@@ -67,6 +75,10 @@ struct Shared {
     kubernetes_service: Option<String>,
     kubesphere_service: String,
     allow_dial: Vec<tunnel::allow::Rule>,
+    pre_start_hook: Option<Hook>,
+    post_start_hook: Option<Hook>,
+    /// Attempts started so far (`TOWER_ATTEMPT`).
+    attempts: AtomicU64,
 }
 
 impl Shared {
@@ -106,6 +118,8 @@ enum End {
     Dial(DialError),
     #[error("{0}")]
     Tunnel(ClientError),
+    #[error("pre-start hook: {0}")]
+    Hook(HookError),
     #[error("the tunnel task failed: {0}")]
     Crashed(String),
 }
@@ -123,7 +137,12 @@ struct Attempt {
 
 impl Attempt {
     fn start(shared: &Arc<Shared>, material: &Material) -> Self {
-        let options = shared.options(material);
+        let material = material.clone();
+        let ctx = hooks::Context {
+            cluster: shared.name.clone(),
+            proxy: shared.dialer.endpoint().url(),
+            attempt: shared.attempts.fetch_add(1, Ordering::Relaxed) + 1,
+        };
         let shared = shared.clone();
         let kill = CancellationToken::new();
         let (connected_tx, connected) = oneshot::channel();
@@ -132,6 +151,16 @@ impl Attempt {
             let kill = kill.clone();
             let drain = drain.clone();
             async move {
+                let options = match &shared.pre_start_hook {
+                    None => shared.options(&material),
+                    Some(hook) => tokio::select! {
+                        m = hooks::pre_start(hook, &ctx, &material) => match m {
+                            Ok(m) => shared.options(&m),
+                            Err(e) => return End::Hook(e),
+                        },
+                        () = kill.cancelled() => return End::Crashed("cancelled".into()),
+                    },
+                };
                 let ws = tokio::select! {
                     ws = shared.dialer.dial() => match ws {
                         Ok(ws) => ws,
@@ -142,9 +171,13 @@ impl Attempt {
                 let stream = Killable::new(ws, kill.clone());
                 let proxy = shared.dialer.endpoint().url();
                 let name = shared.name.clone();
+                let post_start = shared.post_start_hook.clone();
                 let on_connected = move || {
                     info!(%proxy, %name, "connected to proxy");
                     let _ = connected_tx.send(());
+                    if let Some(hook) = post_start {
+                        hooks::spawn_post_start(hook, ctx);
+                    }
                 };
                 let end = tunnel::client::run_with_drain(
                     stream,
@@ -198,6 +231,9 @@ pub async fn run(
         kubernetes_service: config.kubernetes_service,
         kubesphere_service: config.kubesphere_service,
         allow_dial: config.allow_dial,
+        pre_start_hook: config.pre_start_hook,
+        post_start_hook: config.post_start_hook,
+        attempts: AtomicU64::new(0),
     });
     let mut backoff = Backoff::new(config.max_retry_interval);
     let mut failures = 0u32;
@@ -274,6 +310,7 @@ pub async fn run(
             failures += 1;
             match attempt.end().await {
                 End::Dial(e) => warn!(error = %e, "cannot connect to proxy"),
+                End::Hook(e) => warn!(error = %e, "pre-start hook failed"),
                 End::Tunnel(ClientError::Rejected(reason)) => {
                     warn!(reason = reason.as_str(), "rejected by proxy");
                 }
@@ -606,6 +643,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_pre_start_hooks_credentials_are_sent_and_its_failures_retried() {
+        let mut proxy = test_proxy().await;
+        let hook = r#"echo '{"bearerToken": "from-hook"}'"#;
+        let hooked = config(&proxy, &["--pre-start-hook", hook]);
+        let (_tx, rx) = watch::channel(material("good", "own"));
+        let controls = Controls::default();
+        let agent = tokio::spawn(run(hooked, rx, controls.clone()));
+        let session = tokio::time::timeout(WAIT, proxy.admitted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.config().bearer_token, b"from-hook");
+        controls.shutdown.cancel();
+        assert_eq!(
+            tokio::time::timeout(WAIT, agent).await.unwrap().unwrap(),
+            Exit::Terminated
+        );
+
+        // A failing hook is a failed attempt: the proxy never hears of it.
+        let failing = config(
+            &proxy,
+            &[
+                "--pre-start-hook=exit 1",
+                "--max-retry=2",
+                "--max-retry-interval=50ms",
+            ],
+        );
+        let (_tx, rx) = watch::channel(material("good", "own"));
+        let exit = tokio::time::timeout(WAIT, run(failing, rx, Controls::default()))
+            .await
+            .unwrap();
+        assert_eq!(exit, Exit::GaveUp);
+        assert!(proxy.admitted.try_recv().is_err() && proxy.rejections.try_recv().is_err());
+    }
+
     #[test]
     fn the_config_advertises_what_the_agent_dials() {
         let shared = Shared {
@@ -621,6 +694,9 @@ mod tests {
             kubernetes_service: None,
             kubesphere_service: "ks:80".into(),
             allow_dial: Vec::new(),
+            pre_start_hook: None,
+            post_start_hook: None,
+            attempts: AtomicU64::new(0),
         };
         let mut m = Material {
             token: "t".into(),

@@ -74,6 +74,8 @@ pub struct Tower {
     member: KubeCluster,
     host: KubeCluster,
     config_alpha: PathBuf,
+    /// The agent's arguments, for [`Tower::restart_agent`].
+    agent_args: Vec<std::ffi::OsString>,
     kube_port: u16,
     proxy_port: u16,
     fingerprint: String,
@@ -224,6 +226,7 @@ impl Tower {
             cmd.args(["--keepalive", k]);
         }
         cmd.args(&opts.agent_args);
+        let agent_args: Vec<_> = cmd.as_std().get_args().map(ToOwned::to_owned).collect();
         let agent = Proc::spawn("agent", cmd)?;
         agent
             .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
@@ -259,6 +262,7 @@ impl Tower {
             member,
             host,
             config_alpha,
+            agent_args,
             kube_port,
             proxy_port,
             fingerprint,
@@ -300,6 +304,20 @@ impl Tower {
 
     pub fn agent(&self) -> &Proc {
         &self.agent
+    }
+
+    /// Stop the agent and start it again with its arguments plus `extra`
+    /// (e.g. flags that need the member set up first); wait until it is
+    /// connected.
+    pub async fn restart_agent(&mut self, extra: &[&str]) -> Result<()> {
+        self.agent.terminate(Duration::from_secs(10)).await?;
+        let mut cmd = Command::new(bin("agent"));
+        cmd.args(&self.agent_args).args(extra);
+        self.agent = Proc::spawn("agent", cmd)?;
+        self.agent
+            .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
+            .await?;
+        Ok(())
     }
 
     /// Alpha's kube-apiserver port on the proxy (config_alpha's server port).
