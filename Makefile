@@ -21,6 +21,8 @@ $(BIN)/kube-harness: $(shell find tests/kube-harness -name '*.go' -o -name go.mo
 	@mkdir -p $(BIN)
 	@echo ">> building the kube-apiserver harness (the first build compiles Kubernetes: several minutes)"
 	cd tests/kube-harness && $(GO) build -trimpath -ldflags='-s -w' -o ../../$(BIN)/kube-harness .
+	@# excalibur's case 2 as a client-go program (tests/connect.rs)
+	cd tests/kube-harness && $(GO) build -trimpath -ldflags='-s -w' -o ../../$(BIN)/connect-client ./cmd/connect-client
 
 go-peers: $(BIN)/go-agent $(BIN)/go-proxy
 $(BIN)/go-agent $(BIN)/go-proxy: $(shell find tests/go-peers -name '*.go' -o -name go.mod -o -name go.sum 2>/dev/null)

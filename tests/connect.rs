@@ -468,6 +468,60 @@ async fn excalibur_cases_2_and_3_the_members_pods_through_the_port_and_the_socke
             .await?
             >= 1.0
     );
+
+    // The same as users write it: a client-go program with a dialer that
+    // goes through the door (tests/kube-harness/cmd/connect-client).
+    let member = setup.member.as_ref().context("member")?;
+    // (No controller-manager here to create the namespace's ServiceAccount.)
+    member.kubectl_ok(&["create", "serviceaccount", "default"]);
+    member.kubectl_ok(&[
+        "run",
+        "box",
+        "--image=registry.k8s.io/pause:3.10",
+        "--restart=Never",
+        "--overrides",
+        r#"{"spec":{"automountServiceAccountToken":false}}"#,
+    ]);
+    let (crt, key) = setup.client_cert("tower:alpha")?;
+    let go_client = |door: Vec<std::ffi::OsString>, authority: &str| {
+        let mut cmd = Command::new(bin("connect-client"));
+        cmd.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg(format!("--authority={authority}"))
+            .args(door)
+            .kill_on_drop(true);
+        clean_env(&mut cmd);
+        cmd.output()
+    };
+    let through_port = || -> Vec<std::ffi::OsString> {
+        vec![
+            format!("--proxy={}", setup.connect_addr).into(),
+            "--proxy-ca".into(),
+            setup.ca().join("ca.crt").into(),
+            "--proxy-cert".into(),
+            crt.clone().into(),
+            "--proxy-key".into(),
+            key.clone().into(),
+        ]
+    };
+    let through_socket = vec!["--proxy-socket".into(), setup.socket("alpha").into()];
+    for (door, name) in [(through_port(), "port"), (through_socket, "socket")] {
+        let out = go_client(door, "alpha:443").await?;
+        ensure!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| l == "box"),
+            "client-go through the {name}: {out:?}"
+        );
+    }
+    // A target the agent does not allow: client-go's error carries the reason.
+    let out = go_client(through_port(), "127.0.0.1:22").await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("403") && stderr.contains("--allow-dial"),
+        "{out:?}"
+    );
     Ok(())
 }
 

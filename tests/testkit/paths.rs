@@ -16,7 +16,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = workspace_root().join("bin").join(name);
     if !path.is_file() {
         let target = match name {
-            "kube-harness" => "make harness",
+            "kube-harness" | "connect-client" => "make harness",
             "go-agent" | "go-proxy" => "make go-peers",
             "proxy" | "agent" => "make build",
             "kubectl" => "bash .ci/run (builds bin/kubectl when kubectl is missing)",
