@@ -987,6 +987,34 @@ async fn cluster_port_requires_our_client_certificate() -> Result<()> {
         );
         eprintln!("kubectl with {what}: {}", stderr.trim());
     }
+    // One CA signs every cluster's kubeconfig, yet alpha's opens alpha
+    // only: at beta's port kubectl hears why (issue #12, scoped credentials).
+    let (beta_agent, beta_config, beta) = env.connect("beta").await?;
+    let (beta_port, _) = cluster_ports(&beta);
+    let path = env.dir.path().join("config_alpha_at_beta");
+    std::fs::write(
+        &path,
+        kubeconfig_json(
+            &format!("https://127.0.0.1:{beta_port}"),
+            &ca,
+            json!({
+                "client-certificate-data": b64_encode(&cert),
+                "client-key-data": b64_encode(&key),
+            }),
+        ),
+    )?;
+    let out = kubectl(&path, &["get", "ns", "--request-timeout=60s"]).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && stderr.contains("Forbidden")
+            && stderr.contains("issued for cluster \"alpha\""),
+        "alpha's kubeconfig at beta's port: {out:?}"
+    );
+    eprintln!("alpha's kubeconfig at beta's port: {}", stderr.trim());
+    kubectl_ok(&beta_config, &["get", "ns", MEMBER_NS]).await?;
+    drop(beta_agent);
+
     // The agent and the proxy still serve the real client afterwards.
     kubectl_ok(&config, &["get", "ns", MEMBER_NS]).await?;
     drop(agent);

@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
+use crate::identity::ca::cluster_of;
+
 /// A kubeconfig for one cluster; YAML, as kubectl writes them.
 pub fn render(cluster: &str, server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
     format!(
@@ -25,6 +27,8 @@ pub struct Published {
     pub ca_data: Option<String>,
     /// Expiry of the first user's client certificate.
     pub cert_not_after: Option<SystemTime>,
+    /// The cluster that certificate was issued for (CN `tower:<cluster>`).
+    pub cert_cluster: Option<String>,
 }
 
 /// Read a published kubeconfig (base64 of YAML); `None` if it is not one.
@@ -32,39 +36,56 @@ pub fn read(b64: &str) -> Option<Published> {
     let yaml = String::from_utf8(B64.decode(b64.trim()).ok()?).ok()?;
     let config = kube::config::Kubeconfig::from_yaml(&yaml).ok()?;
     let cluster = config.clusters.first().and_then(|c| c.cluster.as_ref());
-    let cert_not_after = config
+    let cert = config
         .auth_infos
         .first()
         .and_then(|a| a.auth_info.as_ref())
         .and_then(|a| a.client_certificate_data.as_ref())
         .and_then(|cert| B64.decode(cert).ok())
-        .and_then(|pem| pem_not_after(&pem));
+        .and_then(|pem| pem_cert(&pem));
     Some(Published {
         server: cluster.and_then(|c| c.server.clone()),
         ca_data: cluster.and_then(|c| c.certificate_authority_data.clone()),
-        cert_not_after,
+        cert_not_after: cert.as_ref().map(|(not_after, _)| *not_after),
+        cert_cluster: cert.and_then(|(_, cn)| cluster_of(&cn?).map(str::to_string)),
     })
 }
 
 /// True when the published kubeconfig points at `server`, trusts `ca_pem`
-/// and its client certificate is not due for renewal (`renew` before expiry).
-pub fn is_current(b64: &str, server: &str, ca_pem: &str, now: SystemTime, renew: Duration) -> bool {
+/// and its client certificate is for `cluster` (one written by Go Tower or
+/// an older release is not: it is rewritten) and not due for renewal
+/// (`renew` before expiry).
+pub fn is_current(
+    b64: &str,
+    cluster: &str,
+    server: &str,
+    ca_pem: &str,
+    now: SystemTime,
+    renew: Duration,
+) -> bool {
     let Some(published) = read(b64) else {
         return false;
     };
-    published.server.as_deref() == Some(server)
+    published.cert_cluster.as_deref() == Some(cluster)
+        && published.server.as_deref() == Some(server)
         && published.ca_data.as_deref() == Some(B64.encode(ca_pem).as_str())
         && published
             .cert_not_after
             .is_some_and(|expiry| expiry > now + renew)
 }
 
-/// Expiry of the first certificate in a PEM block.
-pub fn pem_not_after(pem: &[u8]) -> Option<SystemTime> {
+/// Expiry and subject CN of the first certificate in a PEM block.
+fn pem_cert(pem: &[u8]) -> Option<(SystemTime, Option<String>)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
     let cert = pem.parse_x509().ok()?;
     let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    Some((SystemTime::UNIX_EPOCH + Duration::from_secs(secs), cn))
 }
 
 #[cfg(test)]
@@ -92,8 +113,10 @@ mod tests {
         assert_eq!(read.server.as_deref(), Some("https://10.0.0.1:6443"));
         let expiry = read.cert_not_after.unwrap();
         let now = SystemTime::now();
+        assert_eq!(read.cert_cluster.as_deref(), Some("alpha"));
         assert!(is_current(
             &b64,
+            "alpha",
             "https://10.0.0.1:6443",
             ca.cert_pem(),
             now,
@@ -102,6 +125,7 @@ mod tests {
         // Another server, another CA, or a certificate due for renewal: not current.
         assert!(!is_current(
             &b64,
+            "alpha",
             "https://10.0.0.2:6443",
             ca.cert_pem(),
             now,
@@ -110,6 +134,7 @@ mod tests {
         let other = Ca::generate().unwrap();
         assert!(!is_current(
             &b64,
+            "alpha",
             "https://10.0.0.1:6443",
             other.cert_pem(),
             now,
@@ -118,9 +143,36 @@ mod tests {
         let late = expiry - 10 * DAY;
         assert!(!is_current(
             &b64,
+            "alpha",
             "https://10.0.0.1:6443",
             ca.cert_pem(),
             late,
+            30 * DAY
+        ));
+        // Another cluster's kubeconfig (or Go Tower's, whose certificate
+        // names no cluster) is rewritten.
+        assert!(!is_current(
+            &b64,
+            "beta",
+            "https://10.0.0.1:6443",
+            ca.cert_pem(),
+            now,
+            30 * DAY
+        ));
+        let go = ca.issue_client("kubesphere", &[], 90 * DAY).unwrap();
+        let go = B64.encode(render(
+            "alpha",
+            "https://10.0.0.1:6443",
+            ca.cert_pem(),
+            &go.cert_pem,
+            &go.key_pem,
+        ));
+        assert!(!is_current(
+            &go,
+            "alpha",
+            "https://10.0.0.1:6443",
+            ca.cert_pem(),
+            now,
             30 * DAY
         ));
         assert!(read_garbage_is_none());

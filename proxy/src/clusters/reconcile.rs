@@ -202,10 +202,17 @@ impl<P: Ports> Context<P> {
     fn kubeconfig(&self, cluster: &Cluster, server: &str) -> Result<Option<String>, Error> {
         let current = &cluster.spec.connection.kubeconfig;
         let ca = self.ca.cert_pem();
-        if kubeconfig::is_current(current, server, ca, SystemTime::now(), CLIENT_CERT_RENEW) {
+        let name = cluster.name_any();
+        if kubeconfig::is_current(
+            current,
+            &name,
+            server,
+            ca,
+            SystemTime::now(),
+            CLIENT_CERT_RENEW,
+        ) {
             return Ok(None);
         }
-        let name = cluster.name_any();
         let issued = self
             .ca
             .issue_client(

@@ -38,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use self::forward::{Proxy, RESPONSE_HEADER_TIMEOUT};
 use self::tls::{ServerCert, server_tls};
 use self::upstream::{Connector, Routes};
-use crate::identity::ca::Ca;
+use crate::identity::ca::{Ca, common_name};
+use crate::identity::scope::opens;
 use crate::member::{MemberDialer, Target};
 use crate::ops::accept::accept_loop;
 use crate::ops::in_flight::InFlight;
@@ -304,6 +305,25 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
                     return;
                 }
             };
+            let cn = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(common_name);
+            if let Err(why) = opens(cn.as_deref(), &cluster) {
+                tracing::info!(%cluster, %peer, reason = %why, "refused a client certificate of another cluster");
+                // Answered in HTTP so kubectl shows why, then closed. Plain
+                // text: kubectl's discovery prints a text body as the error,
+                // but only "unknown" for a JSON Status.
+                let refuse = hyper::service::service_fn(move |_req| {
+                    let resp = status::text(hyper::StatusCode::FORBIDDEN, &why);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                http.keep_alive(false);
+                let _ = http.serve_connection(TokioIo::new(tls), refuse).await;
+                return;
+            }
             http.serve_connection(TokioIo::new(tls), service)
                 .with_upgrades()
                 .await

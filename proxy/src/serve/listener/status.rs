@@ -105,12 +105,29 @@ pub fn empty() -> Body {
         .boxed()
 }
 
+/// A one-line plain-text answer: what kubectl prints for a failed
+/// discovery request (it shows a JSON `Status` there as "unknown").
+pub fn text(code: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
 /// A Kubernetes `Status` answer, which kubectl prints as the error.
 pub fn status(code: StatusCode, message: &str) -> Response<Body> {
     let reason = match code {
         StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
         StatusCode::GATEWAY_TIMEOUT => "Timeout",
         StatusCode::BAD_REQUEST => "BadRequest",
+        StatusCode::FORBIDDEN => "Forbidden",
         _ => "BadGateway",
     };
     let body = serde_json::json!({

@@ -335,7 +335,7 @@ async fn start_proxy(registry: &Registry, response_header_timeout: Duration) -> 
     .await
     .unwrap();
     let client = ca
-        .issue_client("kubernetes-admin", &["system:masters"], DAY)
+        .issue_client(&format!("tower:{CLUSTER}"), &["tower:clients"], DAY)
         .unwrap();
     ProxySide {
         ca,
@@ -507,6 +507,27 @@ async fn clients_without_a_certificate_of_our_ca_are_refused() {
         eprintln!("{what}: {err}");
     }
     // Our own client certificate still works.
+    assert_eq!(proxy.get("/echo").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_our_ca_for_another_cluster_are_forbidden() {
+    let (_member, proxy, _agent) = setup(|_| {}).await;
+    let addr = proxy.listener.local_addr();
+    for (cn, words) in [
+        ("tower:beta", "issued for cluster \"beta\""),
+        ("kubernetes-admin", "not issued for cluster"),
+        ("tower-proxy-peer", "replica"),
+    ] {
+        let id = proxy.ca.issue_client(cn, &["system:masters"], DAY).unwrap();
+        let resp = send(addr, Some(client_tls(&proxy.ca, Some(&id))), get("/echo"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{cn}");
+        let message = body_text(resp).await;
+        assert!(message.contains(words), "{cn}: {message}");
+        assert!(message.contains("spec.connection.kubeconfig"), "{message}");
+    }
     assert_eq!(proxy.get("/echo").await.0, StatusCode::OK);
 }
 
