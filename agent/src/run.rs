@@ -49,9 +49,11 @@ pub enum Exit {
     HostKeyMismatch,
 }
 
-/// What the signal handlers tell the loop.
+/// What the signal handlers tell the loop, and where it offers its tunnels.
 #[derive(Clone, Default)]
 pub struct Controls {
+    /// Live tunnels, for the `--hub-listen` listeners.
+    pub hub: tunnel::hub::HubLink,
     /// SIGHUP: stop waiting, retry now.
     pub retry_now: Arc<Notify>,
     /// SIGTERM/SIGINT.
@@ -67,6 +69,7 @@ struct Shared {
     kubernetes_service: Option<String>,
     kubesphere_service: String,
     allow_dial: Vec<tunnel::allow::Rule>,
+    hub: tunnel::hub::HubLink,
 }
 
 impl Shared {
@@ -95,6 +98,7 @@ impl Shared {
             host_key_fingerprint: self.host_key_fingerprint.clone(),
             allowed_targets: vec![kubernetes, self.kubesphere_service.clone()],
             allow_dial: self.allow_dial.clone(),
+            hub: self.hub.clone(),
         }
     }
 }
@@ -198,6 +202,7 @@ pub async fn run(
         kubernetes_service: config.kubernetes_service,
         kubesphere_service: config.kubesphere_service,
         allow_dial: config.allow_dial,
+        hub: controls.hub.clone(),
     });
     let mut backoff = Backoff::new(config.max_retry_interval);
     let mut failures = 0u32;
@@ -621,6 +626,7 @@ mod tests {
             kubernetes_service: None,
             kubesphere_service: "ks:80".into(),
             allow_dial: Vec::new(),
+            hub: Default::default(),
         };
         let mut m = Material {
             token: "t".into(),

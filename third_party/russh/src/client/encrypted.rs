@@ -563,6 +563,16 @@ impl Session {
                 let descr = map_err!(String::decode(&mut r))?;
                 let language = map_err!(String::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
+                // Patched (PATCHES.md): keep the server's own description (why it
+                // refused) for whoever waits on the open.
+                let reason_code = if descr.is_empty() || descr == reason_code.description() {
+                    reason_code
+                } else {
+                    ChannelOpenFailure::Other {
+                        code: reason_code.code(),
+                        reason: descr.clone(),
+                    }
+                };
                 // Unlike other channel-scoped messages this arrives for a
                 // channel the client opened but that is not yet confirmed, so
                 // gate on existence in the encrypted table rather than
