@@ -142,11 +142,14 @@ impl<H: russh::client::Handler> Opener for russh::client::Handle<H> {
     }
 }
 
+/// The live tunnels, oldest first, each with the id its [`Attached`] removes.
+type Live = Vec<(u64, Arc<dyn Opener>)>;
+
 /// The agent's way to the live tunnel(s): hub channels go through the newest.
 /// Cheap to clone; one per agent, shared by its listeners and its tunnels.
 #[derive(Clone, Default)]
 pub struct HubLink {
-    live: Arc<Mutex<Vec<(u64, Arc<dyn Opener>)>>>,
+    live: Arc<Mutex<Live>>,
     next: Arc<AtomicU64>,
 }
 
