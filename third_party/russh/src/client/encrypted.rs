@@ -591,7 +591,9 @@ impl Session {
                         .await;
                 }
 
-                let _ = self.sender.send(Reply::ChannelOpenFailure);
+                // Patched (PATCHES.md): no `Reply::ChannelOpenFailure` here. Nothing
+                // reads replies after login (channels open only after it), so each
+                // refusal stayed queued until the session ended.
 
                 client
                     .channel_open_failure(channel_num, reason_code, &descr, &language, self)

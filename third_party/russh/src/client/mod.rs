@@ -120,7 +120,7 @@ enum Reply {
         proceed_with_methods: MethodSet,
         partial_success: bool,
     },
-    ChannelOpenFailure,
+    // Patched (PATCHES.md): `ChannelOpenFailure` removed, see client/encrypted.rs.
     SignRequest {
         key: ssh_key::PublicKey,
         data: Vec<u8>,
