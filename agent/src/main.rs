@@ -14,7 +14,8 @@
 //! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY, chosen for that endpoint;
 //! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
 //! - [`run`]: the reconnect loop, with [`backoff`] and [`killable`], running
-//!   the [`hooks`] around each connection.
+//!   the [`hooks`] around each connection;
+//! - [`hub`]: `--hub-listen`, pull mode's listeners, over the live tunnel.
 //!
 //! Imports have no cycles: `dial` uses `proxy_env` and `endpoint`, `proxy_env`
 //! uses `endpoint`, and `endpoint` uses neither (only `tunnel::addr`).
@@ -28,6 +29,7 @@ mod credentials;
 mod dial;
 mod endpoint;
 mod hooks;
+mod hub;
 mod killable;
 mod options;
 mod proxy_env;
@@ -120,6 +122,14 @@ async fn agent(config: options::Config) -> anyhow::Result<Exit> {
     }
 
     let controls = Controls::default();
+    for (service, listener) in hub::bind(&config.hub_listen).await? {
+        tokio::spawn(hub::serve(
+            service,
+            listener,
+            controls.hub.clone(),
+            controls.shutdown.clone(),
+        ));
+    }
     let refresh = Arc::new(Notify::new());
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut terminate =

@@ -101,6 +101,12 @@ pub struct Flags {
     #[arg(long = "allow-dial", value_name = "RULE", value_parser = tunnel::allow::Rule::parse)]
     pub allow_dial: Vec<tunnel::allow::Rule>,
 
+    /// Pull mode (repeatable): listen on ADDR and carry each connection through
+    /// the tunnel to the hub service NAME the proxy publishes, e.g.
+    /// hub-api=127.0.0.1:6443.
+    #[arg(long = "hub-listen", value_name = "NAME=ADDR", value_parser = crate::hub::parse_listen)]
+    pub hub_listen: Vec<crate::hub::Listen>,
+
     /// How often token files and the kubeconfig are re-read (SIGHUP re-reads now).
     #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub credentials_refresh_interval: Duration,
@@ -150,6 +156,8 @@ pub struct Config {
     pub allow_dial: Vec<tunnel::allow::Rule>,
     pub pre_start_hook: Option<Hook>,
     pub post_start_hook: Option<Hook>,
+    /// `--hub-listen` listeners, one per service name.
+    pub hub_listen: Vec<crate::hub::Listen>,
 }
 
 impl Flags {
@@ -220,6 +228,14 @@ impl Flags {
         };
         let pre_start_hook = hook("--pre-start-hook", self.pre_start_hook)?;
         let post_start_hook = hook("--post-start-hook", self.post_start_hook)?;
+        for (i, listen) in self.hub_listen.iter().enumerate() {
+            if self.hub_listen[..i]
+                .iter()
+                .any(|l| l.service == listen.service)
+            {
+                bail!("--hub-listen {}: the name is given twice", listen.service);
+            }
+        }
 
         Ok(Config {
             name,
@@ -236,6 +252,7 @@ impl Flags {
             allow_dial: self.allow_dial,
             pre_start_hook,
             post_start_hook,
+            hub_listen: self.hub_listen,
         })
     }
 }
@@ -374,6 +391,21 @@ mod tests {
         assert!(e.contains("no port"), "{e}");
         let e = err(&["--kubernetes-service", "[nothost]:1"]);
         assert!(e.contains("not an IPv6"), "{e}");
+    }
+
+    #[test]
+    fn hub_listen() {
+        let config = check(&["--hub-listen", "hub-api=127.0.0.1:6443"]).unwrap();
+        assert_eq!(config.hub_listen[0].service, "hub-api");
+        assert_eq!(config.hub_listen[0].addr.port(), 6443);
+        let e = err(&["--hub-listen=a=127.0.0.1:1", "--hub-listen=a=127.0.0.1:2"]);
+        assert!(e.contains("--hub-listen a") && e.contains("twice"), "{e}");
+        for (value, says) in [("hub-api", "NAME=ADDR"), ("hub-api=h:1", "IP:PORT")] {
+            let e = Flags::try_parse_from(["agent", "--name", "a", "--hub-listen", value])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--hub-listen") && e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -57,9 +57,11 @@ pub enum Exit {
     HostKeyMismatch,
 }
 
-/// What the signal handlers tell the loop.
+/// What the signal handlers tell the loop, and where it offers its tunnels.
 #[derive(Clone, Default)]
 pub struct Controls {
+    /// Live tunnels, for the `--hub-listen` listeners.
+    pub hub: tunnel::hub::HubLink,
     /// SIGHUP: stop waiting, retry now.
     pub retry_now: Arc<Notify>,
     /// SIGTERM/SIGINT.
@@ -79,6 +81,7 @@ struct Shared {
     post_start_hook: Option<Hook>,
     /// Attempts started so far (`TOWER_ATTEMPT`).
     attempts: AtomicU64,
+    hub: tunnel::hub::HubLink,
 }
 
 impl Shared {
@@ -107,6 +110,7 @@ impl Shared {
             host_key_fingerprint: self.host_key_fingerprint.clone(),
             allowed_targets: vec![kubernetes, self.kubesphere_service.clone()],
             allow_dial: self.allow_dial.clone(),
+            hub: self.hub.clone(),
         }
     }
 }
@@ -234,6 +238,7 @@ pub async fn run(
         pre_start_hook: config.pre_start_hook,
         post_start_hook: config.post_start_hook,
         attempts: AtomicU64::new(0),
+        hub: controls.hub.clone(),
     });
     let mut backoff = Backoff::new(config.max_retry_interval);
     let mut failures = 0u32;
@@ -697,6 +702,7 @@ mod tests {
             pre_start_hook: None,
             post_start_hook: None,
             attempts: AtomicU64::new(0),
+            hub: Default::default(),
         };
         let mut m = Material {
             token: "t".into(),

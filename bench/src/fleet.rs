@@ -84,6 +84,7 @@ impl Fleet {
                     host_key_fingerprint: Some(options.fingerprint.clone()),
                     allowed_targets: vec!["127.0.0.1:9".into()],
                     allow_dial: Vec::new(),
+                    hub: Default::default(),
                 };
                 let agents = agents.clone();
                 let gate = gate.clone();

@@ -8,6 +8,7 @@
 //! read, CA parsed, selector and addresses parsed) before the proxy touches the
 //! network, so a bad flag stops it at once with a message naming the flag.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -123,6 +124,11 @@ pub struct Flags {
     /// selector, or local clients.
     #[arg(long, value_name = "DIR")]
     pub connect_socket_dir: Option<PathBuf>,
+    /// Pull mode: publish a service on the hub's side to agents under NAME
+    /// (repeatable), e.g. hub-api=kubernetes.default.svc:443. A cluster opts in
+    /// with the annotation tower.kubesphere.io/hub-services: NAME[,NAME].
+    #[arg(long = "hub-service", value_parser = crate::agents::hub::parse_flag, value_name = "NAME=HOST:PORT")]
+    pub hub_services: Vec<(String, String)>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -169,6 +175,8 @@ pub struct Config {
     pub forwards: Vec<(String, SocketAddr)>,
     pub connect_port: Option<u16>,
     pub connect_socket_dir: Option<PathBuf>,
+    /// `--hub-service`: published name to address.
+    pub hub_services: BTreeMap<String, String>,
 }
 
 impl Flags {
@@ -302,6 +310,12 @@ impl Flags {
         {
             bail!("--connect-socket-dir {}: not a directory", dir.display());
         }
+        let mut hub_services = BTreeMap::new();
+        for (name, addr) in self.hub_services {
+            if hub_services.insert(name.clone(), addr).is_some() {
+                bail!("--hub-service {name}: the name is published twice");
+            }
+        }
         let host_key_given = self.host_key.is_some();
         let host_key = self
             .host_key
@@ -327,6 +341,7 @@ impl Flags {
             forwards: self.forwards,
             connect_port: self.connect_port,
             connect_socket_dir: self.connect_socket_dir,
+            hub_services,
         })
     }
 

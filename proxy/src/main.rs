@@ -14,7 +14,8 @@
 //!   names it marks its Kubernetes objects with.
 //! - [`agents`]: the agents' port ([`agents::endpoint`]), who may join
 //!   ([`agents::admission`] with a [`agents::store::ClusterStore`]), who is
-//!   connected ([`agents::registry`]), letting them go ([`agents::drain`]).
+//!   connected ([`agents::registry`]), letting them go ([`agents::drain`]),
+//!   which hub services their agents reach ([`agents::hub`], pull mode).
 //! - [`member`]: the one seam to a member, [`member::MemberDialer`]: session
 //!   picked, channel opened, TLS verified, credentials to present.
 //! - [`serve`]: the client-facing ports: the per-cluster HTTPS/HTTP

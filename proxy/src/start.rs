@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::admission::Gate;
 use crate::agents::drain::drain;
 use crate::agents::endpoint::{self, Endpoint};
+use crate::agents::hub::HubServices;
 use crate::agents::registry::Registry;
 use crate::agents::store::ClusterStore;
 use crate::clusters::refusals::RefusalEvents;
@@ -69,13 +70,21 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         Mode::File(store) => {
             let mut core = core;
             let host_key = host_key_from_file(&core.config)?;
-            let gate = Gate::new(core.registry.clone(), Arc::new(store));
+            let gate = Gate::new(core.registry.clone(), Arc::new(store), hub_services(&core));
             let ready = Arc::new(AtomicBool::new(true));
             let ca = core.config.ca.take().map(Arc::new);
             serve_agents(&core, gate, host_key, ready, ca, None, None).await
         }
         Mode::Kubernetes { kubeconfig } => with_kubernetes(core, kubeconfig).await,
     }
+}
+
+/// `--hub-service`, logged once: what agents may reach on this side.
+fn hub_services(core: &Core) -> HubServices {
+    for (service, addr) in &core.config.hub_services {
+        tracing::info!(%service, %addr, "publishing hub service");
+    }
+    HubServices::new(core.config.hub_services.clone(), core.metrics.clone())
 }
 
 fn host_key_from_file(config: &Config) -> anyhow::Result<russh::keys::PrivateKey> {
@@ -179,7 +188,7 @@ async fn with_kubernetes(
     ));
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
-    let gate = Gate::new(core.registry.clone(), running.clusters);
+    let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core));
     let background = Background {
         owners,
         stop,

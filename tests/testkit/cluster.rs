@@ -163,6 +163,18 @@ impl KubeCluster {
         &self.kubeconfig
     }
 
+    /// `127.0.0.1:<port>` of the kube-apiserver, from the admin kubeconfig.
+    pub fn server_addr(&self) -> Result<String> {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .with_context(|| format!("reading {}", self.kubeconfig.display()))?;
+        let server = kc
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.as_ref()?.server.clone())
+            .context("no server in the kubeconfig")?;
+        Ok(server.trim_start_matches("https://").to_string())
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -95,7 +95,7 @@ pub use net::{EchoServer, free_addr, free_port};
 pub use paths::{bin, kubectl_binary, workspace_root};
 pub use proc::{Proc, Stream, log_field};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};
-pub use tower::{CLUSTER, Tower, TowerOptions};
+pub use tower::{CLUSTER, HOST_SERVER, Tower, TowerOptions};
 pub use wait::{wait_for_ok, wait_until};
 
 // Re-exported so tests use the exact versions the testkit was built with.

@@ -40,6 +40,8 @@ use crate::wait::wait_for_ok;
 pub const CLUSTER: &str = "alpha";
 const CRD: &str = "crd/clusters.cluster.kubesphere.io";
 const NS: &str = "kubesphere-system";
+/// In [`TowerOptions::proxy_args`]: the host kube-apiserver's `host:port`.
+pub const HOST_SERVER: &str = "{host-server}";
 const SETTLE: Duration = Duration::from_secs(120);
 
 /// What [`Tower::start_with`] sets up.
@@ -50,6 +52,7 @@ pub struct TowerOptions {
     /// `--keepalive` of the proxy and the agent (default: theirs, 30s).
     pub keepalive: Option<String>,
     /// More flags for the proxy and the agent (e.g. `--log-format json`).
+    /// [`HOST_SERVER`] in a proxy flag becomes the host kube-apiserver's `host:port`.
     pub proxy_args: Vec<String>,
     pub agent_args: Vec<String>,
 }
@@ -155,7 +158,12 @@ impl Tower {
         if let Some(k) = &opts.keepalive {
             cmd.args(["--keepalive", k]);
         }
-        cmd.args(&opts.proxy_args);
+        let host_server = host.server_addr()?;
+        cmd.args(
+            opts.proxy_args
+                .iter()
+                .map(|a| a.replace(HOST_SERVER, &host_server)),
+        );
         let proxy = Proc::spawn("proxy", cmd)?;
         let line = proxy
             .wait_for_line(|l| l.contains("SSH host key"), SETTLE)

@@ -61,6 +61,8 @@ pub struct ClientOptions {
     pub allowed_targets: Vec<String>,
     /// `--allow-dial` rules: further targets the proxy may ask for.
     pub allow_dial: Vec<crate::allow::Rule>,
+    /// Where this tunnel is offered for hub channels (pull mode) while it is up.
+    pub hub: crate::hub::HubLink,
 }
 
 /// Why a tunnel ended.
@@ -250,8 +252,10 @@ where
         Ok(Err(e)) => return e,
         Ok(Ok(handle)) => handle,
     };
+    let handle = Arc::new(handle);
+    let _hub = options.hub.attach(handle.clone());
     on_connected();
-    keepalive(handle, options.keepalive, &ended).await
+    keepalive(&handle, options.keepalive, &ended).await
 }
 
 async fn handshake<S, D>(
@@ -291,7 +295,7 @@ where
 /// Ping every `period`; a ping unanswered within a period is a miss. Returns
 /// as soon as the session ends, not at the next ping.
 async fn keepalive<D: Dialer>(
-    handle: Handle<Handler<D>>,
+    handle: &Handle<Handler<D>>,
     period: Duration,
     ended: &Notify,
 ) -> ClientError {

@@ -8,6 +8,7 @@
 //!     -> SSH-2 with Tower's identification lines                    [ssh]
 //!     -> `config` global request: the agent's credentials           [wire::AgentConfig]
 //!     -> `kubesphere` channels opened by the proxy, one per stream  [server, client]
+//!     -> `tower-hub@kubesphere.io` channels opened by the agent     [hub]
 //! ```
 //!
 //! The agent dials out and is the SSH *client*; the proxy is the SSH *server* yet
@@ -28,6 +29,7 @@ pub mod allow;
 pub mod cli;
 pub mod client;
 pub mod copy;
+pub mod hub;
 pub mod limits;
 pub mod server;
 pub mod ssh;

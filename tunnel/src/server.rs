@@ -5,8 +5,9 @@
 //! [`Admission`] whether that agent may join, answers (success, or failure with
 //! the reason, never silence), closes rejected connections, and answers `ping`.
 //! An admitted agent becomes a [`Session`] through which the proxy [`Session::dial`]s
-//! `kubesphere` channels. Channels the agent tries to open are refused: Tower let
-//! agents dial into the host network through them.
+//! `kubesphere` channels. Channels the agent tries to open are refused (Tower let
+//! agents dial into the host network through them), except hub channels to
+//! services the proxy publishes by name ([`crate::hub`], pull mode).
 
 use std::future::Future;
 use std::io;
@@ -21,7 +22,10 @@ use russh::{Channel, ChannelId, ChannelStream, Disconnect};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
-use crate::wire::{AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, PING_REQUEST};
+use crate::hub::{HubRefusal, HubUpstream};
+use crate::wire::{
+    AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, HUB_CHANNEL_TYPE, PING_REQUEST,
+};
 
 /// How long an agent has, from the moment its upgraded connection is handed
 /// to SSH, to finish the handshake and send `config`.
@@ -37,6 +41,21 @@ pub trait Admission: Send + Sync + 'static {
     /// Admit `session` (its config is [`Session::config`]) or say why not; the
     /// reason is sent to the agent, so it must not reveal secrets.
     fn admit(&self, session: Session) -> impl Future<Output = Result<Self::Guard, String>> + Send;
+
+    /// The admitted agent of `session` opened a hub channel to `service` (a
+    /// name, unchecked): connect to it, or say why not. Default: refuse.
+    fn open_hub(
+        &self,
+        session: &Session,
+        service: &str,
+    ) -> impl Future<Output = Result<HubUpstream, HubRefusal>> + Send {
+        let _ = (session, service);
+        async {
+            Err(HubRefusal::prohibited(
+                "this proxy publishes no hub services",
+            ))
+        }
+    }
 }
 
 /// One connected, admitted agent, as the proxy sees it. Cheap to clone.
@@ -180,6 +199,11 @@ impl Session {
             }
             _ => false,
         }
+    }
+
+    /// A byte stream through `channel`, counted like the proxy's own.
+    pub(crate) fn stream(&self, channel: Channel<Msg>) -> TunnelStream {
+        TunnelStream::new(channel, self.inner.clone())
     }
 
     /// Close the SSH connection, telling the agent why.
@@ -390,6 +414,36 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
     ) -> Result<(), Self::Error> {
         tracing::warn!(peer = %self.peer.addr, target = %format!("{host}:{port}"),
             "refused a channel opened by the agent: agents may not dial into the host network");
+        Ok(())
+    }
+
+    async fn channel_open_custom(
+        &mut self,
+        channel: Channel<Msg>,
+        kind: &str,
+        data: &[u8],
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        match (&self.session, kind) {
+            (Some(session), HUB_CHANNEL_TYPE) => {
+                crate::hub::serve_channel(
+                    self.admission.clone(),
+                    session.clone(),
+                    channel,
+                    data,
+                    reply,
+                );
+            }
+            (None, HUB_CHANNEL_TYPE) => {
+                let refusal = HubRefusal::prohibited("send config first");
+                tokio::spawn(reply.reject(refusal.failure()));
+            }
+            _ => {
+                tracing::warn!(peer = %self.peer.addr, kind, "refused a channel of a type agents may not open");
+                tokio::spawn(reply.reject(russh::ChannelOpenFailure::UnknownChannelType));
+            }
+        }
         Ok(())
     }
 

@@ -21,6 +21,10 @@ pub const CHANNEL_TYPE: &str = "kubesphere";
 /// (our extension; Go agents refuse unknown channel types, and the proxy then
 /// knows to wait for them to go idle instead).
 pub const DRAIN_CHANNEL_TYPE: &str = "drain@tower.kubesphere.io";
+/// Channel type the agent opens to reach a service the proxy publishes on the
+/// hub's side (pull mode, our extension); its extra data is the raw service
+/// name. Go agents never open it.
+pub const HUB_CHANNEL_TYPE: &str = "tower-hub@kubesphere.io";
 /// Failure text for a wrong name or token; Go agents print it.
 pub const UNAUTHORIZED: &str = "Unauthorized agent";
 /// Largest `config` payload accepted; real ones are a few KiB.

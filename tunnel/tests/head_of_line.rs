@@ -79,6 +79,7 @@ async fn tunnel(targets: Vec<String>) -> Session {
         host_key_fingerprint: None,
         allowed_targets: targets,
         allow_dial: Vec::new(),
+        hub: Default::default(),
     };
     tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();

@@ -5,9 +5,11 @@
 
 use std::sync::Arc;
 
+use tunnel::hub::{HubRefusal, HubUpstream};
 use tunnel::server::{Admission, Session};
 use tunnel::wire::UNAUTHORIZED;
 
+use super::hub::HubServices;
 use super::registry::{Registry, tokens_match};
 use super::store::ClusterStore;
 
@@ -15,11 +17,16 @@ use super::store::ClusterStore;
 pub struct Gate<S> {
     registry: Registry,
     store: Arc<S>,
+    hub: HubServices,
 }
 
 impl<S: ClusterStore> Gate<S> {
-    pub fn new(registry: Registry, store: Arc<S>) -> Self {
-        Self { registry, store }
+    pub fn new(registry: Registry, store: Arc<S>, hub: HubServices) -> Self {
+        Self {
+            registry,
+            store,
+            hub,
+        }
     }
 
     /// Whether `cluster` is one agents may join (it has a token).
@@ -71,5 +78,12 @@ impl<S: ClusterStore> Admission for Gate<S> {
             cluster,
             id,
         })
+    }
+
+    async fn open_hub(&self, session: &Session, service: &str) -> Result<HubUpstream, HubRefusal> {
+        // The session's name passed admission: it is the cluster's own.
+        let cluster = &session.config().name;
+        let opted = self.store.hub_services(cluster);
+        self.hub.open(cluster, opted, service).await
     }
 }

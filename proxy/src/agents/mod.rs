@@ -1,10 +1,11 @@
 //! The agents' side: the port agents dial ([`endpoint`]), who may join
 //! ([`admission`], with tokens from a [`store::ClusterStore`]), and who is
 //! connected ([`registry`]), and how a stopping replica lets them go
-//! ([`drain`]).
+//! ([`drain`]), and which hub services their agents may reach ([`hub`], pull mode).
 
 pub mod admission;
 pub mod drain;
 pub mod endpoint;
+pub mod hub;
 pub mod registry;
 pub mod store;

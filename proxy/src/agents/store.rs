@@ -22,18 +22,54 @@ pub trait ClusterStore: Send + Sync + 'static {
 
     /// A session of `cluster` was added or has ended.
     fn on_change(&self, _cluster: &str) {}
+
+    /// The hub services `cluster` opted in to (pull mode); `None`: it did not
+    /// opt in. Asked for every hub channel, so a change applies at once.
+    fn hub_services(&self, _cluster: &str) -> Option<Vec<String>> {
+        None
+    }
 }
 
 /// Clusters and tokens fixed at start, e.g. from `--clusters-file`.
 #[derive(Default)]
-pub struct StaticClusters(HashMap<String, String>);
+pub struct StaticClusters(HashMap<String, Entry>);
+
+/// One cluster of a `--clusters-file`: its token, or its token and the hub
+/// services it opts in to (the annotation's comma-separated list).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Entry {
+    Token(String),
+    #[serde(rename_all = "camelCase")]
+    Full {
+        token: String,
+        #[serde(default)]
+        hub_services: Option<String>,
+    },
+}
+
+impl Entry {
+    fn token(&self) -> &str {
+        match self {
+            Entry::Token(token) | Entry::Full { token, .. } => token,
+        }
+    }
+}
 
 impl StaticClusters {
-    /// Parse `{"alpha": "<token>", ...}`.
+    /// Parse `{"alpha": "<token>", "beta": {"token": "<token>", "hubServices": "hub-api"}}`.
     pub fn from_json(json: &str) -> Result<Self, String> {
-        let map: HashMap<String, String> = serde_json::from_str(json)
-            .map_err(|e| format!("expected a JSON object of cluster name to token: {e}"))?;
-        if let Some(name) = map.iter().find(|(_, t)| t.is_empty()).map(|(n, _)| n) {
+        let map: HashMap<String, Entry> = serde_json::from_str(json).map_err(|e| {
+            format!(
+                "expected a JSON object of cluster name to token, or to \
+                 {{\"token\": ..., \"hubServices\": \"a,b\"}}: {e}"
+            )
+        })?;
+        if let Some(name) = map
+            .iter()
+            .find(|(_, e)| e.token().is_empty())
+            .map(|(n, _)| n)
+        {
             return Err(format!("cluster {name:?} has an empty token"));
         }
         Ok(Self(map))
@@ -42,7 +78,17 @@ impl StaticClusters {
 
 impl ClusterStore for StaticClusters {
     fn token(&self, cluster: &str) -> Option<String> {
-        self.0.get(cluster).cloned()
+        self.0.get(cluster).map(|e| e.token().to_string())
+    }
+
+    fn hub_services(&self, cluster: &str) -> Option<Vec<String>> {
+        match self.0.get(cluster)? {
+            Entry::Full {
+                hub_services: Some(list),
+                ..
+            } => Some(super::hub::parse_opt_in(list)),
+            _ => None,
+        }
     }
 }
 
@@ -59,5 +105,22 @@ mod tests {
         assert!(err.contains("JSON object"), "{err}");
         let err = StaticClusters::from_json(r#"{"a":""}"#).err().unwrap();
         assert!(err.contains("empty token"), "{err}");
+        let err = StaticClusters::from_json(r#"{"a":{"token":""}}"#)
+            .err()
+            .unwrap();
+        assert!(err.contains("empty token"), "{err}");
+    }
+
+    #[test]
+    fn static_clusters_opt_in_to_hub_services() {
+        let store = StaticClusters::from_json(
+            r#"{"alpha":"t1","beta":{"token":"t2","hubServices":"hub-api, x"},"gamma":{"token":"t3"}}"#,
+        )
+        .unwrap();
+        assert_eq!(store.hub_services("alpha"), None);
+        assert_eq!(store.hub_services("beta").unwrap(), ["hub-api", "x"]);
+        assert_eq!(store.token("beta").as_deref(), Some("t2"));
+        assert_eq!(store.hub_services("gamma"), None);
+        assert_eq!(store.hub_services("delta"), None);
     }
 }

@@ -15,6 +15,7 @@ use super::events::publish;
 use super::service::Addresses;
 use super::status::Kick;
 use super::{Options, Ports, decide};
+use crate::agents::hub;
 use crate::agents::store::ClusterStore;
 use crate::ha::owners::Owners;
 
@@ -38,6 +39,12 @@ impl<P: Ports> ClusterStore for CrStore<P> {
         let obj = self.store.get(&ObjectRef::new(cluster))?;
         (obj.is_served() && !obj.spec.connection.token.is_empty())
             .then(|| obj.spec.connection.token.clone())
+    }
+
+    fn hub_services(&self, cluster: &str) -> Option<Vec<String>> {
+        let obj = self.store.get(&ObjectRef::new(cluster))?;
+        let list = obj.metadata.annotations.as_ref()?.get(hub::ANNOTATION)?;
+        Some(hub::parse_opt_in(list))
     }
 
     async fn on_connect(&self, cluster: &str) -> Result<(), String> {

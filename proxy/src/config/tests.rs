@@ -226,3 +226,30 @@ fn the_connect_port_needs_a_ca_without_kubernetes() {
     let e = err(&[&format!("--connect-socket-dir={}", file.display())]);
     assert!(e.contains("not a directory"), "{e}");
 }
+
+#[test]
+fn hub_services() {
+    let config = check(&[
+        "--hub-service=hub-api=10.0.0.1:6443",
+        "--hub-service",
+        "other=[fd00::1]:443",
+    ])
+    .unwrap();
+    assert_eq!(config.hub_services["hub-api"], "10.0.0.1:6443");
+    assert_eq!(config.hub_services["other"], "[fd00::1]:443");
+    assert!(check(&[]).unwrap().hub_services.is_empty());
+    let e = err(&["--hub-service=a=h:1", "--hub-service=a=h:2"]);
+    assert!(e.contains("--hub-service a") && e.contains("twice"), "{e}");
+    // Bad values are clap's errors, which name the flag.
+    for (value, says) in [
+        ("hub-api", "NAME=HOST:PORT"),
+        ("hub-api=host", "HOST:PORT"),
+        ("Hub=h:1", "DNS label"),
+    ] {
+        let e = Flags::try_parse_from(["proxy", "--hub-service", value])
+            .err()
+            .unwrap_or_else(|| panic!("{value} was accepted"))
+            .to_string();
+        assert!(e.contains("--hub-service") && e.contains(says), "{e}");
+    }
+}

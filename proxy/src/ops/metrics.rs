@@ -54,6 +54,29 @@ pub struct DoorBytesLabel {
     pub direction: String,
 }
 
+/// A cluster and a hub service its agent reached (pull mode).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HubLabel {
+    pub cluster: String,
+    pub service: String,
+}
+
+/// A cluster whose hub channel was refused, and why (`not_published`,
+/// `not_opted_in`, `dial_failed`). No service label: the name comes from the agent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HubRefusalLabel {
+    pub cluster: String,
+    pub reason: String,
+}
+
+/// A hub stream's cluster, service and direction (`to_hub`, `from_hub`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HubBytesLabel {
+    pub cluster: String,
+    pub service: String,
+    pub direction: String,
+}
+
 /// One cluster's line in /metrics, read from the registry at scrape time.
 pub struct ClusterStats {
     pub cluster: String,
@@ -85,6 +108,12 @@ pub struct Metrics {
     pub connect_refusals: Family<RefusalLabel, Counter>,
     /// Bytes through the CONNECT doors' streams, counted when a stream ends.
     pub connect_bytes: Family<DoorBytesLabel, Counter>,
+    /// Hub streams opened by agents (pull mode).
+    pub hub_streams: Family<HubLabel, Counter>,
+    /// Hub channels refused, by reason.
+    pub hub_refusals: Family<HubRefusalLabel, Counter>,
+    /// Bytes through hub streams, counted when a stream ends.
+    pub hub_bytes: Family<HubBytesLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -152,8 +181,29 @@ impl Metrics {
             "Bytes through CONNECT streams that ended, per door, cluster and direction",
             connect_bytes.clone(),
         );
+        let hub_streams = Family::<HubLabel, Counter>::default();
+        registry.register(
+            "hub_streams",
+            "Hub streams opened by agents (pull mode), per cluster and service",
+            hub_streams.clone(),
+        );
+        let hub_refusals = Family::<HubRefusalLabel, Counter>::default();
+        registry.register(
+            "hub_refusals",
+            "Hub channels refused, per cluster and reason",
+            hub_refusals.clone(),
+        );
+        let hub_bytes = Family::<HubBytesLabel, Counter>::default();
+        registry.register(
+            "hub_bytes",
+            "Bytes through hub streams that ended, per cluster, service and direction",
+            hub_bytes.clone(),
+        );
         Metrics {
             registry,
+            hub_streams,
+            hub_refusals,
+            hub_bytes,
             connect_streams,
             connect_refusals,
             connect_bytes,
@@ -169,6 +219,32 @@ impl Metrics {
     pub fn cluster(cluster: &str) -> ClusterLabel {
         ClusterLabel {
             cluster: cluster.to_string(),
+        }
+    }
+
+    pub fn hub_service(cluster: &str, service: &str) -> HubLabel {
+        HubLabel {
+            cluster: cluster.to_string(),
+            service: service.to_string(),
+        }
+    }
+
+    pub fn hub_refusal(cluster: &str, reason: &str) -> HubRefusalLabel {
+        HubRefusalLabel {
+            cluster: cluster.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn count_hub_bytes(&self, cluster: &str, service: &str, to_hub: u64, from_hub: u64) {
+        for (direction, n) in [("to_hub", to_hub), ("from_hub", from_hub)] {
+            self.hub_bytes
+                .get_or_create(&HubBytesLabel {
+                    cluster: cluster.to_string(),
+                    service: service.to_string(),
+                    direction: direction.to_string(),
+                })
+                .inc_by(n);
         }
     }
 

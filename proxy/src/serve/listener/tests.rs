@@ -249,7 +249,8 @@ fn registry() -> Registry {
 fn gate(registry: &Registry) -> Arc<Gate<StaticClusters>> {
     let json = format!(r#"{{"{CLUSTER}": "{AGENT_TOKEN}"}}"#);
     let store = StaticClusters::from_json(&json).unwrap();
-    Arc::new(Gate::new(registry.clone(), Arc::new(store)))
+    let hub = crate::agents::hub::HubServices::new(Default::default(), registry.metrics().clone());
+    Arc::new(Gate::new(registry.clone(), Arc::new(store), hub))
 }
 
 fn shared(registry: &Registry) -> Shared {
@@ -284,6 +285,7 @@ async fn connect_agent(
         host_key_fingerprint: None,
         allowed_targets: targets,
         allow_dial: Vec::new(),
+        hub: Default::default(),
     };
     let agent = tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.unwrap();

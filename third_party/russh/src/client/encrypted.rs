@@ -563,6 +563,16 @@ impl Session {
                 let descr = map_err!(String::decode(&mut r))?;
                 let language = map_err!(String::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
+                // Patched (PATCHES.md): keep the server's own description (why it
+                // refused) for whoever waits on the open.
+                let reason_code = if descr.is_empty() || descr == reason_code.description() {
+                    reason_code
+                } else {
+                    ChannelOpenFailure::Other {
+                        code: reason_code.code(),
+                        reason: descr.clone(),
+                    }
+                };
                 // Unlike other channel-scoped messages this arrives for a
                 // channel the client opened but that is not yet confirmed, so
                 // gate on existence in the encrypted table rather than
@@ -581,7 +591,9 @@ impl Session {
                         .await;
                 }
 
-                let _ = self.sender.send(Reply::ChannelOpenFailure);
+                // Patched (PATCHES.md): no `Reply::ChannelOpenFailure` here. Nothing
+                // reads replies after login (channels open only after it), so each
+                // refusal stayed queued until the session ended.
 
                 client
                     .channel_open_failure(channel_num, reason_code, &descr, &language, self)

@@ -120,7 +120,7 @@ enum Reply {
         proceed_with_methods: MethodSet,
         partial_success: bool,
     },
-    ChannelOpenFailure,
+    // Patched (PATCHES.md): `ChannelOpenFailure` removed, see client/encrypted.rs.
     SignRequest {
         key: ssh_key::PublicKey,
         data: Vec<u8>,
@@ -177,6 +177,12 @@ pub enum Msg {
     /// authentication request gets through.
     SignFailed,
     ChannelOpenSession {
+        channel_ref: ChannelRef,
+    },
+    /// Patched (PATCHES.md): a channel of any type with raw type-specific data.
+    ChannelOpenCustom {
+        kind: String,
+        data: Vec<u8>,
         channel_ref: ChannelRef,
     },
     ChannelOpenX11 {
@@ -849,6 +855,29 @@ impl<H: Handler> Handle<H> {
 
         self.sender
             .send(Msg::ChannelOpenSession { channel_ref })
+            .await
+            .map_err(|_| crate::Error::SendError)?;
+        self.wait_channel_confirmation(receiver, window_size_ref)
+            .await
+    }
+
+    /// Open a channel of type `kind` whose type-specific data is `data`,
+    /// appended verbatim. Patched (PATCHES.md): the client-side twin of
+    /// `server::Handle::channel_open_custom`.
+    pub async fn channel_open_custom(
+        &self,
+        kind: impl Into<String>,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<Channel<Msg>, crate::Error> {
+        let (channel_ref, receiver) = ChannelRef::pair();
+        let window_size_ref = channel_ref.window_size().clone();
+
+        self.sender
+            .send(Msg::ChannelOpenCustom {
+                kind: kind.into(),
+                data: data.into(),
+                channel_ref,
+            })
             .await
             .map_err(|_| crate::Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -1675,6 +1704,18 @@ impl Session {
             }
             Msg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
+                self.channels.insert(id, channel_ref);
+            }
+            // Patched (PATCHES.md): see `Handle::channel_open_custom`.
+            Msg::ChannelOpenCustom {
+                kind,
+                data,
+                channel_ref,
+            } => {
+                let id = self.channel_open_generic(kind.as_bytes(), |write| {
+                    write.extend_from_slice(&data);
+                    Ok(())
+                })?;
                 self.channels.insert(id, channel_ref);
             }
             Msg::ChannelOpenX11 {

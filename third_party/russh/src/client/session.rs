@@ -7,7 +7,7 @@ use crate::session::EncryptedState;
 use crate::{ChannelId, CryptoVec, Disconnect, Pty, Sig, map_err, msg};
 
 impl Session {
-    fn channel_open_generic<F>(
+    pub(crate) fn channel_open_generic<F>(
         &mut self,
         kind: &[u8],
         write_suffix: F,

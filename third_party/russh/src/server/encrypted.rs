@@ -2130,12 +2130,13 @@ impl Session {
                 }
                 Ok(())
             }
-            ChannelType::Unknown { typ, .. } => {
-                debug!("unknown channel type: {typ}");
-                if let Some(ref mut enc) = self.common.encrypted {
-                    msg.unknown_type(&mut enc.write)?;
-                }
-                Ok(())
+            // Patched (PATCHES.md): the handler sees the type and its raw data;
+            // its default answers "unknown channel type" as before.
+            ChannelType::Unknown { typ, data } => {
+                debug!("custom channel type: {typ}");
+                handler
+                    .channel_open_custom(channel, typ, data, reply, self)
+                    .await
             }
         }
     }

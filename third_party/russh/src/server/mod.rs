@@ -492,6 +492,25 @@ pub trait Handler: Sized {
         async { Ok(()) }
     }
 
+    /// Called when the client opens a channel of a type russh does not know,
+    /// with its raw type-specific data. Patched (PATCHES.md): the server-side
+    /// twin of `client::Handler::server_channel_open_custom`. The default
+    /// refuses it as an unknown channel type, as russh did.
+    #[allow(unused_variables)]
+    fn channel_open_custom(
+        &mut self,
+        channel: Channel<Msg>,
+        channel_type: &str,
+        data: &[u8],
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        async move {
+            reply.reject(ChannelOpenFailure::UnknownChannelType).await;
+            Ok(())
+        }
+    }
+
     /// Called when the client confirmed our request to open a
     /// channel. A channel can only be written to after receiving this
     /// message (this library panics otherwise).

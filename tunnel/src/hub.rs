@@ -1,0 +1,226 @@
+//! Pull mode: the agent reaches services on the hub's side through its tunnel.
+//!
+//! The agent opens a [`HUB_CHANNEL_TYPE`] channel whose data is a service
+//! *name*; the proxy maps published names to addresses and never dials an
+//! address the agent sends (Tower's `direct-tcpip` into the host network stays
+//! refused). The proxy's side is [`serve_channel`], deciding through
+//! [`Admission::open_hub`]; the agent's side is a [`HubLink`] to whichever
+//! tunnel is live, which its local listeners open channels through.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use russh::{Channel, ChannelOpenFailure, ChannelStream};
+
+use crate::server::{Admission, OPEN_TIMEOUT, Session};
+use crate::wire::HUB_CHANNEL_TYPE;
+
+/// Longest service name (a DNS label).
+pub const MAX_SERVICE_NAME: usize = 63;
+
+/// Service names are DNS labels: `a-z`, `0-9`, `-`, not starting or ending with `-`.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SERVICE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "service name {name:?} is not a DNS label (a-z, 0-9 and '-', at most {MAX_SERVICE_NAME} characters)"
+        ))
+    }
+}
+
+/// Why the proxy refused a hub channel. `text` is sent to the agent as the
+/// channel-open failure's description, so it must not reveal secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubRefusal {
+    /// False: not allowed (SSH reason 1); true: allowed but unreachable (2).
+    pub unreachable: bool,
+    pub text: String,
+}
+
+impl HubRefusal {
+    pub fn prohibited(text: impl Into<String>) -> Self {
+        Self {
+            unreachable: false,
+            text: text.into(),
+        }
+    }
+
+    pub fn unreachable(text: impl Into<String>) -> Self {
+        Self {
+            unreachable: true,
+            text: text.into(),
+        }
+    }
+
+    pub(crate) fn failure(self) -> ChannelOpenFailure {
+        ChannelOpenFailure::Other {
+            code: if self.unreachable { 2 } else { 1 },
+            reason: self.text,
+        }
+    }
+}
+
+/// The proxy's connection to a published service, joined to the channel.
+pub struct HubUpstream {
+    pub stream: tokio::net::TcpStream,
+    /// Called when the stream ends, with (bytes to the service, bytes from it).
+    pub on_end: Box<dyn FnOnce(u64, u64) + Send>,
+}
+
+/// A hub channel the agent of `session` opened: ask `admission`, then accept
+/// and copy, or refuse with its reason. Runs in a task of its own, off the
+/// session loop.
+pub(crate) fn serve_channel<A: Admission>(
+    admission: Arc<A>,
+    session: Session,
+    channel: Channel<russh::server::Msg>,
+    data: &[u8],
+    reply: russh::server::ChannelOpenHandle,
+) {
+    // Bounded and printable: the name reaches logs and the refusal text.
+    let service: String = String::from_utf8_lossy(data)
+        .chars()
+        .take(MAX_SERVICE_NAME + 1)
+        .collect();
+    tokio::spawn(async move {
+        let mut upstream = match admission.open_hub(&session, &service).await {
+            Ok(upstream) => upstream,
+            Err(refusal) => {
+                tracing::info!(cluster = %session.config().name, %service,
+                    reason = %refusal.text, "refused a hub channel");
+                reply.reject(refusal.failure()).await;
+                return;
+            }
+        };
+        reply.accept().await;
+        let mut stream = session.stream(channel);
+        let (to, from) = match crate::copy::join(&mut stream, &mut upstream.stream).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::debug!(%service, error = %e, "hub stream ended with an error");
+                (0, 0)
+            }
+        };
+        (upstream.on_end)(to, from);
+    });
+}
+
+/// Why the agent could not open a hub channel.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("no tunnel to the proxy is up")]
+    NoTunnel,
+    #[error("the proxy refused: {0}")]
+    Refused(String),
+    #[error("the proxy did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the tunnel closed")]
+    Closed,
+}
+
+type OpenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Channel<russh::client::Msg>, russh::Error>> + Send + 'a>>;
+
+/// Something hub channels can be opened through: a live client session.
+pub(crate) trait Opener: Send + Sync {
+    fn open(&self, service: String) -> OpenFuture<'_>;
+}
+
+impl<H: russh::client::Handler> Opener for russh::client::Handle<H> {
+    fn open(&self, service: String) -> OpenFuture<'_> {
+        Box::pin(self.channel_open_custom(HUB_CHANNEL_TYPE, service.into_bytes()))
+    }
+}
+
+/// The live tunnels, oldest first, each with the id its [`Attached`] removes.
+type Live = Vec<(u64, Arc<dyn Opener>)>;
+
+/// The agent's way to the live tunnel(s): hub channels go through the newest.
+/// Cheap to clone; one per agent, shared by its listeners and its tunnels.
+#[derive(Clone, Default)]
+pub struct HubLink {
+    live: Arc<Mutex<Live>>,
+    next: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for HubLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubLink").finish_non_exhaustive()
+    }
+}
+
+/// Keeps a tunnel usable for hub channels; dropping it (the tunnel ended) detaches it.
+pub(crate) struct Attached {
+    link: HubLink,
+    id: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let mut live = self.link.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl HubLink {
+    pub(crate) fn attach(&self, opener: Arc<dyn Opener>) -> Attached {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.push((id, opener));
+        Attached {
+            link: self.clone(),
+            id,
+        }
+    }
+
+    /// Open a hub channel to `service` through the newest live tunnel.
+    pub async fn open(&self, service: &str) -> Result<ChannelStream<russh::client::Msg>, HubError> {
+        let opener = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.last().map(|(_, o)| o.clone())
+        };
+        let opener = opener.ok_or(HubError::NoTunnel)?;
+        match tokio::time::timeout(OPEN_TIMEOUT, opener.open(service.to_string())).await {
+            Err(_) => Err(HubError::Timeout(OPEN_TIMEOUT)),
+            Ok(Ok(channel)) => Ok(channel.into_stream()),
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
+                Err(HubError::Refused(reason.description().to_string()))
+            }
+            Ok(Err(_)) => Err(HubError::Closed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_dns_labels() {
+        for good in ["hub-api", "a", "x1", &"a".repeat(63)] {
+            assert_eq!(check_service_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Hub", "a.b", "a_b", "a b", &"a".repeat(64)] {
+            let err = check_service_name(bad).unwrap_err();
+            assert!(err.contains("DNS label"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn refusals_carry_their_text_and_code() {
+        let f = HubRefusal::prohibited("no").failure();
+        assert_eq!((f.code(), f.description()), (1, "no"));
+        let f = HubRefusal::unreachable("down").failure();
+        assert_eq!((f.code(), f.description()), (2, "down"));
+    }
+}
