@@ -126,7 +126,9 @@ async fn spawn_replica(
 }
 
 impl Ha {
-    async fn start() -> Result<Ha> {
+    /// `slot`: a number of its own per test in this file, so that tests
+    /// running at the same time get port ranges of their own.
+    async fn start(slot: u16) -> Result<Ha> {
         let (host, member) = tokio::join!(
             KubeCluster::start("host"),
             KubeCluster::start_with_args("member", &["--kubelet"])
@@ -138,7 +140,9 @@ impl Ha {
 
         // Same ports on two addresses, as two pods would have.
         let (agents_port, peer_port) = (free_port(), free_port());
-        let first = 20000 + (std::process::id() % 1900) as u16;
+        // Below the ephemeral range (32768), one range of 10 per test, and
+        // (per process id) apart from other test binaries' ranges.
+        let first = 20000 + (std::process::id() % 600) as u16 * 20 + slot * 10;
         let ports = (agents_port, peer_port, first);
         let a = spawn_replica("a", "127.0.0.1", ports, host.kubeconfig(), dir.path()).await?;
         // `a` leads before `b` starts.
@@ -276,7 +280,7 @@ impl Ha {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_on_one_replica_serves_clients_of_the_other_and_moves_when_it_dies() -> Result<()> {
-    let mut ha = Ha::start().await?;
+    let mut ha = Ha::start(0).await?;
     ensure!(
         lease_holder(&ha.host, "tower-cluster-alpha") == "a",
         "the agent should be on a"
@@ -339,7 +343,7 @@ async fn agent_on_one_replica_serves_clients_of_the_other_and_moves_when_it_dies
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_hands_over_without_a_gap() -> Result<()> {
-    let mut ha = Ha::start().await?;
+    let mut ha = Ha::start(1).await?;
     ensure!(
         lease_holder(&ha.host, "tower-cluster-alpha") == "a",
         "the agent should be on a"
