@@ -249,7 +249,11 @@ fn registry() -> Registry {
 fn gate(registry: &Registry) -> Arc<Gate<StaticClusters>> {
     let json = format!(r#"{{"{CLUSTER}": "{AGENT_TOKEN}"}}"#);
     let store = StaticClusters::from_json(&json).unwrap();
-    let hub = crate::agents::hub::HubServices::new(Default::default(), registry.metrics().clone());
+    let hub = crate::agents::hub::HubServices::new(
+        Default::default(),
+        registry.metrics().clone(),
+        crate::ops::audit::Audit::Off,
+    );
     Arc::new(Gate::new(registry.clone(), Arc::new(store), hub))
 }
 
@@ -259,6 +263,7 @@ fn shared(registry: &Registry) -> Shared {
         relay: None,
         in_flight: InFlight::default(),
         metrics: registry.metrics().clone(),
+        audit: crate::ops::audit::Audit::Off,
     }
 }
 
