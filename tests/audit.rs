@@ -83,9 +83,24 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     let mut cmd = tower.kubectl_command();
     cmd.args(["get", "ns", "audited", "-w", "-o", "name"]);
     let mut watch = Proc::spawn("watch", cmd)?;
-    watch
-        .wait_for_line(|l| l.contains("audited"), SOON)
+    watch.wait_for_line(|l| l.contains("audited"), SOON).await?;
+    // The watch is open once it shows a change (it starts from the GET's
+    // resourceVersion, so none is missed).
+    tower
+        .kubectl_ok(&["label", "ns", "audited", "seen=yes"])
         .await?;
+    wait_until(SOON, || async {
+        watch
+            .lines()
+            .iter()
+            .filter(|l| l.contains("audited"))
+            .count()
+            >= 2
+    })
+    .await?;
+    let patch = record_of(&file, "patch", "/api/v1/namespaces/audited").await?;
+    check_kubeconfig_caller(&patch)?;
+    ensure!(patch["status"] == 200, "{patch}");
     let watched = || {
         records(&file)
             .into_iter()
@@ -98,7 +113,9 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     ensure!(watch_line["status"] == 200, "{watch_line}");
 
     // exec: the 101 and the upgraded stream's bytes, written when it ends.
-    let out = tower.kubectl_ok(&["exec", "box", "--", "echo", "hi"]).await?;
+    let out = tower
+        .kubectl_ok(&["exec", "box", "--", "echo", "hi"])
+        .await?;
     ensure!(out.trim() == "hi", "{out}");
     // SPDY (POST) or websocket (GET), whichever this kubectl speaks.
     let exec = record_of(&file, "exec", "/api/v1/namespaces/default/pods/box/exec").await?;
@@ -119,7 +136,11 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
         ensure!(n == 1, "closed: {:?}", String::from_utf8_lossy(&head));
         head.push(byte[0]);
     }
-    ensure!(head.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&head));
+    ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
     // Some bytes each way: a ClientHello gets an answer (or an alert).
     io.write_all(b"\x16\x03\x01\x00\x05hello").await?;
     io.shutdown().await?;
@@ -160,7 +181,10 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     let token = std::fs::read_to_string(tower.dir().join("alpha.token"))?;
     ensure!(!key.is_empty() && !token.trim().is_empty());
     for secret in [key, token.trim(), "Bearer", "PRIVATE KEY", "client-key"] {
-        ensure!(!text.contains(secret), "{secret:?} in the audit log:\n{text}");
+        ensure!(
+            !text.contains(secret),
+            "{secret:?} in the audit log:\n{text}"
+        );
     }
     #[cfg(unix)]
     {

@@ -182,8 +182,8 @@ pub struct Config {
     pub connect_socket_dir: Option<PathBuf>,
     /// `--hub-service`: published name to address.
     pub hub_services: BTreeMap<String, String>,
-    /// `--audit-log`; `None`: off.
-    pub audit_log: Option<crate::ops::audit::Destination>,
+    /// `--audit-log`, opened; `None`: off.
+    pub audit_log: Option<crate::ops::audit::Output>,
 }
 
 impl Flags {
@@ -323,6 +323,7 @@ impl Flags {
                 bail!("--hub-service {name}: the name is published twice");
             }
         }
+        let audit_log = self.audit_log.as_ref().map(|d| d.open()).transpose()?;
         let host_key_given = self.host_key.is_some();
         let host_key = self
             .host_key
@@ -349,7 +350,7 @@ impl Flags {
             connect_port: self.connect_port,
             connect_socket_dir: self.connect_socket_dir,
             hub_services,
-            audit_log: self.audit_log,
+            audit_log,
         })
     }
 

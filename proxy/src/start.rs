@@ -62,8 +62,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let dialer = MemberDialer::new(registry.clone());
     let mode = std::mem::replace(&mut config.mode, Mode::Kubernetes { kubeconfig: None });
     // Its writer ends with the process: lines are flushed as they are written.
-    let audit = match &config.audit_log {
-        Some(destination) => Audit::open(destination, metrics.clone())?.0,
+    let audit = match config.audit_log.take() {
+        Some(output) => Audit::start(output, metrics.clone()).0,
         None => Audit::Off,
     };
     let core = Core {

@@ -25,6 +25,8 @@ use super::metrics::Metrics;
 
 /// Records waiting for the writer, at most.
 const QUEUE: usize = 4096;
+/// The status of a request the client gave up on before it was answered.
+pub const CLIENT_LEFT: u16 = 499;
 /// At most one "records dropped" warning this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -163,28 +165,41 @@ pub struct Sink {
     last_warning: Mutex<Option<Instant>>,
 }
 
-impl Audit {
-    /// Open `destination` and start its writer, which ends once every handle
-    /// is gone and the queue is written.
-    pub fn open(
-        destination: &Destination,
-        metrics: Arc<Metrics>,
-    ) -> Result<(Self, JoinHandle<()>), OpenError> {
-        let out: Box<dyn AsyncWrite + Send + Unpin> = match destination {
-            Destination::Stdout => Box::new(tokio::io::stdout()),
-            Destination::File(path) => {
-                let mut options = std::fs::OpenOptions::new();
-                options.append(true).create(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let file = options.open(path).map_err(|source| OpenError {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                Box::new(tokio::fs::File::from_std(file))
-            }
+/// An opened `--audit-log`, opened while the flags are checked so a bad
+/// path stops the proxy at once.
+pub enum Output {
+    Stdout,
+    File(std::fs::File),
+}
+
+impl Destination {
+    /// Open for appending (a new file gets mode 0600).
+    pub fn open(&self) -> Result<Output, OpenError> {
+        let path = match self {
+            Self::Stdout => return Ok(Output::Stdout),
+            Self::File(path) => path,
         };
-        Ok(Self::to_writer(out, metrics))
+        let mut options = std::fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path).map_err(|source| OpenError {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Output::File(file))
+    }
+}
+
+impl Audit {
+    /// Start the writer of `output`; it ends once every handle is gone and
+    /// the queue is written. Needs a tokio runtime.
+    pub fn start(output: Output, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
+        let out: Box<dyn AsyncWrite + Send + Unpin> = match output {
+            Output::Stdout => Box::new(tokio::io::stdout()),
+            Output::File(file) => Box::new(tokio::fs::File::from_std(file)),
+        };
+        Self::to_writer(out, metrics)
     }
 
     fn to_writer(
@@ -261,6 +276,11 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(mut record) = self.record.take() {
             record.bytes_in += self.bytes_in.load(Ordering::Relaxed);
+            if record.status == 0 {
+                // Dropped unanswered: nginx's "client closed request".
+                record.status = CLIENT_LEFT;
+                record.reason = Some("the client left before the answer".into());
+            }
             self.audit.log(record);
         }
     }

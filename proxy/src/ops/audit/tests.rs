@@ -63,7 +63,7 @@ async fn lines_are_appended_to_a_private_file() {
     let path = dir.path().join("audit.log");
     std::fs::write(&path, "earlier\n").unwrap();
     let metrics = Arc::new(Metrics::new());
-    let (audit, writer) = Audit::open(&Destination::File(path.clone()), metrics).unwrap();
+    let (audit, writer) = Audit::start(Destination::File(path.clone()).open().unwrap(), metrics);
     for status in [200, 403] {
         let mut pending = audit
             .begin(|| Record::new("unix", "alpha", Caller::named("socket of alpha"), "connect"));
@@ -86,8 +86,10 @@ async fn lines_are_appended_to_a_private_file() {
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(&path);
-        let (audit, writer) =
-            Audit::open(&Destination::File(path.clone()), Arc::new(Metrics::new())).unwrap();
+        let (audit, writer) = Audit::start(
+            Destination::File(path.clone()).open().unwrap(),
+            Arc::new(Metrics::new()),
+        );
         drop(audit);
         writer.await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -130,4 +132,31 @@ fn destinations() {
         Ok(Destination::File("/var/log/tower/audit.log".into()))
     );
     assert!(Destination::parse("").is_err());
+    let err = Destination::parse("/nonexistent/dir/audit.log")
+        .unwrap()
+        .open()
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .starts_with("--audit-log /nonexistent/dir/audit.log: cannot open"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_dropped_unanswered_is_499() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let (audit, writer) = Audit::start(
+        Destination::File(path.clone()).open().unwrap(),
+        Arc::new(Metrics::new()),
+    );
+    drop(audit.begin(|| Record::new("port", "alpha", caller(), "watch")));
+    drop(audit);
+    writer.await.unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+    assert_eq!(line["status"], CLIENT_LEFT);
+    assert_eq!(line["reason"], "the client left before the answer");
 }

@@ -270,6 +270,9 @@ impl Door {
             })
             .inc();
         tracing::debug!(%cluster, target = %connect.authority, door, "CONNECT stream open");
+        if let Some(record) = audit.record() {
+            record.status = 200;
+        }
         let mut io = Counting::new(io);
         if let Err(e) = pipe(&mut io, stream, &early).await {
             tracing::debug!(%cluster, target = %connect.authority, error = %e, "CONNECT stream ended");
@@ -278,7 +281,6 @@ impl Door {
         let to = io.read + early.len() as u64;
         let from = io.written.saturating_sub(ESTABLISHED.len() as u64);
         if let Some(record) = audit.record() {
-            record.status = 200;
             record.bytes_in = to;
             record.bytes_out = from;
         }
