@@ -1,6 +1,8 @@
 //! The listener against a fake member API server, through a real tunnel in
 //! process: one agent, one proxy port, a kubectl stand-in.
 
+mod audit;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
