@@ -330,6 +330,10 @@ struct ProxySide {
 }
 
 async fn start_proxy(registry: &Registry, response_header_timeout: Duration) -> ProxySide {
+    start_proxy_with(&shared(registry), response_header_timeout).await
+}
+
+async fn start_proxy_with(shared: &Shared, response_header_timeout: Duration) -> ProxySide {
     let ca = Arc::new(Ca::generate().unwrap());
     let sans = ["127.0.0.1".to_string(), "localhost".to_string()];
     let cert = ServerCert::new(ca.issue_server(&sans, DAY).unwrap()).unwrap();
@@ -337,7 +341,7 @@ async fn start_proxy(registry: &Registry, response_header_timeout: Duration) -> 
     let listener = ClusterListener::start_with(
         CLUSTER.into(),
         "127.0.0.1:0".parse().unwrap(),
-        &shared(registry),
+        shared,
         Front::Https(TlsAcceptor::from(Arc::new(config))),
         response_header_timeout,
     )

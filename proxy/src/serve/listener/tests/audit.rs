@@ -8,33 +8,11 @@ use crate::ops::audit::{Audit, Destination};
 async fn audited_proxy(registry: &Registry, file: &std::path::Path) -> ProxySide {
     let output = Destination::File(file.to_path_buf()).open().unwrap();
     let (audit, _writer) = Audit::start(output, registry.metrics().clone());
-    let ca = Arc::new(Ca::generate().unwrap());
-    let sans = ["127.0.0.1".to_string()];
-    let cert = ServerCert::new(ca.issue_server(&sans, DAY).unwrap()).unwrap();
-    let config = server_tls(&ca, cert.clone()).unwrap();
     let shared = Shared {
-        audit: audit.clone(),
+        audit,
         ..shared(registry)
     };
-    let front = Front::Https(TlsAcceptor::from(Arc::new(config)));
-    let listener = ClusterListener::start_with(
-        CLUSTER.into(),
-        "127.0.0.1:0".parse().unwrap(),
-        &shared,
-        front,
-        RESPONSE_HEADER_TIMEOUT,
-    )
-    .await
-    .unwrap();
-    let client = ca
-        .issue_client(&format!("tower:{CLUSTER}"), &["tower:clients"], DAY)
-        .unwrap();
-    ProxySide {
-        ca,
-        cert,
-        listener,
-        client,
-    }
+    start_proxy_with(&shared, RESPONSE_HEADER_TIMEOUT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
