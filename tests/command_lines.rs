@@ -320,6 +320,11 @@ async fn proxy_bad_flags_exit_2_before_any_network_io() -> Result<()> {
         ),
         (&["--shutdown-grace=soon"][..], "--shutdown-grace"),
         (&["--v=x"][..], "--v"),
+        (&["--audit-log="][..], "--audit-log"),
+        (
+            &["--audit-log=/nonexistent/dir/audit.log"][..],
+            "--audit-log",
+        ),
     ] {
         let mut cmd = Command::new(bin("proxy"));
         cmd.args(args)

@@ -129,6 +129,11 @@ pub struct Flags {
     /// with the annotation tower.kubesphere.io/hub-services: NAME[,NAME].
     #[arg(long = "hub-service", value_parser = crate::agents::hub::parse_flag, value_name = "NAME=HOST:PORT")]
     pub hub_services: Vec<(String, String)>,
+    /// Audit log: one JSON line per request and stream through the clusters'
+    /// ports, the CONNECT doors and hub channels, appended to FILE (created
+    /// 0600), or - for stdout. Never a token, a query or a body.
+    #[arg(long, value_parser = crate::ops::audit::Destination::parse, value_name = "FILE")]
+    pub audit_log: Option<crate::ops::audit::Destination>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -177,6 +182,8 @@ pub struct Config {
     pub connect_socket_dir: Option<PathBuf>,
     /// `--hub-service`: published name to address.
     pub hub_services: BTreeMap<String, String>,
+    /// `--audit-log`, opened; `None`: off.
+    pub audit_log: Option<crate::ops::audit::Output>,
 }
 
 impl Flags {
@@ -316,6 +323,7 @@ impl Flags {
                 bail!("--hub-service {name}: the name is published twice");
             }
         }
+        let audit_log = self.audit_log.as_ref().map(|d| d.open()).transpose()?;
         let host_key_given = self.host_key.is_some();
         let host_key = self
             .host_key
@@ -342,6 +350,7 @@ impl Flags {
             connect_port: self.connect_port,
             connect_socket_dir: self.connect_socket_dir,
             hub_services,
+            audit_log,
         })
     }
 

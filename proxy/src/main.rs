@@ -8,7 +8,7 @@
 //! it; `docs/architecture.md` follows one kubectl request through them):
 //!
 //! - [`ops`]: what everything uses to run and be watched: the metrics handle,
-//!   the in-flight count a draining replica waits for, the one accept loop,
+//!   the audit log, the in-flight count a draining replica waits for, the one accept loop,
 //!   signals.
 //! - [`identity`]: the proxy's CA, the Secret with its SSH host key, the
 //!   names it marks its Kubernetes objects with.

@@ -1,8 +1,8 @@
 //! Start, serve, stop: the proxy's parts built in dependency order, then
 //! served until SIGTERM, then drained.
 //!
-//! Build order (nothing is filled in later): metrics and the session
-//! registry; the member dialer over the registry; with Kubernetes, the
+//! Build order (nothing is filled in later): metrics, the audit log and the
+//! session registry; the member dialer over the registry; with Kubernetes, the
 //! proxy's identity, the HA pieces (replica records, the peer port, the
 //! leader election), the cluster ports over the dialer, the Cluster
 //! controller over the ports, the status refresher; last the admission gate
@@ -37,6 +37,7 @@ use crate::ha::peers::Peers;
 use crate::identity::ca::Ca;
 use crate::identity::secret;
 use crate::member::MemberDialer;
+use crate::ops::audit::Audit;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
@@ -51,6 +52,7 @@ struct Core {
     dialer: MemberDialer,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
+    audit: Audit,
 }
 
 /// Run the proxy until SIGTERM or SIGINT, then drain.
@@ -59,12 +61,18 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let registry = Registry::new(metrics.clone());
     let dialer = MemberDialer::new(registry.clone());
     let mode = std::mem::replace(&mut config.mode, Mode::Kubernetes { kubeconfig: None });
+    // Its writer ends with the process: lines are flushed as they are written.
+    let audit = match config.audit_log.take() {
+        Some(output) => Audit::start(output, metrics.clone()).0,
+        None => Audit::Off,
+    };
     let core = Core {
         config,
         registry,
         dialer,
         in_flight: InFlight::default(),
         metrics,
+        audit,
     };
     match mode {
         Mode::File(store) => {
@@ -84,7 +92,11 @@ fn hub_services(core: &Core) -> HubServices {
     for (service, addr) in &core.config.hub_services {
         tracing::info!(%service, %addr, "publishing hub service");
     }
-    HubServices::new(core.config.hub_services.clone(), core.metrics.clone())
+    HubServices::new(
+        core.config.hub_services.clone(),
+        core.metrics.clone(),
+        core.audit.clone(),
+    )
 }
 
 fn host_key_from_file(config: &Config) -> anyhow::Result<russh::keys::PrivateKey> {
@@ -142,6 +154,7 @@ async fn with_kubernetes(
         relay: ha.as_ref().map(|h| h.peers.clone() as Arc<dyn Relay>),
         in_flight: core.in_flight.clone(),
         metrics: core.metrics.clone(),
+        audit: core.audit.clone(),
     };
     let ports = Arc::new(ListenerPorts::new(ca.clone(), core.config.bind, shared));
     let door_ca = ca.clone();
@@ -310,6 +323,7 @@ async fn serve_agents<S: ClusterStore>(
             metrics: core.metrics.clone(),
             in_flight: core.in_flight.clone(),
             report,
+            audit: core.audit.clone(),
         });
         let doors = Doors {
             port: config.connect_port,

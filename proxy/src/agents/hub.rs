@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tunnel::hub::{HubRefusal, HubUpstream};
 
+use crate::ops::audit::{Audit, Caller, Record};
 use crate::ops::metrics::Metrics;
 
 /// The Cluster annotation listing the hub services its agent may reach,
@@ -83,15 +84,21 @@ pub fn decide<'a>(
     }
 }
 
-/// The published services, and the dialing and counting of hub streams.
+/// The published services, and the dialing, counting and auditing of hub
+/// streams.
 pub struct HubServices {
     published: BTreeMap<String, String>,
     metrics: Arc<Metrics>,
+    audit: Audit,
 }
 
 impl HubServices {
-    pub fn new(published: BTreeMap<String, String>, metrics: Arc<Metrics>) -> Self {
-        Self { published, metrics }
+    pub fn new(published: BTreeMap<String, String>, metrics: Arc<Metrics>, audit: Audit) -> Self {
+        Self {
+            published,
+            metrics,
+            audit,
+        }
     }
 
     /// Connect `cluster`'s agent to `service`, or say why not.
@@ -101,16 +108,30 @@ impl HubServices {
         opted: Option<Vec<String>>,
         service: &str,
     ) -> Result<HubUpstream, HubRefusal> {
-        let refuse = |reason: &str| {
+        let mut audit = self.audit.begin(|| {
+            let mut record = Record::new(
+                "hub",
+                cluster,
+                Caller::named(format!("agent of {cluster}")),
+                "hub",
+            );
+            record.target = Some(service.to_string());
+            record
+        });
+        let mut refuse = |reason: &str, status: u16, text: &str| {
             self.metrics
                 .hub_refusals
                 .get_or_create(&Metrics::hub_refusal(cluster, reason))
                 .inc();
+            if let Some(record) = audit.record() {
+                record.status = status;
+                record.reason = Some(text.to_string());
+            }
         };
         let addr = match decide(&self.published, cluster, opted.as_deref(), service) {
             Ok(addr) => addr,
             Err(refused) => {
-                refuse(refused.reason);
+                refuse(refused.reason, 403, &refused.text);
                 return Err(HubRefusal::prohibited(refused.text));
             }
         };
@@ -119,18 +140,17 @@ impl HubServices {
         {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                refuse("dial_failed");
+                let text = format!("hub service {service:?} is unreachable from the proxy");
+                refuse("dial_failed", 502, &text);
                 tracing::warn!(%cluster, %service, %addr, error = %e, "cannot reach hub service");
-                return Err(HubRefusal::unreachable(format!(
-                    "hub service {service:?} is unreachable from the proxy"
-                )));
+                return Err(HubRefusal::unreachable(text));
             }
             Err(_) => {
-                refuse("dial_failed");
+                let text =
+                    format!("hub service {service:?} did not answer within {DIAL_TIMEOUT:?}");
+                refuse("dial_failed", 504, &text);
                 tracing::warn!(%cluster, %service, %addr, "connecting to hub service timed out");
-                return Err(HubRefusal::unreachable(format!(
-                    "hub service {service:?} did not answer within {DIAL_TIMEOUT:?}"
-                )));
+                return Err(HubRefusal::unreachable(text));
             }
         };
         let _ = stream.set_nodelay(true);
@@ -148,6 +168,12 @@ impl HubServices {
             stream,
             on_end: Box::new(move |to_hub, from_hub| {
                 metrics.count_hub_bytes(&cluster, &service, to_hub, from_hub);
+                if let Some(record) = audit.record() {
+                    record.status = 200;
+                    record.bytes_in = to_hub;
+                    record.bytes_out = from_hub;
+                }
+                drop(audit);
             }),
         })
     }

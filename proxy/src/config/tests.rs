@@ -253,3 +253,29 @@ fn hub_services() {
         assert!(e.contains("--hub-service") && e.contains(says), "{e}");
     }
 }
+
+#[test]
+fn audit_log_file_stdout_or_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let flag = format!("--audit-log={}", path.display());
+    assert!(matches!(
+        check(&[&flag]).unwrap().audit_log,
+        Some(crate::ops::audit::Output::File(_))
+    ));
+    assert!(path.exists(), "opened while checking the flags");
+    assert!(matches!(
+        check(&["--audit-log", "-"]).unwrap().audit_log,
+        Some(crate::ops::audit::Output::Stdout)
+    ));
+    assert!(check(&[]).unwrap().audit_log.is_none());
+    let e = err(&["--audit-log=/nonexistent/dir/audit.log"]);
+    assert!(
+        e.starts_with("--audit-log /nonexistent/dir/audit.log: cannot open"),
+        "{e}"
+    );
+    let e = Flags::try_parse_from(["proxy", "--audit-log="])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--audit-log"), "{e}");
+}

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub hub_refusals: Family<HubRefusalLabel, Counter>,
     /// Bytes through hub streams, counted when a stream ends.
     pub hub_bytes: Family<HubBytesLabel, Counter>,
+    /// Audit records dropped because the writer was behind.
+    pub audit_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -199,8 +201,15 @@ impl Metrics {
             "Bytes through hub streams that ended, per cluster, service and direction",
             hub_bytes.clone(),
         );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit log records dropped because the writer was behind",
+            audit_dropped.clone(),
+        );
         Metrics {
             registry,
+            audit_dropped,
             hub_streams,
             hub_refusals,
             hub_bytes,

@@ -5,9 +5,11 @@
 //! - [`in_flight`]: the requests and streams in progress, which a draining
 //!   replica waits for;
 //! - [`accept`]: the one accept loop every listening port runs;
+//! - [`audit`]: the audit log, one line per request or stream;
 //! - [`signals`]: SIGTERM / SIGINT.
 
 pub mod accept;
+pub mod audit;
 pub mod in_flight;
 pub mod metrics;
 pub mod signals;

@@ -38,6 +38,7 @@ use crate::agents::registry::Registry;
 use crate::identity::ca::{Ca, PEER_COMMON_NAME, cluster_of, common_name};
 use crate::member::{MemberDialer, ReachError, Target};
 use crate::ops::accept::accept_loop;
+use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::{DoorBytesLabel, DoorLabel, Metrics, RefusalLabel};
 
@@ -95,6 +96,7 @@ pub struct Door {
     pub in_flight: InFlight,
     /// Without Kubernetes (`--clusters-file`): none.
     pub report: Option<Arc<dyn TargetRefusals>>,
+    pub audit: Audit,
 }
 
 /// What the connection itself says about the cluster.
@@ -191,8 +193,15 @@ impl Door {
                     None => Some(Bound::Unbound),
                 };
                 let mut tls = tls;
+                let caller = Caller::named(
+                    cn.unwrap_or_else(|| "a certificate without a common name".into()),
+                );
                 let Some(bound) = bound else {
+                    let mut audit = door
+                        .audit
+                        .begin(|| Record::new("tls", "", caller, "connect"));
                     door.refuse(
+                        &mut audit,
                         &mut tls,
                         "tls",
                         "",
@@ -205,23 +214,37 @@ impl Door {
                     .await;
                     return;
                 };
-                door.serve(tls, "tls", bound).await;
+                door.serve(tls, "tls", bound, caller).await;
             });
             async {}
         })
         .await;
     }
 
-    /// Serve one client connection: read its CONNECT, open the stream, copy.
-    pub async fn serve<T: Io>(&self, mut io: T, door: &'static str, bound: Bound) {
+    /// Serve one client connection: read its CONNECT, open the stream, copy;
+    /// audited when it ends.
+    pub async fn serve<T: Io>(&self, mut io: T, door: &'static str, bound: Bound, caller: Caller) {
+        let mut audit = self.audit.begin(|| {
+            let cluster = match &bound {
+                Bound::Socket(c) | Bound::Cluster(c) => c.as_str(),
+                Bound::Unbound => "",
+            };
+            Record::new(door, cluster, caller, "connect")
+        });
         let (connect, early) = match request::read(&mut io).await {
             Ok(read) => read,
-            Err(refusal) => return self.refuse(&mut io, door, "", refusal).await,
+            Err(refusal) => return self.refuse(&mut audit, &mut io, door, "", refusal).await,
         };
+        if let Some(record) = audit.record() {
+            record.target = Some(connect.authority.clone());
+        }
         let cluster = match self.cluster(&bound, &connect) {
             Ok(cluster) => cluster,
-            Err(refusal) => return self.refuse(&mut io, door, "", refusal).await,
+            Err(refusal) => return self.refuse(&mut audit, &mut io, door, "", refusal).await,
         };
+        if let Some(record) = audit.record() {
+            record.cluster.clone_from(&cluster);
+        }
         let stream = match self.open_stream(&cluster, &connect).await {
             Ok(stream) => stream,
             Err(refusal) => {
@@ -233,7 +256,9 @@ impl Door {
                 {
                     report.refused(&cluster, door, &connect.authority, &refusal);
                 }
-                return self.refuse(&mut io, door, &cluster, refusal).await;
+                return self
+                    .refuse(&mut audit, &mut io, door, &cluster, refusal)
+                    .await;
             }
         };
         let _in_flight = self.in_flight.enter();
@@ -245,13 +270,20 @@ impl Door {
             })
             .inc();
         tracing::debug!(%cluster, target = %connect.authority, door, "CONNECT stream open");
-        let (to, from) = match pipe(io, stream, &early).await {
-            Ok(counts) => counts,
-            Err(e) => {
-                tracing::debug!(%cluster, target = %connect.authority, error = %e, "CONNECT stream ended");
-                return;
-            }
-        };
+        if let Some(record) = audit.record() {
+            record.status = 200;
+        }
+        let mut io = Counting::new(io);
+        if let Err(e) = pipe(&mut io, stream, &early).await {
+            tracing::debug!(%cluster, target = %connect.authority, error = %e, "CONNECT stream ended");
+        }
+        // What went through the stream, without the CONNECT exchange itself.
+        let to = io.read + early.len() as u64;
+        let from = io.written.saturating_sub(ESTABLISHED.len() as u64);
+        if let Some(record) = audit.record() {
+            record.bytes_in = to;
+            record.bytes_out = from;
+        }
         for (direction, n) in [("to_member", to), ("from_member", from)] {
             self.metrics
                 .connect_bytes
@@ -317,8 +349,19 @@ impl Door {
 
     /// Answer `refusal` and close. `cluster`: "" unless the request is for a
     /// cluster this proxy serves.
-    async fn refuse<T: Io>(&self, io: &mut T, door: &'static str, cluster: &str, refusal: Refusal) {
+    async fn refuse<T: Io>(
+        &self,
+        audit: &mut Pending,
+        io: &mut T,
+        door: &'static str,
+        cluster: &str,
+        refusal: Refusal,
+    ) {
         self.refused(door, cluster, refusal.reason);
+        if let Some(record) = audit.record() {
+            record.status = refusal.status;
+            record.reason = Some(refusal.message.clone());
+        }
         let _ = io.write_all(&refusal.answer()).await;
         let _ = io.shutdown().await;
         // Read on for a moment what the client still sends (the rest of an
@@ -387,18 +430,15 @@ fn refusal_of(cluster: &str, target: &str, e: &ReachError) -> Refusal {
     }
 }
 
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
 /// Answer 200, send what the client sent early, then copy both ways.
-async fn pipe<T: Io>(
-    mut io: T,
-    mut stream: TunnelStream,
-    early: &[u8],
-) -> std::io::Result<(u64, u64)> {
-    io.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await?;
+async fn pipe<T: Io>(io: &mut T, mut stream: TunnelStream, early: &[u8]) -> std::io::Result<()> {
+    io.write_all(ESTABLISHED).await?;
     io.flush().await?;
     if !early.is_empty() {
         stream.write_all(early).await?;
     }
-    let (to, from) = tunnel::copy::join(&mut io, &mut stream).await?;
-    Ok((to + early.len() as u64, from))
+    tunnel::copy::join(io, &mut stream).await?;
+    Ok(())
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Bound, Door};
 use crate::agents::registry::Registry;
 use crate::ops::accept::accept_loop;
+use crate::ops::audit::Caller;
 
 /// A cluster name usable as a file name: what Kubernetes allows for a
 /// Cluster (lower-case letters, digits, `-` and `.`), nothing that walks out
@@ -103,7 +104,11 @@ fn remove(path: &Path) {
 async fn serve(listener: UnixListener, door: Arc<Door>, cluster: String, stop: CancellationToken) {
     accept_loop(listener, "connect-socket", stop, |stream, _| {
         let (door, cluster) = (door.clone(), cluster.clone());
-        tokio::spawn(async move { door.serve(stream, "unix", Bound::Socket(cluster)).await });
+        tokio::spawn(async move {
+            let caller = Caller::named(format!("socket of {cluster}"));
+            door.serve(stream, "unix", Bound::Socket(cluster), caller)
+                .await
+        });
         async {}
     })
     .await;

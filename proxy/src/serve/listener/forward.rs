@@ -9,6 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::status::{Body, empty, explain, status};
 use super::upstream::{Pool, Routes};
 use crate::member::{MemberDialer, Target};
+use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
 use crate::ops::in_flight::{Entered, InFlight};
 use crate::ops::metrics::Metrics;
 
@@ -42,12 +44,56 @@ pub struct Proxy {
     pub response_header_timeout: Duration,
     pub in_flight: InFlight,
     pub metrics: Arc<Metrics>,
+    pub audit: Audit,
 }
 
-/// A response body that keeps its request counted until it ends.
+/// A response body that keeps its request counted until it ends, then
+/// writes its audit record (dropped: the body ended or the client left).
 struct Counted {
     inner: Body,
     _in_flight: Entered,
+    sent: u64,
+    audit: Pending,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(record) = self.audit.record() {
+            record.bytes_out += self.sent;
+        }
+    }
+}
+
+/// A request body on its way to the member, its bytes counted.
+pub struct Tallied {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for Tallied {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl hyper::body::Body for Counted {
@@ -58,7 +104,13 @@ impl hyper::body::Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent += data.len() as u64;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -71,23 +123,39 @@ impl hyper::body::Body for Counted {
 }
 
 impl Proxy {
-    /// [`Self::forward`], timed to response headers for /metrics.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// [`Self::forward`], timed to response headers for /metrics, audited
+    /// when the response body (or the upgraded stream) ends.
+    pub async fn handle(&self, req: Request<Incoming>, caller: &Caller) -> Response<Body> {
         let in_flight = self.in_flight.enter();
         let started = std::time::Instant::now();
-        let resp = self.forward(req).await;
+        let mut audit = self.audit.begin(|| {
+            Record::http(
+                "port",
+                &self.cluster,
+                caller.clone(),
+                req.uri(),
+                req.method().as_str(),
+            )
+        });
+        let resp = self.forward(req, &mut audit).await;
         self.metrics
             .observe_request(&self.cluster, started.elapsed());
+        if let Some(record) = audit.record() {
+            record.status = resp.status().as_u16();
+        }
         resp.map(|inner| {
             Counted {
                 inner,
                 _in_flight: in_flight,
+                sent: 0,
+                audit,
             }
             .boxed()
         })
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// `audit` is taken over by an upgraded stream, to be written when it ends.
+    async fn forward(&self, mut req: Request<Incoming>, audit: &mut Pending) -> Response<Body> {
         let cluster = &self.cluster;
         let Some(session) = self.dialer.pick(cluster) else {
             return status(
@@ -141,6 +209,10 @@ impl Proxy {
         parts.extensions = Default::default();
         drop(access);
 
+        let body = Tallied {
+            inner: body,
+            count: audit.bytes_in.clone(),
+        };
         let sent = self.client.request(Request::from_parts(parts, body));
         let mut resp = match tokio::time::timeout(self.response_header_timeout, sent).await {
             Ok(Ok(resp)) => resp,
@@ -175,17 +247,27 @@ impl Proxy {
             let cancel = self.cancel.clone();
             let cluster = cluster.clone();
             let in_flight = self.in_flight.enter();
+            let mut audit = std::mem::replace(audit, Pending::none());
+            if let Some(record) = audit.record() {
+                record.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+            }
             tokio::spawn(async move {
                 let _in_flight = in_flight;
                 let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok(both) => both,
                     Err(e) => {
                         tracing::warn!(%cluster, %path, error = %e, "upgrade failed");
+                        if let Some(record) = audit.record() {
+                            record.reason = Some("upgrade failed".into());
+                        }
                         return;
                     }
                 };
                 let mut client = TokioIo::new(client);
                 let mut upstream = TokioIo::new(upstream);
+                // Counted as they pass: a stream cut by a closing port still
+                // reports what went through.
+                let mut client = Counting::new(&mut client);
                 tokio::select! {
                     () = cancel.cancelled() => {}
                     copied = tunnel::copy::join(&mut client, &mut upstream) => {
@@ -193,6 +275,10 @@ impl Proxy {
                             tracing::debug!(%cluster, %path, error = %e, "upgraded stream ended");
                         }
                     }
+                }
+                if let Some(record) = audit.record() {
+                    record.bytes_in += client.read;
+                    record.bytes_out += client.written;
                 }
             });
             // The member's 101 as is: Upgrade, Connection and the negotiated

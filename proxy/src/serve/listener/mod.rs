@@ -42,6 +42,7 @@ use crate::identity::ca::{Ca, common_name};
 use crate::identity::scope::opens;
 use crate::member::{MemberDialer, Target};
 use crate::ops::accept::accept_loop;
+use crate::ops::audit::{Audit, Caller, Record};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 
@@ -80,6 +81,7 @@ pub struct Shared {
     pub relay: Option<Arc<dyn Relay>>,
     pub in_flight: InFlight,
     pub metrics: Arc<Metrics>,
+    pub audit: Audit,
 }
 
 /// What clients speak to the port.
@@ -155,6 +157,7 @@ impl ClusterListener {
             response_header_timeout,
             in_flight: shared.in_flight.clone(),
             metrics: shared.metrics.clone(),
+            audit: shared.audit.clone(),
         });
         tracing::info!(%cluster, addr = %local_addr, kind = target.what(), "cluster proxy listening");
         let front = Arc::new(front);
@@ -274,16 +277,21 @@ fn spawn_connection<T: Io>(
 
 async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy: Arc<Proxy>) {
     let cluster = proxy.cluster.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-    });
+    let audit = proxy.audit.clone();
+    let service = |caller: Arc<Caller>| {
+        hyper::service::service_fn(move |req| {
+            let (proxy, caller) = (proxy.clone(), caller.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(req, &caller).await) }
+        })
+    };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(REQUEST_HEADER_TIMEOUT);
     let served = match front {
         Front::Http => {
-            http.serve_connection(TokioIo::new(tcp), service)
+            // ks-apiserver authenticates its users itself; we only know the port.
+            let caller = Caller::named(format!("client of the ks-apiserver port of {cluster}"));
+            http.serve_connection(TokioIo::new(tcp), service(Arc::new(caller)))
                 .with_upgrades()
                 .await
         }
@@ -316,15 +324,33 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
                 // Answered in HTTP so kubectl shows why, then closed. Plain
                 // text: kubectl's discovery prints a text body as the error,
                 // but only "unknown" for a JSON Status.
-                let refuse = hyper::service::service_fn(move |_req| {
+                let refuse = hyper::service::service_fn(move |req: hyper::Request<_>| {
                     let resp = status::text(hyper::StatusCode::FORBIDDEN, &why);
+                    let user = cn
+                        .clone()
+                        .unwrap_or_else(|| "a certificate without a common name".into());
+                    let mut record = Record::http(
+                        "port",
+                        &cluster,
+                        Caller::named(user),
+                        req.uri(),
+                        req.method().as_str(),
+                    );
+                    record.status = resp.status().as_u16();
+                    record.reason = Some(why.clone());
+                    audit.log(record);
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 http.keep_alive(false);
                 let _ = http.serve_connection(TokioIo::new(tls), refuse).await;
                 return;
             }
-            http.serve_connection(TokioIo::new(tls), service)
+            let caller = Caller {
+                user: format!("kubeconfig of {cluster}"),
+                groups: Vec::new(),
+                cn,
+            };
+            http.serve_connection(TokioIo::new(tls), service(Arc::new(caller)))
                 .with_upgrades()
                 .await
         }

@@ -1,6 +1,8 @@
 //! The listener against a fake member API server, through a real tunnel in
 //! process: one agent, one proxy port, a kubectl stand-in.
 
+mod audit;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -249,7 +251,11 @@ fn registry() -> Registry {
 fn gate(registry: &Registry) -> Arc<Gate<StaticClusters>> {
     let json = format!(r#"{{"{CLUSTER}": "{AGENT_TOKEN}"}}"#);
     let store = StaticClusters::from_json(&json).unwrap();
-    let hub = crate::agents::hub::HubServices::new(Default::default(), registry.metrics().clone());
+    let hub = crate::agents::hub::HubServices::new(
+        Default::default(),
+        registry.metrics().clone(),
+        crate::ops::audit::Audit::Off,
+    );
     Arc::new(Gate::new(registry.clone(), Arc::new(store), hub))
 }
 
@@ -259,6 +265,7 @@ fn shared(registry: &Registry) -> Shared {
         relay: None,
         in_flight: InFlight::default(),
         metrics: registry.metrics().clone(),
+        audit: crate::ops::audit::Audit::Off,
     }
 }
 
@@ -323,6 +330,10 @@ struct ProxySide {
 }
 
 async fn start_proxy(registry: &Registry, response_header_timeout: Duration) -> ProxySide {
+    start_proxy_with(&shared(registry), response_header_timeout).await
+}
+
+async fn start_proxy_with(shared: &Shared, response_header_timeout: Duration) -> ProxySide {
     let ca = Arc::new(Ca::generate().unwrap());
     let sans = ["127.0.0.1".to_string(), "localhost".to_string()];
     let cert = ServerCert::new(ca.issue_server(&sans, DAY).unwrap()).unwrap();
@@ -330,7 +341,7 @@ async fn start_proxy(registry: &Registry, response_header_timeout: Duration) -> 
     let listener = ClusterListener::start_with(
         CLUSTER.into(),
         "127.0.0.1:0".parse().unwrap(),
-        &shared(registry),
+        shared,
         Front::Https(TlsAcceptor::from(Arc::new(config))),
         response_header_timeout,
     )

@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::Uri;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -60,7 +59,7 @@ pub struct Connector {
 }
 
 /// The pooled HTTP/1.1 client of one port.
-pub type Pool = Client<Connector, Incoming>;
+pub type Pool = Client<Connector, super::forward::Tallied>;
 
 impl Connector {
     pub fn pool(self) -> Pool {
