@@ -184,15 +184,13 @@ async fn a_taken_listen_address_fails_the_start() -> Result<()> {
     .arg(format!("--hub-listen=hub-api={addr}"));
     clean_env(&mut cmd);
     let mut agent = Proc::spawn("agent", cmd)?;
+    // The line first: the exit can be seen before its output was read.
+    let reason = format!("cannot listen on --hub-listen hub-api={addr}");
+    agent
+        .wait_for_line(|l| l.contains(&reason), SOON)
+        .await
+        .context("no reason naming the flag")?;
     let status = agent.wait(SOON).await?;
     ensure!(!status.success(), "the agent started: {status}");
-    ensure!(
-        agent
-            .lines()
-            .iter()
-            .any(|l| l.contains(&format!("cannot listen on --hub-listen hub-api={addr}"))),
-        "no reason naming the flag:\n{}",
-        agent.tail(20)
-    );
     Ok(())
 }
