@@ -427,6 +427,13 @@ pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
     cn.as_str().ok().map(str::to_string)
 }
 
+/// The subject CN of the client certificate a TLS connection was shown.
+pub fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(common_name)
+}
+
 /// The cluster a client certificate of ours was issued for: the kubeconfigs
 /// the proxy writes carry CN `tower:<cluster>`.
 pub fn cluster_of(common_name: &str) -> Option<&str> {

@@ -35,7 +35,7 @@ use self::request::{CLUSTER_HEADER, Connect, Refusal};
 use super::listener::Io;
 use super::listener::tls::{ServerCert, server_tls};
 use crate::agents::registry::Registry;
-use crate::identity::ca::{Ca, PEER_COMMON_NAME, cluster_of, common_name};
+use crate::identity::ca::{Ca, PEER_COMMON_NAME, cluster_of, peer_common_name};
 use crate::member::{MemberDialer, ReachError, Target};
 use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
@@ -179,12 +179,7 @@ impl Door {
                         return;
                     }
                 };
-                let cn = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(common_name);
+                let cn = peer_common_name(tls.get_ref().1);
                 let bound = match cn.as_deref() {
                     Some(PEER_COMMON_NAME) => None,
                     Some(cn) => Some(

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use self::forward::{Proxy, RESPONSE_HEADER_TIMEOUT};
 use self::tls::{ServerCert, server_tls};
 use self::upstream::{Connector, Routes};
-use crate::identity::ca::{Ca, common_name};
+use crate::identity::ca::{Ca, peer_common_name};
 use crate::identity::scope::opens;
 use crate::member::{MemberDialer, Target};
 use crate::ops::accept::accept_loop;
@@ -313,12 +313,7 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
                     return;
                 }
             };
-            let cn = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(common_name);
+            let cn = peer_common_name(tls.get_ref().1);
             if let Err(why) = opens(cn.as_deref(), &cluster) {
                 tracing::info!(%cluster, %peer, reason = %why, "refused a client certificate of another cluster");
                 // Answered in HTTP so kubectl shows why, then closed. Plain
