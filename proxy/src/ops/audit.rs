@@ -65,6 +65,13 @@ pub struct Caller {
     /// The client certificate's common name, when it is not the user itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cn: Option<String>,
+    /// The member sees this user and these groups (`Impersonate-*`), not the
+    /// agent's identity ([`crate::serve::listener::impersonate`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub impersonated: bool,
+    /// The authenticator's extra fields, impersonated along (never audited).
+    #[serde(skip)]
+    pub extra: Vec<(String, Vec<String>)>,
 }
 
 impl Caller {
@@ -73,6 +80,8 @@ impl Caller {
             user: user.into(),
             groups: Vec::new(),
             cn: None,
+            impersonated: false,
+            extra: Vec::new(),
         }
     }
 }

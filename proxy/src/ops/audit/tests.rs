@@ -5,6 +5,7 @@ fn caller() -> Caller {
         user: "kubeconfig of alpha".into(),
         groups: Vec::new(),
         cn: Some("tower:alpha".into()),
+        ..Caller::named("")
     }
 }
 

@@ -21,6 +21,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
+use super::impersonate;
 use super::status::{Body, empty, explain, status};
 use super::upstream::{Pool, Routes};
 use crate::member::{MemberDialer, Target};
@@ -137,7 +138,7 @@ impl Proxy {
                 req.method().as_str(),
             )
         });
-        let resp = self.forward(req, &mut audit).await;
+        let resp = self.forward(req, caller, &mut audit).await;
         self.metrics
             .observe_request(&self.cluster, started.elapsed());
         if let Some(record) = audit.record() {
@@ -155,7 +156,12 @@ impl Proxy {
     }
 
     /// `audit` is taken over by an upgraded stream, to be written when it ends.
-    async fn forward(&self, mut req: Request<Incoming>, audit: &mut Pending) -> Response<Body> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        caller: &Caller,
+        audit: &mut Pending,
+    ) -> Response<Body> {
         let cluster = &self.cluster;
         let Some(session) = self.dialer.pick(cluster) else {
             return status(
@@ -186,6 +192,11 @@ impl Proxy {
             parts.headers.remove(header::AUTHORIZATION);
             if let Some(auth) = &access.authorization {
                 parts.headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+            if caller.impersonated
+                && let Err(why) = impersonate::apply(&mut parts.headers, caller)
+            {
+                return status(StatusCode::BAD_REQUEST, &why);
             }
         }
         if let Ok(value) = HeaderValue::from_str(&access.address) {

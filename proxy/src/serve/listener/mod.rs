@@ -14,6 +14,7 @@
 //! [`status`].
 
 pub mod forward;
+pub mod impersonate;
 pub mod status;
 #[cfg(test)]
 mod tests;
@@ -342,8 +343,8 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
             }
             let caller = Caller {
                 user: format!("kubeconfig of {cluster}"),
-                groups: Vec::new(),
                 cn,
+                ..Caller::named("")
             };
             http.serve_connection(TokioIo::new(tls), service(Arc::new(caller)))
                 .with_upgrades()
