@@ -9,26 +9,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{Proc, Tower, TowerOptions, wait_until};
+use e2e::{Proc, Tower, TowerOptions, audit_records, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const SOON: Duration = Duration::from_secs(60);
 
-/// The audit file's lines, parsed (a line being written is skipped).
-fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Wait for a record of the cluster port matching `verb` and `path` and
 /// return it.
 async fn record_of(file: &Path, verb: &str, path: &str) -> Result<Value> {
     let find = || {
-        records(file)
+        audit_records(file)
             .into_iter()
             .find(|r| r["door"] == "port" && r["verb"] == verb && r["path"] == path)
     };
@@ -102,7 +93,7 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     check_kubeconfig_caller(&patch)?;
     ensure!(patch["status"] == 200, "{patch}");
     let watched = || {
-        records(&file)
+        audit_records(&file)
             .into_iter()
             .any(|r| r["verb"] == "watch" && r["path"] == "/api/v1/namespaces")
     };
@@ -148,7 +139,7 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     let _ = tokio::time::timeout(SOON, io.read_to_end(&mut rest)).await?;
     drop(io);
     let connect = || {
-        records(&file)
+        audit_records(&file)
             .into_iter()
             .find(|r| r["door"] == "unix" && r["verb"] == "connect")
     };
@@ -167,7 +158,7 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
         let r: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
         ensure!(r["status"].as_u64() > Some(0), "{line}");
     }
-    let creates = records(&file)
+    let creates = audit_records(&file)
         .into_iter()
         .filter(|r| r["verb"] == "create" && r["path"] == "/api/v1/namespaces")
         .count();

@@ -20,7 +20,7 @@ use tunnel::addr::{join_host_port, split_host_port};
 use tunnel::cli::{KlogFlags, LogFormat, go_bool, parse_go_duration};
 
 use crate::agents::store::StaticClusters;
-use crate::clusters::Options as ClusterOptions;
+use crate::clusters::{Options as ClusterOptions, PathForm};
 use crate::identity::ca::Ca;
 
 /// Tower proxy: accepts agents of member clusters and proxies to them.
@@ -95,9 +95,16 @@ pub struct Flags {
     #[arg(long, env = "POD_NAMESPACE", default_value = "kubesphere-system")]
     pub namespace: String,
     /// Ports for the clusters' kube API listeners, FIRST-LAST; the ks-apiserver
-    /// port of each is 10000 higher.
-    #[arg(long, default_value = "16000-16999", value_parser = parse_port_range)]
-    pub cluster_ports: Range<u16>,
+    /// port of each is 10000 higher. `none`: no port and no Service per
+    /// cluster; kubeconfigs point at the path form of --access-port.
+    #[arg(long, default_value = "16000-16999", value_parser = ClusterPorts::parse,
+          value_name = "FIRST-LAST|none")]
+    pub cluster_ports: ClusterPorts,
+    /// The proxy's own HTTPS port serving every cluster at
+    /// /clusters/<name>/... to client certificates issued for that cluster
+    /// (the path form). Off when not given.
+    #[arg(long, value_name = "PORT")]
+    pub access_port: Option<u16>,
     /// Labels of the proxy's pods, selected by the mc-<name> Services.
     #[arg(
         long,
@@ -184,6 +191,26 @@ pub struct Config {
     pub hub_services: BTreeMap<String, String>,
     /// `--audit-log`, opened; `None`: off.
     pub audit_log: Option<crate::ops::audit::Output>,
+    /// `--access-port`: the path form; `None`: off.
+    pub access: Option<crate::serve::access::Options>,
+}
+
+/// `--cluster-ports`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterPorts {
+    /// A port pair per cluster from this range (the ks port +10000).
+    Range(Range<u16>),
+    /// `none`: only the path form (`--access-port`).
+    None,
+}
+
+impl ClusterPorts {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            range => parse_port_range(range).map(Self::Range),
+        }
+    }
 }
 
 impl Flags {
@@ -317,6 +344,7 @@ impl Flags {
         {
             bail!("--connect-socket-dir {}: not a directory", dir.display());
         }
+        let (ports, path_form, access) = self.path_form(publish_url.as_deref(), &mode, &ca)?;
         let mut hub_services = BTreeMap::new();
         for (name, addr) in self.hub_services {
             if hub_services.insert(name.clone(), addr).is_some() {
@@ -343,15 +371,75 @@ impl Flags {
                 namespace: self.namespace,
                 advertise_address: self.advertise_address,
                 selector,
-                ports: self.cluster_ports,
+                ports,
                 bind_host: self.host,
+                path_form,
             },
             forwards: self.forwards,
             connect_port: self.connect_port,
             connect_socket_dir: self.connect_socket_dir,
             hub_services,
             audit_log,
+            access,
         })
+    }
+
+    /// `--cluster-ports` and `--access-port` together: the port range (empty
+    /// with `none`), where the kubeconfigs point in the path form, the
+    /// access port's options. The path form's address is
+    /// `--advertise-address`, else the host of `--publish-service-address`.
+    #[allow(clippy::type_complexity)]
+    fn path_form(
+        &self,
+        publish_url: Option<&str>,
+        mode: &Mode,
+        ca: &Option<Ca>,
+    ) -> anyhow::Result<(
+        Range<u16>,
+        Option<PathForm>,
+        Option<crate::serve::access::Options>,
+    )> {
+        let publish_host = publish_url
+            .and_then(|url| url.split_once("://"))
+            .and_then(|(_, rest)| split_host_port(rest.split('/').next().unwrap_or_default()))
+            .map(|(host, _)| host);
+        let address = self.advertise_address.clone().or(publish_host.clone());
+        let access = self.access_port.map(|port| crate::serve::access::Options {
+            port,
+            names: self
+                .advertise_address
+                .iter()
+                .chain(publish_host.iter())
+                .cloned()
+                .collect(),
+        });
+        if access.is_some() && ca.is_none() && matches!(mode, Mode::File(_)) {
+            bail!(
+                "--access-port needs the proxy CA for its client certificates: give --ca-cert \
+                 and --ca-key (without --clusters-file the CA comes from the proxy's Secret)"
+            );
+        }
+        match &self.cluster_ports {
+            ClusterPorts::Range(range) => Ok((range.clone(), None, access)),
+            ClusterPorts::None => {
+                let port = match self.access_port {
+                    Some(0) => bail!(
+                        "--cluster-ports none: --access-port 0 picks a port at random, and \
+                         kubeconfigs must name it: give a fixed --access-port"
+                    ),
+                    Some(port) => port,
+                    None => bail!(
+                        "--cluster-ports none needs --access-port: without per-cluster ports \
+                         clients reach every cluster at https://ADDRESS:PORT/clusters/<name>"
+                    ),
+                };
+                let address = address.context(
+                    "--cluster-ports none needs the address kubeconfigs point at: give \
+                     --advertise-address (or --publish-service-address)",
+                )?;
+                Ok((0..0, Some(PathForm { address, port }), access))
+            }
+        }
     }
 
     /// Flags accepted for Go Tower's sake that change nothing here, for one

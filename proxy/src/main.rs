@@ -20,7 +20,9 @@
 //!   picked, channel opened, TLS verified, credentials to present.
 //! - [`serve`]: the client-facing ports: the per-cluster HTTPS/HTTP
 //!   listeners ([`serve::listener`]), opened for the controller by
-//!   [`serve::ports`], the raw `--forward` port, the HTTP CONNECT doors
+//!   [`serve::ports`], every cluster's path form on `--access-port`
+//!   ([`serve::access`]), the check both HTTPS doors make of a client
+//!   ([`serve::admit`]), the raw `--forward` port, the HTTP CONNECT doors
 //!   ([`serve::connect`]).
 //! - [`ha`]: several replicas: leader election, who holds which cluster, the
 //!   peer port that relays clients.

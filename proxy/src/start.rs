@@ -6,7 +6,8 @@
 //! proxy's identity, the HA pieces (replica records, the peer port, the
 //! leader election), the cluster ports over the dialer, the Cluster
 //! controller over the ports, the status refresher; last the admission gate
-//! (registry + the controller's view of the Clusters) and the agents' port.
+//! (registry + the controller's view of the Clusters), the doors that ask it
+//! which clusters exist (CONNECT, the access port) and the agents' port.
 //!
 //! Shutdown: the agents' port closes, readiness turns false, agents are asked
 //! to move to another replica and in-flight requests get `--shutdown-grace`
@@ -41,6 +42,7 @@ use crate::ops::audit::Audit;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
+use crate::serve::access::Access;
 use crate::serve::connect::{Door, Doors, TargetRefusals};
 use crate::serve::listener::{Relay, Shared};
 use crate::serve::ports::ListenerPorts;
@@ -53,6 +55,21 @@ struct Core {
     in_flight: InFlight,
     metrics: Arc<Metrics>,
     audit: Audit,
+    /// HA: the replicas that hold other clusters' agents.
+    relay: Option<Arc<dyn Relay>>,
+}
+
+impl Core {
+    /// What the doors that forward HTTP to members share.
+    fn shared(&self) -> Shared {
+        Shared {
+            dialer: self.dialer.clone(),
+            relay: self.relay.clone(),
+            in_flight: self.in_flight.clone(),
+            metrics: self.metrics.clone(),
+            audit: self.audit.clone(),
+        }
+    }
 }
 
 /// Run the proxy until SIGTERM or SIGINT, then drain.
@@ -73,6 +90,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         in_flight: InFlight::default(),
         metrics,
         audit,
+        relay: None,
     };
     match mode {
         Mode::File(store) => {
@@ -149,13 +167,8 @@ async fn with_kubernetes(
         Some(ha) => Some(start_ha(ha, &client, &ca, &namespace, &core, &stop).await?),
         None => None,
     };
-    let shared = Shared {
-        dialer: core.dialer.clone(),
-        relay: ha.as_ref().map(|h| h.peers.clone() as Arc<dyn Relay>),
-        in_flight: core.in_flight.clone(),
-        metrics: core.metrics.clone(),
-        audit: core.audit.clone(),
-    };
+    core.relay = ha.as_ref().map(|h| h.peers.clone() as Arc<dyn Relay>);
+    let shared = core.shared();
     let ports = Arc::new(ListenerPorts::new(ca.clone(), core.config.bind, shared));
     let door_ca = ca.clone();
     let (kick, kicks) = status::Kick::new();
@@ -332,6 +345,14 @@ async fn serve_agents<S: ClusterStore>(
             advertise_address: config.clusters.advertise_address.clone(),
         };
         door.open(doors, ca.as_deref(), core.registry.clone(), &ports_stop)
+            .await?;
+    }
+    if let Some(options) = &config.access {
+        let gate = endpoint.gate.clone();
+        let shared = core.shared();
+        let known = Arc::new(move |cluster: &str| gate.knows(cluster));
+        Arc::new(Access::new(shared, known, &ports_stop))
+            .open(options, config.bind, ca.as_deref(), &ports_stop)
             .await?;
     }
     let addr = std::net::SocketAddr::new(config.bind, config.port);

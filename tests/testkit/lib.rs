@@ -76,8 +76,10 @@
 //!   still collected and shown in errors); `KUBECTL=/path` picks the
 //!   kubectl binary.
 
+mod audit;
 mod cluster;
 mod env;
+mod join;
 mod kubelet;
 mod metrics;
 mod net;
@@ -87,8 +89,10 @@ mod stream;
 mod tower;
 mod wait;
 
+pub use audit::audit_records;
 pub use cluster::{KubeCluster, STOP_GRACE};
 pub use env::clean_env;
+pub use join::Joined;
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use metrics::{metric_sample, scrape_metrics};
 pub use net::{EchoServer, free_addr, free_port};

@@ -218,18 +218,7 @@ impl Tower {
         // The agent, in the "member", with the member's admin kubeconfig.
         let token_file = dir.path().join("alpha.token");
         std::fs::write(&token_file, &token)?;
-        let mut cmd = Command::new(bin("agent"));
-        cmd.args(["--name", CLUSTER])
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--proxy-server")
-            .arg(format!("http://127.0.0.1:{proxy_port}"))
-            .arg("--kubeconfig")
-            .arg(member.kubeconfig())
-            .args(["--kubesphere-service", "127.0.0.1:9"])
-            .args(["--max-retry-interval", "5s"])
-            .arg("--proxy-host-key-fingerprint")
-            .arg(&fingerprint);
+        let mut cmd = agent_command(CLUSTER, &token_file, proxy_port, &fingerprint, &member);
         if let Some(k) = &opts.keepalive {
             cmd.args(["--keepalive", k]);
         }
@@ -254,10 +243,11 @@ impl Tower {
                 .unwrap_or_default()
                 .to_string();
             ensure!(!kc.is_empty(), "no kubeconfig published yet");
+            // None with `--cluster-ports none` (the path form).
             let port = c["spec"]["connection"]["kubernetesAPIServerPort"]
                 .as_u64()
                 .and_then(|p| u16::try_from(p).ok())
-                .context("no kubernetesAPIServerPort")?;
+                .unwrap_or(0);
             Ok((kc, port))
         })
         .await
@@ -328,7 +318,8 @@ impl Tower {
         Ok(())
     }
 
-    /// Alpha's kube-apiserver port on the proxy (config_alpha's server port).
+    /// Alpha's kube-apiserver port on the proxy (config_alpha's server
+    /// port); 0 with `--cluster-ports none`.
     pub fn kube_port(&self) -> u16 {
         self.kube_port
     }
@@ -389,7 +380,31 @@ impl std::fmt::Debug for Tower {
     }
 }
 
-async fn run_kubectl(
+/// `bin/agent` for cluster `name` with the member's admin kubeconfig,
+/// dialling the proxy on `proxy_port` and pinning its host key.
+pub(crate) fn agent_command(
+    name: &str,
+    token_file: &Path,
+    proxy_port: u16,
+    fingerprint: &str,
+    member: &KubeCluster,
+) -> Command {
+    let mut cmd = Command::new(bin("agent"));
+    cmd.args(["--name", name])
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--proxy-server")
+        .arg(format!("http://127.0.0.1:{proxy_port}"))
+        .arg("--kubeconfig")
+        .arg(member.kubeconfig())
+        .args(["--kubesphere-service", "127.0.0.1:9"])
+        .args(["--max-retry-interval", "5s"])
+        .arg("--proxy-host-key-fingerprint")
+        .arg(fingerprint);
+    cmd
+}
+
+pub(crate) async fn run_kubectl(
     kubeconfig: Option<&Path>,
     args: &[&str],
     input: Option<&[u8]>,
@@ -429,7 +444,7 @@ async fn run_kubectl(
     Ok(out)
 }
 
-fn checked(args: &[&str], out: Output) -> Result<String> {
+pub(crate) fn checked(args: &[&str], out: Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "kubectl {} failed ({}):\n{}{}",
@@ -465,7 +480,7 @@ fn pick_ports(width: u16) -> u16 {
 }
 
 /// Standard base64 (the kubeconfig in the Cluster), padding optional.
-fn b64_decode(text: &str) -> Result<Vec<u8>> {
+pub(crate) fn b64_decode(text: &str) -> Result<Vec<u8>> {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(text.len() / 4 * 3);
     let (mut acc, mut bits) = (0u32, 0u32);

@@ -186,6 +186,9 @@ pub struct Facts<'a> {
     pub exposure: &'a Exposure,
     pub addresses: &'a Addresses,
     pub advertise_address: Option<&'a str>,
+    /// `--cluster-ports none`: the cluster's path-form URL, its only
+    /// endpoint (no ports, no Service: `ports` and `addresses` are unused).
+    pub path_server: Option<&'a str>,
     /// Live sessions on this replica.
     pub live: usize,
     /// The replica that holds the cluster's agent, if another one does.
@@ -229,25 +232,37 @@ pub fn plan(f: &Facts) -> Plan {
     if conn.token != f.token {
         set("token", json!(f.token));
     }
-    if conn.kubernetes_api_server_port != i32::from(kube_port) {
-        set("kubernetesAPIServerPort", json!(kube_port));
-    }
-    if conn.kubesphere_api_server_port != i32::from(ks_port) {
-        set("kubesphereAPIServerPort", json!(ks_port));
-    }
-    let endpoints = endpoints(
-        f.advertise_address,
-        f.addresses.cluster_ip.as_deref(),
-        f.ports,
-    );
-    if let Some((kube_ep, ks_ep)) = &endpoints {
-        if conn.kubernetes_api_endpoint != *kube_ep {
-            set("kubernetesAPIEndpoint", json!(kube_ep));
+    let kube_ep = match f.path_server {
+        Some(server) => {
+            // The port fields are left as they are: switching back reuses them.
+            if conn.kubernetes_api_endpoint != server {
+                set("kubernetesAPIEndpoint", json!(server));
+            }
+            Some(server.to_string())
         }
-        if conn.kubesphere_api_endpoint != *ks_ep {
-            set("kubesphereAPIEndpoint", json!(ks_ep));
+        None => {
+            if conn.kubernetes_api_server_port != i32::from(kube_port) {
+                set("kubernetesAPIServerPort", json!(kube_port));
+            }
+            if conn.kubesphere_api_server_port != i32::from(ks_port) {
+                set("kubesphereAPIServerPort", json!(ks_port));
+            }
+            let endpoints = endpoints(
+                f.advertise_address,
+                f.addresses.cluster_ip.as_deref(),
+                f.ports,
+            );
+            if let Some((kube_ep, ks_ep)) = &endpoints {
+                if conn.kubernetes_api_endpoint != *kube_ep {
+                    set("kubernetesAPIEndpoint", json!(kube_ep));
+                }
+                if conn.kubesphere_api_endpoint != *ks_ep {
+                    set("kubesphereAPIEndpoint", json!(ks_ep));
+                }
+            }
+            endpoints.map(|(kube_ep, _)| kube_ep)
         }
-    }
+    };
     let external_ep = f
         .addresses
         .lb
@@ -264,7 +279,7 @@ pub fn plan(f: &Facts) -> Plan {
         }
         _ => {}
     }
-    let serve_at = endpoints.filter(|_| available).map(|(kube_ep, _)| kube_ep);
+    let serve_at = kube_ep.filter(|_| available);
     let (conditions, events) = conditions(f, available, external_ep.as_deref());
     Plan {
         spec,
@@ -289,12 +304,16 @@ fn conditions(
         .unwrap_or_default();
     let mut changed = false;
     let mut events = Vec::new();
+    let initialized = match f.path_server {
+        Some(_) => "token is ready; clients reach the cluster through the path form",
+        None => "token, ports and Service are ready",
+    };
     if let Some(c) = set_condition(
         &conditions,
         INITIALIZED,
         true,
         "Initialized",
-        "token, ports and Service are ready",
+        initialized,
         f.now,
     ) {
         conditions = c;

@@ -178,6 +178,38 @@ mod tests {
         assert!(read_garbage_is_none());
     }
 
+    #[test]
+    fn switching_between_ports_and_the_path_form_rewrites_the_kubeconfig() {
+        let ca = Ca::generate().unwrap();
+        let id = ca
+            .issue_client("tower:alpha", &["tower:clients"], 90 * DAY)
+            .unwrap();
+        let port = "https://10.0.0.1:16000";
+        let path = crate::serve::access::path::server("10.0.0.1", 9443, "alpha");
+        let now = SystemTime::now();
+        for (written, wanted) in [(port, path.as_str()), (path.as_str(), port)] {
+            let b64 = B64.encode(render(
+                "alpha",
+                written,
+                ca.cert_pem(),
+                &id.cert_pem,
+                &id.key_pem,
+            ));
+            assert!(is_current(
+                &b64,
+                "alpha",
+                written,
+                ca.cert_pem(),
+                now,
+                30 * DAY
+            ));
+            assert!(
+                !is_current(&b64, "alpha", wanted, ca.cert_pem(), now, 30 * DAY),
+                "{written} is stale once clients are sent to {wanted}"
+            );
+        }
+    }
+
     fn read_garbage_is_none() -> bool {
         read("not base64!").is_none() && read(&B64.encode("not: [yaml")).is_none()
     }

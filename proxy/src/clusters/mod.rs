@@ -8,6 +8,8 @@
 //!   and that are free on this host;
 //! - Service `<namespace>/mc-<name>` (6443 -> kube port, 80 -> ks port), owned by
 //!   the Cluster, re-created if deleted, a LoadBalancer when exposed ([`service`]);
+//!   with `--cluster-ports none` neither ports nor Service, the path form instead
+//!   ([`PathForm`]);
 //! - `kubernetesAPIEndpoint` / `kubesphereAPIEndpoint` (`--advertise-address`, or
 //!   the Service's ClusterIP), IPv6-safe;
 //! - while an agent is connected: the cluster's ports open and a kubeconfig for
@@ -48,4 +50,24 @@ pub struct Options {
     pub ports: std::ops::Range<u16>,
     /// Address the listeners bind to, for the "is it free" check.
     pub bind_host: String,
+    /// `--cluster-ports none`: no ports and no Service per cluster (`ports`
+    /// is unused); kubeconfigs point at the path form.
+    pub path_form: Option<PathForm>,
+}
+
+/// Where kubeconfigs point with `--cluster-ports none`: the path form of
+/// `--access-port` ([`crate::serve::access`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathForm {
+    /// `--advertise-address`, else the host of `--publish-service-address`.
+    pub address: String,
+    /// `--access-port`.
+    pub port: u16,
+}
+
+impl PathForm {
+    /// The `server` of `cluster`'s kubeconfig.
+    pub fn server(&self, cluster: &str) -> String {
+        crate::serve::access::path::server(&self.address, self.port, cluster)
+    }
 }

@@ -29,7 +29,7 @@ use crate::agents::registry::Registry;
 use crate::ha::leader::Leadership;
 use crate::ha::owners::Owners;
 use crate::identity::ca::Ca;
-use crate::identity::names::MANAGER;
+use crate::identity::names::{MANAGED_BY, MANAGER};
 use crate::ops::metrics::Metrics;
 
 /// How long the client certificates in written kubeconfigs are valid...
@@ -182,6 +182,27 @@ impl<P: Ports> Context<P> {
         }
     }
 
+    /// `--cluster-ports none`: a Service left from per-cluster ports is
+    /// deleted (clients are told the path form instead).
+    async fn remove_service(&self, cluster: &str) -> Result<(), Error> {
+        let name = service::name(cluster);
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.options.namespace);
+        let ours = api
+            .get_opt(&name)
+            .await?
+            .is_some_and(|svc| svc.labels().get(MANAGED_BY).map(String::as_str) == Some(MANAGER));
+        if ours {
+            match api.delete(&name, &Default::default()).await {
+                Ok(_) => {
+                    tracing::info!(%cluster, service = %name, "service deleted: --cluster-ports none")
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// The names of the cluster's serving certificate, remembered for agents
     /// that connect before the next reconcile.
     fn listener_names(&self, cluster: &str, addresses: &Addresses) -> Vec<String> {
@@ -268,10 +289,21 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
     ctx.registry
         .revoke(name, Some(&token), "the cluster's token changed")
         .await;
-    let ports = ctx.ports_for(cluster)?;
-    let exposure = Exposure::of(cluster);
-    let svc = ctx.apply_service(cluster, ports, &exposure).await?;
-    let addresses = Addresses::of(Some(&svc), &exposure);
+    // `--cluster-ports none`: no ports, no Service, the path form's URL.
+    let path_server = ctx.options.path_form.as_ref().map(|p| p.server(name));
+    let (ports, exposure, addresses) = match &path_server {
+        Some(_) => {
+            ctx.remove_service(name).await?;
+            ((0, 0), Exposure::default(), Addresses::default())
+        }
+        None => {
+            let ports = ctx.ports_for(cluster)?;
+            let exposure = Exposure::of(cluster);
+            let svc = ctx.apply_service(cluster, ports, &exposure).await?;
+            let addresses = Addresses::of(Some(&svc), &exposure);
+            (ports, exposure, addresses)
+        }
+    };
     let elsewhere = ctx.elsewhere(name);
     let now = now();
     let plan = decide::plan(&Facts {
@@ -281,19 +313,22 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         exposure: &exposure,
         addresses: &addresses,
         advertise_address: ctx.options.advertise_address.as_deref(),
+        path_server: path_server.as_deref(),
         live: ctx.registry.live(name),
         elsewhere: elsewhere.as_deref(),
         now: &now,
     });
-    let names = ctx.listener_names(name, &addresses);
     let mut spec = plan.spec;
     if let Some(server) = &plan.serve_at {
-        // The certificate must also cover addresses learnt since the ports
-        // opened: the ClusterIP, the load balancer's IP or hostname.
-        ctx.ports
-            .open(name, ports.0, ports.1, &names)
-            .await
-            .map_err(Error::Cert)?;
+        if path_server.is_none() {
+            // The certificate must also cover addresses learnt since the ports
+            // opened: the ClusterIP, the load balancer's IP or hostname.
+            let names = ctx.listener_names(name, &addresses);
+            ctx.ports
+                .open(name, ports.0, ports.1, &names)
+                .await
+                .map_err(Error::Cert)?;
+        }
         if let Some(kubeconfig) = ctx.kubeconfig(cluster, server)? {
             spec.insert("kubeconfig".into(), json!(kubeconfig));
         }
@@ -360,6 +395,10 @@ async fn follow<P: Ports>(
             .await;
     }
     let available = ctx.registry.live(name) > 0 || ctx.elsewhere(name).is_some();
+    if ctx.options.path_form.is_some() {
+        // No ports to keep: the access port serves every cluster.
+        return Ok(Action::requeue(RESYNC));
+    }
     let Some((kube, ks)) = decide::follow(cluster, available) else {
         return Ok(Action::requeue(RESYNC));
     };

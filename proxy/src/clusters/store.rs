@@ -52,6 +52,10 @@ impl<P: Ports> ClusterStore for CrStore<P> {
             .store
             .get(&ObjectRef::new(cluster))
             .ok_or_else(|| format!("cluster {cluster} not found"))?;
+        if self.options.path_form.is_some() {
+            // `--cluster-ports none`: the access port serves it already.
+            return Ok(());
+        }
         let conn = &obj.spec.connection;
         match (
             u16::try_from(conn.kubernetes_api_server_port),
@@ -182,6 +186,7 @@ mod tests {
                 selector: vec![],
                 ports: 16000..16010,
                 bind_host: "127.0.0.1".into(),
+                path_form: None,
             },
             owners: None,
             kick,

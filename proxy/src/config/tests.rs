@@ -279,3 +279,92 @@ fn audit_log_file_stdout_or_off() {
         .to_string();
     assert!(e.contains("--audit-log"), "{e}");
 }
+
+#[test]
+fn cluster_ports_are_a_range_by_default_or_none_with_the_access_port() {
+    // The default: per-cluster ports, no path form, no access port.
+    let config = check(&[]).unwrap();
+    assert_eq!(config.clusters.ports, 16000..17000);
+    assert_eq!(config.clusters.path_form, None);
+    assert_eq!(config.access, None);
+
+    // The access port alone adds the path form; kubeconfigs keep the ports.
+    let config = check(&[
+        "--access-port",
+        "9443",
+        "--advertise-address",
+        "tower.example",
+    ])
+    .unwrap();
+    assert_eq!(config.clusters.path_form, None);
+    assert_eq!(
+        config.access,
+        Some(crate::serve::access::Options {
+            port: 9443,
+            names: vec!["tower.example".into()],
+        })
+    );
+
+    // `none`: kubeconfigs point at the path form, at --advertise-address...
+    let none = ["--cluster-ports", "none", "--access-port", "9443"];
+    let config = check(&[&none[..], &["--advertise-address", "10.0.0.7"]].concat()).unwrap();
+    let path = config.clusters.path_form.unwrap();
+    assert_eq!(path.server("alpha"), "https://10.0.0.7:9443/clusters/alpha");
+    assert!(config.clusters.ports.is_empty());
+    // ...else at the host agents dial (--publish-service-address), which
+    // the access port's certificate then names too.
+    let config = check(
+        &[
+            &none[..],
+            &["--publish-service-address", "https://[fd00::7]:8080/"],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    assert_eq!(
+        config.clusters.path_form.unwrap().server("beta"),
+        "https://[fd00::7]:9443/clusters/beta"
+    );
+    assert_eq!(config.access.unwrap().names, ["fd00::7"]);
+    let config = check(&[&none[..], &["--publish-service-address", "tower.example"]].concat());
+    assert_eq!(
+        config.unwrap().clusters.path_form.unwrap().address,
+        "tower.example"
+    );
+}
+
+#[test]
+fn cluster_ports_none_says_what_it_needs() {
+    let e = err(&["--cluster-ports", "none", "--advertise-address", "10.0.0.7"]);
+    assert!(
+        e.contains("--cluster-ports none needs --access-port"),
+        "{e}"
+    );
+    let e = err(&["--cluster-ports", "none", "--access-port", "9443"]);
+    assert!(
+        e.contains("--cluster-ports none") && e.contains("--advertise-address"),
+        "{e}"
+    );
+    let e = err(&[
+        "--cluster-ports=none",
+        "--access-port=0",
+        "--advertise-address=10.0.0.7",
+    ]);
+    assert!(e.contains("fixed --access-port"), "{e}");
+    for bad in ["None", "nothing", "16000", ""] {
+        let e = Flags::try_parse_from(["proxy", "--cluster-ports", bad])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cluster-ports"), "{bad}: {e}");
+    }
+    // Without Kubernetes the CA must come from the flags.
+    let dir = tempfile::tempdir().unwrap();
+    let clusters = dir.path().join("clusters.json");
+    std::fs::write(&clusters, r#"{"alpha": "t"}"#).unwrap();
+    let file = format!("--clusters-file={}", clusters.display());
+    let e = err(&[&file, "--access-port=9443"]);
+    assert!(e.contains("--access-port needs the proxy CA"), "{e}");
+    let (cert, key) = ca_files(dir.path());
+    let (cert, key) = (format!("--ca-cert={cert}"), format!("--ca-key={key}"));
+    assert!(check(&[&file, "--access-port=9443", &cert, &key]).is_ok());
+}

@@ -1,9 +1,13 @@
 //! The client-facing servers: the per-cluster HTTPS/HTTP ports
-//! ([`listener`]), opened and closed for the controller by [`ports`], and the
-//! raw TCP `--forward` port ([`forward`]), and the HTTP CONNECT doors to any
-//! address a member's agent allows ([`connect`]). All reach members through
+//! ([`listener`]), opened and closed for the controller by [`ports`], the
+//! path form of every cluster on one port of the proxy's own ([`access`]),
+//! what both HTTPS doors check of a client ([`admit`]), the raw TCP
+//! `--forward` port ([`forward`]), and the HTTP CONNECT doors to any address
+//! a member's agent allows ([`connect`]). All reach members through
 //! [`crate::member::MemberDialer`].
 
+pub mod access;
+pub mod admit;
 pub mod connect;
 pub mod forward;
 pub mod listener;

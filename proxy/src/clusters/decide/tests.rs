@@ -54,6 +54,7 @@ struct Given {
     advertise: Option<String>,
     live: usize,
     elsewhere: Option<String>,
+    path_server: Option<String>,
     now: &'static str,
 }
 
@@ -65,6 +66,7 @@ impl Default for Given {
             advertise: None,
             live: 0,
             elsewhere: None,
+            path_server: None,
             now: T0,
         }
     }
@@ -92,6 +94,7 @@ fn plan_for(c: &Cluster, given: &Given) -> Plan {
         advertise_address: given.advertise.as_deref(),
         live: given.live,
         elsewhere: given.elsewhere.as_deref(),
+        path_server: given.path_server.as_deref(),
         now: given.now,
     })
 }
@@ -538,4 +541,37 @@ fn the_service_we_want_is_the_service_that_matches() {
     ));
     let other: BTreeMap<String, String> = [("app".to_string(), "other".to_string())].into();
     assert!(!service::matches(&svc, &other, (16000, 26000), &exposure));
+}
+
+#[test]
+fn in_the_path_form_the_endpoint_is_the_path_and_ports_are_left_alone() {
+    let server = "https://192.168.1.5:9443/clusters/alpha";
+    let given = Given {
+        path_server: Some(server.into()),
+        addresses: Addresses::default(),
+        live: 1,
+        ..Given::default()
+    };
+    // A new cluster: a token and the endpoint, no ports.
+    let plan = plan_for(&cluster(|_| {}), &given);
+    assert_eq!(plan.spec.get("kubernetesAPIEndpoint"), Some(&json!(server)));
+    assert_eq!(plan.serve_at.as_deref(), Some(server));
+    for field in [
+        "kubernetesAPIServerPort",
+        "kubesphereAPIServerPort",
+        "kubesphereAPIEndpoint",
+    ] {
+        assert!(!plan.spec.contains_key(field), "{field}: {:?}", plan.spec);
+    }
+    let c = applied(&cluster(|_| {}), &plan);
+    let init = condition(&c.status.as_ref().unwrap().conditions, INITIALIZED);
+    assert!(init.message.contains("path form"), "{}", init.message);
+    // A cluster switched from its own ports: the endpoint moves to the
+    // path, the old ports stay for a switch back.
+    let plan = plan_for(&set_up(|_| {}), &given);
+    assert_eq!(plan.spec.get("kubernetesAPIEndpoint"), Some(&json!(server)));
+    assert!(!plan.spec.contains_key("kubernetesAPIServerPort"));
+    // Without an agent nothing is served.
+    let idle = Given { live: 0, ..given };
+    assert_eq!(plan_for(&set_up(|_| {}), &idle).serve_at, None);
 }

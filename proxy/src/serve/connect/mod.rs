@@ -33,7 +33,7 @@ use tunnel::server::{DialError, TunnelStream};
 
 use self::request::{CLUSTER_HEADER, Connect, Refusal};
 use super::listener::Io;
-use super::listener::tls::{ServerCert, server_tls};
+use super::listener::tls::own_port_tls;
 use crate::agents::registry::Registry;
 use crate::identity::ca::{Ca, PEER_COMMON_NAME, cluster_of, peer_common_name};
 use crate::member::{MemberDialer, ReachError, Target};
@@ -51,10 +51,6 @@ const LINGER_BYTES: usize = 1 << 20;
 
 /// Is this a cluster the proxy serves (it has a token)?
 pub type Known = Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
-/// The CONNECT port's serving certificate lives this long (a restart issues
-/// a new one).
-const DOOR_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Which doors to open, from the flags.
 pub struct Doors {
@@ -125,18 +121,8 @@ impl Door {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| OpenError::Listen(addr, e))?;
-            let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-            if !doors.bind.is_unspecified() {
-                sans.push(doors.bind.to_string());
-            }
-            sans.extend(doors.advertise_address);
-            let cert = ca
-                .issue_server(&sans, DOOR_CERT_VALIDITY)
-                .map_err(|e| OpenError::Cert(e.to_string()))
-                .and_then(|issued| {
-                    ServerCert::new(issued).map_err(|e| OpenError::Cert(e.to_string()))
-                })?;
-            let tls = server_tls(ca, cert).map_err(|e| OpenError::Cert(e.to_string()))?;
+            let tls =
+                own_port_tls(ca, doors.bind, doors.advertise_address).map_err(OpenError::Cert)?;
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "CONNECT port listening (mutual TLS)");
             tokio::spawn(self.clone().serve_tls(

@@ -12,21 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Bound, Door};
 use crate::agents::registry::Registry;
+use crate::identity::names::is_cluster_name;
 use crate::ops::accept::accept_loop;
 use crate::ops::audit::Caller;
 
 /// A cluster name usable as a file name: what Kubernetes allows for a
-/// Cluster (lower-case letters, digits, `-` and `.`), nothing that walks out
-/// of the directory.
+/// Cluster, nothing that walks out of the directory.
 fn file_name(cluster: &str) -> Option<String> {
-    let ok = !cluster.is_empty()
-        && cluster.len() <= 253
-        && !cluster.starts_with('.')
-        && !cluster.contains("..")
-        && cluster
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-    ok.then(|| format!("{cluster}.sock"))
+    is_cluster_name(cluster).then(|| format!("{cluster}.sock"))
 }
 
 /// Keep one socket per connected cluster in `dir` until `stop`, then remove them.

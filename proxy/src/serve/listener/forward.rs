@@ -21,9 +21,10 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
+use super::Shared;
 use super::impersonate;
 use super::status::{Body, empty, explain, status};
-use super::upstream::{Pool, Routes};
+use super::upstream::{Connector, Pool, Routes};
 use crate::member::{MemberDialer, Target};
 use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
 use crate::ops::in_flight::{Entered, InFlight};
@@ -34,10 +35,12 @@ use crate::ops::metrics::Metrics;
 /// deadline at all.
 pub const RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One port's request handler.
+/// One cluster's request handler, behind its port or the path form.
 pub struct Proxy {
     pub cluster: String,
     pub target: Target,
+    /// The front door in audit records: `port`, or `path` ([`crate::serve::access`]).
+    pub door: &'static str,
     pub dialer: MemberDialer,
     pub routes: Arc<Routes>,
     pub client: Pool,
@@ -124,6 +127,38 @@ impl hyper::body::Body for Counted {
 }
 
 impl Proxy {
+    /// The handler of `cluster`'s `target` behind `door`, with its own
+    /// connection pool; `cancel` ends its upgraded streams.
+    pub fn new(
+        cluster: &str,
+        target: Target,
+        door: &'static str,
+        shared: &Shared,
+        cancel: CancellationToken,
+    ) -> Self {
+        let routes = Arc::new(Routes::default());
+        let client = Connector {
+            cluster: cluster.to_string(),
+            target,
+            dialer: shared.dialer.clone(),
+            routes: routes.clone(),
+        }
+        .pool();
+        Self {
+            cluster: cluster.to_string(),
+            target,
+            door,
+            dialer: shared.dialer.clone(),
+            routes,
+            client,
+            cancel,
+            response_header_timeout: RESPONSE_HEADER_TIMEOUT,
+            in_flight: shared.in_flight.clone(),
+            metrics: shared.metrics.clone(),
+            audit: shared.audit.clone(),
+        }
+    }
+
     /// [`Self::forward`], timed to response headers for /metrics, audited
     /// when the response body (or the upgraded stream) ends.
     pub async fn handle(&self, req: Request<Incoming>, caller: &Caller) -> Response<Body> {
@@ -131,7 +166,7 @@ impl Proxy {
         let started = std::time::Instant::now();
         let mut audit = self.audit.begin(|| {
             Record::http(
-                "port",
+                self.door,
                 &self.cluster,
                 caller.clone(),
                 req.uri(),

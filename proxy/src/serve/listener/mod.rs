@@ -38,19 +38,16 @@ use tokio_util::sync::CancellationToken;
 
 use self::forward::{Proxy, RESPONSE_HEADER_TIMEOUT};
 use self::tls::{ServerCert, server_tls};
-use self::upstream::{Connector, Routes};
-use crate::identity::ca::{Ca, peer_common_name};
-use crate::identity::scope::opens;
+use crate::identity::ca::Ca;
 use crate::member::{MemberDialer, Target};
 use crate::ops::accept::accept_loop;
-use crate::ops::audit::{Audit, Caller, Record};
+use crate::ops::audit::{Audit, Caller};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
+use crate::serve::admit::{Client, handshake};
 
-/// How long a client may take with its TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
-const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A client connection, whatever carries it.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -140,25 +137,9 @@ impl ClusterListener {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
-        let routes = Arc::new(Routes::default());
-        let client = Connector {
-            cluster: cluster.clone(),
-            target,
-            dialer: shared.dialer.clone(),
-            routes: routes.clone(),
-        }
-        .pool();
         let proxy = Arc::new(Proxy {
-            cluster: cluster.clone(),
-            target,
-            dialer: shared.dialer.clone(),
-            routes,
-            client,
-            cancel: cancel.clone(),
             response_header_timeout,
-            in_flight: shared.in_flight.clone(),
-            metrics: shared.metrics.clone(),
-            audit: shared.audit.clone(),
+            ..Proxy::new(&cluster, target, "port", shared, cancel.clone())
         });
         tracing::info!(%cluster, addr = %local_addr, kind = target.what(), "cluster proxy listening");
         let front = Arc::new(front);
@@ -297,54 +278,24 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
                 .await
         }
         Front::Https(acceptor) => {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    // Port probes and health checks that connect and leave.
-                    tracing::debug!(%cluster, %peer, error = %e, "client left during TLS handshake");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(%cluster, %peer, error = %e, "TLS handshake with client failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%cluster, %peer, "client did not finish the TLS handshake in time");
-                    return;
-                }
-            };
-            let cn = peer_common_name(tls.get_ref().1);
-            if let Err(why) = opens(cn.as_deref(), &cluster) {
-                tracing::info!(%cluster, %peer, reason = %why, "refused a client certificate of another cluster");
-                // Answered in HTTP so kubectl shows why, then closed. Plain
-                // text: kubectl's discovery prints a text body as the error,
-                // but only "unknown" for a JSON Status.
-                let refuse = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let resp = status::text(hyper::StatusCode::FORBIDDEN, &why);
-                    let user = cn
-                        .clone()
-                        .unwrap_or_else(|| "a certificate without a common name".into());
-                    let mut record = Record::http(
-                        "port",
-                        &cluster,
-                        Caller::named(user),
-                        req.uri(),
-                        req.method().as_str(),
-                    );
-                    record.status = resp.status().as_u16();
-                    record.reason = Some(why.clone());
-                    audit.log(record);
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                http.keep_alive(false);
-                let _ = http.serve_connection(TokioIo::new(tls), refuse).await;
+            let port = format!("cluster {cluster} kube-apiserver");
+            let Some(tls) = handshake(acceptor, tcp, peer, &port).await else {
                 return;
-            }
-            let caller = Caller {
-                user: format!("kubeconfig of {cluster}"),
-                cn,
-                ..Caller::named("")
+            };
+            let client = Client::of(&tls);
+            let caller = match client.opens(&cluster) {
+                Ok(caller) => caller,
+                Err(why) => {
+                    tracing::info!(%cluster, %peer, reason = %why, "refused a client certificate of another cluster");
+                    // Answered in HTTP so kubectl shows why, then closed.
+                    let refuse = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let resp = client.refuse(&audit, "port", &cluster, &req, &why);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                    http.keep_alive(false);
+                    let _ = http.serve_connection(TokioIo::new(tls), refuse).await;
+                    return;
+                }
             };
             http.serve_connection(TokioIo::new(tls), service(Arc::new(caller)))
                 .with_upgrades()

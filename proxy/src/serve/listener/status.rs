@@ -128,6 +128,7 @@ pub fn status(code: StatusCode, message: &str) -> Response<Body> {
         StatusCode::GATEWAY_TIMEOUT => "Timeout",
         StatusCode::BAD_REQUEST => "BadRequest",
         StatusCode::FORBIDDEN => "Forbidden",
+        StatusCode::NOT_FOUND => "NotFound",
         _ => "BadGateway",
     };
     let body = serde_json::json!({

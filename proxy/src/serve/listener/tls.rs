@@ -3,8 +3,9 @@
 //! by our CA required (unlike Tower): any other client is refused in the
 //! handshake.
 
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -99,4 +100,32 @@ pub fn server_tls(ca: &Ca, cert: ServerCert) -> Result<ServerConfig, rustls::Err
         .with_cert_resolver(Arc::new(Resolver(cert)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// A port of the proxy's own (not a cluster's) keeps its serving certificate
+/// this long: a restart issues a new one.
+const OWN_PORT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// TLS for a port of the proxy's own (the CONNECT port, the access port):
+/// [`server_tls`] with a certificate from `ca` for loopback, `bind` when it
+/// is a specific address, and `names` (the addresses clients are told).
+pub fn own_port_tls(
+    ca: &Ca,
+    bind: IpAddr,
+    names: impl IntoIterator<Item = String>,
+) -> Result<ServerConfig, String> {
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !bind.is_unspecified() {
+        sans.push(bind.to_string());
+    }
+    for name in names {
+        if !sans.contains(&name) {
+            sans.push(name);
+        }
+    }
+    let issued = ca
+        .issue_server(&sans, OWN_PORT_CERT_VALIDITY)
+        .map_err(|e| e.to_string())?;
+    let cert = ServerCert::new(issued).map_err(|e| e.to_string())?;
+    server_tls(ca, cert).map_err(|e| e.to_string())
 }

@@ -1,0 +1,115 @@
+//! Letting a client in at an HTTPS front door that serves clusters (a
+//! cluster's own port, the path form of [`super::access`]): the TLS
+//! handshake with a deadline, who the client certificate says the client
+//! is ([`Client`]), whether that opens the cluster asked for, and the
+//! refusal when it does not.
+//!
+//! Both doors go through here so that what a certificate may open is decided
+//! in one place: a richer identity than the certificate's common name
+//! changes [`Client`] and nothing else.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use super::listener::Io;
+use super::listener::status::{Body, text};
+use crate::identity::ca::peer_common_name;
+use crate::identity::scope::opens;
+use crate::ops::audit::{Audit, Caller, Record};
+
+/// How long a client may take with its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS handshake with `tcp`, within [`TLS_HANDSHAKE_TIMEOUT`]; `None`
+/// (logged, naming `port`) when it failed.
+pub async fn handshake<T: Io>(
+    acceptor: &TlsAcceptor,
+    tcp: T,
+    peer: SocketAddr,
+    port: &str,
+) -> Option<TlsStream<T>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            // Port probes and health checks that connect and leave.
+            tracing::debug!(port, %peer, error = %e, "client left during TLS handshake");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(port, %peer, error = %e, "TLS handshake with client failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(port, %peer, "client did not finish the TLS handshake in time");
+            None
+        }
+    }
+}
+
+/// Who a client is, as its certificate (signed by our CA: the handshake
+/// checked that) says.
+#[derive(Debug, Clone)]
+pub struct Client {
+    cn: Option<String>,
+}
+
+impl Client {
+    /// The client of a finished handshake.
+    pub fn of<T>(tls: &TlsStream<T>) -> Self {
+        Self {
+            cn: peer_common_name(tls.get_ref().1),
+        }
+    }
+
+    /// The caller to forward and audit as when this client may open
+    /// `cluster`, or why it may not.
+    pub fn opens(&self, cluster: &str) -> Result<Caller, String> {
+        opens(self.cn.as_deref(), cluster)?;
+        Ok(Caller {
+            user: format!("kubeconfig of {cluster}"),
+            cn: self.cn.clone(),
+            ..Caller::named("")
+        })
+    }
+
+    /// The caller as its certificate names it, for a request that opens no
+    /// cluster.
+    pub fn named(&self) -> Caller {
+        Caller::named(
+            self.cn
+                .clone()
+                .unwrap_or_else(|| "a certificate without a common name".into()),
+        )
+    }
+
+    /// The answer to a request this client may not send to `cluster`
+    /// (`why`, from [`Client::opens`]): 403 in plain text (kubectl's
+    /// discovery prints a text body as the error, but only "unknown" for a
+    /// JSON Status), audited as refused at `door`.
+    pub fn refuse(
+        &self,
+        audit: &Audit,
+        door: &'static str,
+        cluster: &str,
+        req: &hyper::Request<impl Sized>,
+        why: &str,
+    ) -> hyper::Response<Body> {
+        let resp = text(StatusCode::FORBIDDEN, why);
+        let mut record = Record::http(
+            door,
+            cluster,
+            self.named(),
+            req.uri(),
+            req.method().as_str(),
+        );
+        record.status = resp.status().as_u16();
+        record.reason = Some(why.to_string());
+        audit.log(record);
+        resp
+    }
+}

@@ -1,0 +1,127 @@
+//! More member clusters for a running [`Tower`]: Clusters created on the
+//! host, one `bin/agent` each (all serving the same member kube-apiserver,
+//! which is all a test of the proxy's side needs), and the kubeconfigs the
+//! proxy publishes for them. For tests of many clusters at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::serde_json::{self, Value, json};
+
+use crate::proc::Proc;
+use crate::tower::{Tower, agent_command, b64_decode, checked, run_kubectl};
+use crate::wait::wait_for_ok;
+
+const SETTLE: Duration = Duration::from_secs(180);
+
+/// A cluster [`Tower::join`] added: its agent runs while this lives.
+pub struct Joined {
+    pub name: String,
+    /// The kubeconfig from its Cluster's `spec.connection.kubeconfig`.
+    pub kubeconfig: PathBuf,
+    pub agent: Proc,
+}
+
+impl Tower {
+    /// Create a Cluster for each of `names`, start an agent for each once
+    /// the proxy gave it a token, and wait until every one is AgentAvailable
+    /// with a published kubeconfig (written to the Tower's directory).
+    pub async fn join(&self, names: &[String]) -> Result<Vec<Joined>> {
+        let host_kc = self.host().kubeconfig().to_path_buf();
+        let items: Vec<Value> = names
+            .iter()
+            .map(|name| {
+                json!({
+                    "apiVersion": "cluster.kubesphere.io/v1alpha1",
+                    "kind": "Cluster",
+                    "metadata": {"name": name},
+                    "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
+                })
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
+        let args = ["create", "-f", "-"];
+        checked(
+            &args,
+            run_kubectl(Some(&host_kc), &args, Some(list.as_bytes()), &[]).await?,
+        )?;
+        let clusters = || async {
+            let args = ["get", "clusters", "-o", "json"];
+            let out = checked(&args, run_kubectl(Some(&host_kc), &args, None, &[]).await?)?;
+            let list: Value = serde_json::from_str(&out).context("parsing the Clusters")?;
+            let by_name: BTreeMap<String, Value> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| Some((c["metadata"]["name"].as_str()?.to_string(), c.clone())))
+                .collect();
+            Ok::<_, anyhow::Error>(by_name)
+        };
+        let field = |c: &Value, name: &str| {
+            c["spec"]["connection"][name]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let tokens = wait_for_ok(SETTLE, || async {
+            let all = clusters().await?;
+            names
+                .iter()
+                .map(|name| {
+                    let token = all.get(name).map(|c| field(c, "token")).unwrap_or_default();
+                    ensure!(!token.is_empty(), "Cluster {name} has no token yet");
+                    Ok(token)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+        let mut agents = Vec::new();
+        for (name, token) in names.iter().zip(tokens) {
+            let token_file = self.dir().join(format!("{name}.token"));
+            std::fs::write(&token_file, token)?;
+            let cmd = agent_command(
+                name,
+                &token_file,
+                self.proxy_port(),
+                self.fingerprint(),
+                self.member(),
+            );
+            agents.push(Proc::spawn_quiet(&format!("agent-{name}"), cmd)?);
+        }
+        let kubeconfigs = wait_for_ok(SETTLE, || async {
+            let all = clusters().await?;
+            names
+                .iter()
+                .map(|name| {
+                    let c = all.get(name).context("gone")?;
+                    let available = c["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
+                    let kubeconfig = field(c, "kubeconfig");
+                    ensure!(
+                        available && !kubeconfig.is_empty(),
+                        "Cluster {name}: no agent available and kubeconfig yet"
+                    );
+                    Ok(kubeconfig)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .context("the joined clusters never all got AgentAvailable=True and a kubeconfig")?;
+        let mut joined = Vec::new();
+        for ((name, b64), agent) in names.iter().zip(kubeconfigs).zip(agents) {
+            let kubeconfig = self.dir().join(format!("config_{name}"));
+            std::fs::write(&kubeconfig, b64_decode(&b64)?)?;
+            joined.push(Joined {
+                name: name.clone(),
+                kubeconfig,
+                agent,
+            });
+        }
+        Ok(joined)
+    }
+}
