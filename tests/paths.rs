@@ -4,7 +4,8 @@
 //! kubectl with the kubeconfig each Cluster got. No per-cluster port or
 //! Service exists; every kubeconfig's server is
 //! `https://127.0.0.1:P/clusters/<name>` and works; a kubeconfig opens its
-//! own cluster's path only (403, audited); exec runs through the path form;
+//! own cluster's path only (403, audited); exec runs through the path form
+//! (websocket and SPDY);
 //! a deleted Cluster's path is a 404 that says so.
 //!
 //! Run: `make build harness && cargo test -p e2e --release --test paths`.
@@ -174,6 +175,15 @@ async fn fifty_clusters_through_one_port_each_kubeconfig_its_own() -> Result<()>
         .kubectl_ok(&["exec", "box", "--", "echo", "hi"])
         .await?;
     ensure!(out.trim() == "hi", "{out}");
+    // And over SPDY, kubectl's fallback.
+    let spdy = [("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")];
+    let out = tower
+        .kubectl_with(&["exec", "box", "--", "echo", "spdy"], None, &spdy)
+        .await?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "spdy",
+        "{out:?}"
+    );
     let exec = audit_records(&audit).into_iter().any(|r| {
         r["door"] == "path" && r["verb"] == "exec" && r["status"] == 101 && r["cluster"] == "alpha"
     });

@@ -2,6 +2,7 @@
 //! process: one agent, one proxy port, a kubectl stand-in.
 
 mod audit;
+mod path;
 
 use std::convert::Infallible;
 use std::future::Future;
