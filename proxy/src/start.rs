@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kube::runtime::reflector::ObjectRef;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,7 @@ use crate::ops::audit::Audit;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
+use crate::serve::aggregated;
 use crate::serve::connect::{Door, Doors, TargetRefusals};
 use crate::serve::listener::{Relay, Shared};
 use crate::serve::ports::ListenerPorts;
@@ -156,7 +158,11 @@ async fn with_kubernetes(
         metrics: core.metrics.clone(),
         audit: core.audit.clone(),
     };
-    let ports = Arc::new(ListenerPorts::new(ca.clone(), core.config.bind, shared));
+    let ports = Arc::new(ListenerPorts::new(
+        ca.clone(),
+        core.config.bind,
+        shared.clone(),
+    ));
     let door_ca = ca.clone();
     let (kick, kicks) = status::Kick::new();
     let mut tasks = Vec::new();
@@ -195,10 +201,39 @@ async fn with_kubernetes(
     // Runs as long as the process: it only reads and writes status.
     drop(status::start(
         kicks,
-        client,
+        client.clone(),
         running.store.clone(),
         core.dialer.clone(),
     ));
+    if let Some(options) = &core.config.aggregated {
+        let store = running.store.clone();
+        let clusters: aggregated::handler::Lookup = Arc::new(move |name: &str| {
+            let obj = store.get(&ObjectRef::new(name))?;
+            let off = obj
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(aggregated::handler::IMPERSONATE_ANNOTATION))
+                .is_some_and(|v| v.trim() == "false");
+            Some(aggregated::handler::ClusterView { impersonate: !off })
+        });
+        aggregated::start(
+            options,
+            core.config.bind,
+            client.clone(),
+            &door_ca,
+            shared.clone(),
+            clusters,
+            stop.clone(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve the aggregated API on port {} (--aggregated-api-port)",
+                options.port
+            )
+        })?;
+    }
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
     let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core));

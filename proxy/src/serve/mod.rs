@@ -2,8 +2,10 @@
 //! ([`listener`]), opened and closed for the controller by [`ports`], and the
 //! raw TCP `--forward` port ([`forward`]), and the HTTP CONNECT doors to any
 //! address a member's agent allows ([`connect`]). All reach members through
-//! [`crate::member::MemberDialer`].
+//! [`crate::member::MemberDialer`]. The aggregated API ([`aggregated`]) serves
+//! every cluster on one port, behind the host kube-apiserver.
 
+pub mod aggregated;
 pub mod connect;
 pub mod forward;
 pub mod listener;

@@ -127,11 +127,22 @@ impl Proxy {
     /// [`Self::forward`], timed to response headers for /metrics, audited
     /// when the response body (or the upgraded stream) ends.
     pub async fn handle(&self, req: Request<Incoming>, caller: &Caller) -> Response<Body> {
+        self.handle_at("port", req, caller).await
+    }
+
+    /// [`Self::handle`] for a request that came in through `door` (its
+    /// audit records name it), e.g. the aggregated API.
+    pub async fn handle_at(
+        &self,
+        door: &'static str,
+        req: Request<Incoming>,
+        caller: &Caller,
+    ) -> Response<Body> {
         let in_flight = self.in_flight.enter();
         let started = std::time::Instant::now();
         let mut audit = self.audit.begin(|| {
             Record::http(
-                "port",
+                door,
                 &self.cluster,
                 caller.clone(),
                 req.uri(),
