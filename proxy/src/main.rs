@@ -21,7 +21,10 @@
 //! - [`serve`]: the client-facing ports: the per-cluster HTTPS/HTTP
 //!   listeners ([`serve::listener`]), opened for the controller by
 //!   [`serve::ports`], the raw `--forward` port, the HTTP CONNECT doors
-//!   ([`serve::connect`]).
+//!   ([`serve::connect`]), the aggregated API behind the host kube-apiserver
+//!   ([`serve::aggregated`]: front-proxy trust, the caller from its headers,
+//!   discovery, the host's SubjectAccessReview, the APIService, a handler per
+//!   member, the caller impersonated on it).
 //! - [`ha`]: several replicas: leader election, who holds which cluster, the
 //!   peer port that relays clients.
 //! - [`clusters`]: the Cluster workflow: decisions ([`clusters::decide`],

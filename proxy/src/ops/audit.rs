@@ -91,7 +91,8 @@ impl Caller {
 pub struct Record {
     /// When the request arrived (RFC 3339, UTC, milliseconds).
     pub time: String,
-    /// `port` (a cluster's port), `tls` / `unix` (CONNECT doors), `hub`.
+    /// `port` (a cluster's port), `tls` / `unix` (CONNECT doors), `hub`,
+    /// `aggregated` (the aggregated API).
     pub door: &'static str,
     pub cluster: String,
     pub caller: Caller,
