@@ -246,6 +246,20 @@ async fn aggregated_api_reaches_members_as_the_host_allows() -> Result<()> {
     let args = ["exec", POD, "-n", NS, "--", "echo", "hello from alpha"];
     let out = ok(&args, kubectl(&host_kc, &alpha, None, &args, None).await?)?;
     ensure!(out.trim() == "hello from alpha", "exec: {out:?}");
+    // The same over SPDY/3.1 (kubectl's fallback), also passed through.
+    let spdy = Command::new(kubectl_binary())
+        .arg("--kubeconfig")
+        .arg(&host_kc)
+        .args(["--server", &alpha])
+        .args(args)
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let out = ok(&args, spdy)?;
+    ensure!(out.trim() == "hello from alpha", "exec over SPDY: {out:?}");
+    let args = ["logs", POD, "-n", NS];
+    ok(&args, kubectl(&host_kc, &alpha, None, &args, None).await?)?;
 
     let echo = EchoServer::start().await?;
     let mut pf_cmd = Command::new(kubectl_binary());
