@@ -325,6 +325,17 @@ async fn proxy_bad_flags_exit_2_before_any_network_io() -> Result<()> {
             &["--audit-log=/nonexistent/dir/audit.log"][..],
             "--audit-log",
         ),
+        (
+            &[
+                "--aggregated-api-port=9443",
+                "--aggregated-api-service=tower-api",
+            ][..],
+            "--aggregated-api-service",
+        ),
+        (
+            &["--aggregated-api-service=kubesphere-system/tower-api"][..],
+            "--aggregated-api-service",
+        ),
     ] {
         let mut cmd = Command::new(bin("proxy"));
         cmd.args(args)

@@ -263,6 +263,18 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("create", "events", &ns),
         ("create", "events.events.k8s.io", &["-n", "default"]),
         ("patch", "events", &["-n", "default"]),
+        // The aggregated API: reviews, its APIService, the front-proxy trust.
+        ("create", "subjectaccessreviews.authorization.k8s.io", &[]),
+        (
+            "patch",
+            "apiservices.apiregistration.k8s.io/v1alpha1.tower.kubesphere.io",
+            &[],
+        ),
+        (
+            "watch",
+            "configmaps/extension-apiserver-authentication",
+            &["-n", "kube-system"],
+        ),
     ];
     let denied: &[(&str, &str, &[&str])] = &[
         ("update", "clusters.cluster.kubesphere.io", &[]),
@@ -283,6 +295,13 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("create", "services", &["-n", "default"]),
         ("get", "secrets", &["-n", "kube-system"]),
         ("create", "pods", &ns),
+        ("patch", "apiservices.apiregistration.k8s.io/v1.apps", &[]),
+        (
+            "delete",
+            "apiservices.apiregistration.k8s.io/v1alpha1.tower.kubesphere.io",
+            &[],
+        ),
+        ("get", "configmaps/coredns", &["-n", "kube-system"]),
     ];
     for (verb, resource, extra) in allowed {
         ensure!(
@@ -347,7 +366,23 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             )
         })
         .collect();
-    assert_eq!(ports, [("agents", 8080), ("peer", 8443)]);
+    assert_eq!(
+        ports,
+        [("agents", 8080), ("peer", 8443), ("aggregated", 9443)]
+    );
+    let aggregated = host.kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "service",
+        "tower-api",
+        "-o",
+        "jsonpath={.spec.ports[0].port} {.spec.ports[0].targetPort} {.spec.selector.app}",
+    ]);
+    assert_eq!(
+        aggregated, "443 aggregated tower",
+        "the aggregated API's Service"
+    );
     let pod_security = &deployment["spec"]["template"]["spec"]["securityContext"];
     assert_eq!(pod_security["runAsNonRoot"], true);
     let min_available = host.kubectl_ok(&[
@@ -363,6 +398,15 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
 
     // The agent's identity is cluster-admin (what KubeSphere expects).
     ensure!(can_i(&host, AGENT_SA, "*", "*", &[]));
+    // The optional impersonate-only RBAC is valid.
+    host.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &config_dir("agent")
+            .join("impersonate-rbac.yaml")
+            .to_string_lossy(),
+    ]);
 
     // ---- A Cluster written by KubeSphere round-trips unchanged. ----
     let sent = kubesphere_cluster("alpha");

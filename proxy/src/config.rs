@@ -141,6 +141,16 @@ pub struct Flags {
     /// 0600), or - for stdout. Never a token, a query or a body.
     #[arg(long, value_parser = crate::ops::audit::Destination::parse, value_name = "FILE")]
     pub audit_log: Option<crate::ops::audit::Destination>,
+    /// Serve the aggregated API tower.kubesphere.io/v1alpha1 on PORT (HTTPS,
+    /// behind the host kube-apiserver: clusters/<name>/proxy reaches a member
+    /// as the host's RBAC allows, the caller impersonated) and register its
+    /// APIService. Off when absent.
+    #[arg(long, value_name = "PORT")]
+    pub aggregated_api_port: Option<u16>,
+    /// The Service in front of --aggregated-api-port that the APIService
+    /// names (port 443). Default: <--namespace>/tower-api.
+    #[arg(long, value_parser = crate::serve::aggregated::parse_service, value_name = "NAMESPACE/NAME")]
+    pub aggregated_api_service: Option<(String, String)>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -193,6 +203,8 @@ pub struct Config {
     pub audit_log: Option<crate::ops::audit::Output>,
     /// `--access-port`: the path form; `None`: off.
     pub access: Option<crate::serve::access::Options>,
+    /// `--aggregated-api-port`; `None`: off.
+    pub aggregated: Option<crate::serve::aggregated::Options>,
 }
 
 /// `--cluster-ports`.
@@ -351,6 +363,24 @@ impl Flags {
                 bail!("--hub-service {name}: the name is published twice");
             }
         }
+        let aggregated = match (self.aggregated_api_port, self.aggregated_api_service) {
+            (None, Some(_)) => {
+                bail!("--aggregated-api-service needs --aggregated-api-port")
+            }
+            (None, None) => None,
+            (Some(_), _) if matches!(mode, Mode::File(_)) => {
+                bail!("--aggregated-api-port needs Kubernetes: leave out --clusters-file")
+            }
+            (Some(port), service) => {
+                let (namespace, service) =
+                    service.unwrap_or_else(|| (self.namespace.clone(), "tower-api".to_string()));
+                Some(crate::serve::aggregated::Options {
+                    port,
+                    namespace,
+                    service,
+                })
+            }
+        };
         let audit_log = self.audit_log.as_ref().map(|d| d.open()).transpose()?;
         let host_key_given = self.host_key.is_some();
         let host_key = self
@@ -381,6 +411,7 @@ impl Flags {
             hub_services,
             audit_log,
             access,
+            aggregated,
         })
     }
 

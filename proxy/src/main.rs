@@ -23,7 +23,11 @@
 //!   [`serve::ports`], every cluster's path form on `--access-port`
 //!   ([`serve::access`]), the check both HTTPS doors make of a client
 //!   ([`serve::admit`]), the raw `--forward` port, the HTTP CONNECT doors
-//!   ([`serve::connect`]).
+//!   ([`serve::connect`]), the aggregated API behind the host kube-apiserver
+//!   ([`serve::aggregated`]: front-proxy trust, the caller from its headers,
+//!   discovery, the host's SubjectAccessReview, the APIService, the caller
+//!   impersonated on the member), and the per-cluster handlers of the doors
+//!   without per-cluster ports ([`serve::proxies`]).
 //! - [`ha`]: several replicas: leader election, who holds which cluster, the
 //!   peer port that relays clients.
 //! - [`clusters`]: the Cluster workflow: decisions ([`clusters::decide`],

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kube::runtime::reflector::ObjectRef;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +44,7 @@ use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::serve::access::Access;
+use crate::serve::aggregated;
 use crate::serve::connect::{Door, Doors, TargetRefusals};
 use crate::serve::listener::{Relay, Shared};
 use crate::serve::ports::ListenerPorts;
@@ -169,7 +171,11 @@ async fn with_kubernetes(
     };
     core.relay = ha.as_ref().map(|h| h.peers.clone() as Arc<dyn Relay>);
     let shared = core.shared();
-    let ports = Arc::new(ListenerPorts::new(ca.clone(), core.config.bind, shared));
+    let ports = Arc::new(ListenerPorts::new(
+        ca.clone(),
+        core.config.bind,
+        shared.clone(),
+    ));
     let door_ca = ca.clone();
     let (kick, kicks) = status::Kick::new();
     let mut tasks = Vec::new();
@@ -208,10 +214,39 @@ async fn with_kubernetes(
     // Runs as long as the process: it only reads and writes status.
     drop(status::start(
         kicks,
-        client,
+        client.clone(),
         running.store.clone(),
         core.dialer.clone(),
     ));
+    if let Some(options) = &core.config.aggregated {
+        let store = running.store.clone();
+        let clusters: aggregated::handler::Lookup = Arc::new(move |name: &str| {
+            let obj = store.get(&ObjectRef::new(name))?;
+            let off = obj
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(aggregated::handler::IMPERSONATE_ANNOTATION))
+                .is_some_and(|v| v.trim() == "false");
+            Some(aggregated::handler::ClusterView { impersonate: !off })
+        });
+        aggregated::start(
+            options,
+            core.config.bind,
+            client.clone(),
+            &door_ca,
+            shared.clone(),
+            clusters,
+            stop.clone(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve the aggregated API on port {} (--aggregated-api-port)",
+                options.port
+            )
+        })?;
+    }
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
     let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core));

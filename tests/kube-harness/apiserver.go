@@ -86,6 +86,19 @@ func apiServerArgs(p *pki, port int, etcdURL string) []string {
 		// The lease reconciler would try to publish 127.0.0.1 as the endpoint
 		// of the "kubernetes" service, which validation refuses (loopback).
 		"--endpoint-reconciler-type=none",
+		// The aggregation layer (APIService objects served by other
+		// servers, e.g. the proxy's tower.kubesphere.io): the apiserver
+		// vouches for its callers with the front-proxy client certificate
+		// and X-Remote-* headers, and dials an APIService's endpoint
+		// addresses itself (no kube-proxy here to route a ClusterIP).
+		"--requestheader-client-ca-file=" + p.FrontProxyCACert(),
+		"--requestheader-allowed-names=" + frontProxyClientName,
+		"--requestheader-username-headers=X-Remote-User",
+		"--requestheader-group-headers=X-Remote-Group",
+		"--requestheader-extra-headers-prefix=X-Remote-Extra-",
+		"--proxy-client-cert-file=" + p.FrontProxyClientCert(),
+		"--proxy-client-key-file=" + p.FrontProxyClientKey(),
+		"--enable-aggregator-routing=true",
 		"--profiling=false",
 		"--logging-format=text",
 		"--v=0",

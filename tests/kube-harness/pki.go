@@ -33,12 +33,24 @@ import (
 //	kubelet.crt, kubelet.key      serving cert of the kubelet stand-in:
 //	                              127.0.0.1, harness-node
 //	sa.key, sa.pub                service-account token signing key pair
+//	front-proxy-ca.crt, .key      the aggregation layer's CA (ECDSA P-256): it
+//	                              vouches for the apiserver towards aggregated
+//	                              API servers (requestheader-client-ca-file)
+//	front-proxy-client.crt, .key  the apiserver's client cert towards them:
+//	                              CN=front-proxy-client
 type pki struct {
 	dir string
 
 	caCert *x509.Certificate
 	caKey  crypto.Signer
+
+	frontProxyCACert *x509.Certificate
+	frontProxyCAKey  crypto.Signer
 }
+
+// frontProxyClientName is the CN of the apiserver's proxy-client certificate,
+// the only name aggregated API servers accept (requestheader-allowed-names).
+const frontProxyClientName = "front-proxy-client"
 
 const (
 	caValidity   = 10 * 365 * 24 * time.Hour
@@ -65,6 +77,16 @@ func (p *pki) KubeletCert() string  { return p.path("kubelet.crt") }
 func (p *pki) KubeletKey() string   { return p.path("kubelet.key") }
 func (p *pki) SAPublicKey() string  { return p.path("sa.pub") }
 func (p *pki) SAPrivateKey() string { return p.path("sa.key") }
+func (p *pki) FrontProxyCACert() string {
+	return p.path("front-proxy-ca.crt")
+}
+func (p *pki) FrontProxyCAKey() string { return p.path("front-proxy-ca.key") }
+func (p *pki) FrontProxyClientCert() string {
+	return p.path("front-proxy-client.crt")
+}
+func (p *pki) FrontProxyClientKey() string {
+	return p.path("front-proxy-client.key")
+}
 
 // GeneratedDir is the apiserver's --cert-dir (unused while --tls-cert-file
 // is given, but kept out of the working directory).
@@ -80,7 +102,7 @@ func ensurePKI(dir string, serviceIP net.IP) (*pki, error) {
 	caCert, caKey, err := loadPair(p.CACert(), p.CAKey())
 	if err != nil || !caCert.IsCA || time.Until(caCert.NotAfter) < renewBefore {
 		// No usable CA: start over so that no leaf signed by an older CA stays.
-		if caCert, caKey, err = p.makeCA(); err != nil {
+		if caCert, caKey, err = p.makeCA(p.CACert(), p.CAKey(), "kube-harness-ca"); err != nil {
 			return nil, fmt.Errorf("making the CA: %w", err)
 		}
 		for _, name := range []string{"apiserver.crt", "apiserver.key", "admin.crt", "admin.key",
@@ -138,10 +160,33 @@ func ensurePKI(dir string, serviceIP net.IP) (*pki, error) {
 	if err := p.ensureSAKeys(); err != nil {
 		return nil, fmt.Errorf("making the service-account keys: %w", err)
 	}
+	if err := p.ensureFrontProxy(); err != nil {
+		return nil, fmt.Errorf("making the front-proxy CA and client certificate: %w", err)
+	}
 	return p, nil
 }
 
-func (p *pki) makeCA() (*x509.Certificate, crypto.Signer, error) {
+// ensureFrontProxy keeps or makes the aggregation layer's CA and the
+// apiserver's client certificate signed by it (a CA of its own, as kubeadm
+// does: a certificate of the cluster CA must not pass for the front proxy).
+func (p *pki) ensureFrontProxy() error {
+	cert, key, err := loadPair(p.FrontProxyCACert(), p.FrontProxyCAKey())
+	if err != nil || !cert.IsCA || time.Until(cert.NotAfter) < renewBefore {
+		if cert, key, err = p.makeCA(p.FrontProxyCACert(), p.FrontProxyCAKey(), "kube-harness-front-proxy-ca"); err != nil {
+			return err
+		}
+		_ = os.Remove(p.FrontProxyClientCert())
+	}
+	p.frontProxyCACert, p.frontProxyCAKey = cert, key
+	client := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: frontProxyClientName},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	return ensureLeafOf(cert, key, p.FrontProxyClientCert(), p.FrontProxyClientKey(), client)
+}
+
+func (p *pki) makeCA(certFile, keyFile, name string) (*x509.Certificate, crypto.Signer, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
@@ -149,7 +194,7 @@ func (p *pki) makeCA() (*x509.Certificate, crypto.Signer, error) {
 	now := time.Now()
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial(),
-		Subject:               pkix.Name{CommonName: "kube-harness-ca"},
+		Subject:               pkix.Name{CommonName: name},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(caValidity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
@@ -164,7 +209,7 @@ func (p *pki) makeCA() (*x509.Certificate, crypto.Signer, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := writePair(p.CACert(), p.CAKey(), der, key); err != nil {
+	if err := writePair(certFile, keyFile, der, key); err != nil {
 		return nil, nil, err
 	}
 	return cert, key, nil
@@ -173,8 +218,13 @@ func (p *pki) makeCA() (*x509.Certificate, crypto.Signer, error) {
 // ensureLeaf keeps the pair at certFile/keyFile if it is signed by the CA, not
 // close to expiry and carries the wanted names; else it signs a new one.
 func (p *pki) ensureLeaf(certFile, keyFile string, tmpl *x509.Certificate) error {
+	return ensureLeafOf(p.caCert, p.caKey, certFile, keyFile, tmpl)
+}
+
+// ensureLeafOf is ensureLeaf with the CA given.
+func ensureLeafOf(caCert *x509.Certificate, caKey crypto.Signer, certFile, keyFile string, tmpl *x509.Certificate) error {
 	if cert, _, err := loadPair(certFile, keyFile); err == nil &&
-		cert.CheckSignatureFrom(p.caCert) == nil &&
+		cert.CheckSignatureFrom(caCert) == nil &&
 		time.Until(cert.NotAfter) > renewBefore &&
 		sameNames(cert, tmpl) {
 		return nil
@@ -187,7 +237,7 @@ func (p *pki) ensureLeaf(certFile, keyFile string, tmpl *x509.Certificate) error
 	tmpl.SerialNumber = serial()
 	tmpl.NotBefore = now.Add(-time.Hour)
 	tmpl.NotAfter = now.Add(leafValidity)
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.caCert, key.Public(), p.caKey)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, key.Public(), caKey)
 	if err != nil {
 		return err
 	}

@@ -15,6 +15,7 @@
 //! | checked bytes through the tunnel   | [`echo_transfer`] (GiBs, every byte verified) |
 //! | pods to exec/port-forward/log into | [`KubeCluster::start_with_args`]`(n, &["--kubelet"])`, [`KubeCluster::run_pod`] |
 //! | host + member + proxy + agent, config_alpha | [`Tower::start`], [`Tower::kubectl`] |
+//! | a non-loopback address (Endpoints, aggregated APIs) | [`in_own_netns`], [`NETNS_ADDR`] |
 //!
 //! ## Writing a test
 //!
@@ -83,6 +84,7 @@ mod join;
 mod kubelet;
 mod metrics;
 mod net;
+mod netns;
 mod paths;
 mod proc;
 mod stream;
@@ -96,6 +98,7 @@ pub use join::Joined;
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use metrics::{metric_sample, scrape_metrics};
 pub use net::{EchoServer, free_addr, free_port};
+pub use netns::{NETNS_ADDR, in_own_netns};
 pub use paths::{bin, kubectl_binary, workspace_root};
 pub use proc::{Proc, Stream, log_field};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};

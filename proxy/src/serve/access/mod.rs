@@ -17,7 +17,6 @@
 //! cluster, so it cannot be handed over whole).
 
 pub mod path;
-pub mod proxies;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -31,15 +30,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use self::path::route;
-use self::proxies::{DOOR, Proxies};
 use super::admit::{Client, handshake};
 use super::connect::Known;
 use super::listener::status::{Body, status};
 use super::listener::tls::own_port_tls;
 use super::listener::{REQUEST_HEADER_TIMEOUT, Shared};
+use super::proxies::Proxies;
 use crate::identity::ca::Ca;
 use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Caller, Record};
+
+/// The audit records' door for requests through the path form.
+pub const DOOR: &str = "path";
 
 /// `--access-port` and the names its certificate is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +73,7 @@ pub struct Access {
 
 impl Access {
     pub fn new(shared: Shared, known: Known, stop: &CancellationToken) -> Self {
-        let proxies = Arc::new(Proxies::new(shared.clone(), stop.child_token()));
+        let proxies = Arc::new(Proxies::new(DOOR, shared.clone(), stop.child_token()));
         Self {
             shared,
             known,

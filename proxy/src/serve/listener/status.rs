@@ -128,7 +128,9 @@ pub fn status(code: StatusCode, message: &str) -> Response<Body> {
         StatusCode::GATEWAY_TIMEOUT => "Timeout",
         StatusCode::BAD_REQUEST => "BadRequest",
         StatusCode::FORBIDDEN => "Forbidden",
+        StatusCode::UNAUTHORIZED => "Unauthorized",
         StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::INTERNAL_SERVER_ERROR => "InternalError",
         _ => "BadGateway",
     };
     let body = serde_json::json!({
@@ -140,6 +142,11 @@ pub fn status(code: StatusCode, message: &str) -> Response<Body> {
         "reason": reason,
         "code": code.as_u16(),
     });
+    json(code, &body)
+}
+
+/// A JSON answer.
+pub fn json(code: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})

@@ -1,7 +1,9 @@
-//! One [`Proxy`] per cluster the path form serves, made on the first request
-//! for it and dropped once the cluster has no agent session here (its pooled
-//! connections ran through those sessions): the same forwarding, pooling and
-//! upgrades as a cluster's own port, without a port per cluster.
+//! One [`Proxy`] per cluster a door without per-cluster ports serves (the
+//! path form of [`super::access`], the aggregated API of
+//! [`super::aggregated`]), made on the first request for it and dropped once
+//! the cluster has no agent session here (its pooled connections ran through
+//! those sessions): the same forwarding, pooling and upgrades as a cluster's
+//! own port, without a port per cluster.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,10 +15,9 @@ use crate::member::Target;
 use crate::serve::listener::Shared;
 use crate::serve::listener::forward::Proxy;
 
-/// The audit records' door for requests through the path form.
-pub const DOOR: &str = "path";
-
 pub struct Proxies {
+    /// The audit records' door.
+    door: &'static str,
     shared: Shared,
     /// Ends every cluster's upgraded streams when the access port closes.
     stop: CancellationToken,
@@ -24,8 +25,9 @@ pub struct Proxies {
 }
 
 impl Proxies {
-    pub fn new(shared: Shared, stop: CancellationToken) -> Self {
+    pub fn new(door: &'static str, shared: Shared, stop: CancellationToken) -> Self {
         Self {
+            door,
             shared,
             stop,
             map: Mutex::default(),
@@ -46,12 +48,19 @@ impl Proxies {
         let proxy = Arc::new(Proxy::new(
             cluster,
             Target::KubeApiserver,
-            DOOR,
+            self.door,
             &self.shared,
             cancel,
         ));
         map.insert(cluster.to_string(), proxy.clone());
         proxy
+    }
+
+    /// Drop `cluster`'s handler now (the cluster is gone).
+    pub fn forget(&self, cluster: &str) {
+        if let Some(proxy) = self.lock().remove(cluster) {
+            proxy.cancel.cancel();
+        }
     }
 
     /// Drop the handlers of clusters without a live session here.
@@ -60,7 +69,7 @@ impl Proxies {
             let keep = registry.live(cluster) > 0;
             if !keep {
                 proxy.cancel.cancel();
-                tracing::debug!(%cluster, "path form: no agent session left, handler dropped");
+                tracing::debug!(%cluster, door = self.door, "no agent session left, handler dropped");
             }
             keep
         });
