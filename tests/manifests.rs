@@ -263,6 +263,22 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("create", "events", &ns),
         ("create", "events.events.k8s.io", &["-n", "default"]),
         ("patch", "events", &["-n", "default"]),
+        // The CSR signer (docs/personal-access.md).
+        (
+            "watch",
+            "certificatesigningrequests.certificates.k8s.io",
+            &[],
+        ),
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            &["--subresource=status"],
+        ),
+        (
+            "sign",
+            "signers.certificates.k8s.io/tower.kubesphere.io/cluster-access",
+            &[],
+        ),
     ];
     let denied: &[(&str, &str, &[&str])] = &[
         ("update", "clusters.cluster.kubesphere.io", &[]),
@@ -283,6 +299,27 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("create", "services", &["-n", "default"]),
         ("get", "secrets", &["-n", "kube-system"]),
         ("create", "pods", &ns),
+        // It signs; people approve.
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            &["--subresource=approval"],
+        ),
+        (
+            "create",
+            "certificatesigningrequests.certificates.k8s.io",
+            &[],
+        ),
+        (
+            "delete",
+            "certificatesigningrequests.certificates.k8s.io",
+            &[],
+        ),
+        (
+            "sign",
+            "signers.certificates.k8s.io/kubernetes.io/kube-apiserver-client",
+            &[],
+        ),
     ];
     for (verb, resource, extra) in allowed {
         ensure!(

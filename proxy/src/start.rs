@@ -4,8 +4,8 @@
 //! Build order (nothing is filled in later): metrics, the audit log and the
 //! session registry; the member dialer over the registry; with Kubernetes, the
 //! proxy's identity, the HA pieces (replica records, the peer port, the
-//! leader election), the cluster ports over the dialer, the Cluster
-//! controller over the ports, the status refresher; last the admission gate
+//! leader election), the cluster ports over the dialer, the CSR signer, the
+//! Cluster controller over the ports, the status refresher; last the admission gate
 //! (registry + the controller's view of the Clusters) and the agents' port.
 //!
 //! Shutdown: the agents' port closes, readiness turns false, agents are asked
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::access;
 use crate::agents::admission::Gate;
 use crate::agents::drain::drain;
 use crate::agents::endpoint::{self, Endpoint};
@@ -181,6 +182,12 @@ async fn with_kubernetes(
         ));
     }
     let (ha, owners) = ha_parts.unzip();
+    // The CSR signer writes as the leader, as the Cluster controller does.
+    let leader = ha
+        .as_ref()
+        .map_or_else(Leadership::always, |h| h.leader.clone());
+    // Runs as long as the process: it only answers CertificateSigningRequests.
+    drop(access::csr::start(client.clone(), ca.clone(), leader));
     let running = controller::start(controller::Deps {
         client: client.clone(),
         registry: core.registry.clone(),

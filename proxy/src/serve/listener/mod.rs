@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use self::forward::{Proxy, RESPONSE_HEADER_TIMEOUT};
 use self::tls::{ServerCert, server_tls};
 use self::upstream::{Connector, Routes};
-use crate::identity::ca::{Ca, peer_common_name};
-use crate::identity::scope::opens;
+use crate::identity::ca::{Ca, peer_identity};
+use crate::identity::scope::{Holder, admit};
 use crate::member::{MemberDialer, Target};
 use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Audit, Caller, Record};
@@ -314,8 +314,11 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
                     return;
                 }
             };
-            let cn = peer_common_name(tls.get_ref().1);
-            if let Err(why) = opens(cn.as_deref(), &cluster) {
+            let id = peer_identity(tls.get_ref().1);
+            let cn = id.common_name.clone();
+            let admitted = admit(&id, &cluster);
+            if let Err(why) = &admitted {
+                let why = why.clone();
                 tracing::info!(%cluster, %peer, reason = %why, "refused a client certificate of another cluster");
                 // Answered in HTTP so kubectl shows why, then closed. Plain
                 // text: kubectl's discovery prints a text body as the error,
@@ -341,11 +344,7 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
                 let _ = http.serve_connection(TokioIo::new(tls), refuse).await;
                 return;
             }
-            let caller = Caller {
-                user: format!("kubeconfig of {cluster}"),
-                cn,
-                ..Caller::named("")
-            };
+            let caller = caller_of(admitted.ok(), &cluster, cn);
             http.serve_connection(TokioIo::new(tls), service(Arc::new(caller)))
                 .with_upgrades()
                 .await
@@ -353,5 +352,22 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
     };
     if let Err(e) = served {
         tracing::debug!(%cluster, %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Who a request through this port is: a machine kubeconfig acts as the
+/// agent (audited as the cluster's kubeconfig); a person is impersonated on
+/// the member, so the member's RBAC judges them.
+fn caller_of(holder: Option<Holder>, cluster: &str, cn: Option<String>) -> Caller {
+    match holder {
+        Some(Holder::Person { user, groups, .. }) => Caller {
+            groups,
+            impersonated: true,
+            ..Caller::named(user)
+        },
+        _ => Caller {
+            cn,
+            ..Caller::named(format!("kubeconfig of {cluster}"))
+        },
     }
 }
