@@ -6,8 +6,8 @@
 //! certificate) reaches alpha as jane: the MEMBER's RBAC decides, through
 //! impersonation. The certificate opens alpha only (beta's port and the
 //! CONNECT door for beta refuse it); a denied request never gets a
-//! certificate; a request naming no cluster fails with the reason; the audit
-//! log names jane.
+//! certificate; requests naming no cluster or an unknown one fail with the
+//! reason; the audit log names jane.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -159,6 +159,9 @@ async fn an_approved_csr_opens_one_cluster_as_the_person() -> Result<()> {
     let no_uri = request(dir, "joe", "/CN=joe/O=dev", None).await?;
     create_csr(&host, dir, "joe-nowhere", &no_uri).await?;
     kubectl_ok(&host, &["certificate", "approve", "joe-nowhere"]).await?;
+    let lost = request(dir, "ann", "/CN=ann/O=dev", Some("gamma")).await?;
+    create_csr(&host, dir, "ann-gamma", &lost).await?;
+    kubectl_ok(&host, &["certificate", "approve", "ann-gamma"]).await?;
     let jane = request(dir, "jane", "/CN=jane/O=dev", Some("alpha")).await?;
     create_csr(&host, dir, "jane-alpha", &jane).await?;
     // What the approver sees.
@@ -195,6 +198,25 @@ async fn an_approved_csr_opens_one_cluster_as_the_person() -> Result<()> {
         get_csr(&host, "joe-nowhere").await?["status"]["certificate"].is_null(),
         "a failed request got a certificate"
     );
+    // A cluster without a Cluster resource.
+    let ann = wait_for_ok(SOON, || async {
+        let csr = get_csr(&host, "ann-gamma").await?;
+        ensure!(
+            condition(&csr, "Failed").is_some(),
+            "ann-gamma has no Failed condition yet: {csr}"
+        );
+        Ok(csr)
+    })
+    .await?;
+    let unknown = condition(&ann, "Failed").context("Failed")?;
+    ensure!(
+        unknown["reason"] == "UnknownCluster"
+            && unknown["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no Cluster \"gamma\"")),
+        "{ann}"
+    );
+    ensure!(ann["status"]["certificate"].is_null(), "{ann}");
     // Issued after the denied one was seen: the denied one never gets one.
     let mallory = get_csr(&host, "mallory-alpha").await?;
     ensure!(

@@ -134,7 +134,7 @@ async fn reconcile(
     match answer {
         Ok(pem) => status.certificate = Some(ByteString(pem.into_bytes())),
         Err(refusal) => {
-            tracing::info!(csr = %name, reason = refusal.reason, message = %refusal.message,
+            tracing::info!(csr = %name, reason = refusal.reason, why = %refusal.message,
                 "refused to sign a CertificateSigningRequest");
             let now = Time(jiff::Timestamp::now());
             status.conditions.get_or_insert_with(Vec::new).push(
