@@ -105,7 +105,14 @@ pub fn start(client: Client, ca: Arc<Ca>, leader: Leadership) -> tokio::task::Jo
         Controller::new(api, watcher::Config::default().fields(&selector))
             .reconcile_all_on(elected)
             .run(reconcile, error_policy, ctx)
-            .for_each(|_| async {})
+            .for_each(|result| async move {
+                // Watch failures (retried with backoff); reconcile errors are
+                // logged by error_policy.
+                if let Err(kube::runtime::controller::Error::QueueError(e)) = result {
+                    tracing::warn!(error = %e, "cannot watch CertificateSigningRequests: \
+                        the proxy needs the RBAC in config/proxy/rbac-csr.yaml");
+                }
+            })
             .await;
     })
 }
