@@ -91,6 +91,32 @@ fn can_i(cluster: &KubeCluster, subject: &str, verb: &str, resource: &str, extra
     }
 }
 
+/// Whether the proxy's service account may `verb` on signer `signer`
+/// (a SubjectAccessReview, as the CSR admission plugin asks).
+fn proxy_may_on_signer(cluster: &KubeCluster, verb: &str, signer: &str) -> Result<bool> {
+    let review = json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": PROXY_SA,
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:kubesphere-system"],
+            "resourceAttributes": {
+                "group": "certificates.k8s.io",
+                "resource": "signers",
+                "verb": verb,
+                "name": signer,
+            },
+        },
+    });
+    let out = kubectl_stdin(
+        cluster,
+        &["create", "-o", "json", "-f", "-"],
+        &review.to_string(),
+    )?;
+    let answer: Value = serde_json::from_str(&out)?;
+    Ok(answer["status"]["allowed"] == true)
+}
+
 /// The Cluster object as KubeSphere writes it: every field of the schema,
 /// plus fields this schema does not declare (as a newer KubeSphere might
 /// add), at several levels.
@@ -275,6 +301,17 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             "configmaps/extension-apiserver-authentication",
             &["-n", "kube-system"],
         ),
+        // The CSR signer (docs/personal-access.md).
+        (
+            "watch",
+            "certificatesigningrequests.certificates.k8s.io",
+            &[],
+        ),
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            &["--subresource=status"],
+        ),
     ];
     let denied: &[(&str, &str, &[&str])] = &[
         ("update", "clusters.cluster.kubesphere.io", &[]),
@@ -302,6 +339,22 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             &[],
         ),
         ("get", "configmaps/coredns", &["-n", "kube-system"]),
+        // It signs; people approve.
+        (
+            "update",
+            "certificatesigningrequests.certificates.k8s.io",
+            &["--subresource=approval"],
+        ),
+        (
+            "create",
+            "certificatesigningrequests.certificates.k8s.io",
+            &[],
+        ),
+        (
+            "delete",
+            "certificatesigningrequests.certificates.k8s.io",
+            &[],
+        ),
     ];
     for (verb, resource, extra) in allowed {
         ensure!(
@@ -313,6 +366,19 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ensure!(
             !can_i(&host, PROXY_SA, verb, resource, extra),
             "the proxy may {verb} {resource} {extra:?}"
+        );
+    }
+    // Signers are named with a slash, which `kubectl auth can-i` cannot
+    // take: ask with a SubjectAccessReview. The proxy signs for its signer
+    // only.
+    for (signer, verb, want) in [
+        ("tower.kubesphere.io/cluster-access", "sign", true),
+        ("tower.kubesphere.io/cluster-access", "approve", false),
+        ("kubernetes.io/kube-apiserver-client", "sign", false),
+    ] {
+        ensure!(
+            proxy_may_on_signer(&host, verb, signer)? == want,
+            "the proxy may {verb} for {signer}: expected {want}"
         );
     }
     // The proxy Deployment as the issue asks: 2 replicas, probes on the

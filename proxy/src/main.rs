@@ -11,7 +11,8 @@
 //!   the audit log, the in-flight count a draining replica waits for, the one accept loop,
 //!   signals.
 //! - [`identity`]: the proxy's CA, the Secret with its SSH host key, the
-//!   names it marks its Kubernetes objects with.
+//!   names it marks its Kubernetes objects with, which cluster a client
+//!   certificate opens ([`identity::scope`]), what the CSR signer signs.
 //! - [`agents`]: the agents' port ([`agents::endpoint`]), who may join
 //!   ([`agents::admission`] with a [`agents::store::ClusterStore`]), who is
 //!   connected ([`agents::registry`]), letting them go ([`agents::drain`]),
@@ -33,6 +34,10 @@
 //! - [`clusters`]: the Cluster workflow: decisions ([`clusters::decide`],
 //!   pure) apart from their I/O ([`clusters::reconcile`]), the Service, the
 //!   kubeconfig, the status read through the tunnel.
+//! - [`people`]: access for people: the CSR signer ([`people::csr`]) that
+//!   turns an approved CertificateSigningRequest into a personal
+//!   certificate for one cluster (what it accepts: [`identity::signer`];
+//!   what it opens: [`identity::scope`]).
 //! - [`config`]: flags, checked into a config before any network I/O.
 //! - [`start`]: the parts built in order, served, drained.
 //!
@@ -52,6 +57,7 @@ mod ha;
 mod identity;
 mod member;
 mod ops;
+mod people;
 mod serve;
 mod start;
 

@@ -4,10 +4,10 @@
 //! Build order (nothing is filled in later): metrics, the audit log and the
 //! session registry; the member dialer over the registry; with Kubernetes, the
 //! proxy's identity, the HA pieces (replica records, the peer port, the
-//! leader election), the cluster ports over the dialer, the Cluster
-//! controller over the ports, the status refresher; last the admission gate
-//! (registry + the controller's view of the Clusters), the doors that ask it
-//! which clusters exist (CONNECT, the access port) and the agents' port.
+//! leader election), the cluster ports over the dialer, the CSR signer, the
+//! Cluster controller over the ports, the status refresher; last the admission
+//! gate (registry + the controller's view of the Clusters), the doors that ask
+//! it which clusters exist (CONNECT, the access port) and the agents' port.
 //!
 //! Shutdown: the agents' port closes, readiness turns false, agents are asked
 //! to move to another replica and in-flight requests get `--shutdown-grace`
@@ -43,6 +43,7 @@ use crate::ops::audit::Audit;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
+use crate::people;
 use crate::serve::access::Access;
 use crate::serve::aggregated;
 use crate::serve::connect::{Door, Doors, TargetRefusals};
@@ -200,6 +201,12 @@ async fn with_kubernetes(
         ));
     }
     let (ha, owners) = ha_parts.unzip();
+    // The CSR signer writes as the leader, as the Cluster controller does.
+    let leader = ha
+        .as_ref()
+        .map_or_else(Leadership::always, |h| h.leader.clone());
+    // Runs as long as the process: it only answers CertificateSigningRequests.
+    drop(people::csr::start(client.clone(), ca.clone(), leader));
     let running = controller::start(controller::Deps {
         client: client.clone(),
         registry: core.registry.clone(),

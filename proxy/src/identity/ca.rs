@@ -1,7 +1,8 @@
 //! The proxy's certificate authority.
 //!
-//! It signs the serving certificate of every per-cluster HTTPS listener and the
-//! client certificates the proxy hands out in kubeconfigs; the listeners accept
+//! It signs the serving certificate of every per-cluster HTTPS listener, the
+//! client certificates the proxy hands out in kubeconfigs and the personal
+//! certificates of approved CSRs ([`super::signer`]); the listeners accept
 //! only client certificates it signed. Either loaded (`--ca-cert`/`--ca-key`, as
 //! `certs/gen-ca.sh` or openssl makes them) or generated (ECDSA P-256, 10 years).
 //! Every issued certificate gets a fresh ECDSA P-256 key and never outlives the CA.
@@ -15,6 +16,8 @@ use rcgen::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::scope::PeerIdentity;
 
 /// Common name of a generated CA.
 pub const GENERATED_CA_NAME: &str = "tower-proxy-ca";
@@ -250,24 +253,30 @@ impl Ca {
             return Err(CaError::TooManyOrganizations(organizations.len()));
         }
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        for (i, org) in organizations.iter().enumerate() {
-            let ty = if i == 0 {
-                DnType::OrganizationName
-            } else {
-                // Same OID as O (2.5.4.10); a distinct key for rcgen's map.
-                DnType::CustomDnType(vec![2, 5, 4, 10])
-            };
-            params.distinguished_name.push(ty, *org);
-        }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name = client_subject(common_name, organizations);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params, validity)
     }
 
-    fn issue(&self, mut params: CertificateParams, validity: Duration) -> Result<Issued, CaError> {
+    fn issue(&self, params: CertificateParams, validity: Duration) -> Result<Issued, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let (cert_pem, not_after) = self.sign(params, &key, validity)?;
+        Ok(Issued {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
+    }
+
+    /// Sign `params` for a key someone else holds (a CSR's): a leaf certificate
+    /// valid from now for `validity`, never past the CA. Returns the PEM
+    /// certificate and when it expires.
+    pub fn sign(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+        validity: Duration,
+    ) -> Result<(String, SystemTime), CaError> {
         let now = SystemTime::now();
         let ca_not_after = self.not_after();
         if ca_not_after <= now {
@@ -279,14 +288,26 @@ impl Ca {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            not_after: truncate_to_secs(not_after),
-        })
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        Ok((cert.pem(), truncate_to_secs(not_after)))
     }
+}
+
+/// A client's subject: an O per organization (at most
+/// [`MAX_ORGANIZATIONS`]: rcgen keeps one value per attribute type), then the CN.
+pub fn client_subject(common_name: &str, organizations: &[&str]) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    for (i, org) in organizations.iter().enumerate() {
+        let ty = if i == 0 {
+            DnType::OrganizationName
+        } else {
+            // Same OID as O (2.5.4.10); a distinct key for rcgen's map.
+            DnType::CustomDnType(vec![2, 5, 4, 10])
+        };
+        name.push(ty, *org);
+    }
+    name.push(DnType::CommonName, common_name);
+    name
 }
 
 /// One subject alternative name: an IP address if it parses as one, else a DNS name.
@@ -432,6 +453,45 @@ pub fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
     conn.peer_certificates()
         .and_then(|c| c.first())
         .and_then(common_name)
+}
+
+/// What the client certificate a TLS connection was shown says about its
+/// holder (CN, O values, URI SANs); empty without one.
+pub fn peer_identity(conn: &rustls::ServerConnection) -> PeerIdentity {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(identity_of)
+        .unwrap_or_default()
+}
+
+/// A certificate's CN, O values and URI SANs.
+pub fn identity_of(der: &CertificateDer<'_>) -> PeerIdentity {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return PeerIdentity::default();
+    };
+    let text =
+        |a: &x509_parser::x509::AttributeTypeAndValue<'_>| a.as_str().ok().map(str::to_string);
+    let uris = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    PeerIdentity {
+        common_name: cert.subject().iter_common_name().next().and_then(text),
+        organizations: cert
+            .subject()
+            .iter_organization()
+            .filter_map(text)
+            .collect(),
+        uris,
+    }
 }
 
 /// The cluster a client certificate of ours was issued for: the kubeconfigs

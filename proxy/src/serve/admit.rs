@@ -18,8 +18,8 @@ use tokio_rustls::server::TlsStream;
 
 use super::listener::Io;
 use super::listener::status::{Body, text};
-use crate::identity::ca::peer_common_name;
-use crate::identity::scope::opens;
+use crate::identity::ca::peer_identity;
+use crate::identity::scope::{Holder, PeerIdentity, admit};
 use crate::ops::audit::{Audit, Caller, Record};
 
 /// How long a client may take with its TLS handshake.
@@ -55,36 +55,47 @@ pub async fn handshake<T: Io>(
 /// checked that) says.
 #[derive(Debug, Clone)]
 pub struct Client {
-    cn: Option<String>,
+    id: PeerIdentity,
 }
 
 impl Client {
     /// The client of a finished handshake.
     pub fn of<T>(tls: &TlsStream<T>) -> Self {
         Self {
-            cn: peer_common_name(tls.get_ref().1),
+            id: peer_identity(tls.get_ref().1),
         }
     }
 
     /// The caller to forward and audit as when this client may open
-    /// `cluster`, or why it may not.
+    /// `cluster`, or why it may not. A machine kubeconfig acts as the agent
+    /// (audited as the cluster's kubeconfig); a person's certificate is
+    /// impersonated on the member, so the member's RBAC judges them.
     pub fn opens(&self, cluster: &str) -> Result<Caller, String> {
-        opens(self.cn.as_deref(), cluster)?;
-        Ok(Caller {
-            user: format!("kubeconfig of {cluster}"),
-            cn: self.cn.clone(),
-            ..Caller::named("")
+        Ok(match admit(&self.id, cluster)? {
+            Holder::Person { user, groups, .. } => Caller {
+                groups,
+                impersonated: true,
+                ..Caller::named(user)
+            },
+            _ => Caller {
+                cn: self.id.common_name.clone(),
+                ..Caller::named(format!("kubeconfig of {cluster}"))
+            },
         })
     }
 
     /// The caller as its certificate names it, for a request that opens no
     /// cluster.
     pub fn named(&self) -> Caller {
-        Caller::named(
-            self.cn
-                .clone()
-                .unwrap_or_else(|| "a certificate without a common name".into()),
-        )
+        Caller {
+            groups: self.id.organizations.clone(),
+            ..Caller::named(
+                self.id
+                    .common_name
+                    .clone()
+                    .unwrap_or_else(|| "a certificate without a common name".into()),
+            )
+        }
     }
 
     /// The answer to a request this client may not send to `cluster`

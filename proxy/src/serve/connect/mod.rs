@@ -3,8 +3,9 @@
 //!
 //! - `--connect-port`: TCP with mutual TLS; client certificates from the
 //!   proxy CA are required. A certificate the proxy issued for a cluster (CN
-//!   `tower:<cluster>`, as in the kubeconfigs it writes) opens that cluster
-//!   only; another certificate of the CA must name the cluster in a
+//!   `tower:<cluster>`, as in the kubeconfigs it writes, or a personal one
+//!   with URI `tower://<cluster>`, [`crate::identity::scope`]) opens that
+//!   cluster only; another certificate of the CA must name the cluster in a
 //!   `Tower-Cluster` header. Replicas' peer certificates open nothing.
 //! - `--connect-socket-dir`: one Unix socket per connected cluster
 //!   ([`sockets`]), the same protocol without TLS: the file's permissions are
@@ -35,7 +36,8 @@ use self::request::{CLUSTER_HEADER, Connect, Refusal};
 use super::listener::Io;
 use super::listener::tls::own_port_tls;
 use crate::agents::registry::Registry;
-use crate::identity::ca::{Ca, PEER_COMMON_NAME, cluster_of, peer_common_name};
+use crate::identity::ca::{Ca, peer_identity};
+use crate::identity::scope::{Holder, PeerIdentity, holder};
 use crate::member::{MemberDialer, ReachError, Target};
 use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
@@ -165,18 +167,9 @@ impl Door {
                         return;
                     }
                 };
-                let cn = peer_common_name(tls.get_ref().1);
-                let bound = match cn.as_deref() {
-                    Some(PEER_COMMON_NAME) => None,
-                    Some(cn) => Some(
-                        cluster_of(cn).map_or(Bound::Unbound, |c| Bound::Cluster(c.to_string())),
-                    ),
-                    None => Some(Bound::Unbound),
-                };
+                let id = peer_identity(tls.get_ref().1);
+                let (bound, caller) = bound_by(&id);
                 let mut tls = tls;
-                let caller = Caller::named(
-                    cn.unwrap_or_else(|| "a certificate without a common name".into()),
-                );
                 let Some(bound) = bound else {
                     let mut audit = door
                         .audit
@@ -189,7 +182,8 @@ impl Door {
                         Refusal::new(
                             403,
                             "forbidden",
-                            "a proxy replica's certificate opens no CONNECT stream",
+                            "this certificate (a proxy replica's, or one naming its cluster \
+                             unlike the proxy's certificates) opens no CONNECT stream",
                         ),
                     )
                     .await;
@@ -371,6 +365,28 @@ impl Door {
             })
             .inc();
     }
+}
+
+/// What a client certificate binds a TLS connection to (`None`: nothing may
+/// be opened), and who to audit: a person by name and groups (a raw stream
+/// carries no impersonation: only the scope applies), else the CN.
+pub fn bound_by(id: &PeerIdentity) -> (Option<Bound>, Caller) {
+    let holder = holder(id);
+    let bound = match &holder {
+        Holder::Machine { cluster } | Holder::Person { cluster, .. } => {
+            Some(Bound::Cluster(cluster.clone()))
+        }
+        Holder::Unbound => Some(Bound::Unbound),
+        Holder::Replica | Holder::Invalid => None,
+    };
+    let caller = match holder {
+        Holder::Person { user, groups, .. } => Caller {
+            groups,
+            ..Caller::named(user)
+        },
+        _ => Caller::named(id.label()),
+    };
+    (bound, caller)
 }
 
 /// The answer for a stream that could not be opened.

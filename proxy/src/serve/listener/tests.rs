@@ -3,6 +3,7 @@
 
 mod audit;
 mod path;
+mod personal;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -199,6 +200,25 @@ fn member_service(
                 }
                 "/hang" => std::future::pending().await,
                 "/forbidden" => text(StatusCode::FORBIDDEN, "no exec for you".into()),
+                // Whom the member would judge: the impersonated identity.
+                "/whoami" => {
+                    let all = |name: &str| {
+                        let values: Vec<_> = req
+                            .headers()
+                            .get_all(name)
+                            .iter()
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .collect();
+                        values.join(",")
+                    };
+                    let who = format!(
+                        "user={} groups={} auth={}",
+                        all("impersonate-user"),
+                        all("impersonate-group"),
+                        header("authorization")
+                    );
+                    text(StatusCode::OK, who)
+                }
                 "/exec" if req.headers().contains_key(header::UPGRADE) => {
                     let upgrade = req.headers()[header::UPGRADE].clone();
                     let on = hyper::upgrade::on(&mut req);
