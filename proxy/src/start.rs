@@ -386,7 +386,7 @@ async fn serve_agents<S: ClusterStore>(
             bind: config.bind,
             advertise_address: config.clusters.advertise_address.clone(),
         };
-        door.open(doors, ca.as_deref(), core.registry.clone(), &ports_stop)
+        door.open(doors, ca.as_ref(), core.registry.clone(), &ports_stop)
             .await?;
     }
     if let Some(options) = &config.access {
@@ -394,7 +394,7 @@ async fn serve_agents<S: ClusterStore>(
         let shared = core.shared();
         let known = Arc::new(move |cluster: &str| gate.knows(cluster));
         Arc::new(Access::new(shared, known, &ports_stop))
-            .open(options, config.bind, ca.as_deref(), &ports_stop)
+            .open(options, config.bind, ca.as_ref(), &ports_stop)
             .await?;
     }
     let addr = std::net::SocketAddr::new(config.bind, config.port);

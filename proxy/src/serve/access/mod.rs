@@ -87,11 +87,12 @@ impl Access {
         self: Arc<Self>,
         options: &Options,
         bind: IpAddr,
-        ca: Option<&Ca>,
+        ca: Option<&Arc<Ca>>,
         stop: &CancellationToken,
     ) -> Result<SocketAddr, OpenError> {
         let ca = ca.ok_or(OpenError::NoCa)?;
-        let tls = own_port_tls(ca, bind, options.names.iter().cloned()).map_err(OpenError::Cert)?;
+        let tls = own_port_tls(ca, bind, options.names.iter().cloned(), "access", stop)
+            .map_err(OpenError::Cert)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         let addr = SocketAddr::new(bind, options.port);
         let listener = TcpListener::bind(addr)

@@ -25,7 +25,6 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
@@ -41,16 +40,11 @@ use crate::identity::ca::{Ca, peer_common_name};
 use crate::ops::accept::accept_loop;
 use crate::serve::admit::TLS_HANDSHAKE_TIMEOUT;
 use crate::serve::listener::Shared;
-use crate::serve::listener::tls::{Resolver, ServerCert};
+use crate::serve::listener::tls::{OWN_PORT_CERT_VALIDITY, Resolver, ServerCert, keep_renewed};
 
 pub const GROUP: &str = "tower.kubesphere.io";
 pub const VERSION: &str = "v1alpha1";
 pub const GROUP_VERSION: &str = "tower.kubesphere.io/v1alpha1";
-
-/// How long the serving certificate lasts (the CA's end caps it), and how
-/// long before its end a new one is served.
-const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-const SERVING_CERT_RENEW: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// `--aggregated-api-port` and `--aggregated-api-service`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,10 +90,15 @@ pub async fn start(
     stop: CancellationToken,
 ) -> io::Result<()> {
     let issued = ca
-        .issue_server(&options.sans(), SERVING_CERT_VALIDITY)
+        .issue_server(&options.sans(), OWN_PORT_CERT_VALIDITY)
         .map_err(io::Error::other)?;
     let cert = ServerCert::new(issued).map_err(io::Error::other)?;
-    let renew = tokio::spawn(renew(cert.clone(), ca.clone(), options.sans()));
+    let renew = tokio::spawn(keep_renewed(
+        cert.clone(),
+        ca.clone(),
+        options.sans(),
+        "aggregated API",
+    ));
     let addr = SocketAddr::new(bind, options.port);
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, service = %format!("{}/{}", options.namespace, options.service),
@@ -141,38 +140,6 @@ pub async fn start(
         tracing::info!("aggregated API closed");
     });
     Ok(())
-}
-
-/// Serve a new certificate a month before the current one ends (a new
-/// connection gets it; the aggregator reconnects as it likes).
-async fn renew(cert: ServerCert, ca: Arc<Ca>, sans: Vec<String>) {
-    loop {
-        let due = cert
-            .not_after()
-            .checked_sub(SERVING_CERT_RENEW)
-            .unwrap_or(std::time::UNIX_EPOCH);
-        let wait = due
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        // Woken at least daily: a suspended machine's clock may jump.
-        tokio::time::sleep(wait.min(Duration::from_secs(24 * 3600))).await;
-        if std::time::SystemTime::now() < due {
-            continue;
-        }
-        match ca.issue_server(&sans, SERVING_CERT_VALIDITY) {
-            Ok(issued) => match cert.set(issued) {
-                Ok(()) => tracing::info!("aggregated API: serving certificate renewed"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "aggregated API: renewed certificate unusable")
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "aggregated API: cannot renew the serving certificate")
-            }
-        }
-        // A failure retries after an hour, not in a spin.
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    }
 }
 
 /// The serving certificate and the TLS set-up for the current trust.

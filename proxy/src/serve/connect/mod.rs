@@ -113,7 +113,7 @@ impl Door {
     pub async fn open(
         self: Arc<Self>,
         doors: Doors,
-        ca: Option<&Ca>,
+        ca: Option<&Arc<Ca>>,
         registry: Registry,
         stop: &CancellationToken,
     ) -> Result<(), OpenError> {
@@ -123,8 +123,8 @@ impl Door {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| OpenError::Listen(addr, e))?;
-            let tls =
-                own_port_tls(ca, doors.bind, doors.advertise_address).map_err(OpenError::Cert)?;
+            let tls = own_port_tls(ca, doors.bind, doors.advertise_address, "CONNECT", stop)
+                .map_err(OpenError::Cert)?;
             let local = listener.local_addr().unwrap_or(addr);
             tracing::info!(addr = %local, "CONNECT port listening (mutual TLS)");
             tokio::spawn(self.clone().serve_tls(

@@ -13,6 +13,8 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::identity::ca::{Ca, CaError, Issued};
 
 /// A listener's serving certificate. Clones share it: [`ServerCert::set`]
@@ -103,16 +105,20 @@ pub fn server_tls(ca: &Ca, cert: ServerCert) -> Result<ServerConfig, rustls::Err
 }
 
 /// A port of the proxy's own (not a cluster's) keeps its serving certificate
-/// this long: a restart issues a new one.
-const OWN_PORT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// this long, renewed [`OWN_PORT_CERT_RENEW`] before it ends ([`keep_renewed`]).
+pub const OWN_PORT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const OWN_PORT_CERT_RENEW: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// TLS for a port of the proxy's own (the CONNECT port, the access port):
 /// [`server_tls`] with a certificate from `ca` for loopback, `bind` when it
-/// is a specific address, and `names` (the addresses clients are told).
+/// is a specific address, and `names` (the addresses clients are told),
+/// renewed until `stop` (`port` names it in the logs).
 pub fn own_port_tls(
-    ca: &Ca,
+    ca: &Arc<Ca>,
     bind: IpAddr,
     names: impl IntoIterator<Item = String>,
+    port: &'static str,
+    stop: &CancellationToken,
 ) -> Result<ServerConfig, String> {
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     if !bind.is_unspecified() {
@@ -127,5 +133,67 @@ pub fn own_port_tls(
         .issue_server(&sans, OWN_PORT_CERT_VALIDITY)
         .map_err(|e| e.to_string())?;
     let cert = ServerCert::new(issued).map_err(|e| e.to_string())?;
-    server_tls(ca, cert).map_err(|e| e.to_string())
+    let config = server_tls(ca, cert.clone()).map_err(|e| e.to_string())?;
+    let renewing = keep_renewed(cert, ca.clone(), sans, port);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = renewing => {}
+        }
+    });
+    Ok(config)
+}
+
+/// Serve a new certificate [`OWN_PORT_CERT_RENEW`] before `cert` ends (new
+/// connections get it; live ones keep theirs). Runs until dropped.
+pub async fn keep_renewed(cert: ServerCert, ca: Arc<Ca>, sans: Vec<String>, port: &'static str) {
+    loop {
+        let due = cert
+            .not_after()
+            .checked_sub(OWN_PORT_CERT_RENEW)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        // Woken at least daily: a suspended machine's clock may jump.
+        tokio::time::sleep(wait.min(Duration::from_secs(24 * 3600))).await;
+        if SystemTime::now() < due {
+            continue;
+        }
+        match ca
+            .issue_server(&sans, OWN_PORT_CERT_VALIDITY)
+            .map_err(|e| e.to_string())
+            .and_then(|issued| cert.set(issued).map_err(|e| e.to_string()))
+        {
+            Ok(()) => tracing::info!(port, "serving certificate renewed"),
+            Err(e) => tracing::warn!(port, error = %e, "cannot renew the serving certificate"),
+        }
+        // A failure retries after an hour, not in a spin.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_certificate_near_its_end_is_renewed() {
+        let ca = Arc::new(Ca::generate().unwrap());
+        let sans = vec!["localhost".to_string()];
+        let short = ca
+            .issue_server(&sans, Duration::from_secs(24 * 3600))
+            .unwrap();
+        let cert = ServerCert::new(short).unwrap();
+        let before = cert.not_after();
+        let renewing = tokio::spawn(keep_renewed(cert.clone(), ca, sans, "test"));
+        let renewed = tokio::time::timeout(Duration::from_secs(30), async {
+            while cert.not_after() == before {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        renewing.abort();
+        assert!(renewed.is_ok(), "not renewed");
+        assert!(cert.not_after() > before + Duration::from_secs(300 * 24 * 3600));
+    }
 }

@@ -19,7 +19,7 @@ async fn one_port_serves_each_cluster_at_its_path() {
         vec![member.addr.clone()],
     )
     .await;
-    let ca = Ca::generate().unwrap();
+    let ca = Arc::new(Ca::generate().unwrap());
     let gate = gate(&registry);
     let known: Known = Arc::new(move |cluster: &str| gate.knows(cluster));
     let stop = CancellationToken::new();
