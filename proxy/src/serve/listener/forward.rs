@@ -51,16 +51,40 @@ pub struct Proxy {
     pub audit: Audit,
 }
 
-/// A response body that keeps its request counted until it ends, then
+/// A body whose data bytes are added to a [`Tally`] as they pass: the
+/// request body on its way to the member, the response body to the client.
+pub struct Metered<B, T> {
+    inner: B,
+    tally: T,
+}
+
+/// Where a [`Metered`] body's bytes go.
+pub trait Tally: Unpin {
+    fn add(&mut self, bytes: u64);
+}
+
+/// The request's bytes, read by the audit record that shares it.
+impl Tally for Arc<AtomicU64> {
+    fn add(&mut self, bytes: u64) {
+        self.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A response keeps its request counted in flight until its body ends, then
 /// writes its audit record (dropped: the body ended or the client left).
-struct Counted {
-    inner: Body,
+struct Answered {
     _in_flight: Entered,
     sent: u64,
     audit: Pending,
 }
 
-impl Drop for Counted {
+impl Tally for Answered {
+    fn add(&mut self, bytes: u64) {
+        self.sent += bytes;
+    }
+}
+
+impl Drop for Answered {
     fn drop(&mut self) {
         if let Some(record) = self.audit.record() {
             record.bytes_out += self.sent;
@@ -68,13 +92,20 @@ impl Drop for Counted {
     }
 }
 
-/// A request body on its way to the member, its bytes counted.
-pub struct Tallied {
-    inner: Incoming,
-    count: Arc<AtomicU64>,
+/// The request body as the connection pool sends it.
+pub type Tallied = Metered<Incoming, Arc<AtomicU64>>;
+
+impl<B, T> Metered<B, T> {
+    fn new(inner: B, tally: T) -> Self {
+        Self { inner, tally }
+    }
 }
 
-impl hyper::body::Body for Tallied {
+impl<B, T> hyper::body::Body for Metered<B, T>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    T: Tally,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -86,33 +117,8 @@ impl hyper::body::Body for Tallied {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.sent += data.len() as u64;
+            let bytes = data.len() as u64;
+            self.tally.add(bytes);
         }
         polled
     }
@@ -180,13 +186,12 @@ impl Proxy {
             record.status = resp.status().as_u16();
         }
         resp.map(|inner| {
-            Counted {
-                inner,
+            let answered = Answered {
                 _in_flight: in_flight,
                 sent: 0,
                 audit,
-            }
-            .boxed()
+            };
+            Metered::new(inner, answered).boxed()
         })
     }
 
@@ -255,10 +260,7 @@ impl Proxy {
         parts.extensions = Default::default();
         drop(access);
 
-        let body = Tallied {
-            inner: body,
-            count: audit.bytes_in.clone(),
-        };
+        let body = Metered::new(body, audit.bytes_in.clone());
         let sent = self.client.request(Request::from_parts(parts, body));
         let mut resp = match tokio::time::timeout(self.response_header_timeout, sent).await {
             Ok(Ok(resp)) => resp,
