@@ -81,10 +81,14 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let registry = Registry::new(metrics.clone());
     let dialer = MemberDialer::new(registry.clone());
     let mode = std::mem::replace(&mut config.mode, Mode::Kubernetes { kubeconfig: None });
-    // Its writer ends with the process: lines are flushed as they are written.
-    let audit = match config.audit_log.take() {
-        Some(output) => Audit::start(output, metrics.clone()).0,
-        None => Audit::Off,
+    // Lines are flushed as they are written; at exit what is queued is
+    // written before the process ends (`finish_audit`).
+    let (audit, audit_writer) = match config.audit_log.take() {
+        Some(output) => {
+            let (audit, writer) = Audit::start(output, metrics.clone());
+            (audit, Some(writer))
+        }
+        None => (Audit::Off, None),
     };
     let core = Core {
         config,
@@ -95,6 +99,25 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         audit,
         relay: None,
     };
+    let audit = core.audit.clone();
+    let served = serve_mode(core, mode).await;
+    finish_audit(&audit, audit_writer).await;
+    served
+}
+
+/// Write the audit records still queued, for at most a few seconds.
+async fn finish_audit(audit: &Audit, writer: Option<tokio::task::JoinHandle<()>>) {
+    audit.close();
+    if let Some(writer) = writer
+        && tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the audit log's last records were not written within 5s");
+    }
+}
+
+async fn serve_mode(core: Core, mode: Mode) -> anyhow::Result<()> {
     match mode {
         Mode::File(store) => {
             let mut core = core;

@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 
@@ -171,6 +172,8 @@ pub enum Audit {
 
 pub struct Sink {
     queue: mpsc::Sender<Record>,
+    /// [`Audit::close`]: the writer writes what is queued and ends.
+    close: CancellationToken,
     metrics: Arc<Metrics>,
     last_warning: Mutex<Option<Instant>>,
 }
@@ -217,13 +220,24 @@ impl Audit {
         metrics: Arc<Metrics>,
     ) -> (Self, JoinHandle<()>) {
         let (queue, records) = mpsc::channel(QUEUE);
-        let writer = tokio::spawn(write(records, out));
+        let close = CancellationToken::new();
+        let writer = tokio::spawn(write(records, out, close.clone()));
         let sink = Sink {
             queue,
+            close,
             metrics,
             last_warning: Mutex::new(None),
         };
         (Self::On(Arc::new(sink)), writer)
+    }
+
+    /// At exit: the writer writes what is queued and ends (its handle from
+    /// [`Audit::start`] then completes) though handles are still held by
+    /// tasks the exit will drop; records logged after this are lost.
+    pub fn close(&self) {
+        if let Self::On(sink) = self {
+            sink.close.cancel();
+        }
     }
 
     /// Write `record` (its duration measured now), never waiting.
@@ -349,10 +363,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
     }
 }
 
-async fn write(mut records: mpsc::Receiver<Record>, out: Box<dyn AsyncWrite + Send + Unpin>) {
+async fn write(
+    mut records: mpsc::Receiver<Record>,
+    out: Box<dyn AsyncWrite + Send + Unpin>,
+    close: CancellationToken,
+) {
     let mut out = BufWriter::new(out);
     let mut failing = false;
-    while let Some(record) = records.recv().await {
+    loop {
+        // Queued records first: closing writes them before it ends.
+        let record = tokio::select! {
+            biased;
+            record = records.recv() => record,
+            () = close.cancelled() => records.try_recv().ok(),
+        };
+        let Some(record) = record else { break };
         let mut batch = record.line();
         while let Ok(more) = records.try_recv() {
             batch.extend(more.line());

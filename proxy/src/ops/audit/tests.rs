@@ -161,3 +161,30 @@ async fn a_request_dropped_unanswered_is_499() {
     assert_eq!(line["status"], CLIENT_LEFT);
     assert_eq!(line["reason"], "the client left before the answer");
 }
+
+#[tokio::test]
+async fn closing_writes_what_is_queued_though_handles_remain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let metrics = Arc::new(Metrics::new());
+    let (audit, writer) = Audit::start(Destination::File(path.clone()).open().unwrap(), metrics);
+    // A task the exit would drop still holds a handle.
+    let held = audit.clone();
+    for n in 0..100 {
+        audit.log(Record::new(
+            "port",
+            "alpha",
+            Caller::named(format!("u{n}")),
+            "get",
+        ));
+    }
+    audit.close();
+    tokio::time::timeout(std::time::Duration::from_secs(30), writer)
+        .await
+        .expect("the writer ends once closed, though a handle remains")
+        .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 100, "{text}");
+    assert!(text.contains("\"u99\""), "{text}");
+    drop(held);
+}
