@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{Proc, Tower, TowerOptions, audit_records, wait_until};
+use e2e::{Proc, Tower, TowerOptions, audit_records, free_port, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -47,10 +47,12 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("tower-audit-").tempdir()?;
     let file = dir.path().join("audit.log");
     let sockets = dir.path().join("sockets");
+    let forward_port = free_port();
     let tower = Tower::start_with(TowerOptions {
         proxy_args: vec![
             format!("--audit-log={}", file.display()),
             format!("--connect-socket-dir={}", sockets.display()),
+            format!("--forward=alpha=127.0.0.1:{forward_port}"),
         ],
         kubelet: true,
         ..Default::default()
@@ -151,6 +153,28 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     ensure!(connect["status"] == 200, "{connect}");
     ensure!(connect["bytes_in"] == 10, "{connect}");
     ensure!(connect.get("path").is_none(), "{connect}");
+
+    // The raw --forward port: one line per connection, its bytes counted.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", forward_port)).await?;
+    raw.write_all(b"\x16\x03\x01\x00\x05hello").await?;
+    raw.shutdown().await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(SOON, raw.read_to_end(&mut rest)).await?;
+    drop(raw);
+    let forwarded = || {
+        audit_records(&file)
+            .into_iter()
+            .find(|r| r["door"] == "forward")
+    };
+    wait_until(SOON, || async { forwarded().is_some() }).await?;
+    let forwarded = forwarded().context("the forward line went away")?;
+    ensure!(forwarded["cluster"] == "alpha", "{forwarded}");
+    ensure!(
+        forwarded["caller"]["user"] == "client of the --forward port of alpha",
+        "{forwarded}"
+    );
+    ensure!(forwarded["status"] == 200, "{forwarded}");
+    ensure!(forwarded["bytes_in"] == 10, "{forwarded}");
 
     // One line per request: every line is a whole record, and no secret.
     let text = std::fs::read_to_string(&file)?;

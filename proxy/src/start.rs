@@ -390,6 +390,7 @@ async fn serve_agents<S: ClusterStore>(
             listener,
             cluster.clone(),
             core.dialer.clone(),
+            core.audit.clone(),
             ports_stop.clone(),
         ));
     }

@@ -93,7 +93,8 @@ pub struct Record {
     /// When the request arrived (RFC 3339, UTC, milliseconds).
     pub time: String,
     /// `port` (a cluster's port), `path` (the path form on the access port),
-    /// `tls` / `unix` (CONNECT doors), `hub`, `aggregated` (the aggregated API).
+    /// `tls` / `unix` (CONNECT doors), `hub`, `forward` (a `--forward` port),
+    /// `aggregated` (the aggregated API).
     pub door: &'static str,
     pub cluster: String,
     pub caller: Caller,
