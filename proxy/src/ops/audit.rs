@@ -140,6 +140,14 @@ impl Record {
         }
     }
 
+    /// This record as answered by the door itself with `status`, because of
+    /// `reason` (a refusal, a 404), never reaching the member.
+    pub fn answered(mut self, status: u16, reason: impl Into<String>) -> Self {
+        self.status = status;
+        self.reason = Some(reason.into());
+        self
+    }
+
     /// An HTTP request: its method, its path without the query, its verb.
     pub fn http(
         door: &'static str,

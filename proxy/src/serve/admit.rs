@@ -111,16 +111,14 @@ impl Client {
         why: &str,
     ) -> hyper::Response<Body> {
         let resp = text(StatusCode::FORBIDDEN, why);
-        let mut record = Record::http(
+        let record = Record::http(
             door,
             cluster,
             self.named(),
             req.uri(),
             req.method().as_str(),
         );
-        record.status = resp.status().as_u16();
-        record.reason = Some(why.to_string());
-        audit.log(record);
+        audit.log(record.answered(resp.status().as_u16(), why));
         resp
     }
 }

@@ -200,10 +200,10 @@ impl Access {
         resp: Response<Body>,
         why: String,
     ) -> Response<Body> {
-        let mut record = Record::http(DOOR, cluster, caller, req.uri(), req.method().as_str());
-        record.status = resp.status().as_u16();
-        record.reason = Some(why);
-        self.shared.audit.log(record);
+        let record = Record::http(DOOR, cluster, caller, req.uri(), req.method().as_str());
+        self.shared
+            .audit
+            .log(record.answered(resp.status().as_u16(), why));
         resp
     }
 }

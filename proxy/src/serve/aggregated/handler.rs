@@ -153,10 +153,8 @@ impl Handler {
     ) -> Response<Body> {
         tracing::info!(%cluster, user = %caller.user, status = code.as_u16(), reason = %why,
             "aggregated API refused a request");
-        let mut record = Record::http(DOOR, cluster, caller, req.uri(), req.method().as_str());
-        record.status = code.as_u16();
-        record.reason = Some(why.clone());
-        self.audit.log(record);
+        let record = Record::http(DOOR, cluster, caller, req.uri(), req.method().as_str());
+        self.audit.log(record.answered(code.as_u16(), why.clone()));
         status(code, &why)
     }
 }

@@ -38,7 +38,7 @@ use self::trust::Trust;
 use super::proxies::Proxies;
 use crate::identity::ca::{Ca, peer_common_name};
 use crate::ops::accept::accept_loop;
-use crate::serve::admit::TLS_HANDSHAKE_TIMEOUT;
+use crate::serve::admit::handshake;
 use crate::serve::listener::Shared;
 use crate::serve::listener::tls::{OWN_PORT_CERT_VALIDITY, Resolver, ServerCert, keep_renewed};
 
@@ -198,20 +198,10 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, hand
             return;
         }
     };
-    let stream =
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
-            .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "aggregated API: TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "aggregated API: TLS handshake timed out");
-                return;
-            }
-        };
+    let acceptor = TlsAcceptor::from(config);
+    let Some(stream) = handshake(&acceptor, tcp, peer, "aggregated API").await else {
+        return;
+    };
     let cn = peer_common_name(stream.get_ref().1);
     let service = hyper::service::service_fn(move |req| {
         let (handler, trust, cn) = (handler.clone(), trust.clone(), cn.clone());

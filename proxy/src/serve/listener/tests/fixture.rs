@@ -313,14 +313,24 @@ pub(super) async fn connect_agent(
         let ws = WsStream::from_upgraded(tcp, Role::Client).await;
         let _ = tunnel::client::run(ws, &options, Arc::new(TcpDialer), || {}).await;
     });
-    tokio::time::timeout(WAIT, async {
-        while registry.pick(CLUSTER).is_none() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the agent was admitted");
+    sessions_until(
+        registry,
+        |r| r.pick(CLUSTER).is_some(),
+        "the agent was admitted",
+    )
+    .await;
     agent
+}
+
+/// Wait (up to [`WAIT`]) until `done` holds, woken by session changes.
+pub(super) async fn sessions_until(
+    registry: &Registry,
+    done: impl Fn(&Registry) -> bool,
+    what: &str,
+) {
+    let mut changes = registry.subscribe();
+    let waited = tokio::time::timeout(WAIT, changes.wait_for(|_| done(registry))).await;
+    assert!(matches!(waited, Ok(Ok(_))), "{what}");
 }
 
 pub(super) fn agent_config(member: &Member, ks: Option<&Member>) -> AgentConfig {

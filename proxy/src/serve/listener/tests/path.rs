@@ -101,13 +101,7 @@ async fn one_port_serves_each_cluster_at_its_path() {
     // The agent goes: alpha's handler with it; the answer is the 503 of
     // a cluster without an agent.
     agent.abort();
-    tokio::time::timeout(WAIT, async {
-        while registry.live(CLUSTER) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the session ended");
+    sessions_until(&registry, |r| r.live(CLUSTER) == 0, "the session ended").await;
     let resp = send(addr, alpha, get("/clusters/alpha/api")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     stop.cancel();
