@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers test lint demo demo-down certs bench clean
+.PHONY: all build harness go-peers promtool test lint demo demo-down certs bench clean
 
 all: build
 
@@ -29,11 +29,21 @@ $(BIN)/go-agent $(BIN)/go-proxy: $(shell find tests/go-peers -name '*.go' -o -na
 	@mkdir -p $(BIN)
 	cd tests/go-peers && $(GO) build -trimpath -o ../../$(BIN)/go-agent ./cmd/go-agent && $(GO) build -trimpath -o ../../$(BIN)/go-proxy ./cmd/go-proxy
 
+# promtool checks config/monitoring (tests/monitoring.rs). Built from the
+# Prometheus Go module without its service-discovery plugins (not needed to
+# check rules), which keeps the build to a minute or two.
+PROMTOOL_VERSION := v0.316.0
+promtool: $(BIN)/promtool
+$(BIN)/promtool: Makefile
+	@mkdir -p $(BIN)
+	GOBIN=$(CURDIR)/$(BIN) $(GO) install -trimpath -ldflags='-s -w' -tags remove_all_sd \
+	  github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION)
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: build harness go-peers lint
+test: build harness go-peers promtool lint
 	$(CARGO) test --workspace --release --no-fail-fast -- --test-threads=2
 
 demo: build harness

@@ -228,6 +228,11 @@ async fn with_kubernetes(
     let leader = ha
         .as_ref()
         .map_or_else(Leadership::always, |h| h.leader.clone());
+    tasks.push(tokio::spawn(show_leadership(
+        leader.clone(),
+        core.metrics.clone(),
+        stop.clone(),
+    )));
     // Runs as long as the process: it only answers CertificateSigningRequests.
     drop(people::csr::start(client.clone(), ca.clone(), leader));
     let running = controller::start(controller::Deps {
@@ -465,4 +470,17 @@ async fn serve_agents<S: ClusterStore>(
         }
     }
     Ok(())
+}
+
+/// Keeps `tower_leader` equal to this replica's leadership, for the "no
+/// leader" alert.
+async fn show_leadership(mut leader: Leadership, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        metrics.leader.set(i64::from(leader.is_leader()));
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = leader.changed() => {}
+        }
+    }
+    metrics.leader.set(0);
 }

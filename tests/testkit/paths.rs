@@ -17,6 +17,7 @@ pub fn bin(name: &str) -> PathBuf {
     if !path.is_file() {
         let target = match name {
             "kube-harness" | "connect-client" => "make harness",
+            "promtool" => "make promtool",
             "go-agent" | "go-proxy" => "make go-peers",
             "proxy" | "agent" => "make build",
             "kubectl" => "bash .ci/run (builds bin/kubectl when kubectl is missing)",

@@ -116,6 +116,9 @@ pub struct Metrics {
     pub hub_bytes: Family<HubBytesLabel, Counter>,
     /// Audit records dropped because the writer was behind.
     pub audit_dropped: Counter,
+    /// 1 while this replica writes to the host cluster (it leads, or runs
+    /// alone), else 0: summed over replicas, what a "no leader" alert reads.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -207,8 +210,15 @@ impl Metrics {
             "Audit log records dropped because the writer was behind",
             audit_dropped.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica is the one writing to the host cluster",
+            leader.clone(),
+        );
         Metrics {
             registry,
+            leader,
             audit_dropped,
             hub_streams,
             hub_refusals,
