@@ -232,6 +232,48 @@ mod tests {
         assert_eq!(read(&mut cut).await.unwrap_err().status, 400);
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Any head: a CONNECT or a refusal with a client-error status.
+            #[test]
+            fn any_head_is_parsed_or_refused(head in prop::collection::vec(any::<u8>(), 0..600)) {
+                if let Err(refusal) = parse(&head) {
+                    prop_assert!([400, 405, 431].contains(&refusal.status), "{}", refusal.status);
+                }
+            }
+
+            /// Every authority clients send, DNS names and IPv4/IPv6, comes out
+            /// as the host and port it names.
+            #[test]
+            fn authorities_round_trip(
+                host in prop_oneof![
+                    "[a-z][a-z0-9-]{0,20}(\\.[a-z][a-z0-9-]{0,20}){0,3}",
+                    any::<std::net::Ipv4Addr>().prop_map(|a| a.to_string()),
+                    any::<std::net::Ipv6Addr>().prop_map(|a| a.to_string()),
+                ],
+                port in 1u16..,
+                cluster in proptest::option::of("[a-z0-9-]{1,30}"),
+            ) {
+                let authority = tunnel::addr::join_host_port(&host, port);
+                let header = cluster
+                    .as_ref()
+                    .map(|c| format!("tower-cluster: {c}\r\n"))
+                    .unwrap_or_default();
+                let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{header}\r\n");
+                let c = match parse(head.as_bytes()) {
+                    Ok(c) => c,
+                    Err(r) => return Err(TestCaseError::fail(format!("{head:?}: {}", r.message))),
+                };
+                prop_assert_eq!((c.host, c.port, c.authority, c.cluster), (host, port, authority, cluster));
+            }
+        }
+    }
+
     #[test]
     fn answers_are_one_line_and_close() {
         let answer = Refusal::new(403, "not_allowed", "no\r\nsplit").answer();
