@@ -489,7 +489,7 @@ impl Flags {
 
 /// `--publish-service-address` as a websocket URL for agents: a bare host
 /// gets `http://` and the agents' `--port`.
-fn publish_url(address: &str, port: u16) -> anyhow::Result<String> {
+pub fn publish_url(address: &str, port: u16) -> anyhow::Result<String> {
     let bad = || {
         anyhow::anyhow!(
             "--publish-service-address {address:?}: expected HOST[:PORT] or http(s)://HOST[:PORT], \

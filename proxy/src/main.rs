@@ -40,6 +40,8 @@
 //!   what it opens: [`identity::scope`]).
 //! - [`config`]: flags, checked into a config before any network I/O.
 //! - [`start`]: the parts built in order, served, drained.
+//! - [`join`]: `proxy join-command`, the manifest a member applies to join
+//!   (the `config/agent` bases, filled in from the host cluster).
 //!
 //! The SSH and websocket details live in the shared `tunnel` crate.
 //!
@@ -55,6 +57,7 @@ mod clusters;
 mod config;
 mod ha;
 mod identity;
+mod join;
 mod member;
 mod ops;
 mod people;
@@ -66,6 +69,14 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // A subcommand only by its first argument, so that Go Tower's command
+    // lines (flags only) parse exactly as before.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == join::COMMAND)
+    {
+        return join::main(std::env::args_os().skip(1));
+    }
     let flags = config::Flags::parse();
     let notes = match tunnel::cli::init_logging(flags.log_format, &flags.klog) {
         Ok(notes) => notes,

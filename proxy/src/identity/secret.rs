@@ -14,7 +14,7 @@ use russh::keys::PrivateKey;
 use super::ca::Ca;
 
 pub const SECRET_NAME: &str = "tower-proxy";
-const HOST_KEY: &str = "ssh-host-key";
+pub const HOST_KEY: &str = "ssh-host-key";
 const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
 

@@ -1,0 +1,215 @@
+//! The manifest a member applies to join: `config/namespace` and
+//! `config/agent`, compiled into the binary so the printed manifest is the
+//! same YAML as the kustomize bases, with the cluster's values filled in and
+//! the token Secret in front. Pure: text in, text out.
+
+/// The bases' files, in the order of `config/agent/kustomization.yaml`
+/// (a unit test keeps the list equal to it), after the namespace.
+const FILES: [(&str, &str); 4] = [
+    (
+        "namespace/namespace.yaml",
+        include_str!("../../../config/namespace/namespace.yaml"),
+    ),
+    (
+        "agent/serviceaccount.yaml",
+        include_str!("../../../config/agent/serviceaccount.yaml"),
+    ),
+    (
+        "agent/rbac.yaml",
+        include_str!("../../../config/agent/rbac.yaml"),
+    ),
+    (
+        "agent/deployment.yaml",
+        include_str!("../../../config/agent/deployment.yaml"),
+    ),
+];
+
+/// Placeholders of `config/agent/deployment.yaml` (the README's sed line).
+const NAME_PLACEHOLDER: &str = "CLUSTER_NAME";
+const PROXY_PLACEHOLDER: &str = "http://PROXY_ADDRESS:8080";
+const IMAGE_PLACEHOLDER: &str = "image: tower-rs:latest";
+
+/// What the member's manifest is made of.
+pub struct Inputs<'a> {
+    pub cluster: &'a str,
+    /// The Cluster's `spec.connection.token`.
+    pub token: &'a str,
+    /// What the agent dials (`--proxy-server`).
+    pub proxy_url: &'a str,
+    /// Host-key fingerprints the agent pins (none: no pinning).
+    pub fingerprints: &'a [String],
+    pub image: &'a str,
+}
+
+/// Why a value cannot go into the manifest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error(
+        "{what} {value:?} cannot be written into the manifest: it holds a quote, a space or a \
+         line break"
+    )]
+    Unsafe { what: &'static str, value: String },
+    #[error(
+        "config/agent/deployment.yaml has no {0} placeholder: the bases changed, update proxy/src/join/render.rs"
+    )]
+    NoPlaceholder(&'static str),
+}
+
+fn safe(what: &'static str, value: &str) -> Result<(), RenderError> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | '#'))
+    {
+        return Err(RenderError::Unsafe {
+            what,
+            value: value.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The Secret the Deployment reads `--token-file` from.
+fn token_secret(token: &str) -> String {
+    format!(
+        "# The Cluster's agent token (spec.connection.token on the host).\n\
+         apiVersion: v1\n\
+         kind: Secret\n\
+         metadata:\n  name: tower-agent-token\n  namespace: kubesphere-system\n  labels:\n    app: tower-agent\n\
+         type: Opaque\n\
+         stringData:\n  token: \"{token}\"\n"
+    )
+}
+
+fn deployment(template: &str, inputs: &Inputs<'_>) -> Result<String, RenderError> {
+    for placeholder in [NAME_PLACEHOLDER, PROXY_PLACEHOLDER, IMAGE_PLACEHOLDER] {
+        if !template.contains(placeholder) {
+            return Err(RenderError::NoPlaceholder(placeholder));
+        }
+    }
+    let mut out = String::new();
+    for line in template.lines() {
+        let indent = &line[..line.len() - line.trim_start().len()];
+        let filled = line
+            .replace(NAME_PLACEHOLDER, inputs.cluster)
+            .replace(PROXY_PLACEHOLDER, inputs.proxy_url)
+            .replace(IMAGE_PLACEHOLDER, &format!("image: {}", inputs.image));
+        out.push_str(&filled);
+        out.push('\n');
+        if line.contains(PROXY_PLACEHOLDER) {
+            for fingerprint in inputs.fingerprints {
+                out.push_str(&format!(
+                    "{indent}- --proxy-host-key-fingerprint\n{indent}- {fingerprint}\n"
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The whole manifest, YAML documents separated by `---`.
+pub fn render(inputs: &Inputs<'_>) -> Result<String, RenderError> {
+    safe("the cluster name", inputs.cluster)?;
+    safe("the token", inputs.token)?;
+    safe("the proxy address", inputs.proxy_url)?;
+    safe("the image", inputs.image)?;
+    for fingerprint in inputs.fingerprints {
+        safe("the host-key fingerprint", fingerprint)?;
+    }
+    let mut docs = Vec::new();
+    for (name, text) in FILES {
+        if name == "agent/deployment.yaml" {
+            docs.push(token_secret(inputs.token));
+            docs.push(deployment(text, inputs)?);
+        } else {
+            docs.push(text.to_string());
+        }
+    }
+    Ok(docs
+        .iter()
+        .map(|d| d.trim_end().to_string() + "\n")
+        .collect::<Vec<_>>()
+        .join("---\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs<'a>(fingerprints: &'a [String]) -> Inputs<'a> {
+        Inputs {
+            cluster: "alpha",
+            token: "0123abcd",
+            proxy_url: "https://tower.example.com:443",
+            fingerprints,
+            image: "registry.example.com/tower-rs:v1",
+        }
+    }
+
+    #[test]
+    fn the_bases_listed_are_the_kustomization_resources() {
+        let kustomization = include_str!("../../../config/agent/kustomization.yaml");
+        let listed: Vec<&str> = kustomization
+            .lines()
+            .filter_map(|l| l.strip_prefix("- "))
+            .map(str::trim)
+            .collect();
+        let ours: Vec<&str> = FILES
+            .iter()
+            .filter_map(|(name, _)| name.strip_prefix("agent/"))
+            .collect();
+        assert_eq!(
+            ours, listed,
+            "keep FILES in render.rs equal to config/agent's resources"
+        );
+    }
+
+    #[test]
+    fn fills_every_placeholder_and_pins_the_keys() {
+        let keys = ["SHA256:old".to_string(), "SHA256:new".to_string()];
+        let text = render(&inputs(&keys)).unwrap();
+        for placeholder in ["CLUSTER_NAME", "PROXY_ADDRESS", "tower-rs:latest"] {
+            assert!(
+                !text.contains(placeholder),
+                "{placeholder} left in:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("        - --name\n        - alpha\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "        - https://tower.example.com:443\n        - --proxy-host-key-fingerprint\n        - SHA256:old\n        - --proxy-host-key-fingerprint\n        - SHA256:new\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("image: registry.example.com/tower-rs:v1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stringData:\n  token: \"0123abcd\"\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("\n---\n").count(), FILES.len(), "{text}");
+        // The Secret comes before the Deployment that mounts it.
+        assert!(text.find("kind: Secret") < text.find("kind: Deployment"));
+    }
+
+    #[test]
+    fn refuses_values_that_would_break_the_yaml() {
+        let mut bad = inputs(&[]);
+        bad.token = "a\"b";
+        assert!(matches!(
+            render(&bad),
+            Err(RenderError::Unsafe {
+                what: "the token",
+                ..
+            })
+        ));
+        let mut bad = inputs(&[]);
+        bad.proxy_url = "http://x\n- --evil";
+        assert!(render(&bad).is_err());
+    }
+}
