@@ -151,9 +151,11 @@ async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer,
         .await
         .unwrap_or(Err(ProbeError::Timeout(PROBE_TIMEOUT)));
     let (health, member) = match probed {
-        Ok(p) => (p.health, p.member),
-        // The tunnel may be fine: the member's kube-apiserver is not.
-        Err(e) => (Health::DOWN, Err(e)),
+        Ok(p) => (Some(p.health), p.member),
+        // The session went away while we asked: nothing to say of the member.
+        Err(ProbeError::Reach(e)) if e.is_transient() => (None, Err(ProbeError::Reach(e))),
+        // The tunnel is fine: the member's kube-apiserver is not.
+        Err(e) => (Some(Health::DOWN), Err(e)),
     };
     let member = member
         .inspect_err(|e| {
@@ -165,7 +167,7 @@ async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer,
     let sessions = dialer.registry().sessions(name);
     let seen = Observed {
         member,
-        health: Some(health),
+        health,
         agent_version: agent_versions(&sessions),
         platform: health::platforms(sessions.iter().map(|s| s.config().platform.as_str())),
         // The freshest session's: the one whose agent spoke last.
