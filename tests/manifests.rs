@@ -187,6 +187,11 @@ fn kubesphere_status() -> Value {
         "agentVersion": "tower-agent/0.1.0",
         "lastHeartbeatTime": "2025-01-02T03:05:00Z",
         "certificateExpirationTime": "2025-04-02T03:04:06Z",
+        "healthz": true,
+        "readyz": false,
+        "livez": true,
+        "platform": "linux/amd64",
+        "tunnelRTT": "850µs",
         "futureStatusField": {"x": true}
     })
 }
@@ -230,6 +235,11 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         "agentVersion:",
         "lastHeartbeatTime:",
         "certificateExpirationTime:",
+        "healthz:",
+        "readyz:",
+        "livez:",
+        "platform:",
+        "tunnelRTT:",
         "nodeCount:",
         "kubernetesVersion:",
     ] {

@@ -87,6 +87,11 @@ pub struct Flags {
     /// periods without a word from its agent.
     #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
     pub keepalive: Duration,
+    /// How often the status of each connected cluster is refreshed through
+    /// its tunnel (health, version, nodes, RTT); written only when it
+    /// changed. Default 1m.
+    #[arg(long, value_parser = parse_go_duration, value_name = "DURATION")]
+    pub cluster_status_update_frequency: Option<Duration>,
     /// Endpoints and kubeconfigs point at https://HOST:<cluster port> instead of
     /// the mc-<name> Service's ClusterIP (a proxy running outside the cluster).
     #[arg(long, value_name = "HOST")]
@@ -285,8 +290,12 @@ impl Flags {
             .as_deref()
             .map(|a| publish_url(a, self.port))
             .transpose()?;
+        let status_update_frequency = self
+            .cluster_status_update_frequency
+            .unwrap_or(crate::clusters::status::DEFAULT_FREQUENCY);
         for (flag, value) in [
             ("--keepalive", self.keepalive),
+            ("--cluster-status-update-frequency", status_update_frequency),
             ("--shutdown-grace", self.shutdown_grace),
             (
                 "--leader-elect-lease-duration",
@@ -404,6 +413,7 @@ impl Flags {
                 ports,
                 bind_host: self.host,
                 path_form,
+                status_update_frequency,
             },
             forwards: self.forwards,
             connect_port: self.connect_port,

@@ -252,6 +252,7 @@ async fn with_kubernetes(
         client.clone(),
         running.store.clone(),
         core.dialer.clone(),
+        core.config.clusters.status_update_frequency,
     ));
     if let Some(options) = &core.config.aggregated {
         let store = running.store.clone();

@@ -296,6 +296,16 @@ impl Tower {
         &self.member
     }
 
+    /// The member, to stop or restart its kube-apiserver.
+    pub fn member_mut(&mut self) -> &mut KubeCluster {
+        &mut self.member
+    }
+
+    /// The agent, to stop it.
+    pub fn agent_mut(&mut self) -> &mut Proc {
+        &mut self.agent
+    }
+
     pub fn proxy(&self) -> &Proc {
         &self.proxy
     }

@@ -18,8 +18,9 @@
 //!
 //! Beside the protocol, what both binaries need at their edges: [`cli`], Go
 //! Tower's command-line syntax (durations, booleans, klog's flags) and the
-//! logging set-up, [`addr`], `host:port` strings with IPv6 brackets, and
-//! [`limits`], the open-files limit raised at start.
+//! logging set-up, [`addr`], `host:port` strings with IPv6 brackets,
+//! [`limits`], the open-files limit raised at start, and [`platform`], the
+//! agent's `GOOS/GOARCH`.
 //!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.
@@ -31,6 +32,7 @@ pub mod client;
 pub mod copy;
 pub mod hub;
 pub mod limits;
+pub mod platform;
 pub mod server;
 pub mod ssh;
 pub mod wire;

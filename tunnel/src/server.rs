@@ -5,7 +5,11 @@
 //! [`Admission`] whether that agent may join, answers (success, or failure with
 //! the reason, never silence), closes rejected connections, and answers `ping`.
 //! An admitted agent becomes a [`Session`] through which the proxy [`Session::dial`]s
-//! `kubesphere` channels. Channels the agent tries to open are refused (Tower let
+//! `kubesphere` channels. On admission and on every `ping`, the proxy times a
+//! `keepalive@openssh.com` request of its own ([`Session::rtt`]): every SSH
+//! peer answers it (Go agents with a failure, which times just as well), so
+//! the round trip is measured with no new message and no extra timer.
+//! Channels the agent tries to open are refused (Tower let
 //! agents dial into the host network through them), except hub channels to
 //! services the proxy publishes by name ([`crate::hub`], pull mode).
 
@@ -32,6 +36,9 @@ use crate::wire::{
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a channel may take before the dial counts as failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A round-trip measurement unanswered for this long is given up (the
+/// keepalives decide whether the session is dead, not this).
+const RTT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Decides whether an agent may join and keeps it registered while it is
 /// connected. The proxy's session registry implements it.
@@ -94,6 +101,10 @@ struct SessionInner {
     sent: AtomicU64,
     /// Unix seconds of the agent's last `config` or `ping`.
     heartbeat: AtomicU64,
+    /// Last measured round trip in microseconds (at least 1); 0: none yet.
+    rtt_micros: AtomicU64,
+    /// A round-trip measurement is waiting for its answer.
+    rtt_in_flight: AtomicBool,
 }
 
 fn unix_now() -> u64 {
@@ -151,6 +162,16 @@ impl Session {
     /// When the agent last spoke up (its `config`, then each `ping`), to the second.
     pub fn last_heartbeat(&self) -> std::time::SystemTime {
         std::time::UNIX_EPOCH + Duration::from_secs(self.inner.heartbeat.load(Ordering::Relaxed))
+    }
+
+    /// The last round trip measured through the tunnel (a
+    /// `keepalive@openssh.com` request and its answer, taken on admission and
+    /// on every `ping` of the agent); None until the first answer.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.inner.rtt_micros.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// True once the SSH connection has ended.
@@ -325,17 +346,46 @@ impl<A: Admission> Handler<A> {
                 received: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
                 heartbeat: AtomicU64::new(unix_now()),
+                rtt_micros: AtomicU64::new(0),
+                rtt_in_flight: AtomicBool::new(false),
             }),
         };
         match self.admission.admit(session.clone()).await {
             Ok(guard) => {
                 self.guard = Some(guard);
                 self.session = Some(session);
+                self.measure_rtt(ssh);
                 self.finish(AuthOutcome::Admitted(name));
                 GlobalRequestReply::Success(Vec::new())
             }
             Err(reason) => self.reject(reason, ssh),
         }
+    }
+
+    /// Send a `keepalive@openssh.com` (want-reply) and record how long its
+    /// answer took in [`Session::rtt`]; one at a time per session.
+    fn measure_rtt(&self, ssh: &mut SshSession) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        let inner = session.inner.clone();
+        if inner.rtt_in_flight.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::Instant::now();
+        if ssh.send_ping(tx).is_err() {
+            inner.rtt_in_flight.store(false, Ordering::Relaxed);
+            return;
+        }
+        tokio::spawn(async move {
+            // Err: the session ended (or never sent it); nothing to record.
+            if let Ok(Ok(())) = tokio::time::timeout(RTT_TIMEOUT, rx).await {
+                let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                inner.rtt_micros.store(us.max(1), Ordering::Relaxed);
+            }
+            inner.rtt_in_flight.store(false, Ordering::Relaxed);
+        });
     }
 
     /// Answer with the reason, then close: the disconnect is queued behind the
@@ -381,6 +431,7 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
                 if let Some(s) = &self.session {
                     s.inner.heartbeat.store(unix_now(), Ordering::Relaxed);
                 }
+                self.measure_rtt(session);
                 GlobalRequestReply::Success(Vec::new())
             }
             _ => {

@@ -79,6 +79,10 @@ pub struct AgentConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub bearer_token: Vec<u8>,
+    /// `GOOS/GOARCH` of the agent, e.g. `linux/amd64` ([`crate::platform`]).
+    /// Our extension: Go Tower agents send none, Go proxies ignore it.
+    #[serde(rename = "Platform", default, skip_serializing_if = "String::is_empty")]
+    pub platform: String,
 }
 
 /// Why a `config` payload could not be read.
@@ -120,6 +124,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("name", &self.name)
             .field("kubernetes_svc_host", &self.kubernetes_svc_host)
             .field("kubesphere_svc_host", &self.kubesphere_svc_host)
+            .field("platform", &self.platform)
             .field("cert_data", &!self.cert_data.is_empty())
             .field("key_data", &!self.key_data.is_empty())
             .field("ca_data", &!self.ca_data.is_empty())
@@ -183,6 +188,14 @@ mod tests {
         // Empty byte fields are omitted, as Go's omitempty does.
         assert!(json.get("CertData").is_none());
         assert!(json.get("KeyData").is_none());
+        // So is an unknown platform: the JSON stays what Go Tower's agent sends.
+        assert!(json.get("Platform").is_none());
+        let ours = AgentConfig {
+            platform: "linux/arm64".into(),
+            ..config
+        };
+        let json: serde_json::Value = serde_json::from_slice(&ours.to_json()).unwrap();
+        assert_eq!(json["Platform"], "linux/arm64");
     }
 
     #[test]
@@ -195,6 +208,7 @@ mod tests {
         assert_eq!(config.ca_data, b"ca");
         assert_eq!(config.bearer_token, b"tok");
         assert!(config.cert_data.is_empty());
+        assert!(config.platform.is_empty());
         assert_eq!(AgentConfig::from_json(&config.to_json()).unwrap(), config);
     }
 

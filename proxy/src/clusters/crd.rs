@@ -67,6 +67,20 @@ pub struct ClusterStatus {
     pub last_heartbeat_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_expiration_time: Option<String>,
+    /// The member kube-apiserver's `/healthz`, `/readyz`, `/livez` answered
+    /// 200 through the tunnel; absent while no agent is connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthz: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readyz: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub livez: Option<bool>,
+    /// The agent's `GOOS/GOARCH`, e.g. `linux/amd64` (ours send it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// The tunnel's round trip, a Go duration (`850µs`).
+    #[serde(default, rename = "tunnelRTT", skip_serializing_if = "Option::is_none")]
+    pub tunnel_rtt: Option<String>,
 }
 
 /// One entry of `status.conditions`, as KubeSphere writes it.

@@ -217,6 +217,9 @@ pub struct Plan {
     pub serve_at: Option<String>,
     /// New `status.conditions`, when they change.
     pub conditions: Option<Vec<Condition>>,
+    /// Other status fields to remove: the health only a live tunnel can
+    /// tell, once no agent is connected ([`super::status::health::forget`]).
+    pub forget: Map<String, Value>,
     pub events: Vec<Event>,
 }
 
@@ -285,6 +288,7 @@ pub fn plan(f: &Facts) -> Plan {
         spec,
         serve_at,
         conditions,
+        forget: super::status::health::forget(f.cluster.status.as_ref(), available),
         events,
     }
 }

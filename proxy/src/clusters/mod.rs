@@ -53,6 +53,9 @@ pub struct Options {
     /// `--cluster-ports none`: no ports and no Service per cluster (`ports`
     /// is unused); kubeconfigs point at the path form.
     pub path_form: Option<PathForm>,
+    /// `--cluster-status-update-frequency`: how often connected members'
+    /// status is refreshed ([`status`]).
+    pub status_update_frequency: std::time::Duration,
 }
 
 /// Where kubeconfigs point with `--cluster-ports none`: the path form of

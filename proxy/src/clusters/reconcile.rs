@@ -348,12 +348,16 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             ctx.kick.notify(name);
         }
     }
+    let mut status = plan.forget;
     if let Some(conditions) = plan.conditions {
+        status.insert("conditions".into(), json!(conditions));
+    }
+    if !status.is_empty() {
         // resourceVersion makes this a compare-and-swap: conditions written by
         // KubeSphere meanwhile are never overwritten (we retry on conflict).
         let patch = json!({
             "metadata": {"resourceVersion": resource_version},
-            "status": {"conditions": conditions},
+            "status": status,
         });
         match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))

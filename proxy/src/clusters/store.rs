@@ -187,6 +187,7 @@ mod tests {
                 ports: 16000..16010,
                 bind_host: "127.0.0.1".into(),
                 path_form: None,
+                status_update_frequency: std::time::Duration::from_secs(60),
             },
             owners: None,
             kick,

@@ -112,6 +112,19 @@ fn go_durations() {
     assert_eq!(config.keepalive, Duration::from_secs(5400));
     assert_eq!(config.shutdown_grace, Duration::from_secs(90));
     assert!(err(&["--keepalive=0s"]).contains("--keepalive must be longer than 0s"));
+    assert_eq!(
+        check(&[]).unwrap().clusters.status_update_frequency,
+        crate::clusters::status::DEFAULT_FREQUENCY
+    );
+    let config = check(&["--cluster-status-update-frequency=2s"]).unwrap();
+    assert_eq!(
+        config.clusters.status_update_frequency,
+        Duration::from_secs(2)
+    );
+    assert!(
+        err(&["--cluster-status-update-frequency=0"])
+            .contains("--cluster-status-update-frequency must be longer than 0s")
+    );
     let e = Flags::try_parse_from(["proxy", "--keepalive=soon"])
         .unwrap_err()
         .to_string();

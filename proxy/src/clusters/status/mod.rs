@@ -1,0 +1,212 @@
+//! What the Cluster status tells a user about a connected member, learnt
+//! through the tunnel, by the replica that holds an agent session of the
+//! cluster, on connect and every `--cluster-status-update-frequency`
+//! ([`DEFAULT_FREQUENCY`]):
+//! - from the member's kube-apiserver ([`probe`]), asked with the agent's own
+//!   credentials: its Kubernetes version and node count (KubeSphere's
+//!   `status.kubernetesVersion`, `status.nodeCount`) and whether `/healthz`,
+//!   `/readyz`, `/livez` answer 200 (Clusternet's `status.healthz`,
+//!   `status.readyz`, `status.livez`);
+//! - from the agent's session: its version (`status.agentVersion`, the
+//!   User-Agent of its websocket upgrade), its `GOOS/GOARCH`
+//!   (`status.platform`, from its `config`), its last heartbeat
+//!   (`status.lastHeartbeatTime`) and the tunnel's round trip
+//!   (`status.tunnelRTT`);
+//! - when the client certificate of the published kubeconfig expires
+//!   (`status.certificateExpirationTime`).
+//!
+//! Fields other than KubeSphere's are ours, declared in our CRD and so in its
+//! kubesphere-compat variant too. Writes are merge patches of only what
+//! changed ([`patch`], [`health`]): an unchanged cluster costs one write every
+//! one to two minutes however often it is asked.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tunnel::server::Session;
+
+pub mod health;
+pub mod patch;
+pub mod probe;
+
+use self::health::Health;
+use self::patch::{Observed, status_patch};
+use self::probe::{ProbeError, probe};
+use super::crd::Cluster;
+use crate::member::MemberDialer;
+
+/// `--cluster-status-update-frequency`'s default: how often a connected
+/// member was always asked again (Clusternet's default is 10 s; ours keeps
+/// today's load on members and tunnels).
+pub const DEFAULT_FREQUENCY: Duration = Duration::from_secs(60);
+/// A probe (dial, TLS, five requests) that takes longer than this is given
+/// up; its health counts as [`Health::DOWN`].
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Asks for a cluster's status to be refreshed now (a session came or went,
+/// a kubeconfig was written). Cheap to clone.
+#[derive(Clone)]
+pub struct Kick(mpsc::UnboundedSender<String>);
+
+/// The other end of a [`Kick`], for [`start`].
+pub struct Kicks(mpsc::UnboundedReceiver<String>);
+
+impl Kicks {
+    /// The next cluster to refresh.
+    pub async fn recv(&mut self) -> Option<String> {
+        self.0.recv().await
+    }
+}
+
+impl Kick {
+    pub fn new() -> (Self, Kicks) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), Kicks(rx))
+    }
+
+    /// Refresh `cluster`'s status soon (dropped once the refresher is gone).
+    pub fn notify(&self, cluster: &str) {
+        let _ = self.0.send(cluster.to_string());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent's version as it introduced itself.
+fn agent_version(session: &Session) -> String {
+    let ua = session.user_agent();
+    match (ua.is_empty(), session.config().version.is_empty()) {
+        (false, _) => ua.to_string(),
+        (true, false) => session.config().version.clone(),
+        (true, true) => "unknown".to_string(),
+    }
+}
+
+/// The versions of all of a cluster's agents, sorted and deduplicated: the
+/// same set of sessions always gives the same text (no flapping writes
+/// during a rolling update with two agent versions).
+fn agent_versions(sessions: &[Session]) -> String {
+    let versions: std::collections::BTreeSet<String> = sessions.iter().map(agent_version).collect();
+    versions.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// Refreshes connected clusters' status on a [`Kick`] and every `frequency`.
+pub fn start(
+    mut kicks: Kicks,
+    client: Client,
+    store: Store<Cluster>,
+    dialer: MemberDialer,
+    frequency: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(frequency);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let names = tokio::select! {
+                Some(name) = kicks.recv() => vec![name],
+                _ = tick.tick() => dialer.registry().clusters(),
+                else => return,
+            };
+            for name in names {
+                // One refresh per cluster at a time; a kick meanwhile is
+                // covered by the next tick.
+                if !lock(&running).insert(name.clone()) {
+                    continue;
+                }
+                let (client, store, dialer, running) = (
+                    client.clone(),
+                    store.clone(),
+                    dialer.clone(),
+                    running.clone(),
+                );
+                tokio::spawn(async move {
+                    refresh(&client, &store, &dialer, &name).await;
+                    lock(&running).remove(&name);
+                });
+            }
+        }
+    })
+}
+
+async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer, name: &str) {
+    let Some(session) = dialer.pick(name) else {
+        return;
+    };
+    let Some(cluster) = store.get(&ObjectRef::new(name)) else {
+        return;
+    };
+    if !cluster.is_served() {
+        return;
+    }
+    let probed = tokio::time::timeout(PROBE_TIMEOUT, probe(dialer, name))
+        .await
+        .unwrap_or(Err(ProbeError::Timeout(PROBE_TIMEOUT)));
+    let (health, member) = match probed {
+        Ok(p) => (Some(p.health), p.member),
+        // The session went away while we asked: nothing to say of the member.
+        Err(ProbeError::Reach(e)) if e.is_transient() => (None, Err(ProbeError::Reach(e))),
+        // The tunnel is fine: the member's kube-apiserver is not.
+        Err(e) => (Some(Health::DOWN), Err(e)),
+    };
+    let member = member
+        .inspect_err(|e| {
+            tracing::warn!(cluster = %name, error = %e, "cannot read the member's version and nodes");
+        })
+        .ok();
+    // The store may have moved on while we asked.
+    let cluster = store.get(&ObjectRef::new(name)).unwrap_or(cluster);
+    let sessions = dialer.registry().sessions(name);
+    let seen = Observed {
+        member,
+        health,
+        agent_version: agent_versions(&sessions),
+        platform: health::platforms(sessions.iter().map(|s| s.config().platform.as_str())),
+        // The freshest session's: the one whose agent spoke last.
+        rtt: sessions
+            .iter()
+            .max_by_key(|s| s.last_heartbeat())
+            .and_then(Session::rtt),
+        heartbeat: sessions
+            .iter()
+            .map(Session::last_heartbeat)
+            .max()
+            .unwrap_or_else(|| session.last_heartbeat()),
+        now: SystemTime::now(),
+    };
+    if sessions.is_empty() {
+        // Gone while we asked: nothing current to report.
+        return;
+    }
+    let current = cluster.status.clone().unwrap_or_default();
+    let patch = status_patch(&current, &cluster.spec.connection.kubeconfig, &seen);
+    if patch.is_empty() {
+        return;
+    }
+    let fields: Vec<String> = patch.keys().cloned().collect();
+    let body = json!({ "status": patch });
+    let api: Api<Cluster> = Api::all(client.clone());
+    let written = match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+    {
+        // KubeSphere's own CRD has no status subresource: status is part of the object.
+        Err(kube::Error::Api(e)) if e.code == 404 => api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .map(|_| ()),
+        other => other.map(|_| ()),
+    };
+    match written {
+        Ok(()) => tracing::debug!(cluster = %cluster.name_any(), ?fields, "member status updated"),
+        Err(e) => tracing::warn!(cluster = %name, error = %e, "cannot write the member status"),
+    }
+}
