@@ -222,9 +222,13 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     let scope = host.kubectl_ok(&["get", CRD, "-o", "jsonpath={.spec.scope}"]);
     assert_eq!(scope, "Cluster");
 
-    // The KubeSphere-compatible variant differs only by the status subresource.
+    // The KubeSphere-compatible variant differs only by the Cluster's status
+    // subresource (the ClusterRegistrationRequest, ours alone, keeps its own).
     let compat = kustomize(&config_dir("crd/kubesphere-compat"))?;
-    ensure!(crd_yaml.contains("subresources:") && !compat.contains("subresources"));
+    ensure!(
+        crd_yaml.matches("subresources:").count() == 2
+            && compat.matches("subresources:").count() == 1
+    );
     // The status fields the proxy writes are declared in both variants.
     for field in [
         "agentVersion:",
@@ -312,11 +316,33 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             "certificatesigningrequests.certificates.k8s.io",
             &["--subresource=status"],
         ),
+        // Self-registration (docs/registration.md): bootstrap tokens, the
+        // requests, the Clusters it makes.
+        (
+            "get",
+            "secrets/bootstrap-token-abcdef",
+            &["-n", "kube-system"],
+        ),
+        (
+            "create",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &[],
+        ),
+        (
+            "watch",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &[],
+        ),
+        (
+            "patch",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &["--subresource=status"],
+        ),
+        ("create", "clusters.cluster.kubesphere.io", &[]),
     ];
     let denied: &[(&str, &str, &[&str])] = &[
         ("update", "clusters.cluster.kubesphere.io", &[]),
         ("delete", "clusters.cluster.kubesphere.io", &[]),
-        ("create", "clusters.cluster.kubesphere.io", &[]),
         (
             "update",
             "clusters.cluster.kubesphere.io",
@@ -330,7 +356,13 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("update", "services/status", &ns),
         ("create", "leases.coordination.k8s.io", &["-n", "default"]),
         ("create", "services", &["-n", "default"]),
-        ("get", "secrets", &["-n", "kube-system"]),
+        ("list", "secrets", &["-n", "kube-system"]),
+        ("watch", "secrets", &["-n", "kube-system"]),
+        (
+            "delete",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &[],
+        ),
         ("create", "pods", &ns),
         ("patch", "apiservices.apiregistration.k8s.io/v1.apps", &[]),
         (

@@ -105,6 +105,7 @@ impl Shared {
                 key_data: creds.key_data.clone(),
                 ca_data: creds.ca_data.clone(),
                 bearer_token: creds.bearer_token.clone(),
+                ..Default::default()
             },
             keepalive: self.keepalive,
             host_key_fingerprint: self.host_key_fingerprint.clone(),

@@ -79,6 +79,24 @@ pub struct AgentConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub bearer_token: Vec<u8>,
+    /// Self-registration (our extension): a Kubernetes bootstrap token
+    /// (`[a-z0-9]{6}.[a-z0-9]{16}`) sent instead of `Token` by an agent
+    /// that has no per-cluster token yet. Go proxies ignore the key.
+    #[serde(
+        rename = "BootstrapToken",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub bootstrap_token: String,
+    /// Self-registration: the member's cluster ID (the UID of its
+    /// `kube-system` namespace, as Clusternet's), so that a second
+    /// registration of the same cluster finds the first one.
+    #[serde(
+        rename = "ClusterID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub cluster_id: String,
 }
 
 /// Why a `config` payload could not be read.
@@ -124,6 +142,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("key_data", &!self.key_data.is_empty())
             .field("ca_data", &!self.ca_data.is_empty())
             .field("bearer_token", &!self.bearer_token.is_empty())
+            .field("bootstrap_token", &!self.bootstrap_token.is_empty())
+            .field("cluster_id", &self.cluster_id)
             .finish_non_exhaustive()
     }
 }
@@ -183,6 +203,24 @@ mod tests {
         // Empty byte fields are omitted, as Go's omitempty does.
         assert!(json.get("CertData").is_none());
         assert!(json.get("KeyData").is_none());
+        // So are the registration keys: a plain config is Go Tower's, byte for byte.
+        assert!(json.get("BootstrapToken").is_none());
+        assert!(json.get("ClusterID").is_none());
+    }
+
+    #[test]
+    fn registration_keys_round_trip() {
+        let config = AgentConfig {
+            name: "cluster-0a1b2c3d".into(),
+            bootstrap_token: "abcdef.0123456789abcdef".into(),
+            cluster_id: "0a1b2c3d-0000-4000-8000-000000000000".into(),
+            ..Default::default()
+        };
+        let json: serde_json::Value = serde_json::from_slice(&config.to_json()).unwrap();
+        assert_eq!(json["BootstrapToken"], "abcdef.0123456789abcdef");
+        assert_eq!(json["ClusterID"], "0a1b2c3d-0000-4000-8000-000000000000");
+        assert_eq!(AgentConfig::from_json(&config.to_json()).unwrap(), config);
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
     }
 
     #[test]
@@ -225,6 +263,7 @@ mod tests {
             token: "supersecret".into(),
             bearer_token: b"bearersecret".to_vec(),
             key_data: b"keysecret".to_vec(),
+            bootstrap_token: "abcdef.secretsecret12345".into(),
             ..Default::default()
         };
         let shown = format!("{config:?}");
