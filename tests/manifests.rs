@@ -496,6 +496,21 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
 
     // The agent's identity is cluster-admin (what KubeSphere expects).
     ensure!(can_i(&host, AGENT_SA, "*", "*", &[]));
+    // Its token Secret is also granted on its own (for impersonate-rbac.yaml
+    // set-ups): that one Secret by name, and create.
+    let token_rules = host.kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "role",
+        "tower-agent-token",
+        "-o",
+        "jsonpath={range .rules[*]}{.resourceNames}{.verbs}{\"\\n\"}{end}",
+    ]);
+    assert_eq!(
+        token_rules.trim(),
+        "[\"tower-agent-token\"][\"get\",\"update\",\"patch\"]\n[\"create\"]"
+    );
     // The optional impersonate-only RBAC is valid.
     host.kubectl_ok(&[
         "apply",

@@ -55,6 +55,13 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 
+    /// Secret in the member cluster (key `token`) where the agent keeps a token
+    /// the proxy hands it (rotation, registration), written with the member
+    /// credentials; at start a non-empty one there wins over --token/--token-file.
+    /// Without it a handed token lives in memory only.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub token_secret: Option<crate::handed::SecretRef>,
+
     /// The Tower proxy: http://HOST[:PORT][/PATH] (websocket) or https://... (TLS).
     #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
     pub proxy_server: String,
@@ -140,6 +147,8 @@ pub struct Flags {
 pub struct Config {
     pub name: String,
     pub token: TokenSource,
+    /// `--token-secret`: where a handed token is kept.
+    pub token_secret: Option<crate::handed::SecretRef>,
     /// Dials the proxy (URL, TLS roots, HTTP(S)_PROXY).
     pub dialer: ProxyDialer,
     pub host_key_fingerprint: Option<String>,
@@ -240,6 +249,7 @@ impl Flags {
         Ok(Config {
             name,
             token,
+            token_secret: self.token_secret,
             dialer,
             host_key_fingerprint,
             keepalive: self.keepalive,

@@ -21,6 +21,14 @@ pub const CHANNEL_TYPE: &str = "kubesphere";
 /// (our extension; Go agents refuse unknown channel types, and the proxy then
 /// knows to wait for them to go idle instead).
 pub const DRAIN_CHANNEL_TYPE: &str = "drain@tower.kubesphere.io";
+/// Channel type the proxy opens to hand the agent a new token (our
+/// extension); its extra data is the token, raw, to the end of the packet.
+/// The agent confirms once it has stored the token and then connects again
+/// with it; it refuses (reason 1) when it cannot store it. Go agents refuse
+/// the unknown type (reason 3): the proxy then knows they cannot be told.
+pub const TOKEN_CHANNEL_TYPE: &str = "token@tower.kubesphere.io";
+/// Longest token the agent accepts over [`TOKEN_CHANNEL_TYPE`].
+pub const MAX_TOKEN_LEN: usize = 4096;
 /// Channel type the agent opens to reach a service the proxy publishes on the
 /// hub's side (pull mode, our extension); its extra data is the raw service
 /// name. Go agents never open it.
@@ -178,6 +186,25 @@ pub fn parse_target(data: &[u8]) -> Result<&str, String> {
     }
 }
 
+/// Check a token handed over [`TOKEN_CHANNEL_TYPE`]: non-empty printable
+/// ASCII without spaces (it travels in JSON and lands in a Secret and a flag).
+pub fn parse_token(data: &[u8]) -> Result<&str, String> {
+    if data.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if data.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "the token is {} bytes, more than the {MAX_TOKEN_LEN} allowed",
+            data.len()
+        ));
+    }
+    if !data.iter().all(u8::is_ascii_graphic) {
+        return Err("the token has bytes other than printable ASCII".into());
+    }
+    // All printable ASCII: valid UTF-8.
+    std::str::from_utf8(data).map_err(|_| "the token is not UTF-8".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +306,15 @@ mod tests {
         assert!(parse_target(&[0xff, 0xfe]).is_err());
         // Not an SSH string: a length prefix would make it invalid.
         assert!(parse_target(b"\0\0\0\x0d10.96.0.1:443").is_err());
+    }
+
+    #[test]
+    fn handed_tokens_are_printable_ascii() {
+        assert_eq!(parse_token(b"abc.DEF-123"), Ok("abc.DEF-123"));
+        assert!(parse_token(b"").is_err());
+        assert!(parse_token(b"with space").is_err());
+        assert!(parse_token(b"line\n").is_err());
+        assert!(parse_token(&[0xff]).is_err());
+        assert!(parse_token(&vec![b'a'; MAX_TOKEN_LEN + 1]).is_err());
     }
 }
