@@ -147,7 +147,7 @@ impl Keeper {
 
 /// A kube client for the member's kube-apiserver, with exactly what the
 /// agent hands the proxy (`config`'s address, CA, certificate or token).
-fn member_client(config: &AgentConfig) -> Result<kube_client::Client, StoreError> {
+pub(crate) fn member_client(config: &AgentConfig) -> Result<kube_client::Client, StoreError> {
     let url = format!("https://{}", config.kubernetes_svc_host)
         .parse()
         .map_err(|e| StoreError::Client(format!("{}: {e}", config.kubernetes_svc_host)))?;

@@ -11,6 +11,7 @@
 //!   the logging set-up come from `tunnel::cli`);
 //! - [`credentials`]: the token and member credentials, re-read when they change;
 //! - [`handed`]: tokens the proxy hands over the tunnel, kept (`--token-secret`);
+//! - [`register`]: who this member is (its cluster ID), for `--bootstrap-token`;
 //! - [`endpoint`]: `--proxy-server` as a websocket URL;
 //! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY, chosen for that endpoint;
 //! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
@@ -35,6 +36,7 @@ mod hub;
 mod killable;
 mod options;
 mod proxy_env;
+mod register;
 mod run;
 
 use std::process::ExitCode;
@@ -91,7 +93,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn agent(config: options::Config) -> anyhow::Result<Exit> {
+async fn agent(mut config: options::Config) -> anyhow::Result<Exit> {
     let handed = handed::Handed::default();
     let loader = Loader {
         token: config.token.clone(),
@@ -103,19 +105,20 @@ async fn agent(config: options::Config) -> anyhow::Result<Exit> {
         tokio::task::spawn_blocking(move || loader.load())
     };
     let mut initial = load().await.context("reading credentials")??;
+    // The member's address and credentials, for the agent's own reads there.
+    let member = tunnel::wire::AgentConfig {
+        kubernetes_svc_host: run::kubernetes_address(
+            config.kubernetes_service.as_deref(),
+            &initial.credentials,
+        ),
+        ca_data: initial.credentials.ca_data.clone(),
+        cert_data: initial.credentials.cert_data.clone(),
+        key_data: initial.credentials.key_data.clone(),
+        bearer_token: initial.credentials.bearer_token.clone(),
+        ..Default::default()
+    };
     if let Some(secret) = &config.token_secret {
         // A token the proxy handed over earlier is newer than the deployment's.
-        let member = tunnel::wire::AgentConfig {
-            kubernetes_svc_host: run::kubernetes_address(
-                config.kubernetes_service.as_deref(),
-                &initial.credentials,
-            ),
-            ca_data: initial.credentials.ca_data.clone(),
-            cert_data: initial.credentials.cert_data.clone(),
-            key_data: initial.credentials.key_data.clone(),
-            bearer_token: initial.credentials.bearer_token.clone(),
-            ..Default::default()
-        };
         match handed::read(secret, &member).await {
             Ok(Some(token)) => {
                 info!(%secret, "using the token stored in the member cluster");
@@ -125,6 +128,21 @@ async fn agent(config: options::Config) -> anyhow::Result<Exit> {
             Ok(None) => info!(%secret, "no stored token yet: using the configured one"),
             Err(e) => warn!(error = %e, "cannot read the stored token: using the configured one"),
         }
+    }
+    if config.bootstrap_token.is_some() {
+        // Registration (docs/registration.md) needs to know who this cluster is.
+        let id = register::cluster_id_retrying(&member, config.max_retry_interval).await;
+        if config.name.is_empty() {
+            config.name = register::derived_name(&id);
+        }
+        match initial.token.is_empty() {
+            true => info!(cluster_id = %id, name = %config.name,
+                "no cluster token: registering with the bootstrap token"),
+            false => {
+                info!(cluster_id = %id, "a cluster token is at hand: the bootstrap token is not used")
+            }
+        }
+        config.cluster_id = id;
     }
 
     info!(

@@ -84,6 +84,8 @@ struct Shared {
     hub: tunnel::hub::HubLink,
     /// Keeps tokens the proxy hands over.
     tokens: Option<crate::handed::Keeper>,
+    /// `--bootstrap-token` and the cluster ID, sent while there is no token.
+    bootstrap: Option<(String, String)>,
 }
 
 /// `host:port` of the member's kube-apiserver as the agent advertises it:
@@ -104,6 +106,11 @@ impl Shared {
     fn options(&self, material: &Material) -> ClientOptions {
         let creds = &material.credentials;
         let kubernetes = kubernetes_address(self.kubernetes_service.as_deref(), creds);
+        // Registering (docs/registration.md): only while there is no token.
+        let (bootstrap_token, cluster_id) = match &self.bootstrap {
+            Some((token, id)) if material.token.is_empty() => (token.clone(), id.clone()),
+            _ => Default::default(),
+        };
         ClientOptions {
             config: AgentConfig {
                 version: VERSION.to_string(),
@@ -115,7 +122,8 @@ impl Shared {
                 key_data: creds.key_data.clone(),
                 ca_data: creds.ca_data.clone(),
                 bearer_token: creds.bearer_token.clone(),
-                ..Default::default()
+                bootstrap_token,
+                cluster_id,
             },
             keepalive: self.keepalive,
             host_key_fingerprint: self.host_key_fingerprint.clone(),
@@ -260,6 +268,7 @@ pub async fn run(
         attempts: AtomicU64::new(0),
         hub: controls.hub.clone(),
         tokens,
+        bootstrap: config.bootstrap_token.map(|t| (t, config.cluster_id)),
     });
     let mut backoff = Backoff::new(config.max_retry_interval);
     let mut failures = 0u32;
@@ -809,6 +818,7 @@ mod tests {
             attempts: AtomicU64::new(0),
             hub: Default::default(),
             tokens: None,
+            bootstrap: Some(("abcdef.0123456789abcdef".into(), "uid-1".into())),
         };
         let mut m = Material {
             token: "t".into(),
@@ -831,6 +841,13 @@ mod tests {
             ..shared
         };
         assert_eq!(shared.options(&m).config.kubernetes_svc_host, "[::1]:6443");
+        // With a token the bootstrap token stays home; without, it registers.
+        assert!(shared.options(&m).config.bootstrap_token.is_empty());
+        assert!(shared.options(&m).config.cluster_id.is_empty());
+        m.token.clear();
+        let registering = shared.options(&m).config;
+        assert_eq!(registering.bootstrap_token, "abcdef.0123456789abcdef");
+        assert_eq!(registering.cluster_id, "uid-1");
         assert_eq!(Seconds(Duration::from_millis(1534)).to_string(), "1.5s");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -28,6 +28,8 @@ use crate::ha::leader::Leadership;
 pub enum Error {
     #[error("{0}")]
     Kube(#[from] kube::Error),
+    #[error("the Cluster to create is not an object: {0}")]
+    Json(serde_json::Error),
 }
 
 struct Context {
@@ -38,13 +40,7 @@ struct Context {
 /// Run the controller until the process ends.
 pub fn start(client: Client, leader: Leadership) -> tokio::task::JoinHandle<()> {
     let api: Api<ClusterRegistrationRequest> = Api::all(client.clone());
-    let elected = futures_util::stream::unfold(leader.clone(), |mut leader| async move {
-        loop {
-            if leader.changed().await {
-                return Some(((), leader));
-            }
-        }
-    });
+    let elected = leader.elections();
     let ctx = Arc::new(Context { client, leader });
     tokio::spawn(async move {
         Controller::new(api, watcher::Config::default())
@@ -86,9 +82,12 @@ async fn reconcile(
     };
     let status = match step(&request, labelled.as_deref(), name_taken) {
         Step::Status(status) => status,
-        Step::Create(cluster) => {
+        Step::Create(json) => {
+            let cluster: DynamicObject = serde_json::from_value(json).map_err(Error::Json)?;
             let cluster_name = cluster.name_any();
-            clusters.create(&PostParams::default(), &cluster).await?;
+            let dynamic: Api<DynamicObject> =
+                Api::all_with(ctx.client.clone(), &ApiResource::erase::<Cluster>(&()));
+            dynamic.create(&PostParams::default(), &cluster).await?;
             tracing::info!(request = %name, cluster = %cluster_name,
                 cluster_id = %request.spec.cluster_id, "registration approved: Cluster created");
             // Decide again with the new Cluster: its status says so.

@@ -8,10 +8,8 @@
 //! the agent retries with its backoff. That keeps no session open for minutes
 //! and survives any proxy restart in between.
 
-use std::collections::BTreeMap;
-
 use super::crd::{CLUSTER_ID_LABEL, ClusterRegistrationRequest, REQUEST_ANNOTATION, RequestStatus};
-use crate::clusters::crd::{CONNECTION_PROXY, Cluster, ClusterSpec, Connection};
+use crate::clusters::crd::CONNECTION_PROXY;
 use crate::identity::names::is_cluster_name;
 
 /// Where a request stands.
@@ -121,8 +119,10 @@ pub fn pending_text(request: &str) -> String {
 pub enum Step {
     /// Make the status this (written only when it differs).
     Status(RequestStatus),
-    /// Create this Cluster, then come back.
-    Create(Box<Cluster>),
+    /// Create this Cluster (JSON: only the fields that say something, as a
+    /// person would write it; empty `byte` fields do not pass the CRD's
+    /// schema), then come back.
+    Create(serde_json::Value),
 }
 
 /// Decide for `request`; `labelled`: the Cluster already carrying its cluster
@@ -161,35 +161,30 @@ pub fn step(
                 request.spec.cluster_name
             ),
         ),
-        (Phase::Approved, None) => Step::Create(Box::new(cluster_for(request))),
+        (Phase::Approved, None) => Step::Create(cluster_for(request)),
     }
 }
 
 /// The Cluster a request makes: served through this proxy (joinFederation,
 /// connection type proxy), marked with the cluster ID and the request. The
 /// Cluster controller gives it its token and ports.
-pub fn cluster_for(request: &ClusterRegistrationRequest) -> Cluster {
-    let mut cluster = Cluster::new(
-        &request.spec.cluster_name,
-        ClusterSpec {
-            join_federation: true,
-            enable: true,
-            connection: Connection {
-                kind: CONNECTION_PROXY.to_string(),
-                ..Default::default()
+pub fn cluster_for(request: &ClusterRegistrationRequest) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "cluster.kubesphere.io/v1alpha1",
+        "kind": "Cluster",
+        "metadata": {
+            "name": request.spec.cluster_name,
+            "labels": { CLUSTER_ID_LABEL: request.spec.cluster_id },
+            "annotations": {
+                REQUEST_ANNOTATION: request.metadata.name.as_deref().unwrap_or_default(),
             },
-            ..Default::default()
         },
-    );
-    cluster.metadata.labels = Some(BTreeMap::from([(
-        CLUSTER_ID_LABEL.to_string(),
-        request.spec.cluster_id.clone(),
-    )]));
-    cluster.metadata.annotations = Some(BTreeMap::from([(
-        REQUEST_ANNOTATION.to_string(),
-        request.metadata.name.clone().unwrap_or_default(),
-    )]));
-    cluster
+        "spec": {
+            "joinFederation": true,
+            "enable": true,
+            "connection": { "type": CONNECTION_PROXY },
+        },
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Handing a registered agent its per-cluster token, over the tunnel it
 //! registered through (the `token@tower.kubesphere.io` channel,
-//! `docs/protocol.md` 9.6). The agent stores it (its `--token-secret`) and
+//! `docs/protocol.md` 9.5). The agent stores it (its `--token-secret`) and
 //! connects again with it, then closes this tunnel itself; the proxy closes
 //! it after [`LINGER`] in case it does not.
 //!
@@ -9,15 +9,7 @@
 
 use std::time::Duration;
 
-use tunnel::server::Session;
-// TEMP until h-tok is merged.
-enum TokenAnswer {
-    Stored,
-    NotUnderstood,
-}
-async fn hand(_s: &Session, _t: &str) -> Result<TokenAnswer, String> {
-    Ok(TokenAnswer::NotUnderstood)
-}
+use tunnel::server::{Session, TokenAnswer};
 
 /// How long a registration tunnel stays open after the token went over.
 const LINGER: Duration = Duration::from_secs(30);
@@ -26,7 +18,7 @@ const LINGER: Duration = Duration::from_secs(30);
 /// background; logs the outcome and closes the session.
 pub fn spawn(session: Session, cluster: String, token: String) {
     tokio::spawn(async move {
-        let answer = hand(&session, &token).await;
+        let answer = session.hand_token(&token).await;
         let reason = match answer {
             Ok(TokenAnswer::Stored) => {
                 tracing::info!(%cluster, peer = %session.peer(),
