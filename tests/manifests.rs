@@ -252,7 +252,7 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     // ---- Proxy and agent bases: server-side validation, then for real. ----
     host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg("namespace")]);
     host.kubectl_ok(&["apply", "-k", &config_arg("namespace")]);
-    for base in ["proxy", "agent"] {
+    for base in ["proxy", "agent", "agent-registration"] {
         host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg(base)]);
     }
     for base in ["proxy", "agent"] {
@@ -510,6 +510,28 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     assert_eq!(
         token_rules.trim(),
         "[\"tower-agent-token\"][\"get\",\"update\",\"patch\"]\n[\"create\"]"
+    );
+    // Self-registration (docs/registration.md): its cluster ID, the
+    // kube-system namespace's UID, and nothing else.
+    let registration_rules = host.kubectl_ok(&[
+        "get",
+        "clusterrole",
+        "tower-agent-registration",
+        "-o",
+        "jsonpath={range .rules[*]}{.resources}{.resourceNames}{.verbs}{\"\\n\"}{end}",
+    ]);
+    assert_eq!(
+        registration_rules.trim(),
+        "[\"namespaces\"][\"kube-system\"][\"get\"]"
+    );
+    // Its agent: the bootstrap token from the environment, no name, no token file.
+    let overlay = kustomize(&config_dir("agent-registration"))?;
+    ensure!(
+        overlay.contains("AGENT_BOOTSTRAP_TOKEN")
+            && overlay.contains("--token-secret")
+            && !overlay.contains("--token-file")
+            && !overlay.contains("CLUSTER_NAME"),
+        "config/agent-registration:\n{overlay}"
     );
     // The optional impersonate-only RBAC is valid.
     host.kubectl_ok(&[
