@@ -196,6 +196,28 @@ async fn members_join_with_bootstrap_tokens() -> Result<()> {
     )
     .await?;
     works_through_its_kubeconfig(host, &a_name, tower.dir()).await?;
+    // The member keeps the Cluster's own token in its Secret.
+    let stored = member.kubectl_ok(&[
+        "-n",
+        "default",
+        "get",
+        "secret",
+        "reg-a1",
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
+    let stored = base64::engine::general_purpose::STANDARD.decode(stored.trim())?;
+    let issued = host.kubectl_ok(&[
+        "get",
+        "cluster",
+        &a_name,
+        "-o",
+        "jsonpath={.spec.connection.token}",
+    ]);
+    ensure!(
+        !issued.is_empty() && stored == issued.as_bytes(),
+        "the member's Secret does not hold Cluster {a_name}'s token"
+    );
     ensure!(clusters_of(host, &a_id) == [format!("cluster.cluster.kubesphere.io/{a_name}")]);
     ensure!(
         clsrr(host)
