@@ -227,9 +227,13 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     let scope = host.kubectl_ok(&["get", CRD, "-o", "jsonpath={.spec.scope}"]);
     assert_eq!(scope, "Cluster");
 
-    // The KubeSphere-compatible variant differs only by the status subresource.
+    // The KubeSphere-compatible variant differs only by the Cluster's status
+    // subresource (the ClusterRegistrationRequest, ours alone, keeps its own).
     let compat = kustomize(&config_dir("crd/kubesphere-compat"))?;
-    ensure!(crd_yaml.contains("subresources:") && !compat.contains("subresources"));
+    ensure!(
+        crd_yaml.matches("subresources:").count() == 2
+            && compat.matches("subresources:").count() == 1
+    );
     // The status fields the proxy writes are declared in both variants.
     for field in [
         "agentVersion:",
@@ -258,7 +262,7 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
     // ---- Proxy and agent bases: server-side validation, then for real. ----
     host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg("namespace")]);
     host.kubectl_ok(&["apply", "-k", &config_arg("namespace")]);
-    for base in ["proxy", "agent"] {
+    for base in ["proxy", "agent", "agent-registration"] {
         host.kubectl_ok(&["apply", "--dry-run=server", "-k", &config_arg(base)]);
     }
     for base in ["proxy", "agent"] {
@@ -322,11 +326,33 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
             "certificatesigningrequests.certificates.k8s.io",
             &["--subresource=status"],
         ),
+        // Self-registration (docs/registration.md): bootstrap tokens, the
+        // requests, the Clusters it makes.
+        (
+            "get",
+            "secrets/bootstrap-token-abcdef",
+            &["-n", "kube-system"],
+        ),
+        (
+            "create",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &[],
+        ),
+        (
+            "watch",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &[],
+        ),
+        (
+            "patch",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &["--subresource=status"],
+        ),
+        ("create", "clusters.cluster.kubesphere.io", &[]),
     ];
     let denied: &[(&str, &str, &[&str])] = &[
         ("update", "clusters.cluster.kubesphere.io", &[]),
         ("delete", "clusters.cluster.kubesphere.io", &[]),
-        ("create", "clusters.cluster.kubesphere.io", &[]),
         (
             "update",
             "clusters.cluster.kubesphere.io",
@@ -340,7 +366,13 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
         ("update", "services/status", &ns),
         ("create", "leases.coordination.k8s.io", &["-n", "default"]),
         ("create", "services", &["-n", "default"]),
-        ("get", "secrets", &["-n", "kube-system"]),
+        ("list", "secrets", &["-n", "kube-system"]),
+        ("watch", "secrets", &["-n", "kube-system"]),
+        (
+            "delete",
+            "clusterregistrationrequests.cluster.kubesphere.io",
+            &[],
+        ),
         ("create", "pods", &ns),
         ("patch", "apiservices.apiregistration.k8s.io/v1.apps", &[]),
         (
@@ -474,6 +506,43 @@ async fn manifests_install_and_clusters_round_trip() -> Result<()> {
 
     // The agent's identity is cluster-admin (what KubeSphere expects).
     ensure!(can_i(&host, AGENT_SA, "*", "*", &[]));
+    // Its token Secret is also granted on its own (for impersonate-rbac.yaml
+    // set-ups): that one Secret by name, and create.
+    let token_rules = host.kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "role",
+        "tower-agent-token",
+        "-o",
+        "jsonpath={range .rules[*]}{.resourceNames}{.verbs}{\"\\n\"}{end}",
+    ]);
+    assert_eq!(
+        token_rules.trim(),
+        "[\"tower-agent-token\"][\"get\",\"update\",\"patch\"]\n[\"create\"]"
+    );
+    // Self-registration (docs/registration.md): its cluster ID, the
+    // kube-system namespace's UID, and nothing else.
+    let registration_rules = host.kubectl_ok(&[
+        "get",
+        "clusterrole",
+        "tower-agent-registration",
+        "-o",
+        "jsonpath={range .rules[*]}{.resources}{.resourceNames}{.verbs}{\"\\n\"}{end}",
+    ]);
+    assert_eq!(
+        registration_rules.trim(),
+        "[\"namespaces\"][\"kube-system\"][\"get\"]"
+    );
+    // Its agent: the bootstrap token from the environment, no name, no token file.
+    let overlay = kustomize(&config_dir("agent-registration"))?;
+    ensure!(
+        overlay.contains("AGENT_BOOTSTRAP_TOKEN")
+            && overlay.contains("--token-secret")
+            && !overlay.contains("--token-file")
+            && !overlay.contains("CLUSTER_NAME"),
+        "config/agent-registration:\n{overlay}"
+    );
     // The optional impersonate-only RBAC is valid.
     host.kubectl_ok(&[
         "apply",

@@ -185,17 +185,23 @@ impl std::fmt::Debug for Material {
     }
 }
 
-/// Reads the agent token and the member credentials.
+/// Reads the agent token and the member credentials. A token the proxy
+/// handed over ([`crate::handed`]) wins over `token`: it is newer.
 #[derive(Clone, Debug)]
 pub struct Loader {
     pub token: TokenSource,
     pub source: CredentialSource,
+    pub handed: crate::handed::Handed,
 }
 
 impl Loader {
     pub fn load(&self) -> anyhow::Result<Material> {
+        let token = match self.handed.get() {
+            Some(token) => token,
+            None => self.token.read().context("--token-file")?,
+        };
         Ok(Material {
-            token: self.token.read().context("--token-file")?,
+            token,
             credentials: self.source.load()?,
         })
     }
@@ -227,7 +233,7 @@ pub fn watch(
                     if **tx.borrow() != material {
                         tracing::info!(
                             credentials = material.credentials.kinds(),
-                            "credentials changed on disk"
+                            "credentials changed"
                         );
                         tx.send_replace(Arc::new(material));
                     }
@@ -603,6 +609,7 @@ mod tests {
             source: CredentialSource::ServiceAccount {
                 dir: dir.path().into(),
             },
+            handed: Default::default(),
         };
         let poke = Arc::new(Notify::new());
         let mut rx = watch(
@@ -625,6 +632,15 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(rx.borrow().credentials.bearer_token, b"two");
+        // A handed token wins over the configured one, re-read after re-read.
+        loader.handed.set("handed".into());
+        poke.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().token, "handed");
+        assert_eq!(loader.load().unwrap().token, "handed");
         // A broken re-read keeps the current material.
         std::fs::remove_file(dir.path().join("token")).unwrap();
         poke.notify_one();

@@ -10,6 +10,8 @@
 //! - [`options`]: flags, checked at start (syntax, durations, klog's flags and
 //!   the logging set-up come from `tunnel::cli`);
 //! - [`credentials`]: the token and member credentials, re-read when they change;
+//! - [`handed`]: tokens the proxy hands over the tunnel, kept (`--token-secret`);
+//! - [`register`]: who this member is (its cluster ID), for `--bootstrap-token`;
 //! - [`endpoint`]: `--proxy-server` as a websocket URL;
 //! - [`proxy_env`]: HTTP(S)_PROXY / NO_PROXY, chosen for that endpoint;
 //! - [`dial`]: TCP, CONNECT, TLS, websocket upgrade;
@@ -28,11 +30,13 @@ mod backoff;
 mod credentials;
 mod dial;
 mod endpoint;
+mod handed;
 mod hooks;
 mod hub;
 mod killable;
 mod options;
 mod proxy_env;
+mod register;
 mod run;
 
 use std::process::ExitCode;
@@ -89,17 +93,57 @@ fn main() -> ExitCode {
     }
 }
 
-async fn agent(config: options::Config) -> anyhow::Result<Exit> {
+async fn agent(mut config: options::Config) -> anyhow::Result<Exit> {
+    let handed = handed::Handed::default();
     let loader = Loader {
         token: config.token.clone(),
         source: config.credentials.clone(),
+        handed: handed.clone(),
     };
-    let initial = tokio::task::spawn_blocking({
+    let load = || {
         let loader = loader.clone();
-        move || loader.load()
-    })
-    .await
-    .context("reading credentials")??;
+        tokio::task::spawn_blocking(move || loader.load())
+    };
+    let mut initial = load().await.context("reading credentials")??;
+    // The member's address and credentials, for the agent's own reads there.
+    let member = tunnel::wire::AgentConfig {
+        kubernetes_svc_host: run::kubernetes_address(
+            config.kubernetes_service.as_deref(),
+            &initial.credentials,
+        ),
+        ca_data: initial.credentials.ca_data.clone(),
+        cert_data: initial.credentials.cert_data.clone(),
+        key_data: initial.credentials.key_data.clone(),
+        bearer_token: initial.credentials.bearer_token.clone(),
+        ..Default::default()
+    };
+    if let Some(secret) = &config.token_secret {
+        // A token the proxy handed over earlier is newer than the deployment's.
+        match handed::read(secret, &member).await {
+            Ok(Some(token)) => {
+                info!(%secret, "using the token stored in the member cluster");
+                handed.set(token);
+                initial = load().await.context("reading credentials")??;
+            }
+            Ok(None) => info!(%secret, "no stored token yet: using the configured one"),
+            Err(e) => warn!(error = %e, "cannot read the stored token: using the configured one"),
+        }
+    }
+    if config.bootstrap_token.is_some() {
+        // Registration (docs/registration.md) needs to know who this cluster is.
+        let id = register::cluster_id_retrying(&member, config.max_retry_interval).await;
+        if config.name.is_empty() {
+            config.name = register::derived_name(&id);
+        }
+        match initial.token.is_empty() {
+            true => info!(cluster_id = %id, name = %config.name,
+                "no cluster token: registering with the bootstrap token"),
+            false => {
+                info!(cluster_id = %id, "a cluster token is at hand: the bootstrap token is not used")
+            }
+        }
+        config.cluster_id = id;
+    }
 
     info!(
         version = run::VERSION,
@@ -131,6 +175,11 @@ async fn agent(config: options::Config) -> anyhow::Result<Exit> {
         ));
     }
     let refresh = Arc::new(Notify::new());
+    let tokens = handed::Keeper {
+        secret: config.token_secret.clone(),
+        handed,
+        reread: refresh.clone(),
+    };
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -165,7 +214,7 @@ async fn agent(config: options::Config) -> anyhow::Result<Exit> {
         config.credentials_refresh_interval,
         refresh,
     );
-    let exit = run::run(config, material, controls).await;
+    let exit = run::run(config, material, controls, Some(tokens)).await;
     if exit == Exit::Terminated {
         info!("stopped");
     }

@@ -35,15 +35,44 @@ pub const DEFAULT_KUBERNETES_SERVICE: &str = "kubernetes.default.svc:443";
 /// Tower's default for `--kubesphere-service`, with its port.
 pub const DEFAULT_KUBESPHERE_SERVICE: &str = "ks-apiserver.kubesphere-system.svc:80";
 
+/// The shape of `--bootstrap-token`, in messages.
+pub const BOOTSTRAP_TOKEN_FORMAT: &str = "[a-z0-9]{6}.[a-z0-9]{16}";
+
+/// Kubernetes' bootstrap-token shape: `[a-z0-9]{6}.[a-z0-9]{16}`.
+fn is_bootstrap_token(token: &str) -> bool {
+    let part = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    token
+        .split_once('.')
+        .is_some_and(|(id, secret)| part(id, 6) && part(secret, 16))
+}
+
 /// Tower agent: dials the Tower proxy and serves this cluster's kube-apiserver and
 /// ks-apiserver through the tunnel.
 #[derive(Debug, Parser)]
 // args_override_self: a repeated flag's last value wins, as in Go's pflag.
 #[command(name = "agent", version, about, args_override_self = true)]
 pub struct Flags {
-    /// Name of this member cluster, as registered on the host cluster.
-    #[arg(long)]
+    /// Name of this member cluster, as registered on the host cluster. With
+    /// --bootstrap-token it may be left out: the agent then asks to join as
+    /// `cluster-<first 8 characters of its kube-system namespace's UID>`.
+    #[arg(long, default_value = "")]
     pub name: String,
+
+    /// Join by itself (docs/registration.md): a Kubernetes bootstrap token
+    /// ([a-z0-9]{6}.[a-z0-9]{16}) of the host cluster, used only while the
+    /// agent has no cluster token (none given, none stored in --token-secret).
+    /// The proxy hands the cluster token over once the request is approved.
+    #[arg(
+        long,
+        env = "AGENT_BOOTSTRAP_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub bootstrap_token: Option<String>,
 
     /// The cluster's agent token. Visible in `ps`: prefer --token-file or the
     /// AGENT_TOKEN environment variable.
@@ -54,6 +83,13 @@ pub struct Flags {
     /// periodically, a change reconnects with the new token.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// Secret in the member cluster (key `token`) where the agent keeps a token
+    /// the proxy hands it (rotation, registration), written with the member
+    /// credentials; at start a non-empty one there wins over --token/--token-file.
+    /// Without it a handed token lives in memory only.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub token_secret: Option<crate::handed::SecretRef>,
 
     /// The Tower proxy: http://HOST[:PORT][/PATH] (websocket) or https://... (TLS).
     #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
@@ -138,8 +174,15 @@ pub struct Flags {
 /// Checked configuration: everything the agent needs, validated.
 #[derive(Debug)]
 pub struct Config {
+    /// Empty only with a bootstrap token: derived from the cluster ID at start.
     pub name: String,
+    /// `--bootstrap-token`, well formed.
+    pub bootstrap_token: Option<String>,
+    /// The member's cluster ID, read at start when registering (empty until then).
+    pub cluster_id: String,
     pub token: TokenSource,
+    /// `--token-secret`: where a handed token is kept.
+    pub token_secret: Option<crate::handed::SecretRef>,
     /// Dials the proxy (URL, TLS roots, HTTP(S)_PROXY).
     pub dialer: ProxyDialer,
     pub host_key_fingerprint: Option<String>,
@@ -164,8 +207,22 @@ impl Flags {
     /// Validate every flag; `env` reads environment variables (HTTP(S)_PROXY,
     /// NO_PROXY, AGENT_SERVICEACCOUNT_DIR), injectable for tests.
     pub fn check(self, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let bootstrap_token = match self.bootstrap_token.as_deref().map(str::trim) {
+            None => None,
+            Some(t) if is_bootstrap_token(t) => Some(t.to_string()),
+            Some(_) => bail!(
+                "--bootstrap-token: expected a Kubernetes bootstrap token, {BOOTSTRAP_TOKEN_FORMAT} \
+                 (e.g. from `kubeadm token generate`)"
+            ),
+        };
         let name = self.name.trim().to_string();
-        if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if name.is_empty() && bootstrap_token.is_none() {
+            bail!(
+                "--name is required (the member cluster's name), unless --bootstrap-token is \
+                 given: the agent then derives one from its cluster ID"
+            );
+        }
+        if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
             bail!("--name {:?}: expected the member cluster's name", self.name);
         }
         let token = match (self.token, self.token_file) {
@@ -174,8 +231,13 @@ impl Flags {
                     "give the agent token once: --token (or AGENT_TOKEN) or --token-file, not both"
                 )
             }
+            // Registering: no cluster token yet (the proxy hands it over).
+            (None, None) if bootstrap_token.is_some() => TokenSource::Literal(String::new()),
             (None, None) => {
-                bail!("the agent token is required: --token-file FILE, AGENT_TOKEN, or --token")
+                bail!(
+                    "the agent token is required: --token-file FILE, AGENT_TOKEN, or --token \
+                     (or --bootstrap-token to register)"
+                )
             }
             (Some(t), None) if t.trim().is_empty() => bail!("--token is empty"),
             (Some(t), None) => TokenSource::Literal(t.trim().to_string()),
@@ -239,7 +301,10 @@ impl Flags {
 
         Ok(Config {
             name,
+            bootstrap_token,
+            cluster_id: String::new(),
             token,
+            token_secret: self.token_secret,
             dialer,
             host_key_fingerprint,
             keepalive: self.keepalive,
@@ -406,6 +471,39 @@ mod tests {
                 .to_string();
             assert!(e.contains("--hub-listen") && e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn bootstrap_token_replaces_token_and_name() {
+        let config =
+            Flags::try_parse_from(["agent", "--bootstrap-token", "abcdef.0123456789abcdef"])
+                .unwrap()
+                .check(&|_| None)
+                .unwrap();
+        assert_eq!(config.name, "");
+        assert_eq!(
+            config.bootstrap_token.as_deref(),
+            Some("abcdef.0123456789abcdef")
+        );
+        assert_eq!(config.token.read().unwrap(), "");
+        for bad in [
+            "abcdef",
+            "ABCDEF.0123456789abcdef",
+            "abcdef.0123456789abcde",
+        ] {
+            let e = Flags::try_parse_from(["agent", "--name=a", "--bootstrap-token", bad])
+                .unwrap()
+                .check(&|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("[a-z0-9]{6}.[a-z0-9]{16}"), "{bad}: {e}");
+        }
+        let e = Flags::try_parse_from(["agent", "--token=t"])
+            .unwrap()
+            .check(&|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--name is required"), "{e}");
     }
 
     #[test]

@@ -82,6 +82,22 @@ struct Shared {
     /// Attempts started so far (`TOWER_ATTEMPT`).
     attempts: AtomicU64,
     hub: tunnel::hub::HubLink,
+    /// Keeps tokens the proxy hands over.
+    tokens: Option<crate::handed::Keeper>,
+    /// `--bootstrap-token` and the cluster ID, sent while there is no token.
+    bootstrap: Option<(String, String)>,
+}
+
+/// `host:port` of the member's kube-apiserver as the agent advertises it:
+/// `--kubernetes-service`, else the kubeconfig's server, else the in-cluster name.
+pub fn kubernetes_address(
+    explicit: Option<&str>,
+    creds: &crate::credentials::Credentials,
+) -> String {
+    explicit
+        .map(str::to_string)
+        .or_else(|| creds.server.clone())
+        .unwrap_or_else(|| DEFAULT_KUBERNETES_SERVICE.to_string())
 }
 
 impl Shared {
@@ -89,11 +105,12 @@ impl Shared {
     /// always dials; others only as `--allow-dial` allows.
     fn options(&self, material: &Material) -> ClientOptions {
         let creds = &material.credentials;
-        let kubernetes = self
-            .kubernetes_service
-            .clone()
-            .or_else(|| creds.server.clone())
-            .unwrap_or_else(|| DEFAULT_KUBERNETES_SERVICE.to_string());
+        let kubernetes = kubernetes_address(self.kubernetes_service.as_deref(), creds);
+        // Registering (docs/registration.md): only while there is no token.
+        let (bootstrap_token, cluster_id) = match &self.bootstrap {
+            Some((token, id)) if material.token.is_empty() => (token.clone(), id.clone()),
+            _ => Default::default(),
+        };
         ClientOptions {
             config: AgentConfig {
                 version: VERSION.to_string(),
@@ -106,6 +123,8 @@ impl Shared {
                 ca_data: creds.ca_data.clone(),
                 bearer_token: creds.bearer_token.clone(),
                 platform: tunnel::platform::current(),
+                bootstrap_token,
+                cluster_id,
             },
             keepalive: self.keepalive,
             host_key_fingerprint: self.host_key_fingerprint.clone(),
@@ -184,12 +203,19 @@ impl Attempt {
                         hooks::spawn_post_start(hook, ctx);
                     }
                 };
-                let end = tunnel::client::run_with_drain(
+                let signals = tunnel::client::Signals {
+                    drain,
+                    tokens: shared
+                        .tokens
+                        .as_ref()
+                        .map(|k| k.sink(options.config.clone())),
+                };
+                let end = tunnel::client::run_with_signals(
                     stream,
                     &options,
                     Arc::new(TcpDialer),
                     on_connected,
-                    drain,
+                    signals,
                 )
                 .await;
                 // Whatever ended the tunnel (a rejection included), close the
@@ -222,11 +248,13 @@ impl Drop for Attempt {
     }
 }
 
-/// Run until an [`Exit`]; `material` carries the current credentials.
+/// Run until an [`Exit`]; `material` carries the current credentials;
+/// `tokens` keeps the tokens the proxy hands over (`None`: refuse them).
 pub async fn run(
     config: Config,
     mut material: watch::Receiver<Arc<Material>>,
     controls: Controls,
+    tokens: Option<crate::handed::Keeper>,
 ) -> Exit {
     let shared = Arc::new(Shared {
         name: config.name,
@@ -240,6 +268,8 @@ pub async fn run(
         post_start_hook: config.post_start_hook,
         attempts: AtomicU64::new(0),
         hub: controls.hub.clone(),
+        tokens,
+        bootstrap: config.bootstrap_token.map(|t| (t, config.cluster_id)),
     });
     let mut backoff = Backoff::new(config.max_retry_interval);
     let mut failures = 0u32;
@@ -426,7 +456,7 @@ mod tests {
     impl Admission for Registry {
         type Guard = ();
         async fn admit(&self, session: Session) -> Result<(), String> {
-            if session.config().token == "good" {
+            if session.config().token.starts_with("good") {
                 let _ = self.admitted.send(session);
                 Ok(())
             } else {
@@ -534,7 +564,7 @@ mod tests {
         let config = config(&proxy, &["--kubernetes-service", "10.0.0.1:6443"]);
         let (tx, rx) = watch::channel(material("good", "first"));
         let controls = Controls::default();
-        let agent = tokio::spawn(run(config, rx, controls.clone()));
+        let agent = tokio::spawn(run(config, rx, controls.clone(), None));
 
         let first = tokio::time::timeout(WAIT, proxy.admitted.recv())
             .await
@@ -568,6 +598,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_handed_token_is_kept_and_used_make_before_break() {
+        let mut proxy = test_proxy().await;
+        let config = config(&proxy, &[]);
+        let handed = crate::handed::Handed::default();
+        let loader = crate::credentials::Loader {
+            token: crate::credentials::TokenSource::Literal("good".into()),
+            source: crate::credentials::CredentialSource::None,
+            handed: handed.clone(),
+        };
+        let reread = Arc::new(Notify::new());
+        let rx = crate::credentials::watch(
+            loader.clone(),
+            loader.load().unwrap(),
+            Duration::from_secs(3600),
+            reread.clone(),
+        );
+        let keeper = crate::handed::Keeper {
+            secret: None,
+            handed: handed.clone(),
+            reread,
+        };
+        let controls = Controls::default();
+        let agent = tokio::spawn(run(config, rx, controls.clone(), Some(keeper)));
+        let first = tokio::time::timeout(WAIT, proxy.admitted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.config().token, "good");
+
+        // A token that cannot be a token is refused, and nothing changes.
+        let refused = first.hand_token("good but spaced").await;
+        assert!(
+            matches!(refused, Err(tunnel::server::TokenError::Refused(_))),
+            "{refused:?}"
+        );
+        assert_eq!(handed.get(), None);
+
+        let answer = first.hand_token("good-2").await.unwrap();
+        assert_eq!(answer, tunnel::server::TokenAnswer::Stored);
+        let second = tokio::time::timeout(WAIT, proxy.admitted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.config().token, "good-2");
+        tokio::time::timeout(WAIT, async {
+            while !first.is_closed() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the previous tunnel was not closed");
+        // The periodic re-read keeps the handed token.
+        assert_eq!(loader.load().unwrap().token, "good-2");
+
+        controls.shutdown.cancel();
+        assert_eq!(
+            tokio::time::timeout(WAIT, agent).await.unwrap().unwrap(),
+            Exit::Terminated
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_keeper_a_token_is_not_understood() {
+        let mut proxy = test_proxy().await;
+        let (_tx, rx) = watch::channel(material("good", ""));
+        let controls = Controls::default();
+        let agent = tokio::spawn(run(config(&proxy, &[]), rx, controls.clone(), None));
+        let session = tokio::time::timeout(WAIT, proxy.admitted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            session.hand_token("good-2").await.unwrap(),
+            tunnel::server::TokenAnswer::NotUnderstood
+        );
+        assert!(!session.is_closed());
+        controls.shutdown.cancel();
+        assert_eq!(
+            tokio::time::timeout(WAIT, agent).await.unwrap().unwrap(),
+            Exit::Terminated
+        );
+    }
+
+    #[tokio::test]
     async fn rejections_are_retried_until_max_retry() {
         let mut proxy = test_proxy().await;
         let config = config(
@@ -575,7 +689,7 @@ mod tests {
             &["--max-retry", "3", "--max-retry-interval", "50ms"],
         );
         let (_tx, rx) = watch::channel(material("bad", ""));
-        let exit = tokio::time::timeout(WAIT, run(config, rx, Controls::default()))
+        let exit = tokio::time::timeout(WAIT, run(config, rx, Controls::default(), None))
             .await
             .unwrap();
         assert_eq!(exit, Exit::GaveUp);
@@ -592,7 +706,7 @@ mod tests {
         let config = config(&proxy, &["--max-retry-interval", "1h"]);
         let (tx, rx) = watch::channel(material("bad", ""));
         let controls = Controls::default();
-        let agent = tokio::spawn(run(config, rx, controls.clone()));
+        let agent = tokio::spawn(run(config, rx, controls.clone(), None));
         tokio::time::timeout(WAIT, proxy.rejections.recv())
             .await
             .unwrap();
@@ -622,7 +736,7 @@ mod tests {
         assert_ne!(proxy.fingerprint, other);
         let config = config(&proxy, &["--proxy-host-key-fingerprint", other]);
         let (_tx, rx) = watch::channel(material("good", ""));
-        let exit = tokio::time::timeout(WAIT, run(config, rx, Controls::default()))
+        let exit = tokio::time::timeout(WAIT, run(config, rx, Controls::default(), None))
             .await
             .unwrap();
         assert_eq!(exit, Exit::HostKeyMismatch);
@@ -637,7 +751,7 @@ mod tests {
         );
         let (_tx, rx) = watch::channel(material("good", ""));
         let controls = Controls::default();
-        let agent = tokio::spawn(run(config, rx, controls.clone()));
+        let agent = tokio::spawn(run(config, rx, controls.clone(), None));
         tokio::time::timeout(WAIT, proxy.admitted.recv())
             .await
             .unwrap()
@@ -656,7 +770,7 @@ mod tests {
         let hooked = config(&proxy, &["--pre-start-hook", hook]);
         let (_tx, rx) = watch::channel(material("good", "own"));
         let controls = Controls::default();
-        let agent = tokio::spawn(run(hooked, rx, controls.clone()));
+        let agent = tokio::spawn(run(hooked, rx, controls.clone(), None));
         let session = tokio::time::timeout(WAIT, proxy.admitted.recv())
             .await
             .unwrap()
@@ -678,7 +792,7 @@ mod tests {
             ],
         );
         let (_tx, rx) = watch::channel(material("good", "own"));
-        let exit = tokio::time::timeout(WAIT, run(failing, rx, Controls::default()))
+        let exit = tokio::time::timeout(WAIT, run(failing, rx, Controls::default(), None))
             .await
             .unwrap();
         assert_eq!(exit, Exit::GaveUp);
@@ -704,6 +818,8 @@ mod tests {
             post_start_hook: None,
             attempts: AtomicU64::new(0),
             hub: Default::default(),
+            tokens: None,
+            bootstrap: Some(("abcdef.0123456789abcdef".into(), "uid-1".into())),
         };
         let mut m = Material {
             token: "t".into(),
@@ -726,6 +842,13 @@ mod tests {
             ..shared
         };
         assert_eq!(shared.options(&m).config.kubernetes_svc_host, "[::1]:6443");
+        // With a token the bootstrap token stays home; without, it registers.
+        assert!(shared.options(&m).config.bootstrap_token.is_empty());
+        assert!(shared.options(&m).config.cluster_id.is_empty());
+        m.token.clear();
+        let registering = shared.options(&m).config;
+        assert_eq!(registering.bootstrap_token, "abcdef.0123456789abcdef");
+        assert_eq!(registering.cluster_id, "uid-1");
         assert_eq!(Seconds(Duration::from_millis(1534)).to_string(), "1.5s");
     }
 }

@@ -34,6 +34,12 @@
 //! - [`clusters`]: the Cluster workflow: decisions ([`clusters::decide`],
 //!   pure) apart from their I/O ([`clusters::reconcile`]), the Service, the
 //!   kubeconfig, the status read through the tunnel.
+//! - [`registration`]: members that join by themselves with a bootstrap
+//!   token: the token's check ([`registration::bootstrap`]), the
+//!   ClusterRegistrationRequest, decisions ([`registration::decide`], pure),
+//!   the door's side ([`registration::admit`]), the leader's controller that
+//!   makes the Cluster, the token handed over the tunnel
+//!   ([`registration::deliver`]).
 //! - [`people`]: access for people: the CSR signer ([`people::csr`]) that
 //!   turns an approved CertificateSigningRequest into a personal
 //!   certificate for one cluster (what it accepts: [`identity::signer`];
@@ -61,6 +67,7 @@ mod join;
 mod member;
 mod ops;
 mod people;
+mod registration;
 mod serve;
 mod start;
 

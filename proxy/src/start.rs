@@ -5,8 +5,9 @@
 //! session registry; the member dialer over the registry; with Kubernetes, the
 //! proxy's identity, the HA pieces (replica records, the peer port, the
 //! leader election), the cluster ports over the dialer, the CSR signer, the
-//! Cluster controller over the ports, the status refresher; last the admission
-//! gate (registry + the controller's view of the Clusters), the doors that ask
+//! registration controller, the Cluster controller over the ports, the status
+//! refresher; last the admission gate (registry + the controller's view of the
+//! Clusters + the registrar), the doors that ask
 //! it which clusters exist (CONNECT, the access port) and the agents' port.
 //!
 //! Shutdown: the agents' port closes, readiness turns false, agents are asked
@@ -44,6 +45,8 @@ use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::people;
+use crate::registration;
+use crate::registration::admit::Registrar;
 use crate::serve::access::Access;
 use crate::serve::aggregated;
 use crate::serve::connect::{Door, Doors, TargetRefusals};
@@ -234,7 +237,13 @@ async fn with_kubernetes(
         stop.clone(),
     )));
     // Runs as long as the process: it only answers CertificateSigningRequests.
-    drop(people::csr::start(client.clone(), ca.clone(), leader));
+    drop(people::csr::start(
+        client.clone(),
+        ca.clone(),
+        leader.clone(),
+    ));
+    // Also for the process's life: it only answers registration requests.
+    drop(registration::controller::start(client.clone(), leader));
     let running = controller::start(controller::Deps {
         client: client.clone(),
         registry: core.registry.clone(),
@@ -285,7 +294,8 @@ async fn with_kubernetes(
     }
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
-    let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core));
+    let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core))
+        .with_registrar(Arc::new(Registrar::new(client.clone())));
     let background = Background {
         owners,
         stop,

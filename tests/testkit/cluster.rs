@@ -246,7 +246,7 @@ impl KubeCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Installs the Cluster CRD the way Tower's README does (`kubectl
+    /// Installs the CRDs (Cluster, ClusterRegistrationRequest) the way Tower's README does (`kubectl
     /// kustomize config/crd`, then `kubectl create -f`) and waits until it
     /// is established.
     pub fn install_crd(&self) -> Result<()> {
@@ -263,6 +263,7 @@ impl KubeCluster {
             "--for",
             "condition=established",
             "crd/clusters.cluster.kubesphere.io",
+            crate::tower::CRR_CRD,
             "--timeout=120s",
         ]);
         Ok(())

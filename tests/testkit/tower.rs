@@ -39,6 +39,8 @@ use crate::wait::wait_for_ok;
 /// The Cluster [`Tower::start`] creates.
 pub const CLUSTER: &str = "alpha";
 const CRD: &str = "crd/clusters.cluster.kubesphere.io";
+/// The other CRD of config/crd (self-registration).
+pub const CRR_CRD: &str = "crd/clusterregistrationrequests.cluster.kubesphere.io";
 const NS: &str = "kubesphere-system";
 /// In [`TowerOptions::proxy_args`]: the host kube-apiserver's `host:port`.
 pub const HOST_SERVER: &str = "{host-server}";
@@ -102,7 +104,7 @@ impl Tower {
         let (host, member) = (host?, member?);
         let dir = tempfile::Builder::new().prefix("tower-").tempdir()?;
 
-        // The CRD as in Tower's README: kubectl kustomize config/crd | kubectl create -f -
+        // The CRDs as in Tower's README: kubectl kustomize config/crd | kubectl create -f -
         let crd = checked(
             &["kustomize", "config/crd"],
             run_kubectl(
@@ -136,6 +138,7 @@ impl Tower {
             "--for",
             "condition=established",
             CRD,
+            CRR_CRD,
             "--timeout=120s",
         ])
         .await?;

@@ -6,6 +6,12 @@
 //! `kubesphere` channels; each one whose target the agent advertised is dialed
 //! through a [`Dialer`] and joined, any other target is refused. `run` returns
 //! when the tunnel ends, with the reason; reconnecting is the caller's job.
+//!
+//! Two more channel types the proxy may open are our extensions
+//! ([`Signals`]): `drain@tower.kubesphere.io` (connect again elsewhere) and
+//! `token@tower.kubesphere.io` (a new token: hand it to the [`TokenSink`],
+//! confirm once it is stored, refuse if it cannot be). Without a sink the
+//! token channel is refused as unknown, as Go agents do.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,8 +23,11 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
+use futures_util::future::BoxFuture;
+
 use crate::wire::{
-    AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, PING_REQUEST, parse_target,
+    AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, PING_REQUEST,
+    TOKEN_CHANNEL_TYPE, parse_target, parse_token,
 };
 
 /// How long the SSH handshake and the `config` answer may take.
@@ -65,6 +74,36 @@ pub struct ClientOptions {
     pub hub: crate::hub::HubLink,
 }
 
+/// Keeps a token the proxy hands over (`token@tower.kubesphere.io`); the
+/// channel is confirmed when it returns `Ok`, refused with the error logged
+/// otherwise. Connecting again with the token is the caller's job.
+#[derive(Clone)]
+pub struct TokenSink(Arc<dyn Fn(String) -> BoxFuture<'static, Result<(), String>> + Send + Sync>);
+
+impl TokenSink {
+    pub fn new(
+        store: impl Fn(String) -> BoxFuture<'static, Result<(), String>> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+impl std::fmt::Debug for TokenSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSink")
+    }
+}
+
+/// What the proxy may tell a running tunnel besides opening `kubesphere`
+/// channels.
+#[derive(Clone, Debug, Default)]
+pub struct Signals {
+    /// Notified when the proxy asks the agent to connect again elsewhere.
+    pub drain: Arc<Notify>,
+    /// Where handed tokens go; `None` refuses them as an unknown channel type.
+    pub tokens: Option<TokenSink>,
+}
+
 /// Why a tunnel ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -103,6 +142,7 @@ struct Handler<D: Dialer> {
     ended: Arc<Notify>,
     /// Signalled when the proxy asks the agent to move (it is draining).
     drain: Arc<Notify>,
+    tokens: Option<TokenSink>,
 }
 
 impl<D: Dialer> Drop for Handler<D> {
@@ -134,7 +174,9 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
     }
 
     async fn should_accept_unknown_server_channel(&mut self, _: ChannelId, kind: &str) -> bool {
-        kind == CHANNEL_TYPE || kind == DRAIN_CHANNEL_TYPE
+        kind == CHANNEL_TYPE
+            || kind == DRAIN_CHANNEL_TYPE
+            || (kind == TOKEN_CHANNEL_TYPE && self.tokens.is_some())
     }
 
     async fn server_channel_open_custom(
@@ -150,6 +192,30 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
             self.drain.notify_one();
             drop(channel);
             tokio::spawn(reply.accept());
+            return Ok(());
+        }
+        if kind == TOKEN_CHANNEL_TYPE {
+            drop(channel);
+            let token = parse_token(data).map(str::to_string);
+            let sink = self.tokens.clone();
+            // Storing may take a round trip to the member's API server: not
+            // in the session loop.
+            tokio::spawn(async move {
+                let stored = match (token, sink) {
+                    (Ok(token), Some(sink)) => (sink.0)(token).await,
+                    (Err(e), _) => Err(e),
+                    (_, None) => Err("this agent keeps no handed tokens".into()),
+                };
+                match stored {
+                    Ok(()) => reply.accept().await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot keep the token the proxy handed over; keeping the current one");
+                        reply
+                            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                            .await;
+                    }
+                }
+            });
             return Ok(());
         }
         let target = match parse_target(data).map(|t| (t, self.allowed.check(t))) {
@@ -221,10 +287,31 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
+    let signals = Signals {
+        drain,
+        tokens: None,
+    };
+    run_with_signals(stream, options, dialer, on_connected, signals).await
+}
+
+/// [`run`], answering the proxy's drain and token channels as `signals` say.
+pub async fn run_with_signals<S, D>(
+    stream: S,
+    options: &ClientOptions,
+    dialer: Arc<D>,
+    on_connected: impl FnOnce(),
+    signals: Signals,
+) -> ClientError
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
+    let Signals { drain, tokens } = signals;
     let seen_key = Arc::new(Mutex::new(None));
     let ended = Arc::new(Notify::new());
     let handler = Handler {
         drain,
+        tokens,
         ended: ended.clone(),
         dialer,
         allowed: Arc::new(crate::allow::AllowList::new(

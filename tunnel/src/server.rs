@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use crate::hub::{HubRefusal, HubUpstream};
 use crate::wire::{
     AgentConfig, CHANNEL_TYPE, CONFIG_REQUEST, DRAIN_CHANNEL_TYPE, HUB_CHANNEL_TYPE, PING_REQUEST,
+    TOKEN_CHANNEL_TYPE,
 };
 
 /// How long an agent has, from the moment its upgraded connection is handed
@@ -122,6 +123,26 @@ pub enum DialError {
     Timeout(Duration),
     #[error("the agent refused to open a channel to {target}: {reason}")]
     Refused { target: String, reason: String },
+}
+
+/// How an agent answered a `token@tower.kubesphere.io` channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAnswer {
+    /// Confirmed: the agent stored the token and connects again with it.
+    Stored,
+    /// Refused as an unknown channel type (Go Tower agents): it cannot be told.
+    NotUnderstood,
+}
+
+/// Why handing a token to an agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the agent's tunnel is closed")]
+    Closed,
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the agent could not store the token ({0}); it keeps its old one, see its log")]
+    Refused(String),
 }
 
 impl Session {
@@ -219,6 +240,33 @@ impl Session {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Hand the agent a new token (`token@tower.kubesphere.io`): it confirms
+    /// once stored, then connects again with it while this tunnel still
+    /// serves. The channel carries nothing else and is closed at once.
+    pub async fn hand_token(&self, token: &str) -> Result<TokenAnswer, TokenError> {
+        if self.is_closed() {
+            return Err(TokenError::Closed);
+        }
+        let open = self
+            .inner
+            .handle
+            .channel_open_custom(TOKEN_CHANNEL_TYPE, token.as_bytes().to_vec());
+        match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+            Err(_) => Err(TokenError::Timeout(OPEN_TIMEOUT)),
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                Ok(TokenAnswer::Stored)
+            }
+            Ok(Err(russh::Error::ChannelOpenFailure(
+                russh::ChannelOpenFailure::UnknownChannelType,
+            ))) => Ok(TokenAnswer::NotUnderstood),
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
+                Err(TokenError::Refused(format!("{reason:?}")))
+            }
+            Ok(Err(_)) => Err(TokenError::Closed),
         }
     }
 

@@ -21,6 +21,14 @@ pub const CHANNEL_TYPE: &str = "kubesphere";
 /// (our extension; Go agents refuse unknown channel types, and the proxy then
 /// knows to wait for them to go idle instead).
 pub const DRAIN_CHANNEL_TYPE: &str = "drain@tower.kubesphere.io";
+/// Channel type the proxy opens to hand the agent a new token (our
+/// extension); its extra data is the token, raw, to the end of the packet.
+/// The agent confirms once it has stored the token and then connects again
+/// with it; it refuses (reason 1) when it cannot store it. Go agents refuse
+/// the unknown type (reason 3): the proxy then knows they cannot be told.
+pub const TOKEN_CHANNEL_TYPE: &str = "token@tower.kubesphere.io";
+/// Longest token the agent accepts over [`TOKEN_CHANNEL_TYPE`].
+pub const MAX_TOKEN_LEN: usize = 4096;
 /// Channel type the agent opens to reach a service the proxy publishes on the
 /// hub's side (pull mode, our extension); its extra data is the raw service
 /// name. Go agents never open it.
@@ -83,6 +91,24 @@ pub struct AgentConfig {
     /// Our extension: Go Tower agents send none, Go proxies ignore it.
     #[serde(rename = "Platform", default, skip_serializing_if = "String::is_empty")]
     pub platform: String,
+    /// Self-registration (our extension): a Kubernetes bootstrap token
+    /// (`[a-z0-9]{6}.[a-z0-9]{16}`) sent instead of `Token` by an agent
+    /// that has no per-cluster token yet. Go proxies ignore the key.
+    #[serde(
+        rename = "BootstrapToken",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub bootstrap_token: String,
+    /// Self-registration: the member's cluster ID (the UID of its
+    /// `kube-system` namespace, as Clusternet's), so that a second
+    /// registration of the same cluster finds the first one.
+    #[serde(
+        rename = "ClusterID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub cluster_id: String,
 }
 
 /// Why a `config` payload could not be read.
@@ -129,6 +155,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("key_data", &!self.key_data.is_empty())
             .field("ca_data", &!self.ca_data.is_empty())
             .field("bearer_token", &!self.bearer_token.is_empty())
+            .field("bootstrap_token", &!self.bootstrap_token.is_empty())
+            .field("cluster_id", &self.cluster_id)
             .finish_non_exhaustive()
     }
 }
@@ -163,6 +191,25 @@ pub fn parse_target(data: &[u8]) -> Result<&str, String> {
     }
 }
 
+/// Check a token handed over [`TOKEN_CHANNEL_TYPE`]: non-empty printable
+/// ASCII without spaces (it travels in JSON and lands in a Secret and a flag).
+pub fn parse_token(data: &[u8]) -> Result<&str, String> {
+    if data.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if data.len() > MAX_TOKEN_LEN {
+        return Err(format!(
+            "the token is {} bytes, more than the {MAX_TOKEN_LEN} allowed",
+            data.len()
+        ));
+    }
+    if !data.iter().all(u8::is_ascii_graphic) {
+        return Err("the token has bytes other than printable ASCII".into());
+    }
+    // All printable ASCII: valid UTF-8.
+    std::str::from_utf8(data).map_err(|_| "the token is not UTF-8".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +235,9 @@ mod tests {
         // Empty byte fields are omitted, as Go's omitempty does.
         assert!(json.get("CertData").is_none());
         assert!(json.get("KeyData").is_none());
+        // And the registration keys: a plain config is Go Tower's, byte for byte.
+        assert!(json.get("BootstrapToken").is_none());
+        assert!(json.get("ClusterID").is_none());
         // So is an unknown platform: the JSON stays what Go Tower's agent sends.
         assert!(json.get("Platform").is_none());
         let ours = AgentConfig {
@@ -196,6 +246,21 @@ mod tests {
         };
         let json: serde_json::Value = serde_json::from_slice(&ours.to_json()).unwrap();
         assert_eq!(json["Platform"], "linux/arm64");
+    }
+
+    #[test]
+    fn registration_keys_round_trip() {
+        let config = AgentConfig {
+            name: "cluster-0a1b2c3d".into(),
+            bootstrap_token: "abcdef.0123456789abcdef".into(),
+            cluster_id: "0a1b2c3d-0000-4000-8000-000000000000".into(),
+            ..Default::default()
+        };
+        let json: serde_json::Value = serde_json::from_slice(&config.to_json()).unwrap();
+        assert_eq!(json["BootstrapToken"], "abcdef.0123456789abcdef");
+        assert_eq!(json["ClusterID"], "0a1b2c3d-0000-4000-8000-000000000000");
+        assert_eq!(AgentConfig::from_json(&config.to_json()).unwrap(), config);
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
     }
 
     #[test]
@@ -239,6 +304,7 @@ mod tests {
             token: "supersecret".into(),
             bearer_token: b"bearersecret".to_vec(),
             key_data: b"keysecret".to_vec(),
+            bootstrap_token: "abcdef.secretsecret12345".into(),
             ..Default::default()
         };
         let shown = format!("{config:?}");
@@ -254,5 +320,15 @@ mod tests {
         assert!(parse_target(&[0xff, 0xfe]).is_err());
         // Not an SSH string: a length prefix would make it invalid.
         assert!(parse_target(b"\0\0\0\x0d10.96.0.1:443").is_err());
+    }
+
+    #[test]
+    fn handed_tokens_are_printable_ascii() {
+        assert_eq!(parse_token(b"abc.DEF-123"), Ok("abc.DEF-123"));
+        assert!(parse_token(b"").is_err());
+        assert!(parse_token(b"with space").is_err());
+        assert!(parse_token(b"line\n").is_err());
+        assert!(parse_token(&[0xff]).is_err());
+        assert!(parse_token(&vec![b'a'; MAX_TOKEN_LEN + 1]).is_err());
     }
 }

@@ -2,6 +2,11 @@
 //! against a [`ClusterStore`]; the store may then prepare the cluster (open
 //! its ports) before the agent hears success. An admitted session is kept in
 //! the [`Registry`] for as long as its [`Registration`] lives.
+//!
+//! An agent with a bootstrap token and no token is registering: a
+//! [`Registrar`] (`crate::registration`, later in the build order) decides,
+//! and on success the agent is admitted only to be handed its cluster token,
+//! never put in the registry (it serves nothing).
 
 use std::sync::Arc;
 
@@ -13,11 +18,27 @@ use super::hub::HubServices;
 use super::registry::{Registry, tokens_match};
 use super::store::ClusterStore;
 
+/// Reads a Cluster's agent token (the store's view), for a [`Registrar`].
+pub type TokenOf<'a> = &'a (dyn Fn(&str) -> Option<String> + Send + Sync);
+
+/// Self-registration as the gate sees it: let the agent of `session` (it sent
+/// a bootstrap token and no token) in, and hand it its cluster token once
+/// admitted; or say why not (sent to the agent).
+pub trait Registrar: Send + Sync + 'static {
+    fn register<'a>(
+        &'a self,
+        session: &'a Session,
+        token_of: TokenOf<'a>,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), String>>;
+}
+
 /// The tunnel's admission: a registry and the store that knows the tokens.
 pub struct Gate<S> {
     registry: Registry,
     store: Arc<S>,
     hub: HubServices,
+    /// Self-registration (with Kubernetes only).
+    registrar: Option<Arc<dyn Registrar>>,
 }
 
 impl<S: ClusterStore> Gate<S> {
@@ -26,7 +47,14 @@ impl<S: ClusterStore> Gate<S> {
             registry,
             store,
             hub,
+            registrar: None,
         }
+    }
+
+    /// Let agents with a bootstrap token register.
+    pub fn with_registrar(mut self, registrar: Arc<dyn Registrar>) -> Self {
+        self.registrar = Some(registrar);
+        self
     }
 
     /// Whether `cluster` is one agents may join (it has a token).
@@ -41,14 +69,20 @@ impl<S: ClusterStore> Gate<S> {
 }
 
 /// Keeps a session registered; dropping it (the connection ended) removes it.
+/// A registering agent's session holds none.
 pub struct Registration<S: ClusterStore> {
+    /// Held for its `Drop`.
+    _entry: Option<Entry<S>>,
+}
+
+struct Entry<S: ClusterStore> {
     registry: Registry,
     store: Arc<S>,
     cluster: String,
     id: u64,
 }
 
-impl<S: ClusterStore> Drop for Registration<S> {
+impl<S: ClusterStore> Drop for Entry<S> {
     fn drop(&mut self) {
         let left = self.registry.remove(&self.cluster, self.id);
         tracing::info!(cluster = %self.cluster, sessions_left = left, "agent disconnected");
@@ -61,6 +95,9 @@ impl<S: ClusterStore> Admission for Gate<S> {
 
     async fn admit(&self, session: Session) -> Result<Self::Guard, String> {
         let config = session.config();
+        if config.token.is_empty() && !config.bootstrap_token.is_empty() {
+            return self.register(session).await;
+        }
         let cluster = config.name.clone();
         // Same answer for unknown cluster and wrong token: don't reveal which.
         let expected = self.store.token(&cluster).unwrap_or_default();
@@ -73,10 +110,12 @@ impl<S: ClusterStore> Admission for Gate<S> {
         let id = self.registry.insert(&cluster, session, expected);
         self.store.on_change(&cluster);
         Ok(Registration {
-            registry: self.registry.clone(),
-            store: self.store.clone(),
-            cluster,
-            id,
+            _entry: Some(Entry {
+                registry: self.registry.clone(),
+                store: self.store.clone(),
+                cluster,
+                id,
+            }),
         })
     }
 
@@ -85,5 +124,30 @@ impl<S: ClusterStore> Admission for Gate<S> {
         let cluster = &session.config().name;
         let opted = self.store.hub_services(cluster);
         self.hub.open(cluster, opted, service).await
+    }
+}
+
+impl<S: ClusterStore> Gate<S> {
+    /// A registering agent: its token is handed over once it is admitted.
+    async fn register(&self, session: Session) -> Result<Registration<S>, String> {
+        let Some(registrar) = &self.registrar else {
+            return Err(
+                "registration refused: this proxy takes no bootstrap tokens (it runs \
+                 with --clusters-file); give the agent its cluster's --token"
+                    .to_string(),
+            );
+        };
+        let store = self.store.clone();
+        let token_of = move |cluster: &str| store.token(cluster);
+        match registrar.register(&session, &token_of).await {
+            Ok(()) => Ok(Registration { _entry: None }),
+            Err(reason) => {
+                self.registry.metrics().auth_failures.inc();
+                let config = session.config();
+                tracing::info!(cluster = %config.name, cluster_id = %config.cluster_id,
+                    %reason, "registration not admitted");
+                Err(reason)
+            }
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The agents' side: the port agents dial ([`endpoint`]), who may join
 //! ([`admission`], with tokens from a [`store::ClusterStore`]), and who is
 //! connected ([`registry`]), and how a stopping replica lets them go
-//! ([`drain`]), and which hub services their agents may reach ([`hub`], pull mode).
+//! ([`drain`]), and which hub services their agents may reach ([`hub`], pull mode),
+//! and how an agent is handed a new token over its tunnel ([`token`]).
 
 pub mod admission;
 pub mod drain;
@@ -9,3 +10,4 @@ pub mod endpoint;
 pub mod hub;
 pub mod registry;
 pub mod store;
+pub mod token;

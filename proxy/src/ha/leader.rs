@@ -95,4 +95,17 @@ impl Leadership {
         }
         *self.rx.borrow_and_update()
     }
+
+    /// A stream that yields each time this replica becomes the leader: what
+    /// a leader-only controller passes to `reconcile_all_on`, so a new
+    /// leader goes over every object once.
+    pub fn elections(&self) -> impl futures_util::Stream<Item = ()> + Send + 'static {
+        futures_util::stream::unfold(self.clone(), |mut leader| async move {
+            loop {
+                if leader.changed().await {
+                    return Some(((), leader));
+                }
+            }
+        })
+    }
 }

@@ -5,7 +5,7 @@
 
 /// The bases' files, in the order of `config/agent/kustomization.yaml`
 /// (a unit test keeps the list equal to it), after the namespace.
-const FILES: [(&str, &str); 4] = [
+const FILES: [(&str, &str); 6] = [
     (
         "namespace/namespace.yaml",
         include_str!("../../../config/namespace/namespace.yaml"),
@@ -17,6 +17,14 @@ const FILES: [(&str, &str); 4] = [
     (
         "agent/rbac.yaml",
         include_str!("../../../config/agent/rbac.yaml"),
+    ),
+    (
+        "agent/token-rbac.yaml",
+        include_str!("../../../config/agent/token-rbac.yaml"),
+    ),
+    (
+        "agent/registration-rbac.yaml",
+        include_str!("../../../config/agent/registration-rbac.yaml"),
     ),
     (
         "agent/deployment.yaml",

@@ -89,13 +89,7 @@ struct Context {
 pub fn start(client: Client, ca: Arc<Ca>, leader: Leadership) -> tokio::task::JoinHandle<()> {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let selector = format!("spec.signerName={SIGNER_NAME}");
-    let elected = futures_util::stream::unfold(leader.clone(), |mut leader| async move {
-        loop {
-            if leader.changed().await {
-                return Some(((), leader));
-            }
-        }
-    });
+    let elected = leader.elections();
     let ctx = Arc::new(Context { client, ca, leader });
     tracing::info!(
         signer = SIGNER_NAME,
