@@ -200,7 +200,17 @@ mod tests {
             text.contains("stringData:\n  token: \"0123abcd\"\n"),
             "{text}"
         );
-        assert_eq!(text.matches("\n---\n").count(), FILES.len(), "{text}");
+        // One separator before each file (the Secret comes first), plus those
+        // inside files of several documents.
+        let inside: usize = FILES
+            .iter()
+            .map(|(_, t)| t.matches("\n---\n").count())
+            .sum();
+        assert_eq!(
+            text.matches("\n---\n").count(),
+            FILES.len() + inside,
+            "{text}"
+        );
         // The Secret comes before the Deployment that mounts it.
         assert!(text.find("kind: Secret") < text.find("kind: Deployment"));
     }
