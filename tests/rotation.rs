@@ -3,7 +3,7 @@
 //!
 //! - `kubectl annotate cluster ... tower.kubesphere.io/rotate-token=...` with
 //!   a grace period: kubectl through the Cluster's kubeconfig (requests in a
-//!   loop and a `get -w`) never fails, our agent is handed the new token,
+//!   loop, a `get -w` and an `exec -i`) never fails, our agent is handed the new token,
 //!   stores it in its member Secret and reconnects with it; a Go Tower agent
 //!   (which cannot be told) keeps working until the grace ends, is then
 //!   closed, and the previous token is refused from then on.
@@ -24,6 +24,7 @@ use e2e::{
     CLUSTER, KubeCluster, Proc, Stream, Tower, TowerOptions, bin, clean_env, kubectl_binary,
     log_field, wait_for_ok, wait_until,
 };
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::Command;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -292,10 +293,60 @@ impl Traffic {
     }
 }
 
+/// `kubectl exec -i box -- cat` through alpha: lines go in and come back.
+struct Exec {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: BufReader<tokio::process::ChildStdout>,
+}
+
+impl Exec {
+    fn start(tower: &Tower) -> Result<Self> {
+        let mut cmd = tower.kubectl_command();
+        cmd.args(["exec", "-i", "box", "--", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("spawning kubectl exec")?;
+        let stdin = child.stdin.take().context("kubectl's stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("kubectl's stdout")?);
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    async fn round_trip(&mut self, line: &str) -> Result<()> {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        let mut back = String::new();
+        let n = tokio::time::timeout(DEADLINE, self.stdout.read_line(&mut back))
+            .await
+            .context("no line back from kubectl exec")??;
+        ensure!(n > 0, "kubectl exec's output ended");
+        ensure!(back.trim_end() == line, "sent {line:?}, got {back:?}");
+        Ok(())
+    }
+
+    /// EOF to cat; kubectl exec must end well.
+    async fn finish(self) -> Result<()> {
+        let Self {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        let status = tokio::time::timeout(DEADLINE, child.wait())
+            .await
+            .context("kubectl exec did not end after EOF")??;
+        ensure!(status.success(), "kubectl exec ended with {status}");
+        Ok(())
+    }
+}
+
 /// Our agent stores handed tokens in the member: its namespace first.
-async fn tower_with_token_secret() -> Result<Tower> {
+async fn tower_with_token_secret(kubelet: bool) -> Result<Tower> {
     let mut tower = Tower::start_with(TowerOptions {
-        kubelet: false,
+        kubelet,
         keepalive: Some("1s".into()),
         ..Default::default()
     })
@@ -309,9 +360,10 @@ async fn tower_with_token_secret() -> Result<Tower> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotation_with_a_grace_period_has_no_gap() -> Result<()> {
     let t0 = std::time::Instant::now();
-    let tower = tower_with_token_secret().await?;
+    let tower = tower_with_token_secret(true).await?;
     let (host, member) = (tower.host(), tower.member());
     let access = member_access(member, tower.dir())?;
+    member.run_pod("default", "box").await?;
 
     // beta: served by a Go Tower agent.
     let beta_old = create_cluster(host, BETA, tower.dir()).await?;
@@ -336,6 +388,8 @@ async fn rotation_with_a_grace_period_has_no_gap() -> Result<()> {
         .wait_for_line(|l| l == "namespace/kube-system", DEADLINE)
         .await?;
     traffic.more(3).await?;
+    let mut exec = Exec::start(&tower)?;
+    exec.round_trip("before the rotation").await?;
 
     // Rotate both, with a short grace period.
     let alpha_old = token_of(host, CLUSTER)?;
@@ -408,6 +462,8 @@ async fn rotation_with_a_grace_period_has_no_gap() -> Result<()> {
         .await
         .context("the watch started before the rotation stopped delivering")?;
     ensure!(watch.is_running(), "kubectl get -w ended");
+    exec.round_trip("after the grace period").await?;
+    exec.finish().await?;
     let requests = traffic.stop().await?;
     eprintln!(
         "rotation_with_a_grace_period_has_no_gap: {requests} kubectl requests, none failed, in {:?}",
@@ -418,7 +474,7 @@ async fn rotation_with_a_grace_period_has_no_gap() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writing_the_token_directly_revokes_at_once() -> Result<()> {
-    let tower = tower_with_token_secret().await?;
+    let tower = tower_with_token_secret(false).await?;
     let (host, member) = (tower.host(), tower.member());
     let access = member_access(member, tower.dir())?;
 
