@@ -156,6 +156,8 @@ struct Attempt {
     connected: oneshot::Receiver<()>,
     /// The proxy replica is draining: connect again, elsewhere.
     drain: Arc<Notify>,
+    /// The streams the tunnel carries now.
+    streams: tunnel::client::Streams,
     kill: CancellationToken,
 }
 
@@ -171,9 +173,11 @@ impl Attempt {
         let kill = CancellationToken::new();
         let (connected_tx, connected) = oneshot::channel();
         let drain = Arc::new(Notify::new());
+        let streams = tunnel::client::Streams::default();
         let task = tokio::spawn({
             let kill = kill.clone();
             let drain = drain.clone();
+            let streams = streams.clone();
             async move {
                 let options = match &shared.pre_start_hook {
                     None => shared.options(&material),
@@ -209,6 +213,7 @@ impl Attempt {
                         .tokens
                         .as_ref()
                         .map(|k| k.sink(options.config.clone())),
+                    streams,
                 };
                 let end = tunnel::client::run_with_signals(
                     stream,
@@ -228,6 +233,7 @@ impl Attempt {
             task,
             connected,
             drain,
+            streams,
             kill,
         }
     }
@@ -275,11 +281,13 @@ pub async fn run(
     let mut failures = 0u32;
     // The tunnel being replaced after a credentials change, still serving.
     let mut previous: Option<Attempt> = None;
-    // Tunnels to a draining proxy replica: they serve their last streams
-    // until the proxy closes them.
-    let mut retiring: Vec<Attempt> = Vec::new();
+    // Tunnels to a draining proxy replica, or replaced for a new token: they
+    // serve their last streams until the proxy closes them (drain) or until
+    // those are done (token).
+    let mut retiring: Vec<Retiring> = Vec::new();
     let shutdown = controls.shutdown.clone();
     let mut replacing_drained = false;
+    let mut replacing_token = false;
 
     loop {
         let current = material.borrow_and_update().clone();
@@ -303,12 +311,25 @@ pub async fn run(
             if let Some(old) = previous.take() {
                 if replacing_drained {
                     info!("connected elsewhere; the draining tunnel serves its last streams");
-                    retiring.push(old);
+                    retiring.push(Retiring {
+                        attempt: old,
+                        when_idle: false,
+                    });
+                } else if replacing_token {
+                    info!(
+                        streams = old.streams.count(),
+                        "connected with the new token; the previous tunnel closes once its streams are done"
+                    );
+                    retiring.push(Retiring {
+                        attempt: old,
+                        when_idle: true,
+                    });
                 } else {
                     info!("closed the previous tunnel");
                 }
             }
             replacing_drained = false;
+            replacing_token = false;
             backoff.reset();
             failures = 0;
             // Until the tunnel ends (Some) or the credentials change or the
@@ -319,7 +340,14 @@ pub async fn run(
                     biased;
                     () = shutdown.cancelled() => return Exit::Terminated,
                     end = attempt.end() => break Some(end),
-                    () = changed(&mut material) => break None,
+                    () = changed(&mut material) => {
+                        // Only the token changed (handed over, or its file):
+                        // the running streams may finish on the old tunnel.
+                        let next = material.borrow().clone();
+                        replacing_token = next.credentials == current.credentials
+                            && next.token != current.token;
+                        break None;
+                    }
                     () = drain.notified() => {
                         replacing_drained = true;
                         break None;
@@ -394,16 +422,40 @@ pub async fn run(
     }
 }
 
-/// Wait for one retiring tunnel to end (the draining proxy closed it) and
-/// forget it; pending when there is none.
-async fn retired(retiring: &mut Vec<Attempt>) {
+/// A tunnel that was replaced but still serves its last streams.
+struct Retiring {
+    attempt: Attempt,
+    /// Close it once its streams are done (replaced for a new token); else
+    /// wait for the proxy to close it (drain).
+    when_idle: bool,
+}
+
+/// Wait for one retiring tunnel to end (the draining proxy closed it, or
+/// its last stream is done) and forget it; pending when there is none.
+/// The log line `draining tunnel closed` is kept for drains (tests grep it).
+async fn retired(retiring: &mut Vec<Retiring>) {
     if retiring.is_empty() {
         return std::future::pending().await;
     }
-    let ends = retiring.iter_mut().map(|a| Box::pin(a.end()));
+    let ends = retiring.iter_mut().map(|r| {
+        Box::pin(async move {
+            let streams = r.attempt.streams.clone();
+            if r.when_idle {
+                tokio::select! {
+                    end = r.attempt.end() => Some(end),
+                    () = streams.idle() => None,
+                }
+            } else {
+                Some(r.attempt.end().await)
+            }
+        })
+    });
     let (end, index, _) = futures_util::future::select_all(ends).await;
     retiring.swap_remove(index);
-    info!(reason = %end, "draining tunnel closed");
+    match end {
+        Some(end) => info!(reason = %end, "draining tunnel closed"),
+        None => info!("the previous tunnel's last stream is done: closed it"),
+    }
 }
 
 /// The end of the tunnel being replaced; pending when there is none.

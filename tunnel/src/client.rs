@@ -95,13 +95,52 @@ impl std::fmt::Debug for TokenSink {
 }
 
 /// What the proxy may tell a running tunnel besides opening `kubesphere`
-/// channels.
+/// channels, and what the tunnel tells its owner.
 #[derive(Clone, Debug, Default)]
 pub struct Signals {
     /// Notified when the proxy asks the agent to connect again elsewhere.
     pub drain: Arc<Notify>,
     /// Where handed tokens go; `None` refuses them as an unknown channel type.
     pub tokens: Option<TokenSink>,
+    /// The `kubesphere` channels open now (a replaced tunnel is closed once
+    /// they are done).
+    pub streams: Streams,
+}
+
+/// How many `kubesphere` channels a tunnel carries now. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Streams(tokio::sync::watch::Sender<usize>);
+
+impl Default for Streams {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(0))
+    }
+}
+
+impl Streams {
+    pub fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Resolves once no stream is open.
+    pub async fn idle(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    fn open(&self) -> StreamGuard {
+        self.0.send_modify(|n| *n += 1);
+        StreamGuard(self.clone())
+    }
+}
+
+/// Counts one open stream until dropped.
+struct StreamGuard(Streams);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Why a tunnel ended.
@@ -143,6 +182,7 @@ struct Handler<D: Dialer> {
     /// Signalled when the proxy asks the agent to move (it is draining).
     drain: Arc<Notify>,
     tokens: Option<TokenSink>,
+    streams: Streams,
 }
 
 impl<D: Dialer> Drop for Handler<D> {
@@ -233,7 +273,9 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
         };
         // Dial outside the session loop: a slow target must not stall other channels.
         let dialer = self.dialer.clone();
+        let counted = self.streams.open();
         tokio::spawn(async move {
+            let _counted = counted;
             let upstream = match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial(&target)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -289,7 +331,7 @@ where
 {
     let signals = Signals {
         drain,
-        tokens: None,
+        ..Default::default()
     };
     run_with_signals(stream, options, dialer, on_connected, signals).await
 }
@@ -306,12 +348,17 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
-    let Signals { drain, tokens } = signals;
+    let Signals {
+        drain,
+        tokens,
+        streams,
+    } = signals;
     let seen_key = Arc::new(Mutex::new(None));
     let ended = Arc::new(Notify::new());
     let handler = Handler {
         drain,
         tokens,
+        streams,
         ended: ended.clone(),
         dialer,
         allowed: Arc::new(crate::allow::AllowList::new(

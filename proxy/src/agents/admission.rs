@@ -1,5 +1,6 @@
 //! Who may join: an agent's name and token are checked, in constant time,
-//! against a [`ClusterStore`]; the store may then prepare the cluster (open
+//! against a [`ClusterStore`] (the current token, or the previous one during
+//! a rotation's grace period, [`super::grace`]); the store may then prepare the cluster (open
 //! its ports) before the agent hears success. An admitted session is kept in
 //! the [`Registry`] for as long as its [`Registration`] lives.
 //!
@@ -101,13 +102,29 @@ impl<S: ClusterStore> Admission for Gate<S> {
         let cluster = config.name.clone();
         // Same answer for unknown cluster and wrong token: don't reveal which.
         let expected = self.store.token(&cluster).unwrap_or_default();
-        if expected.is_empty() || !tokens_match(&expected, &config.token) {
+        let admitted_with = if expected.is_empty() {
+            None
+        } else if tokens_match(&expected, &config.token) {
+            Some(expected)
+        } else if self
+            .store
+            .grace(&cluster)
+            .is_some_and(|g| g.accepts(&config.token, jiff::Timestamp::now()))
+        {
+            // A rotation's grace period: the agent is told the new token
+            // once registered, and closed when the grace ends.
+            tracing::info!(%cluster, peer = session.peer(), "agent joined with the previous token (grace period)");
+            Some(config.token.clone())
+        } else {
+            None
+        };
+        let Some(token) = admitted_with else {
             self.store.on_reject(&cluster, "wrong token");
             self.registry.metrics().auth_failures.inc();
             return Err(UNAUTHORIZED.to_string());
-        }
+        };
         self.store.on_connect(&cluster).await?;
-        let id = self.registry.insert(&cluster, session, expected);
+        let id = self.registry.insert(&cluster, session, token);
         self.store.on_change(&cluster);
         Ok(Registration {
             _entry: Some(Entry {

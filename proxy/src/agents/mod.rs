@@ -2,11 +2,13 @@
 //! ([`admission`], with tokens from a [`store::ClusterStore`]), and who is
 //! connected ([`registry`]), and how a stopping replica lets them go
 //! ([`drain`]), and which hub services their agents may reach ([`hub`], pull mode),
-//! and how an agent is handed a new token over its tunnel ([`token`]).
+//! and how an agent is handed a new token over its tunnel ([`token`]) while
+//! the previous one still works for a while ([`grace`]).
 
 pub mod admission;
 pub mod drain;
 pub mod endpoint;
+pub mod grace;
 pub mod hub;
 pub mod registry;
 pub mod store;

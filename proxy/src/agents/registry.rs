@@ -36,6 +36,11 @@ struct Entry {
     session: Session,
     /// The token this session was admitted with: a changed token revokes it.
     token: String,
+    /// It was handed the cluster's current token (or asked, if it cannot be told).
+    told: bool,
+    /// Its agent stored a new token and connects again with it: this tunnel
+    /// only finishes its streams, new ones go to another session if any.
+    retiring: bool,
 }
 
 /// Constant-time token comparison.
@@ -90,7 +95,13 @@ impl Registry {
         if again {
             self.inner.metrics.reconnects.get_or_create(&label).inc();
         }
-        list.push(Entry { id, session, token });
+        list.push(Entry {
+            id,
+            session,
+            token,
+            told: false,
+            retiring: false,
+        });
         tracing::debug!(%cluster, sessions = list.len(), "session registered");
         self.inner.metrics.connects.get_or_create(&label).inc();
         drop(sessions);
@@ -173,11 +184,27 @@ impl Registry {
     /// Close the sessions of `cluster` not admitted with `token` (all of them
     /// for `None`: the cluster was deleted or is no longer served).
     pub async fn revoke(&self, cluster: &str, token: Option<&str>, reason: &str) -> usize {
+        self.revoke_unless(
+            cluster,
+            |t| token.is_some_and(|k| tokens_match(k, t)),
+            reason,
+        )
+        .await
+    }
+
+    /// Close the sessions of `cluster` whose admission token `keep` refuses
+    /// (e.g. the current token, or the previous one during its grace).
+    pub async fn revoke_unless(
+        &self,
+        cluster: &str,
+        keep: impl Fn(&str) -> bool,
+        reason: &str,
+    ) -> usize {
         let stale: Vec<Session> = lock(&self.inner.sessions)
             .get(cluster)
             .map(|list| {
                 list.iter()
-                    .filter(|e| token.is_none_or(|t| !tokens_match(t, &e.token)))
+                    .filter(|e| !keep(&e.token))
                     .map(|e| e.session.clone())
                     .collect()
             })
@@ -187,6 +214,37 @@ impl Registry {
             session.close(reason).await;
         }
         stale.len()
+    }
+
+    /// Live sessions of `cluster` admitted with another token than `current`
+    /// that were not handed it yet, with their ids for [`Registry::retoken`];
+    /// they count as handed from now on (each agent is told once per session).
+    pub fn to_tell(&self, cluster: &str, current: &str) -> Vec<(u64, Session)> {
+        let mut sessions = lock(&self.inner.sessions);
+        let Some(list) = sessions.get_mut(cluster) else {
+            return Vec::new();
+        };
+        list.iter_mut()
+            .filter(|e| !e.told && !e.session.is_closed() && !tokens_match(current, &e.token))
+            .map(|e| {
+                e.told = true;
+                (e.id, e.session.clone())
+            })
+            .collect()
+    }
+
+    /// Session `id` of `cluster` counts as admitted with `token` from now on:
+    /// its agent confirmed it stored that token (it reconnects with it, and
+    /// this tunnel only serves its last streams: [`Registry::pick`] prefers
+    /// the others).
+    pub fn retoken(&self, cluster: &str, id: u64, token: &str) {
+        if let Some(e) = lock(&self.inner.sessions)
+            .get_mut(cluster)
+            .and_then(|l| l.iter_mut().find(|e| e.id == id))
+        {
+            e.token = token.to_string();
+            e.retiring = true;
+        }
     }
 
     /// Close every session, telling agents why (they reconnect, e.g. to another replica).
@@ -229,13 +287,14 @@ impl Registry {
         (asked, legacy)
     }
 
-    /// The least busy live session of `cluster`.
+    /// The least busy live session of `cluster`, one that is not retiring
+    /// (its agent moves to a new token) if there is one.
     pub fn pick(&self, cluster: &str) -> Option<Session> {
         lock(&self.inner.sessions)
             .get(cluster)?
             .iter()
             .filter(|e| !e.session.is_closed())
-            .min_by_key(|e| e.session.load())
+            .min_by_key(|e| (e.retiring, e.session.load()))
             .map(|e| e.session.clone())
     }
 

@@ -11,6 +11,12 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// The token agents of `cluster` must present, if the cluster exists.
     fn token(&self, cluster: &str) -> Option<String>;
 
+    /// The previous token of `cluster` and until when it is still accepted
+    /// (a rotation's grace period), if one applies now.
+    fn grace(&self, _cluster: &str) -> Option<super::grace::Grace> {
+        None
+    }
+
     /// After the token check, before the agent hears success: e.g. bind the
     /// cluster's listeners. An error rejects the agent with that reason.
     fn on_connect(&self, _cluster: &str) -> impl Future<Output = Result<(), String>> + Send {

@@ -23,7 +23,6 @@ pub enum Delivered {
 pub type Error = TokenError;
 
 /// Hand `token` to the agent of `session`. Never logs the token.
-#[allow(dead_code)] // for self-registration (issue #13 part 1)
 pub async fn deliver_token(session: &Session, token: &str) -> Result<Delivered, Error> {
     let cluster = &session.config().name;
     match session.hand_token(token).await {

@@ -16,7 +16,10 @@
 //!   its HTTPS port in `spec.connection.kubeconfig` ([`kubeconfig`]);
 //! - conditions `Initialized`, `AgentAvailable`, `ExternalAccessReady`, and
 //!   Events when they change;
-//! - what the member says about itself in the status ([`status`]).
+//! - what the member says about itself in the status ([`status`]);
+//! - a new token on request, the previous one working for a grace period
+//!   while connected agents are handed the new one ([`rotation`] decides,
+//!   [`rotate`] writes and tells).
 //!
 //! [`decide`] holds every decision as a pure function; [`reconcile`] gathers
 //! the facts, asks [`decide`], and writes; [`controller`] runs it when a
@@ -31,6 +34,8 @@ pub mod kubeconfig;
 pub mod readiness;
 pub mod reconcile;
 pub mod refusals;
+pub mod rotate;
+pub mod rotation;
 pub mod service;
 pub mod status;
 pub mod store;

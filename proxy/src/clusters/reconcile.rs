@@ -284,11 +284,13 @@ async fn forget<P: Ports>(name: &str, ctx: &Context<P>) -> Result<Action, Error>
 }
 
 async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Result<Action, Error> {
+    if super::rotate::rotate_if_asked(cluster, ctx).await? {
+        return Ok(Action::requeue(RESYNC));
+    }
     let token = decide::token(cluster, new_token);
-    // A token that changed leaves no session of the old one behind.
-    ctx.registry
-        .revoke(name, Some(&token), "the cluster's token changed")
-        .await;
+    // A token that changed leaves no session of the old one behind, but
+    // those of a rotation's grace period, until it ends.
+    let grace_left = super::rotate::keep_and_tell(cluster, &token, ctx).await;
     // `--cluster-ports none`: no ports, no Service, the path form's URL.
     let path_server = ctx.options.path_form.as_ref().map(|p| p.server(name));
     let (ports, exposure, addresses) = match &path_server {
@@ -381,7 +383,12 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         };
         publish(&ctx.recorder, cluster, type_, event.reason, event.note).await;
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(requeue(grace_left))
+}
+
+/// Again after the resync period, or when a grace period ends if sooner.
+fn requeue(grace_left: Option<Duration>) -> Action {
+    Action::requeue(grace_left.map_or(RESYNC, |left| left.min(RESYNC)))
 }
 
 /// A replica that does not lead writes nothing: it revokes sessions of a
@@ -393,18 +400,17 @@ async fn follow<P: Ports>(
     ctx: &Context<P>,
 ) -> Result<Action, Error> {
     let token = &cluster.spec.connection.token;
-    if !token.is_empty() {
-        ctx.registry
-            .revoke(name, Some(token), "the cluster's token changed")
-            .await;
-    }
+    let grace_left = match token.is_empty() {
+        false => super::rotate::keep_and_tell(cluster, token, ctx).await,
+        true => None,
+    };
     let available = ctx.registry.live(name) > 0 || ctx.elsewhere(name).is_some();
     if ctx.options.path_form.is_some() {
         // No ports to keep: the access port serves every cluster.
-        return Ok(Action::requeue(RESYNC));
+        return Ok(requeue(grace_left));
     }
     let Some((kube, ks)) = decide::follow(cluster, available) else {
-        return Ok(Action::requeue(RESYNC));
+        return Ok(requeue(grace_left));
     };
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ctx.options.namespace);
     let svc = services.get_opt(&service::name(name)).await?;
@@ -414,7 +420,7 @@ async fn follow<P: Ports>(
         .open(name, kube, ks, &names)
         .await
         .map_err(Error::Cert)?;
-    Ok(Action::requeue(RESYNC))
+    Ok(requeue(grace_left))
 }
 
 pub(super) fn error_policy<P: Ports>(

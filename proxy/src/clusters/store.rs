@@ -41,6 +41,16 @@ impl<P: Ports> ClusterStore for CrStore<P> {
             .then(|| obj.spec.connection.token.clone())
     }
 
+    fn grace(&self, cluster: &str) -> Option<crate::agents::grace::Grace> {
+        let obj = self.store.get(&ObjectRef::new(cluster))?;
+        let annotations = obj.metadata.annotations.as_ref()?;
+        super::rotation::grace(
+            annotations,
+            &obj.spec.connection.token,
+            jiff::Timestamp::now(),
+        )
+    }
+
     fn hub_services(&self, cluster: &str) -> Option<Vec<String>> {
         let obj = self.store.get(&ObjectRef::new(cluster))?;
         let list = obj.metadata.annotations.as_ref()?.get(hub::ANNOTATION)?;
