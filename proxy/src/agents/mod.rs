@@ -1,9 +1,11 @@
 //! The agents' side: the port agents dial ([`endpoint`]), who may join
 //! ([`admission`], with tokens from a [`store::ClusterStore`]), and who is
 //! connected ([`registry`]), and how a stopping replica lets them go
-//! ([`drain`]), and which hub services their agents may reach ([`hub`], pull mode).
+//! ([`drain`]), and which hub services their agents may reach ([`hub`], pull mode),
+//! and which SSH host keys they are told the proxy holds ([`announce`]).
 
 pub mod admission;
+pub mod announce;
 pub mod drain;
 pub mod endpoint;
 pub mod hub;
