@@ -193,20 +193,24 @@ async fn with_kubernetes(
                 config.keepalive,
             ));
             // Runs as long as the process: it only reads the Secret.
-            drop(tokio::spawn(crate::identity::watch::follow(
-                client.clone(),
-                namespace.clone(),
-                Some(keys.clone()),
-            )));
             keys
         }
     };
+    let ca_in_secret = flag_ca.is_none();
     let ca = Arc::new(
         flag_ca
             .or(identity.ca)
             .ok_or_else(|| anyhow::anyhow!("no CA: give --ca-cert and --ca-key"))?,
     );
     core.metrics.set_cert_expiry("", "ca", ca.not_after());
+    // Runs as long as the process: it only reads the Secret and follows its
+    // rotations (docs/ca-rotation.md).
+    drop(tokio::spawn(crate::identity::watch::follow(
+        client.clone(),
+        namespace.clone(),
+        (!core.config.host_key_given).then(|| host_keys.clone()),
+        ca_in_secret.then(|| (*ca).clone()),
+    )));
 
     let stop = CancellationToken::new();
     let ha = match &core.config.ha {

@@ -2,7 +2,8 @@
 //! holds the SSH host key (so agents' pinned fingerprints survive restarts and
 //! replicas share one key) and, unless `--ca-cert`/`--ca-key` are given, the CA.
 //! The first replica to start creates it; the others read it. Rotations are
-//! edits of it ([`super::host_keys`]: `ssh-host-key-next`), which every
+//! edits of it ([`super::host_keys`]: `ssh-host-key-next`; [`super::rotation`]:
+//! `ca-next.*`, `ca-previous.*`), which every
 //! replica follows ([`super::watch`]).
 
 use std::collections::BTreeMap;
@@ -14,13 +15,12 @@ use kube::api::{Api, PostParams};
 use russh::keys::PrivateKey;
 
 use super::ca::Ca;
+use super::rotation::{CA_CERT, CA_KEY, plan};
 
 pub const SECRET_NAME: &str = "tower-proxy";
 pub const HOST_KEY: &str = "ssh-host-key";
 /// The SSH host key that follows the current one (announced, not yet shown).
 pub const HOST_KEY_NEXT: &str = "ssh-host-key-next";
-const CA_CERT: &str = "ca.crt";
-const CA_KEY: &str = "ca.key";
 
 /// What the Secret holds.
 pub struct Identity {
@@ -66,9 +66,10 @@ pub async fn load_or_create(
             let (host_key, host_key_next) = host_keys_in(&data, namespace)?;
             let ca = match (with_ca, get(&data, CA_CERT), get(&data, CA_KEY)) {
                 (false, ..) => None,
-                (true, Some(cert), Some(key)) => Some(Ca::load(cert, key).map_err(|e| {
+                // Mid-rotation too: the phase the Secret is in (docs/ca-rotation.md).
+                (true, Some(_), Some(_)) => Some(Ca::from(plan(&data).map_err(|e| {
                     anyhow::anyhow!("the CA in Secret {namespace}/{SECRET_NAME} is unusable: {e}")
-                })?),
+                })?)),
                 (true, ..) => anyhow::bail!(
                     "Secret {namespace}/{SECRET_NAME} has no {CA_CERT}/{CA_KEY}: give --ca-cert and --ca-key, or delete the Secret"
                 ),

@@ -11,12 +11,20 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::runtime::watcher;
 
+use super::ca::Ca;
 use super::host_keys::HostKeys;
+use super::rotation::plan;
 use super::secret::{SECRET_NAME, host_keys_in};
 
 /// Follow the Secret until the task is dropped. `host_keys`: `None` when the
-/// host key comes from `--host-key` (a file is not rotated through the Secret).
-pub async fn follow(client: kube::Client, namespace: String, host_keys: Option<Arc<HostKeys>>) {
+/// host key comes from `--host-key`; `ca`: `None` when the CA comes from
+/// `--ca-cert`/`--ca-key` (files are not rotated through the Secret).
+pub async fn follow(
+    client: kube::Client,
+    namespace: String,
+    host_keys: Option<Arc<HostKeys>>,
+    ca: Option<Ca>,
+) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={SECRET_NAME}"));
     let mut events = watcher(api, config).boxed();
@@ -41,6 +49,32 @@ pub async fn follow(client: kube::Client, namespace: String, host_keys: Option<A
                     error = %e,
                     "the SSH host keys in the Secret are unusable: keeping the ones in use; fix \
                      the Secret"
+                ),
+            }
+        }
+        if let Some(ca) = &ca {
+            match plan(&data) {
+                Ok(plan) => {
+                    let phase = plan.phase.name();
+                    let trusted = plan.others.len() + 1;
+                    let serving = if plan.serving.is_some() {
+                        "previous"
+                    } else {
+                        "signer"
+                    };
+                    if ca.rotate(plan) {
+                        tracing::info!(
+                            phase,
+                            trusted,
+                            serving,
+                            "CA rotation step taken: listeners trust the new set; re-issuing \
+                             serving certificates and kubeconfigs"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the CA keys in the Secret are unusable: keeping the CAs in use; fix the Secret"
                 ),
             }
         }
