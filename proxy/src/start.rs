@@ -203,6 +203,14 @@ async fn with_kubernetes(
             .ok_or_else(|| anyhow::anyhow!("no CA: give --ca-cert and --ca-key"))?,
     );
     core.metrics.set_cert_expiry("", "ca", ca.not_after());
+    // The signing CA's expiry in /metrics follows the rotation's switch.
+    let (metrics, rotating) = (core.metrics.clone(), (*ca).clone());
+    drop(tokio::spawn(async move {
+        let mut steps = rotating.subscribe();
+        while steps.changed().await.is_ok() {
+            metrics.set_cert_expiry("", "ca", rotating.not_after());
+        }
+    }));
     // Runs as long as the process: it only reads the Secret and follows its
     // rotations (docs/ca-rotation.md).
     drop(tokio::spawn(crate::identity::watch::follow(
