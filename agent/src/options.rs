@@ -100,9 +100,11 @@ pub struct Flags {
     pub proxy_ca: Option<PathBuf>,
 
     /// Pin the proxy's SSH host key (`SHA256:...`, as printed by the proxy); the
-    /// agent refuses to send its credentials to any other key.
+    /// agent refuses to send its credentials to any other key. Repeat it to pin
+    /// a set (any match passes): the current key and the next one, while the
+    /// proxy's host key is rotated (docs/ca-rotation.md).
     #[arg(long, value_name = "SHA256:...")]
-    pub proxy_host_key_fingerprint: Option<String>,
+    pub proxy_host_key_fingerprint: Vec<String>,
 
     /// Period of keepalive pings to the proxy; three missed pings end the tunnel.
     #[arg(long, default_value = "30s", value_parser = parse_go_duration, value_name = "DURATION")]
@@ -185,7 +187,8 @@ pub struct Config {
     pub token_secret: Option<crate::handed::SecretRef>,
     /// Dials the proxy (URL, TLS roots, HTTP(S)_PROXY).
     pub dialer: ProxyDialer,
-    pub host_key_fingerprint: Option<String>,
+    /// Pinned host key fingerprints; empty: not pinned.
+    pub host_key_fingerprints: Vec<String>,
     pub keepalive: Duration,
     /// `None`: retry forever.
     pub max_retry: Option<u32>,
@@ -251,11 +254,13 @@ impl Flags {
         let via = HttpProxy::from_env(&endpoint, env)?;
         let dialer = ProxyDialer::new(endpoint, via, self.proxy_ca.as_deref())?;
 
-        let host_key_fingerprint = self
-            .proxy_host_key_fingerprint
-            .as_deref()
-            .map(check_fingerprint)
-            .transpose()?;
+        let mut host_key_fingerprints = Vec::new();
+        for value in &self.proxy_host_key_fingerprint {
+            let fingerprint = check_fingerprint(value)?;
+            if !host_key_fingerprints.contains(&fingerprint) {
+                host_key_fingerprints.push(fingerprint);
+            }
+        }
 
         if self.keepalive.is_zero() {
             bail!("--keepalive must be longer than 0s");
@@ -306,7 +311,7 @@ impl Flags {
             token,
             token_secret: self.token_secret,
             dialer,
-            host_key_fingerprint,
+            host_key_fingerprints,
             keepalive: self.keepalive,
             max_retry: (self.max_retry > 0).then_some(self.max_retry),
             max_retry_interval: self.max_retry_interval,
@@ -522,10 +527,22 @@ mod tests {
     fn fingerprints_are_checked() {
         let good = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
         let config = check(&["--proxy-host-key-fingerprint", good]).unwrap();
-        assert_eq!(config.host_key_fingerprint.as_deref(), Some(good));
+        assert_eq!(config.host_key_fingerprints, [good]);
         let padded = format!("{good}=");
         let config = check(&["--proxy-host-key-fingerprint", &padded]).unwrap();
-        assert_eq!(config.host_key_fingerprint.as_deref(), Some(good));
+        assert_eq!(config.host_key_fingerprints, [good]);
+        // Repeatable: a set, duplicates folded.
+        let next = "SHA256:ypeBEsobvcr6wjGzmiPcTaeG7/gUfE5yuYB3ha/uSLs";
+        let config = check(&[
+            "--proxy-host-key-fingerprint",
+            good,
+            "--proxy-host-key-fingerprint",
+            next,
+            "--proxy-host-key-fingerprint",
+            &padded,
+        ])
+        .unwrap();
+        assert_eq!(config.host_key_fingerprints, [good, next]);
         let e = err(&["--proxy-host-key-fingerprint", "MD5:aa:bb"]);
         assert!(e.contains("SHA256:"), "{e}");
         let e = err(&["--proxy-host-key-fingerprint", "SHA256:short"]);

@@ -72,7 +72,7 @@ pub struct Controls {
 struct Shared {
     name: String,
     dialer: ProxyDialer,
-    host_key_fingerprint: Option<String>,
+    host_key_fingerprints: Vec<String>,
     keepalive: Duration,
     kubernetes_service: Option<String>,
     kubesphere_service: String,
@@ -127,7 +127,7 @@ impl Shared {
                 cluster_id,
             },
             keepalive: self.keepalive,
-            host_key_fingerprint: self.host_key_fingerprint.clone(),
+            host_key_fingerprints: self.host_key_fingerprints.clone(),
             allowed_targets: vec![kubernetes, self.kubesphere_service.clone()],
             allow_dial: self.allow_dial.clone(),
             hub: self.hub.clone(),
@@ -265,7 +265,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         name: config.name,
         dialer: config.dialer,
-        host_key_fingerprint: config.host_key_fingerprint,
+        host_key_fingerprints: config.host_key_fingerprints,
         keepalive: config.keepalive,
         kubernetes_service: config.kubernetes_service,
         kubesphere_service: config.kubesphere_service,
@@ -861,7 +861,7 @@ mod tests {
                 None,
             )
             .unwrap(),
-            host_key_fingerprint: None,
+            host_key_fingerprints: Vec::new(),
             keepalive: Duration::from_secs(30),
             kubernetes_service: None,
             kubesphere_service: "ks:80".into(),

@@ -81,7 +81,7 @@ impl Fleet {
                         ..Default::default()
                     },
                     keepalive: options.keepalive,
-                    host_key_fingerprint: Some(options.fingerprint.clone()),
+                    host_key_fingerprints: vec![options.fingerprint.clone()],
                     allowed_targets: vec!["127.0.0.1:9".into()],
                     allow_dial: Vec::new(),
                     hub: Default::default(),

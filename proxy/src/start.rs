@@ -38,6 +38,7 @@ use crate::ha::leader::Leadership;
 use crate::ha::owners::Owners;
 use crate::ha::peers::Peers;
 use crate::identity::ca::Ca;
+use crate::identity::host_keys::HostKeys;
 use crate::identity::secret;
 use crate::member::MemberDialer;
 use crate::ops::audit::Audit;
@@ -125,10 +126,11 @@ async fn serve_mode(core: Core, mode: Mode) -> anyhow::Result<()> {
         Mode::File(store) => {
             let mut core = core;
             let host_key = host_key_from_file(&core.config)?;
+            let host_keys = Arc::new(HostKeys::new(host_key, None, core.config.keepalive));
             let gate = Gate::new(core.registry.clone(), Arc::new(store), hub_services(&core));
             let ready = Arc::new(AtomicBool::new(true));
             let ca = core.config.ca.take().map(Arc::new);
-            serve_agents(&core, gate, host_key, ready, ca, None, None).await
+            serve_agents(&core, gate, host_keys, ready, ca, None, None).await
         }
         Mode::Kubernetes { kubeconfig } => with_kubernetes(core, kubeconfig).await,
     }
@@ -180,16 +182,46 @@ async fn with_kubernetes(
     let identity = secret::load_or_create(client.clone(), &namespace, flag_ca.is_none())
         .await
         .with_context(|| format!("the proxy's Secret {namespace}/{}", secret::SECRET_NAME))?;
-    let host_key = match config.host_key_given {
-        true => host_key_from_file(config)?,
-        false => identity.host_key,
+    // A --host-key file is not rotated through the Secret.
+    let host_keys = match config.host_key_given {
+        true => Arc::new(HostKeys::new(
+            host_key_from_file(config)?,
+            None,
+            config.keepalive,
+        )),
+        false => {
+            let keys = Arc::new(HostKeys::new(
+                identity.host_key,
+                identity.host_key_next.as_ref(),
+                config.keepalive,
+            ));
+            // Runs as long as the process: it only reads the Secret.
+            keys
+        }
     };
+    let ca_in_secret = flag_ca.is_none();
     let ca = Arc::new(
         flag_ca
             .or(identity.ca)
             .ok_or_else(|| anyhow::anyhow!("no CA: give --ca-cert and --ca-key"))?,
     );
     core.metrics.set_cert_expiry("", "ca", ca.not_after());
+    // The signing CA's expiry in /metrics follows the rotation's switch.
+    let (metrics, rotating) = (core.metrics.clone(), (*ca).clone());
+    drop(tokio::spawn(async move {
+        let mut steps = rotating.subscribe();
+        while steps.changed().await.is_ok() {
+            metrics.set_cert_expiry("", "ca", rotating.not_after());
+        }
+    }));
+    // Runs as long as the process: it only reads the Secret and follows its
+    // rotations (docs/ca-rotation.md).
+    drop(tokio::spawn(crate::identity::watch::follow(
+        client.clone(),
+        namespace.clone(),
+        (!core.config.host_key_given).then(|| host_keys.clone()),
+        ca_in_secret.then(|| (*ca).clone()),
+    )));
 
     let stop = CancellationToken::new();
     let ha = match &core.config.ha {
@@ -305,7 +337,7 @@ async fn with_kubernetes(
         served = serve_agents(
             &core,
             gate,
-            host_key,
+            host_keys,
             ready,
             Some(door_ca),
             Some(background),
@@ -376,7 +408,7 @@ struct Background {
 async fn serve_agents<S: ClusterStore>(
     core: &Core,
     gate: Gate<S>,
-    host_key: russh::keys::PrivateKey,
+    host_keys: Arc<HostKeys>,
     ready: Arc<AtomicBool>,
     ca: Option<Arc<Ca>>,
     background: Option<Background>,
@@ -384,7 +416,7 @@ async fn serve_agents<S: ClusterStore>(
 ) -> anyhow::Result<()> {
     let config = &core.config;
     tracing::info!(
-        fingerprint = %tunnel::ssh::fingerprint(host_key.public_key()),
+        fingerprint = %host_keys.fingerprint(),
         "SSH host key (agents pin it with --proxy-host-key-fingerprint)"
     );
     if let Some(url) = &config.publish_url {
@@ -393,10 +425,15 @@ async fn serve_agents<S: ClusterStore>(
     let endpoint = Arc::new(Endpoint {
         gate: Arc::new(gate),
         metrics: core.metrics.clone(),
-        ssh: Arc::new(tunnel::ssh::server_config(host_key, config.keepalive)),
+        ssh: host_keys.clone(),
         ready,
     });
     let ports_stop = CancellationToken::new();
+    tokio::spawn(crate::agents::announce::run(
+        core.registry.clone(),
+        host_keys,
+        ports_stop.clone(),
+    ));
     for (cluster, addr) in &config.forwards {
         let listener = TcpListener::bind(addr)
             .await

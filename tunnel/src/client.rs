@@ -63,8 +63,10 @@ pub struct ClientOptions {
     pub config: AgentConfig,
     /// Period of `ping` requests; the tunnel is dead after [`MAX_MISSED_PINGS`].
     pub keepalive: Duration,
-    /// `SHA256:...` fingerprint the proxy's host key must have, if pinned.
-    pub host_key_fingerprint: Option<String>,
+    /// `SHA256:...` fingerprints the proxy's host key must have one of; empty:
+    /// not pinned. A set, so a host key rotation can pin the current and the
+    /// next key at once.
+    pub host_key_fingerprints: Vec<String>,
     /// Targets the proxy may ask for (the advertised API servers); anything
     /// else is refused unless `allow_dial` allows it.
     pub allowed_targets: Vec<String>,
@@ -154,7 +156,11 @@ pub enum ClientError {
         "the proxy's SSH host key is {actual}, but --proxy-host-key-fingerprint pins {expected}: \
          refusing to send credentials (a different proxy, or a man in the middle)"
     )]
-    HostKeyMismatch { expected: String, actual: String },
+    HostKeyMismatch {
+        /// The pinned fingerprints, comma-separated.
+        expected: String,
+        actual: String,
+    },
     #[error("the proxy refused the password login")]
     LoginRefused,
     #[error("the proxy rejected this agent: {0}")]
@@ -172,10 +178,15 @@ impl ClientError {
     }
 }
 
+/// Whether `fingerprint` passes the pins: any match, or no pins at all.
+pub fn pinned(pins: &[String], fingerprint: &str) -> bool {
+    pins.is_empty() || pins.iter().any(|p| p == fingerprint)
+}
+
 struct Handler<D: Dialer> {
     dialer: Arc<D>,
     allowed: Arc<crate::allow::AllowList>,
-    pin: Option<String>,
+    pins: Arc<[String]>,
     seen_key: Arc<Mutex<Option<String>>>,
     /// Signalled when the SSH session ends (the session task drops its handler).
     ended: Arc<Notify>,
@@ -207,10 +218,32 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
         if let Ok(mut seen) = self.seen_key.lock() {
             *seen = Some(actual.clone());
         }
-        Ok(match &self.pin {
-            Some(expected) => *expected == actual,
-            None => true,
-        })
+        Ok(pinned(&self.pins, &actual))
+    }
+
+    /// `hostkeys-00@openssh.com`: the proxy lists the host keys it holds,
+    /// the next one too while its key is being rotated. Logged with whether
+    /// each is pinned: a next key that is not will be refused after the switch.
+    async fn openssh_ext_host_keys_announced(
+        &mut self,
+        keys: Vec<russh::keys::PublicKey>,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        for key in keys {
+            let fingerprint = key.fingerprint(russh::keys::HashAlg::Sha256).to_string();
+            let is_pinned = pinned(&self.pins, &fingerprint);
+            if is_pinned || self.pins.is_empty() {
+                tracing::info!(%fingerprint, pinned = is_pinned, "the proxy announced a host key");
+            } else {
+                tracing::warn!(
+                    %fingerprint,
+                    pinned = false,
+                    "the proxy announced a host key that --proxy-host-key-fingerprint does not pin: \
+                     add it before the proxy switches to it, or this agent will be refused"
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn should_accept_unknown_server_channel(&mut self, _: ChannelId, kind: &str) -> bool {
@@ -365,7 +398,7 @@ where
             options.allowed_targets.clone(),
             options.allow_dial.clone(),
         )),
-        pin: options.host_key_fingerprint.clone(),
+        pins: options.host_key_fingerprints.clone().into(),
         seen_key: seen_key.clone(),
     };
     let handshake = handshake(stream, options, handler);
@@ -379,7 +412,7 @@ where
                 .and_then(|k| k.clone())
                 .unwrap_or_else(|| "unknown".into());
             return ClientError::HostKeyMismatch {
-                expected: options.host_key_fingerprint.clone().unwrap_or_default(),
+                expected: options.host_key_fingerprints.join(", "),
                 actual,
             };
         }
@@ -462,5 +495,19 @@ async fn keepalive<D: Dialer>(
             () = ended.notified() => return closed(),
             () = tokio::time::sleep_until(started + period) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pinned;
+
+    #[test]
+    fn any_pinned_fingerprint_passes() {
+        let pins = ["SHA256:old".to_string(), "SHA256:new".to_string()];
+        assert!(pinned(&pins, "SHA256:old"));
+        assert!(pinned(&pins, "SHA256:new"));
+        assert!(!pinned(&pins, "SHA256:other"));
+        assert!(pinned(&[], "SHA256:anything"));
     }
 }

@@ -223,6 +223,25 @@ impl Session {
         Ok(TunnelStream::new(channel, self.inner.clone()))
     }
 
+    /// Tell the agent which host keys the proxy holds (the current one and,
+    /// while rotating, the next): OpenSSH's `hostkeys-00@openssh.com`
+    /// (PROTOCOL 2.5), want-reply false. Our agent logs them and warns about
+    /// a key it does not pin; Go's x/crypto ignores the request.
+    pub async fn announce_host_keys(&self, keys: &[russh::keys::PublicKey]) {
+        if self.is_closed() {
+            return;
+        }
+        let data = crate::ssh::host_keys_announcement(keys);
+        if let Err(e) = self
+            .inner
+            .handle
+            .global_request_no_reply(crate::ssh::HOSTKEYS_REQUEST, data)
+            .await
+        {
+            tracing::debug!(peer = %self.inner.peer.addr, error = %e, "cannot announce host keys");
+        }
+    }
+
     /// Ask the agent to connect again (to another replica) and close this
     /// tunnel once its streams are done. False when the agent does not know
     /// the request (Go Tower agents): the caller closes the session itself.

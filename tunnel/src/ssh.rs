@@ -100,6 +100,25 @@ pub fn client_config() -> russh::client::Config {
     }
 }
 
+/// OpenSSH's host key announcement (PROTOCOL 2.5), sent by the proxy after
+/// an agent is admitted.
+pub const HOSTKEYS_REQUEST: &str = "hostkeys-00@openssh.com";
+
+/// The request-specific data of [`HOSTKEYS_REQUEST`]: one SSH string (u32
+/// length, bytes) per public key blob.
+pub fn host_keys_announcement(keys: &[PublicKey]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for key in keys {
+        let Ok(blob) = key.to_bytes() else { continue };
+        let Ok(len) = u32::try_from(blob.len()) else {
+            continue;
+        };
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&blob);
+    }
+    out
+}
+
 /// `SHA256:...`, as `ssh-keygen -l` and Go's `ssh.FingerprintSHA256` print it.
 pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()

@@ -76,7 +76,7 @@ async fn tunnel(targets: Vec<String>) -> Session {
             ..Default::default()
         },
         keepalive: Duration::from_secs(30),
-        host_key_fingerprint: None,
+        host_key_fingerprints: Vec::new(),
         allowed_targets: targets,
         allow_dial: Vec::new(),
         hub: Default::default(),

@@ -91,7 +91,7 @@ async fn hub_channels_reach_published_services_only() {
             ..Default::default()
         },
         keepalive: Duration::from_secs(30),
-        host_key_fingerprint: None,
+        host_key_fingerprints: Vec::new(),
         allowed_targets: Vec::new(),
         allow_dial: Vec::new(),
         hub: link.clone(),

@@ -35,7 +35,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Endpoint<S: ClusterStore> {
     pub gate: Arc<Gate<S>>,
     pub metrics: Arc<Metrics>,
-    pub ssh: Arc<russh::server::Config>,
+    /// SSH settings with the host key new connections show (rotated live).
+    pub ssh: Arc<crate::identity::host_keys::HostKeys>,
     /// Set once the proxy can admit agents (the Cluster cache is synced).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -169,7 +170,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = peer_info.addr.clone();
-    match serve(ws, endpoint.ssh.clone(), endpoint.gate.clone(), peer_info).await {
+    match serve(ws, endpoint.ssh.config(), endpoint.gate.clone(), peer_info).await {
         Ok(()) => tracing::info!(%peer, "tunnel closed"),
         Err(tunnel::server::ServeError::Rejected(reason)) => {
             tracing::warn!(%peer, %reason, "agent rejected");

@@ -308,6 +308,19 @@ impl Registry {
             .map(|e| e.session.clone())
             .collect()
     }
+
+    /// Every live session with its registry id (unique for the process's
+    /// life, unlike [`Session::id`]) and cluster.
+    pub fn all_sessions(&self) -> Vec<(u64, String, Session)> {
+        lock(&self.inner.sessions)
+            .iter()
+            .flat_map(|(cluster, list)| {
+                list.iter()
+                    .filter(|e| !e.session.is_closed())
+                    .map(|e| (e.id, cluster.clone(), e.session.clone()))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

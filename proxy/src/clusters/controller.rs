@@ -148,8 +148,15 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         metrics,
     });
     let deletions = tokio::spawn(watch_deletions(api, registry, ports));
+    // A CA rotation step: every cluster's certificates and kubeconfig again.
+    let rotations = futures_util::stream::unfold(ctx.ca.subscribe(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
     let task = tokio::spawn(async move {
-        let controller = controller.reconcile_on(stream_of(triggers));
+        let controller = controller
+            .reconcile_on(stream_of(triggers))
+            .reconcile_all_on(rotations);
         let controller = match ha {
             Some(Ha {
                 leader, changes, ..

@@ -91,7 +91,7 @@ fn pem_cert(pem: &[u8]) -> Option<(SystemTime, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ca::Ca;
+    use crate::identity::ca::Authority as Ca;
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 

@@ -222,7 +222,8 @@ impl<P: Ports> Context<P> {
     /// The kubeconfig to publish, or None when the current one is still good.
     fn kubeconfig(&self, cluster: &Cluster, server: &str) -> Result<Option<String>, Error> {
         let current = &cluster.spec.connection.kubeconfig;
-        let ca = self.ca.cert_pem();
+        // Every trusted CA: during a rotation clients must accept either.
+        let ca = &self.ca.bundle_pem();
         let name = cluster.name_any();
         if kubeconfig::is_current(
             current,

@@ -31,7 +31,8 @@ use crate::ops::accept::accept_loop;
 use crate::serve::listener::Relay;
 use crate::serve::ports::ListenerPorts;
 
-/// Peer certificates live this long; a replica issues its own at start.
+/// Peer certificates live this long; a replica issues its own at start and
+/// at each CA rotation step.
 const PEER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +52,16 @@ pub enum PeerError {
 /// This replica's side of the peer port: it relays out and accepts relays in.
 pub struct Peers {
     owners: Arc<Owners>,
+    ca: Ca,
+    /// The names in this replica's certificate.
+    sans: Vec<String>,
+    /// Rebuilt at each CA rotation step: a certificate of the signer, the
+    /// CAs trusted now.
+    tls: std::sync::RwLock<PeerTls>,
+}
+
+struct PeerTls {
+    generation: u64,
     connector: TlsConnector,
     acceptor: TlsAcceptor,
 }
@@ -62,37 +73,81 @@ fn kind_name(kind: Target) -> &'static str {
     }
 }
 
+/// A fresh peer certificate and both sides' TLS, as `ca` stands now.
+fn peer_tls(ca: &Ca, sans: &[String]) -> Result<PeerTls, PeerError> {
+    let generation = ca.generation();
+    let issued = ca.issue_peer(sans, PEER_CERT_VALIDITY)?;
+    let chain = CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PeerError::Verifier(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
+        .map_err(|e| PeerError::Verifier(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for der in ca.trusted() {
+        roots.add(der)?;
+    }
+    let roots = Arc::new(roots);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| PeerError::Verifier(e.to_string()))?;
+    let server = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(PeerTls {
+        generation,
+        connector: TlsConnector::from(Arc::new(client)),
+        acceptor: TlsAcceptor::from(Arc::new(server)),
+    })
+}
+
 impl Peers {
     /// `peer_address` is where the others reach this replica (`host:port`);
     /// its host goes into this replica's certificate.
     pub fn new(ca: &Ca, owners: Arc<Owners>, peer_address: &str) -> Result<Self, PeerError> {
-        let issued = ca.issue_peer(&[host_of(peer_address).to_string()], PEER_CERT_VALIDITY)?;
-        let chain = vec![
-            CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
-                .map_err(|e| PeerError::Verifier(e.to_string()))?,
-        ];
-        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
-            .map_err(|e| PeerError::Verifier(e.to_string()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.cert_der().clone())?;
-        let roots = Arc::new(roots);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| PeerError::Verifier(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())?;
-        let client = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)?;
+        let sans = vec![host_of(peer_address).to_string()];
+        let tls = peer_tls(ca, &sans)?;
         Ok(Self {
             owners,
-            connector: TlsConnector::from(Arc::new(client)),
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            ca: ca.clone(),
+            sans,
+            tls: std::sync::RwLock::new(tls),
         })
+    }
+
+    /// The TLS of the CA rotation step in force (rebuilt on the first use
+    /// after a step; the previous one if that fails, with a warning).
+    fn tls(&self) -> (TlsConnector, TlsAcceptor) {
+        let generation = self.ca.generation();
+        {
+            let tls = self.tls.read().unwrap_or_else(|e| e.into_inner());
+            if tls.generation == generation {
+                return (tls.connector.clone(), tls.acceptor.clone());
+            }
+        }
+        let mut tls = self.tls.write().unwrap_or_else(|e| e.into_inner());
+        if tls.generation != generation {
+            match peer_tls(&self.ca, &self.sans) {
+                Ok(next) => {
+                    *tls = next;
+                    tracing::info!(
+                        "peer port: certificate and trusted CAs of the CA rotation step"
+                    );
+                }
+                Err(e) => {
+                    // Not retried at every connection: until the next step.
+                    tls.generation = generation;
+                    tracing::warn!(error = %e, "peer port: cannot follow the CA rotation step, \
+                        keeping the certificate in use");
+                }
+            }
+        }
+        (tls.connector.clone(), tls.acceptor.clone())
     }
 
     /// Accept relays from other replicas until `stop`.
@@ -120,7 +175,8 @@ impl Peers {
         from: SocketAddr,
         ports: &ListenerPorts,
     ) -> Result<(), String> {
-        let tls = tokio::time::timeout(PREFACE_TIMEOUT, self.acceptor.accept(tcp))
+        let acceptor = self.tls().1;
+        let tls = tokio::time::timeout(PREFACE_TIMEOUT, acceptor.accept(tcp))
             .await
             .map_err(|_| "no TLS handshake in time".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -204,7 +260,7 @@ impl Relay for Peers {
         kind: Target,
         mut tcp: TcpStream,
     ) -> Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>> {
-        let connector = self.connector.clone();
+        let connector = self.tls().0;
         Box::pin(async move {
             let mut peer = match connect(&connector, &target, &cluster, kind).await {
                 Ok(peer) => peer,

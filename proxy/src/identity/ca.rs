@@ -19,6 +19,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::scope::PeerIdentity;
 
+pub use super::live::Ca;
+
 /// Common name of a generated CA.
 pub const GENERATED_CA_NAME: &str = "tower-proxy-ca";
 /// Subject CN of the certificates replicas show each other; the peer port
@@ -78,8 +80,8 @@ impl std::fmt::Debug for Issued {
     }
 }
 
-/// The CA: its certificate and the key that signs with it.
-pub struct Ca {
+/// One CA: its certificate and the key that signs with it.
+pub struct Authority {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     key_pem: String,
@@ -88,19 +90,19 @@ pub struct Ca {
 }
 
 /// Never print the key.
-impl std::fmt::Debug for Ca {
+impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca")
+        f.debug_struct("Authority")
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
 }
 
-impl Ca {
+impl Authority {
     /// Load a CA from its PEM certificate (the first one in `cert_pem`) and its
     /// unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE
     /// KEY`) or PKCS#1 (`RSA PRIVATE KEY`); ECDSA P-256/P-384, Ed25519 or RSA.
-    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, CaError> {
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Authority, CaError> {
         let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .next()
             .ok_or_else(|| CaError::Cert("no PEM CERTIFICATE block found".into()))?
@@ -145,7 +147,7 @@ impl Ca {
         let key_pem = key.serialize_pem();
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|e| CaError::Cert(format!("cannot use it as an issuer: {e}")))?;
-        Ok(Ca {
+        Ok(Authority {
             cert_pem: pem_of(&cert_der),
             cert_der: cert_der.into_owned(),
             key_pem,
@@ -156,7 +158,7 @@ impl Ca {
 
     /// A new self-signed CA: ECDSA P-256, CN [`GENERATED_CA_NAME`], valid for
     /// [`GENERATED_CA_VALIDITY`].
-    pub fn generate() -> Result<Ca, CaError> {
+    pub fn generate() -> Result<Authority, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -176,7 +178,7 @@ impl Ca {
         params.not_after = not_after.into();
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
-        Ok(Ca {
+        Ok(Authority {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
             key_pem,
@@ -413,7 +415,7 @@ fn der_encode(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
-fn pem_of(der: &[u8]) -> String {
+pub(super) fn pem_of(der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -503,7 +505,11 @@ pub fn cluster_of(common_name: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::sync::Arc;
+
+    // These tests are about one CA's certificates; the rotating handle has its own.
+    type Ca = Authority;
 
     use rustls::server::WebPkiClientVerifier;
     use rustls::server::danger::ClientCertVerifier;

@@ -1,7 +1,10 @@
 //! The proxy's identity kept in the host cluster: Secret `<namespace>/tower-proxy`
 //! holds the SSH host key (so agents' pinned fingerprints survive restarts and
 //! replicas share one key) and, unless `--ca-cert`/`--ca-key` are given, the CA.
-//! The first replica to start creates it; the others read it.
+//! The first replica to start creates it; the others read it. Rotations are
+//! edits of it ([`super::host_keys`]: `ssh-host-key-next`; [`super::rotation`]:
+//! `ca-next.*`, `ca-previous.*`), which every
+//! replica follows ([`super::watch`]).
 
 use std::collections::BTreeMap;
 
@@ -12,16 +15,38 @@ use kube::api::{Api, PostParams};
 use russh::keys::PrivateKey;
 
 use super::ca::Ca;
+use super::rotation::{CA_CERT, CA_KEY, plan};
 
 pub const SECRET_NAME: &str = "tower-proxy";
 pub const HOST_KEY: &str = "ssh-host-key";
-const CA_CERT: &str = "ca.crt";
-const CA_KEY: &str = "ca.key";
+/// The SSH host key that follows the current one (announced, not yet shown).
+pub const HOST_KEY_NEXT: &str = "ssh-host-key-next";
 
 /// What the Secret holds.
 pub struct Identity {
     pub host_key: PrivateKey,
+    pub host_key_next: Option<PrivateKey>,
     pub ca: Option<Ca>,
+}
+
+/// The current and next SSH host keys in the Secret's `data`.
+pub fn host_keys_in(
+    data: &BTreeMap<String, ByteString>,
+    namespace: &str,
+) -> anyhow::Result<(PrivateKey, Option<PrivateKey>)> {
+    let shown = |key: &str| format!("Secret {namespace}/{SECRET_NAME} key {key}");
+    let pem = get(data, HOST_KEY).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is missing: delete the Secret to have it recreated",
+            shown(HOST_KEY)
+        )
+    })?;
+    let current = tunnel::ssh::parse_host_key(pem, &shown(HOST_KEY))?;
+    let next = match get(data, HOST_KEY_NEXT).filter(|p| !p.trim().is_empty()) {
+        Some(pem) => Some(tunnel::ssh::parse_host_key(pem, &shown(HOST_KEY_NEXT))?),
+        None => None,
+    };
+    Ok((current, next))
 }
 
 fn get<'a>(data: &'a BTreeMap<String, ByteString>, key: &str) -> Option<&'a str> {
@@ -38,21 +63,22 @@ pub async fn load_or_create(
     for _ in 0..3 {
         if let Some(secret) = api.get_opt(SECRET_NAME).await? {
             let data = secret.data.unwrap_or_default();
-            let shown = format!("Secret {namespace}/{SECRET_NAME} key {HOST_KEY}");
-            let pem = get(&data, HOST_KEY).ok_or_else(|| {
-                anyhow::anyhow!("{shown} is missing: delete the Secret to have it recreated")
-            })?;
-            let host_key = tunnel::ssh::parse_host_key(pem, &shown)?;
+            let (host_key, host_key_next) = host_keys_in(&data, namespace)?;
             let ca = match (with_ca, get(&data, CA_CERT), get(&data, CA_KEY)) {
                 (false, ..) => None,
-                (true, Some(cert), Some(key)) => Some(Ca::load(cert, key).map_err(|e| {
+                // Mid-rotation too: the phase the Secret is in (docs/ca-rotation.md).
+                (true, Some(_), Some(_)) => Some(Ca::from(plan(&data).map_err(|e| {
                     anyhow::anyhow!("the CA in Secret {namespace}/{SECRET_NAME} is unusable: {e}")
-                })?),
+                })?)),
                 (true, ..) => anyhow::bail!(
                     "Secret {namespace}/{SECRET_NAME} has no {CA_CERT}/{CA_KEY}: give --ca-cert and --ca-key, or delete the Secret"
                 ),
             };
-            return Ok(Identity { host_key, ca });
+            return Ok(Identity {
+                host_key,
+                host_key_next,
+                ca,
+            });
         }
         let host_key = tunnel::ssh::generate_host_key()?;
         let mut data = BTreeMap::new();

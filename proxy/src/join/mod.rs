@@ -24,7 +24,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 
 use crate::clusters::crd::Cluster;
-use crate::identity::secret::{HOST_KEY, SECRET_NAME};
+use crate::identity::secret::{HOST_KEY, HOST_KEY_NEXT, SECRET_NAME};
 
 /// The first argument that selects this command instead of the proxy.
 pub const COMMAND: &str = "join-command";
@@ -247,11 +247,17 @@ async fn run(flags: &JoinFlags) -> anyhow::Result<String> {
 fn host_key_fingerprints(secret: &Secret) -> anyhow::Result<Vec<String>> {
     let data = secret.data.clone().unwrap_or_default();
     let mut out = Vec::new();
-    if let Some(pem) = data.get(HOST_KEY) {
-        let text = std::str::from_utf8(&pem.0).context("the host key is not text")?;
-        let key = russh::keys::PrivateKey::from_openssh(text)
-            .context("the host key in the proxy's Secret is not an OpenSSH private key")?;
-        out.push(tunnel::ssh::fingerprint(key.public_key()));
+    // During a host key rotation the next key is pinned too, so the agent
+    // follows the switch (docs/ca-rotation.md).
+    for name in [HOST_KEY, HOST_KEY_NEXT] {
+        if let Some(pem) = data.get(name) {
+            let text = std::str::from_utf8(&pem.0)
+                .with_context(|| format!("{name} in the proxy's Secret is not text"))?;
+            let key = russh::keys::PrivateKey::from_openssh(text).with_context(|| {
+                format!("{name} in the proxy's Secret is not an OpenSSH private key")
+            })?;
+            out.push(tunnel::ssh::fingerprint(key.public_key()));
+        }
     }
     Ok(out)
 }

@@ -23,6 +23,8 @@ const SERVER_CERT_RENEW: Duration = Duration::from_secs(30 * 24 * 3600);
 struct Open {
     ports: (u16, u16),
     sans: Vec<String>,
+    /// The CA rotation step (`Ca::generation`) `cert` was issued in.
+    generation: u64,
     cert: ServerCert,
     kube: ClusterListener,
     ks: ClusterListener,
@@ -106,9 +108,13 @@ impl Ports for ListenerPorts {
         if let Some(current) = open.get_mut(cluster) {
             if current.ports == (kube_port, ks_port) {
                 let expiring = current.cert.not_after() < SystemTime::now() + SERVER_CERT_RENEW;
-                if current.sans != sans || expiring {
+                // A CA rotation step: the CA signing serving certificates
+                // may have changed.
+                let generation = self.ca.generation();
+                if current.sans != sans || expiring || current.generation != generation {
                     let issued = self.issue(cluster, sans)?;
                     current.cert.set(issued).map_err(|e| e.to_string())?;
+                    current.generation = generation;
                     current.sans = sans.to_vec();
                     tracing::info!(%cluster, ?sans, "listener certificate re-issued");
                 }
@@ -120,6 +126,7 @@ impl Ports for ListenerPorts {
                 old.ks.shutdown().await;
             }
         }
+        let generation = self.ca.generation();
         let cert = ServerCert::new(self.issue(cluster, sans)?)
             .map_err(|e| format!("unusable listener certificate: {e}"))?;
         let bind = |port| SocketAddr::new(self.bind, port);
@@ -141,6 +148,7 @@ impl Ports for ListenerPorts {
             Open {
                 ports: (kube_port, ks_port),
                 sans: sans.to_vec(),
+                generation,
                 cert,
                 kube,
                 ks,

@@ -67,7 +67,8 @@ fn a_request_for_one_cluster_is_signed_with_its_names() {
     assert!(eku.client_auth && !eku.server_auth);
     assert!(!x509.is_ca());
     // The requester's key, signed by the CA.
-    let (_, ca_x509) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+    let ca_der = ca.cert_der();
+    let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
     assert_eq!(x509.issuer().as_raw(), ca_x509.subject().as_raw());
     x509.verify_signature(Some(ca_x509.public_key())).unwrap();
     assert_eq!(x509.public_key().raw, checked.spki.as_slice());

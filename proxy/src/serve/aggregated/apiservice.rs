@@ -2,7 +2,8 @@
 //! `v1alpha1.tower.kubesphere.io`, pointing at the proxy's Service, with the
 //! proxy CA as `caBundle` so the aggregator verifies our serving certificate
 //! and nobody copies a CA by hand. Applied (server-side, idempotent) by every
-//! replica at start, retried until the host accepts it.
+//! replica at start and at each CA rotation step (the `caBundle` holds every
+//! CA trusted then), retried until the host accepts it.
 
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::{
 };
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::ObjectMeta;
+
+use crate::identity::ca::Ca;
 
 use super::{GROUP, VERSION};
 use crate::identity::names::{MANAGED_BY, MANAGER};
@@ -71,6 +74,19 @@ pub async fn register(client: kube::Client, namespace: String, service: String, 
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+/// [`register`] with every CA trusted now, again at each CA rotation step,
+/// until dropped.
+pub async fn follow(client: kube::Client, namespace: String, service: String, ca: Ca) {
+    let mut steps = ca.subscribe();
+    loop {
+        let bundle = ca.bundle_pem();
+        register(client.clone(), namespace.clone(), service.clone(), bundle).await;
+        if steps.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -105,11 +105,11 @@ pub async fn start(
         "aggregated API listening");
     let current = trust::Current::default();
     let watch = tokio::spawn(trust::watch(client.clone(), current.clone()));
-    let register = tokio::spawn(apiservice::register(
+    let register = tokio::spawn(apiservice::follow(
         client.clone(),
         options.namespace.clone(),
         options.service.clone(),
-        ca.cert_pem().to_string(),
+        (**ca).clone(),
     ));
     let handler = Arc::new(Handler {
         client,

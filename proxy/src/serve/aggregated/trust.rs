@@ -148,7 +148,7 @@ mod tests {
     fn lists_are_json() {
         let ca = crate::identity::ca::Ca::generate().unwrap();
         let trust = Trust::from_data(&data(&[
-            ("requestheader-client-ca-file", ca.cert_pem()),
+            ("requestheader-client-ca-file", &ca.cert_pem()),
             ("requestheader-allowed-names", r#"["front-proxy-client"]"#),
             ("requestheader-username-headers", r#"["X-Remote-User"]"#),
             ("requestheader-group-headers", r#"["X-Remote-Group"]"#),
@@ -163,7 +163,7 @@ mod tests {
         assert!(trust.uid_headers.is_empty());
         assert_eq!(trust.roots.len(), 1);
         let err = Trust::from_data(&data(&[
-            ("requestheader-client-ca-file", ca.cert_pem()),
+            ("requestheader-client-ca-file", &ca.cert_pem()),
             ("requestheader-username-headers", "X-Remote-User"),
         ]))
         .unwrap_err();

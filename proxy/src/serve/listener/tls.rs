@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -88,20 +90,114 @@ impl ResolvesServerCert for Resolver {
 }
 
 /// TLS for the kube-apiserver port: our serving certificate, client
-/// certificates signed by `ca` required, HTTP/1.1 only.
+/// certificates signed by a CA `ca` trusts now required (checked at each
+/// handshake, so a CA rotation needs no new config), HTTP/1.1 only.
 pub fn server_tls(ca: &Ca, cert: ServerCert) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.cert_der().clone())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(TrustedNow::new(ca.clone(), provider.clone())?);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(cert)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Client certificates checked against the CAs the [`Ca`] trusts at the
+/// moment of the handshake (one webpki verifier per rotation step, cached).
+/// It sends no CA names in its request: clients send their one certificate
+/// whatever CA names they would be shown.
+pub struct TrustedNow {
+    ca: Ca,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    cached: RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl std::fmt::Debug for TrustedNow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustedNow").finish_non_exhaustive()
+    }
+}
+
+impl TrustedNow {
+    pub fn new(
+        ca: Ca,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, rustls::Error> {
+        let generation = ca.generation();
+        let verifier = webpki_for(&ca, &provider)?;
+        Ok(Self {
+            ca,
+            provider,
+            cached: RwLock::new((generation, verifier)),
+        })
+    }
+
+    fn now(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let generation = self.ca.generation();
+        {
+            let cached = self.cached.read().unwrap_or_else(|e| e.into_inner());
+            if cached.0 == generation {
+                return Ok(cached.1.clone());
+            }
+        }
+        let verifier = webpki_for(&self.ca, &self.provider)?;
+        *self.cached.write().unwrap_or_else(|e| e.into_inner()) = (generation, verifier.clone());
+        Ok(verifier)
+    }
+}
+
+fn webpki_for(
+    ca: &Ca,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    let mut roots = RootCertStore::empty();
+    for der in ca.trusted() {
+        roots.add(der)?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))
+}
+
+impl ClientCertVerifier for TrustedNow {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.now()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.now()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.now()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// A port of the proxy's own (not a cluster's) keeps its serving certificate
@@ -145,9 +241,13 @@ pub fn own_port_tls(
     Ok(config)
 }
 
-/// Serve a new certificate [`OWN_PORT_CERT_RENEW`] before `cert` ends (new
-/// connections get it; live ones keep theirs). Runs until dropped.
+/// Serve a new certificate [`OWN_PORT_CERT_RENEW`] before `cert` ends, and
+/// at once at every CA rotation step (the CA that signs serving
+/// certificates may have changed). New connections get it; live ones keep theirs.
+/// Runs until dropped.
 pub async fn keep_renewed(cert: ServerCert, ca: Arc<Ca>, sans: Vec<String>, port: &'static str) {
+    let mut rotations = ca.subscribe();
+    let mut generation = ca.generation();
     loop {
         let due = cert
             .not_after()
@@ -155,15 +255,27 @@ pub async fn keep_renewed(cert: ServerCert, ca: Arc<Ca>, sans: Vec<String>, port
             .unwrap_or(std::time::UNIX_EPOCH);
         let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
         // Woken at least daily: a suspended machine's clock may jump.
-        tokio::time::sleep(wait.min(Duration::from_secs(24 * 3600))).await;
-        if SystemTime::now() < due {
+        tokio::select! {
+            () = tokio::time::sleep(wait.min(Duration::from_secs(24 * 3600))) => {}
+            changed = rotations.changed() => if changed.is_err() { return },
+        }
+        let rotated = ca.generation() != generation;
+        if SystemTime::now() < due && !rotated {
             continue;
         }
+        generation = ca.generation();
         match ca
             .issue_server(&sans, OWN_PORT_CERT_VALIDITY)
             .map_err(|e| e.to_string())
             .and_then(|issued| cert.set(issued).map_err(|e| e.to_string()))
         {
+            Ok(()) if rotated => {
+                tracing::info!(
+                    port,
+                    "serving certificate re-issued for the CA rotation step"
+                );
+                continue;
+            }
             Ok(()) => tracing::info!(port, "serving certificate renewed"),
             Err(e) => tracing::warn!(port, error = %e, "cannot renew the serving certificate"),
         }
@@ -195,5 +307,49 @@ mod tests {
         renewing.abort();
         assert!(renewed.is_ok(), "not renewed");
         assert!(cert.not_after() > before + Duration::from_secs(300 * 24 * 3600));
+    }
+
+    #[test]
+    fn the_listeners_trust_follows_the_rotation_steps() {
+        use crate::identity::ca::Authority;
+        use crate::identity::rotation::{Phase, Plan};
+
+        let old = Authority::generate().unwrap();
+        let new = Authority::generate().unwrap();
+        let client = |ca: &Authority| {
+            let issued = ca
+                .issue_client("tower:alpha", &["tower:clients"], Duration::from_secs(3600))
+                .unwrap();
+            CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()
+        };
+        let (of_old, of_new) = (client(&old), client(&new));
+        let load = |a: &Authority| Authority::load(a.cert_pem(), a.key_pem()).unwrap();
+        let ca = Ca::from(load(&old));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = TrustedNow::new(ca.clone(), provider).unwrap();
+        let accepts = |cert: &CertificateDer<'static>| {
+            verifier
+                .verify_client_cert(cert, &[], rustls_pki_types::UnixTime::now())
+                .is_ok()
+        };
+        assert!(accepts(&of_old) && !accepts(&of_new), "steady");
+
+        let step = |signer: &Authority, other: &Authority, phase| Plan {
+            signer: load(signer),
+            others: vec![other.cert_der().clone()],
+            serving: None,
+            phase,
+        };
+        assert!(ca.rotate(step(&old, &new, Phase::Added)));
+        assert!(accepts(&of_old) && accepts(&of_new), "added");
+        assert!(ca.rotate(step(&new, &old, Phase::Switched)));
+        assert!(accepts(&of_old) && accepts(&of_new), "switched");
+        assert!(ca.rotate(Plan {
+            signer: load(&new),
+            others: Vec::new(),
+            serving: None,
+            phase: Phase::Steady,
+        }));
+        assert!(!accepts(&of_old) && accepts(&of_new), "dropped");
     }
 }

@@ -91,6 +91,12 @@ pub enum Msg {
         language_tag: String,
     },
     Channel(ChannelId, ChannelMsg),
+    /// Patched (PATCHES.md): a global request with raw request-specific data
+    /// and want-reply false (e.g. `hostkeys-00@openssh.com`).
+    GlobalRequestNoReply {
+        name: String,
+        data: Vec<u8>,
+    },
     // Patched (PATCHES.md): boxed, the largest variant sized every queue slot.
     ChannelOpenReply {
         pending: Box<PendingChannelOpen>,
@@ -478,6 +484,19 @@ impl Handle {
             .map_err(|_| ())
     }
 
+    /// Patched (PATCHES.md): send a global request with want-reply false and
+    /// `data` verbatim after it, e.g. `hostkeys-00@openssh.com` (OpenSSH
+    /// PROTOCOL 2.5: one SSH string per public key blob).
+    pub async fn global_request_no_reply(&self, name: &str, data: Vec<u8>) -> Result<(), Error> {
+        self.sender
+            .send(Msg::GlobalRequestNoReply {
+                name: name.to_string(),
+                data,
+            })
+            .await
+            .map_err(|_| Error::SendError)
+    }
+
     /// Allows a server to disconnect a client session
     pub async fn disconnect(
         &self,
@@ -655,6 +674,16 @@ impl Session {
             }
             Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(*pending, result)?;
+            }
+            Msg::GlobalRequestNoReply { name, data } => {
+                if let Some(ref mut enc) = self.common.encrypted {
+                    push_packet!(enc.write, {
+                        msg::GLOBAL_REQUEST.encode(&mut enc.write)?;
+                        name.as_str().encode(&mut enc.write)?;
+                        0u8.encode(&mut enc.write)?;
+                        enc.write.extend_from_slice(&data);
+                    })
+                }
             }
             other => {
                 // should be unreachable, since the receiver only gets

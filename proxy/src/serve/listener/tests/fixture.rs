@@ -303,7 +303,7 @@ pub(super) async fn connect_agent(
     let options = ClientOptions {
         config,
         keepalive: Duration::from_secs(30),
-        host_key_fingerprint: None,
+        host_key_fingerprints: Vec::new(),
         allowed_targets: targets,
         allow_dial: Vec::new(),
         hub: Default::default(),
