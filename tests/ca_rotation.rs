@@ -4,7 +4,9 @@
 //! then the old one is dropped. All along, kubectl runs without pause
 //! against alpha through two kubeconfigs: one copied before the rotation
 //! (old CA, old client certificate), until the drop, and the one the Cluster
-//! holds, re-read after each step. Not one call fails. After the drop the
+//! holds, re-read after each step; and 50 requests per second through alpha
+//! and a second cluster, beta, each on a new TLS connection with the
+//! kubeconfig as it is then. Not one call fails. After the drop the
 //! Cluster's kubeconfig carries the new CA alone and a client certificate of
 //! the old CA is refused.
 
@@ -19,13 +21,18 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use e2e::k8s_openapi::serde_json::{Value, json};
 use e2e::{CLUSTER, Tower, kubectl_binary, wait_for_ok, wait_until, workspace_root};
-use rustls_pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
 
 const SOON: Duration = Duration::from_secs(90);
 const NS: &str = "kubesphere-system";
+const BETA: &str = "beta";
 
 async fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<Output> {
     Command::new(kubectl_binary())
@@ -78,11 +85,11 @@ async fn secret_key(tower: &Tower, key: &str) -> Result<String> {
     Ok(value)
 }
 
-/// Alpha's published kubeconfig (YAML).
-async fn published(tower: &Tower) -> Result<String> {
+/// Cluster `name`'s published kubeconfig (YAML).
+async fn published(tower: &Tower, name: &str) -> Result<String> {
     let host = tower.host().kubeconfig();
     let jsonpath = "jsonpath={.spec.connection.kubeconfig}";
-    let b64 = kubectl_ok(host, &["get", "cluster", CLUSTER, "-o", jsonpath]).await?;
+    let b64 = kubectl_ok(host, &["get", "cluster", name, "-o", jsonpath]).await?;
     Ok(String::from_utf8(B64.decode(b64.trim())?)?)
 }
 
@@ -105,16 +112,17 @@ fn trusted(yaml: &str) -> Result<Vec<CertificateDer<'static>>> {
     certs(&B64.decode(field(yaml, "certificate-authority-data")?)?)
 }
 
-/// Wait until alpha's kubeconfig trusts exactly `cas` (in that order), and
-/// write it to `path` (atomically: kubectl keeps reading it).
+/// Wait until Cluster `name`'s kubeconfig trusts exactly `cas` (in that
+/// order), and write it to `path` (atomically: the loads keep reading it).
 async fn follow_step(
     tower: &Tower,
+    name: &str,
     cas: &[&CertificateDer<'static>],
     path: &Path,
     step: &str,
 ) -> Result<String> {
     let yaml = wait_for_ok(SOON, || async {
-        let yaml = published(tower).await?;
+        let yaml = published(tower, name).await?;
         let now = trusted(&yaml)?;
         ensure!(
             now.iter().eq(cas.iter().copied()),
@@ -125,18 +133,66 @@ async fn follow_step(
         Ok(yaml)
     })
     .await
-    .with_context(|| format!("{step}: the Cluster's kubeconfig never trusted the step's CAs"))?;
+    .with_context(|| format!("{step}: {name}'s kubeconfig never trusted the step's CAs"))?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &yaml)?;
     std::fs::rename(&tmp, path)?;
-    eprintln!(
-        "{step}: the Cluster's kubeconfig trusts {} CA(s)",
-        cas.len()
-    );
+    eprintln!("{step}: {name}'s kubeconfig trusts {} CA(s)", cas.len());
     Ok(yaml)
 }
 
-/// kubectl through `kubeconfig`, one call after the other, until stopped.
+/// One GET of kube-system through `kubeconfig` on a new TLS connection, as a
+/// client that re-reads its kubeconfig for every request would: its server,
+/// its CAs and its client certificate, all from the file as it is now.
+async fn https_get(kubeconfig: &Path) -> Result<()> {
+    let yaml = std::fs::read_to_string(kubeconfig)?;
+    let server = field(&yaml, "server")?;
+    let addr = server
+        .strip_prefix("https://")
+        .with_context(|| format!("server {server} is not https"))?
+        .to_string();
+    let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+    let mut roots = RootCertStore::empty();
+    for ca in trusted(&yaml)? {
+        roots.add(ca)?;
+    }
+    let chain = certs(&B64.decode(field(&yaml, "client-certificate-data")?)?)?;
+    let key = PrivateKeyDer::from_pem_slice(&B64.decode(field(&yaml, "client-key-data")?)?)
+        .context("the client key")?;
+    let config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    let name = ServerName::try_from(host.to_string())?;
+    let tcp = TcpStream::connect(&addr).await?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .context("TLS handshake")?;
+    let request = format!(
+        "GET /api/v1/namespaces/kube-system HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(SOON, tls.read_to_end(&mut answer))
+        .await
+        .context("no answer")??;
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(200)]).into_owned();
+    ensure!(head.starts_with("HTTP/1.1 200"), "answered {head:?}");
+    Ok(())
+}
+
+/// How a [`Load`] calls.
+#[derive(Clone, Copy)]
+enum Caller {
+    /// The real kubectl, one call after the other.
+    Kubectl,
+    /// [`https_get`] started at this many per second, not waiting for the
+    /// previous ones (calls overlap when answers are slow).
+    Rate(u32),
+}
+
+/// Calls through `kubeconfig` until stopped, counting successes and
+/// keeping every failure.
 struct Load {
     name: &'static str,
     ok: Arc<AtomicU64>,
@@ -145,23 +201,63 @@ struct Load {
 }
 
 impl Load {
-    fn start(name: &'static str, kubeconfig: PathBuf) -> Load {
+    fn start(name: &'static str, kubeconfig: PathBuf, caller: Caller) -> Load {
         let ok = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (ok2, stop2) = (ok.clone(), stop.clone());
         let task = tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop2.load(Ordering::SeqCst) {
-                let args = ["get", "ns", "kube-system", "-o", "name"];
-                match kubectl(&kubeconfig, &args).await {
-                    Ok(out) if out.status.success() && out.stdout.starts_with(b"namespace/") => {
-                        ok2.fetch_add(1, Ordering::SeqCst);
+            let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let fail = |e: String| {
+                if let Ok(mut f) = failures.lock() {
+                    f.push(e);
+                }
+            };
+            match caller {
+                Caller::Kubectl => {
+                    while !stop2.load(Ordering::SeqCst) {
+                        let args = ["get", "ns", "kube-system", "-o", "name"];
+                        match kubectl(&kubeconfig, &args).await {
+                            Ok(out)
+                                if out.status.success()
+                                    && out.stdout.starts_with(b"namespace/") =>
+                            {
+                                ok2.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(out) => fail(String::from_utf8_lossy(&out.stderr).into_owned()),
+                            Err(e) => fail(format!("{e:#}")),
+                        }
                     }
-                    Ok(out) => failures.push(String::from_utf8_lossy(&out.stderr).into_owned()),
-                    Err(e) => failures.push(format!("{e:#}")),
+                }
+                Caller::Rate(per_second) => {
+                    let mut tick =
+                        tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+                    let mut calls = tokio::task::JoinSet::new();
+                    while !stop2.load(Ordering::SeqCst) {
+                        tick.tick().await;
+                        let (kubeconfig, ok) = (kubeconfig.clone(), ok2.clone());
+                        calls.spawn(async move {
+                            https_get(&kubeconfig).await.map(|()| {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            })
+                        });
+                        while let Some(done) = calls.try_join_next() {
+                            match done {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => fail(format!("{e:#}")),
+                                Err(e) => fail(format!("{e}")),
+                            }
+                        }
+                    }
+                    while let Some(done) = calls.join_next().await {
+                        match done {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => fail(format!("{e:#}")),
+                            Err(e) => fail(format!("{e}")),
+                        }
+                    }
                 }
             }
-            failures
+            failures.lock().map(|f| f.clone()).unwrap_or_default()
         });
         Load {
             name,
@@ -176,7 +272,7 @@ impl Load {
         let target = self.ok.load(Ordering::SeqCst) + n;
         wait_until(SOON, || async { self.ok.load(Ordering::SeqCst) >= target })
             .await
-            .with_context(|| format!("{}: kubectl made no progress", self.name))
+            .with_context(|| format!("{}: no call succeeded for a while", self.name))
     }
 
     /// Stop; every call must have succeeded. Returns how many there were.
@@ -186,14 +282,14 @@ impl Load {
         let ok = self.ok.load(Ordering::SeqCst);
         if !failures.is_empty() {
             bail!(
-                "{}: {} of {} kubectl calls failed, first: {}",
+                "{}: {} of {} calls failed, first: {}",
                 self.name,
                 failures.len(),
                 failures.len() as u64 + ok,
                 failures[0]
             );
         }
-        eprintln!("{}: {ok} kubectl calls, none failed", self.name);
+        eprintln!("{}: {ok} calls, none failed", self.name);
         Ok(ok)
     }
 }
@@ -207,6 +303,10 @@ async fn kubectl_never_fails_through_a_ca_rotation_and_the_old_ca_is_refused_aft
     let current = dir.join("current.kubeconfig");
     std::fs::copy(tower.config_alpha(), &current)?;
     let old_yaml = std::fs::read_to_string(&old_kubeconfig)?;
+    // A second cluster with its own agent: the rotation is the proxy's, for
+    // every cluster at once.
+    let beta = tower.join(&[BETA.to_string()]).await?.remove(0);
+    let current_beta = beta.kubeconfig.clone();
 
     // The CA in use, and the next one, made as docs/ca-rotation.md says.
     let old_crt = secret_key(&tower, "ca.crt").await?;
@@ -226,12 +326,23 @@ async fn kubectl_never_fails_through_a_ca_rotation_and_the_old_ca_is_refused_aft
     let new = certs(&std::fs::read(next_dir.join("ca.crt"))?)?.remove(0);
 
     let before = Load::start(
-        "kubeconfig copied before the rotation",
+        "kubectl, alpha's kubeconfig copied before the rotation",
         old_kubeconfig.clone(),
+        Caller::Kubectl,
     );
-    let following = Load::start("the Cluster's kubeconfig, re-read", current.clone());
-    before.progress(2).await?;
-    following.progress(2).await?;
+    let following = Load::start(
+        "kubectl, alpha's kubeconfig re-read",
+        current.clone(),
+        Caller::Kubectl,
+    );
+    // 50 requests per second through the two clusters, each on a new TLS
+    // connection with the kubeconfig as it is at that moment.
+    let rate_alpha = Load::start("25/s through alpha", current.clone(), Caller::Rate(25));
+    let rate_beta = Load::start("25/s through beta", current_beta.clone(), Caller::Rate(25));
+    let all = [&before, &following, &rate_alpha, &rate_beta];
+    for load in all {
+        load.progress(2).await?;
+    }
 
     // 1. Add: the next CA trusted beside the old one, which still signs.
     patch_secret(
@@ -239,9 +350,11 @@ async fn kubectl_never_fails_through_a_ca_rotation_and_the_old_ca_is_refused_aft
         json!({ "ca-next.crt": next_crt, "ca-next.key": next_key }),
     )
     .await?;
-    follow_step(&tower, &[&old, &new], &current, "add").await?;
-    before.progress(3).await?;
-    following.progress(3).await?;
+    follow_step(&tower, CLUSTER, &[&old, &new], &current, "add").await?;
+    follow_step(&tower, BETA, &[&old, &new], &current_beta, "add").await?;
+    for load in all {
+        load.progress(3).await?;
+    }
 
     // 2. Switch: the new CA signs, the old one is still trusted.
     patch_secret(
@@ -253,11 +366,13 @@ async fn kubectl_never_fails_through_a_ca_rotation_and_the_old_ca_is_refused_aft
         }),
     )
     .await?;
-    follow_step(&tower, &[&new, &old], &current, "switch").await?;
+    follow_step(&tower, CLUSTER, &[&new, &old], &current, "switch").await?;
+    follow_step(&tower, BETA, &[&new, &old], &current_beta, "switch").await?;
     // The copy made before the rotation still works: the previous CA keeps
     // signing the serving certificates and is still trusted.
-    before.progress(3).await?;
-    following.progress(3).await?;
+    for load in all {
+        load.progress(3).await?;
+    }
     before.finish().await?;
 
     // 3. Drop: the new CA alone.
@@ -266,9 +381,14 @@ async fn kubectl_never_fails_through_a_ca_rotation_and_the_old_ca_is_refused_aft
         json!({ "ca-previous.crt": null, "ca-previous.key": null }),
     )
     .await?;
-    let dropped = follow_step(&tower, &[&new], &current, "drop").await?;
-    following.progress(3).await?;
+    let dropped = follow_step(&tower, CLUSTER, &[&new], &current, "drop").await?;
+    follow_step(&tower, BETA, &[&new], &current_beta, "drop").await?;
+    for load in [&following, &rate_alpha, &rate_beta] {
+        load.progress(3).await?;
+    }
     following.finish().await?;
+    let requests = rate_alpha.finish().await? + rate_beta.finish().await?;
+    eprintln!("{requests} requests on new TLS connections through alpha and beta, none failed");
 
     // Only the new CA validates: the old client certificate, with the
     // current server and CA, is refused in the handshake.
