@@ -2,7 +2,9 @@
 //! --create` against the host prints a manifest; `kubectl apply -f -` of it
 //! on the member passes the real apiserver; the agent it describes, run as
 //! the kubelet would run its container, joins, and `kubectl get clusters`
-//! on the host shows beta available with a kubeconfig that works.
+//! on the host shows beta available with a kubeconfig that works. And
+//! `--register`: a bootstrap token made on the host, a member that registers
+//! itself with it (docs/registration.md).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -67,6 +69,100 @@ fn b64_decode(text: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
+/// Key `token` of Secret `kubesphere-system/<name>` on the member.
+fn member_secret(tower: &Tower, name: &str) -> Result<Vec<u8>> {
+    let secret: Value = serde_json::from_str(&tower.member().kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "secret",
+        name,
+        "-o",
+        "json",
+    ]))?;
+    b64_decode(
+        secret["data"]["token"]
+            .as_str()
+            .with_context(|| format!("no token in Secret {name}"))?,
+    )
+}
+
+/// The harness runs no kubelet for Deployments: run the applied agent
+/// Deployment's command as one would, with the pod's files (`files`: path
+/// in the pod, local stand-in) and service address swapped for local ones,
+/// the member's kubeconfig standing in for the service account, and `env`.
+fn run_like_a_kubelet(
+    tower: &Tower,
+    files: &[(&str, &std::path::Path)],
+    env: &[(&str, &str)],
+) -> Result<Proc> {
+    let deploy: Value = serde_json::from_str(&tower.member().kubectl_ok(&[
+        "-n",
+        "kubesphere-system",
+        "get",
+        "deploy",
+        "tower-agent",
+        "-o",
+        "json",
+    ]))?;
+    let command: Vec<String> = deploy["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_array()
+        .context("the Deployment has no command")?
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        command.first().map(String::as_str) == Some("/bin/agent"),
+        "{command:?}"
+    );
+    let member_addr = tower.member().server_addr()?;
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| match files.iter().find(|(pod, _)| pod == a) {
+            Some((_, local)) => local.display().to_string(),
+            None if a == "kubernetes.default.svc:443" => member_addr.clone(),
+            None => a.clone(),
+        })
+        .collect();
+    let mut agent = Command::new(bin("agent"));
+    agent
+        .args(&args)
+        .arg("--kubeconfig")
+        .arg(tower.member().kubeconfig());
+    clean_env(&mut agent);
+    agent.envs(env.iter().copied());
+    Proc::spawn("member-agent", agent)
+}
+
+/// Wait until Cluster `name` is AgentAvailable with a kubeconfig; its base64.
+async fn available(tower: &Tower, name: &str, agent: &Proc) -> Result<String> {
+    let host = tower.host();
+    wait_for_ok(DEADLINE, || async {
+        let c: Value =
+            serde_json::from_str(&host.kubectl_ok(&["get", "cluster", name, "-o", "json"]))?;
+        let available = c["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
+        let kubeconfig = c["spec"]["connection"]["kubeconfig"]
+            .as_str()
+            .unwrap_or_default();
+        ensure!(
+            available && !kubeconfig.is_empty(),
+            "{name} is not available yet"
+        );
+        Ok(kubeconfig.to_string())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "{name} never became available; its agent said:\n{}",
+            agent.tail(20)
+        )
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_printed_manifest_joins_a_member() -> Result<()> {
     let tower = Tower::start_with(TowerOptions {
@@ -125,89 +221,15 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
         ensure!(applied.contains(object), "{object} not applied:\n{applied}");
     }
 
-    // The harness runs no kubelet for Deployments: run the container's command
-    // as one would, with the pod's files and service address swapped for local
-    // ones (the token Secret's value in a file, the member's address, its
-    // kubeconfig standing in for the service account).
-    let deploy: Value = serde_json::from_str(&tower.member().kubectl_ok(&[
-        "-n",
-        "kubesphere-system",
-        "get",
-        "deploy",
-        "tower-agent",
-        "-o",
-        "json",
-    ]))?;
-    let command: Vec<String> = deploy["spec"]["template"]["spec"]["containers"][0]["command"]
-        .as_array()
-        .context("the Deployment has no command")?
-        .iter()
-        .filter_map(|a| a.as_str().map(str::to_string))
-        .collect();
-    ensure!(
-        command.first().map(String::as_str) == Some("/bin/agent"),
-        "{command:?}"
-    );
-    let secret: Value = serde_json::from_str(&tower.member().kubectl_ok(&[
-        "-n",
-        "kubesphere-system",
-        "get",
-        "secret",
-        "tower-agent-token",
-        "-o",
-        "json",
-    ]))?;
-    let token = b64_decode(
-        secret["data"]["token"]
-            .as_str()
-            .context("no token in the Secret")?,
-    )?;
     let dir = tempfile::tempdir()?;
+    let token = member_secret(&tower, "tower-agent-token")?;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token)?;
-    let member_addr = tower.member().server_addr()?;
-    let args: Vec<String> = command[1..]
-        .iter()
-        .map(|a| match a.as_str() {
-            "/etc/tower/token" => token_file.display().to_string(),
-            "kubernetes.default.svc:443" => member_addr.clone(),
-            other => other.to_string(),
-        })
-        .collect();
-    let mut agent = Command::new(bin("agent"));
-    agent
-        .args(&args)
-        .arg("--kubeconfig")
-        .arg(tower.member().kubeconfig());
-    clean_env(&mut agent);
-    let agent = Proc::spawn("beta-agent", agent)?;
+    let agent = run_like_a_kubelet(&tower, &[("/etc/tower/token", &token_file)], &[])?;
 
     // Back on the host: beta is available and its kubeconfig works.
     let host = tower.host();
-    let kubeconfig = wait_for_ok(DEADLINE, || async {
-        let c: Value =
-            serde_json::from_str(&host.kubectl_ok(&["get", "cluster", "beta", "-o", "json"]))?;
-        let available = c["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
-        let kubeconfig = c["spec"]["connection"]["kubeconfig"]
-            .as_str()
-            .unwrap_or_default();
-        ensure!(
-            available && !kubeconfig.is_empty(),
-            "beta is not available yet"
-        );
-        Ok(kubeconfig.to_string())
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "beta never became available; its agent said:\n{}",
-            agent.tail(20)
-        )
-    })?;
+    let kubeconfig = available(&tower, "beta", &agent).await?;
     let config_beta = dir.path().join("config_beta");
     std::fs::write(&config_beta, b64_decode(&kubeconfig)?)?;
     let config_beta = config_beta.display().to_string();
@@ -223,5 +245,109 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
     ensure!(through.contains("namespace/kube-system"), "{through}");
     let listed = host.kubectl_ok(&["get", "clusters"]);
     ensure!(listed.contains("beta"), "{listed}");
+    Ok(())
+}
+
+/// `join-command --register`: no Cluster yet; the host gets a bootstrap token
+/// (auto-approved), the member's manifest an agent that registers with it,
+/// and the Cluster appears with its token stored in the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_registers_itself_from_the_printed_manifest() -> Result<()> {
+    let tower = Tower::start_with(TowerOptions {
+        kubelet: false,
+        ..Default::default()
+    })
+    .await?;
+    let address = format!("127.0.0.1:{}", tower.proxy_port());
+
+    // A flag of --register without it is refused before anything is made.
+    let bad = join_command(&tower, &["--cluster", "gamma", "--auto-approve"]).await?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    ensure!(
+        bad.status.code() == Some(2) && stderr.contains("--register"),
+        "--auto-approve without --register: {stderr}"
+    );
+
+    let out = join_command(
+        &tower,
+        &[
+            "--register",
+            "--auto-approve",
+            "--cluster",
+            "gamma",
+            "--publish-service-address",
+            &address,
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "join-command --register: {stderr}");
+    ensure!(stderr.contains("created bootstrap token"), "{stderr}");
+    let host = tower.host();
+    let tokens: Value = serde_json::from_str(&host.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "get",
+        "secrets",
+        "-l",
+        "app=tower",
+        "-o",
+        "json",
+    ]))?;
+    let made = &tokens["items"][0];
+    ensure!(
+        made["type"] == "bootstrap.kubernetes.io/token"
+            && made["metadata"]["annotations"]["tower.kubesphere.io/auto-approve"] == "true",
+        "the bootstrap token's Secret: {made}"
+    );
+    let manifest = String::from_utf8(out.stdout).context("the manifest is not UTF-8")?;
+    ensure!(
+        manifest.contains(tower.fingerprint()) && !manifest.contains("--token-file"),
+        "{manifest}"
+    );
+
+    let applied = apply_on_member(&tower, &manifest).await?;
+    for object in [
+        "secret/tower-agent-bootstrap",
+        "deployment.apps/tower-agent",
+    ] {
+        ensure!(applied.contains(object), "{object} not applied:\n{applied}");
+    }
+    let bootstrap = String::from_utf8(member_secret(&tower, "tower-agent-bootstrap")?)?;
+    let agent = run_like_a_kubelet(&tower, &[], &[("AGENT_BOOTSTRAP_TOKEN", &bootstrap)])?;
+
+    // The Cluster gamma was made by the registration, and works.
+    let kubeconfig = available(&tower, "gamma", &agent).await?;
+    let dir = tempfile::tempdir()?;
+    let config_gamma = dir.path().join("config_gamma");
+    std::fs::write(&config_gamma, b64_decode(&kubeconfig)?)?;
+    let through = host.kubectl_ok(&[
+        "--kubeconfig",
+        &config_gamma.display().to_string(),
+        "get",
+        "ns",
+        "kube-system",
+        "-o",
+        "name",
+    ]);
+    ensure!(through.contains("namespace/kube-system"), "{through}");
+    // The member keeps gamma's own token, handed over the tunnel.
+    let token = host.kubectl_ok(&[
+        "get",
+        "cluster",
+        "gamma",
+        "-o",
+        "jsonpath={.spec.connection.token}",
+    ]);
+    let stored = wait_for_ok(DEADLINE, || async {
+        let stored = String::from_utf8(member_secret(&tower, "tower-agent-token")?)?;
+        ensure!(
+            stored == token,
+            "the member's Secret does not hold gamma's token yet"
+        );
+        Ok(stored)
+    })
+    .await?;
+    ensure!(!stored.is_empty());
     Ok(())
 }

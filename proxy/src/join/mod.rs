@@ -7,9 +7,13 @@
 //! first creates the Cluster and waits for the proxy to give it one), the
 //! proxy's SSH host key from Secret `<namespace>/tower-proxy`, and, unless
 //! given as flags, `--publish-service-address` and the image from the
-//! proxy's Deployment `<namespace>/tower`. What to print is decided in
-//! [`render`]; this module only fetches.
+//! proxy's Deployment `<namespace>/tower`. With `--register` it makes a
+//! bootstrap token instead (a Secret in the host's `kube-system`,
+//! [`bootstrap_token`]) and the member's agent registers itself with it
+//! (docs/registration.md). What to print is decided in [`render`] and
+//! [`register`]; this module only fetches and creates.
 
+pub mod register;
 pub mod render;
 
 use std::path::PathBuf;
@@ -20,7 +24,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 
 use crate::clusters::crd::Cluster;
@@ -37,13 +41,26 @@ const FIELD_MANAGER: &str = "tower-join-command";
 #[derive(clap::Parser, Debug)]
 #[command(name = "proxy join-command", version, about)]
 pub struct JoinFlags {
-    /// The Cluster (in the host cluster) the member joins as.
-    #[arg(long, value_name = "NAME")]
-    pub cluster: String,
+    /// The Cluster (in the host cluster) the member joins as; with
+    /// --register, the name it asks for (default: derived from its cluster ID).
+    #[arg(long, value_name = "NAME", required_unless_present = "register")]
+    pub cluster: Option<String>,
     /// Create the Cluster (joinFederation, connection type proxy) if it does
     /// not exist, and wait for the proxy to give it a token.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "register")]
     pub create: bool,
+    /// Make a new bootstrap token (Secret kube-system/bootstrap-token-<id> on
+    /// the host) and print a member that registers itself with it
+    /// (docs/registration.md): no Cluster needs to exist.
+    #[arg(long)]
+    pub register: bool,
+    /// With --register: the token's requests are approved at once (else a
+    /// person approves each ClusterRegistrationRequest).
+    #[arg(long, requires = "register")]
+    pub auto_approve: bool,
+    /// With --register: how long the bootstrap token can register members.
+    #[arg(long, default_value = "24h", value_parser = tunnel::cli::parse_go_duration, value_name = "DURATION")]
+    pub token_ttl: Duration,
     /// Kubeconfig of the host cluster (empty: in-cluster config).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
@@ -87,8 +104,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         Ok(manifest) => {
             print!("{manifest}");
             eprintln!(
-                "# apply it on the member cluster: proxy join-command --cluster {} ... | kubectl --context MEMBER apply -f -",
-                flags.cluster
+                "# apply it on the member cluster: proxy join-command ... | kubectl --context MEMBER apply -f -"
             );
             ExitCode::SUCCESS
         }
@@ -116,8 +132,7 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
 }
 
 /// The Cluster's token, creating the Cluster first with `--create`.
-async fn token(api: &Api<Cluster>, flags: &JoinFlags) -> anyhow::Result<String> {
-    let name = &flags.cluster;
+async fn token(api: &Api<Cluster>, name: &str, flags: &JoinFlags) -> anyhow::Result<String> {
     let existing = api
         .get_opt(name)
         .await
@@ -191,7 +206,25 @@ fn from_deployment(deployment: &Deployment) -> (Option<String>, u16, Option<Stri
 async fn run(flags: &JoinFlags) -> anyhow::Result<String> {
     let client = client(flags.kubeconfig.as_ref()).await?;
     let clusters: Api<Cluster> = Api::all(client.clone());
-    let token = token(&clusters, flags).await?;
+    let bootstrap;
+    let token;
+    let join = match (&flags.cluster, flags.register) {
+        (name, true) => {
+            bootstrap = bootstrap_token(&client, flags).await?;
+            render::Join::Register {
+                name: name.as_deref(),
+                bootstrap_token: &bootstrap,
+            }
+        }
+        (Some(name), false) => {
+            token = self::token(&clusters, name, flags).await?;
+            render::Join::Cluster {
+                cluster: name,
+                token: &token,
+            }
+        }
+        (None, false) => bail!("give --cluster NAME, or --register"),
+    };
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &flags.namespace);
     let deployment = deployments.get_opt(PROXY_DEPLOYMENT).await.ok().flatten();
@@ -235,8 +268,7 @@ async fn run(flags: &JoinFlags) -> anyhow::Result<String> {
         );
     }
     Ok(render::render(&render::Inputs {
-        cluster: &flags.cluster,
-        token: &token,
+        join,
         proxy_url: &proxy_url,
         fingerprints: &fingerprints,
         image: &image,
@@ -260,4 +292,61 @@ fn host_key_fingerprints(secret: &Secret) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// A new bootstrap token for Tower: its Secret in the host's `kube-system`
+/// (Kubernetes' bootstrap-token format, `usage-bootstrap-tower`, an
+/// expiration `--token-ttl` from now, auto-approval if asked).
+async fn bootstrap_token(client: &kube::Client, flags: &JoinFlags) -> anyhow::Result<String> {
+    use crate::registration::bootstrap::{AUTO_APPROVE, NAMESPACE, SECRET_TYPE, USAGE_KEY};
+    use rand::RngExt as _;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let mut pick = |n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+            .collect()
+    };
+    let (id, secret) = (pick(6), pick(16));
+    let ttl = jiff::SignedDuration::try_from(flags.token_ttl).context("--token-ttl is too long")?;
+    let expiration = jiff::Timestamp::now()
+        .checked_add(ttl)
+        .context("--token-ttl is too long")?;
+    let mut object = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": format!("bootstrap-token-{id}"),
+            "namespace": NAMESPACE,
+            "labels": {"app": "tower"},
+        },
+        "type": SECRET_TYPE,
+        "stringData": {
+            "token-id": id,
+            "token-secret": secret,
+            "expiration": expiration.to_string(),
+            USAGE_KEY: "true",
+            "description": "Tower self-registration, made by proxy join-command",
+        },
+    });
+    if flags.auto_approve {
+        object["metadata"]["annotations"] = serde_json::json!({ AUTO_APPROVE: "true" });
+    }
+    let secret_object: Secret =
+        serde_json::from_value(object).context("building the bootstrap token's Secret")?;
+    let api: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    api.create(&PostParams::default(), &secret_object)
+        .await
+        .with_context(|| {
+            format!("creating Secret {NAMESPACE}/bootstrap-token-{id} (the bootstrap token)")
+        })?;
+    eprintln!(
+        "# created bootstrap token {id} (Secret {NAMESPACE}/bootstrap-token-{id}), valid until {expiration}{}",
+        if flags.auto_approve {
+            ", its requests approved at once"
+        } else {
+            "; approve the member's request with kubectl patch clsrr (docs/registration.md)"
+        }
+    );
+    Ok(format!("{id}.{secret}"))
 }

@@ -1,7 +1,11 @@
 //! The manifest a member applies to join: `config/namespace` and
 //! `config/agent`, compiled into the binary so the printed manifest is the
 //! same YAML as the kustomize bases, with the cluster's values filled in and
-//! the token Secret in front. Pure: text in, text out.
+//! the token Secret in front; or, for a member that registers itself, the
+//! bootstrap token's Secret and the Deployment of `config/agent-registration`
+//! ([`super::register`]). Pure: text in, text out.
+
+use super::register;
 
 /// The bases' files, in the order of `config/agent/kustomization.yaml`
 /// (a unit test keeps the list equal to it), after the namespace.
@@ -37,11 +41,21 @@ const NAME_PLACEHOLDER: &str = "CLUSTER_NAME";
 const PROXY_PLACEHOLDER: &str = "http://PROXY_ADDRESS:8080";
 const IMAGE_PLACEHOLDER: &str = "image: tower-rs:latest";
 
+/// How the member's agent gets in.
+pub enum Join<'a> {
+    /// As Cluster `cluster`, with its `spec.connection.token`.
+    Cluster { cluster: &'a str, token: &'a str },
+    /// Registering itself with a bootstrap token (docs/registration.md), as
+    /// `name` or, without one, the name derived from its cluster ID.
+    Register {
+        name: Option<&'a str>,
+        bootstrap_token: &'a str,
+    },
+}
+
 /// What the member's manifest is made of.
 pub struct Inputs<'a> {
-    pub cluster: &'a str,
-    /// The Cluster's `spec.connection.token`.
-    pub token: &'a str,
+    pub join: Join<'a>,
     /// What the agent dials (`--proxy-server`).
     pub proxy_url: &'a str,
     /// Host-key fingerprints the agent pins (none: no pinning).
@@ -89,8 +103,15 @@ fn token_secret(token: &str) -> String {
     )
 }
 
-fn deployment(template: &str, inputs: &Inputs<'_>) -> Result<String, RenderError> {
-    for placeholder in [NAME_PLACEHOLDER, PROXY_PLACEHOLDER, IMAGE_PLACEHOLDER] {
+/// `template` with the name (none: the template has no `--name`), the
+/// proxy, the pins and the image filled in.
+fn deployment(
+    template: &str,
+    name: Option<&str>,
+    inputs: &Inputs<'_>,
+) -> Result<String, RenderError> {
+    let needed = [NAME_PLACEHOLDER, PROXY_PLACEHOLDER, IMAGE_PLACEHOLDER];
+    for placeholder in &needed[usize::from(name.is_none())..] {
         if !template.contains(placeholder) {
             return Err(RenderError::NoPlaceholder(placeholder));
         }
@@ -99,7 +120,7 @@ fn deployment(template: &str, inputs: &Inputs<'_>) -> Result<String, RenderError
     for line in template.lines() {
         let indent = &line[..line.len() - line.trim_start().len()];
         let filled = line
-            .replace(NAME_PLACEHOLDER, inputs.cluster)
+            .replace(NAME_PLACEHOLDER, name.unwrap_or(NAME_PLACEHOLDER))
             .replace(PROXY_PLACEHOLDER, inputs.proxy_url)
             .replace(IMAGE_PLACEHOLDER, &format!("image: {}", inputs.image));
         out.push_str(&filled);
@@ -117,8 +138,21 @@ fn deployment(template: &str, inputs: &Inputs<'_>) -> Result<String, RenderError
 
 /// The whole manifest, YAML documents separated by `---`.
 pub fn render(inputs: &Inputs<'_>) -> Result<String, RenderError> {
-    safe("the cluster name", inputs.cluster)?;
-    safe("the token", inputs.token)?;
+    match inputs.join {
+        Join::Cluster { cluster, token } => {
+            safe("the cluster name", cluster)?;
+            safe("the token", token)?;
+        }
+        Join::Register {
+            name,
+            bootstrap_token,
+        } => {
+            if let Some(name) = name {
+                safe("the cluster name", name)?;
+            }
+            safe("the bootstrap token", bootstrap_token)?;
+        }
+    }
     safe("the proxy address", inputs.proxy_url)?;
     safe("the image", inputs.image)?;
     for fingerprint in inputs.fingerprints {
@@ -127,8 +161,20 @@ pub fn render(inputs: &Inputs<'_>) -> Result<String, RenderError> {
     let mut docs = Vec::new();
     for (name, text) in FILES {
         if name == "agent/deployment.yaml" {
-            docs.push(token_secret(inputs.token));
-            docs.push(deployment(text, inputs)?);
+            match inputs.join {
+                Join::Cluster { cluster, token } => {
+                    docs.push(token_secret(token));
+                    docs.push(deployment(text, Some(cluster), inputs)?);
+                }
+                Join::Register {
+                    name,
+                    bootstrap_token,
+                } => {
+                    docs.push(register::bootstrap_secret(bootstrap_token));
+                    let template = register::template(text, name.is_some())?;
+                    docs.push(deployment(&template, name, inputs)?);
+                }
+            }
         } else {
             docs.push(text.to_string());
         }
@@ -146,8 +192,10 @@ mod tests {
 
     fn inputs<'a>(fingerprints: &'a [String]) -> Inputs<'a> {
         Inputs {
-            cluster: "alpha",
-            token: "0123abcd",
+            join: Join::Cluster {
+                cluster: "alpha",
+                token: "0123abcd",
+            },
             proxy_url: "https://tower.example.com:443",
             fingerprints,
             image: "registry.example.com/tower-rs:v1",
@@ -218,7 +266,10 @@ mod tests {
     #[test]
     fn refuses_values_that_would_break_the_yaml() {
         let mut bad = inputs(&[]);
-        bad.token = "a\"b";
+        bad.join = Join::Cluster {
+            cluster: "alpha",
+            token: "a\"b",
+        };
         assert!(matches!(
             render(&bad),
             Err(RenderError::Unsafe {
