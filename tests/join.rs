@@ -6,6 +6,7 @@
 //! `--register`: a bootstrap token made on the host, a member that registers
 //! itself with it (docs/registration.md).
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -134,43 +135,33 @@ fn run_like_a_kubelet(
     Proc::spawn("member-agent", agent)
 }
 
-/// Wait until Cluster `name` is AgentAvailable with a kubeconfig; its base64.
-async fn available(tower: &Tower, name: &str, agent: &Proc) -> Result<String> {
-    let host = tower.host();
-    wait_for_ok(DEADLINE, || async {
-        let c: Value =
-            serde_json::from_str(&host.kubectl_ok(&["get", "cluster", name, "-o", "json"]))?;
-        let available = c["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
-        let kubeconfig = c["spec"]["connection"]["kubeconfig"]
-            .as_str()
-            .unwrap_or_default();
-        ensure!(
-            available && !kubeconfig.is_empty(),
-            "{name} is not available yet"
-        );
-        Ok(kubeconfig.to_string())
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "{name} never became available; its agent said:\n{}",
-            agent.tail(20)
-        )
-    })
+/// Wait until Cluster `name` is AgentAvailable; its kubeconfig, written to
+/// `dir`, with the agent's last words when it never is.
+async fn available(tower: &Tower, name: &str, agent: &Proc, dir: &Path) -> Result<String> {
+    let kubeconfig = tower
+        .host()
+        .available_kubeconfig(name, DEADLINE)
+        .await
+        .with_context(|| format!("its agent said:\n{}", agent.tail(20)))?;
+    let path = dir.join(format!("config_{name}"));
+    std::fs::write(&path, kubeconfig)?;
+    Ok(path.display().to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_printed_manifest_joins_a_member() -> Result<()> {
+/// A proxy and agent for alpha, and `host:port` of the agents' endpoint.
+async fn start() -> Result<(Tower, String)> {
     let tower = Tower::start_with(TowerOptions {
         kubelet: false,
         ..Default::default()
     })
     .await?;
     let address = format!("127.0.0.1:{}", tower.proxy_port());
+    Ok((tower, address))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_manifest_joins_a_member() -> Result<()> {
+    let (tower, address) = start().await?;
 
     // Without --create, a missing Cluster is named, with what to do.
     let missing = join_command(
@@ -229,10 +220,7 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
 
     // Back on the host: beta is available and its kubeconfig works.
     let host = tower.host();
-    let kubeconfig = available(&tower, "beta", &agent).await?;
-    let config_beta = dir.path().join("config_beta");
-    std::fs::write(&config_beta, b64_decode(&kubeconfig)?)?;
-    let config_beta = config_beta.display().to_string();
+    let config_beta = available(&tower, "beta", &agent, dir.path()).await?;
     let through = host.kubectl_ok(&[
         "--kubeconfig",
         &config_beta,
@@ -253,12 +241,7 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
 /// and the Cluster appears with its token stored in the member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_registers_itself_from_the_printed_manifest() -> Result<()> {
-    let tower = Tower::start_with(TowerOptions {
-        kubelet: false,
-        ..Default::default()
-    })
-    .await?;
-    let address = format!("127.0.0.1:{}", tower.proxy_port());
+    let (tower, address) = start().await?;
 
     // A flag of --register without it is refused before anything is made.
     let bad = join_command(&tower, &["--cluster", "gamma", "--auto-approve"]).await?;
@@ -317,13 +300,11 @@ async fn a_member_registers_itself_from_the_printed_manifest() -> Result<()> {
     let agent = run_like_a_kubelet(&tower, &[], &[("AGENT_BOOTSTRAP_TOKEN", &bootstrap)])?;
 
     // The Cluster gamma was made by the registration, and works.
-    let kubeconfig = available(&tower, "gamma", &agent).await?;
     let dir = tempfile::tempdir()?;
-    let config_gamma = dir.path().join("config_gamma");
-    std::fs::write(&config_gamma, b64_decode(&kubeconfig)?)?;
+    let config_gamma = available(&tower, "gamma", &agent, dir.path()).await?;
     let through = host.kubectl_ok(&[
         "--kubeconfig",
-        &config_gamma.display().to_string(),
+        &config_gamma,
         "get",
         "ns",
         "kube-system",

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use base64::Engine as _;
 use e2e::{KubeCluster, Proc, Tower, bin, wait_for_ok, wait_until};
-use k8s_openapi::serde_json::{self, Value};
 use tokio::process::Command;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -107,24 +106,7 @@ fn clsrr(host: &KubeCluster) -> String {
 /// Wait until Cluster `name` has an agent and a kubeconfig, then list the
 /// member's namespaces through that kubeconfig, as a user would.
 async fn works_through_its_kubeconfig(host: &KubeCluster, name: &str, dir: &Path) -> Result<()> {
-    let kubeconfig = wait_for_ok(SETTLE, || async {
-        let c: Value =
-            serde_json::from_str(&host.kubectl_ok(&["get", "cluster", name, "-o", "json"]))?;
-        let available = c["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
-        let kc = c["spec"]["connection"]["kubeconfig"]
-            .as_str()
-            .unwrap_or_default();
-        ensure!(
-            available && !kc.is_empty(),
-            "Cluster {name}: no agent or no kubeconfig yet"
-        );
-        Ok(base64::engine::general_purpose::STANDARD.decode(kc)?)
-    })
-    .await?;
+    let kubeconfig = host.available_kubeconfig(name, SETTLE).await?;
     let file = dir.join(format!("{name}.kubeconfig"));
     std::fs::write(&file, kubeconfig)?;
     wait_for_ok(SETTLE, || async {

@@ -125,3 +125,29 @@ impl Tower {
         Ok(joined)
     }
 }
+
+impl crate::cluster::KubeCluster {
+    /// On a host: wait until Cluster `name` is AgentAvailable with a
+    /// published kubeconfig, and return that kubeconfig (decoded).
+    pub async fn available_kubeconfig(&self, name: &str, timeout: Duration) -> Result<Vec<u8>> {
+        let b64 = wait_for_ok(timeout, || async {
+            let c: Value =
+                serde_json::from_str(&self.kubectl_ok(&["get", "cluster", name, "-o", "json"]))?;
+            let available = c["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "AgentAvailable" && c["status"] == "True");
+            let kubeconfig = c["spec"]["connection"]["kubeconfig"]
+                .as_str()
+                .unwrap_or_default();
+            ensure!(
+                available && !kubeconfig.is_empty(),
+                "Cluster {name}: no agent available or no kubeconfig yet"
+            );
+            Ok(kubeconfig.to_string())
+        })
+        .await?;
+        b64_decode(&b64)
+    }
+}
