@@ -69,7 +69,12 @@ impl Registrar {
                 .get_opt(&name)
                 .await
                 .map_err(|e| unavailable("read the registration request", &e))?;
-            match decide::next(request.as_ref(), &config.name, valid.auto_approve) {
+            match decide::next(
+                request.as_ref(),
+                &config.name,
+                &valid.id,
+                valid.auto_approve,
+            ) {
                 Next::Create { approved } => {
                     let spec = RequestSpec {
                         cluster_id: config.cluster_id.clone(),

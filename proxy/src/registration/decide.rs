@@ -80,8 +80,17 @@ pub enum Next {
     Refuse(String),
 }
 
-/// Decide for an agent asking to join as `name`.
-pub fn next(request: Option<&ClusterRegistrationRequest>, name: &str, auto_approve: bool) -> Next {
+/// Decide for an agent asking to join as `name` with the valid bootstrap
+/// token `token_id`. A request approved for another token is not this
+/// token's to use unless this one approves by itself: otherwise any holder
+/// of a Tower bootstrap token who knows a cluster ID would get its Cluster's
+/// token without a person saying so.
+pub fn next(
+    request: Option<&ClusterRegistrationRequest>,
+    name: &str,
+    token_id: &str,
+    auto_approve: bool,
+) -> Next {
     let Some(request) = request else {
         return Next::Create {
             approved: auto_approve,
@@ -94,6 +103,14 @@ pub fn next(request: Option<&ClusterRegistrationRequest>, name: &str, auto_appro
         )),
         Phase::Pending if auto_approve => Next::Approve,
         Phase::Pending => Next::Refuse(pending_text(id)),
+        Phase::Approved if !auto_approve && request.spec.bootstrap_token_id != token_id => {
+            Next::Refuse(format!(
+                "registration refused: ClusterRegistrationRequest {id} was approved for \
+                 bootstrap token {}, not this one; for a person to decide on this token, delete \
+                 the request (kubectl delete clsrr {id}) and let the agent ask again",
+                request.spec.bootstrap_token_id
+            ))
+        }
         Phase::Approved => match request.status.as_ref().map(|s| s.cluster.as_str()) {
             None | Some("") => Next::Wait,
             Some(cluster) if cluster != name => Next::Refuse(format!(

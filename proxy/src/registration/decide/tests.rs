@@ -38,37 +38,61 @@ fn identities_are_checked() {
 
 #[test]
 fn the_door_creates_approves_waits_and_joins() {
-    assert_eq!(next(None, "x", false), Next::Create { approved: false });
-    assert_eq!(next(None, "x", true), Next::Create { approved: true });
+    assert_eq!(
+        next(None, "x", "abcdef", false),
+        Next::Create { approved: false }
+    );
+    assert_eq!(
+        next(None, "x", "abcdef", true),
+        Next::Create { approved: true }
+    );
     let pending = request("", None);
-    assert_eq!(next(Some(&pending), "x", true), Next::Approve);
-    let Next::Refuse(text) = next(Some(&pending), "x", false) else {
+    assert_eq!(next(Some(&pending), "x", "abcdef", true), Next::Approve);
+    let Next::Refuse(text) = next(Some(&pending), "x", "abcdef", false) else {
         panic!("pending must refuse");
     };
     assert!(text.contains("kubectl get clsrr tower-0a1b2c3d"), "{text}");
     assert!(text.contains(r#""decision":"Approved""#), "{text}");
     // Anything but the two words waits for a person.
     assert_eq!(
-        next(Some(&request("approved", None)), "x", false),
-        next(Some(&pending), "x", false)
+        next(Some(&request("approved", None)), "x", "abcdef", false),
+        next(Some(&pending), "x", "abcdef", false)
     );
     let approved = request("Approved", None);
-    assert_eq!(next(Some(&approved), "x", false), Next::Wait);
+    assert_eq!(next(Some(&approved), "x", "abcdef", false), Next::Wait);
     let joined = request("Approved", Some("cluster-0a1b2c3d"));
     assert_eq!(
-        next(Some(&joined), "cluster-0a1b2c3d", false),
+        next(Some(&joined), "cluster-0a1b2c3d", "abcdef", false),
         Next::Join("cluster-0a1b2c3d".into())
     );
-    let Next::Refuse(text) = next(Some(&joined), "other", false) else {
+    let Next::Refuse(text) = next(Some(&joined), "other", "abcdef", false) else {
         panic!("another name must refuse");
     };
     assert!(text.contains("--name cluster-0a1b2c3d"), "{text}");
 }
 
 #[test]
+fn an_approval_is_for_the_token_it_was_given_to() {
+    let joined = request("Approved", Some("cluster-0a1b2c3d"));
+    // Another valid token, not approving by itself: a person decides again.
+    let Next::Refuse(text) = next(Some(&joined), "cluster-0a1b2c3d", "zzzzzz", false) else {
+        panic!("another token must not take the approved request");
+    };
+    assert!(
+        text.contains("bootstrap token abcdef") && text.contains("kubectl delete clsrr"),
+        "{text}"
+    );
+    // One that approves by itself may, as it may create an approved request.
+    assert_eq!(
+        next(Some(&joined), "cluster-0a1b2c3d", "zzzzzz", true),
+        Next::Join("cluster-0a1b2c3d".into())
+    );
+}
+
+#[test]
 fn denied_stays_denied_even_with_auto_approve() {
     let denied = request("Denied", None);
-    let Next::Refuse(text) = next(Some(&denied), "x", true) else {
+    let Next::Refuse(text) = next(Some(&denied), "x", "abcdef", true) else {
         panic!("denied must refuse");
     };
     assert!(text.contains("was denied"), "{text}");
