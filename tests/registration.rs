@@ -232,6 +232,19 @@ async fn members_join_with_bootstrap_tokens() -> Result<()> {
     a1.wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
         .await?;
 
+    // An approval is for the token it was given to: another valid token
+    // that does not approve by itself is refused for this cluster ID.
+    let other = agent(&tower, member, Some(&manual), "reg-a3", None)?;
+    other
+        .wait_for_line(
+            |l| {
+                l.contains("rejected by proxy") && l.contains("approved for bootstrap token auto01")
+            },
+            SETTLE,
+        )
+        .await?;
+    drop(other);
+
     // (5) The same cluster registering again (a new request: the first one
     // deleted) re-uses its Cluster, found by the cluster-ID label.
     host.kubectl_ok(&["delete", "clsrr", &format!("tower-{a_id}")]);
