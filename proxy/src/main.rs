@@ -47,7 +47,8 @@
 //! - [`config`]: flags, checked into a config before any network I/O.
 //! - [`start`]: the parts built in order, served, drained.
 //! - [`join`]: `proxy join-command`, the manifest a member applies to join
-//!   (the `config/agent` bases, filled in from the host cluster).
+//!   (the `config/agent` bases, filled in from the host cluster; with
+//!   `--register`, a new bootstrap token and the agent that registers with it).
 //!
 //! The SSH and websocket details live in the shared `tunnel` crate.
 //!
