@@ -135,9 +135,10 @@ fn run_like_a_kubelet(
     Proc::spawn("member-agent", agent)
 }
 
-/// Wait until Cluster `name` is AgentAvailable; its kubeconfig, written to
-/// `dir`, with the agent's last words when it never is.
-async fn available(tower: &Tower, name: &str, agent: &Proc, dir: &Path) -> Result<String> {
+/// Wait until Cluster `name` is AgentAvailable (the agent's last words when
+/// it never is), then list the member's kube-system through its kubeconfig
+/// (written to `dir`), as a user would.
+async fn works(tower: &Tower, name: &str, agent: &Proc, dir: &Path) -> Result<()> {
     let kubeconfig = tower
         .host()
         .available_kubeconfig(name, DEADLINE)
@@ -145,7 +146,17 @@ async fn available(tower: &Tower, name: &str, agent: &Proc, dir: &Path) -> Resul
         .with_context(|| format!("its agent said:\n{}", agent.tail(20)))?;
     let path = dir.join(format!("config_{name}"));
     std::fs::write(&path, kubeconfig)?;
-    Ok(path.display().to_string())
+    let through = tower.host().kubectl_ok(&[
+        "--kubeconfig",
+        &path.display().to_string(),
+        "get",
+        "ns",
+        "kube-system",
+        "-o",
+        "name",
+    ]);
+    ensure!(through.contains("namespace/kube-system"), "{through}");
+    Ok(())
 }
 
 /// A proxy and agent for alpha, and `host:port` of the agents' endpoint.
@@ -220,17 +231,7 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
 
     // Back on the host: beta is available and its kubeconfig works.
     let host = tower.host();
-    let config_beta = available(&tower, "beta", &agent, dir.path()).await?;
-    let through = host.kubectl_ok(&[
-        "--kubeconfig",
-        &config_beta,
-        "get",
-        "ns",
-        "kube-system",
-        "-o",
-        "name",
-    ]);
-    ensure!(through.contains("namespace/kube-system"), "{through}");
+    works(&tower, "beta", &agent, dir.path()).await?;
     let listed = host.kubectl_ok(&["get", "clusters"]);
     ensure!(listed.contains("beta"), "{listed}");
     Ok(())
@@ -301,17 +302,7 @@ async fn a_member_registers_itself_from_the_printed_manifest() -> Result<()> {
 
     // The Cluster gamma was made by the registration, and works.
     let dir = tempfile::tempdir()?;
-    let config_gamma = available(&tower, "gamma", &agent, dir.path()).await?;
-    let through = host.kubectl_ok(&[
-        "--kubeconfig",
-        &config_gamma,
-        "get",
-        "ns",
-        "kube-system",
-        "-o",
-        "name",
-    ]);
-    ensure!(through.contains("namespace/kube-system"), "{through}");
+    works(&tower, "gamma", &agent, dir.path()).await?;
     // The member keeps gamma's own token, handed over the tunnel.
     let token = host.kubectl_ok(&[
         "get",
