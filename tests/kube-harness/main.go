@@ -150,7 +150,7 @@ func run() int {
 	}
 	api.port = port
 
-	etcd, err := startEtcdOnFreePorts(ctx, dir, st)
+	etcd, err := startEtcdOnFreePorts(ctx, dir, st, port)
 	if err != nil {
 		if errors.Is(err, errInterrupted) {
 			return 0
@@ -238,12 +238,14 @@ func shutdown(api *apiServer, etcd *etcdServer, code int) int {
 
 // startEtcdOnFreePorts starts etcd on the ports of the last run if both are
 // free, else on new free ports (retrying if another process takes a port
-// between the check and etcd's bind).
-func startEtcdOnFreePorts(ctx context.Context, dir string, st state) (*etcdServer, error) {
+// between the check and etcd's bind). It never takes apiPort: that one is
+// chosen but not yet bound, so the kernel may hand it out again.
+func startEtcdOnFreePorts(ctx context.Context, dir string, st state, apiPort int) (*etcdServer, error) {
 	client, peer := st.EtcdClientPort, st.EtcdPeerPort
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
-		if attempt > 0 || client == 0 || peer == 0 || !portFree(client) || !portFree(peer) || client == peer {
+		clash := client == peer || client == apiPort || peer == apiPort
+		if attempt > 0 || client == 0 || peer == 0 || !portFree(client) || !portFree(peer) || clash {
 			var err error
 			if client, err = freePort(); err != nil {
 				return nil, err
@@ -251,7 +253,8 @@ func startEtcdOnFreePorts(ctx context.Context, dir string, st state) (*etcdServe
 			if peer, err = freePort(); err != nil {
 				return nil, err
 			}
-			if client == peer {
+			if client == peer || client == apiPort || peer == apiPort {
+				lastErr = fmt.Errorf("the kernel handed out port %d/%d twice", client, peer)
 				continue
 			}
 		}
