@@ -75,13 +75,29 @@ pub async fn run(dir: PathBuf, door: Arc<Door>, registry: Registry, stop: Cancel
     }
 }
 
-/// Bind `path` (replacing a stale socket file) with mode 0660.
+/// Listen on `path` (replacing a stale socket file) with mode 0660. The
+/// socket is bound under a hidden name and renamed into place once it listens
+/// with its final mode: a client that sees the file can connect at once, and
+/// nobody ever sees it with a wider mode.
 fn listen(path: &Path) -> std::io::Result<UnixListener> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
-        std::fs::remove_file(path)?;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other(
+            "a socket path needs a directory and a file name",
+        ));
+    };
+    let staging = dir.join(format!(".{}.new", name.to_string_lossy()));
+    for stale in [&staging, &path.to_path_buf()] {
+        if std::fs::symlink_metadata(stale).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(stale)?;
+        }
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let listener = UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        remove(&staging);
+        return Err(e);
+    }
     Ok(listener)
 }
 
@@ -118,5 +134,24 @@ mod tests {
         for bad in ["", "../etc", "a/b", ".hidden", "UPPER", "a..b", "sp ace"] {
             assert_eq!(file_name(bad), None, "{bad}");
         }
+    }
+
+    /// The file appears only once it accepts connections, with its final
+    /// mode, replacing a stale one and leaving no staging file behind.
+    #[tokio::test]
+    async fn the_socket_file_appears_listening() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("alpha.sock");
+        std::fs::write(&path, b"stale")?;
+        let listener = listen(&path)?;
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let _client = tokio::net::UnixStream::connect(&path).await?;
+        listener.accept().await?;
+        let names: Vec<_> = std::fs::read_dir(dir.path())?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(names, ["alpha.sock"]);
+        Ok(())
     }
 }
