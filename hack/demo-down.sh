@@ -2,7 +2,8 @@
 # `make demo-down`: stop what `make demo` started (keeps .demo/ data for the next run).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-for f in .demo/agent.pid .demo/proxy.pid .demo/member.pid .demo/host.pid; do
+DEMO=${DEMO_DIR:-.demo}
+for f in "$DEMO"/agent.pid "$DEMO"/proxy.pid "$DEMO"/member.pid "$DEMO"/host.pid; do
   [[ -f $f ]] || continue
   pid=$(cat "$f")
   if kill "$pid" 2>/dev/null; then
@@ -12,4 +13,4 @@ for f in .demo/agent.pid .demo/proxy.pid .demo/member.pid .demo/host.pid; do
   fi
   rm -f "$f"
 done
-rm -f config_alpha
+rm -f "${DEMO_CONFIG:-config_alpha}"
