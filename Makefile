@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool test lint demo demo-down certs bench clean
+.PHONY: all build harness go-peers promtool test lint demo demo-down certs bench cross clean
 
 all: build
 
@@ -67,6 +67,15 @@ $(BENCH_GOBIN)/chisel: bench/chisel/go.mod bench/chisel/go.sum
 	@mkdir -p $(BENCH_GOBIN)
 	cd bench/chisel && GOBIN=$(BENCH_GOBIN) $(GO) install -trimpath \
 	  -ldflags '-X github.com/jpillora/chisel/share.BuildVersion=$(CHISEL_VERSION)' github.com/jpillora/chisel
+
+# `make cross`: bin/proxy and bin/agent for linux/arm64 (CROSS_ARCH=amd64 on
+# an arm64 machine) without emulation, the way the Dockerfile builds each
+# platform of a multi-arch image; then check the ELF machine and, with
+# qemu-user installed, run them. Needs gcc-aarch64-linux-gnu.
+CROSS_ARCH ?= arm64
+cross:
+	./hack/cross-build.sh $(CROSS_ARCH) $(TARGET_DIR)/cross/$(CROSS_ARCH)
+	./hack/cross-check.sh $(CROSS_ARCH) $(TARGET_DIR)/cross/$(CROSS_ARCH)
 
 certs: certs/ca.crt
 certs/ca.crt:
