@@ -28,6 +28,7 @@ use tempfile::TempDir;
 use tokio::process::Command;
 use tokio::task::JoinSet;
 
+use crate::member_net::MemberNet;
 use crate::paths::{bin, kubectl_binary};
 use crate::proc::Proc;
 
@@ -63,6 +64,9 @@ impl DataDir {
 pub struct KubeCluster {
     name: String,
     kubeconfig: PathBuf,
+    /// The network namespace it runs in ([`KubeCluster::start_isolated`]);
+    /// kubectl runs there too.
+    netns: Option<String>,
     // Field order matters: fields drop in declaration order, so the process
     // is stopped (Proc's drop: SIGTERM, wait, SIGKILL) before the directory
     // is removed.
@@ -100,6 +104,22 @@ impl KubeCluster {
         Self::start_dir(name, DataDir::Kept(dir.to_path_buf()), &[]).await
     }
 
+    /// Like [`KubeCluster::start_with_args`], inside the member namespace
+    /// `net` (no inbound network): reachable only from inside it, so
+    /// [`KubeCluster::kubectl`] runs kubectl there and
+    /// [`KubeCluster::client`] is refused.
+    pub async fn start_isolated(name: &str, net: &MemberNet, args: &[&str]) -> Result<KubeCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kube-{name}-"))
+            .tempdir()
+            .context("creating the cluster's temp dir")?;
+        let mut cmd = net.command(bin("kube-harness"));
+        cmd.arg("--dir").arg(dir.path()).args(args);
+        let mut cluster = Self::spawn(name, DataDir::Temp(dir), cmd).await?;
+        cluster.netns = Some(net.name().to_string());
+        Ok(cluster)
+    }
+
     /// Starts several clusters in parallel; returns them in the order of
     /// `names`. If one fails, the others are stopped and the error returned.
     pub async fn start_many(names: &[&str]) -> Result<Vec<KubeCluster>> {
@@ -122,6 +142,10 @@ impl KubeCluster {
     async fn start_dir(name: &str, dir: DataDir, args: &[&str]) -> Result<KubeCluster> {
         let mut cmd = Command::new(bin("kube-harness"));
         cmd.arg("--dir").arg(dir.path()).args(args);
+        Self::spawn(name, dir, cmd).await
+    }
+
+    async fn spawn(name: &str, dir: DataDir, cmd: Command) -> Result<KubeCluster> {
         let mut proc = Proc::spawn(name, cmd)?;
         proc.set_drop_grace(STOP_GRACE);
         let line = match proc
@@ -148,6 +172,7 @@ impl KubeCluster {
         Ok(KubeCluster {
             name: name.to_string(),
             kubeconfig,
+            netns: None,
             proc,
             dir,
         })
@@ -204,6 +229,12 @@ impl KubeCluster {
 
     /// A kube-rs client built from the kubeconfig (rustls with ring).
     pub async fn client(&self) -> Result<kube::Client> {
+        if let Some(netns) = &self.netns {
+            bail!(
+                "cluster {:?} is reachable only inside network namespace {netns}: use kubectl",
+                self.name
+            );
+        }
         // Make ring the process' rustls provider even if feature unification
         // in a workspace build also enables another one (rustls then has no
         // default). An error only means a provider is already installed.
@@ -221,13 +252,36 @@ impl KubeCluster {
     /// status. Blocks the calling thread until kubectl exits.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         let kubectl = kubectl_binary();
-        std::process::Command::new(&kubectl)
-            .arg("--kubeconfig")
+        let mut cmd = match &self.netns {
+            Some(netns) => {
+                let mut cmd = std::process::Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(&kubectl);
+                cmd
+            }
+            None => std::process::Command::new(&kubectl),
+        };
+        cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("running {}: {e} (set KUBECTL?)", kubectl.display()))
+    }
+
+    /// A `tokio::process::Command` for kubectl with the admin kubeconfig
+    /// (inside the cluster's network namespace, if any).
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = match &self.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(kubectl_binary());
+                cmd
+            }
+            None => Command::new(kubectl_binary()),
+        };
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd.kill_on_drop(true);
+        cmd
     }
 
     /// Runs kubectl like [`KubeCluster::kubectl`], panics (with stderr) if

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::serde_json::{self, Value, json};
 
 use crate::proc::Proc;
-use crate::tower::{Tower, agent_command, b64_decode, checked, run_kubectl};
+use crate::tower::{Tower, agent_args, agent_program, b64_decode, checked, run_kubectl};
 use crate::wait::wait_for_ok;
 
 const SETTLE: Duration = Duration::from_secs(180);
@@ -81,13 +81,15 @@ impl Tower {
         for (name, token) in names.iter().zip(tokens) {
             let token_file = self.dir().join(format!("{name}.token"));
             std::fs::write(&token_file, token)?;
-            let cmd = agent_command(
+            let mut cmd = agent_program(self.member_net());
+            cmd.args(agent_args(
                 name,
                 &token_file,
                 self.proxy_port(),
                 self.fingerprint(),
                 self.member(),
-            );
+                self.member_net(),
+            ));
             agents.push(Proc::spawn_quiet(&format!("agent-{name}"), cmd)?);
         }
         let kubeconfigs = wait_for_ok(SETTLE, || async {

@@ -25,12 +25,12 @@
 //!   append to it as well.
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
-use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::serde_json::{self, Value, json};
+use tokio::io::AsyncWriteExt as _;
 
 use crate::cluster::KubeCluster;
 use crate::wait::wait_for_ok;
@@ -44,30 +44,6 @@ pub const POD_CONTAINER: &str = "main";
 /// How long a new pod may take to be marked Running.
 const POD_RUNNING: Duration = Duration::from_secs(60);
 
-fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: namespace.map(str::to_string),
-        ..Default::default()
-    }
-}
-
-/// Creates `obj` unless it exists.
-async fn ensure_exists<K>(api: &Api<K>, obj: &K) -> Result<()>
-where
-    K: kube::Resource
-        + Clone
-        + k8s_openapi::serde::de::DeserializeOwned
-        + k8s_openapi::serde::Serialize
-        + std::fmt::Debug,
-{
-    match api.create(&PostParams::default(), obj).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 impl KubeCluster {
     /// Creates pod `namespace/name` with one container, [`POD_CONTAINER`],
     /// bound to [`HARNESS_NODE`] (and the namespace and its `default`
@@ -75,63 +51,73 @@ impl KubeCluster {
     /// waits until the stand-in has marked it Running and ready. Needs a
     /// cluster started with `--kubelet`.
     pub async fn run_pod(&self, namespace: &str, name: &str) -> Result<()> {
-        let client = self.client().await?;
-        ensure_exists(
-            &Api::<Namespace>::all(client.clone()),
-            &Namespace {
-                metadata: meta(namespace, None),
-                ..Default::default()
-            },
-        )
-        .await
-        .with_context(|| format!("creating namespace {namespace}"))?;
-        ensure_exists(
-            &Api::<ServiceAccount>::namespaced(client.clone(), namespace),
-            &ServiceAccount {
-                metadata: meta("default", Some(namespace)),
-                ..Default::default()
-            },
-        )
-        .await
-        .with_context(|| format!("creating service account {namespace}/default"))?;
-        let pods: Api<Pod> = Api::namespaced(client, namespace);
-        let pod = Pod {
-            metadata: meta(name, Some(namespace)),
-            spec: Some(PodSpec {
-                node_name: Some(HARNESS_NODE.to_string()),
-                automount_service_account_token: Some(false),
-                termination_grace_period_seconds: Some(0),
-                containers: vec![Container {
-                    name: POD_CONTAINER.to_string(),
-                    image: Some("kube-harness/local-process".to_string()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        pods.create(&PostParams::default(), &pod)
+        // Through kubectl, so that it works for a member in its own network
+        // namespace too ([`KubeCluster::start_isolated`]).
+        let objects = json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+                {"apiVersion": "v1", "kind": "ServiceAccount",
+                 "metadata": {"name": "default", "namespace": namespace}},
+                {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": name, "namespace": namespace},
+                 "spec": {
+                     "nodeName": HARNESS_NODE,
+                     "automountServiceAccountToken": false,
+                     "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": POD_CONTAINER, "image": "kube-harness/local-process"}]
+                 }}
+            ]
+        });
+        self.kubectl_async(&["apply", "-f", "-"], Some(objects.to_string()))
             .await
             .with_context(|| format!("creating pod {namespace}/{name}"))?;
         wait_for_ok(POD_RUNNING, || async {
-            let pod = pods.get(name).await?;
-            let status = pod.status.unwrap_or_default();
+            let pod: Value = serde_json::from_str(
+                &self
+                    .kubectl_async(&["-n", namespace, "get", "pod", name, "-o", "json"], None)
+                    .await?,
+            )?;
+            let status = &pod["status"];
             ensure!(
-                status.phase.as_deref() == Some("Running"),
-                "pod {namespace}/{name} is {:?} (is the cluster running with --kubelet?)",
-                status.phase
+                status["phase"] == "Running",
+                "pod {namespace}/{name} is {} (is the cluster running with --kubelet?)",
+                status["phase"]
             );
+            let statuses = status["containerStatuses"].as_array();
             ensure!(
-                status
-                    .container_statuses
-                    .unwrap_or_default()
-                    .iter()
-                    .all(|c| c.ready),
+                statuses.is_some_and(|c| c.iter().all(|c| c["ready"] == true)),
                 "pod {namespace}/{name}: containers not ready"
             );
             Ok(())
         })
         .await
+    }
+
+    /// kubectl with `args` (and `input` on stdin) that must succeed; its stdout.
+    async fn kubectl_async(&self, args: &[&str], input: Option<String>) -> Result<String> {
+        let mut cmd = self.kubectl_command();
+        cmd.args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running kubectl (set KUBECTL?)")?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await?;
+        ensure!(
+            out.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The working directory of a container on the kubelet stand-in: exec'd

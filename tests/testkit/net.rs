@@ -51,6 +51,11 @@ impl EchoServer {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .context("binding the echo server")?;
+        Self::serve(listener)
+    }
+
+    /// Serves on `listener` (e.g. one inside a [`crate::MemberNet`]).
+    pub fn serve(listener: TcpListener) -> Result<EchoServer> {
         let addr = listener.local_addr().context("echo server address")?;
         let accepted = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();

@@ -36,7 +36,7 @@ pub const NETNS_ADDR: &str = "10.213.0.2";
 /// passed. An error when the namespace cannot be made (never a skip) or the
 /// inner run failed (its output is on the test's stdout and stderr).
 pub async fn in_own_netns(test: &str) -> Result<bool> {
-    if std::env::var_os(INNER).is_some() {
+    if is_inner_run() {
         set_up().await?;
         return Ok(true);
     }
@@ -63,6 +63,12 @@ pub async fn in_own_netns(test: &str) -> Result<bool> {
     Ok(false)
 }
 
+/// Whether this is the inner run of [`in_own_netns`] (inside the test's
+/// own network namespace).
+pub(crate) fn is_inner_run() -> bool {
+    std::env::var_os(INNER).is_some()
+}
+
 /// Inside: `lo` up, `tower0` with [`NETNS_ADDR`]: a dummy interface, or a
 /// veth pair (`tower0`/`tower1`) where the kernel has no dummy driver.
 async fn set_up() -> Result<()> {
@@ -79,7 +85,7 @@ async fn set_up() -> Result<()> {
     ip(&["link", "set", "tower0", "up"]).await
 }
 
-async fn ip(args: &[&str]) -> Result<()> {
+pub(crate) async fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

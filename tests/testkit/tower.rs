@@ -21,6 +21,7 @@
 //!
 //! Dropping it stops the agent, then the proxy, then the clusters.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::cluster::KubeCluster;
+use crate::member_net::{MEMBER_GATEWAY, MemberNet};
 use crate::net::free_port;
 use crate::paths::{bin, kubectl_binary, workspace_root};
 use crate::proc::Proc;
@@ -57,6 +59,10 @@ pub struct TowerOptions {
     /// [`HOST_SERVER`] in a proxy flag becomes the host kube-apiserver's `host:port`.
     pub proxy_args: Vec<String>,
     pub agent_args: Vec<String>,
+    /// Put the member's kube-apiserver, kubelet stand-in and agent in a
+    /// [`MemberNet`]: no inbound network, the agent dials the proxy on
+    /// [`crate::MEMBER_GATEWAY`]. Only inside [`crate::in_own_netns`].
+    pub isolated_member: bool,
 }
 
 impl Default for TowerOptions {
@@ -66,6 +72,7 @@ impl Default for TowerOptions {
             keepalive: None,
             proxy_args: Vec::new(),
             agent_args: Vec::new(),
+            isolated_member: false,
         }
     }
 }
@@ -78,6 +85,8 @@ pub struct Tower {
     proxy: Proc,
     member: KubeCluster,
     host: KubeCluster,
+    /// After the member: the namespace goes once its processes stopped.
+    member_net: Option<MemberNet>,
     config_alpha: PathBuf,
     /// The agent's arguments, for [`Tower::restart_agent`].
     agent_args: Vec<std::ffi::OsString>,
@@ -97,10 +106,18 @@ impl Tower {
     pub async fn start_with(opts: TowerOptions) -> Result<Tower> {
         let t0 = Instant::now();
         let member_args: &[&str] = if opts.kubelet { &["--kubelet"] } else { &[] };
-        let (host, member) = tokio::join!(
-            KubeCluster::start("host"),
-            KubeCluster::start_with_args("member", member_args)
-        );
+        let member_net = if opts.isolated_member {
+            Some(MemberNet::create().await?)
+        } else {
+            None
+        };
+        let member = async {
+            match &member_net {
+                Some(net) => KubeCluster::start_isolated("member", net, member_args).await,
+                None => KubeCluster::start_with_args("member", member_args).await,
+            }
+        };
+        let (host, member) = tokio::join!(KubeCluster::start("host"), member);
         let (host, member) = (host?, member?);
         let dir = tempfile::Builder::new().prefix("tower-").tempdir()?;
 
@@ -149,7 +166,13 @@ impl Tower {
         let proxy_port = free_port();
         let first = pick_ports(20);
         let mut cmd = Command::new(bin("proxy"));
-        cmd.args(["--host", "127.0.0.1", "--port"])
+        // An isolated member reaches the proxy on the veth's host side.
+        let listen = if member_net.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        cmd.args(["--host", listen, "--port"])
             .arg(proxy_port.to_string())
             .arg("--kubeconfig")
             .arg(&host_kc)
@@ -221,12 +244,20 @@ impl Tower {
         // The agent, in the "member", with the member's admin kubeconfig.
         let token_file = dir.path().join("alpha.token");
         std::fs::write(&token_file, &token)?;
-        let mut cmd = agent_command(CLUSTER, &token_file, proxy_port, &fingerprint, &member);
+        let mut agent_args = agent_args(
+            CLUSTER,
+            &token_file,
+            proxy_port,
+            &fingerprint,
+            &member,
+            member_net.as_ref(),
+        );
         if let Some(k) = &opts.keepalive {
-            cmd.args(["--keepalive", k]);
+            agent_args.extend(["--keepalive".into(), k.into()]);
         }
-        cmd.args(&opts.agent_args);
-        let agent_args: Vec<_> = cmd.as_std().get_args().map(ToOwned::to_owned).collect();
+        agent_args.extend(opts.agent_args.iter().map(Into::into));
+        let mut cmd = agent_program(member_net.as_ref());
+        cmd.args(&agent_args);
         let agent = Proc::spawn("agent", cmd)?;
         agent
             .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
@@ -262,6 +293,7 @@ impl Tower {
             proxy,
             member,
             host,
+            member_net,
             config_alpha,
             agent_args,
             kube_port,
@@ -299,6 +331,11 @@ impl Tower {
         &self.member
     }
 
+    /// The member's network namespace, with [`TowerOptions::isolated_member`].
+    pub fn member_net(&self) -> Option<&MemberNet> {
+        self.member_net.as_ref()
+    }
+
     /// The member, to stop or restart its kube-apiserver.
     pub fn member_mut(&mut self) -> &mut KubeCluster {
         &mut self.member
@@ -322,7 +359,7 @@ impl Tower {
     /// connected.
     pub async fn restart_agent(&mut self, extra: &[&str]) -> Result<()> {
         self.agent.terminate(Duration::from_secs(10)).await?;
-        let mut cmd = Command::new(bin("agent"));
+        let mut cmd = agent_program(self.member_net.as_ref());
         cmd.args(&self.agent_args).args(extra);
         self.agent = Proc::spawn("agent", cmd)?;
         self.agent
@@ -393,28 +430,49 @@ impl std::fmt::Debug for Tower {
     }
 }
 
-/// `bin/agent` for cluster `name` with the member's admin kubeconfig,
-/// dialling the proxy on `proxy_port` and pinning its host key.
-pub(crate) fn agent_command(
+/// `bin/agent`, inside `net` if given.
+pub(crate) fn agent_program(net: Option<&MemberNet>) -> Command {
+    match net {
+        Some(net) => net.command(bin("agent")),
+        None => Command::new(bin("agent")),
+    }
+}
+
+/// The arguments of `bin/agent` for cluster `name` with the member's admin
+/// kubeconfig, dialling the proxy on `proxy_port` (from inside `net`, if
+/// given) and pinning its host key.
+pub(crate) fn agent_args(
     name: &str,
     token_file: &Path,
     proxy_port: u16,
     fingerprint: &str,
     member: &KubeCluster,
-) -> Command {
-    let mut cmd = Command::new(bin("agent"));
-    cmd.args(["--name", name])
-        .arg("--token-file")
-        .arg(token_file)
-        .arg("--proxy-server")
-        .arg(format!("http://127.0.0.1:{proxy_port}"))
-        .arg("--kubeconfig")
-        .arg(member.kubeconfig())
-        .args(["--kubesphere-service", "127.0.0.1:9"])
-        .args(["--max-retry-interval", "5s"])
-        .arg("--proxy-host-key-fingerprint")
-        .arg(fingerprint);
-    cmd
+    net: Option<&MemberNet>,
+) -> Vec<OsString> {
+    let proxy_host = if net.is_some() {
+        MEMBER_GATEWAY
+    } else {
+        "127.0.0.1"
+    };
+    let mut args: Vec<OsString> = vec!["--name".into(), name.into(), "--token-file".into()];
+    args.push(token_file.into());
+    args.extend([
+        "--proxy-server".into(),
+        format!("http://{proxy_host}:{proxy_port}").into(),
+    ]);
+    args.push("--kubeconfig".into());
+    args.push(member.kubeconfig().into());
+    for a in [
+        "--kubesphere-service",
+        "127.0.0.1:9",
+        "--max-retry-interval",
+        "5s",
+        "--proxy-host-key-fingerprint",
+        fingerprint,
+    ] {
+        args.push(a.into());
+    }
+    args
 }
 
 pub(crate) async fn run_kubectl(
