@@ -88,33 +88,6 @@ fn kustomize(sub: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `kubectl <args>` on `cluster` with `input` on stdin; stdout, or an error
-/// with kubectl's stderr.
-fn kubectl_stdin(cluster: &KubeCluster, args: &[&str], input: &str) -> Result<String> {
-    use std::io::Write as _;
-    let mut child = Command::new(kubectl_binary())
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning kubectl")?;
-    let mut stdin = child.stdin.take().context("kubectl's stdin")?;
-    stdin.write_all(input.as_bytes())?;
-    drop(stdin);
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "kubectl {} failed ({}):\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `kind/namespace/name` (namespace empty for cluster-scoped objects).
 type Key = String;
 
@@ -122,8 +95,7 @@ type Key = String;
 /// (`create --dry-run=client -o json`: nothing is sent to the server, the
 /// YAML is read exactly as `kubectl apply` reads it), by key.
 fn objects(cluster: &KubeCluster, yaml: &str) -> Result<BTreeMap<Key, Value>> {
-    let json = kubectl_stdin(
-        cluster,
+    let json = cluster.kubectl_input(
         &["create", "--dry-run=client", "-o", "json", "-f", "-"],
         yaml,
     )?;
@@ -438,8 +410,7 @@ fn bad_values_are_refused(home: &Path) -> Result<()> {
 
 /// `kubectl get -f -` of a manifest: the `kind/name` of its objects that exist.
 fn existing(cluster: &KubeCluster, manifest: &str) -> Result<String> {
-    kubectl_stdin(
-        cluster,
+    cluster.kubectl_input(
         &["get", "--ignore-not-found", "-o", "name", "-f", "-"],
         manifest,
     )
@@ -499,11 +470,8 @@ async fn chart_lints_matches_config_installs_upgrades_uninstalls() -> Result<()>
         ],
     ] {
         let rendered = template(home, args)?;
-        let applied = kubectl_stdin(
-            &cluster,
-            &["apply", "--dry-run=server", "-f", "-"],
-            &rendered,
-        )?;
+        let applied =
+            cluster.kubectl_input(&["apply", "--dry-run=server", "-f", "-"], &rendered)?;
         ensure!(applied.contains("(server dry run)"), "{applied}");
     }
     // helm install, as README's "Run it in clusters" says (the namespace
@@ -738,8 +706,10 @@ async fn chart_on_the_host_then_the_printed_line_on_the_member() -> Result<()> {
         .try_into()
         .map_err(|_| anyhow::anyhow!("two clusters expected"))?;
 
-    // On the host: the chart, with the address agents dial (here the port
-    // the proxy will listen on).
+    // On the host: the CRDs already there (KubeSphere hosts have the Cluster
+    // CRD; Helm leaves existing CRDs alone), then the chart, with the address
+    // agents dial (here the port the proxy will listen on).
+    host.install_crd()?;
     let port = free_port();
     helm_ok(
         home.path(),

@@ -45,6 +45,36 @@ impl KubeCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `kubectl <args>` with `input` on stdin, blocking like
+    /// [`KubeCluster::kubectl`]; stdout, or an error with kubectl's stderr
+    /// unless it exits 0.
+    pub fn kubectl_input(&self, args: &[&str], input: &str) -> Result<String> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(kubectl_binary())
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning kubectl")?;
+        let mut stdin = child.stdin.take().context("kubectl's stdin")?;
+        // A kubectl that exits early closes its stdin: its stderr says why.
+        let _ = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "kubectl {} on cluster {:?} failed ({}):\n{}",
+            args.join(" "),
+            self.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Key `token` of Secret `kubesphere-system/<name>`, decoded.
     pub fn secret_token(&self, name: &str) -> Result<Vec<u8>> {
         let secret: Value = serde_json::from_str(&self.kubectl_ok(&[
