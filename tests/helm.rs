@@ -10,7 +10,8 @@
 //!   (nothing left but the CRDs, which Helm keeps on purpose);
 //! - the README's "Run it in clusters": the chart installed on the host, the
 //!   line `proxy join-command` prints applied on the member, `kubectl get
-//!   clusters` shows the member available. The harness runs no pods, so the
+//!   clusters` shows the member available; and an agent installed with the
+//!   chart's `mode=agent` joins as well. The harness runs no pods, so the
 //!   chart's Deployments are run as the kubelet would run them, with the
 //!   harness's addresses swapped in (as tests/join.rs does for the agent).
 
@@ -724,6 +725,9 @@ async fn chart_on_the_host_then_the_printed_line_on_the_member() -> Result<()> {
             &host.kubeconfig().display().to_string(),
             "--set",
             &format!("proxy.publishServiceAddress=127.0.0.1:{port},proxy.port={port}"),
+            // Options as values reach the real binary's flag parser.
+            "--set",
+            "proxy.keepalive=20s,proxy.extraArgs={--cluster-status-update-frequency,30s}",
         ],
     )?;
     host.kubectl_ok(&[
@@ -786,6 +790,62 @@ async fn chart_on_the_host_then_the_printed_line_on_the_member() -> Result<()> {
             .is_some_and(|rest| rest.starts_with("True ")),
         "kubectl get clusters:\n{table}"
     );
+
+    // The chart's other mode joins too: an agent installed with
+    // `--set mode=agent` (the host stands in for a second member: the
+    // agent's objects have names of their own, next to the proxy's).
+    host.apply_manifest(
+        r#"{"apiVersion": "cluster.kubesphere.io/v1alpha1", "kind": "Cluster",
+            "metadata": {"name": "beta"},
+            "spec": {"joinFederation": true, "connection": {"type": "proxy"}}}"#,
+    )
+    .await?;
+    let token = e2e::wait_for_ok(DEADLINE, || async {
+        let token = host.kubectl_ok(&[
+            "get",
+            "cluster",
+            "beta",
+            "-o",
+            "jsonpath={.spec.connection.token}",
+        ]);
+        ensure!(!token.is_empty(), "Cluster beta has no token yet");
+        Ok(token)
+    })
+    .await?;
+    host.kubectl_ok(&[
+        "-n",
+        NS,
+        "create",
+        "secret",
+        "generic",
+        "tower-agent-token",
+        &format!("--from-literal=token={token}"),
+    ]);
+    helm_ok(
+        home.path(),
+        &[
+            "install",
+            "tower-agent",
+            &CHART,
+            "--namespace",
+            NS,
+            "--skip-crds",
+            "--kubeconfig",
+            &host.kubeconfig().display().to_string(),
+            "--set",
+            "mode=agent,agent.clusterName=beta",
+            "--set",
+            &format!("agent.proxyServer=http://127.0.0.1:{port}"),
+            "--set",
+            &format!("agent.proxyHostKeyFingerprint={fingerprint}"),
+        ],
+    )?;
+    let beta_token = dir.path().join("beta.token");
+    std::fs::write(&beta_token, &token)?;
+    let beta = run_agent_like_a_kubelet(&host, &[("/etc/tower/token", &beta_token)], &[])?;
+    host.prove_joined("beta", &beta, dir.path(), DEADLINE)
+        .await?;
+
     eprintln!(
         "chart_on_the_host_then_the_printed_line_on_the_member took {:?}",
         t0.elapsed()
