@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool test lint demo demo-down certs bench cross clean
+.PHONY: all build harness go-peers promtool helm test lint demo demo-down certs bench cross clean
 
 all: build
 
@@ -39,11 +39,21 @@ $(BIN)/promtool: Makefile
 	GOBIN=$(CURDIR)/$(BIN) $(GO) install -trimpath -ldflags='-s -w' -tags remove_all_sd \
 	  github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION)
 
+# helm checks charts/tower (tests/helm.rs): built from the Helm Go module
+# pinned in tests/helm-tool/go.mod (the version and go.sum are there).
+HELM_VERSION = $(shell awk '$$1 == "require" && $$2 == "helm.sh/helm/v4" { print $$3 }' tests/helm-tool/go.mod 2>/dev/null)
+helm: $(BIN)/helm
+$(BIN)/helm: tests/helm-tool/go.mod tests/helm-tool/go.sum
+	@mkdir -p $(BIN)
+	cd tests/helm-tool && $(GO) build -trimpath \
+	  -ldflags='-s -w -X helm.sh/helm/v4/internal/version.version=$(HELM_VERSION)' \
+	  -o ../../$(BIN)/helm helm.sh/helm/v4/cmd/helm
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: build harness go-peers promtool lint
+test: build harness go-peers promtool helm lint
 	$(CARGO) test --workspace --release --no-fail-fast -- --test-threads=2
 
 demo: build harness

@@ -7,13 +7,11 @@
 //! itself with it (docs/registration.md).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{Proc, Tower, TowerOptions, bin, clean_env, kubectl_binary, wait_for_ok};
-use tokio::io::AsyncWriteExt as _;
+use e2e::{Proc, Tower, TowerOptions, bin, clean_env, run_agent_like_a_kubelet, wait_for_ok};
 use tokio::process::Command;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -28,135 +26,9 @@ async fn join_command(tower: &Tower, args: &[&str]) -> Result<std::process::Outp
     cmd.output().await.context("running proxy join-command")
 }
 
-async fn apply_on_member(tower: &Tower, manifest: &str) -> Result<String> {
-    let mut child = Command::new(kubectl_binary())
-        .arg("--kubeconfig")
-        .arg(tower.member().kubeconfig())
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running kubectl apply")?;
-    let mut stdin = child.stdin.take().context("kubectl's stdin")?;
-    stdin.write_all(manifest.as_bytes()).await?;
-    drop(stdin);
-    let out = child.wait_with_output().await?;
-    ensure!(
-        out.status.success(),
-        "kubectl apply of the join manifest failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn b64_decode(text: &str) -> Result<Vec<u8>> {
-    let out = std::process::Command::new("base64")
-        .arg("-d")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .map(|mut s| s.write_all(text.as_bytes()))
-                .transpose()?;
-            child.wait_with_output()
-        })
-        .context("running base64 -d")?;
-    ensure!(out.status.success(), "base64 -d failed");
-    Ok(out.stdout)
-}
-
-/// Key `token` of Secret `kubesphere-system/<name>` on the member.
-fn member_secret(tower: &Tower, name: &str) -> Result<Vec<u8>> {
-    let secret: Value = serde_json::from_str(&tower.member().kubectl_ok(&[
-        "-n",
-        "kubesphere-system",
-        "get",
-        "secret",
-        name,
-        "-o",
-        "json",
-    ]))?;
-    b64_decode(
-        secret["data"]["token"]
-            .as_str()
-            .with_context(|| format!("no token in Secret {name}"))?,
-    )
-}
-
-/// The harness runs no kubelet for Deployments: run the applied agent
-/// Deployment's command as one would, with the pod's files (`files`: path
-/// in the pod, local stand-in) and service address swapped for local ones,
-/// the member's kubeconfig standing in for the service account, and `env`.
-fn run_like_a_kubelet(
-    tower: &Tower,
-    files: &[(&str, &std::path::Path)],
-    env: &[(&str, &str)],
-) -> Result<Proc> {
-    let deploy: Value = serde_json::from_str(&tower.member().kubectl_ok(&[
-        "-n",
-        "kubesphere-system",
-        "get",
-        "deploy",
-        "tower-agent",
-        "-o",
-        "json",
-    ]))?;
-    let command: Vec<String> = deploy["spec"]["template"]["spec"]["containers"][0]["command"]
-        .as_array()
-        .context("the Deployment has no command")?
-        .iter()
-        .filter_map(|a| a.as_str().map(str::to_string))
-        .collect();
-    ensure!(
-        command.first().map(String::as_str) == Some("/bin/agent"),
-        "{command:?}"
-    );
-    let member_addr = tower.member().server_addr()?;
-    let args: Vec<String> = command[1..]
-        .iter()
-        .map(|a| match files.iter().find(|(pod, _)| pod == a) {
-            Some((_, local)) => local.display().to_string(),
-            None if a == "kubernetes.default.svc:443" => member_addr.clone(),
-            None => a.clone(),
-        })
-        .collect();
-    let mut agent = Command::new(bin("agent"));
-    agent
-        .args(&args)
-        .arg("--kubeconfig")
-        .arg(tower.member().kubeconfig());
-    clean_env(&mut agent);
-    agent.envs(env.iter().copied());
-    Proc::spawn("member-agent", agent)
-}
-
-/// Wait until Cluster `name` is AgentAvailable (the agent's last words when
-/// it never is), then list the member's kube-system through its kubeconfig
-/// (written to `dir`), as a user would.
+/// Joined: Cluster `name` available, its kubeconfig works.
 async fn works(tower: &Tower, name: &str, agent: &Proc, dir: &Path) -> Result<()> {
-    let kubeconfig = tower
-        .host()
-        .available_kubeconfig(name, DEADLINE)
-        .await
-        .with_context(|| format!("its agent said:\n{}", agent.tail(20)))?;
-    let path = dir.join(format!("config_{name}"));
-    std::fs::write(&path, kubeconfig)?;
-    let through = tower.host().kubectl_ok(&[
-        "--kubeconfig",
-        &path.display().to_string(),
-        "get",
-        "ns",
-        "kube-system",
-        "-o",
-        "name",
-    ]);
-    ensure!(through.contains("namespace/kube-system"), "{through}");
-    Ok(())
+    tower.host().prove_joined(name, agent, dir, DEADLINE).await
 }
 
 /// A proxy and agent for alpha, and `host:port` of the agents' endpoint.
@@ -213,7 +85,7 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
     );
 
     // The other line, on the member: every object passes the real apiserver.
-    let applied = apply_on_member(&tower, &manifest).await?;
+    let applied = tower.member().apply_manifest(&manifest).await?;
     for object in [
         "namespace/kubesphere-system",
         "serviceaccount/tower-agent",
@@ -224,10 +96,11 @@ async fn the_printed_manifest_joins_a_member() -> Result<()> {
     }
 
     let dir = tempfile::tempdir()?;
-    let token = member_secret(&tower, "tower-agent-token")?;
+    let token = tower.member().secret_token("tower-agent-token")?;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token)?;
-    let agent = run_like_a_kubelet(&tower, &[("/etc/tower/token", &token_file)], &[])?;
+    let agent =
+        run_agent_like_a_kubelet(tower.member(), &[("/etc/tower/token", &token_file)], &[])?;
 
     // Back on the host: beta is available and its kubeconfig works.
     let host = tower.host();
@@ -290,15 +163,19 @@ async fn a_member_registers_itself_from_the_printed_manifest() -> Result<()> {
         "{manifest}"
     );
 
-    let applied = apply_on_member(&tower, &manifest).await?;
+    let applied = tower.member().apply_manifest(&manifest).await?;
     for object in [
         "secret/tower-agent-bootstrap",
         "deployment.apps/tower-agent",
     ] {
         ensure!(applied.contains(object), "{object} not applied:\n{applied}");
     }
-    let bootstrap = String::from_utf8(member_secret(&tower, "tower-agent-bootstrap")?)?;
-    let agent = run_like_a_kubelet(&tower, &[], &[("AGENT_BOOTSTRAP_TOKEN", &bootstrap)])?;
+    let bootstrap = String::from_utf8(tower.member().secret_token("tower-agent-bootstrap")?)?;
+    let agent = run_agent_like_a_kubelet(
+        tower.member(),
+        &[],
+        &[("AGENT_BOOTSTRAP_TOKEN", &bootstrap)],
+    )?;
 
     // The Cluster gamma was made by the registration, and works.
     let dir = tempfile::tempdir()?;
@@ -312,7 +189,7 @@ async fn a_member_registers_itself_from_the_printed_manifest() -> Result<()> {
         "jsonpath={.spec.connection.token}",
     ]);
     let stored = wait_for_ok(DEADLINE, || async {
-        let stored = String::from_utf8(member_secret(&tower, "tower-agent-token")?)?;
+        let stored = String::from_utf8(tower.member().secret_token("tower-agent-token")?)?;
         ensure!(
             stored == token,
             "the member's Secret does not hold gamma's token yet"

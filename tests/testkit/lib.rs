@@ -15,6 +15,7 @@
 //! | checked bytes through the tunnel   | [`echo_transfer`] (GiBs, every byte verified) |
 //! | pods to exec/port-forward/log into | [`KubeCluster::start_with_args`]`(n, &["--kubelet"])`, [`KubeCluster::run_pod`] |
 //! | host + member + proxy + agent, config_alpha | [`Tower::start`], [`Tower::kubectl`] |
+//! | a member joined from a manifest | [`KubeCluster::apply_manifest`], [`run_agent_like_a_kubelet`], [`KubeCluster::prove_joined`] |
 //! | a non-loopback address (Endpoints, aggregated APIs) | [`in_own_netns`], [`NETNS_ADDR`] |
 //!
 //! ## Writing a test
@@ -82,6 +83,7 @@ mod cluster;
 mod env;
 mod join;
 mod kubelet;
+mod member;
 mod member_net;
 mod metrics;
 mod net;
@@ -97,6 +99,7 @@ pub use cluster::{KubeCluster, STOP_GRACE};
 pub use env::clean_env;
 pub use join::Joined;
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
+pub use member::run_agent_like_a_kubelet;
 pub use member_net::{MEMBER_ADDR, MEMBER_GATEWAY, MemberNet};
 pub use metrics::{metric_sample, scrape_metrics};
 pub use net::{EchoServer, free_addr, free_port};
@@ -104,7 +107,7 @@ pub use netns::{NETNS_ADDR, in_own_netns};
 pub use paths::{bin, kubectl_binary, workspace_root};
 pub use proc::{Proc, Stream, log_field};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};
-pub use tower::{CLUSTER, HOST_SERVER, Tower, TowerOptions};
+pub use tower::{CLUSTER, HOST_SERVER, Tower, TowerOptions, fingerprint_in, pick_ports};
 pub use wait::{wait_for_ok, wait_until};
 
 // Re-exported so tests use the exact versions the testkit was built with.

@@ -18,6 +18,7 @@ pub fn bin(name: &str) -> PathBuf {
         let target = match name {
             "kube-harness" | "connect-client" => "make harness",
             "promtool" => "make promtool",
+            "helm" => "make helm",
             "go-agent" | "go-proxy" => "make go-peers",
             "proxy" | "agent" => "make build",
             "kubectl" => "bash .ci/run (builds bin/kubectl when kubectl is missing)",

@@ -530,7 +530,7 @@ pub(crate) fn checked(args: &[&str], out: Output) -> Result<String> {
 
 /// The proxy's host key fingerprint from its log line, text
 /// (`fingerprint=SHA256:...`) or JSON (`"fields":{"fingerprint":...}`).
-fn fingerprint_in(line: &str) -> Result<String> {
+pub fn fingerprint_in(line: &str) -> Result<String> {
     let found = match serde_json::from_str::<Value>(line) {
         Ok(json) => json["fields"]["fingerprint"].as_str().map(str::to_string),
         Err(_) => line
@@ -543,7 +543,7 @@ fn fingerprint_in(line: &str) -> Result<String> {
 
 /// A block of `width` ports in 20000..22000 (their +10000 in 30000..32000):
 /// below Linux's ephemeral range, random so parallel runs rarely meet.
-fn pick_ports(width: u16) -> u16 {
+pub fn pick_ports(width: u16) -> u16 {
     use std::hash::BuildHasher;
     let r = std::collections::hash_map::RandomState::new()
         .hash_one((std::process::id(), Instant::now()));
