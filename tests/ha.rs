@@ -8,6 +8,8 @@
 //! - the agent on `a`, kubectl through `b` works (relayed over the peer port);
 //!   `a` killed: the agent moves to `b` by itself and kubectl works again,
 //!   and `b` takes over the leader Lease and the cluster's Lease.
+//!   The same once more with the member and its agent in a network
+//!   namespace with no inbound network (e2e::MemberNet).
 //! - `a` drains on SIGTERM: a watch relayed through `b` to `a` keeps
 //!   delivering during the drain, requests through `b` never fail, the agent
 //!   connects to `b` before its tunnel to `a` closes, and the Cluster never
@@ -20,7 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use e2e::{KubeCluster, Proc, bin, free_port, kubectl_binary, wait_for_ok, wait_until};
+use e2e::{
+    KubeCluster, MEMBER_GATEWAY, MemberNet, Proc, bin, free_port, in_own_netns, kubectl_binary,
+    wait_for_ok, wait_until,
+};
 use nix::sys::signal::Signal;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
@@ -37,8 +42,8 @@ struct Balancer {
 }
 
 impl Balancer {
-    async fn start(backends: Vec<SocketAddr>) -> Result<Balancer> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    async fn start(ip: Ipv4Addr, backends: Vec<SocketAddr>) -> Result<Balancer> {
+        let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
@@ -74,6 +79,8 @@ struct Ha {
     _balancer: Balancer,
     member: KubeCluster,
     host: KubeCluster,
+    /// After the member: the namespace goes once its processes stopped.
+    _member_net: Option<MemberNet>,
     config_alpha: PathBuf,
     kube_port: u16,
     agents_port: u16,
@@ -129,10 +136,20 @@ impl Ha {
     /// `slot`: a number of its own per test in this file, so that tests
     /// running at the same time get port ranges of their own.
     async fn start(slot: u16) -> Result<Ha> {
-        let (host, member) = tokio::join!(
-            KubeCluster::start("host"),
-            KubeCluster::start_with_args("member", &["--kubelet"])
-        );
+        Self::start_with(slot, None).await
+    }
+
+    /// With `net`: the member and its agent in that namespace with no
+    /// inbound network; the agent reaches the replicas through the balancer
+    /// on the veth's host side.
+    async fn start_with(slot: u16, net: Option<MemberNet>) -> Result<Ha> {
+        let member = async {
+            match &net {
+                Some(net) => KubeCluster::start_isolated("member", net, &["--kubelet"]).await,
+                None => KubeCluster::start_with_args("member", &["--kubelet"]).await,
+            }
+        };
+        let (host, member) = tokio::join!(KubeCluster::start("host"), member);
         let (host, member) = (host?, member?);
         let dir = tempfile::Builder::new().prefix("tower-ha-").tempdir()?;
         host.install_crd()?;
@@ -150,10 +167,18 @@ impl Ha {
             .await
             .context("replica a never took the leader Lease")?;
         let b = spawn_replica("b", "127.0.0.2", ports, host.kubeconfig(), dir.path()).await?;
-        let balancer = Balancer::start(vec![
-            SocketAddr::from(([127, 0, 0, 1], agents_port)),
-            SocketAddr::from(([127, 0, 0, 2], agents_port)),
-        ])
+        let balancer_ip = if net.is_some() {
+            MEMBER_GATEWAY.parse()?
+        } else {
+            Ipv4Addr::LOCALHOST
+        };
+        let balancer = Balancer::start(
+            balancer_ip,
+            vec![
+                SocketAddr::from(([127, 0, 0, 1], agents_port)),
+                SocketAddr::from(([127, 0, 0, 2], agents_port)),
+            ],
+        )
         .await?;
 
         let cluster_file = dir.path().join("alpha.yaml");
@@ -170,7 +195,10 @@ impl Ha {
         .await?;
         let token_file = dir.path().join("alpha.token");
         std::fs::write(&token_file, &token)?;
-        let mut cmd = Command::new(bin("agent"));
+        let mut cmd = match &net {
+            Some(net) => net.command(bin("agent")),
+            None => Command::new(bin("agent")),
+        };
         cmd.args(["--name", "alpha", "--token-file"])
             .arg(&token_file)
             .arg("--proxy-server")
@@ -224,6 +252,7 @@ impl Ha {
             _balancer: balancer,
             member,
             host,
+            _member_net: net,
             config_alpha,
             kube_port,
             agents_port,
@@ -280,7 +309,20 @@ impl Ha {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_on_one_replica_serves_clients_of_the_other_and_moves_when_it_dies() -> Result<()> {
-    let mut ha = Ha::start(0).await?;
+    failover(Ha::start(0).await?).await
+}
+
+/// The same with a member that has no inbound network (tests/isolated_member.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failover_works_for_a_member_with_no_inbound_network() -> Result<()> {
+    if !in_own_netns("the_failover_works_for_a_member_with_no_inbound_network").await? {
+        return Ok(());
+    }
+    // Its own network namespace: the port ranges of slot 0 are free here.
+    failover(Ha::start_with(0, Some(MemberNet::create().await?)).await?).await
+}
+
+async fn failover(mut ha: Ha) -> Result<()> {
     ensure!(
         lease_holder(&ha.host, "tower-cluster-alpha") == "a",
         "the agent should be on a"
