@@ -2,21 +2,30 @@
 //! docs/migration.md), on real kube-apiservers with the real kubectl and Go
 //! Tower's agents (bin/go-agent with `--reconnect`: Go Tower's agent loop).
 //!
-//! The host starts as a KubeSphere host with Go Tower leaves it: the
-//! kubesphere-compat CRD, for each of alpha and beta the `mc-<name>` Service
-//! and a Cluster with a token, a port pair outside our `--cluster-ports`
-//! range and the endpoints on the Service's ClusterIP (what KubeSphere's
-//! cluster controller writes), a user's labels, annotations, finalizer and
-//! fields no proxy knows. Go Tower's proxy is bin/go-proxy with Go Tower's
-//! flags (`--ca-cert`, `--ca-key`, `--host`, `--port`) and its per-cluster
-//! front (tests/go-peers/proxy/front.go: the cluster's HTTPS port, its CA's
-//! serving certificate, the kubeconfig with CN kubernetes-admin). go-proxy
+//! The host starts as Go Tower leaves a KubeSphere host: the Cluster CRD
+//! without a status subresource (two tests: config/crd/kubesphere-compat,
+//! and KubeSphere's own schema, derived from it, which prunes what it does
+//! not declare), for each of alpha and beta the `mc-<name>` Service and a
+//! Cluster with a token, a port pair outside our `--cluster-ports` range and
+//! the endpoints on the Service's ClusterIP (what KubeSphere's cluster
+//! controller writes), and what KubeSphere and the user put there: labels,
+//! annotations, a finalizer, `spec.provider`, `spec.config`,
+//! `status.kubeSphereVersion`, the `Ready` condition and (where the CRD keeps
+//! it) a field no schema declares.
+//!
+//! Go Tower's proxy is bin/go-proxy with Go Tower's flags (`--ca-cert`,
+//! `--ca-key`, `--host`, `--port`) and its per-cluster front
+//! (tests/go-peers/proxy/front.go: the cluster's HTTPS port, a serving
+//! certificate of the CA, the kubeconfig with CN kubernetes-admin). go-proxy
 //! does not talk to Kubernetes, so the test writes that kubeconfig and
-//! `AgentAvailable` into the Cluster as Go Tower's proxy does: get, change,
-//! whole-object update. Nothing routes a ClusterIP here, so kubectl reaches
-//! a cluster's port at 127.0.0.1 with `--tls-server-name` the ClusterIP:
-//! the certificate is checked for the address the kubeconfig names, as
-//! kube-proxy's DNAT would leave it.
+//! `AgentAvailable` into the Cluster as Go Tower's proxy does it (get,
+//! change, whole-object update; Go Tower's typed client would also drop the
+//! fields its Go types lack, which this JSON update keeps), and passes it the
+//! Clusters' tokens and ports as flags after checking them the way Go
+//! Tower's `addCluster` does. It has no ks-apiserver port and no leader
+//! election. Nothing routes a ClusterIP here, so kubectl reaches a cluster's
+//! port at 127.0.0.1 with `--tls-server-name` the ClusterIP: the certificate
+//! is checked for the address the kubeconfig names, as behind kube-proxy.
 //!
 //! Then the switch: go-proxy stops, bin/proxy starts with the same flags and
 //! CA files on the same agents' port. The Go agents (never restarted)
@@ -50,6 +59,7 @@ const CLUSTERS: [&str; 2] = ["alpha", "beta"];
 const LABEL: (&str, &str) = ("cluster.kubesphere.io/group", "production");
 const ANNOTATION: (&str, &str) = ("kubesphere.io/description", "payments, do not touch");
 const FINALIZER: &str = "finalizer.cluster.kubesphere.io";
+const USER_NOTE: &str = "a field no proxy knows";
 
 /// The member's address, CA, client certificate and key (files), as a Go
 /// agent sends them.
@@ -163,7 +173,13 @@ fn agent_available(c: &Value) -> bool {
 /// What KubeSphere's cluster controller and Go Tower leave for one member:
 /// Service mc-<name>, and the Cluster with its token, ports, endpoints on the
 /// Service's ClusterIP, KubeSphere's own fields and the user's.
-fn go_tower_cluster(host: &KubeCluster, dir: &Path, name: &str, kube_port: u16) -> Result<()> {
+fn go_tower_cluster(
+    host: &KubeCluster,
+    dir: &Path,
+    name: &str,
+    kube_port: u16,
+    crd: Crd,
+) -> Result<()> {
     let ks_port = kube_port + 10000;
     let svc = json!({
         "apiVersion": "v1", "kind": "Service",
@@ -205,7 +221,6 @@ fn go_tower_cluster(host: &KubeCluster, dir: &Path, name: &str, kube_port: u16) 
             "enable": true,
             "provider": "on-premises",
             "config": B64.encode("kubesphere: {console: true}"),
-            "userNote": "a field no proxy knows",
             "connection": {
                 "type": "proxy",
                 "token": token,
@@ -225,6 +240,11 @@ fn go_tower_cluster(host: &KubeCluster, dir: &Path, name: &str, kube_port: u16) 
             }],
         },
     });
+    let mut c = c;
+    if crd == Crd::Compat {
+        // A field no schema declares: our CRD keeps it (KubeSphere's refuses it).
+        c["spec"]["userNote"] = json!(USER_NOTE);
+    }
     let file = dir.join(format!("{name}.json"));
     std::fs::write(&file, c.to_string())?;
     host.kubectl_ok(&["create", "-f", &file.to_string_lossy()]);
@@ -422,8 +442,90 @@ fn go_tower_port(taken: &[u16]) -> Result<u16> {
         .context("no free port pair in 6000-7000")
 }
 
+/// The Cluster CRD on the host.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Crd {
+    /// config/crd/kubesphere-compat: ours without the status subresource.
+    Compat,
+    /// KubeSphere's own schema: the compat CRD without our status fields
+    /// and without x-kubernetes-preserve-unknown-fields (so the API server
+    /// prunes what it does not declare, as on a KubeSphere host).
+    KubeSpheres,
+}
+
+/// Our status fields, which KubeSphere's CRD does not declare.
+const OUR_STATUS_FIELDS: [&str; 8] = [
+    "agentVersion",
+    "lastHeartbeatTime",
+    "certificateExpirationTime",
+    "healthz",
+    "readyz",
+    "livez",
+    "platform",
+    "tunnelRTT",
+];
+
+impl Crd {
+    /// Writes the CRD (JSON) into `dir`; returns its file.
+    fn write(self, host: &KubeCluster, dir: &Path) -> Result<PathBuf> {
+        let yaml = std::process::Command::new(kubectl_binary())
+            .arg("kustomize")
+            .arg(e2e::workspace_root().join("config/crd/kubesphere-compat"))
+            .output()?;
+        ensure!(yaml.status.success(), "kubectl kustomize: {yaml:?}");
+        let yaml_file = dir.join("crd.yaml");
+        std::fs::write(&yaml_file, &yaml.stdout)?;
+        // One JSON object per document, one after the other.
+        let objects = host.kubectl_ok(&[
+            "create",
+            "--dry-run=client",
+            "-o",
+            "json",
+            "-f",
+            &yaml_file.to_string_lossy(),
+        ]);
+        let mut crd = serde_json::Deserializer::from_str(&objects)
+            .into_iter::<Value>()
+            .filter_map(Result::ok)
+            .find(|i| i["metadata"]["name"] == "clusters.cluster.kubesphere.io")
+            .context("no Cluster CRD in config/crd/kubesphere-compat")?;
+        if self == Crd::KubeSpheres {
+            let schema = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            if let Some(status) = schema["properties"]["status"]["properties"].as_object_mut() {
+                for field in OUR_STATUS_FIELDS {
+                    status.remove(field);
+                }
+            }
+            strip_preserve_unknown(schema);
+        }
+        let file = dir.join("crd.json");
+        std::fs::write(&file, crd.to_string())?;
+        Ok(file)
+    }
+}
+
+fn strip_preserve_unknown(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            map.remove("x-kubernetes-preserve-unknown-fields");
+            map.values_mut().for_each(strip_preserve_unknown);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_preserve_unknown),
+        _ => {}
+    }
+}
+
 #[tokio::test]
-async fn go_tower_host_moves_to_our_proxy_and_back() -> Result<()> {
+async fn go_tower_host_with_the_kubesphere_compat_crd_moves_to_our_proxy_and_back() -> Result<()> {
+    migrate(Crd::Compat).await
+}
+
+#[tokio::test]
+async fn go_tower_host_with_kubesphere_s_own_crd_moves_to_our_proxy_and_back() -> Result<()> {
+    migrate(Crd::KubeSpheres).await
+}
+
+async fn migrate(crd: Crd) -> Result<()> {
     let t0 = Instant::now();
     let [host, alpha, beta]: [KubeCluster; 3] = KubeCluster::start_many(&["host", "alpha", "beta"])
         .await?
@@ -439,13 +541,7 @@ async fn go_tower_host_moves_to_our_proxy_and_back() -> Result<()> {
     // The host as Go Tower leaves it: the CRD without the status subresource
     // (Go Tower writes status with whole-object updates), the namespace,
     // Services and Clusters.
-    let crd = std::process::Command::new(kubectl_binary())
-        .arg("kustomize")
-        .arg(e2e::workspace_root().join("config/crd/kubesphere-compat"))
-        .output()?;
-    ensure!(crd.status.success(), "kubectl kustomize: {crd:?}");
-    let crd_file = dir.join("crd.yaml");
-    std::fs::write(&crd_file, &crd.stdout)?;
+    let crd_file = crd.write(&host, dir)?;
     host.kubectl_ok(&["create", "-f", &crd_file.to_string_lossy()]);
     host.kubectl_ok(&[
         "wait",
@@ -458,12 +554,16 @@ async fn go_tower_host_moves_to_our_proxy_and_back() -> Result<()> {
     for name in CLUSTERS {
         let port = go_tower_port(&ports)?;
         ports.push(port);
-        go_tower_cluster(&host, dir, name, port)?;
+        go_tower_cluster(&host, dir, name, port, crd)?;
     }
     let before: Vec<Value> = CLUSTERS
         .iter()
         .map(|n| cluster(&host, n).map(|c| users_part(&c)))
         .collect::<Result<_>>()?;
+    ensure!(
+        crd != Crd::Compat || before.iter().all(|c| c["userNote"] == USER_NOTE),
+        "the unknown field did not make it into the Clusters: {before:?}"
+    );
     let ips: Vec<String> = CLUSTERS.iter().map(|n| cluster_ip(&host, n)).collect();
 
     // Go Tower's flags, shared by both proxies: the CA files and the agents' port.
