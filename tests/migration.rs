@@ -433,13 +433,20 @@ fn cluster_ip(host: &KubeCluster, name: &str) -> String {
 }
 
 /// A kube port (and its +10000 ks port) free now, outside our default
-/// `--cluster-ports` 16000-16999, as KubeSphere picks them.
-fn go_tower_port(taken: &[u16]) -> Result<u16> {
+/// `--cluster-ports` 16000-16999, as KubeSphere picks them; each test of
+/// this file has its own half of 6000-6999 (they run at once, in one
+/// process, and bind their ports only later).
+fn go_tower_port(crd: Crd, taken: &[u16]) -> Result<u16> {
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    let start = 6000 + (std::process::id() % 800) as u16;
-    (start..7000)
+    let base = match crd {
+        Crd::Compat => 6000,
+        Crd::KubeSpheres => 6500,
+    };
+    let start = base + (std::process::id() % 400) as u16;
+    (start..base + 500)
+        .chain(base..start)
         .find(|&p| !taken.contains(&p) && free(p) && free(p + 10000))
-        .context("no free port pair in 6000-7000")
+        .with_context(|| format!("no free port pair in {base}-{}", base + 499))
 }
 
 /// The Cluster CRD on the host.
@@ -552,7 +559,7 @@ async fn migrate(crd: Crd) -> Result<()> {
     host.kubectl_ok(&["create", "ns", NS]);
     let mut ports = Vec::new();
     for name in CLUSTERS {
-        let port = go_tower_port(&ports)?;
+        let port = go_tower_port(crd, &ports)?;
         ports.push(port);
         go_tower_cluster(&host, dir, name, port, crd)?;
     }
