@@ -659,6 +659,26 @@ async fn migrate(crd: Crd) -> Result<()> {
             );
         }
         reaches(&ours, ports[i], name).await?;
+        // The member's status through the tunnel: KubeSphere's fields
+        // always; ours only where the CRD declares them.
+        let c = wait_for_ok(DEADLINE, || async {
+            let c = cluster(&host, name)?;
+            let status = &c["status"];
+            ensure!(
+                status["kubernetesVersion"].is_string()
+                    && (crd != Crd::Compat || status["agentVersion"].is_string()),
+                "Cluster {name}: no member status yet: {status}"
+            );
+            Ok(c)
+        })
+        .await?;
+        if crd == Crd::KubeSpheres {
+            ensure!(
+                c["status"]["agentVersion"].is_null(),
+                "KubeSphere's schema kept our status field: {}",
+                c["status"]
+            );
+        }
         // The copy of Go Tower's: its CN kubernetes-admin certificate
         // (signed by the same CA) names no cluster: refused, with the fix.
         let out = kubectl_via(&go_kubeconfigs[i], ports[i], &["get", "ns"])?;
