@@ -339,7 +339,8 @@ impl Flags {
                         .filter(|ip| !ip.is_empty())
                         .or_else(|| (!bind.is_unspecified()).then(|| bind.to_string()))
                         .context(
-                            "--leader-elect needs --peer-address (or POD_IP, or a specific --host)",
+                            "--leader-elect needs --peer-address (or POD_IP, or a specific --host; \
+                             in a pod, /etc/hosts names the pod's IP)",
                         )?;
                     join_host_port(&host, self.peer_port)
                 }
@@ -560,5 +561,6 @@ fn parse_forward(s: &str) -> Result<(String, SocketAddr), String> {
     Ok((name.to_string(), addr))
 }
 
+pub mod pod_ip;
 #[cfg(test)]
 mod tests;

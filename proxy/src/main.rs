@@ -101,8 +101,18 @@ fn main() -> ExitCode {
     if !ignored.is_empty() {
         tracing::info!(flags = ?ignored, "accepted for Go Tower's command lines; no effect here");
     }
-    let env = |name: &str| std::env::var(name).ok();
     let hostname = || std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    // POD_IP, else the pod's own address from /etc/hosts (KubeSphere's
+    // Deployment sets no POD_IP; see config::pod_ip).
+    let env = |name: &str| {
+        std::env::var(name).ok().or_else(|| {
+            if name != "POD_IP" {
+                return None;
+            }
+            let hosts = std::fs::read_to_string("/etc/hosts").ok()?;
+            config::pod_ip::from_hosts(&hosts, &hostname()?).map(|ip| ip.to_string())
+        })
+    };
     let config = match flags.check(&env, &hostname) {
         Ok(config) => config,
         Err(e) => {

@@ -48,6 +48,9 @@ type ConfigRejectedError struct{ Reason string }
 
 func (e *ConfigRejectedError) Error() string { return "config rejected: " + e.Reason }
 
+// ErrHandshake wraps a failed SSH handshake (Go Tower's agent gives up on it).
+var ErrHandshake = errors.New("ssh handshake")
+
 // Session is a connected agent.
 type Session struct {
 	Conn ssh.Conn
@@ -130,7 +133,7 @@ func Connect(opts Options) (*Session, error) {
 	sconn, chans, reqs, err := ssh.NewClientConn(conn, ws.RemoteAddr().String(), cfg)
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("ssh handshake: %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
 	// Answer (false) whatever global requests the proxy sends.
 	go ssh.DiscardRequests(reqs)

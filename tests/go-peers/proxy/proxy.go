@@ -35,6 +35,12 @@ type Options struct {
 	Target          string // channel target; empty: the agent's KubernetesSvcHost
 	TowerAlgorithms bool
 	ConfigTimeout   time.Duration // 0: ConfigTimeout (10 s)
+	// Clusters are more accepted agents (name -> token), Go Tower style.
+	Clusters map[string]string
+	// OnConnect, if set, runs for an authenticated agent before the
+	// `config` reply (Go Tower starts the cluster's listeners there); an
+	// error is sent as the failure text. release runs when the session ends.
+	OnConnect func(conn *ssh.ServerConn, cfg wire.AgentConfig) (release func(), err error)
 	// Event receives the stdout lines ("agent <name> connected", ...).
 	Event func(line string)
 	Log   func(format string, args ...any)
@@ -166,11 +172,21 @@ func (p *Proxy) serveTunnel(conn net.Conn) {
 				sconn.Close()
 				continue
 			}
-			if cfg.Name != p.opts.Name || cfg.Token != p.opts.Token {
+			if !p.accepts(cfg) {
 				p.event("agent %s rejected: %s", cfg.Name, wire.Unauthorized)
 				req.Reply(false, []byte(wire.Unauthorized))
 				sconn.Close()
 				continue
+			}
+			if p.opts.OnConnect != nil {
+				release, err := p.opts.OnConnect(sconn, cfg)
+				if err != nil {
+					p.event("agent %s rejected: %s", cfg.Name, err)
+					req.Reply(false, []byte(err.Error()))
+					sconn.Close()
+					continue
+				}
+				defer release()
 			}
 			timer.Stop()
 			sess = &session{conn: sconn, config: cfg}
@@ -196,6 +212,14 @@ func (p *Proxy) serveTunnel(conn net.Conn) {
 		err := sconn.Wait()
 		p.logf("agent %s disconnected: %v", sess.config.Name, err)
 	}
+}
+
+func (p *Proxy) accepts(cfg wire.AgentConfig) bool {
+	if cfg.Name == p.opts.Name && cfg.Token == p.opts.Token && (p.opts.Name != "" || len(p.opts.Clusters) == 0) {
+		return true
+	}
+	token, ok := p.opts.Clusters[cfg.Name]
+	return ok && token != "" && cfg.Token == token
 }
 
 // Forward accepts TCP connections on l and pipes each through a new

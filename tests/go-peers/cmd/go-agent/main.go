@@ -1,5 +1,7 @@
 // go-agent is a Go Tower (v0.2.1) wire-compatible agent used as a test and
-// benchmark peer. It connects once; when the connection dies it exits 1.
+// benchmark peer. It connects once; when the connection dies it exits 1,
+// unless --reconnect is given: then it dials again the way Go Tower's agent
+// does (its connectionLoop), see reconnect.go.
 package main
 
 import (
@@ -22,6 +24,8 @@ func main() {
 		bearer     string
 		wsCAFile   string
 		wsInsecure bool
+		reconnect  bool
+		maxRetry   time.Duration
 	)
 	flag.StringVar(&opts.ProxyServer, "proxy-server", "http://127.0.0.1:8080", "proxy URL (http:// -> ws://, https:// -> wss://)")
 	flag.StringVar(&opts.Name, "name", "", "cluster name")
@@ -38,6 +42,8 @@ func main() {
 	flag.StringVar(&wsCAFile, "ws-ca-file", "", "PEM CA bundle to trust for wss://")
 	flag.BoolVar(&wsInsecure, "ws-insecure", false, "skip TLS verification for wss://")
 	flag.IntVar(&opts.WSBufferSize, "ws-buffer-size", 1024, "websocket read/write buffer size = outgoing frame size (Go Tower: 1024)")
+	flag.BoolVar(&reconnect, "reconnect", false, "dial again when the connection fails or ends, like Go Tower's agent (default: exit 1)")
+	flag.DurationVar(&maxRetry, "max-retry-interval", 2*time.Minute, "with --reconnect: the longest wait between attempts (Go Tower's flag)")
 	flag.Parse()
 
 	opts.Log = func(format string, args ...any) {
@@ -71,6 +77,9 @@ func main() {
 		opts.TLSConfig = tc
 	}
 
+	if reconnect {
+		fatal(connectionLoop(opts, maxRetry))
+	}
 	s, err := agent.Connect(opts)
 	if err != nil {
 		if reason, ok := agent.IsRejected(err); ok {
