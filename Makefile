@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool helm test lint demo demo-down certs bench cross clean
+.PHONY: all build harness go-peers promtool helm toxiproxy test faults lint demo demo-down certs bench cross clean
 
 all: build
 
@@ -49,11 +49,28 @@ $(BIN)/helm: tests/helm-tool/go.mod tests/helm-tool/go.sum
 	  -ldflags='-s -w -X helm.sh/helm/v4/internal/version.version=$(HELM_VERSION)' \
 	  -o ../../$(BIN)/helm helm.sh/helm/v4/cmd/helm
 
+# Toxiproxy (Shopify's fault proxy) for tests/faults.rs: built from the Go
+# module pinned in tests/toxiproxy-tool/go.mod (the version and go.sum are there).
+TOXIPROXY_VERSION = $(shell awk '$$1 == "require" && $$2 == "github.com/Shopify/toxiproxy/v2" { print $$3 }' tests/toxiproxy-tool/go.mod 2>/dev/null)
+toxiproxy: $(BIN)/toxiproxy-server
+$(BIN)/toxiproxy-server: tests/toxiproxy-tool/go.mod tests/toxiproxy-tool/go.sum
+	@mkdir -p $(BIN)
+	cd tests/toxiproxy-tool && $(GO) build -trimpath \
+	  -ldflags='-s -w -X github.com/Shopify/toxiproxy/v2.Version=$(TOXIPROXY_VERSION)' \
+	  -o ../../$(BIN)/toxiproxy-server github.com/Shopify/toxiproxy/v2/cmd/server
+
+# `make faults`: tests/faults.rs with the issue's durations (each fault held
+# 30 s, a 2-minute black hole, the default --keepalive 30s); prints a
+# `FAULTS |` line per fault (docs/reliability.md, README "Reliability").
+faults: build harness toxiproxy
+	set -o pipefail; FAULTS_FULL=1 $(CARGO) test --release -p e2e --test faults -- --test-threads=2 --nocapture \
+	  2>&1 | tee $(TARGET_DIR)/faults.log | grep --line-buffered -E '^(FAULTS|faults:|test result)'
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: build harness go-peers promtool helm lint
+test: build harness go-peers promtool helm toxiproxy lint
 	$(CARGO) test --workspace --release --no-fail-fast -- --test-threads=2
 
 demo: build harness

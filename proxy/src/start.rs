@@ -268,14 +268,14 @@ async fn with_kubernetes(
         core.metrics.clone(),
         stop.clone(),
     )));
-    // Runs as long as the process: it only answers CertificateSigningRequests.
-    drop(people::csr::start(
-        client.clone(),
-        ca.clone(),
-        leader.clone(),
-    ));
-    // Also for the process's life: it only answers registration requests.
-    drop(registration::controller::start(client.clone(), leader));
+    // The kube-runtime controllers run as long as the serving does, and are
+    // stopped before the runtime goes: a reconcile task the runtime's
+    // shutdown cancels under a running controller panics in kube-runtime
+    // (`JoinError::Cancelled` unwrapped; tests/faults.rs saw it on SIGTERM).
+    // The CSR one only answers CertificateSigningRequests, the registration
+    // one registration requests.
+    let csr = people::csr::start(client.clone(), ca.clone(), leader.clone());
+    let registrations = registration::controller::start(client.clone(), leader);
     let running = controller::start(controller::Deps {
         client: client.clone(),
         registry: core.registry.clone(),
@@ -333,7 +333,8 @@ async fn with_kubernetes(
         stop,
         tasks,
     };
-    tokio::select! {
+    let mut clusters_task = running.task;
+    let served = tokio::select! {
         served = serve_agents(
             &core,
             gate,
@@ -343,8 +344,14 @@ async fn with_kubernetes(
             Some(background),
             Some(Arc::new(refusals)),
         ) => served,
-        _ = running.task => anyhow::bail!("the Cluster controller stopped"),
+        _ = &mut clusters_task => anyhow::bail!("the Cluster controller stopped"),
+    };
+    for task in [clusters_task, csr, registrations] {
+        task.abort();
+        // Cancelled (or already ended): either way it is gone.
+        let _ = task.await;
     }
+    served
 }
 
 /// The HA pieces, started before the ports (which relay through `peers`).

@@ -19,6 +19,7 @@ pub fn bin(name: &str) -> PathBuf {
             "kube-harness" | "connect-client" => "make harness",
             "promtool" => "make promtool",
             "helm" => "make helm",
+            "toxiproxy-server" => "make toxiproxy",
             "go-agent" | "go-proxy" => "make go-peers",
             "proxy" | "agent" => "make build",
             "kubectl" => "bash .ci/run (builds bin/kubectl when kubectl is missing)",

@@ -346,6 +346,11 @@ impl Tower {
         &mut self.agent
     }
 
+    /// The proxy, to stop it.
+    pub fn proxy_mut(&mut self) -> &mut Proc {
+        &mut self.proxy
+    }
+
     pub fn proxy(&self) -> &Proc {
         &self.proxy
     }

@@ -1,0 +1,102 @@
+//! Faults the kernel makes on the member's veth, in the member's network
+//! namespace: nftables rules (random loss with `numgen`, a black hole that
+//! drops everything) and a token bucket (`tc tbf`) for the bandwidth. This
+//! kernel has no `sch_netem`, so latency with jitter comes from Toxiproxy.
+
+use std::process::Stdio;
+
+use anyhow::{Context, Result, ensure};
+use e2e::MemberNet;
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::Command;
+
+/// The table the loss and black-hole rules live in.
+pub const TABLE: &str = "tower_faults_drop";
+
+/// Drops packets crossing the member's veth, both ways: every one (a black
+/// hole: no RST, no FIN, the half-open case), or `percent` of them at random.
+pub async fn drop_packets(net: &MemberNet, percent: Option<u8>) -> Result<()> {
+    let verdict = match percent {
+        Some(p) => format!("numgen random mod 100 < {p} drop"),
+        None => "drop".into(),
+    };
+    nft(
+        net,
+        &format!(
+            "table inet {TABLE} {{
+  chain input {{
+    type filter hook input priority -10; policy accept;
+    iifname \"tm-member\" {verdict}
+  }}
+  chain output {{
+    type filter hook output priority -10; policy accept;
+    oifname \"tm-member\" {verdict}
+  }}
+}}
+"
+        ),
+    )
+    .await
+}
+
+/// Removes [`drop_packets`]' rules.
+pub async fn stop_dropping(net: &MemberNet) -> Result<()> {
+    nft(net, &format!("delete table inet {TABLE}\n")).await
+}
+
+/// `rules` fed to `nft -f -` in the member's namespace.
+pub async fn nft(net: &MemberNet, rules: &str) -> Result<()> {
+    let mut nft = net.command("nft");
+    nft.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = nft
+        .spawn()
+        .context("running nft (Debian package nftables)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(rules.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    ensure!(
+        out.status.success(),
+        "nft refused {rules:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `rate` (tc's syntax, `1mbit`) each way on the veth: a token bucket on
+/// the member's end (agent to proxy) and on the host's end (proxy to agent).
+pub async fn limit_rate(ns: &str, rate: &str) -> Result<()> {
+    let tbf = [
+        "root", "tbf", "rate", rate, "burst", "16kbit", "latency", "500ms",
+    ];
+    let mut member = vec!["-n", ns, "qdisc", "add", "dev", "tm-member"];
+    member.extend(tbf);
+    tc(&member).await?;
+    let mut host = vec!["qdisc", "add", "dev", "tm-host"];
+    host.extend(tbf);
+    tc(&host).await
+}
+
+/// Removes [`limit_rate`]'s token buckets.
+pub async fn unlimit_rate(ns: &str) -> Result<()> {
+    tc(&["-n", ns, "qdisc", "del", "dev", "tm-member", "root"]).await?;
+    tc(&["qdisc", "del", "dev", "tm-host", "root"]).await
+}
+
+async fn tc(args: &[&str]) -> Result<()> {
+    let out = Command::new("tc")
+        .args(args)
+        .output()
+        .await
+        .context("running tc (iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "tc {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
