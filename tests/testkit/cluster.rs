@@ -67,6 +67,8 @@ pub struct KubeCluster {
     /// The network namespace it runs in ([`KubeCluster::start_isolated`]);
     /// kubectl runs there too.
     netns: Option<String>,
+    /// The harness flags besides `--dir`, for [`KubeCluster::restart`].
+    args: Vec<String>,
     // Field order matters: fields drop in declaration order, so the process
     // is stopped (Proc's drop: SIGTERM, wait, SIGKILL) before the directory
     // is removed.
@@ -142,7 +144,47 @@ impl KubeCluster {
     async fn start_dir(name: &str, dir: DataDir, args: &[&str]) -> Result<KubeCluster> {
         let mut cmd = Command::new(bin("kube-harness"));
         cmd.arg("--dir").arg(dir.path()).args(args);
-        Self::spawn(name, dir, cmd).await
+        let mut cluster = Self::spawn(name, dir, cmd).await?;
+        cluster.args = args.iter().map(|a| a.to_string()).collect();
+        Ok(cluster)
+    }
+
+    /// Starts the harness again on the same directory and flags after
+    /// [`KubeCluster::terminate`]: the same data (etcd), certificates and
+    /// port (the harness reuses the last port when it is free; an error if
+    /// it could not, since clients would not find it).
+    pub async fn restart(&mut self) -> Result<()> {
+        ensure!(
+            self.netns.is_none(),
+            "restarting an isolated cluster is not supported"
+        );
+        ensure!(
+            !self.proc.is_running(),
+            "cluster {:?} is still running: terminate it first",
+            self.name
+        );
+        let before = self.server_addr()?;
+        let mut cmd = Command::new(bin("kube-harness"));
+        cmd.arg("--dir").arg(self.dir.path()).args(&self.args);
+        let mut proc = Proc::spawn(&self.name, cmd)?;
+        proc.set_drop_grace(STOP_GRACE);
+        proc.wait_for_line(|l| l.starts_with("ready "), READY_TIMEOUT)
+            .await
+            .with_context(|| {
+                format!(
+                    "cluster {:?} did not get ready again; its log files end with:\n{}",
+                    self.name,
+                    log_tails(self.dir.path(), 30)
+                )
+            })?;
+        self.proc = proc;
+        let after = self.server_addr()?;
+        ensure!(
+            before == after,
+            "cluster {:?} came back on {after}, not {before} (the port was taken)",
+            self.name
+        );
+        Ok(())
     }
 
     async fn spawn(name: &str, dir: DataDir, cmd: Command) -> Result<KubeCluster> {
@@ -173,6 +215,7 @@ impl KubeCluster {
             name: name.to_string(),
             kubeconfig,
             netns: None,
+            args: Vec::new(),
             proc,
             dir,
         })

@@ -326,6 +326,11 @@ impl Tower {
         &self.host
     }
 
+    /// The host, to stop or restart its kube-apiserver.
+    pub fn host_mut(&mut self) -> &mut KubeCluster {
+        &mut self.host
+    }
+
     /// The member cluster (direct access, not through the tunnel).
     pub fn member(&self) -> &KubeCluster {
         &self.member
@@ -353,6 +358,11 @@ impl Tower {
 
     pub fn proxy(&self) -> &Proc {
         &self.proxy
+    }
+
+    /// The proxy, to ask whether it is still running.
+    pub fn proxy_mut(&mut self) -> &mut Proc {
+        &mut self.proxy
     }
 
     pub fn agent(&self) -> &Proc {

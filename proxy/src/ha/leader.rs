@@ -52,7 +52,36 @@ impl Leadership {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut failures = 0u32;
+            // After an error this replica says "not leading" while the
+            // manager may still believe it holds the Lease, and then never
+            // reports a change: it would never write again (found by
+            // tests/outages.rs, the host's kube-apiserver down past the
+            // Lease). So once the API answers, give the Lease up and contend
+            // anew: a fresh "leading" then makes the controllers go over
+            // every Cluster and write what is true now.
+            let mut unsure = false;
             loop {
+                if unsure {
+                    match manager.release().await {
+                        Ok(()) => {
+                            unsure = false;
+                            tracing::info!(
+                                lease = LEASE_NAME,
+                                "the API answers again: contending for the lease anew"
+                            );
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            tracing::warn!(error = %e, "leader election failed, retrying");
+                            let wait = Duration::from_secs(u64::from(failures.min(5)));
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = tokio::time::sleep(wait) => {}
+                            }
+                            continue;
+                        }
+                    }
+                }
                 tokio::select! {
                     () = stop.cancelled() => break,
                     changed = manager.changed() => match changed {
@@ -64,6 +93,7 @@ impl Leadership {
                         Err(e) => {
                             // Can't tell whether we still hold it: stop writing.
                             let _ = tx.send(false);
+                            unsure = true;
                             failures += 1;
                             tracing::warn!(error = %e, "leader election failed, retrying");
                             let wait = Duration::from_secs(u64::from(failures.min(5)));

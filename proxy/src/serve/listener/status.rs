@@ -1,6 +1,7 @@
 //! Failures as Kubernetes `Status` answers, which kubectl prints as the error:
 //! no agent 503 (with `Retry-After` when a session went away under the
-//! request, so client-go retries), refused or broken 502, timeouts 504.
+//! request, so client-go retries), the member's server down (the agent's dial
+//! refused) 503, no usable access or a failed TLS handshake 502, timeouts 504.
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -34,18 +35,20 @@ impl Failure {
     }
 }
 
-/// The HTTP status for a member that could not be reached.
+/// The HTTP status for a member that could not be reached. The agent's dial
+/// refused is the member's server being down (or not there): unavailable, as
+/// Kubernetes says of an apiserver it cannot reach, not a broken gateway.
 pub fn reach_status(e: &ReachError) -> StatusCode {
     match e {
-        ReachError::NoAgent(_) | ReachError::SessionGone | ReachError::Dial(DialError::Closed) => {
+        ReachError::NoAgent(_)
+        | ReachError::SessionGone
+        | ReachError::Dial(DialError::Closed | DialError::Refused { .. }) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         ReachError::Dial(DialError::Timeout(_)) | ReachError::TlsTimeout(_) => {
             StatusCode::GATEWAY_TIMEOUT
         }
-        ReachError::Prepare(_)
-        | ReachError::Dial(DialError::Refused { .. })
-        | ReachError::Tls { .. } => StatusCode::BAD_GATEWAY,
+        ReachError::Prepare(_) | ReachError::Tls { .. } => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -54,11 +57,17 @@ pub fn explain(cluster: &str, what: &str, e: &hyper_util::client::legacy::Error)
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(reach) = err.downcast_ref::<ReachError>() {
+            let hint = match reach {
+                ReachError::Dial(DialError::Refused { .. }) => {
+                    format!(" (the agent is connected; is the member's {what} running?)")
+                }
+                _ => String::new(),
+            };
             return Failure {
                 code: reach_status(reach),
                 message: format!(
                     "cannot reach the member {what} of cluster {cluster:?} through its tunnel: \
-                     {reach}"
+                     {reach}{hint}"
                 ),
                 transient: reach.is_transient(),
             };
@@ -158,4 +167,22 @@ pub fn json(code: StatusCode, body: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_dial_is_the_member_unavailable() {
+        let refused = ReachError::Dial(DialError::Refused {
+            target: "127.0.0.1:6443".into(),
+            reason: "ConnectFailed".into(),
+        });
+        assert_eq!(reach_status(&refused), StatusCode::SERVICE_UNAVAILABLE);
+        // Not transient: another session would dial the same server.
+        assert!(!refused.is_transient());
+        let tls = ReachError::Prepare("no CAData".into());
+        assert_eq!(reach_status(&tls), StatusCode::BAD_GATEWAY);
+    }
 }
