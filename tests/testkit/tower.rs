@@ -351,18 +351,13 @@ impl Tower {
         &mut self.agent
     }
 
-    /// The proxy, to stop it.
+    /// The proxy, to stop it or ask whether it is still running.
     pub fn proxy_mut(&mut self) -> &mut Proc {
         &mut self.proxy
     }
 
     pub fn proxy(&self) -> &Proc {
         &self.proxy
-    }
-
-    /// The proxy, to ask whether it is still running.
-    pub fn proxy_mut(&mut self) -> &mut Proc {
-        &mut self.proxy
     }
 
     pub fn agent(&self) -> &Proc {

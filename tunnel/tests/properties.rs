@@ -1,7 +1,8 @@
 //! Property tests of the parsers that read what the network or a flag sends
 //! (issue #14, part 4): the websocket framing, the agent's `config` JSON,
 //! the SSH identification and packets an agent sends first, channel
-//! targets, `host:port` and `--allow-dial` rules, Go durations.
+//! targets, `host:port` and `--allow-dial` rules, Go durations, SSH host
+//! keys (the proxy's PEM, CSR and kubeconfig input: proxy/src/identity/properties.rs).
 //! Each runs a few thousand generated cases; proptest shrinks a failure to a
 //! minimal input and keeps it in `proptest-regressions/` to replay first.
 //!
@@ -324,4 +325,43 @@ fn config_json_size_limit() {
     let big = vec![b' '; MAX_CONFIG_LEN + 1];
     let e = AgentConfig::from_json(&big).expect_err("too large");
     assert!(e.to_string().contains("more than"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(cases(2000))]
+
+    /// `--host-key` files and the host key kept in Secret `tower-proxy`:
+    /// any text is refused naming where it came from.
+    #[test]
+    fn host_keys_from_any_text_are_refused_naming_the_file(text in ".{0,400}") {
+        let refused = tunnel::ssh::parse_host_key(&text, "/etc/tower/host-key");
+        prop_assert!(refused.is_err());
+        if let Err(e) = refused {
+            prop_assert!(e.to_string().contains("/etc/tower/host-key"), "{e}");
+        }
+    }
+
+    /// A real key with one byte changed or cut short: the same key or a
+    /// refusal, never another key that agents would have to re-pin.
+    #[test]
+    fn a_damaged_host_key_loads_the_same_or_is_refused(
+        at in any::<usize>(), with in any::<u8>(), cut in any::<bool>(),
+    ) {
+        let key = tunnel::ssh::generate_host_key().expect("a host key");
+        let pem = tunnel::ssh::encode_host_key(&key).expect("encoding it");
+        let damaged = if cut {
+            pem.get(..at % pem.len()).unwrap_or_default().to_string()
+        } else {
+            let mut bytes = pem.clone().into_bytes();
+            let i = at % bytes.len();
+            bytes[i] = with;
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        if let Ok(loaded) = tunnel::ssh::parse_host_key(&damaged, "damaged") {
+            prop_assert_eq!(
+                loaded.public_key().fingerprint(Default::default()),
+                key.public_key().fingerprint(Default::default())
+            );
+        }
+    }
 }

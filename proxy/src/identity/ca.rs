@@ -109,6 +109,27 @@ impl Authority {
             .map_err(|e| CaError::Cert(format!("not a readable PEM certificate: {e}")))?;
         let (_, x509) = x509_parser::parse_x509_certificate(&cert_der)
             .map_err(|e| CaError::Cert(format!("not a valid X.509 certificate: {e}")))?;
+        // A self-signed CA whose signature no longer verifies was damaged or
+        // edited (found by identity::properties): one changed byte can still
+        // parse as another certificate, which would then be handed out.
+        if x509.subject() == x509.issuer() {
+            match x509.verify_signature(None) {
+                Ok(()) => {}
+                Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+                    return Err(CaError::Cert(
+                        "its self-signature uses an algorithm the proxy cannot check; use \
+                         ECDSA P-256/P-384 with SHA-256/384, Ed25519 or RSA (certs/gen-ca.sh)"
+                            .into(),
+                    ));
+                }
+                Err(e) => {
+                    return Err(CaError::Cert(format!(
+                        "its self-signature does not verify ({e}): the file is damaged or was \
+                         edited; give the original, or make a new CA with certs/gen-ca.sh"
+                    )));
+                }
+            }
+        }
         if !x509.is_ca() {
             return Err(CaError::Cert(
                 "not a CA certificate (it lacks basicConstraints CA:TRUE); make one with \

@@ -16,3 +16,6 @@ pub mod scope;
 pub mod secret;
 pub mod signer;
 pub mod watch;
+
+#[cfg(test)]
+mod properties;

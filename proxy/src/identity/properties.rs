@@ -60,8 +60,13 @@ proptest! {
     }
 
     /// One byte changed anywhere in a real CA's certificate or key, or the
-    /// file cut short: it loads (a change the PEM reader skips) or is
-    /// refused, and a CA that loads is the same CA.
+    /// file cut short: it is refused, or loads as the same CA: the same
+    /// signed content (a change the PEM reader skips, or one in the DER
+    /// wrapper outside what is signed), or a certificate that no longer
+    /// claims to be self-signed (its issuer's name changed), whose signature
+    /// cannot be checked without that issuer. A damaged certificate that
+    /// still claims to be self-signed with other content is refused: this
+    /// test found such ones loading before the CA's self-signature was checked.
     #[test]
     fn a_damaged_ca_loads_the_same_or_is_refused(
         in_key in any::<bool>(), at in any::<usize>(), with in any::<u8>(), cut in any::<bool>(),
@@ -74,8 +79,20 @@ proptest! {
         } else {
             mangle(target, at, with)
         };
-        if let Ok(loaded) = Authority::load(&cert, &key) {
-            prop_assert_eq!(loaded.cert_pem(), CA.cert_pem());
+        if let Ok(loaded) = Authority::load(&cert, &key)
+            && loaded.cert_pem() != CA.cert_pem()
+        {
+            let parse = |der| {
+                x509_parser::parse_x509_certificate(der)
+                    .map(|(_, x509)| x509)
+                    .map_err(|e| TestCaseError::fail(format!("a loaded CA does not parse: {e}")))
+            };
+            let (x509, original) = (parse(loaded.cert_der())?, parse(CA.cert_der())?);
+            prop_assert!(
+                x509.subject() != x509.issuer()
+                    || x509.tbs_certificate.as_ref() == original.tbs_certificate.as_ref(),
+                "a damaged self-signed CA loaded:\n{}", loaded.cert_pem()
+            );
         }
     }
 
@@ -121,6 +138,7 @@ proptest! {
         let now = SystemTime::now();
         prop_assert!(kubeconfig::is_current(&b64, &cluster, &server, CA.cert_pem(), now, 30 * DAY));
         prop_assert!(!kubeconfig::is_current(&b64, &cluster, &server, CA.cert_pem(), now, 91 * DAY));
-        prop_assert!(!kubeconfig::is_current(&b64, &format!("{cluster}x"), &server, CA.cert_pem(), now, DAY));
+        let other = format!("{cluster}x");
+        prop_assert!(!kubeconfig::is_current(&b64, &other, &server, CA.cert_pem(), now, DAY));
     }
 }
