@@ -7,7 +7,8 @@
 //!
 //! It lives inside the test's own namespace ([`crate::in_own_netns`]): the
 //! "host side" of the veth is an address of a namespace the test made, so
-//! nothing of the machine's network is touched.
+//! nothing of the machine's network is touched. One per test namespace (the
+//! veth's names are fixed); the named namespace is deleted on drop.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
