@@ -3,11 +3,8 @@
 //! drops everything) and a token bucket (`tc tbf`) for the bandwidth. This
 //! kernel has no `sch_netem`, so latency with jitter comes from Toxiproxy.
 
-use std::process::Stdio;
-
 use anyhow::{Context, Result, ensure};
 use e2e::MemberNet;
-use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 
 /// The table the loss and black-hole rules live in.
@@ -20,10 +17,8 @@ pub async fn drop_packets(net: &MemberNet, percent: Option<u8>) -> Result<()> {
         Some(p) => format!("numgen random mod 100 < {p} drop"),
         None => "drop".into(),
     };
-    nft(
-        net,
-        &format!(
-            "table inet {TABLE} {{
+    net.nft(&format!(
+        "table inet {TABLE} {{
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname \"tm-member\" {verdict}
@@ -34,36 +29,13 @@ pub async fn drop_packets(net: &MemberNet, percent: Option<u8>) -> Result<()> {
   }}
 }}
 "
-        ),
-    )
+    ))
     .await
 }
 
 /// Removes [`drop_packets`]' rules.
 pub async fn stop_dropping(net: &MemberNet) -> Result<()> {
-    nft(net, &format!("delete table inet {TABLE}\n")).await
-}
-
-/// `rules` fed to `nft -f -` in the member's namespace.
-pub async fn nft(net: &MemberNet, rules: &str) -> Result<()> {
-    let mut nft = net.command("nft");
-    nft.args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = nft
-        .spawn()
-        .context("running nft (Debian package nftables)")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(rules.as_bytes()).await?;
-    }
-    let out = child.wait_with_output().await?;
-    ensure!(
-        out.status.success(),
-        "nft refused {rules:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    net.nft(&format!("delete table inet {TABLE}\n")).await
 }
 
 /// `rate` (tc's syntax, `1mbit`) each way on the veth: a token bucket on

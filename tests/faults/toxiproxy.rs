@@ -101,5 +101,5 @@ pub async fn redirect(net: &MemberNet, proxy_port: u16, to_port: u16) -> Result<
 }}
 "
     );
-    crate::kernel::nft(net, &rules).await
+    net.nft(&rules).await
 }

@@ -123,6 +123,11 @@ impl MemberNet {
 
     /// Installs the packet filter: no new connection gets in any more.
     pub async fn close_inbound(&self) -> Result<()> {
+        self.nft(FILTER).await
+    }
+
+    /// `rules` fed to `nft -f -` inside the namespace.
+    pub async fn nft(&self, rules: &str) -> Result<()> {
         let mut nft = self.command("nft");
         nft.args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -132,12 +137,12 @@ impl MemberNet {
             .spawn()
             .context("running nft (Debian package nftables; .ci/run installs it)")?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(FILTER.as_bytes()).await?;
+            stdin.write_all(rules.as_bytes()).await?;
         }
         let out = child.wait_with_output().await?;
         ensure!(
             out.status.success(),
-            "nft refused the member's filter: {}",
+            "nft refused {rules:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())

@@ -71,12 +71,8 @@ impl Leadership {
                             );
                         }
                         Err(e) => {
-                            failures += 1;
-                            tracing::warn!(error = %e, "leader election failed, retrying");
-                            let wait = Duration::from_secs(u64::from(failures.min(5)));
-                            tokio::select! {
-                                () = stop.cancelled() => break,
-                                () = tokio::time::sleep(wait) => {}
+                            if !back_off(&mut failures, &e, &stop).await {
+                                break;
                             }
                             continue;
                         }
@@ -94,12 +90,8 @@ impl Leadership {
                             // Can't tell whether we still hold it: stop writing.
                             let _ = tx.send(false);
                             unsure = true;
-                            failures += 1;
-                            tracing::warn!(error = %e, "leader election failed, retrying");
-                            let wait = Duration::from_secs(u64::from(failures.min(5)));
-                            tokio::select! {
-                                () = stop.cancelled() => break,
-                                () = tokio::time::sleep(wait) => {}
+                            if !back_off(&mut failures, &e, &stop).await {
+                                break;
                             }
                         }
                     },
@@ -137,5 +129,21 @@ impl Leadership {
                 }
             }
         })
+    }
+}
+
+/// Count a failure, log it and wait a second per failure in a row (at most
+/// 5 s); false when `stop` came first.
+async fn back_off(
+    failures: &mut u32,
+    error: &(dyn std::fmt::Display + Sync),
+    stop: &CancellationToken,
+) -> bool {
+    *failures += 1;
+    tracing::warn!(error = %error, "leader election failed, retrying");
+    let wait = Duration::from_secs(u64::from((*failures).min(5)));
+    tokio::select! {
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
     }
 }
