@@ -75,10 +75,11 @@ test: build harness go-peers promtool helm toxiproxy lint
 
 # `make outages`: tests/outages.rs with the issue's durations: the host's
 # kube-apiserver down for OUTAGE_SECS (2 minutes; `make test` runs 25 s), the
-# member's kube-apiserver down. What a user sees: docs/outages.md.
+# member's kube-apiserver down, the host etcd slow to write for SLOW_SECS
+# (the same). What a user sees: docs/outages.md.
 OUTAGE_SECS ?= 120
 outages: build harness
-	OUTAGE_SECS=$(OUTAGE_SECS) $(CARGO) test --release -p e2e --test outages -- --test-threads=1 --nocapture
+	OUTAGE_SECS=$(OUTAGE_SECS) SLOW_SECS=$(OUTAGE_SECS) $(CARGO) test --release -p e2e --test outages -- --test-threads=1 --nocapture
 
 demo: build harness
 	./hack/demo.sh

@@ -19,6 +19,14 @@
 //!   `readyz: false` (the health fields are tests/health.rs'), and once the
 //!   member is back the same session serves again.
 //!
+//! * **Host etcd slow**: every fsync of the host etcd's disk waits 1 s
+//!   (kube-harness `--etcd-sync-delay-file`, a FUSE pass-through under
+//!   etcd's data), so each write to the host takes a second or more while
+//!   reads stay fast, for `SLOW_SECS` (default 25 s; `make outages`: 2
+//!   minutes). kubectl through the tunnel keeps working, the proxy keeps the
+//!   lead (never `leading=false`), a Cluster created meanwhile gets its token
+//!   and an agent that goes meanwhile is written down as gone.
+//!
 //! Run: `make build harness && cargo test -p e2e --release --test outages`;
 //! the full durations: `make outages`. What a user sees: docs/outages.md.
 
@@ -35,18 +43,23 @@ const LEASE: &str = "10s";
 /// The proxy's `--cluster-status-update-frequency` here.
 const FREQUENCY: &str = "2s";
 
-/// How long the host's kube-apiserver stays down: `OUTAGE_SECS`, default 25.
-fn outage() -> Result<Duration> {
-    match std::env::var("OUTAGE_SECS") {
+/// Seconds from the environment variable `name`, default 25.
+fn secs_from_env(name: &str) -> Result<Duration> {
+    match std::env::var(name) {
         Ok(v) => {
             let secs: u64 = v
                 .trim()
                 .parse()
-                .with_context(|| format!("OUTAGE_SECS={v:?} is not a number of seconds"))?;
+                .with_context(|| format!("{name}={v:?} is not a number of seconds"))?;
             Ok(Duration::from_secs(secs))
         }
         Err(_) => Ok(Duration::from_secs(25)),
     }
+}
+
+/// How long the host's kube-apiserver stays down: `OUTAGE_SECS`.
+fn outage() -> Result<Duration> {
+    secs_from_env("OUTAGE_SECS")
 }
 
 /// Cluster `name` as JSON, read on the host with the real kubectl.
@@ -124,12 +137,7 @@ async fn use_the_tunnel(tower: &Tower) -> Result<()> {
 async fn host_apiserver_outage_keeps_tunnels_and_ends_with_the_truth() -> Result<()> {
     let outage = outage()?;
     let mut tower = Tower::start_with(TowerOptions {
-        proxy_args: vec![
-            "--leader-elect".into(),
-            "--leader-elect-lease-duration".into(),
-            LEASE.into(),
-            format!("--cluster-status-update-frequency={FREQUENCY}"),
-        ],
+        proxy_args: leader_args(),
         ..Default::default()
     })
     .await?;
@@ -221,28 +229,9 @@ async fn host_apiserver_outage_keeps_tunnels_and_ends_with_the_truth() -> Result
     );
 
     // Writes resume: a new Cluster gets its token.
-    let beta = serde_json::json!({
-        "apiVersion": "cluster.kubesphere.io/v1alpha1",
-        "kind": "Cluster",
-        "metadata": {"name": "beta"},
-        "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
-    })
-    .to_string();
-    let dir = tower.dir().to_path_buf();
-    std::fs::write(dir.join("beta.json"), &beta)?;
-    tower
-        .host()
-        .kubectl_ok(&["create", "-f", &dir.join("beta.json").to_string_lossy()]);
-    wait_for_ok(SETTLE, || async {
-        let c = cluster(&tower, "beta")?;
-        let token = c["spec"]["connection"]["token"]
-            .as_str()
-            .unwrap_or_default();
-        ensure!(!token.is_empty(), "beta has no token yet: {:#}", c["spec"]);
-        Ok(())
-    })
-    .await
-    .context("a Cluster created after the outage never got its token")?;
+    create_cluster_gets_token(&tower, "beta")
+        .await
+        .context("a Cluster created after the outage never got its token")?;
 
     // The agent again: available again, and kubectl through it.
     tower.restart_agent(&[]).await?;
@@ -262,6 +251,156 @@ async fn host_apiserver_outage_keeps_tunnels_and_ends_with_the_truth() -> Result
         .filter(|l| l.contains("leadership changed") && l.contains("leading=true"))
         .count();
     eprintln!("the proxy took the lead {leads} time(s)");
+    Ok(())
+}
+
+/// The proxy elected with a short Lease, refreshing status often.
+fn leader_args() -> Vec<String> {
+    vec![
+        "--leader-elect".into(),
+        "--leader-elect-lease-duration".into(),
+        LEASE.into(),
+        format!("--cluster-status-update-frequency={FREQUENCY}"),
+    ]
+}
+
+/// Creates Cluster `name` on the host and waits until the proxy gives it a token.
+async fn create_cluster_gets_token(tower: &Tower, name: &str) -> Result<()> {
+    let json = serde_json::json!({
+        "apiVersion": "cluster.kubesphere.io/v1alpha1",
+        "kind": "Cluster",
+        "metadata": {"name": name},
+        "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
+    })
+    .to_string();
+    let file = tower.dir().join(format!("{name}.json"));
+    std::fs::write(&file, &json)?;
+    tower
+        .host()
+        .kubectl_ok(&["create", "-f", &file.to_string_lossy()]);
+    wait_for_ok(SETTLE, || async {
+        let c = cluster(tower, name)?;
+        let token = c["spec"]["connection"]["token"]
+            .as_str()
+            .unwrap_or_default();
+        ensure!(
+            !token.is_empty(),
+            "{name} has no token yet: {:#}",
+            c["spec"]
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// The proxy's log lines saying it lost the lead.
+fn lost_leads(tower: &Tower) -> usize {
+    tower
+        .proxy()
+        .lines()
+        .iter()
+        .filter(|l| l.contains("leadership changed") && l.contains("leading=false"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_etcd_slow_to_write_keeps_tunnels_lead_and_truth() -> Result<()> {
+    let slow_for = secs_from_env("SLOW_SECS")?;
+    let control_dir = tempfile::tempdir()?;
+    let control = control_dir.path().join("etcd-sync-delay");
+    let mut tower = Tower::start_with(TowerOptions {
+        host_args: vec![
+            "--etcd-sync-delay-file".into(),
+            control.to_string_lossy().into_owned(),
+        ],
+        proxy_args: leader_args(),
+        ..Default::default()
+    })
+    .await?;
+    tower.member().run_pod("default", "box").await?;
+    wait_alpha(&tower, "alpha available", |c| {
+        condition(c, "AgentAvailable") == "True"
+    })
+    .await?;
+    let proxy_pid = tower.proxy().pid();
+    let lost_before = lost_leads(&tower);
+
+    // The host's etcd disk turns slow: a second per sync.
+    std::fs::write(&control, "1s")?;
+    // The fault is there: a write to the host takes at least the delay
+    // (a check of the injector; a lower bound that always holds).
+    let t = Instant::now();
+    tower
+        .host()
+        .kubectl_ok(&["create", "configmap", "-n", "default", "slow-probe"]);
+    let write = t.elapsed();
+    ensure!(
+        write >= Duration::from_secs(1),
+        "a host write took {write:?}: the slow disk is not in place"
+    );
+    eprintln!("one host write with the slow etcd: {write:?}");
+    let slow_at = Instant::now();
+
+    // Writes still happen, only slowly: a new Cluster gets its token, and an
+    // agent that goes is written down as gone.
+    let t = Instant::now();
+    create_cluster_gets_token(&tower, "beta")
+        .await
+        .context("a Cluster created while the host etcd was slow never got its token")?;
+    eprintln!(
+        "a Cluster created with the slow etcd had its token after {:?}",
+        t.elapsed()
+    );
+    let mut rounds = 0u32;
+    while slow_at.elapsed() < slow_for {
+        use_the_tunnel(&tower)
+            .await
+            .with_context(|| format!("{:?} into the slow etcd", slow_at.elapsed()))?;
+        for path in ["/healthz", "/readyz"] {
+            let code = http_code(tower.proxy_port(), path).await?;
+            ensure!(
+                code == 200,
+                "the proxy's {path} answered {code} with a slow etcd"
+            );
+        }
+        rounds += 1;
+    }
+    eprintln!("{rounds} rounds of get+exec through the tunnel with the host etcd slow");
+    tower
+        .agent_mut()
+        .terminate(Duration::from_secs(10))
+        .await
+        .context("stopping the agent")?;
+    let t = Instant::now();
+    wait_alpha(&tower, "AgentAvailable=False with a slow etcd", |c| {
+        condition(c, "AgentAvailable") == "False"
+    })
+    .await?;
+    eprintln!(
+        "an agent gone was AgentAvailable=False after {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    tower.restart_agent(&[]).await?;
+    wait_alpha(&tower, "AgentAvailable=True again with a slow etcd", |c| {
+        condition(c, "AgentAvailable") == "True"
+    })
+    .await?;
+    eprintln!(
+        "the agent back was AgentAvailable=True after {:?}",
+        t.elapsed()
+    );
+    wait_for_ok(SETTLE, || use_the_tunnel(&tower)).await?;
+
+    // Slow writes are not an outage: the proxy kept the lead all along.
+    ensure!(
+        lost_leads(&tower) == lost_before,
+        "the proxy lost the lead while etcd was slow:\n{}",
+        tower.proxy().tail(40)
+    );
+    std::fs::write(&control, "")?;
+    ensure!(tower.proxy_mut().is_running(), "the proxy exited");
+    ensure!(tower.proxy().pid() == proxy_pid, "the proxy was replaced");
     Ok(())
 }
 

@@ -20,6 +20,7 @@ type etcdServer struct {
 	clientURL  string
 	clientPort int
 	peerPort   int
+	disk       *slowDisk // unmounted once etcd stops; nil without --etcd-sync-delay-file
 }
 
 const etcdStartTimeout = 60 * time.Second
@@ -87,4 +88,5 @@ func (s *etcdServer) Close(timeout time.Duration) {
 	case <-time.After(timeout):
 		logf("etcd did not stop within %s; exiting anyway", timeout)
 	}
+	s.disk.Close()
 }

@@ -3,6 +3,7 @@ module github.com/kubesphere-rs/tower/tests/kube-harness
 go 1.24.0
 
 require (
+	github.com/hanwen/go-fuse/v2 v2.12.1
 	github.com/spf13/cobra v1.9.1
 	go.etcd.io/etcd/server/v3 v3.6.4
 	golang.org/x/sys v0.31.0

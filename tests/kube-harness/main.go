@@ -66,9 +66,12 @@ type options struct {
 	// Passed to kube-apiserver as is: how it reaches kubelets and the like
 	// (e.g. HTTPConnect over a Unix socket, through a tunnel).
 	egressSelectorConfig string
+	// etcd's data directory on a FUSE pass-through whose syncs wait for the
+	// duration in this file (slowdisk.go).
+	etcdSyncDelayFile string
 }
 
-const usage = "usage: kube-harness --dir DIR [--port N] [--kubelet] [--egress-selector-config-file FILE]"
+const usage = "usage: kube-harness --dir DIR [--port N] [--kubelet] [--egress-selector-config-file FILE] [--etcd-sync-delay-file FILE]"
 
 func parseFlags(args []string) (options, error) {
 	var o options
@@ -78,6 +81,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.port, "port", 0, "apiserver port on 127.0.0.1; 0 reuses the port of the last run if free, else picks a free one")
 	fs.BoolVar(&o.kubelet, "kubelet", false, "also run a kubelet stand-in: Node "+nodeName+" whose pods' containers are local processes (exec, attach, port-forward, logs)")
 	fs.StringVar(&o.egressSelectorConfig, "egress-selector-config-file", "", "kube-apiserver's EgressSelectorConfiguration file, passed through")
+	fs.StringVar(&o.etcdSyncDelayFile, "etcd-sync-delay-file", "", "put etcd's data on a FUSE pass-through whose fsync/fdatasync first wait for the duration written in FILE (e.g. 1s; missing or empty: no wait), read on every sync: a slow disk, made slow while running (needs root and /dev/fuse)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(realStderr, usage)
@@ -150,13 +154,27 @@ func run() int {
 	}
 	api.port = port
 
+	var disk *slowDisk
+	if o.etcdSyncDelayFile != "" {
+		control, err := filepath.Abs(o.etcdSyncDelayFile)
+		if err != nil {
+			return fail(err)
+		}
+		disk, err = mountSlowDisk(filepath.Join(dir, "etcd.disk"), filepath.Join(dir, "etcd"), control)
+		if err != nil {
+			return fail(fmt.Errorf("--etcd-sync-delay-file: %w", err))
+		}
+		logf("etcd data on a FUSE pass-through at %s; sync delay read from %s", filepath.Join(dir, "etcd"), control)
+	}
 	etcd, err := startEtcdOnFreePorts(ctx, dir, st, port)
 	if err != nil {
+		disk.Close()
 		if errors.Is(err, errInterrupted) {
 			return 0
 		}
 		return fail(fmt.Errorf("etcd: %w (see %s)", err, filepath.Join(dir, "etcd.log")))
 	}
+	etcd.disk = disk
 	kubeletPort := 0
 	if o.kubelet {
 		if kubeletPort, err = choosePort(0, st.KubeletPort); err != nil {

@@ -63,6 +63,8 @@ pub struct TowerOptions {
     /// [`MemberNet`]: no inbound network, the agent dials the proxy on
     /// [`crate::MEMBER_GATEWAY`]. Only inside [`crate::in_own_netns`].
     pub isolated_member: bool,
+    /// More `kube-harness` flags for the host (e.g. `--etcd-sync-delay-file`).
+    pub host_args: Vec<String>,
 }
 
 impl Default for TowerOptions {
@@ -73,6 +75,7 @@ impl Default for TowerOptions {
             proxy_args: Vec::new(),
             agent_args: Vec::new(),
             isolated_member: false,
+            host_args: Vec::new(),
         }
     }
 }
@@ -117,7 +120,8 @@ impl Tower {
                 None => KubeCluster::start_with_args("member", member_args).await,
             }
         };
-        let (host, member) = tokio::join!(KubeCluster::start("host"), member);
+        let host_args: Vec<&str> = opts.host_args.iter().map(String::as_str).collect();
+        let (host, member) = tokio::join!(KubeCluster::start_with_args("host", &host_args), member);
         let (host, member) = (host?, member?);
         let dir = tempfile::Builder::new().prefix("tower-").tempdir()?;
 
