@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages lint demo demo-down certs bench cross clean
+.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz lint demo demo-down certs bench cross clean
 
 all: build
 
@@ -80,6 +80,14 @@ test: build harness go-peers promtool helm toxiproxy lint
 OUTAGE_SECS ?= 120
 outages: build harness
 	OUTAGE_SECS=$(OUTAGE_SECS) SLOW_SECS=$(OUTAGE_SECS) $(CARGO) test --release -p e2e --test outages -- --test-threads=1 --nocapture
+
+# `make fuzz`: libFuzzer on the stable toolchain (hack/fuzz.sh) for each
+# target in fuzz/fuzz_targets, FUZZ_SECS seconds each; a failing input fails
+# it and is kept in target/fuzz/artifacts/. Not in `make test` (a second,
+# instrumented build of the tunnel crate); the property tests are.
+FUZZ_SECS ?= 60
+fuzz:
+	FUZZ_SECS=$(FUZZ_SECS) ./hack/fuzz.sh
 
 demo: build harness
 	./hack/demo.sh

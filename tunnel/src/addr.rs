@@ -21,8 +21,9 @@ use std::net::Ipv6Addr;
 /// Split `host[:port]` or `[v6][:port]` into a bracket-less host and a port.
 ///
 /// A bare IPv6 address (`::1`) is a host without a port. `None` when the text
-/// is not an address: empty host, a `/`, `@` or space in it, a port that is not
-/// 1-65535, brackets around something that is not IPv6.
+/// is not an address: empty host, a `/`, `@`, space or control character in
+/// it, a colon outside brackets that does not make an IPv6 address, a port
+/// that is not 1-65535, brackets around something that is not IPv6.
 pub fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
@@ -35,11 +36,14 @@ pub fn split_host_port(text: &str) -> Option<(String, Option<u16>)> {
         match text.rsplit_once(':') {
             // A bare IPv6 address has colons but no brackets and no port.
             Some(_) if text.parse::<Ipv6Addr>().is_ok() => (text, None),
+            // Any other colon in the host: neither a name nor an address
+            // (found by fuzz/: `a:b:443` would come back as host `a:b`).
+            Some((host, _)) if host.contains(':') => return None,
             Some((host, port)) => (host, Some(port)),
             None => (text, None),
         }
     };
-    if host.is_empty() || host.contains(['/', '@', ' ']) {
+    if host.is_empty() || host.contains(['/', '@', ' ']) || host.contains(char::is_control) {
         return None;
     }
     let port = match port {
@@ -115,6 +119,10 @@ mod tests {
             "user@tower:80",
             "tower/x:80",
             "to wer:80",
+            // found by fuzz/text_inputs: accepted, then not read back once joined
+            ":1\0\0\0\0:1",
+            "a:b:443",
+            "tower\n:80",
         ] {
             assert_eq!(split(bad), None, "{bad:?}");
         }

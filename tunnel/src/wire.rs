@@ -182,7 +182,7 @@ pub fn parse_target(data: &[u8]) -> Result<&str, String> {
     match target.rsplit_once(':') {
         Some((host, port))
             if !host.is_empty()
-                && !host.bytes().any(|b| b.is_ascii_control() || b == b' ')
+                && !host.contains(|c: char| c.is_control() || c == ' ')
                 && port.parse::<u16>().is_ok() =>
         {
             Ok(target)
@@ -320,6 +320,8 @@ mod tests {
         assert!(parse_target(&[0xff, 0xfe]).is_err());
         // Not an SSH string: a length prefix would make it invalid.
         assert!(parse_target(b"\0\0\0\x0d10.96.0.1:443").is_err());
+        // found by fuzz/text_inputs: a C1 control character (U+0082) in the host
+        assert!(parse_target("\u{82}:8".as_bytes()).is_err());
     }
 
     #[test]
