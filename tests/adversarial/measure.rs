@@ -43,6 +43,19 @@ impl Usage {
     }
 }
 
+/// CPU time (user + system) a process has used, in ms.
+pub fn cpu_ms(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').context("no ) in /proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks =
+        |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?) };
+    // Fields 14 and 15 are at 11 and 12 counted from field 3 (the state).
+    let hz = 100; // USER_HZ on Linux
+    Ok((ticks(11)? + ticks(12)?) * 1000 / hz)
+}
+
 /// The proxy's usage, sampled every 100 ms while `work` runs; its peak.
 pub async fn peak_while<T>(pid: u32, work: impl Future<Output = T>) -> Result<(T, Usage)> {
     let mut peak = Usage::of(pid)?;
