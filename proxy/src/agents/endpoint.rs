@@ -212,7 +212,7 @@ async fn tunnel_session<S, T>(
         }
         Err(e @ ServeError::ConfigTimeout(_)) => {
             endpoint.pending.refused(DOOR, Refusal::HandshakeTimeout);
-            tracing::warn!(%peer, error = %e, "agent did not finish its SSH handshake and config in time: connection closed");
+            tracing::warn!(%peer, error = %e, "tunnel ended: the agent did not finish its SSH handshake and config in time, connection closed");
         }
         Err(e @ ServeError::Handshake(_)) => {
             endpoint.pending.refused(DOOR, Refusal::BadHandshake);
