@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz lint demo demo-down certs bench cross clean
+.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz adversarial lint demo demo-down certs bench cross clean
 
 all: build
 
@@ -65,6 +65,14 @@ $(BIN)/toxiproxy-server: tests/toxiproxy-tool/go.mod tests/toxiproxy-tool/go.sum
 faults: build harness toxiproxy
 	set -o pipefail; FAULTS_FULL=1 $(CARGO) test --release -p e2e --test faults -- --test-threads=2 --nocapture \
 	  2>&1 | tee $(TARGET_DIR)/faults.log | grep --line-buffered -E '^(FAULTS|faults:|test result)'
+
+# `make adversarial`: tests/adversarial.rs with the issue's counts (5,000
+# slowloris connections, 100,000 channel opens, 2,000 idle TLS connections,
+# ...); fails when a p99 of legitimate requests under attack exceeds 2x the
+# quiet one. Prints an `ADVERSARIAL |` line per attack (docs/reliability.md).
+adversarial: build harness
+	set -o pipefail; ADVERSARIAL_FULL=1 $(CARGO) test --release -p e2e --test adversarial -- --test-threads=1 --nocapture \
+	  2>&1 | tee $(TARGET_DIR)/adversarial.log | grep --line-buffered -E '^(ADVERSARIAL|test result|test .* FAILED|Error)'
 
 lint:
 	$(CARGO) fmt --all --check

@@ -156,6 +156,16 @@ pub struct Flags {
     /// names (port 443). Default: <--namespace>/tower-api.
     #[arg(long, value_parser = crate::serve::aggregated::parse_service, value_name = "NAMESPACE/NAME")]
     pub aggregated_api_service: Option<(String, String)>,
+    /// Connections the agents' port may hold before they are let in (until
+    /// the agent is admitted), and apart from it the clients' HTTPS doors
+    /// (until the TLS handshake is done); more are closed at once. 0: no cap.
+    #[arg(long, default_value_t = crate::ops::pending::DEFAULT_TOTAL, value_name = "N")]
+    pub max_pending_handshakes: usize,
+    /// The same per source address: one host cannot take every slot. Behind a
+    /// load balancer or ingress that hides the agents' addresses, raise it
+    /// to --max-pending-handshakes (or 0: no cap per source).
+    #[arg(long, default_value_t = crate::ops::pending::DEFAULT_PER_SOURCE, value_name = "N")]
+    pub max_pending_handshakes_per_source: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -210,6 +220,8 @@ pub struct Config {
     pub access: Option<crate::serve::access::Options>,
     /// `--aggregated-api-port`; `None`: off.
     pub aggregated: Option<crate::serve::aggregated::Options>,
+    /// `--max-pending-handshakes`, `--max-pending-handshakes-per-source`.
+    pub pending: crate::ops::pending::Limits,
 }
 
 /// `--cluster-ports`.
@@ -423,6 +435,10 @@ impl Flags {
             audit_log,
             access,
             aggregated,
+            pending: crate::ops::pending::Limits {
+                total: self.max_pending_handshakes,
+                per_source: self.max_pending_handshakes_per_source,
+            },
         })
     }
 

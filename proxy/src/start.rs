@@ -44,6 +44,7 @@ use crate::member::MemberDialer;
 use crate::ops::audit::Audit;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
+use crate::ops::pending::Pending;
 use crate::ops::signals;
 use crate::people;
 use crate::registration;
@@ -64,6 +65,8 @@ struct Core {
     audit: Audit,
     /// HA: the replicas that hold other clusters' agents.
     relay: Option<Arc<dyn Relay>>,
+    /// The caps on clients' TLS handshakes in progress (every HTTPS door).
+    client_pending: Arc<Pending>,
 }
 
 impl Core {
@@ -75,6 +78,7 @@ impl Core {
             in_flight: self.in_flight.clone(),
             metrics: self.metrics.clone(),
             audit: self.audit.clone(),
+            pending: self.client_pending.clone(),
         }
     }
 }
@@ -94,7 +98,9 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         }
         None => (Audit::Off, None),
     };
+    let client_pending = Pending::new(config.pending, metrics.clone());
     let core = Core {
+        client_pending,
         config,
         registry,
         dialer,
@@ -434,6 +440,7 @@ async fn serve_agents<S: ClusterStore>(
         metrics: core.metrics.clone(),
         ssh: host_keys.clone(),
         ready,
+        pending: Pending::new(config.pending, core.metrics.clone()),
     });
     let ports_stop = CancellationToken::new();
     tokio::spawn(crate::agents::announce::run(

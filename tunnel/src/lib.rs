@@ -30,6 +30,7 @@ pub mod allow;
 pub mod cli;
 pub mod client;
 pub mod copy;
+pub mod cut;
 pub mod hub;
 pub mod limits;
 pub mod platform;

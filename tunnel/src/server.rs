@@ -37,6 +37,11 @@ use crate::wire::{
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a channel may take before the dial counts as failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Channels of types agents may not open (sessions, direct-tcpip, unknown
+/// types) a session may try before the proxy closes it: a Tower agent opens
+/// none, so only a broken or hostile one gets here; each refusal costs a
+/// task and a log line.
+pub const MAX_REFUSED_CHANNELS: usize = 100;
 /// A round-trip measurement unanswered for this long is given up (the
 /// keepalives decide whether the session is dead, not this).
 const RTT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -385,9 +390,31 @@ struct Handler<A: Admission> {
     guard: Option<A::Guard>,
     session: Option<Session>,
     outcome: Option<oneshot::Sender<AuthOutcome>>,
+    /// Channels refused so far ([`MAX_REFUSED_CHANNELS`]).
+    refused_channels: usize,
 }
 
 impl<A: Admission> Handler<A> {
+    /// Count a refused channel; true while it is worth a warning (the first
+    /// few). At [`MAX_REFUSED_CHANNELS`] the session is closed with why.
+    fn refused_channel(&mut self, ssh: &mut SshSession) -> bool {
+        self.refused_channels += 1;
+        if self.refused_channels == MAX_REFUSED_CHANNELS {
+            tracing::warn!(peer = %self.peer.addr, limit = MAX_REFUSED_CHANNELS,
+                "the agent opened too many channels of types agents may not open: closing its session");
+            let handle = ssh.handle();
+            tokio::spawn(async move {
+                let reason = format!(
+                    "more than {MAX_REFUSED_CHANNELS} channels of types agents may not open"
+                );
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, reason, String::new())
+                    .await;
+            });
+        }
+        self.refused_channels <= 3
+    }
+
     fn finish(&mut self, outcome: AuthOutcome) {
         if let Some(tx) = self.outcome.take() {
             let _ = tx.send(outcome);
@@ -512,10 +539,12 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
         &mut self,
         _channel: Channel<Msg>,
         _reply: russh::server::ChannelOpenHandle,
-        _session: &mut SshSession,
+        session: &mut SshSession,
     ) -> Result<(), Self::Error> {
         // Dropping `_reply` refuses the channel.
-        tracing::warn!(peer = %self.peer.addr, "refused a session channel opened by the agent");
+        if self.refused_channel(session) {
+            tracing::warn!(peer = %self.peer.addr, "refused a session channel opened by the agent");
+        }
         Ok(())
     }
 
@@ -528,10 +557,12 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
         _originator: &str,
         _originator_port: u32,
         _reply: russh::server::ChannelOpenHandle,
-        _session: &mut SshSession,
+        session: &mut SshSession,
     ) -> Result<(), Self::Error> {
-        tracing::warn!(peer = %self.peer.addr, target = %format!("{host}:{port}"),
-            "refused a channel opened by the agent: agents may not dial into the host network");
+        if self.refused_channel(session) {
+            tracing::warn!(peer = %self.peer.addr, target = %format!("{host}:{port}"),
+                "refused a channel opened by the agent: agents may not dial into the host network");
+        }
         Ok(())
     }
 
@@ -541,7 +572,7 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
         kind: &str,
         data: &[u8],
         reply: russh::server::ChannelOpenHandle,
-        _session: &mut SshSession,
+        session: &mut SshSession,
     ) -> Result<(), Self::Error> {
         match (&self.session, kind) {
             (Some(session), HUB_CHANNEL_TYPE) => {
@@ -558,7 +589,9 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
                 tokio::spawn(reply.reject(refusal.failure()));
             }
             _ => {
-                tracing::warn!(peer = %self.peer.addr, kind, "refused a channel of a type agents may not open");
+                if self.refused_channel(session) {
+                    tracing::warn!(peer = %self.peer.addr, kind, "refused a channel of a type agents may not open");
+                }
                 tokio::spawn(reply.reject(russh::ChannelOpenFailure::UnknownChannelType));
             }
         }
@@ -582,6 +615,23 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: Admission,
 {
+    serve_holding(stream, config, admission, peer, ()).await
+}
+
+/// [`serve`], holding `pending` (the proxy's slot for a handshake in
+/// progress) until the agent is admitted or the connection ends.
+pub async fn serve_holding<S, A, P>(
+    stream: S,
+    config: Arc<russh::server::Config>,
+    admission: Arc<A>,
+    peer: impl Into<Peer>,
+    pending: P,
+) -> Result<(), ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: Admission,
+    P: Send,
+{
     let peer_info = peer.into();
     let peer = peer_info.addr.clone();
     let (tx, rx) = oneshot::channel();
@@ -591,9 +641,15 @@ where
         guard: None,
         session: None,
         outcome: Some(tx),
+        refused_channels: 0,
     };
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
-    let stream = crate::write_behind::WriteBehind::new(stream);
+    // Whenever this returns, the session loop's stream fails: a handshake
+    // given up on (deadline, rejection) ends even if the loop is stuck
+    // waiting for the peer in the middle of a key exchange.
+    let cut = tokio_util::sync::CancellationToken::new();
+    let _cut_on_return = cut.clone().drop_guard();
+    let stream = crate::cut::Cut::new(crate::write_behind::WriteBehind::new(stream), cut);
     let running =
         match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler))
             .await
@@ -607,6 +663,7 @@ where
     tokio::select! {
         outcome = rx => match outcome {
             Ok(AuthOutcome::Admitted(name)) => {
+                drop(pending);
                 tracing::info!(%peer, cluster = %name, "agent connected");
             }
             Ok(AuthOutcome::Rejected(reason)) => {

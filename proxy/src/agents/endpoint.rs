@@ -4,6 +4,12 @@
 //! anything else is 404. There is
 //! no path routing, as in Tower. The agent's `User-Agent` travels with its
 //! session ([`tunnel::server::Peer`]) into the Cluster status.
+//!
+//! Every connection holds a slot of [`Pending`] from its accept until its
+//! agent is admitted (or it ends): a source over its cap, or a port over
+//! the total, has its new connections closed at once. Headers must arrive
+//! within [`HEADER_TIMEOUT`] (idle keep-alive connections included), the SSH
+//! handshake and `config` within [`tunnel::server::CONFIG_TIMEOUT`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
-use tunnel::server::{Peer, serve};
+use tunnel::server::{Peer, ServeError, serve_holding};
 use tunnel::wire::SUBPROTOCOL;
 use tunnel::ws::WsStream;
 
@@ -27,9 +33,15 @@ use super::admission::Gate;
 use super::store::ClusterStore;
 use crate::ops::accept::accept_loop;
 use crate::ops::metrics::{Metrics, render};
+use crate::ops::pending::{Pending, Permit, Refusal};
 
 /// How long a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The door's name in `tower_refused_connections_total` and logs.
+const DOOR: &str = "agents";
+
+/// A connection's pending slot, until its upgrade takes it along.
+type Slot = Arc<std::sync::Mutex<Option<Permit>>>;
 
 /// Everything a request handler needs.
 pub struct Endpoint<S: ClusterStore> {
@@ -39,6 +51,8 @@ pub struct Endpoint<S: ClusterStore> {
     pub ssh: Arc<crate::identity::host_keys::HostKeys>,
     /// Set once the proxy can admit agents (the Cluster cache is synced).
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The caps on connections not admitted yet.
+    pub pending: Arc<Pending>,
 }
 
 /// Accept connections until `stop` is cancelled.
@@ -48,21 +62,35 @@ pub async fn run<S: ClusterStore>(
     stop: CancellationToken,
 ) {
     accept_loop(listener, "agents", stop, |tcp, peer| {
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(handle(req, endpoint, peer.to_string())) }
+        // Over a cap: closed here, before any task or buffer is spent on it.
+        if let Some(permit) = endpoint.pending.enter(peer.ip(), DOOR) {
+            let endpoint = endpoint.clone();
+            let slot: Slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+            tokio::spawn(async move {
+                let pending = endpoint.pending.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let (endpoint, slot) = (endpoint.clone(), slot.clone());
+                    async move { Ok::<_, Infallible>(handle(req, endpoint, peer.to_string(), slot)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades();
+                match conn.await {
+                    Ok(()) => {}
+                    Err(e) if e.is_timeout() => {
+                        pending.refused(DOOR, Refusal::HandshakeTimeout);
+                        tracing::warn!(%peer, limit = ?HEADER_TIMEOUT,
+                            "no request headers in time on the agents' port: connection closed");
+                    }
+                    Err(e) => {
+                        pending.refused(DOOR, Refusal::BadHandshake);
+                        tracing::warn!(%peer, error = %e, "bad HTTP request on the agents' port, connection closed");
+                    }
+                }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::warn!(%peer, error = %e, "bad HTTP request on the agents' port, connection closed");
-            }
-        });
+        }
         async {}
     })
     .await;
@@ -93,6 +121,7 @@ fn handle<S: ClusterStore>(
     mut req: Request<Incoming>,
     endpoint: Arc<Endpoint<S>>,
     peer: String,
+    slot: Slot,
 ) -> Response<Full<Bytes>> {
     if is_tunnel_request(&req) {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
@@ -100,6 +129,7 @@ fn handle<S: ClusterStore>(
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let user_agent = user_agent_of(req.headers());
+        let permit = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         tokio::spawn(async move {
             let io = match upgrade.await {
                 Ok(io) => io,
@@ -113,7 +143,7 @@ fn handle<S: ClusterStore>(
                 addr: peer,
                 user_agent,
             };
-            tunnel_session(ws, endpoint, peer).await;
+            tunnel_session(ws, endpoint, peer, permit).await;
         });
         let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
         let headers = resp.headers_mut();
@@ -164,16 +194,29 @@ fn user_agent_of(headers: &header::HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-async fn tunnel_session<S, T>(ws: WsStream<T>, endpoint: Arc<Endpoint<S>>, peer_info: Peer)
-where
+async fn tunnel_session<S, T>(
+    ws: WsStream<T>,
+    endpoint: Arc<Endpoint<S>>,
+    peer_info: Peer,
+    permit: Option<Permit>,
+) where
     S: ClusterStore,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = peer_info.addr.clone();
-    match serve(ws, endpoint.ssh.config(), endpoint.gate.clone(), peer_info).await {
+    let (config, gate) = (endpoint.ssh.config(), endpoint.gate.clone());
+    match serve_holding(ws, config, gate, peer_info, permit).await {
         Ok(()) => tracing::info!(%peer, "tunnel closed"),
-        Err(tunnel::server::ServeError::Rejected(reason)) => {
+        Err(ServeError::Rejected(reason)) => {
             tracing::warn!(%peer, %reason, "agent rejected");
+        }
+        Err(e @ ServeError::ConfigTimeout(_)) => {
+            endpoint.pending.refused(DOOR, Refusal::HandshakeTimeout);
+            tracing::warn!(%peer, error = %e, "tunnel ended: the agent did not finish its SSH handshake and config in time, connection closed");
+        }
+        Err(e @ ServeError::Handshake(_)) => {
+            endpoint.pending.refused(DOOR, Refusal::BadHandshake);
+            tracing::warn!(%peer, error = %e, "tunnel ended");
         }
         Err(e) => tracing::warn!(%peer, error = %e, "tunnel ended"),
     }

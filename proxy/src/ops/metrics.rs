@@ -77,6 +77,14 @@ pub struct HubBytesLabel {
     pub direction: String,
 }
 
+/// A door (`agents`, `cluster`, `access`, `aggregated`) and why it closed a
+/// connection before letting it in ([`crate::ops::pending::Refusal`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    pub door: String,
+    pub reason: String,
+}
+
 /// One cluster's line in /metrics, read from the registry at scrape time.
 pub struct ClusterStats {
     pub cluster: String,
@@ -116,6 +124,8 @@ pub struct Metrics {
     pub hub_bytes: Family<HubBytesLabel, Counter>,
     /// Audit records dropped because the writer was behind.
     pub audit_dropped: Counter,
+    /// Connections closed before they were let in, per door and reason.
+    pub refused_connections: Family<RefusedLabel, Counter>,
     /// 1 while this replica writes to the host cluster (it leads, or runs
     /// alone), else 0: summed over replicas, what a "no leader" alert reads.
     pub leader: Gauge,
@@ -210,6 +220,12 @@ impl Metrics {
             "Audit log records dropped because the writer was behind",
             audit_dropped.clone(),
         );
+        let refused_connections = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Connections closed before they were let in (hostile or broken peers), per door and reason",
+            refused_connections.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -218,6 +234,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            refused_connections,
             leader,
             audit_dropped,
             hub_streams,
@@ -233,6 +250,16 @@ impl Metrics {
             request_seconds,
             cert_expiry,
         }
+    }
+
+    /// Count a connection `door` closed before letting it in, for `reason`.
+    pub fn refused(&self, door: &str, reason: &str) {
+        self.refused_connections
+            .get_or_create(&RefusedLabel {
+                door: door.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     pub fn cluster(cluster: &str) -> ClusterLabel {

@@ -6,10 +6,12 @@
 //!   replica waits for;
 //! - [`accept`]: the one accept loop every listening port runs;
 //! - [`audit`]: the audit log, one line per request or stream;
+//! - [`pending`]: the caps on handshakes not finished yet (hostile peers);
 //! - [`signals`]: SIGTERM / SIGINT.
 
 pub mod accept;
 pub mod audit;
 pub mod in_flight;
 pub mod metrics;
+pub mod pending;
 pub mod signals;

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
@@ -21,18 +22,23 @@ use super::listener::status::{Body, text};
 use crate::identity::ca::peer_identity;
 use crate::identity::scope::{Holder, PeerIdentity, admit};
 use crate::ops::audit::{Audit, Caller, Record};
+use crate::ops::pending::{Pending, Refusal};
 
 /// How long a client may take with its TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The TLS handshake with `tcp`, within [`TLS_HANDSHAKE_TIMEOUT`]; `None`
-/// (logged, naming `port`) when it failed.
+/// The TLS handshake with `tcp`, within [`TLS_HANDSHAKE_TIMEOUT`] and in a
+/// slot of `pending` (the caps on handshakes in progress); `None` (logged,
+/// naming `port`, and counted at `door`) when it failed or had no slot.
 pub async fn handshake<T: Io>(
     acceptor: &TlsAcceptor,
     tcp: T,
     peer: SocketAddr,
     port: &str,
+    pending: &Arc<Pending>,
+    door: &'static str,
 ) -> Option<TlsStream<T>> {
+    let _slot = pending.enter(peer.ip(), door)?;
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -41,11 +47,14 @@ pub async fn handshake<T: Io>(
             None
         }
         Ok(Err(e)) => {
+            pending.refused(door, Refusal::BadHandshake);
             tracing::warn!(port, %peer, error = %e, "TLS handshake with client failed");
             None
         }
         Err(_) => {
-            tracing::warn!(port, %peer, "client did not finish the TLS handshake in time");
+            pending.refused(door, Refusal::HandshakeTimeout);
+            tracing::warn!(port, %peer, limit = ?TLS_HANDSHAKE_TIMEOUT,
+                "client did not finish the TLS handshake in time: connection closed");
             None
         }
     }

@@ -111,7 +111,10 @@ impl Access {
             accept_loop(listener, "access", stop, |tcp, peer| {
                 let (access, acceptor) = (self.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let Some(tls) = handshake(&acceptor, tcp, peer, "access").await else {
+                    let pending = access.shared.pending.clone();
+                    let Some(tls) =
+                        handshake(&acceptor, tcp, peer, "access", &pending, "access").await
+                    else {
                         return;
                     };
                     let client = Client::of(&tls);

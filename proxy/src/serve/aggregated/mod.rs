@@ -111,6 +111,7 @@ pub async fn start(
         options.service.clone(),
         (**ca).clone(),
     ));
+    let shared_pending = shared.pending.clone();
     let handler = Arc::new(Handler {
         client,
         audit: shared.audit.clone(),
@@ -118,6 +119,7 @@ pub async fn start(
         clusters,
     });
     let tls = Arc::new(Tls {
+        pending: shared_pending,
         cert,
         current,
         cached: Mutex::default(),
@@ -144,6 +146,8 @@ pub async fn start(
 
 /// The serving certificate and the TLS set-up for the current trust.
 struct Tls {
+    /// The caps on client TLS handshakes in progress.
+    pending: Arc<crate::ops::pending::Pending>,
     cert: ServerCert,
     current: trust::Current,
     /// The config built for the trust it was built for.
@@ -199,7 +203,16 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, hand
         }
     };
     let acceptor = TlsAcceptor::from(config);
-    let Some(stream) = handshake(&acceptor, tcp, peer, "aggregated API").await else {
+    let Some(stream) = handshake(
+        &acceptor,
+        tcp,
+        peer,
+        "aggregated API",
+        &tls.pending,
+        "aggregated",
+    )
+    .await
+    else {
         return;
     };
     let cn = peer_common_name(stream.get_ref().1);
@@ -208,7 +221,9 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, hand
         async move { Ok::<_, Infallible>(handler.handle(req, trust, cn).await) }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new());
+    // Without it an idle connection was held for ever (tests/adversarial).
+    http.timer(TokioTimer::new())
+        .header_read_timeout(crate::serve::listener::REQUEST_HEADER_TIMEOUT);
     if let Err(e) = http
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()

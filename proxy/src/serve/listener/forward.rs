@@ -49,6 +49,8 @@ pub struct Proxy {
     pub in_flight: InFlight,
     pub metrics: Arc<Metrics>,
     pub audit: Audit,
+    /// The caps on client TLS handshakes in progress.
+    pub pending: Arc<crate::ops::pending::Pending>,
 }
 
 /// A body whose data bytes are added to a [`Tally`] as they pass: the
@@ -161,6 +163,7 @@ impl Proxy {
             response_header_timeout: RESPONSE_HEADER_TIMEOUT,
             in_flight: shared.in_flight.clone(),
             metrics: shared.metrics.clone(),
+            pending: shared.pending.clone(),
             audit: shared.audit.clone(),
         }
     }

@@ -44,6 +44,7 @@ use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Audit, Caller};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
+use crate::ops::pending::Pending;
 use crate::serve::admit::{Client, handshake};
 
 /// How long a client may take to send a request's headers.
@@ -80,6 +81,8 @@ pub struct Shared {
     pub in_flight: InFlight,
     pub metrics: Arc<Metrics>,
     pub audit: Audit,
+    /// The caps on TLS handshakes in progress, shared by the clients' doors.
+    pub pending: Arc<Pending>,
 }
 
 /// What clients speak to the port.
@@ -260,6 +263,7 @@ fn spawn_connection<T: Io>(
 async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy: Arc<Proxy>) {
     let cluster = proxy.cluster.clone();
     let audit = proxy.audit.clone();
+    let pending = proxy.pending.clone();
     let service = |caller: Arc<Caller>| {
         hyper::service::service_fn(move |req| {
             let (proxy, caller) = (proxy.clone(), caller.clone());
@@ -279,7 +283,7 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
         }
         Front::Https(acceptor) => {
             let port = format!("cluster {cluster} kube-apiserver");
-            let Some(tls) = handshake(acceptor, tcp, peer, &port).await else {
+            let Some(tls) = handshake(acceptor, tcp, peer, &port, &pending, "cluster").await else {
                 return;
             };
             let client = Client::of(&tls);

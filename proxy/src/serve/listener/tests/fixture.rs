@@ -280,6 +280,10 @@ pub(super) fn shared(registry: &Registry) -> Shared {
         in_flight: InFlight::default(),
         metrics: registry.metrics().clone(),
         audit: crate::ops::audit::Audit::Off,
+        pending: crate::ops::pending::Pending::new(
+            crate::ops::pending::Limits::default(),
+            registry.metrics().clone(),
+        ),
     }
 }
 

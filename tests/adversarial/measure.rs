@@ -1,0 +1,202 @@
+//! What an attack is measured with: the proxy's fds and RSS from /proc, the
+//! latency of legitimate requests (a kube-rs client with config_alpha,
+//! through the tunnel), the refusals in `/metrics`, and what legitimate
+//! kubectl, watch and exec sessions see.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use e2e::k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use e2e::kube::Api;
+use e2e::{Tower, metric_sample, scrape_metrics};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::time::Instant;
+
+/// Open fds and resident memory of a process.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub fds: usize,
+    pub rss_kib: u64,
+}
+
+impl Usage {
+    pub fn of(pid: u32) -> Result<Usage> {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("reading /proc/{pid}/fd"))?
+            .count();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS in /proc/PID/status")?;
+        Ok(Usage { fds, rss_kib })
+    }
+
+    /// The larger of each figure.
+    pub fn max(self, other: Usage) -> Usage {
+        Usage {
+            fds: self.fds.max(other.fds),
+            rss_kib: self.rss_kib.max(other.rss_kib),
+        }
+    }
+}
+
+/// CPU time (user + system) a process has used, in ms.
+pub fn cpu_ms(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').context("no ) in /proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks =
+        |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?) };
+    // Fields 14 and 15 are at 11 and 12 counted from field 3 (the state).
+    let hz = 100; // USER_HZ on Linux
+    Ok((ticks(11)? + ticks(12)?) * 1000 / hz)
+}
+
+/// The proxy's usage, sampled every 100 ms while `work` runs; its peak.
+pub async fn peak_while<T>(pid: u32, work: impl Future<Output = T>) -> Result<(T, Usage)> {
+    let mut peak = Usage::of(pid)?;
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            out = &mut work => return Ok((out, peak.max(Usage::of(pid)?))),
+            _ = tick.tick() => peak = peak.max(Usage::of(pid)?),
+        }
+    }
+}
+
+/// p50 and p99 of a set of request times.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+impl Latency {
+    fn of(mut times: Vec<Duration>) -> Latency {
+        times.sort();
+        let at =
+            |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+        Latency {
+            p50: at(0.50),
+            p99: at(0.99),
+        }
+    }
+
+    pub fn ms(d: Duration) -> String {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// A kube-rs client through config_alpha: legitimate requests, timed.
+pub struct Legit {
+    client: e2e::kube::Client,
+}
+
+impl Legit {
+    pub async fn new(tower: &Tower) -> Result<Legit> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = e2e::kube::config::Kubeconfig::read_from(tower.config_alpha())?;
+        let config = e2e::kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(Legit {
+            client: e2e::kube::Client::try_from(config)?,
+        })
+    }
+
+    /// `n` GETs of namespace `default`, one after another: each must succeed.
+    pub async fn latency(&self, n: usize) -> Result<Latency> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            api.get("default")
+                .await
+                .with_context(|| format!("legitimate GET {i} of {n}"))?;
+            times.push(t.elapsed());
+        }
+        Ok(Latency::of(times))
+    }
+
+    /// A ConfigMap `name` in `default` (what the watch waits for).
+    pub async fn create_configmap(&self, name: &str) -> Result<()> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), "default");
+        let cm: ConfigMap = serde_json_value(name)?;
+        api.create(&Default::default(), &cm)
+            .await
+            .with_context(|| format!("creating ConfigMap {name}"))?;
+        Ok(())
+    }
+}
+
+fn serde_json_value(name: &str) -> Result<ConfigMap> {
+    let json =
+        format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}"}}}}"#);
+    Ok(e2e::k8s_openapi::serde_json::from_str(&json)?)
+}
+
+/// What legitimate users did while an attack ran: `kubectl get`, a
+/// `kubectl get -w` that saw a new ConfigMap, and an `exec -i ... cat`
+/// round trip. Errors say which.
+pub async fn legit_users_served(tower: &Tower, legit: &Legit, tag: &str) -> Result<()> {
+    e2e::wait_for_ok(Duration::from_secs(60), || async {
+        tower
+            .kubectl_ok(&["get", "ns", "kube-system", "-o", "name"])
+            .await
+    })
+    .await
+    .context("kubectl get during the attack")?;
+    let mut watch = tower
+        .kubectl_command()
+        .args(["get", "configmaps", "-n", "default", "-w", "-o", "name"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut lines = BufReader::new(watch.stdout.take().context("watch stdout")?).lines();
+    let name = format!("seen-{tag}");
+    legit.create_configmap(&name).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .context("kubectl get -w did not show the new ConfigMap during the attack")??
+            .context("kubectl get -w ended during the attack")?;
+        if line.contains(&name) {
+            break;
+        }
+    }
+    let _ = watch.kill().await;
+    let mut exec = tower
+        .kubectl_command()
+        .args(["exec", "-i", "box", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut stdin = exec.stdin.take().context("exec stdin")?;
+    stdin.write_all(format!("echo-{tag}\n").as_bytes()).await?;
+    stdin.flush().await?;
+    let mut out = BufReader::new(exec.stdout.take().context("exec stdout")?).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .context("kubectl exec did not echo during the attack")??;
+    ensure!(
+        line.as_deref() == Some(format!("echo-{tag}").as_str()),
+        "kubectl exec echoed {line:?}"
+    );
+    drop(stdin);
+    let _ = exec.kill().await;
+    Ok(())
+}
+
+/// `tower_refused_connections_total{door,reason}` now.
+pub async fn refused(tower: &Tower, door: &str, reason: &str) -> Result<f64> {
+    let metrics = scrape_metrics("127.0.0.1", tower.proxy_port()).await?;
+    Ok(metric_sample(
+        &metrics,
+        &format!("tower_refused_connections_total{{door=\"{door}\",reason=\"{reason}\"}}"),
+    ))
+}

@@ -1,0 +1,158 @@
+//! A hostile agent with a valid token (of its own Cluster, `beta`): it logs
+//! in as Tower's agents do, then opens channels by the thousand, or accepts
+//! the proxy's channels and never reads them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use russh::client::{Handle, Msg, Session};
+use russh::{Channel, ChannelId};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tunnel::wire::{AgentConfig, CONFIG_REQUEST, PING_REQUEST};
+use tunnel::ws::WsStream;
+
+use super::peers::{connect_from, upgrade};
+
+/// Accepts every channel the proxy opens and keeps it, unread.
+#[derive(Clone, Default)]
+pub struct Hoarder {
+    pub held: Arc<Mutex<Vec<Channel<Msg>>>>,
+}
+
+impl russh::client::Handler for Hoarder {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+
+    async fn should_accept_unknown_server_channel(&mut self, _: ChannelId, _: &str) -> bool {
+        true
+    }
+
+    async fn server_channel_open_custom(
+        &mut self,
+        channel: Channel<Msg>,
+        _kind: &str,
+        _data: &[u8],
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Ok(mut held) = self.held.lock() {
+            held.push(channel);
+        }
+        tokio::spawn(reply.accept());
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        _channel: ChannelId,
+        _data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// A logged-in agent of `cluster` with `token`, from `source`.
+pub struct Rogue {
+    pub handle: Arc<Handle<Hoarder>>,
+    pub hoarder: Hoarder,
+}
+
+impl Rogue {
+    pub async fn login(
+        source: IpAddr,
+        to: SocketAddr,
+        cluster: &str,
+        token: &str,
+        member: &str,
+    ) -> Result<Rogue> {
+        let mut tcp = connect_from(source, to).await?;
+        ensure!(upgrade(&mut tcp, to).await?, "upgrade refused");
+        let ws = WsStream::from_upgraded(tcp, Role::Client).await;
+        let hoarder = Hoarder::default();
+        let config = Arc::new(tunnel::ssh::client_config());
+        let mut handle = russh::client::connect_stream(config, ws, hoarder.clone())
+            .await
+            .context("SSH handshake")?;
+        ensure!(
+            handle.authenticate_password("", "").await?.success(),
+            "password login refused"
+        );
+        let config = AgentConfig {
+            version: "v0.0.0-adversary".into(),
+            name: cluster.into(),
+            token: token.into(),
+            kubernetes_svc_host: member.into(),
+            kubesphere_svc_host: member.into(),
+            ..Default::default()
+        };
+        let answer = handle
+            .global_request(CONFIG_REQUEST, &config.to_json())
+            .await
+            .context("config request")?;
+        ensure!(answer.is_ok(), "config refused: {answer:?}");
+        Ok(Rogue {
+            handle: Arc::new(handle),
+            hoarder,
+        })
+    }
+
+    /// Opens up to `n` channels of a type agents may not open, 64 at a
+    /// time, until the proxy closes the session; how many were answered
+    /// (refused) before it did.
+    pub async fn channel_flood(&self, n: usize) -> usize {
+        let mut answered = 0;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            if tasks.len() >= 64 {
+                match tasks.join_next().await {
+                    Some(Ok(true)) => answered += 1,
+                    _ => break,
+                }
+            }
+            let handle = self.handle.clone();
+            tasks.spawn(async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(30),
+                    handle.channel_open_custom("flood@adversary", i.to_le_bytes().to_vec()),
+                )
+                .await
+                {
+                    // Refused: what the proxy answers; anything else: the session is gone.
+                    Ok(Err(russh::Error::ChannelOpenFailure(_))) => true,
+                    _ => false,
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            if matches!(done, Ok(true)) {
+                answered += 1;
+            }
+        }
+        answered
+    }
+
+    /// Pings as our agents do; false once the proxy is gone.
+    pub async fn ping(&self) -> bool {
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                self.handle.global_request(PING_REQUEST, &[])
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
+    pub fn held(&self) -> usize {
+        self.hoarder.held.lock().map_or(0, |h| h.len())
+    }
+}
