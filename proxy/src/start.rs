@@ -436,6 +436,7 @@ async fn serve_agents<S: ClusterStore>(
         ready,
     });
     let ports_stop = CancellationToken::new();
+    tokio::spawn(crate::ops::trim::run(ports_stop.clone()));
     tokio::spawn(crate::agents::announce::run(
         core.registry.clone(),
         host_keys,

@@ -6,10 +6,12 @@
 //!   replica waits for;
 //! - [`accept`]: the one accept loop every listening port runs;
 //! - [`audit`]: the audit log, one line per request or stream;
-//! - [`signals`]: SIGTERM / SIGINT.
+//! - [`signals`]: SIGTERM / SIGINT;
+//! - [`trim`]: freed heap given back to the system.
 
 pub mod accept;
 pub mod audit;
 pub mod in_flight;
 pub mod metrics;
 pub mod signals;
+pub mod trim;
