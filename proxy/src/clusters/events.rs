@@ -12,8 +12,8 @@ use crate::identity::names::MANAGER;
 /// into a series), keyed by the object's reference including its
 /// resourceVersion, which every status write changes: with agents coming and
 /// going that is a new entry per Event, never a repeat, only dropped when a
-/// later Event is published. The churn soak (tests/churn.rs) saw the proxy's
-/// RSS grow 7 KiB per agent reconnect and stay there. Nothing is kept here.
+/// later Event is published (found looking for why the proxy's RSS grew in
+/// the churn soak, tests/churn.rs). Nothing is kept here.
 #[derive(Clone)]
 pub struct Recorder {
     client: Client,
