@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz adversarial lint demo demo-down certs bench cross clean
+.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz adversarial churn lint demo demo-down certs bench cross clean
 
 all: build
 
@@ -73,6 +73,15 @@ faults: build harness toxiproxy
 adversarial: build harness
 	set -o pipefail; ADVERSARIAL_FULL=1 $(CARGO) test --release -p e2e --test adversarial -- --test-threads=1 --nocapture \
 	  2>&1 | tee $(TARGET_DIR)/adversarial.log | grep --line-buffered -E '^(ADVERSARIAL|test result|test .* FAILED|Error)'
+
+# `make churn`: tests/churn.rs with the issue's figures (CHURN_FULL=1): 10,000
+# agent cycles across 100 clusters while 100,000 requests and 1,000 kubectl
+# exec/port-forward sessions run; prints the `CHURN |` line
+# (docs/reliability.md, README "Reliability"), the whole log in
+# $(CARGO_TARGET_DIR)/churn.log.
+churn: build harness
+	set -o pipefail; CHURN_FULL=1 $(CARGO) test --release -p e2e --test churn -- --nocapture \
+	  2>&1 | tee $(TARGET_DIR)/churn.log | grep --line-buffered -E '^(CHURN|churn:|test result)'
 
 lint:
 	$(CARGO) fmt --all --check

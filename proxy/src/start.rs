@@ -443,6 +443,7 @@ async fn serve_agents<S: ClusterStore>(
         pending: Pending::new(config.pending, core.metrics.clone()),
     });
     let ports_stop = CancellationToken::new();
+    tokio::spawn(crate::ops::trim::run(ports_stop.clone()));
     tokio::spawn(crate::agents::announce::run(
         core.registry.clone(),
         host_keys,

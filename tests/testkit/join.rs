@@ -79,18 +79,8 @@ impl Tower {
         .await?;
         let mut agents = Vec::new();
         for (name, token) in names.iter().zip(tokens) {
-            let token_file = self.dir().join(format!("{name}.token"));
-            std::fs::write(&token_file, token)?;
-            let mut cmd = agent_program(self.member_net());
-            cmd.args(agent_args(
-                name,
-                &token_file,
-                self.proxy_port(),
-                self.fingerprint(),
-                self.member(),
-                self.member_net(),
-            ));
-            agents.push(Proc::spawn_quiet(&format!("agent-{name}"), cmd)?);
+            std::fs::write(self.dir().join(format!("{name}.token")), token)?;
+            agents.push(self.spawn_agent(name)?);
         }
         let kubeconfigs = wait_for_ok(SETTLE, || async {
             let all = clusters().await?;
@@ -125,6 +115,30 @@ impl Tower {
             });
         }
         Ok(joined)
+    }
+}
+
+impl Tower {
+    /// Another `bin/agent` for a cluster [`Tower::join`] added (its token
+    /// is in the Tower's directory), output collected but not echoed; it is
+    /// not waited for (see [`Proc::wait_for_line`] `connected to proxy`).
+    pub fn spawn_agent(&self, name: &str) -> Result<Proc> {
+        let token_file = self.dir().join(format!("{name}.token"));
+        ensure!(
+            token_file.is_file(),
+            "cluster {name} was not joined: no {}",
+            token_file.display()
+        );
+        let mut cmd = agent_program(self.member_net());
+        cmd.args(agent_args(
+            name,
+            &token_file,
+            self.proxy_port(),
+            self.fingerprint(),
+            self.member(),
+            self.member_net(),
+        ));
+        Proc::spawn_quiet(&format!("agent-{name}"), cmd)
     }
 }
 

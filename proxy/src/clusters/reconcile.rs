@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::crd::Cluster;
 use super::decide::{self, Facts, PortChoice, Role};
-use super::events::publish;
+use super::events::{Recorder, publish};
 use super::service::{self, Addresses, Exposure};
 use super::status::Kick;
 use super::store::Names;

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::crd::Cluster;
-use super::events::publish;
+use super::events::{Recorder, publish};
 use crate::serve::connect::TargetRefusals;
 use crate::serve::connect::request::Refusal;
 

@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::mpsc;
 
 use super::crd::Cluster;
-use super::events::publish;
+use super::events::{Recorder, publish};
 use super::service::Addresses;
 use super::status::Kick;
 use super::{Options, Ports, decide};

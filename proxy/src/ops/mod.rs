@@ -7,7 +7,8 @@
 //! - [`accept`]: the one accept loop every listening port runs;
 //! - [`audit`]: the audit log, one line per request or stream;
 //! - [`pending`]: the caps on handshakes not finished yet (hostile peers);
-//! - [`signals`]: SIGTERM / SIGINT.
+//! - [`signals`]: SIGTERM / SIGINT;
+//! - [`trim`]: freed heap given back to the system.
 
 pub mod accept;
 pub mod audit;
@@ -15,3 +16,4 @@ pub mod in_flight;
 pub mod metrics;
 pub mod pending;
 pub mod signals;
+pub mod trim;
