@@ -17,12 +17,13 @@
 //!
 //! Fields other than KubeSphere's are ours, declared in our CRD and so in its
 //! kubesphere-compat variant too. Writes are merge patches of only what
-//! changed ([`patch`], [`health`]): an unchanged cluster costs one write every
-//! one to two minutes however often it is asked.
+//! changed ([`patch`], [`health`]): an unchanged cluster costs no write
+//! however often it is asked; the replica's Lease stands for the liveness of
+//! every cluster it serves.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -180,7 +181,6 @@ async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer,
             .map(Session::last_heartbeat)
             .max()
             .unwrap_or_else(|| session.last_heartbeat()),
-        now: SystemTime::now(),
     };
     if sessions.is_empty() {
         // Gone while we asked: nothing current to report.
