@@ -112,9 +112,12 @@ pub fn start(
         let mut tick = tokio::time::interval(frequency);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let names = tokio::select! {
-                Some(name) = kicks.recv() => vec![name],
-                _ = tick.tick() => dialer.registry().clusters(),
+            // A kick follows a change of ours (a session, a kubeconfig) that
+            // the cache may not have yet under load: that refresh reads the
+            // Cluster from the API. Ticks read the cache.
+            let (names, fresh) = tokio::select! {
+                Some(name) = kicks.recv() => (vec![name], true),
+                _ = tick.tick() => (dialer.registry().clusters(), false),
                 else => return,
             };
             for name in names {
@@ -130,7 +133,7 @@ pub fn start(
                     running.clone(),
                 );
                 tokio::spawn(async move {
-                    refresh(&client, &store, &dialer, &name).await;
+                    refresh(&client, &store, &dialer, &name, fresh).await;
                     lock(&running).remove(&name);
                 });
             }
@@ -138,7 +141,33 @@ pub fn start(
     })
 }
 
-async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer, name: &str) {
+/// The Cluster from the API when `fresh`, else from the cache.
+async fn current(
+    client: &Client,
+    store: &Store<Cluster>,
+    name: &str,
+    fresh: bool,
+) -> Option<Arc<Cluster>> {
+    if !fresh {
+        return store.get(&ObjectRef::new(name));
+    }
+    let api: Api<Cluster> = Api::all(client.clone());
+    match api.get_opt(name).await {
+        Ok(c) => c.map(Arc::new),
+        Err(e) => {
+            tracing::debug!(cluster = %name, error = %e, "reading the Cluster failed; using the cache");
+            store.get(&ObjectRef::new(name))
+        }
+    }
+}
+
+async fn refresh(
+    client: &Client,
+    store: &Store<Cluster>,
+    dialer: &MemberDialer,
+    name: &str,
+    fresh: bool,
+) {
     let Some(session) = dialer.pick(name) else {
         return;
     };
@@ -163,8 +192,8 @@ async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer,
             tracing::warn!(cluster = %name, error = %e, "cannot read the member's version and nodes");
         })
         .ok();
-    // The store may have moved on while we asked.
-    let cluster = store.get(&ObjectRef::new(name)).unwrap_or(cluster);
+    // The Cluster may have moved on while we asked.
+    let cluster = current(client, store, name, fresh).await.unwrap_or(cluster);
     let sessions = dialer.registry().sessions(name);
     let seen = Observed {
         member,
