@@ -269,7 +269,23 @@ async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()>
         keepalive: Duration::from_secs(30),
         ramp: 64,
     });
-    all_available(api.clone(), n, Duration::from_secs(900)).await?;
+    if let Err(e) = all_available(api.clone(), n, Duration::from_secs(900)).await {
+        // Still say how far it got, and at what memory.
+        let rss_mib = sys::rss_bytes(proxy.pid())? as f64 / f64::from(1 << 20);
+        let scenario = format!("control plane: {n} clusters, {}", mode.name());
+        let path = "tower-rs proxy + kube-apiserver";
+        report.add(
+            Figure::new(
+                &scenario,
+                path,
+                "proxy RSS when given up",
+                "MiB",
+                Stat::of(&[rss_mib]),
+            )
+            .goal((n >= 10_000).then(|| Goal::at_most("proxy RSS <= 1 GiB", rss_mib, 1024.0))),
+        );
+        return Err(e);
+    }
     let up = started.elapsed();
     let rss_up = sys::rss_bytes(proxy.pid())?;
     eprintln!(
