@@ -284,6 +284,7 @@ async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()>
             )
             .goal((n >= 10_000).then(|| Goal::at_most("proxy RSS <= 1 GiB", rss_mib, 1024.0))),
         );
+        keep_log(env, n, &proxy)?;
         return Err(e);
     }
     let up = started.elapsed();
@@ -347,19 +348,7 @@ async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()>
         "writes",
         one_value(startup_total as f64 / n as f64),
     ));
-    // The proxy's log, to see what it did (messages counted in the notes).
-    let log = env.work.join(format!("cp-proxy-{n}.log"));
-    let lines = proxy.lines();
-    std::fs::write(&log, lines.join("\n"))?;
-    let mut messages: BTreeMap<String, u64> = BTreeMap::new();
-    for line in &lines {
-        let message = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v["fields"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "(not JSON)".into());
-        *messages.entry(message).or_default() += 1;
-    }
-    eprintln!("controlplane: proxy log ({}): {messages:?}", log.display());
+    keep_log(env, n, &proxy)?;
     drop(fleet);
     drop(proxy);
     drop(host);
@@ -376,4 +365,21 @@ fn fmt_counts(counts: &BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The proxy's log in the work directory, its messages counted on stderr.
+fn keep_log(env: &Env, n: usize, proxy: &e2e::Proc) -> Result<()> {
+    let log = env.work.join(format!("cp-proxy-{n}.log"));
+    let lines = proxy.lines();
+    std::fs::write(&log, lines.join("\n"))?;
+    let mut messages: BTreeMap<String, u64> = BTreeMap::new();
+    for line in &lines {
+        let message = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["fields"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "(not JSON)".into());
+        *messages.entry(message).or_default() += 1;
+    }
+    eprintln!("controlplane: proxy log ({}): {messages:?}", log.display());
+    Ok(())
 }
