@@ -171,6 +171,9 @@ async fn run() -> Result<()> {
     if wants("scale") {
         scenarios::scale::run(&env, &mut report).await;
     }
+    if wants("controlplane") {
+        scenarios::controlplane::run(&env, &mut report).await;
+    }
     report.note(
         "Paths: direct = the bench client's TLS straight to the upstream HTTPS server (loopback). \
          tower-rs https (a) = client TLS (client certificate from the Cluster's kubeconfig) -> the proxy's \

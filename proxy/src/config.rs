@@ -203,6 +203,9 @@ pub struct Config {
     /// `--publish-service-address` as the URL agents give as `--proxy-server`.
     pub publish_url: Option<String>,
     pub ha: Option<HaConfig>,
+    /// This replica's name: `--replica-id`, POD_NAME or the host name
+    /// (`proxy` when none); names its Lease `tower-replica-<name>`.
+    pub replica: String,
     pub shutdown_grace: Duration,
     pub host_key: PathBuf,
     /// `--host-key` given explicitly (else the Secret's key wins in Kubernetes mode).
@@ -327,17 +330,19 @@ impl Flags {
         {
             bail!("--advertise-address {address:?}: expected a host name or IP address");
         }
+        let replica_name = match self.replica_id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() => Some(id.to_string()),
+            _ => hostname()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty()),
+        };
         let ha = if self.leader_elect {
             if matches!(mode, Mode::File(_)) {
                 bail!("--leader-elect needs Kubernetes: leave out --clusters-file");
             }
-            let replica = match self.replica_id.as_deref().map(str::trim) {
-                Some(id) if !id.is_empty() => id.to_string(),
-                _ => hostname()
-                    .map(|h| h.trim().to_string())
-                    .filter(|h| !h.is_empty())
-                    .context("--leader-elect needs a replica name: set --replica-id or POD_NAME")?,
-            };
+            let replica = replica_name
+                .clone()
+                .context("--leader-elect needs a replica name: set --replica-id or POD_NAME")?;
             let peer_address = match &self.peer_address {
                 Some(a) => {
                     match split_host_port(a) {
@@ -415,6 +420,7 @@ impl Flags {
             ca,
             publish_url,
             ha,
+            replica: replica_name.unwrap_or_else(|| "proxy".to_string()),
             shutdown_grace: self.shutdown_grace,
             host_key,
             host_key_given,

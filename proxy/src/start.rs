@@ -263,6 +263,10 @@ async fn with_kubernetes(
             },
             ha.owners,
         ));
+    } else {
+        // One replica: its Lease alone says it still serves its clusters.
+        let (lease, _) = Owners::new(client.clone(), &namespace, &core.config.replica, "");
+        tasks.push(tokio::spawn(lease.renew_only(stop.clone())));
     }
     let (ha, owners) = ha_parts.unzip();
     // The CSR signer writes as the leader, as the Cluster controller does.

@@ -3,6 +3,7 @@
 
 pub mod bulk;
 pub mod concurrency;
+pub mod controlplane;
 pub mod kubectl;
 pub mod scale;
 pub mod small;
@@ -18,4 +19,5 @@ pub const ALL: &[&str] = &[
     "kubectl",
     "setup",
     "scale",
+    "controlplane",
 ];

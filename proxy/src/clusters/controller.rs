@@ -140,6 +140,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         recorder,
         names,
         reserved: Mutex::default(),
+        written: Mutex::default(),
         leader: ha
             .as_ref()
             .map_or_else(Leadership::always, |h| h.leader.clone()),

@@ -57,6 +57,13 @@ pub struct Context<P: Ports> {
     pub(super) owners: Option<Arc<Owners>>,
     pub(super) kick: Kick,
     pub(super) metrics: Arc<Metrics>,
+    /// Per cluster, the resourceVersion of this replica's last write (or
+    /// [`u64::MAX`] after a conflict): a cached object older than that is
+    /// stale, so the pass reads the Cluster from the API instead. Under load
+    /// the watch lags by seconds, and a pass on the old object would issue
+    /// another kubeconfig and conflict again and again (at 1,000 clusters
+    /// several writes per cluster and minutes to settle).
+    pub(super) written: Mutex<HashMap<String, u64>>,
 }
 
 /// What the controller needs when several replicas run (`--leader-elect`).
@@ -96,7 +103,43 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A resourceVersion as the number it is (etcd's revision); 0 when it is not one.
+fn version_of(cluster: &Cluster) -> u64 {
+    cluster
+        .resource_version()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 impl<P: Ports> Context<P> {
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remember that this replica wrote `cluster` at `version`.
+    fn wrote(&self, cluster: &str, version: Option<String>) {
+        if let Some(v) = version.and_then(|v| v.parse::<u64>().ok()) {
+            self.written().insert(cluster.to_string(), v);
+        }
+    }
+
+    /// The cached object, or the API's when the cache has not yet seen this
+    /// replica's last write. None: the Cluster is gone.
+    async fn fresh(&self, cached: Arc<Cluster>) -> Result<Option<Arc<Cluster>>, Error> {
+        let name = cached.name_any();
+        let known = self.written().get(&name).copied();
+        if known.is_none_or(|w| version_of(&cached) >= w) {
+            self.written().remove(&name);
+            return Ok(Some(cached));
+        }
+        let api: Api<Cluster> = Api::all(self.client.clone());
+        let Some(current) = api.get_opt(&name).await? else {
+            return Ok(None);
+        };
+        self.written().insert(name, version_of(&current));
+        Ok(Some(Arc::new(current)))
+    }
+
     /// Ports of `cluster` per [`decide::ports`]; a new pair is reserved.
     fn ports_for(&self, cluster: &Cluster) -> Result<(u16, u16), Error> {
         let name = cluster.name_any();
@@ -268,6 +311,9 @@ pub async fn reconcile<P: Ports>(
     let Some(cluster) = ctx.store.get(&ObjectRef::new(&name)) else {
         return Ok(Action::await_change());
     };
+    let Some(cluster) = ctx.fresh(cluster).await? else {
+        return Ok(Action::await_change());
+    };
     match decide::role(&cluster, ctx.leader.is_leader()) {
         Role::Forget => forget(&name, &ctx).await,
         Role::Follow => follow(&cluster, &name, &ctx).await,
@@ -345,6 +391,7 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
         resource_version = patched.resource_version();
+        ctx.wrote(name, patched.resource_version());
         tracing::info!(cluster = %name, ?fields, "cluster spec updated");
         if spec.contains_key("kubeconfig") {
             // Its certificate's expiry goes into the status.
@@ -362,18 +409,19 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
-        match api
+        let patched = match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => {}
+            Ok(c) => c,
             // KubeSphere's own CRD has no status subresource: status is part of the object.
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+                    .await?
             }
             Err(e) => return Err(e.into()),
-        }
+        };
+        ctx.wrote(name, patched.resource_version());
         tracing::info!(cluster = %name, "cluster status updated");
     }
     for event in plan.events {
@@ -427,12 +475,14 @@ async fn follow<P: Ports>(
 pub(super) fn error_policy<P: Ports>(
     cluster: Arc<Cluster>,
     error: &Error,
-    _: Arc<Context<P>>,
+    ctx: Arc<Context<P>>,
 ) -> Action {
     match error {
         // Someone (often our own previous write) changed the object meanwhile:
-        // expected with optimistic concurrency, try again on fresh data.
+        // expected with optimistic concurrency, try again on fresh data (read
+        // from the API: the cache may not have the change yet).
         Error::Kube(kube::Error::Api(e)) if e.code == 409 => {
+            ctx.written().insert(cluster.name_any(), u64::MAX);
             tracing::debug!(cluster = %cluster.name_any(), "write conflict, retrying");
             Action::requeue(Duration::from_millis(200))
         }

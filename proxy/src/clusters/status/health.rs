@@ -5,10 +5,14 @@
 //!
 //! The status is refreshed every `--cluster-status-update-frequency` without
 //! a write when nothing changed; two rules keep it so:
-//! - the RTT is rounded ([`rtt_text`]) and written on its own only when it
-//!   moved a lot ([`rtt_moved`]: more than [`RTT_FACTOR`] times and by more
-//!   than [`RTT_MIN_CHANGE`]); otherwise it rides along with any other write,
-//!   such as the coarse heartbeat, so it is never more than a minute or two stale;
+//! - the RTT is rounded ([`rtt_text`]) and written on its own only when none
+//!   is stored (the first measured since the agent connected); then it
+//!   rides along with any other write (the first one after an agent
+//!   connects, a health flip, a new agent version...), so it is the round
+//!   trip as of the last status change. Written alone it would be a write per
+//!   cluster whenever the proxy is busy (a fleet reconnecting after a restart
+//!   measures inflated round trips, then normal ones): noise, at 10,000
+//!   clusters thousands of writes;
 //! - the booleans are written when they flip.
 //!
 //! When no agent is connected the health says nothing rather than something
@@ -21,12 +25,6 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::clusters::crd::ClusterStatus;
-
-/// Written on its own, the RTT must have grown or shrunk by this factor...
-pub const RTT_FACTOR: u32 = 2;
-/// ...and by at least this much (local jitter is tens of microseconds to a
-/// few milliseconds on a busy machine: never worth a write).
-pub const RTT_MIN_CHANGE: Duration = Duration::from_millis(5);
 
 /// Did the member's kube-apiserver answer 200 on each endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,35 +107,16 @@ pub fn rtt_text(d: Duration) -> String {
     }
 }
 
-/// True when the RTT moved enough to be worth a write of its own.
-pub fn rtt_moved(stored: Option<Duration>, now: Duration) -> bool {
-    let Some(stored) = stored else {
-        return true;
-    };
-    let (low, high) = if now > stored {
-        (stored, now)
-    } else {
-        (now, stored)
-    };
-    high - low >= RTT_MIN_CHANGE && high > low * RTT_FACTOR
-}
-
-/// `status.tunnelRTT` for the measured `rtt`: alone when it moved a lot,
-/// else only when `riding` (something else is written anyway) and its text
-/// changed. Call it last.
+/// `status.tunnelRTT` for the measured `rtt`: the first one measured since
+/// the agent connected (none stored), then only when something else is
+/// written anyway and its text changed. Call it last.
 pub fn rtt_patch(current: &ClusterStatus, rtt: Option<Duration>, patch: &mut Map<String, Value>) {
     let Some(rtt) = rtt else {
         return;
     };
     let text = rtt_text(rtt);
-    if current.tunnel_rtt.as_deref() == Some(text.as_str()) {
-        return;
-    }
-    let stored = current
-        .tunnel_rtt
-        .as_deref()
-        .and_then(|t| tunnel::cli::parse_go_duration(t).ok());
-    if !patch.is_empty() || rtt_moved(stored, rtt) {
+    let riding = !patch.is_empty() || current.tunnel_rtt.is_none();
+    if riding && current.tunnel_rtt.as_deref() != Some(text.as_str()) {
         patch.insert("tunnelRTT".into(), Value::String(text));
     }
 }
@@ -190,30 +169,34 @@ mod tests {
     }
 
     #[test]
-    fn rtt_alone_is_written_only_when_it_moved_a_lot() {
-        assert!(rtt_moved(None, ms(1)));
-        // Local jitter: big factors, tiny amounts.
-        assert!(!rtt_moved(Some(Duration::from_micros(200)), ms(3)));
-        // A remote link wobbling by less than double.
-        assert!(!rtt_moved(Some(ms(50)), ms(90)));
-        assert!(rtt_moved(Some(ms(50)), ms(120)));
-        assert!(rtt_moved(Some(ms(120)), ms(50)));
-
+    fn rtt_is_never_written_alone() {
         let stored = ClusterStatus {
             tunnel_rtt: Some("800µs".into()),
             ..Default::default()
         };
-        let mut patch = Map::new();
-        rtt_patch(&stored, Some(Duration::from_micros(1_900)), &mut patch);
-        assert!(patch.is_empty(), "{patch:?}");
+        // Whatever it measures, alone it is noise: no write.
+        for rtt in [Duration::from_micros(1_900), ms(120), ms(5_000)] {
+            let mut patch = Map::new();
+            rtt_patch(&stored, Some(rtt), &mut patch);
+            assert!(patch.is_empty(), "{patch:?}");
+        }
         // With another write it rides along, fresh.
-        patch.insert("lastHeartbeatTime".into(), json!("2027-01-15T08:01:00Z"));
+        let mut patch = Map::new();
+        patch.insert("readyz".into(), json!(false));
         rtt_patch(&stored, Some(Duration::from_micros(1_900)), &mut patch);
         assert_eq!(patch["tunnelRTT"], "1.9ms");
+        // Unchanged text: not repeated.
+        let mut patch = Map::new();
+        patch.insert("readyz".into(), json!(false));
+        rtt_patch(&stored, Some(Duration::from_micros(800)), &mut patch);
+        assert!(!patch.contains_key("tunnelRTT"));
         // Nothing measured yet: nothing written.
         let mut patch = Map::new();
         rtt_patch(&ClusterStatus::default(), None, &mut patch);
         assert!(patch.is_empty());
+        // The first measured since the agent connected: written, alone.
+        rtt_patch(&ClusterStatus::default(), Some(ms(3)), &mut patch);
+        assert_eq!(patch["tunnelRTT"], "3ms");
     }
 
     #[test]

@@ -17,12 +17,13 @@
 //!
 //! Fields other than KubeSphere's are ours, declared in our CRD and so in its
 //! kubesphere-compat variant too. Writes are merge patches of only what
-//! changed ([`patch`], [`health`]): an unchanged cluster costs one write every
-//! one to two minutes however often it is asked.
+//! changed ([`patch`], [`health`]): an unchanged cluster costs no write
+//! however often it is asked; the replica's Lease stands for the liveness of
+//! every cluster it serves.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -111,9 +112,12 @@ pub fn start(
         let mut tick = tokio::time::interval(frequency);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let names = tokio::select! {
-                Some(name) = kicks.recv() => vec![name],
-                _ = tick.tick() => dialer.registry().clusters(),
+            // A kick follows a change of ours (a session, a kubeconfig) that
+            // the cache may not have yet under load: that refresh reads the
+            // Cluster from the API. Ticks read the cache.
+            let (names, fresh) = tokio::select! {
+                Some(name) = kicks.recv() => (vec![name], true),
+                _ = tick.tick() => (dialer.registry().clusters(), false),
                 else => return,
             };
             for name in names {
@@ -129,7 +133,7 @@ pub fn start(
                     running.clone(),
                 );
                 tokio::spawn(async move {
-                    refresh(&client, &store, &dialer, &name).await;
+                    refresh(&client, &store, &dialer, &name, fresh).await;
                     lock(&running).remove(&name);
                 });
             }
@@ -137,7 +141,33 @@ pub fn start(
     })
 }
 
-async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer, name: &str) {
+/// The Cluster from the API when `fresh`, else from the cache.
+async fn current(
+    client: &Client,
+    store: &Store<Cluster>,
+    name: &str,
+    fresh: bool,
+) -> Option<Arc<Cluster>> {
+    if !fresh {
+        return store.get(&ObjectRef::new(name));
+    }
+    let api: Api<Cluster> = Api::all(client.clone());
+    match api.get_opt(name).await {
+        Ok(c) => c.map(Arc::new),
+        Err(e) => {
+            tracing::debug!(cluster = %name, error = %e, "reading the Cluster failed; using the cache");
+            store.get(&ObjectRef::new(name))
+        }
+    }
+}
+
+async fn refresh(
+    client: &Client,
+    store: &Store<Cluster>,
+    dialer: &MemberDialer,
+    name: &str,
+    fresh: bool,
+) {
     let Some(session) = dialer.pick(name) else {
         return;
     };
@@ -162,8 +192,8 @@ async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer,
             tracing::warn!(cluster = %name, error = %e, "cannot read the member's version and nodes");
         })
         .ok();
-    // The store may have moved on while we asked.
-    let cluster = store.get(&ObjectRef::new(name)).unwrap_or(cluster);
+    // The Cluster may have moved on while we asked.
+    let cluster = current(client, store, name, fresh).await.unwrap_or(cluster);
     let sessions = dialer.registry().sessions(name);
     let seen = Observed {
         member,
@@ -180,7 +210,6 @@ async fn refresh(client: &Client, store: &Store<Cluster>, dialer: &MemberDialer,
             .map(Session::last_heartbeat)
             .max()
             .unwrap_or_else(|| session.last_heartbeat()),
-        now: SystemTime::now(),
     };
     if sessions.is_empty() {
         // Gone while we asked: nothing current to report.

@@ -1,10 +1,15 @@
 //! What to write: a merge patch of only the status fields that changed.
 //!
-//! The heartbeat is coarse on purpose: it is written only when the stored one
-//! is at least [`HEARTBEAT_GRANULARITY`] old (or along with another change),
-//! so a connected, unchanged cluster costs one status write every one to two
-//! minutes, however short `--cluster-status-update-frequency` is. The RTT
-//! follows [`super::health`]'s rules and rides along with such writes.
+//! Nothing is written periodically: a connected, unchanged cluster costs no
+//! write at all, however many clusters there are and however short
+//! `--cluster-status-update-frequency` is (Kubernetes moved node heartbeats
+//! out of the Node status into Leases for the same reason). The liveness of
+//! every cluster a replica serves is that replica's Lease
+//! (`tower-replica-<id>`, [`crate::ha::owners`]), renewed every few seconds
+//! whatever the number of clusters. `lastHeartbeatTime` is the agent's last
+//! keepalive *as of the last status change* (the first write after a connect
+//! included); it rides along with other writes and never moves on its own.
+//! The RTT follows [`super::health`]'s rules.
 
 use std::time::{Duration, SystemTime};
 
@@ -14,9 +19,6 @@ use super::health::{self, Health};
 use super::probe::Member;
 use crate::clusters::crd::ClusterStatus;
 use crate::clusters::kubeconfig;
-
-/// The stored heartbeat moves only when it is at least this old.
-pub const HEARTBEAT_GRANULARITY: Duration = Duration::from_secs(60);
 
 /// What was observed of one cluster right now.
 pub struct Observed {
@@ -30,7 +32,6 @@ pub struct Observed {
     /// The tunnel's last measured round trip; None: not yet.
     pub rtt: Option<Duration>,
     pub heartbeat: SystemTime,
-    pub now: SystemTime,
 }
 
 pub(super) fn rfc3339(t: SystemTime) -> String {
@@ -46,8 +47,8 @@ fn parse_time(s: &str) -> Option<SystemTime> {
 }
 
 /// The status fields to write: only those that differ from `current`; the
-/// heartbeat only once the stored one is [`HEARTBEAT_GRANULARITY`] old, or
-/// along with another change; the RTT as [`health::rtt_patch`] says.
+/// heartbeat only along with another change (or when none is stored yet);
+/// the RTT as [`health::rtt_patch`] says.
 pub fn status_patch(
     current: &ClusterStatus,
     kubeconfig: &str,
@@ -79,14 +80,12 @@ pub fn status_patch(
         patch.insert("certificateExpirationTime".into(), json!(expiry));
     }
     let stored = current.last_heartbeat_time.as_deref().and_then(parse_time);
-    let due = stored.is_none_or(|t| {
-        seen.now
-            .duration_since(t)
-            .is_ok_and(|age| age >= HEARTBEAT_GRANULARITY)
-    });
     let newer = stored.is_none_or(|t| seen.heartbeat > t);
-    if newer && (due || !patch.is_empty()) {
-        patch.insert("lastHeartbeatTime".into(), json!(rfc3339(seen.heartbeat)));
+    if newer && (stored.is_none() || !patch.is_empty()) {
+        let beat = rfc3339(seen.heartbeat);
+        if current.last_heartbeat_time.as_deref() != Some(beat.as_str()) {
+            patch.insert("lastHeartbeatTime".into(), json!(beat));
+        }
     }
     health::rtt_patch(current, seen.rtt, &mut patch);
     patch
@@ -102,7 +101,7 @@ mod tests {
         livez: true,
     };
 
-    fn observed(now: SystemTime, heartbeat: SystemTime) -> Observed {
+    fn observed(_now: SystemTime, heartbeat: SystemTime) -> Observed {
         Observed {
             member: Some(Member {
                 git_version: "v1.34.1".into(),
@@ -113,12 +112,11 @@ mod tests {
             platform: Some("linux/amd64".into()),
             rtt: Some(Duration::from_micros(420)),
             heartbeat,
-            now,
         }
     }
 
     #[test]
-    fn writes_only_what_changed_and_a_coarse_heartbeat() {
+    fn writes_only_what_changed_and_no_periodic_heartbeat() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let first = status_patch(&ClusterStatus::default(), "", &observed(t0, t0));
         assert_eq!(first["kubernetesVersion"], "v1.34.1");
@@ -129,13 +127,12 @@ mod tests {
         assert_eq!(first["platform"], "linux/amd64");
         assert_eq!(first["tunnelRTT"], "420µs");
         let stored: ClusterStatus = serde_json::from_value(Value::Object(first)).expect("a status");
-        // Pings every few seconds change nothing for a minute...
-        let later = t0 + Duration::from_secs(59);
-        assert!(status_patch(&stored, "", &observed(later, later)).is_empty());
-        // ...then the heartbeat moves, alone.
-        let later = t0 + Duration::from_secs(60);
-        let beat = status_patch(&stored, "", &observed(later, later));
-        assert_eq!(beat.keys().collect::<Vec<_>>(), ["lastHeartbeatTime"]);
+        // Pings every few seconds change nothing, for a minute or a day:
+        // the replica's Lease says the cluster is still served.
+        for secs in [59, 60, 121, 86_400] {
+            let later = t0 + Duration::from_secs(secs);
+            assert!(status_patch(&stored, "", &observed(later, later)).is_empty());
+        }
         // A real change goes out at once, with the freshest heartbeat.
         let later = t0 + Duration::from_secs(10);
         let mut seen = observed(later, later);

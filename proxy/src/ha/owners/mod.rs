@@ -17,6 +17,11 @@
 //! replicas' clocks must agree to within a few seconds (as for Kubernetes'
 //! own leader election).
 //!
+//! Without `--leader-elect` the proxy keeps only its own `tower-replica-<id>`
+//! Lease ([`Owners::renew_only`]): the Cluster status has no periodic
+//! heartbeat, so that Lease is what says the proxy still maintains it
+//! (docs/health.md).
+//!
 //! `records.rs` writes this replica's Leases; `view.rs` keeps the view of
 //! everyone's from the watch; this file holds the state and runs both.
 

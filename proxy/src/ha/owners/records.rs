@@ -171,6 +171,32 @@ impl Owners {
         }
     }
 
+    /// Without `--leader-elect`: only this replica's Lease, renewed every
+    /// [`RENEW`] until `stop`, then deleted. It stands for the liveness of
+    /// every cluster this proxy serves (their status is written only when
+    /// something changes).
+    pub async fn renew_only(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(RENEW);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.heartbeat().await {
+                        tracing::warn!(error = %e, "could not renew this replica's lease");
+                    }
+                }
+            }
+        }
+        if let Err(e) = self
+            .api
+            .delete(&replica_lease_name(&self.me), &DeleteParams::default())
+            .await
+        {
+            tracing::warn!(error = %e, "could not delete this replica's lease");
+        }
+    }
+
     /// On shutdown: give up every cluster and the heartbeat.
     pub(super) async fn release_all(&self) {
         let held = self.lock().held_by(&self.me);
