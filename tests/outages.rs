@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{CLUSTER, Proc, Tower, TowerOptions, wait_for_ok, wait_until};
+use e2e::{CLUSTER, Proc, Tower, TowerOptions, free_port, wait_for_ok, wait_until};
 
 /// Deadlines for what normally holds within seconds (small, busy machine).
 const SETTLE: Duration = Duration::from_secs(90);
@@ -261,6 +261,8 @@ fn leader_args() -> Vec<String> {
         "--leader-elect-lease-duration".into(),
         LEASE.into(),
         format!("--cluster-status-update-frequency={FREQUENCY}"),
+        // Its own peer port: the tests run side by side.
+        format!("--peer-port={}", free_port()),
     ]
 }
 
