@@ -20,6 +20,7 @@
 
 mod fleet;
 mod http;
+mod lossy;
 mod measure;
 mod relay;
 mod report;
@@ -137,9 +138,18 @@ async fn run() -> Result<()> {
         ..Default::default()
     };
 
-    let needs_setup = ["bulk", "small", "concurrency", "wan", "kubectl", "setup"]
-        .iter()
-        .any(|s| wants(s));
+    let needs_setup = [
+        "bulk",
+        "small",
+        "concurrency",
+        "wan",
+        "wan-lossy",
+        "wan-stalled",
+        "kubectl",
+        "setup",
+    ]
+    .iter()
+    .any(|s| wants(s));
     if needs_setup {
         match setup::Setup::start(&env, &mut report).await {
             Ok(mut s) => {
@@ -155,6 +165,12 @@ async fn run() -> Result<()> {
                 }
                 if wants("wan") {
                     scenarios::wan::run(&s, &mut report).await;
+                }
+                if wants("wan-lossy") {
+                    scenarios::wan::run_lossy(&s, &mut report).await;
+                }
+                if wants("wan-stalled") {
+                    scenarios::wan::run_stalled(&s, &mut report).await;
                 }
                 if wants("kubectl") {
                     scenarios::kubectl::run(&s, &mut report).await;

@@ -15,6 +15,8 @@ pub const ALL: &[&str] = &[
     "small",
     "concurrency",
     "wan",
+    "wan-lossy",
+    "wan-stalled",
     "kubectl",
     "setup",
     "scale",
