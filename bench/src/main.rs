@@ -15,6 +15,7 @@
 //! Layout: [`setup`] starts the processes every path needs, [`http`] is the
 //! HTTPS client and the upstream server (`bench upstream`, its own process),
 //! [`fleet`] runs many in-process agents, [`relay`] makes a long link,
+//! [`lossy`] a long link with packet loss below TCP (a TUN device; root),
 //! [`measure`] summarises runs, [`report`] writes the table, [`sys`] reads
 //! /proc, [`tls`] makes certificates, [`scenarios`] has one module per scenario.
 
