@@ -15,11 +15,13 @@
 //! Layout: [`setup`] starts the processes every path needs, [`http`] is the
 //! HTTPS client and the upstream server (`bench upstream`, its own process),
 //! [`fleet`] runs many in-process agents, [`relay`] makes a long link,
+//! [`lossy`] a long link with packet loss below TCP (a TUN device; root),
 //! [`measure`] summarises runs, [`report`] writes the table, [`sys`] reads
 //! /proc, [`tls`] makes certificates, [`scenarios`] has one module per scenario.
 
 mod fleet;
 mod http;
+mod lossy;
 mod measure;
 mod relay;
 mod report;
@@ -137,9 +139,18 @@ async fn run() -> Result<()> {
         ..Default::default()
     };
 
-    let needs_setup = ["bulk", "small", "concurrency", "wan", "kubectl", "setup"]
-        .iter()
-        .any(|s| wants(s));
+    let needs_setup = [
+        "bulk",
+        "small",
+        "concurrency",
+        "wan",
+        "wan-lossy",
+        "wan-stalled",
+        "kubectl",
+        "setup",
+    ]
+    .iter()
+    .any(|s| wants(s));
     if needs_setup {
         match setup::Setup::start(&env, &mut report).await {
             Ok(mut s) => {
@@ -155,6 +166,12 @@ async fn run() -> Result<()> {
                 }
                 if wants("wan") {
                     scenarios::wan::run(&s, &mut report).await;
+                }
+                if wants("wan-lossy") {
+                    scenarios::wan::run_lossy(&s, &mut report).await;
+                }
+                if wants("wan-stalled") {
+                    scenarios::wan::run_stalled(&s, &mut report).await;
                 }
                 if wants("kubectl") {
                     scenarios::kubectl::run(&s, &mut report).await;

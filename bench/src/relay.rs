@@ -3,8 +3,12 @@
 //! machine's network settings. It buffers without limit, so it adds latency
 //! and nothing else: what limits a stream over it is the tunnel's own flow
 //! control (SSH channel windows), as on a real long link.
+//!
+//! With a [`TunLink`] the delay and loss happen below TCP instead: the relay
+//! listens behind the link and copies without delay (see [`crate::lossy`]).
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -15,9 +19,27 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::lossy::{self, TunLink};
+
+/// What lies between an agent and its proxy.
+#[derive(Clone)]
+pub struct Link {
+    /// One-way delay (RTT / 2).
+    pub delay: Duration,
+    /// Delay and loss below TCP instead of in the relay.
+    pub lossy: Option<Arc<TunLink>>,
+}
+
+impl Link {
+    pub fn delay(delay: Duration) -> Link {
+        Link { delay, lossy: None }
+    }
+}
+
 pub struct Relay {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
+    _link: Option<Arc<TunLink>>,
 }
 
 impl Drop for Relay {
@@ -28,10 +50,22 @@ impl Drop for Relay {
 
 impl Relay {
     /// Listen on 127.0.0.1:0; each connection goes to `target`, `delay` later
-    /// in each direction.
-    pub async fn start(target: SocketAddr, delay: Duration) -> Result<Relay> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+    /// in each direction. Through a lossy link: listen behind it, no delay
+    /// here, and `addr` is the link's side.
+    pub async fn start(target: SocketAddr, link: &Link) -> Result<Relay> {
+        let (listener, addr, delay) = match &link.lossy {
+            None => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                (listener, addr, link.delay)
+            }
+            Some(_) => {
+                let listener = TcpListener::bind((lossy::LOCAL, 0)).await?;
+                let port = listener.local_addr()?.port();
+                let addr = SocketAddr::V4(SocketAddrV4::new(lossy::PEER, port));
+                (listener, addr, Duration::ZERO)
+            }
+        };
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -51,7 +85,11 @@ impl Relay {
                 }
             }
         });
-        Ok(Relay { addr, task })
+        Ok(Relay {
+            addr,
+            task,
+            _link: link.lossy.clone(),
+        })
     }
 }
 

@@ -28,7 +28,7 @@ use rustls_pki_types::ServerName;
 use tokio::process::Command;
 
 use crate::http::Target;
-use crate::relay::Relay;
+use crate::relay::{Link, Relay};
 use crate::tls::{self, Pki};
 
 /// Where the bench keeps its files and finds its tools.
@@ -377,8 +377,8 @@ pub struct GoPeers {
 }
 
 impl GoPeers {
-    /// `delay`: put a [`Relay`] with this one-way delay between them.
-    pub async fn start(upstream: SocketAddr, delay: Option<Duration>) -> Result<GoPeers> {
+    /// `link`: put a [`Relay`] over this link between them.
+    pub async fn start(upstream: SocketAddr, link: Option<Link>) -> Result<GoPeers> {
         let token = "bench-go-token";
         let proxy = spawn(
             "go-proxy",
@@ -398,8 +398,8 @@ impl GoPeers {
             .await?;
         let listen: SocketAddr = listen["listening ".len()..].trim().parse()?;
         let forward = forward["forward ".len()..].trim().parse()?;
-        let relay = match delay {
-            Some(d) => Some(Relay::start(listen, d).await?),
+        let relay = match &link {
+            Some(l) => Some(Relay::start(listen, l).await?),
             None => None,
         };
         let listen = relay.as_ref().map_or(listen, |r| r.addr);
@@ -437,8 +437,8 @@ pub struct Chisel {
 }
 
 impl Chisel {
-    /// `delay`: put a [`Relay`] with this one-way delay between them.
-    pub async fn start(env: &Env, upstream: SocketAddr, delay: Option<Duration>) -> Result<Chisel> {
+    /// `link`: put a [`Relay`] over this link between them.
+    pub async fn start(env: &Env, upstream: SocketAddr, link: Option<Link>) -> Result<Chisel> {
         let chisel = env.chisel();
         if !chisel.is_file() {
             bail!(
@@ -466,8 +466,8 @@ impl Chisel {
         server
             .wait_for_line(|l| l.contains("Listening on"), Duration::from_secs(10))
             .await?;
-        let relay = match delay {
-            Some(d) => Some(Relay::start(SocketAddr::from(([127, 0, 0, 1], port)), d).await?),
+        let relay = match &link {
+            Some(l) => Some(Relay::start(SocketAddr::from(([127, 0, 0, 1], port)), l).await?),
             None => None,
         };
         let server_addr = relay
@@ -574,7 +574,7 @@ impl ForwardPair {
         env: &Env,
         name: &str,
         variant: &Variant,
-        delay: Option<Duration>,
+        link: Option<Link>,
     ) -> Result<ForwardPair> {
         let token = format!("bench-{name}-token-0123456789abcdef");
         let clusters = env.work.join(format!("clusters-{name}.json"));
@@ -600,8 +600,8 @@ impl ForwardPair {
         )?;
         proxy.set_drop_grace(Duration::from_secs(3));
         let (agents, forward, fingerprint) = started_proxy(&proxy).await?;
-        let relay = match delay {
-            Some(d) => Some(Relay::start(agents, d).await?),
+        let relay = match &link {
+            Some(l) => Some(Relay::start(agents, l).await?),
             None => None,
         };
         let dial = relay.as_ref().map_or(agents, |r| r.addr);

@@ -10,8 +10,26 @@ use russh::{MethodKind, MethodSet, Preferred, SshId, cipher, kex, mac};
 
 use crate::wire::{CLIENT_ID, SERVER_ID};
 
-/// Per-channel receive window. It bounds what one stalled stream can buffer.
+/// Per-channel receive window every channel starts with.
 pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
+/// The most a channel's receive window grows to when its reader drains it
+/// faster than the link's round trip (see docs/architecture.md, "Windows"). It
+/// bounds what one stalled stream can buffer, and lets one stream carry
+/// 16 MiB per round trip (320 MiB/s at 50 ms).
+pub const WINDOW_MAX: u32 = 16 * 1024 * 1024;
+/// Window growth stops when the windows of one session's channels would add
+/// up to more than this: what one tunnel's readers can leave unread, beyond
+/// the initial window of each channel.
+pub const WINDOW_SESSION_BUDGET: u64 = 64 * 1024 * 1024;
+
+/// The window limits both ends use.
+pub fn window_limits() -> russh::WindowLimits {
+    russh::WindowLimits {
+        initial: WINDOW_SIZE,
+        max: WINDOW_MAX,
+        session_budget: WINDOW_SESSION_BUDGET,
+    }
+}
 /// Largest SSH data packet we accept (Go uses 32 KiB; more gains nothing).
 pub const MAX_PACKET: u32 = 32 * 1024;
 
@@ -75,6 +93,8 @@ pub fn server_config(host_key: PrivateKey, keepalive: Duration) -> russh::server
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![host_key],
         window_size: WINDOW_SIZE,
+        window_size_max: WINDOW_MAX,
+        window_session_budget: WINDOW_SESSION_BUDGET,
         maximum_packet_size: MAX_PACKET,
         preferred: preferred(),
         inactivity_timeout: None,
@@ -91,6 +111,8 @@ pub fn client_config() -> russh::client::Config {
     russh::client::Config {
         client_id: SshId::Standard(Cow::Borrowed(CLIENT_ID)),
         window_size: WINDOW_SIZE,
+        window_size_max: WINDOW_MAX,
+        window_session_budget: WINDOW_SESSION_BUDGET,
         maximum_packet_size: MAX_PACKET,
         preferred: preferred(),
         inactivity_timeout: None,
@@ -234,5 +256,80 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/etc/tower/key"), "{err}");
+    }
+
+    // The window-growth decision with Tower's limits (russh::next_window).
+
+    fn epoch(
+        window: u32,
+        consumed: u32,
+        elapsed_ms: u64,
+        rtt_ms: u64,
+        session: u64,
+    ) -> russh::Epoch {
+        russh::Epoch {
+            window,
+            consumed: u64::from(consumed),
+            elapsed: Duration::from_millis(elapsed_ms),
+            rtt: Some(Duration::from_millis(rtt_ms)),
+            session_windows: session,
+        }
+    }
+
+    #[test]
+    fn window_doubles_when_drained_within_a_round_trip() {
+        let l = window_limits();
+        let e = epoch(WINDOW_SIZE, WINDOW_SIZE, 30, 50, u64::from(WINDOW_SIZE));
+        assert_eq!(russh::next_window(&l, &e), 2 * WINDOW_SIZE);
+        // Half a window in a quarter of the round trip: same rate, grows too.
+        let e = epoch(WINDOW_SIZE, WINDOW_SIZE / 2, 12, 50, u64::from(WINDOW_SIZE));
+        assert_eq!(russh::next_window(&l, &e), 2 * WINDOW_SIZE);
+    }
+
+    #[test]
+    fn window_stays_when_the_reader_is_slower_than_the_link() {
+        let l = window_limits();
+        let session = u64::from(WINDOW_SIZE);
+        // One window per two round trips or slower: the reader paces the sender.
+        for elapsed in [100, 150, 1000] {
+            let e = epoch(WINDOW_SIZE, WINDOW_SIZE, elapsed, 50, session);
+            assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE, "{elapsed} ms");
+        }
+        // Less than half a window consumed (a stalled reader): never judged.
+        let e = epoch(WINDOW_SIZE, WINDOW_SIZE / 2 - 1, 0, 50, session);
+        assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE);
+        // No round trip measured yet.
+        let mut e = epoch(WINDOW_SIZE, WINDOW_SIZE, 1, 50, session);
+        e.rtt = None;
+        assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE);
+    }
+
+    #[test]
+    fn window_never_grows_past_its_cap() {
+        let l = window_limits();
+        let mut window = WINDOW_SIZE;
+        for _ in 0..10 {
+            let e = epoch(window, window, 1, 50, u64::from(window));
+            let next = russh::next_window(&l, &e);
+            assert!(next >= window && next <= WINDOW_MAX, "{window} -> {next}");
+            window = next;
+        }
+        assert_eq!(window, WINDOW_MAX);
+        let e = epoch(WINDOW_MAX, WINDOW_MAX, 1, 50, u64::from(WINDOW_MAX));
+        assert_eq!(russh::next_window(&l, &e), WINDOW_MAX);
+    }
+
+    #[test]
+    fn window_growth_respects_the_session_budget() {
+        let l = window_limits();
+        // Other channels hold all but 1 MiB of the budget: grows by 1 MiB only.
+        let session = WINDOW_SESSION_BUDGET - (1 << 20);
+        let e = epoch(WINDOW_SIZE, WINDOW_SIZE, 1, 50, session);
+        assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE + (1 << 20));
+        // Budget spent (or overspent by initial windows): no growth at all.
+        for session in [WINDOW_SESSION_BUDGET, 2 * WINDOW_SESSION_BUDGET] {
+            let e = epoch(WINDOW_SIZE, WINDOW_SIZE, 1, 50, session);
+            assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE);
+        }
     }
 }

@@ -16,6 +16,8 @@ pub const ALL: &[&str] = &[
     "small",
     "concurrency",
     "wan",
+    "wan-lossy",
+    "wan-stalled",
     "kubectl",
     "setup",
     "scale",

@@ -64,6 +64,9 @@ pub(crate) use channels::SessionWindowWake;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
 
 mod parsing;
+// Patched (PATCHES.md): receive windows that grow with the bandwidth-delay product.
+mod window;
+pub use window::{Epoch, WindowLimits, next_window};
 mod session;
 
 /// Server side of this library.
@@ -515,6 +518,8 @@ pub(crate) struct ChannelParams {
     pending_close: bool,
     /// Bytes the application consumed that the peer has not been credited for (patched).
     consumed_unacked: u32,
+    /// Patched (PATCHES.md): the receive window's growth.
+    window: crate::window::ChannelWindow,
 }
 
 impl ChannelParams {

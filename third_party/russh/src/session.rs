@@ -60,6 +60,9 @@ pub(crate) struct Encrypted {
     pub rekey_wanted: bool,
     pub received_extensions: Vec<String>,
     pub extension_info_awaiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// Patched (PATCHES.md): the smallest round trip measured on the
+    /// channels' windows, see `crate::window`.
+    pub window_rtt: Option<std::time::Duration>,
 }
 
 pub(crate) struct CommonSession<Config> {
@@ -133,11 +136,14 @@ impl ChannelFlushResult {
 
 impl<C> CommonSession<C> {
     /// Give the peer back the window its data took, for what readers consumed.
-    pub(crate) fn credit_consumed_windows(&mut self, target: u32) -> Result<(), crate::Error> {
+    pub(crate) fn credit_consumed_windows(
+        &mut self,
+        limits: &crate::WindowLimits,
+    ) -> Result<(), crate::Error> {
         let consumed = self.window_wake.take();
         if let Some(enc) = self.encrypted.as_mut() {
             for (id, len) in consumed {
-                enc.window_consumed(id, len, target)?;
+                enc.window_consumed(id, len, limits)?;
             }
         }
         Ok(())
@@ -203,6 +209,7 @@ impl<C> CommonSession<C> {
             rekey_wanted: false,
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
+                    window_rtt: None,
         });
         self.remote_to_local = newkeys.cipher.remote_to_local;
         self.packet_writer
@@ -320,33 +327,68 @@ impl Encrypted {
     /// only through [`Self::window_consumed`], when the reader has taken it
     /// (patched, see PATCHES.md: russh credited on arrival).
     pub fn consume_window(&mut self, channel: ChannelId, len: usize) {
+        let mut sample = None;
         if let Some(channel) = self.channels.get_mut(&channel) {
             // Ignore extra data: https://tools.ietf.org/html/rfc4254#section-5.2
             channel.sender_window_size = channel.sender_window_size.saturating_sub(len as u32);
+            sample = channel.window.received(len as u64);
+        }
+        if let Some(sample) = sample {
+            self.window_rtt = Some(self.window_rtt.map_or(sample, |rtt| rtt.min(sample)));
         }
     }
 
     /// The reader of `channel` consumed `len` bytes: once a quarter of the
-    /// window has been consumed, give it back to the peer.
+    /// channel's window has been consumed, give it back to the peer, with
+    /// the window's growth when the reader drains it fast (see
+    /// `crate::window`; patched, PATCHES.md).
     pub fn window_consumed(
         &mut self,
         channel: ChannelId,
         len: u32,
-        target: u32,
+        limits: &crate::WindowLimits,
     ) -> Result<(), crate::Error> {
+        let rtt = self.window_rtt;
+        let channels = &self.channels;
+        // Computed only when growth is judged (at most once per half window).
+        let mut session_windows = None;
+        if limits.max > limits.initial {
+            if let Some(c) = channels.get(&channel) {
+                let window = c.window.window(limits);
+                let unacked = c.consumed_unacked.saturating_add(len);
+                if unacked >= window / 4 {
+                    session_windows = Some(
+                        channels
+                            .values()
+                            .map(|c| u64::from(c.window.window(limits)))
+                            .sum::<u64>(),
+                    );
+                }
+            }
+        }
         if let Some(channel) = self.channels.get_mut(&channel) {
             channel.consumed_unacked = channel.consumed_unacked.saturating_add(len);
-            let room = target.saturating_sub(channel.sender_window_size);
-            let credit = channel.consumed_unacked.min(room);
-            if credit > 0 && credit >= target / 4 {
+            let unacked = channel.consumed_unacked;
+            let Some(credit) = channel.window.consumed(len, unacked, limits, rtt, || {
+                session_windows.unwrap_or(u64::MAX)
+            }) else {
+                return Ok(());
+            };
+            let room = channel
+                .window
+                .window(limits)
+                .saturating_sub(channel.sender_window_size);
+            let credit = credit.min(room);
+            if credit > 0 {
                 push_packet!(self.write, {
                     self.write.push(msg::CHANNEL_WINDOW_ADJUST);
                     channel.recipient_channel.encode(&mut self.write)?;
                     credit.encode(&mut self.write)?;
                 });
                 channel.sender_window_size += credit;
-                channel.consumed_unacked = 0;
+                channel.window.granted(credit, limits);
             }
+            channel.consumed_unacked = 0;
         }
         Ok(())
     }
@@ -823,6 +865,7 @@ impl Encrypted {
             {
                 vacant_entry.insert(ChannelParams {
                     consumed_unacked: 0,
+                    window: Default::default(),
                     recipient_channel: 0,
                     sender_channel: ChannelId(self.last_channel_id.0),
                     sender_window_size: window_size,
@@ -943,6 +986,7 @@ mod tests {
             rekey_wanted: false,
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
+                    window_rtt: None,
         }
     }
 
@@ -954,6 +998,7 @@ mod tests {
     ) -> ChannelParams {
         ChannelParams {
             consumed_unacked: 0,
+                    window: Default::default(),
             recipient_channel,
             sender_channel,
             recipient_window_size: 1024,
@@ -1009,6 +1054,7 @@ mod tests {
     ) -> ChannelParams {
         ChannelParams {
             consumed_unacked: 0,
+                    window: Default::default(),
             recipient_channel,
             sender_channel,
             recipient_window_size: window_size,

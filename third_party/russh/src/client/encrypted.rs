@@ -843,6 +843,7 @@ impl Session {
 
                 let channel_params = ChannelParams {
                     consumed_unacked: 0,
+                    window: Default::default(),
                     recipient_channel: msg.recipient_channel,
                     sender_channel: id,
                     recipient_window_size: msg.recipient_window_size,
@@ -1157,6 +1158,7 @@ mod tests {
             rekey_wanted: false,
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
+                    window_rtt: None,
         }
     }
 

@@ -1488,8 +1488,12 @@ impl Session {
             let window_wake = self.common.window_wake.clone();
             tokio::select! {
                 () = window_wake.notified(), if !self.kex.active() => {
-                    let target = self.common.config.window_size;
-                    self.common.credit_consumed_windows(target)?;
+                    let limits = crate::WindowLimits {
+                        initial: self.common.config.window_size,
+                        max: self.common.config.window_size_max,
+                        session_budget: self.common.config.window_session_budget,
+                    };
+                    self.common.credit_consumed_windows(&limits)?;
                 }
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
@@ -2251,6 +2255,7 @@ mod tests {
                     rekey_wanted: false,
                     received_extensions: Vec::new(),
                     extension_info_awaiters: HashMap::new(),
+                    window_rtt: None,
                 }),
                 config,
                 wants_reply: false,
@@ -2573,6 +2578,7 @@ mod tests {
                     rekey_wanted: false,
                     received_extensions: Vec::new(),
                     extension_info_awaiters: HashMap::new(),
+                    window_rtt: None,
                 }),
                 config,
                 wants_reply: false,
@@ -2816,6 +2822,13 @@ pub struct Config {
     pub limits: Limits,
     /// The initial size of a channel (used for flow control).
     pub window_size: u32,
+    /// Patched (PATCHES.md): the largest a channel's receive window may grow
+    /// to when its reader drains it fast (see [`crate::next_window`]). At
+    /// most `window_size` (the default): windows stay fixed.
+    pub window_size_max: u32,
+    /// Patched (PATCHES.md): window growth stops when the windows of all
+    /// channels of one session would add up to more than this.
+    pub window_session_budget: u64,
     /// The maximal size of a single packet.
     pub maximum_packet_size: u32,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
@@ -2847,6 +2860,8 @@ impl Default for Config {
             ))),
             limits: Limits::default(),
             window_size: 2097152,
+            window_size_max: 2097152,
+            window_session_budget: 0,
             maximum_packet_size: 32768,
             channel_buffer_size: 100,
             preferred: Default::default(),

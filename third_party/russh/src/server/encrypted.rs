@@ -879,6 +879,7 @@ mod tests {
             rekey_wanted: false,
             received_extensions: Vec::new(),
             extension_info_awaiters: std::collections::HashMap::new(),
+            window_rtt: None,
         }
     }
 }
@@ -2029,6 +2030,7 @@ impl Session {
         };
         let channel_params = ChannelParams {
             consumed_unacked: 0,
+                    window: Default::default(),
             recipient_channel: msg.recipient_channel,
 
             // "sender" is the local end, i.e. we're the sender, the remote is the recipient.

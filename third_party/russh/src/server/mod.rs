@@ -90,6 +90,13 @@ pub struct Config {
     pub limits: Limits,
     /// The initial size of a channel (used for flow control).
     pub window_size: u32,
+    /// Patched (PATCHES.md): the largest a channel's receive window may grow
+    /// to when its reader drains it fast (see [`crate::next_window`]). At
+    /// most `window_size` (the default): windows stay fixed.
+    pub window_size_max: u32,
+    /// Patched (PATCHES.md): window growth stops when the windows of all
+    /// channels of one session would add up to more than this.
+    pub window_session_budget: u64,
     /// The maximal size of a single packet.
     pub maximum_packet_size: u32,
     /// Buffer size for each channel (a number of unprocessed messages to store before propagating backpressure to the TCP stream)
@@ -125,6 +132,8 @@ impl Default for Config {
             keys: Vec::new(),
             certificates: Vec::new(),
             window_size: 2097152,
+            window_size_max: 2097152,
+            window_session_budget: 0,
             maximum_packet_size: 32768,
             channel_buffer_size: 100,
             event_buffer_size: 10,

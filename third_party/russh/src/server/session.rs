@@ -784,8 +784,12 @@ impl Session {
             let window_wake = self.common.window_wake.clone();
             tokio::select! {
                 () = window_wake.notified(), if !self.kex.active() => {
-                    let target = self.common.config.window_size;
-                    self.common.credit_consumed_windows(target)?;
+                    let limits = crate::WindowLimits {
+                        initial: self.common.config.window_size,
+                        max: self.common.config.window_size_max,
+                        session_budget: self.common.config.window_session_budget,
+                    };
+                    self.common.credit_consumed_windows(&limits)?;
                 }
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
@@ -1742,6 +1746,7 @@ mod tests {
                     rekey_wanted: false,
                     received_extensions: Vec::new(),
                     extension_info_awaiters: HashMap::new(),
+                    window_rtt: None,
                 }),
                 auth_method: None,
                 auth_attempts: 0,
