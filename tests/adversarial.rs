@@ -43,8 +43,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{Tower, TowerOptions, wait_for_ok};
-use measure::{Latency, Legit, Usage, legit_users_served, peak_while, refused};
+use e2e::{Tower, TowerOptions, Usage, wait_for_ok};
+use measure::{Latency, Legit, legit_users_served, peak_while, refused};
 
 /// The proxy's per-source cap on pending handshakes (its default).
 const PER_SOURCE: usize = 128;

@@ -45,11 +45,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::k8s_openapi::api::core::v1::Namespace;
-use e2e::{EchoServer, Proc, Tower, TowerOptions, pick_ports, wait_for_ok, wait_until};
+use e2e::{EchoServer, Proc, Tower, TowerOptions, Usage, pick_ports, wait_for_ok, wait_until};
 use nix::sys::signal::Signal;
 use tokio::sync::{Mutex, watch};
 
-use tally::{Outcome, Tally, Usage, reason};
+use tally::{Outcome, Tally, reason};
 
 /// Requests in flight at once.
 const REQUEST_PARALLEL: usize = 16;

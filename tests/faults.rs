@@ -30,8 +30,8 @@ mod toxiproxy;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use e2e::{MemberNet, Tower, TowerOptions, in_own_netns, wait_for_ok, wait_until};
-use observe::{Seen, Session, Usage, short};
+use e2e::{MemberNet, Tower, TowerOptions, Usage, in_own_netns, wait_for_ok, wait_until};
+use observe::{Seen, Session, short};
 use tokio::process::Command;
 use tokio::time::Instant;
 use toxiproxy::Toxiproxy;

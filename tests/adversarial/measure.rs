@@ -1,4 +1,4 @@
-//! What an attack is measured with: the proxy's fds and RSS from /proc, the
+//! What an attack is measured with: the proxy's fds and RSS ([`e2e::Usage`]), the
 //! latency of legitimate requests (a kube-rs client with config_alpha,
 //! through the tunnel), the refusals in `/metrics`, and what legitimate
 //! kubectl, watch and exec sessions see.
@@ -8,40 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use e2e::kube::Api;
-use e2e::{Tower, metric_sample, scrape_metrics};
+use e2e::{Tower, Usage, metric_sample, scrape_metrics};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::time::Instant;
-
-/// Open fds and resident memory of a process.
-#[derive(Clone, Copy, Debug)]
-pub struct Usage {
-    pub fds: usize,
-    pub rss_kib: u64,
-}
-
-impl Usage {
-    pub fn of(pid: u32) -> Result<Usage> {
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .with_context(|| format!("reading /proc/{pid}/fd"))?
-            .count();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("no VmRSS in /proc/PID/status")?;
-        Ok(Usage { fds, rss_kib })
-    }
-
-    /// The larger of each figure.
-    pub fn max(self, other: Usage) -> Usage {
-        Usage {
-            fds: self.fds.max(other.fds),
-            rss_kib: self.rss_kib.max(other.rss_kib),
-        }
-    }
-}
 
 /// CPU time (user + system) a process has used, in ms.
 pub fn cpu_ms(pid: u32) -> Result<u64> {

@@ -1,5 +1,5 @@
-//! What the faults are measured with: a running `kubectl get -w`, an
-//! `kubectl exec -i ... cat` session, a process's fds and RSS.
+//! What the faults are measured with: a running `kubectl get -w` and an
+//! `kubectl exec -i ... cat` session (a process's fds and RSS: [`e2e::Usage`]).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -10,29 +10,6 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// Open fds and resident memory of a process.
-#[derive(Clone, Copy, Debug)]
-pub struct Usage {
-    pub fds: usize,
-    pub rss_kib: u64,
-}
-
-impl Usage {
-    pub fn of(pid: u32) -> Result<Usage> {
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .with_context(|| format!("reading /proc/{pid}/fd"))?
-            .count();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("no VmRSS in /proc/PID/status")?;
-        Ok(Usage { fds, rss_kib })
-    }
-}
 
 /// What a long-running kubectl did while a fault was on.
 pub enum Seen {

@@ -92,6 +92,7 @@ mod paths;
 mod proc;
 mod stream;
 mod tower;
+mod usage;
 mod wait;
 
 pub use audit::audit_records;
@@ -108,6 +109,7 @@ pub use paths::{bin, kubectl_binary, workspace_root};
 pub use proc::{Proc, Stream, log_field};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};
 pub use tower::{CLUSTER, HOST_SERVER, Tower, TowerOptions, fingerprint_in, pick_ports};
+pub use usage::Usage;
 pub use wait::{wait_for_ok, wait_until};
 
 // Re-exported so tests use the exact versions the testkit was built with.
