@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{Joined, Tower, TowerOptions, free_port, wait_until};
+use e2e::{Joined, Tower, TowerOptions, apiserver_writes, free_port, wait_until, writes_between};
 
 /// Clusters added at each step (alpha is there from the start).
 const STEP: usize = 16;
@@ -31,42 +31,9 @@ const WINDOW: Duration = Duration::from_secs(75);
 const EDGES: u64 = 3;
 const SOON: Duration = Duration::from_secs(120);
 
-/// The host kube-apiserver's count of writes so far, per `verb resource`.
+/// Every write the host kube-apiserver counted so far, per `VERB resource`.
 fn writes(tower: &Tower) -> BTreeMap<String, u64> {
-    let metrics = tower.host().kubectl_ok(&["get", "--raw", "/metrics"]);
-    let mut out = BTreeMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let label = |name: &str| {
-            let key = format!("{name}=\"");
-            line.split(&key)
-                .nth(1)
-                .and_then(|rest| rest.split('"').next())
-                .unwrap_or_default()
-                .to_string()
-        };
-        let verb = label("verb");
-        if matches!(verb.as_str(), "GET" | "LIST" | "WATCH" | "CONNECT") {
-            continue;
-        }
-        let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
-        *out.entry(format!("{verb} {}", label("resource")))
-            .or_default() += count as u64;
-    }
-    out
-}
-
-/// What changed between two [`writes`] readings, per `verb resource`.
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
+    apiserver_writes(&tower.host().kubectl_ok(&["get", "--raw", "/metrics"]))
 }
 
 /// True once every Cluster is available and its status complete (the first
@@ -105,7 +72,7 @@ async fn window(tower: &Tower, clusters: usize) -> Result<BTreeMap<String, u64>>
     // A measurement window, not a wait for a condition: what is counted is
     // whatever the apiserver saw during it.
     tokio::time::sleep(WINDOW).await;
-    let seen = delta(&before, &writes(tower));
+    let seen = writes_between(&before, &writes(tower));
     eprintln!("steady_writes: {clusters} clusters, writes in {WINDOW:?}: {seen:?}");
     Ok(seen)
 }

@@ -102,7 +102,7 @@ pub use join::Joined;
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use member::run_agent_like_a_kubelet;
 pub use member_net::{MEMBER_ADDR, MEMBER_GATEWAY, MemberNet};
-pub use metrics::{metric_sample, scrape_metrics};
+pub use metrics::{apiserver_writes, metric_sample, scrape_metrics, writes_between};
 pub use net::{EchoServer, free_addr, free_port};
 pub use netns::{NETNS_ADDR, in_own_netns};
 pub use paths::{bin, kubectl_binary, workspace_root};

@@ -1,5 +1,7 @@
 //! Reading a proxy's `/metrics` (OpenMetrics text) in tests.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Result, ensure};
 use tokio::process::Command;
 
@@ -18,4 +20,46 @@ pub fn metric_sample(metrics: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The writes a kube-apiserver has counted so far (`apiserver_request_total`,
+/// every verb but GET, LIST, WATCH and CONNECT), per `VERB resource`, from
+/// its `/metrics` text.
+pub fn apiserver_writes(metrics: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            let key = format!("{name}=\"");
+            line.split(&key)
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let verb = label("verb");
+        if matches!(verb.as_str(), "GET" | "LIST" | "WATCH" | "CONNECT") {
+            continue;
+        }
+        let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        *out.entry(format!("{verb} {}", label("resource")))
+            .or_default() += count as u64;
+    }
+    out
+}
+
+/// What changed between two [`apiserver_writes`] readings (only what grew).
+pub fn writes_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use e2e::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use e2e::kube::runtime::watcher;
-use e2e::{KubeCluster, free_port};
+use e2e::{KubeCluster, apiserver_writes, free_port, writes_between};
 use futures_util::StreamExt as _;
 
 use crate::fleet::{Fleet, FleetOptions};
@@ -105,37 +105,7 @@ fn cluster_resource() -> ApiResource {
 
 /// Every write the host kube-apiserver counted so far, per `VERB resource`.
 fn writes(host: &KubeCluster) -> BTreeMap<String, u64> {
-    let metrics = host.kubectl_ok(&["get", "--raw", "/metrics"]);
-    let mut out = BTreeMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let label = |name: &str| {
-            line.split(&format!("{name}=\""))
-                .nth(1)
-                .and_then(|rest| rest.split('"').next())
-                .unwrap_or_default()
-                .to_string()
-        };
-        let verb = label("verb");
-        if matches!(verb.as_str(), "GET" | "LIST" | "WATCH" | "CONNECT") {
-            continue;
-        }
-        if let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-            *out.entry(format!("{verb} {}", label("resource")))
-                .or_default() += count as u64;
-        }
-    }
-    out
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, v)| *v > 0)
-        .collect()
+    apiserver_writes(&host.kubectl_ok(&["get", "--raw", "/metrics"]))
 }
 
 fn available(c: &DynamicObject) -> bool {
@@ -297,9 +267,9 @@ async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()>
     );
     tokio::time::sleep(SETTLE).await;
     let before = writes(&host);
-    let startup = delta(&before_start, &before);
+    let startup = writes_between(&before_start, &before);
     tokio::time::sleep(WINDOW).await;
-    let seen = delta(&before, &writes(&host));
+    let seen = writes_between(&before, &writes(&host));
     let rss = sys::rss_bytes(proxy.pid())?.max(rss_up);
     let total: u64 = seen.values().sum();
     let per_s = total as f64 / WINDOW.as_secs_f64();
