@@ -6,7 +6,7 @@ GO ?= go
 BIN := bin
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz adversarial churn lint demo demo-down certs bench cross clean
+.PHONY: all build harness go-peers promtool helm toxiproxy test faults outages fuzz adversarial churn lint demo demo-down certs bench bench-peers cross clean
 
 all: build
 
@@ -119,9 +119,14 @@ demo-down:
 BENCH_GOBIN := $(CURDIR)/target/bench/gobin
 CHISEL_VERSION = $(shell awk '$$1 == "require" && $$2 == "github.com/jpillora/chisel" { print $$3 }' bench/chisel/go.mod 2>/dev/null)
 
-bench: build harness go-peers $(BENCH_GOBIN)/chisel
+bench: build harness go-peers $(BENCH_GOBIN)/chisel bench-peers
 	$(CARGO) build --release -p bench
 	$(TARGET_DIR)/release/bench
+
+# konnectivity, frp (Go modules) and rathole (crates.io); one that fails to
+# build is reported as skipped by the bench, never fails it.
+bench-peers:
+	GO=$(GO) CARGO=$(CARGO) ./hack/bench-peers.sh $(BENCH_GOBIN) $(CURDIR)/target/bench/cargo
 
 $(BENCH_GOBIN)/chisel: bench/chisel/go.mod bench/chisel/go.sum
 	@mkdir -p $(BENCH_GOBIN)

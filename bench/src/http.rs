@@ -20,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -145,6 +146,55 @@ pub struct Target {
     /// The processes that carry this path (both ends of the tunnel), whose
     /// CPU time the bench counts; empty for direct.
     pub procs: Vec<u32>,
+    /// An HTTP CONNECT door at `addr` that leads to the upstream.
+    pub via: Option<Via>,
+}
+
+/// A byte stream the client's TLS runs over: TCP, or a CONNECT tunnel.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// An HTTP CONNECT door: the client speaks TLS to it (when `tls` is set),
+/// asks `CONNECT authority`, then the upstream's TLS through it.
+#[derive(Clone)]
+pub struct Via {
+    pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    pub authority: String,
+}
+
+impl Via {
+    async fn open(&self, tcp: TcpStream, name: &str) -> Result<Box<dyn Io>> {
+        let mut io: Box<dyn Io> = match &self.tls {
+            Some((config, server_name)) => Box::new(
+                TlsConnector::from(config.clone())
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .with_context(|| format!("{name}: TLS handshake with the CONNECT door"))?,
+            ),
+            None => Box::new(tcp),
+        };
+        let a = &self.authority;
+        io.write_all(format!("CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+            .await?;
+        io.flush().await?;
+        // The answer's head byte by byte: what follows it is the upstream's TLS.
+        let mut head = Vec::with_capacity(64);
+        while !head.ends_with(b"\r\n\r\n") {
+            ensure!(head.len() < 8192, "{name}: CONNECT answer head too long");
+            head.push(
+                io.read_u8()
+                    .await
+                    .with_context(|| format!("{name}: reading the CONNECT answer"))?,
+            );
+        }
+        let head = String::from_utf8_lossy(&head);
+        ensure!(
+            head.split(' ').nth(1) == Some("200"),
+            "{name}: CONNECT {a} answered {:?}",
+            head.lines().next().unwrap_or_default()
+        );
+        Ok(io)
+    }
 }
 
 impl Target {
@@ -154,8 +204,12 @@ impl Target {
             .await
             .with_context(|| format!("{}: connecting to {}", self.name, self.addr))?;
         tcp.set_nodelay(true)?;
+        let io: Box<dyn Io> = match &self.via {
+            Some(via) => via.open(tcp, &self.name).await?,
+            None => Box::new(tcp),
+        };
         let tls = TlsConnector::from(self.tls.clone())
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.server_name.clone(), io)
             .await
             .with_context(|| format!("{}: TLS handshake with {}", self.name, self.addr))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))

@@ -1,11 +1,13 @@
 //! `bench`: how fast the tunnel is, side by side with a direct connection, the
-//! Go peers (Go Tower's SSH and websocket stack) and Chisel. `make bench` builds
+//! Go peers (Go Tower's SSH and websocket stack), Chisel, apiserver-network-proxy
+//! (konnectivity), frp and rathole. `make bench` builds
 //! everything in release and runs it; results go to `target/bench/results.md`
 //! and `results.json`, and the table is printed.
 //!
 //! Environment: `BENCH_QUICK=1` for a fast pass (smaller sizes, fewer runs),
 //! `BENCH_ONLY=bulk,small,...` to pick scenarios (see [`scenarios::ALL`]),
-//! `BENCH_PATHS=https,forward,go,chisel` to pick the paths besides direct,
+//! `BENCH_PATHS=https,forward,connect,go,chisel,konnectivity,frp,rathole` to
+//! pick the paths besides direct (the stronger peers are in [`peers`]),
 //! `BENCH_SCALE=1000,10000` for the numbers of idle agents,
 //! `BENCH_OUT` for the output directory (default `<repo>/target/bench`).
 //! `BENCH_B_BIN=DIR` (a directory with another build's `proxy` and `agent`)
@@ -23,6 +25,7 @@ mod fleet;
 mod http;
 mod lossy;
 mod measure;
+mod peers;
 mod relay;
 mod report;
 mod scenarios;
@@ -121,9 +124,12 @@ async fn run() -> Result<()> {
         .collect();
     if let Some(bad) = paths
         .iter()
-        .find(|p| !["https", "forward", "go", "chisel"].contains(&p.as_str()))
+        .find(|p| !setup::PATH_KEYS.contains(&p.as_str()))
     {
-        anyhow::bail!("BENCH_PATHS: unknown path {bad:?}; known: https,forward,go,chisel");
+        anyhow::bail!(
+            "BENCH_PATHS: unknown path {bad:?}; known: {}",
+            setup::PATH_KEYS.join(",")
+        );
     }
     let env = setup::Env {
         root,
@@ -197,8 +203,16 @@ async fn run() -> Result<()> {
          per-cluster listener -> SSH over websocket -> agent -> upstream, TLS again from the proxy \
          (Kubernetes mode against a kube-harness host). tower-rs forward (b) = the proxy's raw --forward port, \
          the client's TLS carried end to end (the comparable path for the Go peers and Chisel). \
-         go-tower forward = tests/go-peers go-proxy --forward + go-agent. chisel reverse = chisel server --reverse + client R:port.",
+         go-tower forward = tests/go-peers go-proxy --forward + go-agent. chisel reverse = chisel server --reverse + client R:port. \
+         tower-rs CONNECT door = mutual TLS to the proxy's --connect-port (the bench Cluster's kubeconfig certificate), \
+         CONNECT bench:443, then the client's TLS to the upstream through it. konnectivity = apiserver-network-proxy \
+         proxy-server --mode=http-connect (mutual TLS front door) + proxy-agent (gRPC over mutual TLS), the same CONNECT \
+         client (to the upstream's address). frp = frps (TLS forced) + frpc (a tcp proxy, TLS to frps, yamux). \
+         rathole = server + client over its websocket transport with TLS. 'X vs PEER' rows: ratio of the medians, \
+         oriented so that > 1 means tower-rs is ahead (throughput: ours / theirs; latency and CPU: theirs / ours).",
     );
+    report.versus(setup::FORWARD, &peers::versus_forward());
+    report.versus(setup::CONNECT, &[peers::KONNECTIVITY]);
     report.duration_s = t0.elapsed().as_secs_f64();
     let md = report.write(&out)?;
     println!("{md}");

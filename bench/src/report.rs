@@ -101,6 +101,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Scenarios or paths that could not be measured, and why.
     pub errors: Vec<String>,
+    /// Peers that were not built or did not start, and why (the bench goes on).
+    pub skipped: Vec<String>,
     pub duration_s: f64,
 }
 
@@ -118,6 +120,77 @@ impl Report {
         let text = format!("{what}: {err:#}");
         eprintln!("  ! {text}");
         self.errors.push(text);
+    }
+
+    /// Issue #15's "tower-rs ahead of every peer in every scenario they share":
+    /// for each throughput, latency (p50, p99) and CPU figure of path `ours`, and
+    /// the same scenario and metric of each of `peers`, the ratio of the
+    /// medians, oriented so that > 1 means `ours` is ahead (throughput: ours /
+    /// theirs; latency and CPU: theirs / ours). min/max: the worst and best
+    /// pairing of the runs.
+    pub fn versus(&mut self, ours: &str, peers: &[&str]) {
+        let mut rows = Vec::new();
+        for o in self.figures.iter().filter(|f| f.path == ours) {
+            let higher_is_better = match o.unit.as_str() {
+                "MiB/s" => true,
+                "µs" | "CPU-s/GiB" if !o.metric.starts_with("p99.9") => false,
+                _ => continue,
+            };
+            for p in &self.figures {
+                if !peers.contains(&p.path.as_str())
+                    || p.scenario != o.scenario
+                    || p.metric != o.metric
+                {
+                    continue;
+                }
+                let (a, b) = if higher_is_better {
+                    (o.value, p.value)
+                } else {
+                    (p.value, o.value)
+                };
+                if b.median <= 0.0 || b.min <= 0.0 {
+                    continue;
+                }
+                let ratio = Stat {
+                    median: a.median / b.median,
+                    min: a.min / b.max,
+                    max: a.max / b.min,
+                    runs: a.runs.min(b.runs),
+                };
+                let metric = format!(
+                    "{}: {}",
+                    o.metric,
+                    if higher_is_better {
+                        "ours / theirs"
+                    } else {
+                        "theirs / ours"
+                    }
+                );
+                rows.push(
+                    Figure::new(
+                        &o.scenario,
+                        &format!("{ours} vs {}", p.path),
+                        &metric,
+                        "x",
+                        ratio,
+                    )
+                    .goal(Some(Goal::at_least(
+                        "tower-rs ahead (> 1x)",
+                        ratio.median,
+                        1.0,
+                    ))),
+                );
+            }
+        }
+        for r in rows {
+            self.add(r);
+        }
+    }
+
+    pub fn skip(&mut self, what: &str, err: &anyhow::Error) {
+        let text = format!("{what}: skipped: {err:#}");
+        eprintln!("  ~ {text}");
+        self.skipped.push(text);
     }
 
     pub fn write(&self, dir: &Path) -> Result<String> {
@@ -176,6 +249,12 @@ impl Report {
         if !self.errors.is_empty() {
             out.push_str("\nNot measured:\n");
             for e in &self.errors {
+                let _ = writeln!(out, "- {e}");
+            }
+        }
+        if !self.skipped.is_empty() {
+            out.push_str("\nSkipped peers:\n");
+            for e in &self.skipped {
                 let _ = writeln!(out, "- {e}");
             }
         }

@@ -9,7 +9,10 @@
 //!   tower-rs forward: TLS ─> proxy --forward ────────────┴> SSH/ws ─> agent ─> upstream HTTPS
 //!   go-tower forward: TLS ─> go-proxy --forward ──> SSH/ws ─> go-agent ───────> (bench upstream,
 //!   chisel reverse:   TLS ─> chisel server R:port ─> SSH/ws ─> chisel client ─>  own process)
+//!   tower-rs CONNECT: mTLS + CONNECT bench:443 ─> proxy --connect-port ─> SSH/ws ─> agent ─> upstream
 //! ```
+//!
+//! and the stronger peers of [`crate::peers`] (konnectivity, frp, rathole).
 //!
 //! The proxy runs in Kubernetes mode against a host `kube-harness` (Cluster
 //! resources `bench` and `alpha`, tokens and kubeconfigs read back from them as
@@ -27,7 +30,8 @@ use e2e::{KubeCluster, Proc, bin, kubectl_binary, wait_for_ok};
 use rustls_pki_types::ServerName;
 use tokio::process::Command;
 
-use crate::http::Target;
+use crate::http::{Target, Via};
+use crate::peers::{Peer, PeerPki};
 use crate::relay::{Link, Relay};
 use crate::tls::{self, Pki};
 
@@ -43,7 +47,7 @@ pub struct Env {
 }
 
 impl Env {
-    /// Whether path `key` (https, forward, go, chisel) is wanted.
+    /// Whether path `key` (see [`PATH_KEYS`]) is wanted.
     pub fn wants_path(&self, key: &str) -> bool {
         self.paths.is_empty() || self.paths.iter().any(|p| p == key)
     }
@@ -160,6 +164,8 @@ pub struct TowerRs {
     pub proxy: Proc,
     pub agents_addr: SocketAddr,
     pub forward: SocketAddr,
+    /// `--connect-port`: the HTTP CONNECT door (mutual TLS).
+    pub connect: SocketAddr,
     pub fingerprint: String,
     pub alpha_token: PathBuf,
     /// `config_alpha`: reaches the member kube-apiserver through the tunnel.
@@ -230,10 +236,18 @@ impl TowerRs {
                 format!("--data-dir={}", env.work.join("proxy-data").display()),
                 format!("--cluster-ports={ports}"),
                 "--forward=bench=127.0.0.1:0".into(),
+                "--connect-port=0".into(),
                 "--log-format=json".into(),
             ],
         )?;
         let (agents_addr, forward, fingerprint) = started_proxy(&proxy).await?;
+        let door = proxy
+            .wait_for_line(
+                |l| log_message_is(l, "CONNECT port listening (mutual TLS)"),
+                Duration::from_secs(10),
+            )
+            .await?;
+        let connect: SocketAddr = log_field(&door, "addr").context("addr")?.parse()?;
 
         let clusters = env.work.join("clusters.yaml");
         std::fs::write(&clusters, CLUSTERS)?;
@@ -300,6 +314,7 @@ impl TowerRs {
             proxy,
             agents_addr,
             forward,
+            connect,
             fingerprint,
             alpha_token,
             alpha_kubeconfig,
@@ -642,6 +657,10 @@ pub struct Paths {
     pub forward: Option<Target>,
     pub go: Option<Target>,
     pub chisel: Option<Target>,
+    /// Our CONNECT door (`--connect-port`, mutual TLS), `CONNECT bench:443`.
+    pub connect: Option<Target>,
+    /// konnectivity, frp, rathole: those that started.
+    pub peers: Vec<Target>,
     /// `BENCH_B_BIN` / `BENCH_B_ENV`: another build's forward path.
     pub b: Option<Target>,
 }
@@ -651,14 +670,35 @@ pub const HTTPS: &str = "tower-rs https (a)";
 pub const FORWARD: &str = "tower-rs forward (b)";
 pub const GO: &str = "go-tower forward";
 pub const CHISEL: &str = "chisel reverse";
+pub const CONNECT: &str = "tower-rs CONNECT door (mTLS)";
+
+/// `BENCH_PATHS` keys: the paths besides direct.
+pub const PATH_KEYS: [&str; 8] = [
+    "https",
+    "forward",
+    "connect",
+    "go",
+    "chisel",
+    "konnectivity",
+    "frp",
+    "rathole",
+];
 
 impl Paths {
     /// The paths through something, in table order.
     pub fn through(&self) -> Vec<&Target> {
-        [&self.https, &self.forward, &self.b, &self.go, &self.chisel]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            &self.https,
+            &self.forward,
+            &self.connect,
+            &self.b,
+            &self.go,
+            &self.chisel,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&self.peers)
+        .collect()
     }
 }
 
@@ -668,10 +708,13 @@ impl Paths {
 #[allow(dead_code)]
 pub struct Setup {
     pub b: Option<ForwardPair>,
+    pub peers: Vec<Peer>,
     pub chisel: Option<Chisel>,
     pub go: Option<GoPeers>,
     pub tower: Option<TowerRs>,
     pub upstream: Upstream,
+    /// The bench PKI as files, for peers started by the scenarios.
+    pub peer_pki: Option<PeerPki>,
     pub member: Option<KubeCluster>,
     pub host: Option<KubeCluster>,
     pub paths: Paths,
@@ -693,6 +736,7 @@ impl Setup {
             tls: bench_tls.clone(),
             server_name: ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
             procs,
+            via: None,
         };
         let mut paths = Paths {
             direct: target(DIRECT, upstream.addr, Vec::new()),
@@ -700,6 +744,8 @@ impl Setup {
             forward: None,
             go: None,
             chisel: None,
+            connect: None,
+            peers: Vec::new(),
             b: None,
         };
         let mut versions = Vec::new();
@@ -739,13 +785,31 @@ impl Setup {
                             tls: k.tls,
                             server_name: k.server_name,
                             procs: procs.clone(),
+                            via: None,
                         })
                     }
                     Err(e) => report.error("reading the bench Cluster's kubeconfig", &e),
                 }
             }
             if env.wants_path("forward") {
-                paths.forward = Some(target(FORWARD, t.forward, procs));
+                paths.forward = Some(target(FORWARD, t.forward, procs.clone()));
+            }
+            if env.wants_path("connect") {
+                match tls::from_kubeconfig(&t.bench_kubeconfig) {
+                    Ok(k) => {
+                        paths.connect = Some(Target {
+                            via: Some(Via {
+                                tls: Some((
+                                    k.tls,
+                                    ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+                                )),
+                                authority: "bench:443".into(),
+                            }),
+                            ..target(CONNECT, t.connect, procs)
+                        })
+                    }
+                    Err(e) => report.error("reading the bench Cluster's kubeconfig", &e),
+                }
             }
         }
         let mut go = None;
@@ -776,6 +840,21 @@ impl Setup {
                 Err(e) => report.error("Chisel", &e),
             }
         }
+        let peer_pki = match PeerPki::write(&env.work, &pki) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                report.error("the peers' certificates", &e);
+                None
+            }
+        };
+        let mut peers = Vec::new();
+        if let Some(pp) = &peer_pki {
+            peers = crate::peers::start_all(env, pp, upstream.addr, None, report, "setup").await;
+            for p in &peers {
+                paths.peers.push(p.target(&paths.direct, true));
+                versions.push(p.version.clone());
+            }
+        }
         let mut b = None;
         if let Some(variant) = Variant::b_from_env() {
             eprintln!("setup: {}", variant.label);
@@ -797,10 +876,12 @@ impl Setup {
         eprintln!("setup: ready in {:.1} s", t0.elapsed().as_secs_f64());
         Ok(Setup {
             b,
+            peers,
             chisel,
             go,
             tower,
             upstream,
+            peer_pki,
             member,
             host,
             paths,

@@ -15,11 +15,14 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use secrecy::ExposeSecret as _;
 
-/// The bench CA and the upstream's serving certificate, PEM.
+/// The bench CA, the upstream's serving certificate (also the peers' servers'),
+/// and a client certificate (the peers' agents and CONNECT clients), PEM.
 pub struct Pki {
     pub ca_pem: String,
     pub server_cert_pem: String,
     pub server_key_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
 }
 
 impl Pki {
@@ -43,10 +46,20 @@ impl Pki {
             .distinguished_name
             .push(DnType::CommonName, "bench upstream");
         let cert = params.signed_by(&key, &issuer).context("signing")?;
+        let client_key = KeyPair::generate().context("client key")?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "bench client");
+        let client_cert = client
+            .signed_by(&client_key, &issuer)
+            .context("signing the client certificate")?;
         Ok(Pki {
             ca_pem: ca_cert.pem(),
             server_cert_pem: cert.pem(),
             server_key_pem: key.serialize_pem(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
         })
     }
 
@@ -84,6 +97,20 @@ pub fn client_config(ca_pem: &str) -> Result<Arc<ClientConfig>> {
         .with_root_certificates(roots(ca_pem.as_bytes())?)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client that trusts `ca_pem` and presents the bench client certificate
+/// (for a peer's front door that wants mutual TLS).
+pub fn mtls_client_config(pki: &Pki) -> Result<Arc<ClientConfig>> {
+    let certs = CertificateDer::pem_slice_iter(pki.client_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("client certificate PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(pki.client_key_pem.as_bytes()).context("key PEM")?;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(pki.ca_pem.as_bytes())?)
+        .with_client_auth_cert(certs, key)?;
     Ok(Arc::new(config))
 }
 

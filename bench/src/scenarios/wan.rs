@@ -191,7 +191,7 @@ async fn one(setup: &Setup, rtt_ms: u64, link: Link, report: &mut Report) -> Res
         None
     };
     let chisel = if env.wants_path("chisel") {
-        match Chisel::start(env, upstream, delay).await {
+        match Chisel::start(env, upstream, delay.clone()).await {
             Ok(c) => {
                 targets.push(target(CHISEL, c.forward, vec![]));
                 Some(c)
@@ -204,6 +204,14 @@ async fn one(setup: &Setup, rtt_ms: u64, link: Link, report: &mut Report) -> Res
     } else {
         None
     };
+    let peers = match &setup.peer_pki {
+        Some(pki) => {
+            let context = format!("long link, RTT {rtt_ms} ms");
+            crate::peers::start_all(env, pki, upstream, delay.as_ref(), report, &context).await
+        }
+        None => Vec::new(),
+    };
+    targets.extend(peers.iter().map(|p| p.target(base, false)));
 
     let mut values: Vec<Measure> = targets.iter().map(|_| Measure::new()).collect();
     let mut vs_chisel = Measure::new();
@@ -266,6 +274,6 @@ async fn one(setup: &Setup, rtt_ms: u64, link: Link, report: &mut Report) -> Res
             .goal(goal),
         );
     }
-    drop((go, chisel, keep_pairs));
+    drop((go, chisel, peers, keep_pairs));
     Ok(())
 }
