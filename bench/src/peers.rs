@@ -157,7 +157,11 @@ fn version_of(program: &Path, args: &[&str]) -> String {
         .map(|o| {
             let out = String::from_utf8_lossy(&o.stdout).to_string()
                 + &String::from_utf8_lossy(&o.stderr);
-            out.lines().next().unwrap_or_default().trim().to_string()
+            // rathole prints its name alone, then `Build Version: X`.
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix("Build Version:"))
+                .map(|v| format!("rathole {}", v.trim()))
+                .unwrap_or_else(|| out.lines().next().unwrap_or_default().trim().to_string())
         })
         .unwrap_or_default()
 }
@@ -196,8 +200,16 @@ fn registered_ports(n: usize) -> Result<Vec<u16>> {
     bail!("no {n} free ports in 41000..49000")
 }
 
-/// Where the client end dials the server end: straight, or through a relay.
-async fn dial(server: SocketAddr, link: Option<&Link>) -> Result<(SocketAddr, Option<Relay>)> {
+/// Once the server end listens on 127.0.0.1:`port`: where the client end
+/// dials it, straight or through a relay over `link`.
+async fn dial(port: u16, link: Option<&Link>, what: &str) -> Result<(SocketAddr, Option<Relay>)> {
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_ok(Duration::from_secs(20), || async {
+        TcpStream::connect(server).await?;
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("{what} does not listen on {server}"))?;
     match link {
         Some(l) => {
             let r = Relay::start(server, l).await?;
@@ -205,6 +217,20 @@ async fn dial(server: SocketAddr, link: Option<&Link>) -> Result<(SocketAddr, Op
         }
         None => Ok((server, None)),
     }
+}
+
+/// Write `text` to the work directory as `file` and spawn `program FLAG <file>`.
+fn spawn_configured(
+    env: &Env,
+    name: &str,
+    program: &Path,
+    flag: &str,
+    file: &str,
+    text: String,
+) -> Result<Proc> {
+    let path = env.work.join(file);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    spawn(name, program, &[flag.into(), path.display().to_string()])
 }
 
 /// An HTTP/1.0 GET on loopback answered 200.
@@ -260,14 +286,7 @@ async fn konnectivity(
             "--server-count=1".into(),
         ],
     )?;
-    let agents_addr = SocketAddr::from(([127, 0, 0, 1], agents));
-    wait_for_ok(Duration::from_secs(20), || async {
-        TcpStream::connect(agents_addr).await?;
-        Ok(())
-    })
-    .await
-    .context("konnectivity proxy-server does not listen")?;
-    let (to, relay) = dial(agents_addr, link).await?;
+    let (to, relay) = dial(agents, link, "konnectivity proxy-server").await?;
     let agent = spawn(
         "konnectivity-agent",
         &agent_bin,
@@ -317,9 +336,12 @@ async fn frp(env: &Env, pki: &PeerPki, upstream: SocketAddr, link: Option<&Link>
     let (bind, remote) = (p[0], p[1]);
     let token = "bench-frp-token";
     let path = |p: &PathBuf| p.display().to_string();
-    let server_toml = env.work.join(format!("frps-{bind}.toml"));
-    std::fs::write(
-        &server_toml,
+    let server = spawn_configured(
+        env,
+        "frps",
+        &frps,
+        "-c",
+        &format!("frps-{bind}.toml"),
         format!(
             "bindAddr = \"127.0.0.1\"\nbindPort = {bind}\nauth.token = \"{token}\"\n\
              transport.tls.force = true\ntransport.tls.certFile = \"{}\"\ntransport.tls.keyFile = \"{}\"\n\
@@ -328,22 +350,13 @@ async fn frp(env: &Env, pki: &PeerPki, upstream: SocketAddr, link: Option<&Link>
             path(&pki.key)
         ),
     )?;
-    let server = spawn(
-        "frps",
-        &frps,
-        &["-c".into(), server_toml.display().to_string()],
-    )?;
-    let bind_addr = SocketAddr::from(([127, 0, 0, 1], bind));
-    wait_for_ok(Duration::from_secs(20), || async {
-        TcpStream::connect(bind_addr).await?;
-        Ok(())
-    })
-    .await
-    .context("frps does not listen")?;
-    let (to, relay) = dial(bind_addr, link).await?;
-    let client_toml = env.work.join(format!("frpc-{bind}.toml"));
-    std::fs::write(
-        &client_toml,
+    let (to, relay) = dial(bind, link, "frps").await?;
+    let client = spawn_configured(
+        env,
+        "frpc",
+        &frpc,
+        "-c",
+        &format!("frpc-{bind}.toml"),
         format!(
             "serverAddr = \"{}\"\nserverPort = {}\nauth.token = \"{token}\"\nloginFailExit = false\n\
              transport.tls.enable = true\ntransport.tls.trustedCaFile = \"{}\"\ntransport.tls.serverName = \"127.0.0.1\"\n\
@@ -355,11 +368,6 @@ async fn frp(env: &Env, pki: &PeerPki, upstream: SocketAddr, link: Option<&Link>
             upstream.ip(),
             upstream.port()
         ),
-    )?;
-    let client = spawn(
-        "frpc",
-        &frpc,
-        &["-c".into(), client_toml.display().to_string()],
     )?;
     client
         .wait_for_line(
@@ -410,9 +418,12 @@ async fn rathole(
         );
     }
     let token = "bench-rathole-token";
-    let server_toml = env.work.join(format!("rathole-server-{bind}.toml"));
-    std::fs::write(
-        &server_toml,
+    let server = spawn_configured(
+        env,
+        "rathole-server",
+        &bin,
+        "--server",
+        &format!("rathole-server-{bind}.toml"),
         format!(
             "[server]\nbind_addr = \"127.0.0.1:{bind}\"\n\n\
              [server.transport]\ntype = \"websocket\"\n\n\
@@ -422,22 +433,13 @@ async fn rathole(
             pfx.display()
         ),
     )?;
-    let server = spawn(
-        "rathole-server",
+    let (to, relay) = dial(bind, link, "the rathole server").await?;
+    let client = spawn_configured(
+        env,
+        "rathole-client",
         &bin,
-        &["--server".into(), server_toml.display().to_string()],
-    )?;
-    let bind_addr = SocketAddr::from(([127, 0, 0, 1], bind));
-    wait_for_ok(Duration::from_secs(20), || async {
-        TcpStream::connect(bind_addr).await?;
-        Ok(())
-    })
-    .await
-    .context("rathole server does not listen")?;
-    let (to, relay) = dial(bind_addr, link).await?;
-    let client_toml = env.work.join(format!("rathole-client-{bind}.toml"));
-    std::fs::write(
-        &client_toml,
+        "--client",
+        &format!("rathole-client-{bind}.toml"),
         format!(
             "[client]\nremote_addr = \"{to}\"\n\n\
              [client.transport]\ntype = \"websocket\"\n\n\
@@ -446,11 +448,6 @@ async fn rathole(
              [client.services.bench]\ntoken = \"{token}\"\nlocal_addr = \"{upstream}\"\n",
             pki.ca.display()
         ),
-    )?;
-    let client = spawn(
-        "rathole-client",
-        &bin,
-        &["--client".into(), client_toml.display().to_string()],
     )?;
     client
         .wait_for_line(

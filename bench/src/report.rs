@@ -174,11 +174,10 @@ impl Report {
                         "x",
                         ratio,
                     )
-                    .goal(Some(Goal::at_least(
-                        "tower-rs ahead (> 1x)",
-                        ratio.median,
-                        1.0,
-                    ))),
+                    .goal(Some(Goal {
+                        text: "tower-rs ahead (> 1x)".into(),
+                        met: ratio.median > 1.0,
+                    })),
                 );
             }
         }
