@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 
@@ -107,19 +107,42 @@ pub async fn run(setup: &Setup, report: &mut Report) {
             if failed[i] {
                 continue;
             }
-            let measured: Result<(f64, f64)> = async {
-                let agg = aggregate(t, streams, len).await?;
+            // A path whose streams wait behind the stalled reader (one
+            // shared flow, as konnectivity's gRPC stream) would hang the run.
+            let limit = Duration::from_secs(if quick { 60 } else { 180 });
+            let measured: Result<(f64, Result<f64>)> = async {
+                let agg = tokio::time::timeout(limit, aggregate(t, streams, len))
+                    .await
+                    .map_err(|_| anyhow!("{streams} streams not done within {limit:?}"))??;
                 // Bracketed: without, with, without again (the machine drifts).
-                let before = aggregate(t, streams - 1, len).await?;
-                let stalled = stall(t).await?;
-                let with = aggregate(t, streams - 1, len).await?;
-                drop(stalled);
-                let after = aggregate(t, streams - 1, len).await?;
-                Ok((agg, 100.0 * (1.0 - 2.0 * with / (before + after))))
+                let slowdown = tokio::time::timeout(limit, async {
+                    let before = aggregate(t, streams - 1, len).await?;
+                    let stalled = stall(t).await?;
+                    let with = aggregate(t, streams - 1, len).await?;
+                    drop(stalled);
+                    let after = aggregate(t, streams - 1, len).await?;
+                    Ok(100.0 * (1.0 - 2.0 * with / (before + after)))
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow!(
+                        "with a stalled reader, {} streams not done within {limit:?}: they wait behind it",
+                        streams - 1
+                    ))
+                });
+                Ok((agg, slowdown))
             }
             .await;
             match measured {
                 Ok((agg, slowdown)) => {
+                    let slowdown = match slowdown {
+                        Ok(s) => s,
+                        Err(e) => {
+                            report.error(&format!("{stall_scenario}: {}", t.name), &e);
+                            // Counted as a full stop of the others.
+                            100.0
+                        }
+                    };
                     if i == 0 {
                         direct = Some(agg);
                     }
