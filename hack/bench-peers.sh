@@ -22,7 +22,7 @@ build() {
   echo ">> bench peers: building $name"
   rm -f "$skip"
   if ! "$@" >"$skip.log" 2>&1; then
-    { echo "the build failed ($*): $(grep -m3 -E 'error|cannot|denied|not found' "$skip.log" | tr '\n' ' ')"; } >"$skip"
+    echo "the build of $name failed: $(grep -m3 -E 'error|cannot|denied|not found' "$skip.log" | tr '\n' ' ')(log: $skip.log)" >"$skip"
     echo "!! $name did not build (the bench will skip it): $(cat "$skip")" >&2
   fi
 }
