@@ -343,3 +343,36 @@ pub fn now_utc() -> String {
         rem % 3600 / 60
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(path: &str, metric: &str, unit: &str, median: f64) -> Figure {
+        Figure::new("s", path, metric, unit, Stat::of(&[median]))
+    }
+
+    #[test]
+    fn versus_is_above_one_when_ours_is_ahead() {
+        let mut r = Report::default();
+        r.figures = vec![
+            fig("ours", "throughput", "MiB/s", 300.0),
+            fig("peer", "throughput", "MiB/s", 100.0),
+            fig("ours", "p50 latency", "µs", 200.0),
+            fig("peer", "p50 latency", "µs", 100.0),
+            fig("peer", "CPU cost ratio", "x", 1.0),
+        ];
+        r.versus("ours", &["peer"]);
+        let rows: Vec<_> = r
+            .figures
+            .iter()
+            .filter(|f| f.path == "ours vs peer")
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].value.median, 3.0);
+        assert!(rows[0].goal.as_ref().is_some_and(|g| g.met));
+        // Latency: theirs / ours, so a slower tower-rs is below 1 and not met.
+        assert_eq!(rows[1].value.median, 0.5);
+        assert!(rows[1].goal.as_ref().is_some_and(|g| !g.met));
+    }
+}
