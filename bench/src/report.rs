@@ -354,14 +354,16 @@ mod tests {
 
     #[test]
     fn versus_is_above_one_when_ours_is_ahead() {
-        let mut r = Report::default();
-        r.figures = vec![
-            fig("ours", "throughput", "MiB/s", 300.0),
-            fig("peer", "throughput", "MiB/s", 100.0),
-            fig("ours", "p50 latency", "µs", 200.0),
-            fig("peer", "p50 latency", "µs", 100.0),
-            fig("peer", "CPU cost ratio", "x", 1.0),
-        ];
+        let mut r = Report {
+            figures: vec![
+                fig("ours", "throughput", "MiB/s", 300.0),
+                fig("peer", "throughput", "MiB/s", 100.0),
+                fig("ours", "p50 latency", "µs", 200.0),
+                fig("peer", "p50 latency", "µs", 100.0),
+                fig("peer", "CPU cost ratio", "x", 1.0),
+            ],
+            ..Default::default()
+        };
         r.versus("ours", &["peer"]);
         let rows: Vec<_> = r
             .figures
