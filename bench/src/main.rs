@@ -133,7 +133,6 @@ async fn run() -> Result<()> {
     }
     let env = setup::Env {
         root,
-        out: out.clone(),
         work,
         quick,
         paths,

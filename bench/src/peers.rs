@@ -133,9 +133,9 @@ pub async fn start_all(
 /// `tool` in the bench's tool directories, or why it is not there.
 fn tool(env: &Env, name: &str) -> Result<PathBuf> {
     let path = if name == "rathole" {
-        env.out.join("cargo").join("bin").join(name)
+        env.tools().join("cargo").join("bin").join(name)
     } else {
-        env.out.join("gobin").join(name)
+        env.tools().join("gobin").join(name)
     };
     if path.is_file() {
         return Ok(path);

@@ -39,7 +39,6 @@ use crate::tls::{self, Pki};
 #[derive(Clone, Debug)]
 pub struct Env {
     pub root: PathBuf,
-    pub out: PathBuf,
     pub work: PathBuf,
     pub quick: bool,
     /// `BENCH_PATHS`: the paths to measure besides direct (empty: all).
@@ -52,8 +51,14 @@ impl Env {
         self.paths.is_empty() || self.paths.iter().any(|p| p == key)
     }
 
+    /// Where `make bench` installs the peers (`gobin/`, `cargo/bin/`): the
+    /// repository's `target/bench`, whatever `BENCH_OUT` says.
+    pub fn tools(&self) -> PathBuf {
+        self.root.join("target").join("bench")
+    }
+
     pub fn chisel(&self) -> PathBuf {
-        self.out.join("gobin").join("chisel")
+        self.tools().join("gobin").join("chisel")
     }
 }
 
