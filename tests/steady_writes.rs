@@ -9,7 +9,9 @@
 //! the ticks of the periodic Lease renewals that fall at a window's edges, and
 //! no Cluster is written in either. Before the heartbeat moved to the
 //! replica's Lease every connected cluster wrote its `lastHeartbeatTime` once
-//! a minute: N more writes in the second window.
+//! a minute: N more writes in the second window. Joining the second N also
+//! patches each Cluster at most five times (the certificate expiry rides
+//! with the conditions, not in a second member-status write).
 //!
 //! Run: `make build harness && cargo test -p e2e --release --test steady_writes`.
 
@@ -29,6 +31,11 @@ const WINDOW: Duration = Duration::from_secs(75);
 /// kube-apiserver's own identity Lease every 10 s) can fall either side of a
 /// window's edges: one tick each, and one of slack.
 const EDGES: u64 = 3;
+/// Cluster patches per joining cluster: spec and status before its agent
+/// connects, spec, status and member status after.
+const PATCHES_PER_JOIN: u64 = 5;
+/// Writes refused as conflicts (and retried) count too: a few.
+const CONFLICTS: u64 = 4;
 const SOON: Duration = Duration::from_secs(120);
 
 /// Every write the host kube-apiserver counted so far, per `VERB resource`.
@@ -61,8 +68,12 @@ fn all_settled(tower: &Tower, clusters: usize) -> Result<bool> {
     Ok(settled == clusters)
 }
 
-/// The writes of one window of steady state with `clusters` clusters.
-async fn window(tower: &Tower, clusters: usize) -> Result<BTreeMap<String, u64>> {
+/// The writes of one window of steady state with `clusters` clusters, and
+/// the counts when it began.
+async fn window(
+    tower: &Tower,
+    clusters: usize,
+) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
     wait_until(SOON, || async {
         all_settled(tower, clusters).unwrap_or(false)
     })
@@ -74,7 +85,7 @@ async fn window(tower: &Tower, clusters: usize) -> Result<BTreeMap<String, u64>>
     tokio::time::sleep(WINDOW).await;
     let seen = writes_between(&before, &writes(tower));
     eprintln!("steady_writes: {clusters} clusters, writes in {WINDOW:?}: {seen:?}");
-    Ok(seen)
+    Ok((seen, before))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,10 +106,24 @@ async fn steady_state_writes_do_not_grow_with_the_clusters() -> Result<()> {
 
     let mut agents: Vec<Joined> = tower.join(&names(0)).await?;
     let n = STEP + 1;
-    let small = window(&tower, n).await?;
+    let (small, _) = window(&tower, n).await?;
 
+    let joining = writes(&tower);
     agents.extend(tower.join(&names(STEP)).await?);
-    let big = window(&tower, n + STEP).await?;
+    let (big, settled) = window(&tower, n + STEP).await?;
+    // What joining cost, up to every new status complete: per cluster its
+    // token and endpoint (spec) and conditions (status) before its agent
+    // came, then its kubeconfig (spec), conditions and certificate expiry
+    // (status) and its member status, once. The expiry was a member-status
+    // write of its own: 6 patches per cluster, 10,000 more at a fleet's start.
+    let joined = writes_between(&joining, &settled);
+    let patches = joined.get("PATCH clusters").copied().unwrap_or(0);
+    eprintln!("steady_writes: joining {STEP} clusters wrote {joined:?}");
+    ensure!(
+        patches <= PATCHES_PER_JOIN * STEP as u64 + CONFLICTS,
+        "joining {STEP} clusters patched them {patches} times, more than {PATCHES_PER_JOIN} each \
+         (+{CONFLICTS} retried conflicts): {joined:?}"
+    );
 
     let total = |w: &BTreeMap<String, u64>| w.values().sum::<u64>();
     let clusters = |w: &BTreeMap<String, u64>| {

@@ -335,7 +335,11 @@ async fn with_kubernetes(
         })?;
     }
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
+    let (synced, store_ready) = (running.synced, ready.clone());
+    tokio::spawn(async move {
+        readiness::mark_when_synced(running.store, store_ready).await;
+        synced.store(true, Ordering::Relaxed);
+    });
     let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core))
         .with_registrar(Arc::new(Registrar::new(client.clone())));
     let background = Background {

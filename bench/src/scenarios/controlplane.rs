@@ -35,6 +35,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 const WINDOW: Duration = Duration::from_secs(60);
 /// Creates in flight while making the Clusters.
 const CREATES: usize = 32;
+/// How often the wait for availability says how far it got.
+const PROGRESS: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -139,17 +141,37 @@ async fn make_clusters(api: &Api<DynamicObject>, identities: &[(String, String)]
     Ok(())
 }
 
-/// Waits until every one of `n` Clusters is AgentAvailable=True.
-async fn all_available(api: Api<DynamicObject>, n: usize, timeout: Duration) -> Result<()> {
+/// Waits until every one of `n` Clusters is AgentAvailable=True; says how
+/// far it got every [`PROGRESS`] (and the proxy's RSS and open fds).
+async fn all_available(
+    api: Api<DynamicObject>,
+    n: usize,
+    timeout: Duration,
+    proxy_pid: u32,
+) -> Result<()> {
     let mut events = watcher(api, watcher::Config::default()).boxed();
     let mut up: HashSet<String> = HashSet::new();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
+    let mut next_progress = start + PROGRESS;
     loop {
-        let event = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .with_context(|| {
-                format!("only {} of {n} Clusters available in {timeout:?}", up.len())
-            })?;
+        if tokio::time::Instant::now() >= next_progress {
+            next_progress += PROGRESS;
+            let usage = e2e::Usage::of(proxy_pid).ok();
+            eprintln!(
+                "controlplane: {:.0} s: {} of {n} available; proxy {:?}",
+                start.elapsed().as_secs_f64(),
+                up.len(),
+                usage
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("only {} of {n} Clusters available in {timeout:?}", up.len());
+        }
+        let Ok(event) = tokio::time::timeout_at(next_progress.min(deadline), events.next()).await
+        else {
+            continue;
+        };
         match event {
             Some(Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c))) => {
                 let name = c.metadata.name.clone().unwrap_or_default();
@@ -239,7 +261,7 @@ async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()>
         keepalive: Duration::from_secs(30),
         ramp: 64,
     });
-    if let Err(e) = all_available(api.clone(), n, Duration::from_secs(900)).await {
+    if let Err(e) = all_available(api.clone(), n, Duration::from_secs(900), proxy.pid()).await {
         // Still say how far it got, and at what memory.
         let rss_mib = sys::rss_bytes(proxy.pid())? as f64 / f64::from(1 << 20);
         let scenario = format!("control plane: {n} clusters, {}", mode.name());

@@ -100,6 +100,7 @@ impl<S: ClusterStore> Admission for Gate<S> {
             return self.register(session).await;
         }
         let cluster = config.name.clone();
+        self.store.synced().await;
         // Same answer for unknown cluster and wrong token: don't reveal which.
         let expected = self.store.token(&cluster).unwrap_or_default();
         let admitted_with = if expected.is_empty() {

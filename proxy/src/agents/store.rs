@@ -11,6 +11,12 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// The token agents of `cluster` must present, if the cluster exists.
     fn token(&self, cluster: &str) -> Option<String>;
 
+    /// Resolves once [`Self::token`] knows every cluster (a cache that
+    /// syncs after the agents' port opens), or after a deadline.
+    fn synced(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// The previous token of `cluster` and until when it is still accepted
     /// (a rotation's grace period), if one applies now.
     fn grace(&self, _cluster: &str) -> Option<super::grace::Grace> {

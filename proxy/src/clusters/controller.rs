@@ -5,13 +5,14 @@
 //! the sessions and ports of deleted Clusters, which the controller never sees.
 
 use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -27,6 +28,13 @@ use crate::ha::leader::Leadership;
 use crate::identity::ca::Ca;
 use crate::identity::names::{CLUSTER_LABEL, MANAGED_BY, MANAGER};
 use crate::ops::metrics::Metrics;
+
+/// Passes running at once. Unbounded, 10,000 Clusters at start meant 10,000
+/// passes, each with its own HTTP/1.1 connection (and TLS handshake) to the
+/// kube-apiserver, which then queued or refused most of them (priority and
+/// fairness): the proxy's memory grew and few clusters got through. The API
+/// round trips bound a pass, so a few dozen keep the kube-apiserver busy.
+const PASSES: u16 = 32;
 
 /// Close the sessions and ports of Clusters that disappear. The controller
 /// never sees deletions (it reconciles objects that exist), so a plain watch
@@ -88,6 +96,8 @@ pub struct Running<P> {
     pub clusters: Arc<CrStore<P>>,
     /// The controller's cache of Clusters.
     pub store: Store<Cluster>,
+    /// Set once that cache has synced; agents wait for it ([`CrStore`]).
+    pub synced: Arc<AtomicBool>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -107,28 +117,32 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     let services: Api<Service> = Api::namespaced(client.clone(), &options.namespace);
     // `owns` would map a Service to a *namespaced* ref of its cluster-scoped
     // owner, a second queue key racing the Cluster's own; map by label instead.
-    let controller = Controller::new(api.clone(), watcher::Config::default()).watches(
-        services,
-        watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
-        |svc: Service| {
-            let name = svc.labels().get(CLUSTER_LABEL)?;
-            Some(ObjectRef::new(name))
-        },
-    );
+    let controller = Controller::new(api.clone(), watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(PASSES))
+        .watches(
+            services,
+            watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
+            |svc: Service| {
+                let name = svc.labels().get(CLUSTER_LABEL)?;
+                Some(ObjectRef::new(name))
+            },
+        );
     let store = controller.store();
     let (trigger, triggers) = mpsc::unbounded_channel();
     let recorder = super::events::recorder(client.clone());
     let names = Names::default();
     let owners = ha.as_ref().map(|h| h.owners.clone());
+    let synced = Arc::new(AtomicBool::new(false));
     let clusters = Arc::new(CrStore {
         store: store.clone(),
+        synced: synced.clone(),
         names: names.clone(),
         recorder: recorder.clone(),
         trigger,
         ports: ports.clone(),
         options: options.clone(),
         owners: owners.clone(),
-        kick: kick.clone(),
+        kick,
     });
     let ctx = Arc::new(Context {
         client,
@@ -141,11 +155,11 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         names,
         reserved: Mutex::default(),
         written: Mutex::default(),
+        no_service: Mutex::default(),
         leader: ha
             .as_ref()
             .map_or_else(Leadership::always, |h| h.leader.clone()),
         owners,
-        kick,
         metrics,
     });
     let deletions = tokio::spawn(watch_deletions(api, registry, ports));
@@ -185,6 +199,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     Running {
         clusters,
         store,
+        synced,
         task,
     }
 }

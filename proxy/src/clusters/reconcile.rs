@@ -22,7 +22,7 @@ use super::crd::Cluster;
 use super::decide::{self, Facts, PortChoice, Role};
 use super::events::{Recorder, publish};
 use super::service::{self, Addresses, Exposure};
-use super::status::Kick;
+use super::status::patch::rfc3339;
 use super::store::Names;
 use super::{Options, Ports, kubeconfig};
 use crate::agents::registry::Registry;
@@ -55,7 +55,6 @@ pub struct Context<P: Ports> {
     pub(super) leader: Leadership,
     /// Who serves what across replicas (HA), if several run.
     pub(super) owners: Option<Arc<Owners>>,
-    pub(super) kick: Kick,
     pub(super) metrics: Arc<Metrics>,
     /// Per cluster, the resourceVersion of this replica's last write (or
     /// [`u64::MAX`] after a conflict): a cached object older than that is
@@ -64,6 +63,12 @@ pub struct Context<P: Ports> {
     /// another kubeconfig and conflict again and again (at 1,000 clusters
     /// several writes per cluster and minutes to settle).
     pub(super) written: Mutex<HashMap<String, u64>>,
+    /// `--cluster-ports none`: clusters whose Service is known to be gone.
+    pub(super) no_service: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the controller needs when several replicas run (`--leader-elect`).
@@ -228,6 +233,12 @@ impl<P: Ports> Context<P> {
     /// `--cluster-ports none`: a Service left from per-cluster ports is
     /// deleted (clients are told the path form instead).
     async fn remove_service(&self, cluster: &str) -> Result<(), Error> {
+        // Once per cluster and process: a Service is left only by a run with
+        // per-cluster ports before this one. Asked on every pass it was a
+        // read per pass, 10,000 at a fleet's start.
+        if lock(&self.no_service).contains(cluster) {
+            return Ok(());
+        }
         let name = service::name(cluster);
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.options.namespace);
         let ours = api
@@ -243,6 +254,7 @@ impl<P: Ports> Context<P> {
                 Err(e) => return Err(e.into()),
             }
         }
+        lock(&self.no_service).insert(cluster.to_string());
         Ok(())
     }
 
@@ -393,12 +405,14 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         resource_version = patched.resource_version();
         ctx.wrote(name, patched.resource_version());
         tracing::info!(cluster = %name, ?fields, "cluster spec updated");
-        if spec.contains_key("kubeconfig") {
-            // Its certificate's expiry goes into the status.
-            ctx.kick.notify(name);
-        }
     }
     let mut status = plan.forget;
+    // The published kubeconfig's certificate expiry goes with this status
+    // write (it was a member-status write of its own: one more write per
+    // cluster at connect, 10,000 at a fleet's start).
+    if let Some(expiry) = expiry_to_write(cluster, &spec, plan.serve_at.is_some()) {
+        status.insert("certificateExpirationTime".into(), json!(expiry));
+    }
     if let Some(conditions) = plan.conditions {
         status.insert("conditions".into(), json!(conditions));
     }
@@ -433,6 +447,28 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         publish(&ctx.recorder, cluster, type_, event.reason, event.note).await;
     }
     Ok(requeue(grace_left))
+}
+
+/// The expiry of the kubeconfig being written, or of the one published
+/// while the cluster is served, when the status does not say it yet (also
+/// after a status write that conflicted once the kubeconfig was written).
+fn expiry_to_write(
+    cluster: &Cluster,
+    spec: &serde_json::Map<String, serde_json::Value>,
+    served: bool,
+) -> Option<String> {
+    let published = &cluster.spec.connection.kubeconfig;
+    let kubeconfig = match spec.get("kubeconfig").and_then(|k| k.as_str()) {
+        Some(new) => new,
+        None if served && !published.is_empty() => published,
+        None => return None,
+    };
+    let expiry = rfc3339(kubeconfig::read(kubeconfig)?.cert_not_after?);
+    let stored = cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.certificate_expiration_time.as_deref());
+    (stored != Some(expiry.as_str())).then_some(expiry)
 }
 
 /// Again after the resync period, or when a grace period ends if sooner.

@@ -4,7 +4,9 @@
 //! refresh; refused agents become Events on their Cluster.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -23,8 +25,15 @@ use crate::ha::owners::Owners;
 /// knows the ClusterIP and LB address), so connecting agents get them too.
 pub type Names = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
+/// How long an agent that connects before the Cluster cache has synced
+/// waits for it: refused instead, every agent of a restarted proxy's fleet
+/// that came back in its first second backed off (126 of 1,000 at once).
+const SYNC_WAIT: Duration = Duration::from_secs(30);
+
 pub struct CrStore<P> {
     pub(super) store: Store<Cluster>,
+    /// Set once `store` has synced.
+    pub(super) synced: Arc<AtomicBool>,
     pub(super) names: Names,
     pub(super) recorder: Recorder,
     pub(super) trigger: mpsc::UnboundedSender<ObjectRef<Cluster>>,
@@ -35,6 +44,14 @@ pub struct CrStore<P> {
 }
 
 impl<P: Ports> ClusterStore for CrStore<P> {
+    async fn synced(&self) {
+        const RECHECK: Duration = Duration::from_millis(50);
+        let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+        while !self.synced.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(RECHECK).await;
+        }
+    }
+
     fn token(&self, cluster: &str) -> Option<String> {
         let obj = self.store.get(&ObjectRef::new(cluster))?;
         (obj.is_served() && !obj.spec.connection.token.is_empty())
@@ -186,6 +203,7 @@ mod tests {
         let (kick, kicks) = Kick::new();
         let store = CrStore {
             store: reader,
+            synced: Arc::new(AtomicBool::new(true)),
             names: Names::default(),
             recorder,
             trigger,

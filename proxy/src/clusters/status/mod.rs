@@ -49,6 +49,10 @@ pub const DEFAULT_FREQUENCY: Duration = Duration::from_secs(60);
 /// A probe (dial, TLS, five requests) that takes longer than this is given
 /// up; its health counts as [`Health::DOWN`].
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Refreshes running at once: a fleet connecting kicks every cluster at
+/// once, and each refresh is a probe and one or two API requests (each its
+/// own connection to the kube-apiserver while in flight).
+const REFRESHES: usize = 32;
 
 /// Asks for a cluster's status to be refreshed now (a session came or went,
 /// a kubeconfig was written). Cheap to clone.
@@ -108,6 +112,7 @@ pub fn start(
     frequency: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(REFRESHES));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(frequency);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -126,14 +131,17 @@ pub fn start(
                 if !lock(&running).insert(name.clone()) {
                     continue;
                 }
-                let (client, store, dialer, running) = (
+                let (client, store, dialer, running, gate) = (
                     client.clone(),
                     store.clone(),
                     dialer.clone(),
                     running.clone(),
+                    gate.clone(),
                 );
                 tokio::spawn(async move {
-                    refresh(&client, &store, &dialer, &name, fresh).await;
+                    if let Ok(_turn) = gate.acquire().await {
+                        refresh(&client, &store, &dialer, &name, fresh).await;
+                    }
                     lock(&running).remove(&name);
                 });
             }

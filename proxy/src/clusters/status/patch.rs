@@ -34,7 +34,7 @@ pub struct Observed {
     pub heartbeat: SystemTime,
 }
 
-pub(super) fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     jiff::Timestamp::try_from(t)
         .ok()
         .and_then(|t| t.round(jiff::Unit::Second).ok())
