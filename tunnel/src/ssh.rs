@@ -332,4 +332,37 @@ mod tests {
             assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE);
         }
     }
+
+    // Growth straight to the window the session learnt (russh::learnt_window,
+    // PATCHES.md 14).
+
+    #[test]
+    fn growth_goes_to_the_learnt_window_within_cap_and_budget() {
+        let l = window_limits();
+        let grown = 2 * WINDOW_SIZE;
+        let alone = u64::from(grown);
+        // Nothing learnt beyond this growth: the doubling stands.
+        assert_eq!(russh::learnt_window(&l, grown, 0, alone), grown);
+        assert_eq!(russh::learnt_window(&l, grown, grown, alone), grown);
+        // Another channel grew to 8 MiB: straight there.
+        let learnt = 4 * WINDOW_SIZE;
+        assert_eq!(russh::learnt_window(&l, grown, learnt, alone), learnt);
+        // Never past the per-channel cap.
+        assert_eq!(russh::learnt_window(&l, grown, u32::MAX, alone), WINDOW_MAX);
+        // Only what the session budget leaves: others hold all but 6 MiB.
+        let others = WINDOW_SESSION_BUDGET - 6 * (1 << 20);
+        assert_eq!(
+            russh::learnt_window(&l, grown, WINDOW_MAX, others + alone),
+            6 << 20
+        );
+        // Budget spent: the doubling next_window granted stands.
+        let spent = 2 * WINDOW_SESSION_BUDGET;
+        assert_eq!(russh::learnt_window(&l, grown, WINDOW_MAX, spent), grown);
+        // Fixed windows stay fixed.
+        let fixed = russh::WindowLimits::fixed(WINDOW_SIZE);
+        assert_eq!(
+            russh::learnt_window(&fixed, WINDOW_SIZE, WINDOW_MAX, alone),
+            WINDOW_SIZE
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //! over a link with a round trip, one channel that was read fast (so its
 //! window grew) and then stopped being read holds at most its cap of unread
 //! data, while another channel of the same tunnel moves a large download to
-//! the end. Counted in bytes, not time. Proxy and agent run in process over a
+//! the end, and a channel opened after the growth and read only once holds no
+//! more than the initial window (the learnt window goes only to channels
+//! that earn growth). Counted in bytes, not time. Proxy and agent run in process over a
 //! real websocket through a relay that delays each direction.
 
 use std::sync::Arc;
@@ -42,6 +44,8 @@ impl Admission for Capture {
 /// `bulk` writes [`BULK`] bytes and ends.
 struct Sources {
     hose_written: Arc<AtomicU64>,
+    /// The same for `late.test`, a hose opened after the growth.
+    late_written: Arc<AtomicU64>,
 }
 
 impl Dialer for Sources {
@@ -50,8 +54,12 @@ impl Dialer for Sources {
         let (near, mut far) = tokio::io::duplex(64 * 1024);
         let chunk = vec![7u8; 32 * 1024];
         match target {
-            "hose.test:443" => {
-                let written = self.hose_written.clone();
+            "hose.test:443" | "late.test:443" => {
+                let written = if target == "hose.test:443" {
+                    self.hose_written.clone()
+                } else {
+                    self.late_written.clone()
+                };
                 tokio::spawn(async move {
                     while far.write_all(&chunk).await.is_ok() {
                         written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
@@ -143,7 +151,11 @@ async fn tunnel(sources: Sources, rtt: Duration) -> Session {
         },
         keepalive: Duration::from_secs(30),
         host_key_fingerprints: Vec::new(),
-        allowed_targets: vec!["hose.test:443".into(), "bulk.test:443".into()],
+        allowed_targets: vec![
+            "hose.test:443".into(),
+            "late.test:443".into(),
+            "bulk.test:443".into(),
+        ],
         allow_dial: Vec::new(),
         hub: Default::default(),
     };
@@ -160,9 +172,11 @@ async fn tunnel(sources: Sources, rtt: Duration) -> Session {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_channel_holds_at_most_its_cap_while_another_completes() {
     let hose_written = Arc::new(AtomicU64::new(0));
+    let late_written = Arc::new(AtomicU64::new(0));
     let session = tunnel(
         Sources {
             hose_written: hose_written.clone(),
+            late_written: late_written.clone(),
         },
         Duration::from_millis(20),
     )
@@ -177,7 +191,12 @@ async fn a_stalled_channel_holds_at_most_its_cap_while_another_completes() {
         assert!(n > 0, "the source of channel A ended");
         read_a += n as u64;
     }
-    // ... then nobody reads it any more, while channel B downloads to the end.
+    // ... then nobody reads it any more. Channel C is opened now, read once
+    // and then not again...
+    let mut late = session.dial("late.test:443").await.unwrap();
+    let read_c = late.read(&mut buf).await.unwrap() as u64;
+    assert!(read_c > 0, "the source of channel C ended");
+    // ... while channel B downloads to the end.
     let mut bulk = session.dial("bulk.test:443").await.unwrap();
     let mut read_b = 0u64;
     loop {
@@ -198,6 +217,16 @@ async fn a_stalled_channel_holds_at_most_its_cap_while_another_completes() {
     assert!(
         unread <= u64::from(WINDOW_MAX) + AGENT_SLACK,
         "a stalled channel buffered {unread} bytes, more than its cap {WINDOW_MAX}"
+    );
+
+    // C never earned growth, so the window the session learnt from A
+    // (PATCHES.md 14) did not reach it: it holds at most the initial window.
+    let unread_c = late_written.load(Ordering::SeqCst) - read_c;
+    eprintln!("channel C: {read_c} bytes read, {unread_c} unread");
+    assert!(
+        unread_c <= u64::from(WINDOW_SIZE) + AGENT_SLACK,
+        "a new channel read once buffered {unread_c} bytes, more than the initial window \
+         {WINDOW_SIZE}"
     );
 
     // A still works once read again: its data was held back, not lost.

@@ -63,6 +63,9 @@ pub(crate) struct Encrypted {
     /// Patched (PATCHES.md): the smallest round trip measured on the
     /// channels' windows, see `crate::window`.
     pub window_rtt: Option<std::time::Duration>,
+    /// Patched (PATCHES.md 14): the largest window a channel of this session
+    /// grew to; a channel's first growth goes there (`crate::window::learnt_window`).
+    pub window_learnt: u32,
 }
 
 pub(crate) struct CommonSession<Config> {
@@ -210,6 +213,7 @@ impl<C> CommonSession<C> {
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
                     window_rtt: None,
+                    window_learnt: 0,
         });
         self.remote_to_local = newkeys.cipher.remote_to_local;
         self.packet_writer
@@ -369,9 +373,12 @@ impl Encrypted {
         if let Some(channel) = self.channels.get_mut(&channel) {
             channel.consumed_unacked = channel.consumed_unacked.saturating_add(len);
             let unacked = channel.consumed_unacked;
-            let Some(credit) = channel.window.consumed(len, unacked, limits, rtt, || {
+            let learnt = self.window_learnt;
+            let credit = channel.window.consumed(len, unacked, limits, rtt, learnt, || {
                 session_windows.unwrap_or(u64::MAX)
-            }) else {
+            });
+            self.window_learnt = learnt.max(channel.window.grown(limits));
+            let Some(credit) = credit else {
                 return Ok(());
             };
             let room = channel
@@ -987,6 +994,7 @@ mod tests {
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
                     window_rtt: None,
+                    window_learnt: 0,
         }
     }
 

@@ -94,6 +94,26 @@ pub fn next_window(limits: &WindowLimits, epoch: &Epoch) -> u32 {
     u32::try_from(grown).unwrap_or(window).max(window)
 }
 
+/// How far a channel's first growth goes once the session has learnt
+/// (`learnt`, the largest window a channel of this session grew to) that the
+/// link needs more: straight to `learnt` rather than one doubling per round
+/// trip, as gRPC's BDP estimator sizes new HTTP/2 streams from what the
+/// connection measured. Still capped by [`WindowLimits::max`] and by the
+/// session budget (`session_windows`, the sum of all channels' windows, this
+/// one included); never below `grown`, the window [`next_window`] granted.
+/// Only a channel that earned growth (its reader drained half a window fast)
+/// gets it, so a reader that stops early holds what it held before.
+/// Patched (PATCHES.md 14).
+pub fn learnt_window(limits: &WindowLimits, grown: u32, learnt: u32, session_windows: u64) -> u32 {
+    if learnt <= grown || limits.max <= grown {
+        return grown;
+    }
+    let others = session_windows.saturating_sub(u64::from(grown));
+    let room = limits.session_budget.saturating_sub(others);
+    let wanted = u64::from(learnt.min(limits.max)).min(room);
+    u32::try_from(wanted).unwrap_or(grown).max(grown)
+}
+
 /// A channel's window bookkeeping (receive side).
 #[derive(Debug, Default)]
 pub(crate) struct ChannelWindow {
@@ -136,12 +156,14 @@ impl ChannelWindow {
     /// much to grant in the next adjust: the consumed bytes plus any growth.
     /// `room` is how much more the peer may be granted without exceeding the
     /// current window; `session_windows` is called only when growth is judged.
+    /// The first growth goes straight to [`learnt_window`] for `learnt`.
     pub(crate) fn consumed(
         &mut self,
         len: u32,
         unacked: u32,
         limits: &WindowLimits,
         rtt: Option<Duration>,
+        learnt: u32,
         session_windows: impl FnOnce() -> u64,
     ) -> Option<u32> {
         let now = Instant::now();
@@ -159,22 +181,37 @@ impl ChannelWindow {
         if self.window < limits.max && self.epoch_consumed.saturating_mul(2) >= u64::from(self.window)
         {
             let start = self.epoch_start.unwrap_or(now);
-            let grown = next_window(
+            let windows = session_windows();
+            let mut grown = next_window(
                 limits,
                 &Epoch {
                     window: self.window,
                     consumed: self.epoch_consumed,
                     elapsed: now.duration_since(start),
                     rtt,
-                    session_windows: session_windows(),
+                    session_windows: windows,
                 },
             );
+            if grown > self.window {
+                // next_window counted this channel at its old size.
+                let windows = windows.saturating_add(u64::from(grown - self.window));
+                grown = learnt_window(limits, grown, learnt, windows);
+            }
             growth = grown - self.window;
             self.window = grown;
             self.epoch_start = Some(now);
             self.epoch_consumed = 0;
         }
         Some(unacked.saturating_add(growth))
+    }
+
+    /// The window this channel reached by growth (0 while it has not grown).
+    pub(crate) fn grown(&self, limits: &WindowLimits) -> u32 {
+        if self.window > limits.initial {
+            self.window
+        } else {
+            0
+        }
     }
 
     /// An adjust of `credit` bytes is being sent: probe the round trip with it

@@ -1159,6 +1159,7 @@ mod tests {
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
                     window_rtt: None,
+                    window_learnt: 0,
         }
     }
 

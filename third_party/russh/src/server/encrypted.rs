@@ -880,6 +880,7 @@ mod tests {
             received_extensions: Vec::new(),
             extension_info_awaiters: std::collections::HashMap::new(),
             window_rtt: None,
+            window_learnt: 0,
         }
     }
 }

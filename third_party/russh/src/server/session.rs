@@ -1747,6 +1747,7 @@ mod tests {
                     received_extensions: Vec::new(),
                     extension_info_awaiters: HashMap::new(),
                     window_rtt: None,
+                    window_learnt: 0,
                 }),
                 auth_method: None,
                 auth_attempts: 0,
