@@ -662,9 +662,11 @@ async fn hostile_clients_of_a_cluster_port() -> Result<()> {
     let attack = tokio::spawn(async move {
         let idle = clients::IdleTls::start(source(9), port, n, Some(c));
         let (established, closed) = (idle.established.clone(), idle.closed.clone());
+        let refused = idle.refused.clone();
         idle.finish().await?;
         Ok(format!(
-            "{n} idle TLS connections with a valid certificate: {} established, {} closed by the proxy",
+            "{n} idle TLS connections with a valid certificate: {} cut during the handshake (the per-source cap), {} established, {} closed by the proxy",
+            refused.load(Ordering::Relaxed),
             established.load(Ordering::Relaxed),
             closed.load(Ordering::Relaxed)
         ))
