@@ -69,7 +69,7 @@ faults: build harness toxiproxy
 # `make adversarial`: tests/adversarial.rs with the issue's counts (5,000
 # slowloris connections, 100,000 channel opens, 2,000 idle TLS connections,
 # ...); fails when a p99 of legitimate requests under attack exceeds 2x the
-# quiet one. Prints an `ADVERSARIAL |` line per attack (docs/reliability.md).
+# quiet one on both sides of it (medians over blocks of GETs). Prints an `ADVERSARIAL |` line per attack (docs/reliability.md).
 adversarial: build harness
 	set -o pipefail; ADVERSARIAL_FULL=1 $(CARGO) test --release -p e2e --test adversarial -- --test-threads=1 --nocapture \
 	  2>&1 | tee $(TARGET_DIR)/adversarial.log | grep --line-buffered -E '^(ADVERSARIAL|test result|test .* FAILED|Error)'

@@ -71,6 +71,8 @@ struct Plan {
     endless_bodies: usize,
     never_read_uploads: usize,
     rekeys: usize,
+    /// Latency: blocks of `samples` GETs each (see [`Latency`]).
+    blocks: usize,
     samples: usize,
 }
 
@@ -87,7 +89,8 @@ impl Plan {
                 endless_bodies: 50,
                 never_read_uploads: 100,
                 rekeys: 2000,
-                samples: 400,
+                blocks: 5,
+                samples: 200,
             }
         } else {
             Plan {
@@ -100,6 +103,7 @@ impl Plan {
                 endless_bodies: 10,
                 never_read_uploads: 20,
                 rekeys: 200,
+                blocks: 3,
                 samples: 100,
             }
         }
@@ -131,7 +135,9 @@ struct Budget {
 /// The quiet state an attack is measured against.
 struct Quiet {
     usage: Usage,
-    latency: Latency,
+    /// The latest quiet latency: before the first attack, then after each
+    /// (an attack's baseline is the quiet on both sides of it).
+    latency: std::sync::Mutex<Latency>,
     /// `make adversarial`: the attacks whose p99 exceeded 2x the quiet one
     /// (every attack runs; the test fails at its end, [`Quiet::accept`]).
     slow: std::sync::Mutex<Vec<String>>,
@@ -150,11 +156,11 @@ impl Quiet {
 
 async fn quiet(tower: &Tower, legit: &Legit, plan: &Plan) -> Result<Quiet> {
     // Warm the pooled connection first: its setup is not a request's latency.
-    legit.latency(5).await?;
-    let latency = legit.latency(plan.samples).await?;
+    legit.latency(1, 5).await?;
+    let latency = legit.latency(plan.blocks, plan.samples).await?;
     Ok(Quiet {
         usage: Usage::of(tower.proxy().pid())?,
-        latency,
+        latency: std::sync::Mutex::new(latency),
         slow: std::sync::Mutex::default(),
     })
 }
@@ -180,8 +186,9 @@ async fn under_attack(
         .to_lowercase()
         .replace(' ', "-");
     let (served, peak) = peak_while(pid, async {
+        // First, while the attack is at its strongest.
+        let latency = legit.latency(plan.blocks, plan.samples).await?;
         legit_users_served(tower, legit, &tag).await?;
-        let latency = legit.latency(plan.samples).await?;
         // Last, so the requests above did not lose their tunnel to it.
         tower
             .restart_agent(&[])
@@ -198,7 +205,7 @@ async fn under_attack(
         .context("attack task")?
         .with_context(|| format!("the attack {name}"))?;
     let base = quiet.usage;
-    let back = wait_for_ok(BACK_WITHIN, || async {
+    wait_for_ok(BACK_WITHIN, || async {
         let now = Usage::of(pid)?;
         ensure!(
             now.fds <= base.fds + FD_SLACK,
@@ -209,19 +216,41 @@ async fn under_attack(
         Ok(now)
     })
     .await?;
-    let ratio = latency.p99.as_secs_f64() / quiet.latency.p99.as_secs_f64().max(1e-6);
+    // Freed memory goes back to the system within the proxy's 30 s trim
+    // period (`make adversarial` waits for it; `make test` briefly); the
+    // figure is what it is then (the budget below is the check).
+    let trim = Duration::from_secs(if plan.full { 40 } else { 5 });
+    let back = wait_for_ok(trim, || async {
+        let now = Usage::of(pid)?;
+        ensure!(now.rss_kib <= base.rss_kib + 16 * 1024, "RSS not back yet");
+        Ok(now)
+    })
+    .await
+    .or_else(|_| Usage::of(pid))?;
+    // The quiet after it, once the proxy is back: with the quiet before, the baseline.
+    let after = legit.latency(plan.blocks, plan.samples).await?;
+    let baseline = {
+        let mut latest = quiet.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let baseline = latest.joined(&after);
+        *latest = after;
+        baseline
+    };
+    let ratio = latency.p99.as_secs_f64() / baseline.p99.as_secs_f64().max(1e-6);
     println!(
-        "ADVERSARIAL | {name} | {outcome} | proxy fds {} -> peak {} -> {} | RSS {} -> peak {} -> {} MiB | p50 quiet {} under attack {} | p99 quiet {} under attack {} | ratio {ratio:.2}",
+        "ADVERSARIAL | {name} | {outcome} | proxy fds {} -> peak {} -> {} | RSS {} -> peak {} -> {} MiB | p50 quiet {} under attack {} | p99 quiet {} under attack {} (blocks: quiet {}, under attack {}) | ratio {ratio:.2} | load {}",
         base.fds,
         peak.fds,
         back.fds,
         base.rss_kib / 1024,
         peak.rss_kib / 1024,
         back.rss_kib / 1024,
-        Latency::ms(quiet.latency.p50),
+        Latency::ms(baseline.p50),
         Latency::ms(latency.p50),
-        Latency::ms(quiet.latency.p99),
+        Latency::ms(baseline.p99),
         Latency::ms(latency.p99),
+        baseline.blocks(),
+        latency.blocks(),
+        load_average(),
     );
     ensure!(
         peak.fds <= base.fds + budget.fds + FD_BUSY,
@@ -245,10 +274,18 @@ async fn under_attack(
             .push(format!(
                 "{name}: p99 of legitimate requests {} under attack, {} quiet: more than 2x",
                 Latency::ms(latency.p99),
-                Latency::ms(quiet.latency.p99)
+                Latency::ms(baseline.p99)
             ));
     }
     Ok(())
+}
+
+/// The machine's 1-minute load average (/proc/loadavg), for the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 async fn tower_with_box() -> Result<Tower> {
@@ -425,9 +462,34 @@ async fn a_valid_agent_that_floods_channels_or_never_reads() -> Result<()> {
         )
         .await?;
 
-    // A rekey storm: key exchanges back to back from one session.
+    // Unknown messages after the key exchange and login: each answered with
+    // SSH_MSG_UNIMPLEMENTED naming its packet (RFC 4253 11.4), the session kept.
+    let rogue = rogue::Rogue::login(source(13), agents, "beta", &token, "127.0.0.1:9").await?;
+    let numbers: Vec<u8> = (192..=255).collect();
+    let answered = rogue.unknown_messages(&numbers).await?;
+    ensure!(
+        answered.len() == numbers.len()
+            && answered.windows(2).all(|w| w[1] == w[0].wrapping_add(1)),
+        "SSH_MSG_UNIMPLEMENTED for packets {answered:?}: want {} consecutive",
+        numbers.len()
+    );
+    ensure!(
+        rogue.ping().await,
+        "the session was closed after unknown messages"
+    );
+    println!(
+        "ADVERSARIAL | unknown messages | {} unknown message numbers (192-255) after login: each answered SSH_MSG_UNIMPLEMENTED (packets {}-{}), the session kept",
+        numbers.len(),
+        answered.first().copied().unwrap_or_default(),
+        answered.last().copied().unwrap_or_default()
+    );
+    drop(rogue);
+
+    // A rekey storm: key exchanges back to back from one session; the
+    // proxy closes it after its limit per minute.
     let rogue = rogue::Rogue::login(source(12), agents, "beta", &token, "127.0.0.1:9").await?;
     let (rekeys, pid) = (plan.rekeys, tower.proxy().pid());
+    let limit = tunnel::ssh::MAX_AGENT_REKEYS_PER_MINUTE as usize;
     let attack = tokio::spawn(async move {
         let (cpu0, t0) = (measure::cpu_ms(pid)?, std::time::Instant::now());
         let mut done = 0;
@@ -438,10 +500,14 @@ async fn a_valid_agent_that_floods_channels_or_never_reads() -> Result<()> {
             done += 1;
         }
         let cpu = measure::cpu_ms(pid)? - cpu0;
+        ensure!(
+            done <= limit + 1,
+            "{done} key exchanges back to back, the limit is {limit} a minute"
+        );
+        ensure!(!rogue.ping().await, "the rekeying session is still open");
         Ok(format!(
-            "{done} key exchanges back to back by one session in {:.1} s: the proxy spent {cpu} ms of CPU ({:.2} ms each)",
+            "{rekeys} key exchanges back to back tried by one session: {done} done in {:.1} s, then the session was closed (limit {limit} a minute); the proxy spent {cpu} ms of CPU",
             t0.elapsed().as_secs_f64(),
-            cpu as f64 / done.max(1) as f64
         ))
     });
     under_attack(
@@ -457,6 +523,7 @@ async fn a_valid_agent_that_floods_channels_or_never_reads() -> Result<()> {
         attack,
     )
     .await?;
+    warned(&tower, source(12), "key exchanges in a minute").await?;
 
     // Never reads: it accepts the proxy's channels (to its ks-apiserver,
     // plain HTTP) and never reads them, while clients POST 16 MiB each.
@@ -496,9 +563,11 @@ async fn a_valid_agent_that_floods_channels_or_never_reads() -> Result<()> {
         &quiet,
         &plan,
         "window abuse (channels never read)",
+        // The session's write queue (WRITE_QUEUE_LIMIT) and each upload's
+        // HTTP buffers, not the channels' windows (2 MiB each).
         Budget {
             fds: 2 * uploads,
-            rss_kib: uploads as u64 * 8 * 1024,
+            rss_kib: uploads as u64 * 1024 + 2 * tunnel::server::WRITE_QUEUE_LIMIT as u64 / 1024,
         },
         attack,
     )
@@ -593,9 +662,11 @@ async fn hostile_clients_of_a_cluster_port() -> Result<()> {
     let attack = tokio::spawn(async move {
         let idle = clients::IdleTls::start(source(9), port, n, Some(c));
         let (established, closed) = (idle.established.clone(), idle.closed.clone());
+        let refused = idle.refused.clone();
         idle.finish().await?;
         Ok(format!(
-            "{n} idle TLS connections with a valid certificate: {} established, {} closed by the proxy",
+            "{n} idle TLS connections with a valid certificate: {} cut during the handshake (the per-source cap), {} established, {} closed by the proxy",
+            refused.load(Ordering::Relaxed),
             established.load(Ordering::Relaxed),
             closed.load(Ordering::Relaxed)
         ))

@@ -93,6 +93,8 @@ impl Certified {
 pub struct IdleTls {
     pub established: Arc<AtomicUsize>,
     pub closed: Arc<AtomicUsize>,
+    /// Handshakes the proxy cut (its per-source cap on pending handshakes).
+    pub refused: Arc<AtomicUsize>,
     tasks: JoinSet<Result<()>>,
 }
 
@@ -105,12 +107,14 @@ impl IdleTls {
     ) -> IdleTls {
         let established = Arc::new(AtomicUsize::new(0));
         let closed = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(64));
         let mut tasks = JoinSet::new();
         for _ in 0..n {
-            let (established, closed, gate, certified) = (
+            let (established, closed, refused, gate, certified) = (
                 established.clone(),
                 closed.clone(),
+                refused.clone(),
                 gate.clone(),
                 certified.clone(),
             );
@@ -125,8 +129,12 @@ impl IdleTls {
                     }
                     Some(c) => {
                         let permit = gate.acquire_owned().await?;
-                        let mut tls = c.connect(source, to).await?;
+                        let tls = c.connect(source, to).await;
                         drop(permit);
+                        let Ok(mut tls) = tls else {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            return Ok(());
+                        };
                         established.fetch_add(1, Ordering::Relaxed);
                         until_closed(&mut tls).await?;
                     }
@@ -138,6 +146,7 @@ impl IdleTls {
         IdleTls {
             established,
             closed,
+            refused,
             tasks,
         }
     }

@@ -38,26 +38,68 @@ pub async fn peak_while<T>(pid: u32, work: impl Future<Output = T>) -> Result<(T
     }
 }
 
-/// p50 and p99 of a set of request times.
-#[derive(Clone, Copy, Debug)]
+/// p50 and p99 of request times taken in blocks: each the median over
+/// the blocks of that block's percentile, so one burst of load on this
+/// shared machine moves one block's p99, not the figure.
+#[derive(Clone, Debug)]
 pub struct Latency {
     pub p50: Duration,
     pub p99: Duration,
+    /// Each block's p99, in the order taken.
+    pub p99s: Vec<Duration>,
 }
 
 impl Latency {
-    fn of(mut times: Vec<Duration>) -> Latency {
+    fn percentile(times: &mut [Duration], q: f64) -> Duration {
         times.sort();
-        let at =
-            |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+        times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
+    }
+
+    fn median(mut of: Vec<Duration>) -> Duration {
+        of.sort();
+        match of.len() {
+            0 => Duration::ZERO,
+            n if n % 2 == 1 => of[n / 2],
+            n => (of[n / 2 - 1] + of[n / 2]) / 2,
+        }
+    }
+
+    fn of(blocks: Vec<Vec<Duration>>) -> Latency {
+        let mut p50s = Vec::with_capacity(blocks.len());
+        let mut p99s = Vec::with_capacity(blocks.len());
+        for mut block in blocks {
+            p50s.push(Self::percentile(&mut block, 0.50));
+            p99s.push(Self::percentile(&mut block, 0.99));
+        }
         Latency {
-            p50: at(0.50),
-            p99: at(0.99),
+            p50: Self::median(p50s),
+            p99: Self::median(p99s.clone()),
+            p99s,
+        }
+    }
+
+    /// Two measurements as one: the median over both's blocks.
+    pub fn joined(&self, other: &Latency) -> Latency {
+        let p99s: Vec<Duration> = self.p99s.iter().chain(&other.p99s).copied().collect();
+        Latency {
+            p50: Self::median(vec![self.p50, other.p50]),
+            p99: Self::median(p99s.clone()),
+            p99s,
         }
     }
 
     pub fn ms(d: Duration) -> String {
         format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+
+    /// The blocks' p99s, "a/b/c ms".
+    pub fn blocks(&self) -> String {
+        let all: Vec<String> = self
+            .p99s
+            .iter()
+            .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+            .collect();
+        format!("{} ms", all.join("/"))
     }
 }
 
@@ -76,18 +118,23 @@ impl Legit {
         })
     }
 
-    /// `n` GETs of namespace `default`, one after another: each must succeed.
-    pub async fn latency(&self, n: usize) -> Result<Latency> {
+    /// `blocks` x `n` GETs of namespace `default`, one after another: each
+    /// must succeed.
+    pub async fn latency(&self, blocks: usize, n: usize) -> Result<Latency> {
         let api: Api<Namespace> = Api::all(self.client.clone());
-        let mut times = Vec::with_capacity(n);
-        for i in 0..n {
-            let t = Instant::now();
-            api.get("default")
-                .await
-                .with_context(|| format!("legitimate GET {i} of {n}"))?;
-            times.push(t.elapsed());
+        let mut all = Vec::with_capacity(blocks);
+        for b in 0..blocks {
+            let mut times = Vec::with_capacity(n);
+            for i in 0..n {
+                let t = Instant::now();
+                api.get("default")
+                    .await
+                    .with_context(|| format!("legitimate GET {i} of {n} (block {b})"))?;
+                times.push(t.elapsed());
+            }
+            all.push(times);
         }
-        Ok(Latency::of(times))
+        Ok(Latency::of(all))
     }
 
     /// A ConfigMap `name` in `default` (what the watch waits for).

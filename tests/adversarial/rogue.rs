@@ -19,6 +19,8 @@ use super::peers::{connect_from, upgrade};
 #[derive(Clone, Default)]
 pub struct Hoarder {
     pub held: Arc<Mutex<Vec<Channel<Msg>>>>,
+    /// The sequence numbers the proxy answered SSH_MSG_UNIMPLEMENTED for.
+    pub unimplemented: Arc<Mutex<Vec<u32>>>,
 }
 
 impl russh::client::Handler for Hoarder {
@@ -47,6 +49,17 @@ impl russh::client::Handler for Hoarder {
             held.push(channel);
         }
         tokio::spawn(reply.accept());
+        Ok(())
+    }
+
+    async fn unimplemented(
+        &mut self,
+        seqn: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Ok(mut seen) = self.unimplemented.lock() {
+            seen.push(seqn);
+        }
         Ok(())
     }
 
@@ -150,6 +163,33 @@ impl Rogue {
             .await,
             Ok(Ok(_))
         )
+    }
+
+    /// Sends messages of numbers no SSH RFC assigns (192-255: local
+    /// extensions), back to back; the proxy's SSH_MSG_UNIMPLEMENTED
+    /// answers (the packets' sequence numbers), once all came.
+    pub async fn unknown_messages(&self, numbers: &[u8]) -> Result<Vec<u32>> {
+        for &n in numbers {
+            self.handle
+                .send_raw_message(vec![n, 0, 0, 0, 3, b'x', b'y', b'z'])
+                .await
+                .context("sending an unknown message")?;
+        }
+        e2e::wait_for_ok(Duration::from_secs(30), || async {
+            let seen = self
+                .hoarder
+                .unimplemented
+                .lock()
+                .map_or_else(|e| e.into_inner().clone(), |s| s.clone());
+            ensure!(
+                seen.len() >= numbers.len(),
+                "{} SSH_MSG_UNIMPLEMENTED answers for {} unknown messages",
+                seen.len(),
+                numbers.len()
+            );
+            Ok(seen)
+        })
+        .await
     }
 
     pub fn held(&self) -> usize {

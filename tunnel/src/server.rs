@@ -42,6 +42,10 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// none, so only a broken or hostile one gets here; each refusal costs a
 /// task and a log line.
 pub const MAX_REFUSED_CHANNELS: usize = 100;
+/// What the proxy queues for one agent's connection before its session
+/// waits: an agent that grants windows and does not read its socket costs
+/// the proxy this much, not the windows of all its channels.
+pub const WRITE_QUEUE_LIMIT: usize = 4 * 1024 * 1024;
 /// A round-trip measurement unanswered for this long is given up (the
 /// keepalives decide whether the session is dead, not this).
 const RTT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -649,7 +653,8 @@ where
     // waiting for the peer in the middle of a key exchange.
     let cut = tokio_util::sync::CancellationToken::new();
     let _cut_on_return = cut.clone().drop_guard();
-    let stream = crate::cut::Cut::new(crate::write_behind::WriteBehind::new(stream), cut);
+    let stream = crate::write_behind::WriteBehind::with_limit(stream, WRITE_QUEUE_LIMIT);
+    let stream = crate::cut::Cut::new(stream, cut);
     let running =
         match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler))
             .await

@@ -30,6 +30,11 @@ pub fn window_limits() -> russh::WindowLimits {
         session_budget: WINDOW_SESSION_BUDGET,
     }
 }
+/// Key exchanges an agent may start within a minute while sending less than
+/// 64 MiB between them (real agents rekey after a gigabyte or an hour); one
+/// more and the proxy closes the session saying so. Each costs the proxy a
+/// key agreement (about 1 ms of CPU).
+pub const MAX_AGENT_REKEYS_PER_MINUTE: u32 = 10;
 /// Largest SSH data packet we accept (Go uses 32 KiB; more gains nothing).
 pub const MAX_PACKET: u32 = 32 * 1024;
 
@@ -100,6 +105,7 @@ pub fn server_config(host_key: PrivateKey, keepalive: Duration) -> russh::server
         inactivity_timeout: None,
         keepalive_interval: Some(keepalive),
         keepalive_max: 2,
+        max_peer_rekeys_per_minute: Some(MAX_AGENT_REKEYS_PER_MINUTE),
         nodelay: true,
         ..Default::default()
     }

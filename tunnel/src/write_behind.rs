@@ -8,17 +8,26 @@
 //! windows the peer granted (each channel's unacknowledged data), not by this
 //! queue: the peer grants more only as its readers consume what we delivered.
 //!
+//! A peer grants the windows, though: one that grants large windows and does
+//! not read its socket would have every granted byte queued here. With a
+//! limit ([`WriteBehind::with_limit`], the proxy's side), writes wait once that
+//! much is queued: a session that does not read costs at most the limit, and
+//! only its own loop waits. The agent's side has no limit, so it always reads
+//! and the two loops cannot both wait on each other.
+//!
 //! The writer also coalesces queued writes into larger websocket messages. When
 //! the wrapper is dropped, the writer stops at once, even mid-write into a full
 //! socket, so a dead tunnel's connection is closed instead of held open.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -33,20 +42,44 @@ pub struct WriteBehind<S> {
     read: ReadHalf<S>,
     queue: Option<mpsc::UnboundedSender<Bytes>>,
     failed: Arc<Mutex<Option<io::ErrorKind>>>,
+    queued: Arc<Queued>,
+    limit: usize,
     _stop_writer: DropGuard,
 }
 
+/// Bytes handed to the writer and not written yet, and who waits for room.
+#[derive(Default)]
+struct Queued {
+    bytes: AtomicUsize,
+    room: AtomicWaker,
+}
+
 impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
+    /// Writes never wait.
     pub fn new(stream: S) -> Self {
+        Self::with_limit(stream, usize::MAX)
+    }
+
+    /// Writes wait while `limit` bytes or more are queued.
+    pub fn with_limit(stream: S, limit: usize) -> Self {
         let (read, write) = tokio::io::split(stream);
         let (queue, rx) = mpsc::unbounded_channel();
         let failed = Arc::new(Mutex::new(None));
+        let queued = Arc::new(Queued::default());
         let stop = CancellationToken::new();
-        tokio::spawn(writer(write, rx, failed.clone(), stop.clone()));
+        tokio::spawn(writer(
+            write,
+            rx,
+            failed.clone(),
+            queued.clone(),
+            stop.clone(),
+        ));
         Self {
             read,
             queue: Some(queue),
             failed,
+            queued,
+            limit,
             _stop_writer: stop.drop_guard(),
         }
     }
@@ -56,6 +89,7 @@ async fn writer<W: AsyncWrite + Unpin>(
     mut write: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     failed: Arc<Mutex<Option<io::ErrorKind>>>,
+    queued: Arc<Queued>,
     stop: CancellationToken,
 ) {
     let mut batch = BytesMut::new();
@@ -90,6 +124,8 @@ async fn writer<W: AsyncWrite + Unpin>(
                     write.flush().await
                 } => written?,
             }
+            queued.bytes.fetch_sub(data.len(), Ordering::AcqRel);
+            queued.room.wake();
         }
     }
     .await;
@@ -122,12 +158,20 @@ impl<S: AsyncRead> AsyncRead for WriteBehind<S> {
 impl<S> AsyncWrite for WriteBehind<S> {
     fn poll_write(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
+        if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
+            self.queued.room.register(cx.waker());
+            // The writer may have made room meanwhile.
+            if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
+                return Poll::Pending;
+            }
+        }
         match &self.queue {
             Some(queue) if queue.send(Bytes::copy_from_slice(buf)).is_ok() => {
+                self.queued.bytes.fetch_add(buf.len(), Ordering::AcqRel);
                 Poll::Ready(Ok(buf.len()))
             }
             _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
@@ -168,6 +212,34 @@ mod tests {
         let mut rest = Vec::new();
         b.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_a_limit_writes_wait_for_the_reader() {
+        let (a, mut b) = duplex(1024);
+        let mut w = WriteBehind::with_limit(a, 8 * 1024);
+        // Nobody reads: the queue fills to the limit, then writes wait.
+        let mut written = 0;
+        let filled = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                w.write_all(&[7u8; 1024]).await.unwrap();
+                written += 1024;
+            }
+        })
+        .await;
+        assert!(filled.is_err(), "writes never waited");
+        // The limit, plus one write past it and what the pipe took.
+        assert!(written <= 10 * 1024, "{written} bytes queued, limit 8 KiB");
+        // Reading makes room; everything arrives.
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 64 * 1024];
+            b.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let rest = 64 * 1024 - written;
+        w.write_all(&vec![7u8; rest]).await.unwrap();
+        let got = reader.await.unwrap();
+        assert!(got.iter().all(|&x| x == 7));
     }
 
     #[tokio::test]

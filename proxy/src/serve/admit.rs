@@ -22,7 +22,7 @@ use super::listener::status::{Body, text};
 use crate::identity::ca::peer_identity;
 use crate::identity::scope::{Holder, PeerIdentity, admit};
 use crate::ops::audit::{Audit, Caller, Record};
-use crate::ops::pending::{Pending, Refusal};
+use crate::ops::pending::{Pending, Permit, Refusal};
 
 /// How long a client may take with its TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,7 +38,21 @@ pub async fn handshake<T: Io>(
     pending: &Arc<Pending>,
     door: &'static str,
 ) -> Option<TlsStream<T>> {
-    let _slot = pending.enter(peer.ip(), door)?;
+    let slot = pending.enter(peer.ip(), door)?;
+    handshake_in(slot, acceptor, tcp, peer, port, pending, door).await
+}
+
+/// [`handshake`] in a slot taken already (at accept, so a connection over
+/// the caps is closed before it costs a task).
+pub async fn handshake_in<T: Io>(
+    _slot: Permit,
+    acceptor: &TlsAcceptor,
+    tcp: T,
+    peer: SocketAddr,
+    port: &str,
+    pending: &Arc<Pending>,
+    door: &'static str,
+) -> Option<TlsStream<T>> {
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {

@@ -194,6 +194,11 @@ pub enum Error {
     #[error("Pending buffer limit reached")]
     Pending,
 
+    /// Patched (PATCHES.md, 17): the client asked for more key exchanges
+    /// in a minute than `server::Config::max_peer_rekeys_per_minute`.
+    #[error("the peer asked for more than {0} key exchanges in a minute")]
+    TooManyRekeys(u32),
+
     #[error("Failed to decrypt a packet")]
     DecryptionError,
 

@@ -27,6 +27,13 @@ pub const UNIMPLEMENTED: u8 = 3;
 #[allow(dead_code)]
 pub const DEBUG: u8 = 4;
 
+/// Patched (PATCHES.md, 15): numbers the SSH RFCs assign (RFC 4250 4.1):
+/// transport 1-7 and 20-21, key exchange 30-49, authentication 50-79,
+/// connection 80-127. Any other gets SSH_MSG_UNIMPLEMENTED.
+pub fn is_assigned(m: u8) -> bool {
+    matches!(m, 1..=7 | 20..=21 | 30..=127)
+}
+
 pub const SERVICE_REQUEST: u8 = 5;
 pub const SERVICE_ACCEPT: u8 = 6;
 pub const EXT_INFO: u8 = 7;

@@ -44,8 +44,8 @@ use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Audit, Caller};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
-use crate::ops::pending::Pending;
-use crate::serve::admit::{Client, handshake};
+use crate::ops::pending::{Pending, Permit};
+use crate::serve::admit::{Client, handshake_in};
 
 /// How long a client may take to send a request's headers.
 pub const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -171,6 +171,7 @@ impl ClusterListener {
             self.front.clone(),
             self.proxy.clone(),
             self.cancel.clone(),
+            None,
         );
     }
 
@@ -233,11 +234,21 @@ async fn accept(
                         back = relayed => back,
                     };
                     if let Some(tcp) = unreachable {
-                        spawn_connection(tcp, peer, front, proxy, cancel);
+                        spawn_connection(tcp, peer, front, proxy, cancel, None);
                     }
                 });
             }
-            None => spawn_connection(tcp, peer, front.clone(), proxy.clone(), cancel.clone()),
+            None => {
+                // The caps on pending TLS handshakes, checked here: a
+                // connection over them is closed before it costs a task.
+                let slot = match front.as_ref() {
+                    Front::Https(_) => proxy.pending.enter(peer.ip(), "cluster").map(Some).ok_or(()),
+                    Front::Http => Ok(None),
+                };
+                if let Ok(slot) = slot {
+                    spawn_connection(tcp, peer, front.clone(), proxy.clone(), cancel.clone(), slot);
+                }
+            }
         }
         async {}
     })
@@ -251,16 +262,25 @@ fn spawn_connection<T: Io>(
     front: Arc<Front>,
     proxy: Arc<Proxy>,
     cancel: CancellationToken,
+    slot: Option<Permit>,
 ) {
     tokio::spawn(async move {
         tokio::select! {
             () = cancel.cancelled() => {}
-            () = serve_connection(io, peer, &front, proxy) => {}
+            () = serve_connection(io, peer, &front, proxy, slot) => {}
         }
     });
 }
 
-async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy: Arc<Proxy>) {
+/// `slot`: the pending-handshake slot taken at accept (HTTPS), or `None`
+/// to take it here.
+async fn serve_connection<T: Io>(
+    tcp: T,
+    peer: SocketAddr,
+    front: &Front,
+    proxy: Arc<Proxy>,
+    slot: Option<Permit>,
+) {
     let cluster = proxy.cluster.clone();
     let audit = proxy.audit.clone();
     let pending = proxy.pending.clone();
@@ -283,7 +303,16 @@ async fn serve_connection<T: Io>(tcp: T, peer: SocketAddr, front: &Front, proxy:
         }
         Front::Https(acceptor) => {
             let port = format!("cluster {cluster} kube-apiserver");
-            let Some(tls) = handshake(acceptor, tcp, peer, &port, &pending, "cluster").await else {
+            let slot = match slot {
+                Some(slot) => slot,
+                None => match pending.enter(peer.ip(), "cluster") {
+                    Some(slot) => slot,
+                    None => return,
+                },
+            };
+            let Some(tls) =
+                handshake_in(slot, acceptor, tcp, peer, &port, &pending, "cluster").await
+            else {
                 return;
             };
             let client = Client::of(&tls);

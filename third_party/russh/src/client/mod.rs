@@ -151,6 +151,8 @@ enum Reply {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum Msg {
+    /// Patched (PATCHES.md, 16): one message's payload, sent as is.
+    Raw(Vec<u8>),
     Authenticate {
         user: String,
         method: auth::Method,
@@ -1104,6 +1106,16 @@ impl<H: Handler> Handle<H> {
         Ok(())
     }
 
+    /// Patched (PATCHES.md, 16): sends `payload` (a message number and its
+    /// bytes) as one packet, as is: for tests of how a server takes messages
+    /// it does not expect.
+    pub async fn send_raw_message(&self, payload: Vec<u8>) -> Result<(), Error> {
+        self.sender
+            .send(Msg::Raw(payload))
+            .await
+            .map_err(|_| Error::SendError)
+    }
+
     /// Send a keepalive package to the remote peer.
     pub async fn send_keepalive(&self, want_reply: bool) -> Result<(), Error> {
         self.sender
@@ -1877,6 +1889,11 @@ impl Session {
             Msg::GetServerSigAlgs { reply_channel } => {
                 let _ = reply_channel.send(self.server_sig_algs.clone());
             }
+            Msg::Raw(payload) => {
+                if let Some(ref mut enc) = self.common.encrypted {
+                    push_packet!(enc.write, enc.write.extend(&payload));
+                }
+            }
             Msg::Keepalive { want_reply } => {
                 let _ = self.send_keepalive(want_reply);
             }
@@ -2039,6 +2056,15 @@ async fn reply<H: Handler>(
             validate_server_msg_strict_kex(*message_type, seqno as usize)?;
         }
 
+        // Patched (PATCHES.md, 16): tell the handler which packet the server
+        // did not understand.
+        if *message_type == msg::UNIMPLEMENTED && session.common.encrypted.is_some() {
+            if let Some(seqn) = pkt.buffer.get(1..5) {
+                let seqn = u32::from_be_bytes([seqn[0], seqn[1], seqn[2], seqn[3]]);
+                handler.unimplemented(seqn, session).await?;
+            }
+            return Ok(());
+        }
         if [msg::IGNORE, msg::UNIMPLEMENTED, msg::DEBUG].contains(message_type) {
             return Ok(());
         }
@@ -3306,6 +3332,20 @@ pub trait Handler: Sized + Send {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         async move {
             debug!("openssh_ext_hostkeys_announced: {keys:?}");
+            Ok(())
+        }
+    }
+
+    /// Patched (PATCHES.md, 16): the server answered our packet number
+    /// `seqn` with SSH_MSG_UNIMPLEMENTED (RFC 4253 section 11.4).
+    #[allow(unused_variables)]
+    fn unimplemented(
+        &mut self,
+        seqn: u32,
+        session: &mut Session,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        async move {
+            debug!("the server did not understand our packet {seqn}");
             Ok(())
         }
     }

@@ -39,6 +39,9 @@ impl Session {
         handler: &mut H,
         pkt: &mut IncomingSshPacket,
     ) -> Result<(), H::Error> {
+        // Patched (PATCHES.md, 15): the number SSH_MSG_UNIMPLEMENTED names
+        // (`seqn` was incremented after the read).
+        self.incoming_seqn = pkt.seqn.0.wrapping_sub(1);
         self.process_packet(handler, &pkt.buffer).await
     }
 
@@ -158,7 +161,26 @@ impl Session {
             (EncryptedState::Authenticated, Some((msg, mut r))) => {
                 self.server_read_authenticated(handler, *msg, &mut r).await
             }
+            // Patched (PATCHES.md, 15): RFC 4253 11.4, before authentication too.
+            (_, Some((&m, _))) if !msg::is_assigned(m) => {
+                self.unimplemented(m);
+                Ok(())
+            }
             _ => Ok(()),
+        }
+    }
+
+    /// Patched (PATCHES.md, 15): answers a message number we do not know
+    /// with SSH_MSG_UNIMPLEMENTED naming its packet (RFC 4253 section 11.4)
+    /// and keeps the session, as OpenSSH and Go's x/crypto do.
+    fn unimplemented(&mut self, m: u8) {
+        debug!("unknown message {m} (seqn {}): unimplemented", self.incoming_seqn);
+        let seqn = self.incoming_seqn;
+        if let Some(enc) = self.common.encrypted.as_mut() {
+            push_packet!(enc.write, {
+                enc.write.push(msg::UNIMPLEMENTED);
+                enc.write.extend(&seqn.to_be_bytes());
+            });
         }
     }
 }
@@ -851,6 +873,8 @@ mod tests {
             sender: handle,
             pending_reads: Vec::new(),
             pending_len: 0,
+            incoming_seqn: 0,
+            peer_rekeys: Default::default(),
             channels: std::collections::HashMap::new(),
             open_global_requests: std::collections::VecDeque::new(),
             kex: SessionKexState::Idle,
@@ -2011,7 +2035,12 @@ impl Session {
                 Ok(())
             }
             m => {
-                debug!("unknown message received: {m:?}");
+                // Patched (PATCHES.md, 15): was ignored without an answer.
+                if msg::is_assigned(m) {
+                    debug!("unexpected message received: {m:?}");
+                } else {
+                    self.unimplemented(m);
+                }
                 Ok(())
             }
         }

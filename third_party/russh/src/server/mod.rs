@@ -115,6 +115,46 @@ pub struct Config {
     pub keepalive_max: usize,
     /// If active, invoke `set_nodelay(true)` on client sockets; disabled by default (i.e. Nagle's algorithm is active).
     pub nodelay: bool,
+    /// Patched (PATCHES.md, 17): the most key exchanges the client may start
+    /// within a minute while it sends less than [`CHEAP_REKEY_BYTES`] between
+    /// them; one more and the session is closed with a DISCONNECT saying so
+    /// (`Error::TooManyRekeys`). `None`: no limit (russh's behaviour).
+    pub max_peer_rekeys_per_minute: Option<u32>,
+}
+
+/// Patched (PATCHES.md, 17): a client-initiated key exchange after at least
+/// this much data is what rekeying is for (RFC 4253 9: every gigabyte or
+/// hour); only the cheaper ones count against the limit.
+pub const CHEAP_REKEY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Patched (PATCHES.md, 17): the times of the client's recent cheap key
+/// exchanges, and why the session was ended if it was.
+#[derive(Debug, Default)]
+pub(crate) struct PeerRekeys {
+    recent: std::collections::VecDeque<std::time::Instant>,
+    /// Bytes read since the last key exchange (the session loop sets it).
+    pub(crate) bytes_since: usize,
+    pub(crate) ended_by: Option<Error>,
+}
+
+impl PeerRekeys {
+    /// Records a key exchange the client starts now; false when it is one
+    /// more than `limit` within a minute.
+    pub(crate) fn allow(&mut self, limit: u32) -> bool {
+        if self.bytes_since >= CHEAP_REKEY_BYTES {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        self.recent.len() <= limit as usize
+    }
 }
 
 impl Default for Config {
@@ -143,6 +183,7 @@ impl Default for Config {
             inactivity_timeout: Some(std::time::Duration::from_secs(600)),
             keepalive_interval: None,
             keepalive_max: 3,
+            max_peer_rekeys_per_minute: None,
             nodelay: false,
         }
     }
@@ -1174,6 +1215,8 @@ where
         sender: handle.clone(),
         pending_reads: Vec::new(),
         pending_len: 0,
+        incoming_seqn: 0,
+        peer_rekeys: Default::default(),
         channels: HashMap::new(),
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
@@ -1252,6 +1295,19 @@ async fn reply<H: Handler + Send>(
     if pkt.buffer.first() == Some(&msg::KEXINIT) && session.kex == SessionKexState::Idle {
         // Not currently in a rekey but received KEXINIT
         info!("Client has initiated re-key");
+        // Patched (PATCHES.md, 17): a client asking for key exchanges back
+        // to back costs the server a key agreement each; close it at the limit.
+        if let Some(limit) = session.common.config.max_peer_rekeys_per_minute
+            && session.common.encrypted.is_some()
+            && !session.peer_rekeys.allow(limit)
+        {
+            let why = format!("more than {limit} key exchanges in a minute");
+            session
+                .common
+                .disconnect(Disconnect::ByApplication, &why, "")?;
+            session.peer_rekeys.ended_by = Some(Error::TooManyRekeys(limit));
+            return Ok(());
+        }
         session.begin_rekey()?;
         // Kex will consume the packet right away
     }

@@ -30,6 +30,10 @@ pub struct Session {
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
     pub(crate) kex: SessionKexState<ServerKex>,
+    /// Patched (PATCHES.md, 15): sequence number of the packet being handled.
+    pub(crate) incoming_seqn: u32,
+    /// Patched (PATCHES.md, 17): the peer's recent key exchanges.
+    pub(crate) peer_rekeys: crate::server::PeerRekeys,
 }
 
 #[derive(Debug)]
@@ -816,6 +820,8 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
+                            // Patched (PATCHES.md, 17)
+                            self.peer_rekeys.bytes_since = buffer.bytes;
                             match reply(&mut self, &mut handler, &mut pkt).await {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
@@ -942,6 +948,10 @@ impl Session {
             }
         }
 
+        // Patched (PATCHES.md, 17): why this end closed the session.
+        if let Some(e) = self.peer_rekeys.ended_by.take() {
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -1766,6 +1776,8 @@ mod tests {
             target_window_size: config.window_size,
             pending_reads: Vec::new(),
             pending_len: 0,
+            incoming_seqn: 0,
+            peer_rekeys: Default::default(),
             channels: HashMap::new(),
             open_global_requests: VecDeque::new(),
             kex: SessionKexState::Idle,
