@@ -448,7 +448,10 @@ impl<A: Admission> Handler<A> {
                 rtt_in_flight: AtomicBool::new(false),
             }),
         };
-        match self.admission.admit(session.clone()).await {
+        // Boxed: the admission (a Kubernetes round trip when registering) runs
+        // once per connection, but inline its future would size every idle
+        // session's task for good.
+        match Box::pin(self.admission.admit(session.clone())).await {
             Ok(guard) => {
                 self.guard = Some(guard);
                 self.session = Some(session);

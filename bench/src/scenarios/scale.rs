@@ -143,15 +143,18 @@ async fn one(env: &Env, n: usize, report: &mut Report) -> Result<()> {
             "KiB",
             one_value(per_agent_kib),
         )
-        .goal((n >= 10_000).then(|| Goal::at_most("<= 20 KiB per agent", per_agent_kib, 20.0))),
+        .goal((n >= 10_000).then(|| Goal::at_most("<= 16 KiB per agent", per_agent_kib, 16.0))),
     );
-    report.add(Figure::new(
-        &scenario,
-        "in-process agents (tunnel::client)",
-        "RSS per agent (agent side)",
-        "KiB",
-        one_value(agent_side_kib),
-    ));
+    report.add(
+        Figure::new(
+            &scenario,
+            "in-process agents (tunnel::client)",
+            "RSS per agent (agent side)",
+            "KiB",
+            one_value(agent_side_kib),
+        )
+        .goal((n >= 10_000).then(|| Goal::at_most("<= 32 KiB per agent", agent_side_kib, 32.0))),
+    );
     report.add(Figure::new(
         &scenario,
         "tower-rs proxy",

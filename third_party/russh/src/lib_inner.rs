@@ -60,6 +60,9 @@ macro_rules! push_packet {
 }
 
 mod channels;
+
+// Patched (PATCHES.md 18).
+mod boxed_queue;
 pub(crate) use channels::SessionWindowWake;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
 
@@ -587,14 +590,14 @@ pub struct PendingChannelOpen {
 /// [`reject`](ChannelOpenHandle::reject) automatically sends an
 /// `AdministrativelyProhibited` rejection.
 pub struct ChannelOpenHandleInner<M: Send> {
-    sender: tokio::sync::mpsc::UnboundedSender<M>,
+    sender: crate::boxed_queue::BoxSender<M>,
     inner: Option<PendingChannelOpen>,
     make_msg: fn(PendingChannelOpen, Result<(), ChannelOpenFailure>) -> M,
 }
 
 impl<M: Send> ChannelOpenHandleInner<M> {
     pub(crate) fn new(
-        sender: tokio::sync::mpsc::UnboundedSender<M>,
+        sender: crate::boxed_queue::BoxSender<M>,
         pending: PendingChannelOpen,
         make_msg: fn(PendingChannelOpen, Result<(), ChannelOpenFailure>) -> M,
     ) -> Self {

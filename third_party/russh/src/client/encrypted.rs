@@ -875,7 +875,10 @@ impl Session {
                 let reply = ChannelOpenHandle::new(
                     self.priority_sender.clone(),
                     pending,
-                    |pending, result| Msg::ServerChannelOpenReply { pending, result },
+                    |pending, result| Msg::ServerChannelOpenReply {
+                        pending: Box::new(pending),
+                        result,
+                    },
                 );
 
                 match &msg.typ {

@@ -51,12 +51,11 @@ use ssh_encoding::{Decode, Encode};
 use ssh_key::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::pin;
-use tokio::sync::mpsc::{
-    Receiver, Sender, UnboundedReceiver, UnboundedSender, channel, unbounded_channel,
-};
+use tokio::sync::mpsc::{Receiver, Sender, channel};
 use tokio::sync::oneshot;
 
 pub use crate::auth::AuthResult;
+use crate::boxed_queue::{BoxReceiver, BoxSender};
 use crate::cert::PublicKeyOrCertificate;
 use crate::channels::{
     Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf, WindowSizeRef,
@@ -90,14 +89,15 @@ pub struct Session {
     kex: SessionKexState<ClientKex>,
     common: CommonSession<Arc<Config>>,
     receiver: Receiver<Msg>,
-    sender: UnboundedSender<Reply>,
+    // Patched (PATCHES.md 18): boxed slots, see boxed_queue.
+    sender: BoxSender<Reply>,
     channels: HashMap<ChannelId, ChannelRef>,
     #[allow(dead_code)] // unused since window credit follows consumption (PATCHES.md)
     target_window_size: u32,
     pending_reads: Vec<Vec<u8>>,
     pending_len: u32,
-    priority_sender: UnboundedSender<Msg>,
-    priority_receiver: UnboundedReceiver<Msg>,
+    priority_sender: BoxSender<Msg>,
+    priority_receiver: BoxReceiver<Msg>,
     inbound_channel_sender: Sender<Msg>,
     inbound_channel_receiver: Receiver<Msg>,
     open_global_requests: VecDeque<GlobalRequestResponse>,
@@ -153,9 +153,10 @@ enum Reply {
 pub enum Msg {
     /// Patched (PATCHES.md, 16): one message's payload, sent as is.
     Raw(Vec<u8>),
+    /// Patched (PATCHES.md 19): boxed, see `ServerChannelOpenReply`.
     Authenticate {
         user: String,
-        method: auth::Method,
+        method: Box<auth::Method>,
     },
     AuthInfoResponse {
         responses: Vec<String>,
@@ -234,8 +235,10 @@ pub enum Msg {
         language_tag: String,
     },
     Channel(ChannelId, ChannelMsg),
+    /// Patched (PATCHES.md 19): boxed, it was the largest variant and sized
+    /// every slot of the session's queues (32 per queue, allocated up front).
     ServerChannelOpenReply {
-        pending: crate::PendingChannelOpen,
+        pending: Box<crate::PendingChannelOpen>,
         result: Result<(), ChannelOpenFailure>,
     },
     Rekey,
@@ -324,7 +327,7 @@ pub enum DisconnectReason<E: From<crate::Error> + Send> {
 /// the request/response cycle.
 pub struct Handle<H: Handler> {
     sender: Sender<Msg>,
-    receiver: UnboundedReceiver<Reply>,
+    receiver: BoxReceiver<Reply>,
     join: russh_util::runtime::JoinHandle<Result<(), H::Error>>,
     #[allow(dead_code)] // unused since window credit follows consumption (PATCHES.md)
     channel_buffer_size: usize,
@@ -361,7 +364,7 @@ impl<H: Handler> Handle<H> {
         self.sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::None,
+                method: Box::new(auth::Method::None),
             })
             .await
             .map_err(|_| crate::Error::SendError)?;
@@ -378,9 +381,9 @@ impl<H: Handler> Handle<H> {
         self.sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::Password {
+                method: Box::new(auth::Method::Password {
                     password: password.into(),
-                },
+                }),
             })
             .await
             .map_err(|_| crate::Error::SendError)?;
@@ -401,9 +404,9 @@ impl<H: Handler> Handle<H> {
         self.sender
             .send(Msg::Authenticate {
                 user: user.into(),
-                method: auth::Method::KeyboardInteractive {
+                method: Box::new(auth::Method::KeyboardInteractive {
                     submethods: submethods.into().unwrap_or_else(|| "".to_owned()),
-                },
+                }),
             })
             .await
             .map_err(|_| crate::Error::SendError)?;
@@ -509,7 +512,7 @@ impl<H: Handler> Handle<H> {
         self.sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::PublicKey { key },
+                method: Box::new(auth::Method::PublicKey { key }),
             })
             .await
             .map_err(|_| crate::Error::SendError)?;
@@ -527,7 +530,7 @@ impl<H: Handler> Handle<H> {
         self.sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::OpenSshCertificate { key, cert },
+                method: Box::new(auth::Method::OpenSshCertificate { key, cert }),
             })
             .await
             .map_err(|_| crate::Error::SendError)?;
@@ -554,7 +557,7 @@ impl<H: Handler> Handle<H> {
             .sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::FuturePublicKey { key, hash_alg },
+                method: Box::new(auth::Method::FuturePublicKey { key, hash_alg }),
             })
             .await
             .is_err()
@@ -615,7 +618,7 @@ impl<H: Handler> Handle<H> {
             .sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::GssapiWithMic { mechanism_oids },
+                method: Box::new(auth::Method::GssapiWithMic { mechanism_oids }),
             })
             .await
             .is_err()
@@ -699,7 +702,7 @@ impl<H: Handler> Handle<H> {
             .sender
             .send(Msg::Authenticate {
                 user,
-                method: auth::Method::FutureCertificate { cert, hash_alg },
+                method: Box::new(auth::Method::FutureCertificate { cert, hash_alg }),
             })
             .await
             .is_err()
@@ -1291,7 +1294,7 @@ where
     let sshid = stream.read_ssh_id().await?;
 
     let (handle_sender, session_receiver) = channel(10);
-    let (session_sender, handle_receiver) = unbounded_channel();
+    let (session_sender, handle_receiver) = crate::boxed_queue::unbounded();
     if config.maximum_packet_size > 65535 {
         error!(
             "Maximum packet size ({:?}) should not larger than a TCP packet (65535)",
@@ -1325,7 +1328,11 @@ where
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
     // Patched (PATCHES.md): boxed, see server::run_stream.
     let join =
-        russh_util::runtime::spawn(Box::pin(session.run(stream, handler, Some(kex_done_signal))));
+        russh_util::runtime::spawn(Box::pin(Box::new(session).run(
+            stream,
+            handler,
+            Some(kex_done_signal),
+        )));
 
     let agent_session_binding = match kex_done_signal_rx.await {
         Ok(binding) => binding,
@@ -1382,9 +1389,9 @@ impl Session {
         target_window_size: u32,
         common: CommonSession<Arc<Config>>,
         receiver: Receiver<Msg>,
-        sender: UnboundedSender<Reply>,
+        sender: BoxSender<Reply>,
     ) -> Self {
-        let (priority_sender, priority_receiver) = unbounded_channel();
+        let (priority_sender, priority_receiver) = crate::boxed_queue::unbounded();
         let (inbound_channel_sender, inbound_channel_receiver) = channel(10);
         Self {
             common,
@@ -1405,8 +1412,10 @@ impl Session {
         }
     }
 
+    /// Patched (PATCHES.md 20): `Box<Self>`, as the server's session: by
+    /// value, the future kept the argument and the moved local (two Sessions).
     async fn run<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
-        mut self,
+        mut self: Box<Self>,
         stream: SshRead<R>,
         mut handler: H,
         mut kex_done_signal: Option<
@@ -1699,7 +1708,7 @@ impl Session {
     fn handle_msg(&mut self, msg: Msg) -> Result<(), crate::Error> {
         match msg {
             Msg::Authenticate { user, method } => {
-                self.write_auth_request_if_needed(&user, method)?;
+                self.write_auth_request_if_needed(&user, *method)?;
             }
             Msg::Signed { .. } | Msg::SignFailed => {}
             Msg::AuthInfoResponse { .. } => {}
@@ -1917,7 +1926,7 @@ impl Session {
                 let _ = self.send_global_request(reply_channel, &name, &data);
             }
             Msg::ServerChannelOpenReply { pending, result } => {
-                self.finalize_server_channel_open_reply(pending, result)?;
+                self.finalize_server_channel_open_reply(*pending, result)?;
             }
             msg => {
                 // should be unreachable, since the receiver only gets
@@ -2217,7 +2226,7 @@ mod tests {
     use std::sync::Arc;
 
     use ssh_encoding::Encode;
-    use tokio::sync::mpsc::{channel, unbounded_channel};
+    use tokio::sync::mpsc::channel;
 
     use super::*;
     use crate::auth::{AuthRequest, Method};
@@ -2244,11 +2253,11 @@ mod tests {
     fn keyboard_interactive_session() -> (
         Session,
         tokio::sync::mpsc::Sender<Msg>,
-        tokio::sync::mpsc::UnboundedReceiver<Reply>,
+        crate::boxed_queue::BoxReceiver<Reply>,
     ) {
         let config = Arc::new(Config::default());
         let (sender, receiver) = channel(config.channel_buffer_size);
-        let (reply_sender, reply_receiver) = unbounded_channel();
+        let (reply_sender, reply_receiver) = crate::boxed_queue::unbounded();
         let auth_request = AuthRequest::new(&Method::KeyboardInteractive {
             submethods: String::new(),
         });
@@ -2577,7 +2586,7 @@ mod tests {
     fn authenticated_session() -> Session {
         let config = Arc::new(Config::default());
         let (receiver_sender, receiver) = channel(config.channel_buffer_size);
-        let (reply_sender, _) = unbounded_channel();
+        let (reply_sender, _) = crate::boxed_queue::unbounded();
         let mut session = Session::new(
             config.window_size,
             CommonSession {

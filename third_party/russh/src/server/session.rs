@@ -7,7 +7,7 @@ use channels::WindowSizeRef;
 use kex::ServerKex;
 use log::debug;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc::{Receiver, Sender, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use super::*;
@@ -21,7 +21,7 @@ use crate::{ChannelOpenFailure, map_err, msg};
 pub struct Session {
     pub(crate) common: CommonSession<Arc<Config>>,
     pub(crate) sender: Handle,
-    pub(crate) priority_receiver: UnboundedReceiver<Msg>,
+    pub(crate) priority_receiver: crate::boxed_queue::BoxReceiver<Msg>,
     pub(crate) receiver: Receiver<Msg>,
     #[allow(dead_code)] // unused since window credit follows consumption (PATCHES.md)
     pub(crate) target_window_size: u32,
@@ -128,7 +128,7 @@ pub type ChannelOpenHandle = crate::ChannelOpenHandleInner<Msg>;
 /// Handle to a session, used to send messages to a client outside of
 /// the request/response cycle.
 pub struct Handle {
-    pub(crate) priority_sender: UnboundedSender<Msg>,
+    pub(crate) priority_sender: crate::boxed_queue::BoxSender<Msg>,
     pub(crate) sender: Sender<Msg>,
     #[allow(dead_code)] // unused since window credit follows consumption (PATCHES.md)
     pub(crate) channel_buffer_size: usize,
@@ -1723,7 +1723,7 @@ mod tests {
 
     fn authenticated_session() -> Session {
         let config = Arc::new(crate::server::Config::default());
-        let (priority_sender, priority_receiver) = tokio::sync::mpsc::unbounded_channel();
+        let (priority_sender, priority_receiver) = crate::boxed_queue::unbounded();
         let (sender, receiver) = tokio::sync::mpsc::channel(config.event_buffer_size);
         let handle = Handle {
             priority_sender,
