@@ -34,8 +34,6 @@ const EDGES: u64 = 3;
 /// Cluster patches per joining cluster: spec and status before its agent
 /// connects, spec, status and member status after.
 const PATCHES_PER_JOIN: u64 = 5;
-/// Writes refused as conflicts (and retried) count too: a few.
-const CONFLICTS: u64 = 4;
 const SOON: Duration = Duration::from_secs(120);
 
 /// Every write the host kube-apiserver counted so far, per `VERB resource`.
@@ -111,7 +109,8 @@ async fn steady_state_writes_do_not_grow_with_the_clusters() -> Result<()> {
     let joining = writes(&tower);
     agents.extend(tower.join(&names(STEP)).await?);
     let (big, settled) = window(&tower, n + STEP).await?;
-    // What joining cost, up to every new status complete: per cluster its
+    // What joining wrote (refused conflicts count apart, under their code),
+    // up to every new status complete: per cluster its
     // token and endpoint (spec) and conditions (status) before its agent
     // came, then its kubeconfig (spec), conditions and certificate expiry
     // (status) and its member status, once. The expiry was a member-status
@@ -120,15 +119,15 @@ async fn steady_state_writes_do_not_grow_with_the_clusters() -> Result<()> {
     let patches = joined.get("PATCH clusters").copied().unwrap_or(0);
     eprintln!("steady_writes: joining {STEP} clusters wrote {joined:?}");
     ensure!(
-        patches <= PATCHES_PER_JOIN * STEP as u64 + CONFLICTS,
-        "joining {STEP} clusters patched them {patches} times, more than {PATCHES_PER_JOIN} each \
-         (+{CONFLICTS} retried conflicts): {joined:?}"
+        patches <= PATCHES_PER_JOIN * STEP as u64,
+        "joining {STEP} clusters patched them {patches} times, more than {PATCHES_PER_JOIN} each: \
+         {joined:?}"
     );
 
     let total = |w: &BTreeMap<String, u64>| w.values().sum::<u64>();
     let clusters = |w: &BTreeMap<String, u64>| {
         w.iter()
-            .filter(|(k, _)| k.ends_with(" clusters"))
+            .filter(|(k, _)| k.split(' ').nth(1) == Some("clusters"))
             .map(|(_, v)| v)
             .sum::<u64>()
     };
@@ -146,7 +145,7 @@ async fn steady_state_writes_do_not_grow_with_the_clusters() -> Result<()> {
     );
     // The proxy's own Lease is what stands for all of them: it is renewed.
     ensure!(
-        big.keys().any(|k| k.ends_with(" leases")),
+        big.keys().any(|k| k.split(' ').nth(1) == Some("leases")),
         "no Lease renewal in the window: {big:?}"
     );
     let lease = tower.host().kubectl_ok(&[

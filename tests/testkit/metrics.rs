@@ -24,7 +24,9 @@ pub fn metric_sample(metrics: &str, prefix: &str) -> f64 {
 
 /// The writes a kube-apiserver has counted so far (`apiserver_request_total`,
 /// every verb but GET, LIST, WATCH and CONNECT), per `VERB resource`, from
-/// its `/metrics` text.
+/// its `/metrics` text. Refused writes (a 409 conflict, say) count under
+/// `VERB resource CODE`, so a test can bound what was written apart from
+/// what was retried.
 pub fn apiserver_writes(metrics: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for line in metrics
@@ -46,8 +48,13 @@ pub fn apiserver_writes(metrics: &str) -> BTreeMap<String, u64> {
         let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
             continue;
         };
-        *out.entry(format!("{verb} {}", label("resource")))
-            .or_default() += count as u64;
+        let code = label("code");
+        let key = if code.starts_with('2') {
+            format!("{verb} {}", label("resource"))
+        } else {
+            format!("{verb} {} {code}", label("resource"))
+        };
+        *out.entry(key).or_default() += count as u64;
     }
     out
 }
