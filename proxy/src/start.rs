@@ -335,11 +335,7 @@ async fn with_kubernetes(
         })?;
     }
     let ready = Arc::new(AtomicBool::new(false));
-    let (synced, store_ready) = (running.synced, ready.clone());
-    tokio::spawn(async move {
-        readiness::mark_when_synced(running.store, store_ready).await;
-        synced.store(true, Ordering::Relaxed);
-    });
+    tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
     let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core))
         .with_registrar(Arc::new(Registrar::new(client.clone())));
     let background = Background {

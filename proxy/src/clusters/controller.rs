@@ -5,7 +5,6 @@
 //! the sessions and ports of deleted Clusters, which the controller never sees.
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,8 +95,6 @@ pub struct Running<P> {
     pub clusters: Arc<CrStore<P>>,
     /// The controller's cache of Clusters.
     pub store: Store<Cluster>,
-    /// Set once that cache has synced; agents wait for it ([`CrStore`]).
-    pub synced: Arc<AtomicBool>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -132,10 +129,8 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     let recorder = super::events::recorder(client.clone());
     let names = Names::default();
     let owners = ha.as_ref().map(|h| h.owners.clone());
-    let synced = Arc::new(AtomicBool::new(false));
     let clusters = Arc::new(CrStore {
         store: store.clone(),
-        synced: synced.clone(),
         names: names.clone(),
         recorder: recorder.clone(),
         trigger,
@@ -199,7 +194,6 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     Running {
         clusters,
         store,
-        synced,
         task,
     }
 }

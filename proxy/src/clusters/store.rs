@@ -4,7 +4,6 @@
 //! refresh; refused agents become Events on their Cluster.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +31,6 @@ const SYNC_WAIT: Duration = Duration::from_secs(30);
 
 pub struct CrStore<P> {
     pub(super) store: Store<Cluster>,
-    /// Set once `store` has synced.
-    pub(super) synced: Arc<AtomicBool>,
     pub(super) names: Names,
     pub(super) recorder: Recorder,
     pub(super) trigger: mpsc::UnboundedSender<ObjectRef<Cluster>>,
@@ -45,11 +42,9 @@ pub struct CrStore<P> {
 
 impl<P: Ports> ClusterStore for CrStore<P> {
     async fn synced(&self) {
-        const RECHECK: Duration = Duration::from_millis(50);
-        let deadline = tokio::time::Instant::now() + SYNC_WAIT;
-        while !self.synced.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(RECHECK).await;
-        }
+        // Past the deadline (or with the cache's writer gone) the agent is
+        // judged on what the cache holds, as before it waited.
+        let _ = tokio::time::timeout(SYNC_WAIT, self.store.wait_until_ready()).await;
     }
 
     fn token(&self, cluster: &str) -> Option<String> {
@@ -188,6 +183,11 @@ mod tests {
         for c in clusters {
             writer.apply_watcher_event(&watcher::Event::Apply(c));
         }
+        over(reader)
+    }
+
+    /// A store over `reader`, whose writer the caller may keep.
+    fn over(reader: Store<Cluster>) -> Setup {
         // Never contacted: events of these tests only go to refused agents
         // of clusters that exist, and the tests do not wait for them.
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
@@ -203,7 +203,6 @@ mod tests {
         let (kick, kicks) = Kick::new();
         let store = CrStore {
             store: reader,
-            synced: Arc::new(AtomicBool::new(true)),
             names: Names::default(),
             recorder,
             trigger,
@@ -269,6 +268,24 @@ mod tests {
         let e = s.store.on_connect("delta").await.unwrap_err();
         assert!(e.contains("not found"), "{e}");
         assert_eq!(s.store.ports.0.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_comes_before_the_cache_synced_waits_for_it() {
+        let (reader, mut writer) = kube::runtime::reflector::store::<Cluster>();
+        let s = over(reader);
+        let mut early = Box::pin(async {
+            s.store.synced().await;
+            s.store.token("alpha")
+        });
+        // Judged now it would be refused as unknown, and back off.
+        assert!(futures_util::poll!(&mut early).is_pending());
+        writer.apply_watcher_event(&watcher::Event::Init);
+        let alpha = cluster("alpha", "t1", (16000, 26000), true);
+        writer.apply_watcher_event(&watcher::Event::InitApply(alpha));
+        assert!(futures_util::poll!(&mut early).is_pending(), "listing");
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert_eq!(early.await.as_deref(), Some("t1"));
     }
 
     #[tokio::test]
