@@ -30,8 +30,13 @@ use crate::wire::{
     TOKEN_CHANNEL_TYPE, parse_target, parse_token,
 };
 
-/// How long the SSH handshake and the `config` answer may take.
+/// How long the SSH handshake and the login may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the proxy may take to answer `config`: longer than its own
+/// bound on admission (`server::ADMISSION_TIMEOUT`), so that a proxy that
+/// waits for its Cluster cache or the cluster's ports answers, with its
+/// reason if it refuses, before the agent gives up.
+pub const CONFIG_ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the agent's connect to its local target may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Missed pings after which the proxy counts as gone.
@@ -152,6 +157,8 @@ pub enum ClientError {
     Handshake(russh::Error),
     #[error("the proxy did not finish the handshake within {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("the proxy did not answer the agent's config within {0:?}")]
+    ConfigTimeout(Duration),
     #[error(
         "the proxy's SSH host key is {actual}, but --proxy-host-key-fingerprint pins {expected}: \
          refusing to send credentials (a different proxy, or a man in the middle)"
@@ -401,7 +408,7 @@ where
         pins: options.host_key_fingerprints.clone().into(),
         seen_key: seen_key.clone(),
     };
-    let handshake = handshake(stream, options, handler);
+    let handshake = handshake(stream, handler);
     let handle = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => return ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT),
         Ok(Err(ClientError::Handshake(russh::Error::UnknownKey)))
@@ -419,17 +426,16 @@ where
         Ok(Err(e)) => return e,
         Ok(Ok(handle)) => handle,
     };
+    if let Err(e) = configure(&handle, options, &ended).await {
+        return e;
+    }
     let handle = Arc::new(handle);
     let _hub = options.hub.attach(handle.clone());
     on_connected();
     keepalive(&handle, options.keepalive, &ended).await
 }
 
-async fn handshake<S, D>(
-    stream: S,
-    options: &ClientOptions,
-    handler: Handler<D>,
-) -> Result<Handle<Handler<D>>, ClientError>
+async fn handshake<S, D>(stream: S, handler: Handler<D>) -> Result<Handle<Handler<D>>, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
@@ -446,16 +452,37 @@ where
     if !login.success() {
         return Err(ClientError::LoginRefused);
     }
-    match handle
-        .global_request(CONFIG_REQUEST, &options.config.to_json())
-        .await
-    {
+    Ok(handle)
+}
+
+/// Sends the agent's `config` and waits for the proxy's answer.
+async fn configure<D: Dialer>(
+    handle: &Handle<Handler<D>>,
+    options: &ClientOptions,
+    ended: &Notify,
+) -> Result<(), ClientError> {
+    let config = options.config.to_json();
+    let request = tokio::time::timeout(
+        CONFIG_ANSWER_TIMEOUT,
+        handle.global_request(CONFIG_REQUEST, &config),
+    );
+    let answer = tokio::select! {
+        // The proxy gave up on deciding (or went away): say so now.
+        () = ended.notified() => {
+            return Err(ClientError::Closed(
+                "the proxy closed the connection before answering the agent's config".into(),
+            ));
+        }
+        answer = request => answer,
+    };
+    match answer {
+        Err(_) => Err(ClientError::ConfigTimeout(CONFIG_ANSWER_TIMEOUT)),
         // Go Tower treats any payload as an error text; so do we.
-        Ok(Ok(payload)) if payload.is_empty() => Ok(handle),
-        Ok(Ok(payload)) | Ok(Err(payload)) => Err(ClientError::Rejected(
+        Ok(Ok(Ok(payload))) if payload.is_empty() => Ok(()),
+        Ok(Ok(Ok(payload)) | Ok(Err(payload))) => Err(ClientError::Rejected(
             String::from_utf8_lossy(&payload).into_owned(),
         )),
-        Err(e) => Err(ClientError::Handshake(e)),
+        Ok(Err(e)) => Err(ClientError::Handshake(e)),
     }
 }
 

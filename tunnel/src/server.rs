@@ -35,6 +35,12 @@ use crate::wire::{
 /// How long an agent has, from the moment its upgraded connection is handed
 /// to SSH, to finish the handshake and send `config`.
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the [`Admission`] may take once `config` came: the proxy's
+/// own waits (its Cluster cache, the cluster's ports: 30 s each at most)
+/// are not the agent's delay, so they do not count against
+/// [`CONFIG_TIMEOUT`]. Past it the agent is refused, with that reason;
+/// shorter than the agent's patience (`client::CONFIG_ANSWER_TIMEOUT`).
+pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long opening a channel may take before the dial counts as failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels of types agents may not open (sessions, direct-tcpip, unknown
@@ -394,6 +400,8 @@ struct Handler<A: Admission> {
     guard: Option<A::Guard>,
     session: Option<Session>,
     outcome: Option<oneshot::Sender<AuthOutcome>>,
+    /// Told when `config` came: from then on the admission's time runs.
+    configured: Option<oneshot::Sender<()>>,
     /// Channels refused so far ([`MAX_REFUSED_CHANNELS`]).
     refused_channels: usize,
 }
@@ -429,6 +437,9 @@ impl<A: Admission> Handler<A> {
         if self.guard.is_some() {
             return GlobalRequestReply::Failure(b"config already accepted".to_vec());
         }
+        if let Some(tx) = self.configured.take() {
+            let _ = tx.send(());
+        }
         let config = match AgentConfig::from_json(data) {
             Ok(config) => config,
             Err(e) => return self.reject(format!("invalid config: {e}"), ssh),
@@ -451,7 +462,18 @@ impl<A: Admission> Handler<A> {
         // Boxed: the admission (a Kubernetes round trip when registering) runs
         // once per connection, but inline its future would size every idle
         // session's task for good.
-        match Box::pin(self.admission.admit(session.clone())).await {
+        let admit = Box::pin(self.admission.admit(session.clone()));
+        // Bounded here, in the session loop's own turn: a decision that
+        // never comes would hold the loop, and with it the connection.
+        let decided = tokio::time::timeout(ADMISSION_TIMEOUT, admit)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the proxy could not decide on this agent within {ADMISSION_TIMEOUT:?}; \
+                     the agent retries"
+                ))
+            });
+        match decided {
             Ok(guard) => {
                 self.guard = Some(guard);
                 self.session = Some(session);
@@ -642,12 +664,14 @@ where
     let peer_info = peer.into();
     let peer = peer_info.addr.clone();
     let (tx, rx) = oneshot::channel();
+    let (configured, config_came) = oneshot::channel();
     let handler = Handler {
         admission,
         peer: peer_info,
         guard: None,
         session: None,
         outcome: Some(tx),
+        configured: Some(configured),
         refused_channels: 0,
     };
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
@@ -668,6 +692,13 @@ where
         };
     let handle = running.handle();
     tokio::pin!(running);
+    // The agent has until `deadline` to send `config`; the decision then
+    // has ADMISSION_TIMEOUT of its own (in the handler).
+    let no_config = async {
+        if tokio::time::timeout_at(deadline, config_came).await.is_ok() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
         outcome = rx => match outcome {
             Ok(AuthOutcome::Admitted(name)) => {
@@ -684,7 +715,7 @@ where
         ended = &mut running => {
             return Err(ServeError::Handshake(ended.err().unwrap_or(russh::Error::Disconnect)));
         }
-        () = tokio::time::sleep_until(deadline) => {
+        () = no_config => {
             let _ = handle
                 .disconnect(Disconnect::ByApplication, "no config request".into(), String::new())
                 .await;
