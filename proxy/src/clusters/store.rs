@@ -29,6 +29,11 @@ pub type Names = Arc<Mutex<HashMap<String, Vec<String>>>>;
 /// that came back in its first second backed off (126 of 1,000 at once).
 const SYNC_WAIT: Duration = Duration::from_secs(30);
 
+/// How long an agent waits for its cluster's ports to be assigned, and how
+/// often it looks ([`CrStore::assigned_ports`]).
+const PORTS_WAIT: Duration = Duration::from_secs(30);
+const PORTS_POLL: Duration = Duration::from_millis(200);
+
 pub struct CrStore<P> {
     pub(super) store: Store<Cluster>,
     pub(super) names: Names,
@@ -70,38 +75,30 @@ impl<P: Ports> ClusterStore for CrStore<P> {
     }
 
     async fn on_connect(&self, cluster: &str) -> Result<(), String> {
-        let obj = self
-            .store
-            .get(&ObjectRef::new(cluster))
-            .ok_or_else(|| format!("cluster {cluster} not found"))?;
         if self.options.path_form.is_some() {
             // `--cluster-ports none`: the access port serves it already.
-            return Ok(());
+            return self
+                .store
+                .get(&ObjectRef::new(cluster))
+                .map(|_| ())
+                .ok_or_else(|| format!("cluster {cluster} not found"));
         }
-        let conn = &obj.spec.connection;
-        match (
-            u16::try_from(conn.kubernetes_api_server_port),
-            u16::try_from(conn.kubesphere_api_server_port),
-        ) {
-            (Ok(kube), Ok(ks)) if kube != 0 && ks != 0 => {
-                let cached = self
-                    .names
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(cluster)
-                    .cloned();
-                let sans = cached.unwrap_or_else(|| {
-                    decide::sans(
-                        cluster,
-                        &self.options.namespace,
-                        self.options.advertise_address.as_deref(),
-                        &Addresses::default(),
-                    )
-                });
-                self.ports.open(cluster, kube, ks, &sans).await
-            }
-            _ => Err("the cluster's ports are not assigned yet, retry shortly".into()),
-        }
+        let (kube, ks) = self.assigned_ports(cluster).await?;
+        let cached = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .cloned();
+        let sans = cached.unwrap_or_else(|| {
+            decide::sans(
+                cluster,
+                &self.options.namespace,
+                self.options.advertise_address.as_deref(),
+                &Addresses::default(),
+            )
+        });
+        self.ports.open(cluster, kube, ks, &sans).await
     }
 
     fn on_reject(&self, cluster: &str, reason: &str) {
@@ -121,6 +118,43 @@ impl<P: Ports> ClusterStore for CrStore<P> {
             owners.sessions_changed();
         }
         self.kick.notify(cluster);
+    }
+}
+
+impl<P: Ports> CrStore<P> {
+    /// The cluster's ports as the cache has them. An agent that comes
+    /// before the leader assigned them (a new Cluster, a fleet at a fresh
+    /// proxy) waits, bounded by [`PORTS_WAIT`]: refused, it backed off up to
+    /// `--max-retry-interval` (2 minutes). The cache is polled rather than
+    /// the leader asked: in HA the leader may be another replica, and its
+    /// write reaches every replica through the cache.
+    async fn assigned_ports(&self, cluster: &str) -> Result<(u16, u16), String> {
+        let deadline = tokio::time::Instant::now() + PORTS_WAIT;
+        let mut asked = false;
+        loop {
+            let obj = self
+                .store
+                .get(&ObjectRef::new(cluster))
+                .ok_or_else(|| format!("cluster {cluster} not found"))?;
+            let conn = &obj.spec.connection;
+            if let (Ok(kube), Ok(ks)) = (
+                u16::try_from(conn.kubernetes_api_server_port),
+                u16::try_from(conn.kubesphere_api_server_port),
+            ) && kube != 0
+                && ks != 0
+            {
+                return Ok((kube, ks));
+            }
+            if !asked {
+                // Its pass may not even be queued yet (a new Cluster).
+                let _ = self.trigger.send(ObjectRef::new(cluster));
+                asked = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("the cluster's ports are not assigned yet, retry shortly".into());
+            }
+            tokio::time::sleep(PORTS_POLL).await;
+        }
     }
 }
 
@@ -239,7 +273,7 @@ mod tests {
         assert_eq!(s.store.token("delta"), None, "unknown");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_agent_hears_success_only_once_its_ports_are_open() {
         let s = setup(vec![
             cluster("alpha", "t1", (16000, 26000), true),
@@ -263,11 +297,35 @@ mod tests {
         s.store.on_connect("alpha").await.unwrap();
         assert_eq!(s.store.ports.0.lock().unwrap()[1].3, ["10.96.0.10"]);
 
-        let e = s.store.on_connect("gamma").await.unwrap_err();
-        assert!(e.contains("not assigned yet"), "{e}");
+        // (Refused only after PORTS_WAIT: see the test below.)
         let e = s.store.on_connect("delta").await.unwrap_err();
         assert!(e.contains("not found"), "{e}");
         assert_eq!(s.store.ports.0.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_comes_before_its_ports_are_assigned_waits_for_them() {
+        let (reader, mut writer) = kube::runtime::reflector::store::<Cluster>();
+        writer.apply_watcher_event(&watcher::Event::Apply(cluster("gamma", "t3", (0, 0), true)));
+        let mut s = over(reader);
+        let mut early = Box::pin(s.store.on_connect("gamma"));
+        assert!(futures_util::poll!(&mut early).is_pending());
+        // It asked for the cluster's pass.
+        assert_eq!(s.triggers.recv().await.unwrap().name, "gamma");
+        assert!(s.store.ports.0.lock().unwrap().is_empty());
+        // The leader's write reaches the cache: the agent is let in.
+        let assigned = cluster("gamma", "t3", (16002, 26002), true);
+        writer.apply_watcher_event(&watcher::Event::Apply(assigned));
+        early.await.unwrap();
+        let opened = s.store.ports.0.lock().unwrap().clone();
+        assert_eq!((opened[0].1, opened[0].2), (16002, 26002));
+
+        // Never assigned: refused once the wait is over, saying why.
+        writer.apply_watcher_event(&watcher::Event::Apply(cluster("delta", "t4", (0, 0), true)));
+        let start = tokio::time::Instant::now();
+        let e = s.store.on_connect("delta").await.unwrap_err();
+        assert!(e.contains("not assigned yet"), "{e}");
+        assert!(start.elapsed() >= PORTS_WAIT);
     }
 
     #[tokio::test]
