@@ -1,14 +1,11 @@
 //! frp as a peer.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::{
-    FRP, Peer, PeerPki, Spec, dial, once_ready, registered_ports, spawn_configured, tool,
-    version_of,
+    FRP, Peer, Spec, dial, once_ready, registered_ports, spawn_configured, tool, version_of,
 };
 
 /// frp as a reverse tunnel: frpc next to the upstream, frps exposing a TCP

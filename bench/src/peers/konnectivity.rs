@@ -10,7 +10,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use super::{KONNECTIVITY, Peer, PeerPki, Spec, dial, module_version, registered_ports, tool};
+use super::{KONNECTIVITY, Peer, Spec, dial, module_version, registered_ports, tool};
 use crate::http::Via;
 use crate::setup::spawn;
 

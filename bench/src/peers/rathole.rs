@@ -1,13 +1,9 @@
 //! rathole as a peer.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use anyhow::{Context, Result, ensure};
 
 use super::{
-    Peer, PeerPki, RATHOLE, Spec, dial, once_ready, registered_ports, spawn_configured, tool,
-    version_of,
+    Peer, RATHOLE, Spec, dial, once_ready, registered_ports, spawn_configured, tool, version_of,
 };
 
 /// rathole: the server exposes a port, the client next to the upstream dials
