@@ -35,8 +35,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the proxy may take to answer `config`: longer than its own
 /// bound on admission (`server::ADMISSION_TIMEOUT`), so that a proxy that
 /// waits for its Cluster cache or the cluster's ports answers, with its
-/// reason if it refuses, before the agent gives up.
-pub const CONFIG_ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
+/// reason if it refuses, before the agent gives up. Not longer: while the
+/// proxy decides its session answers nothing, so a connection that died
+/// silently meanwhile is noticed only at this deadline.
+pub const CONFIG_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent's connect to its local target may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Missed pings after which the proxy counts as gone.

@@ -36,11 +36,12 @@ use crate::wire::{
 /// to SSH, to finish the handshake and send `config`.
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the [`Admission`] may take once `config` came: the proxy's
-/// own waits (its Cluster cache, the cluster's ports: 30 s each at most)
+/// own waits (its Cluster cache, the cluster's ports: 30 s each at most,
+/// rarely both)
 /// are not the agent's delay, so they do not count against
 /// [`CONFIG_TIMEOUT`]. Past it the agent is refused, with that reason;
 /// shorter than the agent's patience (`client::CONFIG_ANSWER_TIMEOUT`).
-pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(75);
+pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long opening a channel may take before the dial counts as failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels of types agents may not open (sessions, direct-tcpip, unknown
