@@ -79,13 +79,14 @@ pub struct HubUpstream {
 
 /// A hub channel the agent of `session` opened: ask `admission`, then accept
 /// and copy, or refuse with its reason. Runs in a task of its own, off the
-/// session loop.
+/// session loop, holding `slot` of the session's open hub channels.
 pub(crate) fn serve_channel<A: Admission>(
     admission: Arc<A>,
     session: Session,
     channel: Channel<russh::server::Msg>,
     data: &[u8],
     reply: russh::server::ChannelOpenHandle,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     // Bounded and printable: the name reaches logs and the refusal text.
     let service: String = String::from_utf8_lossy(data)
@@ -93,6 +94,8 @@ pub(crate) fn serve_channel<A: Admission>(
         .take(MAX_SERVICE_NAME + 1)
         .collect();
     tokio::spawn(async move {
+        // The session's count of open hub channels, freed when this ends.
+        let _slot = slot;
         let mut upstream = match admission.open_hub(&session, &service).await {
             Ok(upstream) => upstream,
             Err(refusal) => {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use russh::server::{Auth, GlobalRequestReply, Handle, Msg, Session as SshSession};
 use russh::{Channel, ChannelId, ChannelStream, Disconnect};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::hub::{HubRefusal, HubUpstream};
 use crate::wire::{
@@ -49,6 +49,11 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// none, so only a broken or hostile one gets here; each refusal costs a
 /// task and a log line.
 pub const MAX_REFUSED_CHANNELS: usize = 100;
+/// Hub channels one agent's session may hold open at once: each holds a
+/// task, a connection to a published service and its buffers; an agent
+/// asking for more (100,000 opens) gets "resource shortage" for each one
+/// over, until some of its channels close.
+pub const MAX_HUB_CHANNELS: usize = 1024;
 /// What the proxy queues for one agent's connection before its session
 /// waits: an agent that grants windows and does not read its socket costs
 /// the proxy this much, not the windows of all its channels.
@@ -405,6 +410,10 @@ struct Handler<A: Admission> {
     configured: Option<oneshot::Sender<()>>,
     /// Channels refused so far ([`MAX_REFUSED_CHANNELS`]).
     refused_channels: usize,
+    /// Open hub channels' slots ([`MAX_HUB_CHANNELS`]).
+    hub_channels: Arc<Semaphore>,
+    /// Hub channels refused at [`MAX_HUB_CHANNELS`] (warned at the first).
+    hub_refused: u64,
 }
 
 impl<A: Admission> Handler<A> {
@@ -606,12 +615,27 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
     ) -> Result<(), Self::Error> {
         match (&self.session, kind) {
             (Some(session), HUB_CHANNEL_TYPE) => {
+                let Ok(slot) = self.hub_channels.clone().try_acquire_owned() else {
+                    self.hub_refused += 1;
+                    if self.hub_refused == 1 {
+                        tracing::warn!(peer = %self.peer.addr, cluster = %session.config().name,
+                            limit = MAX_HUB_CHANNELS,
+                            "the agent holds too many hub channels open: refusing more until some close");
+                    }
+                    tokio::spawn(reply.reject(russh::ChannelOpenFailure::Other {
+                        // SSH_OPEN_RESOURCE_SHORTAGE (RFC 4254 5.1).
+                        code: 4,
+                        reason: format!("more than {MAX_HUB_CHANNELS} hub channels open"),
+                    }));
+                    return Ok(());
+                };
                 crate::hub::serve_channel(
                     self.admission.clone(),
                     session.clone(),
                     channel,
                     data,
                     reply,
+                    slot,
                 );
             }
             (None, HUB_CHANNEL_TYPE) => {
@@ -674,6 +698,8 @@ where
         outcome: Some(tx),
         configured: Some(configured),
         refused_channels: 0,
+        hub_channels: Arc::new(Semaphore::new(MAX_HUB_CHANNELS)),
+        hub_refused: 0,
     };
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
     // Whenever this returns, the session loop's stream fails: a handshake

@@ -75,6 +75,7 @@ pub async fn run<S: ClusterStore>(
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(crate::serve::listener::MAX_HTTP_BUFFER)
                     .serve_connection(TokioIo::new(tcp), service)
                     .with_upgrades();
                 match conn.await {

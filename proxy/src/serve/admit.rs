@@ -28,9 +28,12 @@ use crate::ops::pending::{Pending, Permit, Refusal};
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS handshake with `tcp`, within [`TLS_HANDSHAKE_TIMEOUT`] and in a
-/// slot of `pending` (the caps on handshakes in progress); `None` (logged,
-/// naming `port`, and counted at `door`) when it failed or had no slot.
+/// slot of `pending` (the caps on handshakes in progress): `slot` when the
+/// caller took it already (at accept, so a connection over the caps is
+/// closed before it costs a task), else taken here. `None` (logged, naming
+/// `port`, and counted at `door`) when it failed or had no slot.
 pub async fn handshake<T: Io>(
+    slot: Option<Permit>,
     acceptor: &TlsAcceptor,
     tcp: T,
     peer: SocketAddr,
@@ -38,21 +41,10 @@ pub async fn handshake<T: Io>(
     pending: &Arc<Pending>,
     door: &'static str,
 ) -> Option<TlsStream<T>> {
-    let slot = pending.enter(peer.ip(), door)?;
-    handshake_in(slot, acceptor, tcp, peer, port, pending, door).await
-}
-
-/// [`handshake`] in a slot taken already (at accept, so a connection over
-/// the caps is closed before it costs a task).
-pub async fn handshake_in<T: Io>(
-    _slot: Permit,
-    acceptor: &TlsAcceptor,
-    tcp: T,
-    peer: SocketAddr,
-    port: &str,
-    pending: &Arc<Pending>,
-    door: &'static str,
-) -> Option<TlsStream<T>> {
+    let _slot = match slot {
+        Some(slot) => slot,
+        None => pending.enter(peer.ip(), door)?,
+    };
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {

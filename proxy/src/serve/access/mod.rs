@@ -34,7 +34,7 @@ use super::admit::{Client, handshake};
 use super::connect::Known;
 use super::listener::status::{Body, status};
 use super::listener::tls::own_port_tls;
-use super::listener::{REQUEST_HEADER_TIMEOUT, Shared};
+use super::listener::{MAX_HTTP_BUFFER, REQUEST_HEADER_TIMEOUT, Shared};
 use super::proxies::Proxies;
 use crate::identity::ca::Ca;
 use crate::ops::accept::accept_loop;
@@ -113,7 +113,7 @@ impl Access {
                 tokio::spawn(async move {
                     let pending = access.shared.pending.clone();
                     let Some(tls) =
-                        handshake(&acceptor, tcp, peer, "access", &pending, "access").await
+                        handshake(None, &acceptor, tcp, peer, "access", &pending, "access").await
                     else {
                         return;
                     };
@@ -124,7 +124,8 @@ impl Access {
                     });
                     let mut http = hyper::server::conn::http1::Builder::new();
                     http.timer(TokioTimer::new())
-                        .header_read_timeout(REQUEST_HEADER_TIMEOUT);
+                        .header_read_timeout(REQUEST_HEADER_TIMEOUT)
+                        .max_buf_size(MAX_HTTP_BUFFER);
                     let served = http
                         .serve_connection(TokioIo::new(tls), service)
                         .with_upgrades()

@@ -204,6 +204,7 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, hand
     };
     let acceptor = TlsAcceptor::from(config);
     let Some(stream) = handshake(
+        None,
         &acceptor,
         tcp,
         peer,
@@ -223,7 +224,8 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, hand
     let mut http = hyper::server::conn::http1::Builder::new();
     // Without it an idle connection was held for ever (tests/adversarial).
     http.timer(TokioTimer::new())
-        .header_read_timeout(crate::serve::listener::REQUEST_HEADER_TIMEOUT);
+        .header_read_timeout(crate::serve::listener::REQUEST_HEADER_TIMEOUT)
+        .max_buf_size(crate::serve::listener::MAX_HTTP_BUFFER);
     if let Err(e) = http
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()

@@ -45,10 +45,16 @@ use crate::ops::audit::{Audit, Caller};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::pending::{Pending, Permit};
-use crate::serve::admit::{Client, handshake_in};
+use crate::serve::admit::{Client, handshake};
 
 /// How long a client may take to send a request's headers.
 pub const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What hyper buffers per HTTP connection each way, at every front door and
+/// to the members: a request head larger gets `431`, and an upload that
+/// waits on a slow channel holds this much, not hyper's default (about
+/// 400 KiB each way).
+pub const MAX_HTTP_BUFFER: usize = 64 * 1024;
 
 /// A client connection, whatever carries it.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -292,7 +298,8 @@ async fn serve_connection<T: Io>(
     };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(REQUEST_HEADER_TIMEOUT);
+        .header_read_timeout(REQUEST_HEADER_TIMEOUT)
+        .max_buf_size(MAX_HTTP_BUFFER);
     let served = match front {
         Front::Http => {
             // ks-apiserver authenticates its users itself; we only know the port.
@@ -303,15 +310,7 @@ async fn serve_connection<T: Io>(
         }
         Front::Https(acceptor) => {
             let port = format!("cluster {cluster} kube-apiserver");
-            let slot = match slot {
-                Some(slot) => slot,
-                None => match pending.enter(peer.ip(), "cluster") {
-                    Some(slot) => slot,
-                    None => return,
-                },
-            };
-            let Some(tls) =
-                handshake_in(slot, acceptor, tcp, peer, &port, &pending, "cluster").await
+            let Some(tls) = handshake(slot, acceptor, tcp, peer, &port, &pending, "cluster").await
             else {
                 return;
             };

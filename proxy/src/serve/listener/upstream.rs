@@ -68,6 +68,7 @@ impl Connector {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            .http1_max_buf_size(super::MAX_HTTP_BUFFER)
             .build(self)
     }
 }
