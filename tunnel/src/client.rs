@@ -401,7 +401,10 @@ where
         pins: options.host_key_fingerprints.clone().into(),
         seen_key: seen_key.clone(),
     };
-    let handshake = handshake(stream, options, handler);
+    // Boxed: inline, the handshake's state (russh's connect, the
+    // authentication, the config request) would size this future for as
+    // long as the tunnel is idle (issue #15 part 4).
+    let handshake = Box::pin(handshake(stream, options, handler));
     let handle = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => return ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT),
         Ok(Err(ClientError::Handshake(russh::Error::UnknownKey)))

@@ -2163,7 +2163,7 @@ async fn reply<H: Handler>(
 
                         let mut pending = std::mem::take(&mut session.pending_reads);
                         for p in pending.drain(..) {
-                            session.process_packet(handler, &p).await?;
+                            Box::pin(session.process_packet(handler, &p)).await?;
                         }
                         session.pending_reads = pending;
                         session.pending_len = 0;
