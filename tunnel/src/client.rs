@@ -410,7 +410,10 @@ where
         pins: options.host_key_fingerprints.clone().into(),
         seen_key: seen_key.clone(),
     };
-    let handshake = handshake(stream, handler);
+    // Boxed: inline, the handshake's state (russh's connect, the
+    // authentication) would size this future for as long as the tunnel is
+    // idle (issue #15 part 4); so is the config request's below.
+    let handshake = Box::pin(handshake(stream, handler));
     let handle = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => return ClientError::HandshakeTimeout(HANDSHAKE_TIMEOUT),
         Ok(Err(ClientError::Handshake(russh::Error::UnknownKey)))
@@ -428,7 +431,7 @@ where
         Ok(Err(e)) => return e,
         Ok(Ok(handle)) => handle,
     };
-    if let Err(e) = configure(&handle, options, &ended).await {
+    if let Err(e) = Box::pin(configure(&handle, options, &ended)).await {
         return e;
     }
     let handle = Arc::new(handle);

@@ -709,14 +709,14 @@ where
     let _cut_on_return = cut.clone().drop_guard();
     let stream = crate::write_behind::WriteBehind::with_limit(stream, WRITE_QUEUE_LIMIT);
     let stream = crate::cut::Cut::new(stream, cut);
-    let running =
-        match tokio::time::timeout_at(deadline, russh::server::run_stream(config, stream, handler))
-            .await
-        {
-            Err(_) => return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT)),
-            Ok(Err(e)) => return Err(ServeError::Handshake(e)),
-            Ok(Ok(running)) => running,
-        };
+    // Boxed: inline, the handshake's state would size this future for as
+    // long as the tunnel is idle (issue #15 part 4).
+    let handshake = Box::pin(russh::server::run_stream(config, stream, handler));
+    let running = match tokio::time::timeout_at(deadline, handshake).await {
+        Err(_) => return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT)),
+        Ok(Err(e)) => return Err(ServeError::Handshake(e)),
+        Ok(Ok(running)) => running,
+    };
     let handle = running.handle();
     tokio::pin!(running);
     // The agent has until `deadline` to send `config`; the decision then

@@ -79,6 +79,23 @@ impl Session {
         client: &mut H,
         buf: &[u8],
     ) -> Result<(), H::Error> {
+        // Patched (PATCHES.md, 21): the steps before authentication (service
+        // request, authentication, waiting on the user's method) are boxed:
+        // inline, their state sized every idle session's future.
+        if matches!(
+            self.common.encrypted.as_ref().map(|e| &e.state),
+            Some(EncryptedState::Authenticated)
+        ) {
+            return self.client_read_authenticated(client, buf).await;
+        }
+        Box::pin(self.process_packet_unauthenticated(client, buf)).await
+    }
+
+    async fn process_packet_unauthenticated<H: Handler>(
+        &mut self,
+        client: &mut H,
+        buf: &[u8],
+    ) -> Result<(), H::Error> {
         // If we've successfully read a packet.
         trace!("process_packet buf = {:?} bytes", buf.len());
         let mut is_authenticated = false;
@@ -483,44 +500,49 @@ impl Session {
         buf: &[u8],
     ) -> Result<(), H::Error> {
         match buf.split_first() {
+            // Patched (PATCHES.md, 21): the rare messages (opens, requests, replies)
+            // are boxed; data, window adjusts, EOF and close stay inline.
             Some((&msg::CHANNEL_OPEN_CONFIRMATION, mut reader)) => {
-                debug!("channel_open_confirmation");
-                let msg = ChannelOpenConfirmation::parse(&mut reader)?;
-                map_err!(ensure_end(&reader))?;
-                let local_id = ChannelId(msg.recipient_channel);
+                Box::pin(async {
+                    debug!("channel_open_confirmation");
+                    let msg = ChannelOpenConfirmation::parse(&mut reader)?;
+                    map_err!(ensure_end(&reader))?;
+                    let local_id = ChannelId(msg.recipient_channel);
 
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if let Some(parameters) = enc.channels.get_mut(&local_id) {
-                        parameters.confirm(&msg);
+                    if let Some(ref mut enc) = self.common.encrypted {
+                        if let Some(parameters) = enc.channels.get_mut(&local_id) {
+                            parameters.confirm(&msg);
+                        } else {
+                            // We've not requested this channel, close connection.
+                            return Err(crate::Error::Inconsistent.into());
+                        }
                     } else {
-                        // We've not requested this channel, close connection.
                         return Err(crate::Error::Inconsistent.into());
+                    };
+
+                    if let Some(channel) = self.channels.get(&local_id) {
+                        channel
+                            .send(ChannelMsg::Open {
+                                id: local_id,
+                                max_packet_size: msg.maximum_packet_size,
+                                window_size: msg.initial_window_size,
+                            })
+                            .await
+                            .unwrap_or(());
+                    } else {
+                        error!("no channel for id {local_id:?}");
                     }
-                } else {
-                    return Err(crate::Error::Inconsistent.into());
-                };
 
-                if let Some(channel) = self.channels.get(&local_id) {
-                    channel
-                        .send(ChannelMsg::Open {
-                            id: local_id,
-                            max_packet_size: msg.maximum_packet_size,
-                            window_size: msg.initial_window_size,
-                        })
+                    client
+                        .channel_open_confirmation(
+                            local_id,
+                            msg.maximum_packet_size,
+                            msg.initial_window_size,
+                            self,
+                        )
                         .await
-                        .unwrap_or(());
-                } else {
-                    error!("no channel for id {local_id:?}");
-                }
-
-                client
-                    .channel_open_confirmation(
-                        local_id,
-                        msg.maximum_packet_size,
-                        msg.initial_window_size,
-                        self,
-                    )
-                    .await
+                })
+                .await
             }
             Some((&msg::CHANNEL_CLOSE, mut r)) => {
                 debug!("channel_close");
@@ -556,48 +578,51 @@ impl Session {
                 client.channel_eof(channel_num, self).await
             }
             Some((&msg::CHANNEL_OPEN_FAILURE, mut r)) => {
-                debug!("channel_open_failure");
-                let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                let reason_code = ChannelOpenFailure::from_u32(map_err!(u32::decode(&mut r))?)
-                    .unwrap_or(ChannelOpenFailure::AdministrativelyProhibited);
-                let descr = map_err!(String::decode(&mut r))?;
-                let language = map_err!(String::decode(&mut r))?;
-                map_err!(ensure_end(&r))?;
-                // Patched (PATCHES.md): keep the server's own description (why it
-                // refused) for whoever waits on the open.
-                let reason_code = if descr.is_empty() || descr == reason_code.description() {
-                    reason_code
-                } else {
-                    ChannelOpenFailure::Other {
-                        code: reason_code.code(),
-                        reason: descr.clone(),
+                Box::pin(async {
+                    debug!("channel_open_failure");
+                    let channel_num = map_err!(ChannelId::decode(&mut r))?;
+                    let reason_code = ChannelOpenFailure::from_u32(map_err!(u32::decode(&mut r))?)
+                        .unwrap_or(ChannelOpenFailure::AdministrativelyProhibited);
+                    let descr = map_err!(String::decode(&mut r))?;
+                    let language = map_err!(String::decode(&mut r))?;
+                    map_err!(ensure_end(&r))?;
+                    // Patched (PATCHES.md): keep the server's own description (why it
+                    // refused) for whoever waits on the open.
+                    let reason_code = if descr.is_empty() || descr == reason_code.description() {
+                        reason_code
+                    } else {
+                        ChannelOpenFailure::Other {
+                            code: reason_code.code(),
+                            reason: descr.clone(),
+                        }
+                    };
+                    // Unlike other channel-scoped messages this arrives for a
+                    // channel the client opened but that is not yet confirmed, so
+                    // gate on existence in the encrypted table rather than
+                    // `is_established_channel` (which requires `confirmed`).
+                    let known = match self.common.encrypted {
+                        Some(ref mut enc) => enc.channels.remove(&channel_num).is_some(),
+                        None => false,
+                    };
+                    if !known {
+                        return Ok(());
                     }
-                };
-                // Unlike other channel-scoped messages this arrives for a
-                // channel the client opened but that is not yet confirmed, so
-                // gate on existence in the encrypted table rather than
-                // `is_established_channel` (which requires `confirmed`).
-                let known = match self.common.encrypted {
-                    Some(ref mut enc) => enc.channels.remove(&channel_num).is_some(),
-                    None => false,
-                };
-                if !known {
-                    return Ok(());
-                }
 
-                if let Some(sender) = self.channels.remove(&channel_num) {
-                    let _ = sender
-                        .send(ChannelMsg::OpenFailure(reason_code.clone()))
-                        .await;
-                }
+                    if let Some(sender) = self.channels.remove(&channel_num) {
+                        let _ = sender
+                            .send(ChannelMsg::OpenFailure(reason_code.clone()))
+                            .await;
+                    }
 
-                // Patched (PATCHES.md): no `Reply::ChannelOpenFailure` here. Nothing
-                // reads replies after login (channels open only after it), so each
-                // refusal stayed queued until the session ended.
+                    // Patched (PATCHES.md): no `Reply::ChannelOpenFailure` here. Nothing
+                    // reads replies after login (channels open only after it), so each
+                    // refusal stayed queued until the session ended.
 
-                client
-                    .channel_open_failure(channel_num, reason_code, &descr, &language, self)
-                    .await
+                    client
+                        .channel_open_failure(channel_num, reason_code, &descr, &language, self)
+                        .await
+                })
+                .await
             }
             Some((&msg::CHANNEL_DATA, mut r)) => {
                 trace!("channel_data");
@@ -646,96 +671,99 @@ impl Session {
                     .await
             }
             Some((&msg::CHANNEL_REQUEST, mut r)) => {
-                let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                let req = map_err!(String::decode(&mut r))?;
-                debug!("channel_request: {channel_num:?} {req:?}",);
-                if !self.common.is_established_channel(channel_num) {
-                    return Ok(());
-                }
-                match req.as_str() {
-                    "xon-xoff" => {
-                        map_err!(u8::decode(&mut r))?; // should be 0.
-                        let client_can_do = map_err!(u8::decode(&mut r))? != 0;
-                        map_err!(ensure_end(&r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan.send(ChannelMsg::XonXoff { client_can_do }).await;
-                        }
-                        client.xon_xoff(channel_num, client_can_do, self).await
+                Box::pin(async {
+                    let channel_num = map_err!(ChannelId::decode(&mut r))?;
+                    let req = map_err!(String::decode(&mut r))?;
+                    debug!("channel_request: {channel_num:?} {req:?}",);
+                    if !self.common.is_established_channel(channel_num) {
+                        return Ok(());
                     }
-                    "exit-status" => {
-                        map_err!(u8::decode(&mut r))?; // should be 0.
-                        let exit_status = map_err!(u32::decode(&mut r))?;
-                        map_err!(ensure_end(&r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan.send(ChannelMsg::ExitStatus { exit_status }).await;
+                    match req.as_str() {
+                        "xon-xoff" => {
+                            map_err!(u8::decode(&mut r))?; // should be 0.
+                            let client_can_do = map_err!(u8::decode(&mut r))? != 0;
+                            map_err!(ensure_end(&r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan.send(ChannelMsg::XonXoff { client_can_do }).await;
+                            }
+                            client.xon_xoff(channel_num, client_can_do, self).await
                         }
-                        client.exit_status(channel_num, exit_status, self).await
-                    }
-                    "exit-signal" => {
-                        map_err!(u8::decode(&mut r))?; // should be 0.
-                        let signal_name =
-                            Sig::from_name(map_err!(String::decode(&mut r))?.as_str());
-                        let core_dumped = map_err!(u8::decode(&mut r))? != 0;
-                        let error_message = map_err!(String::decode(&mut r))?;
-                        let lang_tag = map_err!(String::decode(&mut r))?;
-                        map_err!(ensure_end(&r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::ExitSignal {
-                                    signal_name: signal_name.clone(),
+                        "exit-status" => {
+                            map_err!(u8::decode(&mut r))?; // should be 0.
+                            let exit_status = map_err!(u32::decode(&mut r))?;
+                            map_err!(ensure_end(&r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan.send(ChannelMsg::ExitStatus { exit_status }).await;
+                            }
+                            client.exit_status(channel_num, exit_status, self).await
+                        }
+                        "exit-signal" => {
+                            map_err!(u8::decode(&mut r))?; // should be 0.
+                            let signal_name =
+                                Sig::from_name(map_err!(String::decode(&mut r))?.as_str());
+                            let core_dumped = map_err!(u8::decode(&mut r))? != 0;
+                            let error_message = map_err!(String::decode(&mut r))?;
+                            let lang_tag = map_err!(String::decode(&mut r))?;
+                            map_err!(ensure_end(&r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::ExitSignal {
+                                        signal_name: signal_name.clone(),
+                                        core_dumped,
+                                        error_message: error_message.to_string(),
+                                        lang_tag: lang_tag.to_string(),
+                                    })
+                                    .await;
+                            }
+                            client
+                                .exit_signal(
+                                    channel_num,
+                                    signal_name,
                                     core_dumped,
-                                    error_message: error_message.to_string(),
-                                    lang_tag: lang_tag.to_string(),
-                                })
-                                .await;
+                                    &error_message,
+                                    &lang_tag,
+                                    self,
+                                )
+                                .await
                         }
-                        client
-                            .exit_signal(
-                                channel_num,
-                                signal_name,
-                                core_dumped,
-                                &error_message,
-                                &lang_tag,
-                                self,
-                            )
-                            .await
-                    }
-                    "keepalive@openssh.com" => {
-                        let wants_reply = map_err!(u8::decode(&mut r))?;
-                        map_err!(ensure_end(&r))?;
-                        if wants_reply == 1 {
-                            if let Some(ref mut enc) = self.common.encrypted {
-                                trace!("Received channel keep alive message: {req:?}",);
+                        "keepalive@openssh.com" => {
+                            let wants_reply = map_err!(u8::decode(&mut r))?;
+                            map_err!(ensure_end(&r))?;
+                            if wants_reply == 1 {
+                                if let Some(ref mut enc) = self.common.encrypted {
+                                    trace!("Received channel keep alive message: {req:?}",);
+                                    self.common.wants_reply = false;
+                                    if let Some(ch) = enc.channels.get(&channel_num) {
+                                        push_packet!(enc.write, {
+                                            map_err!(msg::CHANNEL_SUCCESS.encode(&mut enc.write))?;
+                                            map_err!(ch.recipient_channel.encode(&mut enc.write))?;
+                                        });
+                                    }
+                                }
+                            } else {
+                                warn!("Received keepalive without reply request!");
+                            }
+                            Ok(())
+                        }
+                        _ => {
+                            let wants_reply = map_err!(u8::decode(&mut r))?;
+                            if wants_reply == 1
+                                && let Some(ref mut enc) = self.common.encrypted
+                            {
                                 self.common.wants_reply = false;
                                 if let Some(ch) = enc.channels.get(&channel_num) {
                                     push_packet!(enc.write, {
-                                        map_err!(msg::CHANNEL_SUCCESS.encode(&mut enc.write))?;
+                                        map_err!(msg::CHANNEL_FAILURE.encode(&mut enc.write))?;
                                         map_err!(ch.recipient_channel.encode(&mut enc.write))?;
-                                    });
+                                    })
                                 }
                             }
-                        } else {
-                            warn!("Received keepalive without reply request!");
+                            info!("Unknown channel request {req:?} {wants_reply:?}",);
+                            Ok(())
                         }
-                        Ok(())
                     }
-                    _ => {
-                        let wants_reply = map_err!(u8::decode(&mut r))?;
-                        if wants_reply == 1
-                            && let Some(ref mut enc) = self.common.encrypted
-                        {
-                            self.common.wants_reply = false;
-                            if let Some(ch) = enc.channels.get(&channel_num) {
-                                push_packet!(enc.write, {
-                                    map_err!(msg::CHANNEL_FAILURE.encode(&mut enc.write))?;
-                                    map_err!(ch.recipient_channel.encode(&mut enc.write))?;
-                                })
-                            }
-                        }
-                        info!("Unknown channel request {req:?} {wants_reply:?}",);
-                        Ok(())
-                    }
-                }
+                })
+                .await
             }
             Some((&msg::CHANNEL_WINDOW_ADJUST, mut r)) => {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
@@ -773,7 +801,7 @@ impl Session {
                 }
                 client.window_adjusted(channel_num, new_size, self).await
             }
-            Some((&msg::GLOBAL_REQUEST, mut r)) => {
+            Some((&msg::GLOBAL_REQUEST, mut r)) => Box::pin(async {
                 let req = map_err!(String::decode(&mut r))?;
                 let wants_reply = map_err!(u8::decode(&mut r))?;
                 if let Some(ref mut enc) = self.common.encrypted {
@@ -809,7 +837,8 @@ impl Session {
                 }
                 self.common.received_data = false;
                 Ok(())
-            }
+            })
+            .await,
             Some((&msg::CHANNEL_SUCCESS, mut r)) => {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
@@ -833,252 +862,263 @@ impl Session {
                 client.channel_failure(channel_num, self).await
             }
             Some((&msg::CHANNEL_OPEN, mut r)) => {
-                let msg = OpenChannelMessage::parse(&mut r)?;
+                Box::pin(async {
+                    let msg = OpenChannelMessage::parse(&mut r)?;
 
-                let id = if let Some(ref mut enc) = self.common.encrypted {
-                    enc.new_channel_id()
-                } else {
-                    return Err(crate::Error::Inconsistent.into());
-                };
+                    let id = if let Some(ref mut enc) = self.common.encrypted {
+                        enc.new_channel_id()
+                    } else {
+                        return Err(crate::Error::Inconsistent.into());
+                    };
 
-                let channel_params = ChannelParams {
-                    consumed_unacked: 0,
-                    window: Default::default(),
-                    recipient_channel: msg.recipient_channel,
-                    sender_channel: id,
-                    recipient_window_size: msg.recipient_window_size,
-                    sender_window_size: self.common.config.window_size,
-                    recipient_maximum_packet_size: msg.recipient_maximum_packet_size,
-                    sender_maximum_packet_size: self.common.config.maximum_packet_size,
-                    confirmed: true,
-                    wants_reply: false,
-                    pending_data: std::collections::VecDeque::new(),
-                    pending_eof: false,
-                    pending_close: false,
-                };
+                    let channel_params = ChannelParams {
+                        consumed_unacked: 0,
+                        window: Default::default(),
+                        recipient_channel: msg.recipient_channel,
+                        sender_channel: id,
+                        recipient_window_size: msg.recipient_window_size,
+                        sender_window_size: self.common.config.window_size,
+                        recipient_maximum_packet_size: msg.recipient_maximum_packet_size,
+                        sender_maximum_packet_size: self.common.config.maximum_packet_size,
+                        confirmed: true,
+                        wants_reply: false,
+                        pending_data: std::collections::VecDeque::new(),
+                        pending_eof: false,
+                        pending_close: false,
+                    };
 
-                let (channel, channel_ref) = Channel::new(
-                    id,
-                    self.inbound_channel_sender.clone(),
-                    channel_params.recipient_maximum_packet_size,
-                    channel_params.recipient_window_size,
-                );
+                    let (channel, channel_ref) = Channel::new(
+                        id,
+                        self.inbound_channel_sender.clone(),
+                        channel_params.recipient_maximum_packet_size,
+                        channel_params.recipient_window_size,
+                    );
 
-                let pending = crate::PendingChannelOpen {
-                    recipient_channel: msg.recipient_channel,
-                    sender_channel: id,
-                    window_size: self.common.config.window_size,
-                    packet_size: self.common.config.maximum_packet_size,
-                    channel_ref,
-                    channel_params,
-                };
-                let reply = ChannelOpenHandle::new(
-                    self.priority_sender.clone(),
-                    pending,
-                    |pending, result| Msg::ServerChannelOpenReply {
-                        pending: Box::new(pending),
-                        result,
-                    },
-                );
+                    let pending = crate::PendingChannelOpen {
+                        recipient_channel: msg.recipient_channel,
+                        sender_channel: id,
+                        window_size: self.common.config.window_size,
+                        packet_size: self.common.config.maximum_packet_size,
+                        channel_ref,
+                        channel_params,
+                    };
+                    let reply = ChannelOpenHandle::new(
+                        self.priority_sender.clone(),
+                        pending,
+                        |pending, result| Msg::ServerChannelOpenReply {
+                            pending: Box::new(pending),
+                            result,
+                        },
+                    );
 
-                match &msg.typ {
-                    ChannelType::Session => {
-                        client
-                            .server_channel_open_session(channel, reply, self)
-                            .await?
-                    }
-                    ChannelType::DirectTcpip(d) => {
-                        client
-                            .server_channel_open_direct_tcpip(
-                                channel,
-                                &d.host_to_connect,
-                                d.port_to_connect,
-                                &d.originator_address,
-                                d.originator_port,
-                                reply,
-                                self,
-                            )
-                            .await?
-                    }
-                    ChannelType::DirectStreamLocal(d) => {
-                        client
-                            .server_channel_open_direct_streamlocal(
-                                channel,
-                                &d.socket_path,
-                                reply,
-                                self,
-                            )
-                            .await?
-                    }
-                    ChannelType::X11 {
-                        originator_address,
-                        originator_port,
-                    } => {
-                        client
-                            .server_channel_open_x11(
-                                channel,
-                                originator_address,
-                                *originator_port,
-                                reply,
-                                self,
-                            )
-                            .await?
-                    }
-                    ChannelType::ForwardedTcpIp(d) => {
-                        client
-                            .server_channel_open_forwarded_tcpip(
-                                channel,
-                                &d.host_to_connect,
-                                d.port_to_connect,
-                                &d.originator_address,
-                                d.originator_port,
-                                reply,
-                                self,
-                            )
-                            .await?
-                    }
-                    ChannelType::ForwardedStreamLocal(d) => {
-                        client
-                            .server_channel_open_forwarded_streamlocal(
-                                channel,
-                                &d.socket_path,
-                                reply,
-                                self,
-                            )
-                            .await?
-                    }
-                    ChannelType::AgentForward => {
-                        client
-                            .server_channel_open_agent_forward(channel, reply, self)
-                            .await?
-                    }
-                    ChannelType::Unknown { typ, data } => {
-                        if client.should_accept_unknown_server_channel(id, typ).await {
+                    match &msg.typ {
+                        ChannelType::Session => {
                             client
-                                .server_channel_open_custom(channel, typ, data, reply, self)
-                                .await?;
-                        } else {
-                            debug!("unknown channel type: {typ}");
-                            if let Some(ref mut enc) = self.common.encrypted {
-                                msg.unknown_type(&mut enc.write)?;
+                                .server_channel_open_session(channel, reply, self)
+                                .await?
+                        }
+                        ChannelType::DirectTcpip(d) => {
+                            client
+                                .server_channel_open_direct_tcpip(
+                                    channel,
+                                    &d.host_to_connect,
+                                    d.port_to_connect,
+                                    &d.originator_address,
+                                    d.originator_port,
+                                    reply,
+                                    self,
+                                )
+                                .await?
+                        }
+                        ChannelType::DirectStreamLocal(d) => {
+                            client
+                                .server_channel_open_direct_streamlocal(
+                                    channel,
+                                    &d.socket_path,
+                                    reply,
+                                    self,
+                                )
+                                .await?
+                        }
+                        ChannelType::X11 {
+                            originator_address,
+                            originator_port,
+                        } => {
+                            client
+                                .server_channel_open_x11(
+                                    channel,
+                                    originator_address,
+                                    *originator_port,
+                                    reply,
+                                    self,
+                                )
+                                .await?
+                        }
+                        ChannelType::ForwardedTcpIp(d) => {
+                            client
+                                .server_channel_open_forwarded_tcpip(
+                                    channel,
+                                    &d.host_to_connect,
+                                    d.port_to_connect,
+                                    &d.originator_address,
+                                    d.originator_port,
+                                    reply,
+                                    self,
+                                )
+                                .await?
+                        }
+                        ChannelType::ForwardedStreamLocal(d) => {
+                            client
+                                .server_channel_open_forwarded_streamlocal(
+                                    channel,
+                                    &d.socket_path,
+                                    reply,
+                                    self,
+                                )
+                                .await?
+                        }
+                        ChannelType::AgentForward => {
+                            client
+                                .server_channel_open_agent_forward(channel, reply, self)
+                                .await?
+                        }
+                        ChannelType::Unknown { typ, data } => {
+                            if client.should_accept_unknown_server_channel(id, typ).await {
+                                client
+                                    .server_channel_open_custom(channel, typ, data, reply, self)
+                                    .await?;
+                            } else {
+                                debug!("unknown channel type: {typ}");
+                                if let Some(ref mut enc) = self.common.encrypted {
+                                    msg.unknown_type(&mut enc.write)?;
+                                }
                             }
                         }
-                    }
-                };
-                Ok(())
+                    };
+                    Ok(())
+                })
+                .await
             }
             Some((&msg::REQUEST_SUCCESS, mut r)) => {
-                trace!("Global Request Success");
-                match self.open_global_requests.pop_front() {
-                    Some(GlobalRequestResponse::Keepalive) => {
-                        map_err!(ensure_end(&r))?;
-                        // ignore keepalives
-                    }
-                    Some(GlobalRequestResponse::Ping(return_channel)) => {
-                        map_err!(ensure_end(&r))?;
-                        let _ = return_channel.send(());
-                    }
-                    Some(GlobalRequestResponse::NoMoreSessions) => {
-                        map_err!(ensure_end(&r))?;
-                        debug!("no-more-sessions@openssh.com requests success");
-                    }
-                    Some(GlobalRequestResponse::TcpIpForward(return_channel)) => {
-                        let result = if r.is_empty() {
-                            // If a specific port was requested, the reply has no data
-                            Some(0)
-                        } else {
-                            match u32::decode(&mut r) {
-                                Ok(port) => {
-                                    if let Err(e) = ensure_end(&r) {
+                Box::pin(async {
+                    trace!("Global Request Success");
+                    match self.open_global_requests.pop_front() {
+                        Some(GlobalRequestResponse::Keepalive) => {
+                            map_err!(ensure_end(&r))?;
+                            // ignore keepalives
+                        }
+                        Some(GlobalRequestResponse::Ping(return_channel)) => {
+                            map_err!(ensure_end(&r))?;
+                            let _ = return_channel.send(());
+                        }
+                        Some(GlobalRequestResponse::NoMoreSessions) => {
+                            map_err!(ensure_end(&r))?;
+                            debug!("no-more-sessions@openssh.com requests success");
+                        }
+                        Some(GlobalRequestResponse::TcpIpForward(return_channel)) => {
+                            let result = if r.is_empty() {
+                                // If a specific port was requested, the reply has no data
+                                Some(0)
+                            } else {
+                                match u32::decode(&mut r) {
+                                    Ok(port) => {
+                                        if let Err(e) = ensure_end(&r) {
+                                            error!(
+                                                "Error parsing port for TcpIpForward request: {e:?}"
+                                            );
+                                            None
+                                        } else {
+                                            Some(port)
+                                        }
+                                    }
+                                    Err(e) => {
                                         error!(
                                             "Error parsing port for TcpIpForward request: {e:?}"
                                         );
                                         None
-                                    } else {
-                                        Some(port)
                                     }
                                 }
-                                Err(e) => {
-                                    error!("Error parsing port for TcpIpForward request: {e:?}");
-                                    None
-                                }
-                            }
-                        };
-                        let _ = return_channel.send(result);
-                    }
-                    Some(GlobalRequestResponse::CancelTcpIpForward(return_channel)) => {
-                        map_err!(ensure_end(&r))?;
-                        let _ = return_channel.send(true);
-                    }
-                    Some(GlobalRequestResponse::StreamLocalForward(return_channel)) => {
-                        map_err!(ensure_end(&r))?;
-                        let _ = return_channel.send(true);
-                    }
-                    Some(GlobalRequestResponse::CancelStreamLocalForward(return_channel)) => {
-                        map_err!(ensure_end(&r))?;
-                        let _ = return_channel.send(true);
-                    }
-                    Some(GlobalRequestResponse::HostKeysProve {
-                        return_channel,
-                        keys,
-                    }) => {
-                        let result = match self.common.encrypted {
-                            Some(ref enc) => verify_hostkeys_proof(&enc.session_id, &keys, r),
-                            None => Err(crate::Error::Inconsistent),
-                        };
-                        if let Err(ref e) = result {
-                            error!("hostkeys-prove-00@openssh.com reply rejected: {e:?}");
+                            };
+                            let _ = return_channel.send(result);
                         }
-                        let _ = return_channel.send(result);
+                        Some(GlobalRequestResponse::CancelTcpIpForward(return_channel)) => {
+                            map_err!(ensure_end(&r))?;
+                            let _ = return_channel.send(true);
+                        }
+                        Some(GlobalRequestResponse::StreamLocalForward(return_channel)) => {
+                            map_err!(ensure_end(&r))?;
+                            let _ = return_channel.send(true);
+                        }
+                        Some(GlobalRequestResponse::CancelStreamLocalForward(return_channel)) => {
+                            map_err!(ensure_end(&r))?;
+                            let _ = return_channel.send(true);
+                        }
+                        Some(GlobalRequestResponse::HostKeysProve {
+                            return_channel,
+                            keys,
+                        }) => {
+                            let result = match self.common.encrypted {
+                                Some(ref enc) => verify_hostkeys_proof(&enc.session_id, &keys, r),
+                                None => Err(crate::Error::Inconsistent),
+                            };
+                            if let Err(ref e) = result {
+                                error!("hostkeys-prove-00@openssh.com reply rejected: {e:?}");
+                            }
+                            let _ = return_channel.send(result);
+                        }
+                        Some(GlobalRequestResponse::Other(return_channel)) => {
+                            let _ = return_channel.send(Ok(CryptoVec::from_slice(r)));
+                        }
+                        None => {
+                            error!("Received global request failure for unknown request!")
+                        }
                     }
-                    Some(GlobalRequestResponse::Other(return_channel)) => {
-                        let _ = return_channel.send(Ok(CryptoVec::from_slice(r)));
-                    }
-                    None => {
-                        error!("Received global request failure for unknown request!")
-                    }
-                }
-                Ok(())
+                    Ok(())
+                })
+                .await
             }
             Some((&msg::REQUEST_FAILURE, r)) => {
-                trace!("global request failure");
-                let request = self.open_global_requests.pop_front();
-                if !matches!(request, Some(GlobalRequestResponse::Other(_))) {
-                    map_err!(ensure_end(&r))?;
-                }
-                match request {
-                    Some(GlobalRequestResponse::Keepalive) => {
-                        // ignore keepalives
+                Box::pin(async {
+                    trace!("global request failure");
+                    let request = self.open_global_requests.pop_front();
+                    if !matches!(request, Some(GlobalRequestResponse::Other(_))) {
+                        map_err!(ensure_end(&r))?;
                     }
-                    Some(GlobalRequestResponse::Ping(return_channel)) => {
-                        let _ = return_channel.send(());
+                    match request {
+                        Some(GlobalRequestResponse::Keepalive) => {
+                            // ignore keepalives
+                        }
+                        Some(GlobalRequestResponse::Ping(return_channel)) => {
+                            let _ = return_channel.send(());
+                        }
+                        Some(GlobalRequestResponse::NoMoreSessions) => {
+                            warn!("no-more-sessions@openssh.com requests failure");
+                        }
+                        Some(GlobalRequestResponse::TcpIpForward(return_channel)) => {
+                            let _ = return_channel.send(None);
+                        }
+                        Some(GlobalRequestResponse::CancelTcpIpForward(return_channel)) => {
+                            let _ = return_channel.send(false);
+                        }
+                        Some(GlobalRequestResponse::StreamLocalForward(return_channel)) => {
+                            let _ = return_channel.send(false);
+                        }
+                        Some(GlobalRequestResponse::CancelStreamLocalForward(return_channel)) => {
+                            let _ = return_channel.send(false);
+                        }
+                        Some(GlobalRequestResponse::HostKeysProve { return_channel, .. }) => {
+                            let _ = return_channel.send(Err(crate::Error::RequestDenied));
+                        }
+                        Some(GlobalRequestResponse::Other(return_channel)) => {
+                            let _ = return_channel.send(Err(CryptoVec::from_slice(r)));
+                        }
+                        None => {
+                            error!("Received global request failure for unknown request!")
+                        }
                     }
-                    Some(GlobalRequestResponse::NoMoreSessions) => {
-                        warn!("no-more-sessions@openssh.com requests failure");
-                    }
-                    Some(GlobalRequestResponse::TcpIpForward(return_channel)) => {
-                        let _ = return_channel.send(None);
-                    }
-                    Some(GlobalRequestResponse::CancelTcpIpForward(return_channel)) => {
-                        let _ = return_channel.send(false);
-                    }
-                    Some(GlobalRequestResponse::StreamLocalForward(return_channel)) => {
-                        let _ = return_channel.send(false);
-                    }
-                    Some(GlobalRequestResponse::CancelStreamLocalForward(return_channel)) => {
-                        let _ = return_channel.send(false);
-                    }
-                    Some(GlobalRequestResponse::HostKeysProve { return_channel, .. }) => {
-                        let _ = return_channel.send(Err(crate::Error::RequestDenied));
-                    }
-                    Some(GlobalRequestResponse::Other(return_channel)) => {
-                        let _ = return_channel.send(Err(CryptoVec::from_slice(r)));
-                    }
-                    None => {
-                        error!("Received global request failure for unknown request!")
-                    }
-                }
-                Ok(())
+                    Ok(())
+                })
+                .await
             }
             m => {
                 debug!("unknown message received: {m:?}");
@@ -1161,8 +1201,8 @@ mod tests {
             rekey_wanted: false,
             received_extensions: Vec::new(),
             extension_info_awaiters: HashMap::new(),
-                    window_rtt: None,
-                    window_learnt: 0,
+            window_rtt: None,
+            window_learnt: 0,
         }
     }
 

@@ -2125,88 +2125,95 @@ async fn reply<H: Handler>(
         if let SessionKexState::InProgress(kex) = session.kex.take() {
             let progress = kex.step(Some(pkt), &mut session.common.packet_writer)?;
 
-            match progress {
-                KexProgress::NeedsReply { kex, reset_seqn } => {
-                    debug!("kex impl continues: {kex:?}");
-                    session.kex = SessionKexState::InProgress(kex);
-                    if reset_seqn {
-                        debug!("kex impl requests seqno reset");
-                        session.common.reset_seqn();
+            // Patched (PATCHES.md, 21): boxed; the finished exchange's keys and
+            // host key, held across the handler's checks, would otherwise size
+            // every idle session's future.
+            Box::pin(async {
+                match progress {
+                    KexProgress::NeedsReply { kex, reset_seqn } => {
+                        debug!("kex impl continues: {kex:?}");
+                        session.kex = SessionKexState::InProgress(kex);
+                        if reset_seqn {
+                            debug!("kex impl requests seqno reset");
+                            session.common.reset_seqn();
+                        }
+                    }
+                    KexProgress::Done {
+                        server_host_key,
+                        server_host_certificate,
+                        agent_session_binding,
+                        newkeys,
+                    } => {
+                        debug!("kex impl has completed");
+                        session.common.strict_kex =
+                            session.common.strict_kex || newkeys.names.strict_kex();
+
+                        if session.common.encrypted.is_some() {
+                            // This is a rekey
+                            handler
+                                .kex_done(newkeys.kex.shared_secret_bytes(), &newkeys.names, session)
+                                .await?;
+                            {
+                                let common = &mut session.common;
+                                common.newkeys(newkeys);
+                                if let Some(enc) = common.encrypted.as_mut() {
+                                    enc.last_rekey = Instant::now();
+                                    enc.flush_all_pending_with_writer(
+                                        &mut common.packet_writer,
+                                        false,
+                                    )?;
+                                }
+                            }
+
+                            let mut pending = std::mem::take(&mut session.pending_reads);
+                            for p in pending.drain(..) {
+                                Box::pin(session.process_packet(handler, &p)).await?;
+                            }
+                            session.pending_reads = pending;
+                            session.pending_len = 0;
+                        } else {
+                            // This is the initial kex
+                            // A certificate replaces the key check rather than
+                            // adding to it. The key inside a certificate is not
+                            // something the client was ever told to trust — asking
+                            // about it as well would invite an implementation to
+                            // answer yes to the wrong question.
+                            if let Some(certificate) = server_host_certificate {
+                                if !handler.check_server_key(&certificate.into()).await? {
+                                    return Err(crate::Error::UnknownKey.into());
+                                }
+                            } else if let Some(server_host_key) = server_host_key {
+                                let check = handler.check_server_key(&server_host_key.into()).await?;
+                                if !check {
+                                    return Err(crate::Error::UnknownKey.into());
+                                }
+                            }
+
+                            handler
+                                .kex_done(newkeys.kex.shared_secret_bytes(), &newkeys.names, session)
+                                .await?;
+
+                            session
+                                .common
+                                .encrypted(initial_encrypted_state(session), newkeys);
+
+                            if let Some(sender) = kex_done_signal.take() {
+                                sender.send(agent_session_binding).unwrap_or(());
+                            }
+                        }
+
+                        session.kex = SessionKexState::Idle;
+
+                        if session.common.strict_kex {
+                            pkt.seqn = Wrapping(0);
+                        }
+
+                        debug!("kex done");
                     }
                 }
-                KexProgress::Done {
-                    server_host_key,
-                    server_host_certificate,
-                    agent_session_binding,
-                    newkeys,
-                } => {
-                    debug!("kex impl has completed");
-                    session.common.strict_kex =
-                        session.common.strict_kex || newkeys.names.strict_kex();
-
-                    if session.common.encrypted.is_some() {
-                        // This is a rekey
-                        handler
-                            .kex_done(newkeys.kex.shared_secret_bytes(), &newkeys.names, session)
-                            .await?;
-                        {
-                            let common = &mut session.common;
-                            common.newkeys(newkeys);
-                            if let Some(enc) = common.encrypted.as_mut() {
-                                enc.last_rekey = Instant::now();
-                                enc.flush_all_pending_with_writer(
-                                    &mut common.packet_writer,
-                                    false,
-                                )?;
-                            }
-                        }
-
-                        let mut pending = std::mem::take(&mut session.pending_reads);
-                        for p in pending.drain(..) {
-                            session.process_packet(handler, &p).await?;
-                        }
-                        session.pending_reads = pending;
-                        session.pending_len = 0;
-                    } else {
-                        // This is the initial kex
-                        // A certificate replaces the key check rather than
-                        // adding to it. The key inside a certificate is not
-                        // something the client was ever told to trust — asking
-                        // about it as well would invite an implementation to
-                        // answer yes to the wrong question.
-                        if let Some(certificate) = server_host_certificate {
-                            if !handler.check_server_key(&certificate.into()).await? {
-                                return Err(crate::Error::UnknownKey.into());
-                            }
-                        } else if let Some(server_host_key) = server_host_key {
-                            let check = handler.check_server_key(&server_host_key.into()).await?;
-                            if !check {
-                                return Err(crate::Error::UnknownKey.into());
-                            }
-                        }
-
-                        handler
-                            .kex_done(newkeys.kex.shared_secret_bytes(), &newkeys.names, session)
-                            .await?;
-
-                        session
-                            .common
-                            .encrypted(initial_encrypted_state(session), newkeys);
-
-                        if let Some(sender) = kex_done_signal.take() {
-                            sender.send(agent_session_binding).unwrap_or(());
-                        }
-                    }
-
-                    session.kex = SessionKexState::Idle;
-
-                    if session.common.strict_kex {
-                        pkt.seqn = Wrapping(0);
-                    }
-
-                    debug!("kex done");
-                }
-            }
+                Ok::<(), H::Error>(())
+            })
+            .await?;
 
             session.flush()?;
 

@@ -98,8 +98,10 @@ impl Session {
                 map_err!(ensure_end(&r))?;
                 debug!("request: {request:?}");
                 if request == "ssh-userauth" {
+                    // Patched (PATCHES.md, 21): the authentication steps are boxed
+                    // (once per session; their state would size every idle session).
                     let auth_request = server_accept_service(
-                        handler.authentication_banner().await?,
+                        Box::pin(handler.authentication_banner()).await?,
                         self.common.config.as_ref().methods.clone(),
                         &mut enc.write,
                     )?;
@@ -109,21 +111,21 @@ impl Session {
                 Ok(())
             }
             (EncryptedState::WaitingAuthRequest(_), Some((&msg::USERAUTH_REQUEST, mut r))) => {
-                enc.server_read_auth_request(
+                Box::pin(enc.server_read_auth_request(
                     rejection_wait_until,
                     initial_none_rejection_wait_until,
                     handler,
                     buf,
                     &mut r,
                     &mut self.common.auth_user,
-                )
+                ))
                 .await?;
                 self.common.auth_attempts += 1;
                 if let EncryptedState::InitCompression = enc.state {
                     if enc.client_compression.is_deferred() {
                         enc.client_compression.init_decompress(&mut enc.decompress);
                     }
-                    handler.auth_succeeded(self).await?;
+                    Box::pin(handler.auth_succeeded(self)).await?;
                 }
                 Ok(())
             }
@@ -131,21 +133,21 @@ impl Session {
                 EncryptedState::WaitingAuthRequest(auth),
                 Some((&msg::USERAUTH_INFO_RESPONSE, mut r)),
             ) => {
-                let resp = read_userauth_info_response(
+                let resp = Box::pin(read_userauth_info_response(
                     rejection_wait_until,
                     handler,
                     &mut enc.write,
                     auth,
                     &self.common.auth_user,
                     &mut r,
-                )
+                ))
                 .await?;
                 if resp {
                     enc.state = EncryptedState::InitCompression;
                     if enc.client_compression.is_deferred() {
                         enc.client_compression.init_decompress(&mut enc.decompress);
                     }
-                    handler.auth_succeeded(self).await
+                    Box::pin(handler.auth_succeeded(self)).await
                 } else {
                     Ok(())
                 }
@@ -1459,7 +1461,9 @@ impl Session {
         r: &mut R,
     ) -> Result<(), H::Error> {
         match msg {
-            msg::CHANNEL_OPEN => self.server_handle_channel_open(handler, r).await,
+            // Patched (PATCHES.md, 21): the rare messages (opens, requests) are
+            // boxed; data, window adjusts, EOF and close stay inline.
+            msg::CHANNEL_OPEN => Box::pin(self.server_handle_channel_open(handler, r)).await,
             msg::CHANNEL_CLOSE => {
                 let channel_num = map_err!(ChannelId::decode(r))?;
                 map_err!(ensure_end(r))?;
@@ -1608,339 +1612,346 @@ impl Session {
             }
 
             msg::CHANNEL_REQUEST => {
-                let channel_num = map_err!(ChannelId::decode(r))?;
-                let req_type = map_err!(String::decode(r))?;
-                let wants_reply = map_err!(u8::decode(r))?;
-                if let Some(ref mut enc) = self.common.encrypted
-                    && let Some(channel) = enc.channels.get_mut(&channel_num)
-                {
-                    channel.wants_reply = wants_reply != 0;
-                }
-                if !self.common.is_established_channel(channel_num) {
-                    // Request for a channel that was never opened (or whose open
-                    // was denied): drop it without invoking any handler callback.
-                    return Ok(());
-                }
-                match req_type.as_str() {
-                    "pty-req" => {
-                        let term = map_err!(String::decode(r))?;
-                        let col_width = map_err!(u32::decode(r))?;
-                        let row_height = map_err!(u32::decode(r))?;
-                        let pix_width = map_err!(u32::decode(r))?;
-                        let pix_height = map_err!(u32::decode(r))?;
-                        let mut modes = [(Pty::TTY_OP_END, 0); 130];
-                        let mut i = 0;
-                        {
-                            let mode_string = map_err!(Bytes::decode(r))?;
-                            let mut mode_bytes = mode_string.as_ref();
-                            while !mode_bytes.is_empty() {
-                                #[allow(clippy::indexing_slicing)] // length checked
-                                let code = mode_bytes[0];
-                                if code == 0 {
-                                    if mode_bytes.len() != 1 {
+                Box::pin(async {
+                    let channel_num = map_err!(ChannelId::decode(r))?;
+                    let req_type = map_err!(String::decode(r))?;
+                    let wants_reply = map_err!(u8::decode(r))?;
+                    if let Some(ref mut enc) = self.common.encrypted
+                        && let Some(channel) = enc.channels.get_mut(&channel_num)
+                    {
+                        channel.wants_reply = wants_reply != 0;
+                    }
+                    if !self.common.is_established_channel(channel_num) {
+                        // Request for a channel that was never opened (or whose open
+                        // was denied): drop it without invoking any handler callback.
+                        return Ok(());
+                    }
+                    match req_type.as_str() {
+                        "pty-req" => {
+                            let term = map_err!(String::decode(r))?;
+                            let col_width = map_err!(u32::decode(r))?;
+                            let row_height = map_err!(u32::decode(r))?;
+                            let pix_width = map_err!(u32::decode(r))?;
+                            let pix_height = map_err!(u32::decode(r))?;
+                            let mut modes = [(Pty::TTY_OP_END, 0); 130];
+                            let mut i = 0;
+                            {
+                                let mode_string = map_err!(Bytes::decode(r))?;
+                                let mut mode_bytes = mode_string.as_ref();
+                                while !mode_bytes.is_empty() {
+                                    #[allow(clippy::indexing_slicing)] // length checked
+                                    let code = mode_bytes[0];
+                                    if code == 0 {
+                                        if mode_bytes.len() != 1 {
+                                            return Err(Error::Inconsistent.into());
+                                        }
+                                        break;
+                                    }
+                                    if mode_bytes.len() < 5 {
                                         return Err(Error::Inconsistent.into());
                                     }
-                                    break;
-                                }
-                                if mode_bytes.len() < 5 {
-                                    return Err(Error::Inconsistent.into());
-                                }
-                                #[allow(clippy::indexing_slicing)] // length checked
-                                let num = BigEndian::read_u32(&mode_bytes[1..5]);
-                                debug!("code = {code:?}");
-                                if i >= modes.len() {
-                                    error!("pty-req: too many pty codes");
-                                    return Err(Error::Inconsistent.into());
-                                }
-                                if let Some(code) = Pty::from_u8(code) {
-                                    #[allow(clippy::indexing_slicing)]
-                                    // i < modes.len() checked above
-                                    {
-                                        modes[i] = (code, num);
+                                    #[allow(clippy::indexing_slicing)] // length checked
+                                    let num = BigEndian::read_u32(&mode_bytes[1..5]);
+                                    debug!("code = {code:?}");
+                                    if i >= modes.len() {
+                                        error!("pty-req: too many pty codes");
+                                        return Err(Error::Inconsistent.into());
                                     }
-                                } else {
-                                    info!("pty-req: unknown pty code {code:?}");
-                                }
-                                i += 1;
+                                    if let Some(code) = Pty::from_u8(code) {
+                                        #[allow(clippy::indexing_slicing)]
+                                        // i < modes.len() checked above
+                                        {
+                                            modes[i] = (code, num);
+                                        }
+                                    } else {
+                                        info!("pty-req: unknown pty code {code:?}");
+                                    }
+                                    i += 1;
 
-                                #[allow(clippy::indexing_slicing, reason = "length checked")]
-                                {
-                                    mode_bytes = &mode_bytes[5..];
+                                    #[allow(clippy::indexing_slicing, reason = "length checked")]
+                                    {
+                                        mode_bytes = &mode_bytes[5..];
+                                    }
                                 }
                             }
-                        }
-                        map_err!(ensure_end(r))?;
+                            map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            // Only the first `i` entries were decoded from the
-                            // request; the rest of `modes` is padding and must
-                            // not be passed on as if the client had sent it.
-                            #[allow(clippy::indexing_slicing)] // `i <= modes.len()` checked above
-                            let terminal_modes = modes[..i].to_vec();
-                            let _ = chan
-                                .send(ChannelMsg::RequestPty {
-                                    want_reply: true,
-                                    term: term.clone(),
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                // Only the first `i` entries were decoded from the
+                                // request; the rest of `modes` is padding and must
+                                // not be passed on as if the client had sent it.
+                                #[allow(clippy::indexing_slicing)]
+                                // `i <= modes.len()` checked above
+                                let terminal_modes = modes[..i].to_vec();
+                                let _ = chan
+                                    .send(ChannelMsg::RequestPty {
+                                        want_reply: true,
+                                        term: term.clone(),
+                                        col_width,
+                                        row_height,
+                                        pix_width,
+                                        pix_height,
+                                        terminal_modes,
+                                    })
+                                    .await;
+                            }
+
+                            debug!("handler.pty_request {channel_num:?}");
+                            #[allow(clippy::indexing_slicing)] // `modes` length checked
+                            handler
+                                .pty_request(
+                                    channel_num,
+                                    &term,
                                     col_width,
                                     row_height,
                                     pix_width,
                                     pix_height,
-                                    terminal_modes,
-                                })
-                                .await;
+                                    &modes[0..i],
+                                    self,
+                                )
+                                .await
                         }
+                        "x11-req" => {
+                            let single_connection = map_err!(u8::decode(r))? != 0;
+                            let x11_auth_protocol = map_err!(String::decode(r))?;
+                            let x11_auth_cookie = map_err!(String::decode(r))?;
+                            let x11_screen_number = map_err!(u32::decode(r))?;
+                            map_err!(ensure_end(r))?;
 
-                        debug!("handler.pty_request {channel_num:?}");
-                        #[allow(clippy::indexing_slicing)] // `modes` length checked
-                        handler
-                            .pty_request(
-                                channel_num,
-                                &term,
-                                col_width,
-                                row_height,
-                                pix_width,
-                                pix_height,
-                                &modes[0..i],
-                                self,
-                            )
-                            .await
-                    }
-                    "x11-req" => {
-                        let single_connection = map_err!(u8::decode(r))? != 0;
-                        let x11_auth_protocol = map_err!(String::decode(r))?;
-                        let x11_auth_cookie = map_err!(String::decode(r))?;
-                        let x11_screen_number = map_err!(u32::decode(r))?;
-                        map_err!(ensure_end(r))?;
-
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::RequestX11 {
-                                    want_reply: true,
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::RequestX11 {
+                                        want_reply: true,
+                                        single_connection,
+                                        x11_authentication_cookie: x11_auth_cookie.clone(),
+                                        x11_authentication_protocol: x11_auth_protocol.clone(),
+                                        x11_screen_number,
+                                    })
+                                    .await;
+                            }
+                            debug!("handler.x11_request {channel_num:?}");
+                            handler
+                                .x11_request(
+                                    channel_num,
                                     single_connection,
-                                    x11_authentication_cookie: x11_auth_cookie.clone(),
-                                    x11_authentication_protocol: x11_auth_protocol.clone(),
+                                    &x11_auth_protocol,
+                                    &x11_auth_cookie,
                                     x11_screen_number,
-                                })
-                                .await;
+                                    self,
+                                )
+                                .await
                         }
-                        debug!("handler.x11_request {channel_num:?}");
-                        handler
-                            .x11_request(
-                                channel_num,
-                                single_connection,
-                                &x11_auth_protocol,
-                                &x11_auth_cookie,
-                                x11_screen_number,
-                                self,
-                            )
-                            .await
-                    }
-                    "env" => {
-                        let env_variable = map_err!(String::decode(r))?;
-                        let env_value = map_err!(String::decode(r))?;
-                        map_err!(ensure_end(r))?;
+                        "env" => {
+                            let env_variable = map_err!(String::decode(r))?;
+                            let env_value = map_err!(String::decode(r))?;
+                            map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::SetEnv {
-                                    want_reply: true,
-                                    variable_name: env_variable.clone(),
-                                    variable_value: env_value.clone(),
-                                })
-                                .await;
-                        }
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::SetEnv {
+                                        want_reply: true,
+                                        variable_name: env_variable.clone(),
+                                        variable_value: env_value.clone(),
+                                    })
+                                    .await;
+                            }
 
-                        debug!("handler.env_request {channel_num:?}");
-                        handler
-                            .env_request(channel_num, &env_variable, &env_value, self)
-                            .await
-                    }
-                    "shell" => {
-                        map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::RequestShell { want_reply: true })
-                                .await;
+                            debug!("handler.env_request {channel_num:?}");
+                            handler
+                                .env_request(channel_num, &env_variable, &env_value, self)
+                                .await
                         }
-                        debug!("handler.shell_request {channel_num:?}");
-                        handler.shell_request(channel_num, self).await
-                    }
-                    "auth-agent-req@openssh.com" => {
-                        map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::AgentForward { want_reply: true })
-                                .await;
+                        "shell" => {
+                            map_err!(ensure_end(r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::RequestShell { want_reply: true })
+                                    .await;
+                            }
+                            debug!("handler.shell_request {channel_num:?}");
+                            handler.shell_request(channel_num, self).await
                         }
-                        debug!("handler.agent_request {channel_num:?}");
+                        "auth-agent-req@openssh.com" => {
+                            map_err!(ensure_end(r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::AgentForward { want_reply: true })
+                                    .await;
+                            }
+                            debug!("handler.agent_request {channel_num:?}");
 
-                        let response = handler.agent_request(channel_num, self).await?;
-                        if response {
-                            self.channel_success(channel_num)?
-                        } else {
-                            self.channel_failure(channel_num)?
+                            let response = handler.agent_request(channel_num, self).await?;
+                            if response {
+                                self.channel_success(channel_num)?
+                            } else {
+                                self.channel_failure(channel_num)?
+                            }
+                            Ok(())
                         }
-                        Ok(())
-                    }
-                    "exec" => {
-                        let req = map_err!(Bytes::decode(r))?;
-                        map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::Exec {
-                                    want_reply: true,
-                                    command: req.to_vec(),
-                                })
-                                .await;
+                        "exec" => {
+                            let req = map_err!(Bytes::decode(r))?;
+                            map_err!(ensure_end(r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::Exec {
+                                        want_reply: true,
+                                        command: req.to_vec(),
+                                    })
+                                    .await;
+                            }
+                            debug!("handler.exec_request {channel_num:?}");
+                            handler.exec_request(channel_num, &req, self).await
                         }
-                        debug!("handler.exec_request {channel_num:?}");
-                        handler.exec_request(channel_num, &req, self).await
-                    }
-                    "subsystem" => {
-                        let name = map_err!(String::decode(r))?;
-                        map_err!(ensure_end(r))?;
+                        "subsystem" => {
+                            let name = map_err!(String::decode(r))?;
+                            map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::RequestSubsystem {
-                                    want_reply: true,
-                                    name: name.clone(),
-                                })
-                                .await;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::RequestSubsystem {
+                                        want_reply: true,
+                                        name: name.clone(),
+                                    })
+                                    .await;
+                            }
+                            debug!("handler.subsystem_request {channel_num:?}");
+                            handler.subsystem_request(channel_num, &name, self).await
                         }
-                        debug!("handler.subsystem_request {channel_num:?}");
-                        handler.subsystem_request(channel_num, &name, self).await
-                    }
-                    "window-change" => {
-                        let col_width = map_err!(u32::decode(r))?;
-                        let row_height = map_err!(u32::decode(r))?;
-                        let pix_width = map_err!(u32::decode(r))?;
-                        let pix_height = map_err!(u32::decode(r))?;
-                        map_err!(ensure_end(r))?;
+                        "window-change" => {
+                            let col_width = map_err!(u32::decode(r))?;
+                            let row_height = map_err!(u32::decode(r))?;
+                            let pix_width = map_err!(u32::decode(r))?;
+                            let pix_height = map_err!(u32::decode(r))?;
+                            map_err!(ensure_end(r))?;
 
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            let _ = chan
-                                .send(ChannelMsg::WindowChange {
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                let _ = chan
+                                    .send(ChannelMsg::WindowChange {
+                                        col_width,
+                                        row_height,
+                                        pix_width,
+                                        pix_height,
+                                    })
+                                    .await;
+                            }
+
+                            debug!("handler.window_change {channel_num:?}");
+                            handler
+                                .window_change_request(
+                                    channel_num,
                                     col_width,
                                     row_height,
                                     pix_width,
                                     pix_height,
+                                    self,
+                                )
+                                .await
+                        }
+                        "signal" => {
+                            let signal = Sig::from_name(&map_err!(String::decode(r))?);
+                            map_err!(ensure_end(r))?;
+                            if let Some(chan) = self.channels.get(&channel_num) {
+                                chan.send(ChannelMsg::Signal {
+                                    signal: signal.clone(),
                                 })
-                                .await;
+                                .await
+                                .unwrap_or(())
+                            }
+                            debug!("handler.signal {channel_num:?} {signal:?}");
+                            handler.signal(channel_num, signal, self).await
                         }
-
-                        debug!("handler.window_change {channel_num:?}");
-                        handler
-                            .window_change_request(
-                                channel_num,
-                                col_width,
-                                row_height,
-                                pix_width,
-                                pix_height,
-                                self,
-                            )
-                            .await
-                    }
-                    "signal" => {
-                        let signal = Sig::from_name(&map_err!(String::decode(r))?);
-                        map_err!(ensure_end(r))?;
-                        if let Some(chan) = self.channels.get(&channel_num) {
-                            chan.send(ChannelMsg::Signal {
-                                signal: signal.clone(),
-                            })
-                            .await
-                            .unwrap_or(())
+                        x => {
+                            warn!("unknown channel request {x}");
+                            self.channel_failure(channel_num)?;
+                            Ok(())
                         }
-                        debug!("handler.signal {channel_num:?} {signal:?}");
-                        handler.signal(channel_num, signal, self).await
                     }
-                    x => {
-                        warn!("unknown channel request {x}");
-                        self.channel_failure(channel_num)?;
-                        Ok(())
-                    }
-                }
+                })
+                .await
             }
             msg::GLOBAL_REQUEST => {
-                let req_type = map_err!(String::decode(r))?;
-                self.common.wants_reply = map_err!(u8::decode(r))? != 0;
-                match req_type.as_str() {
-                    "tcpip-forward" => {
-                        let address = map_err!(String::decode(r))?;
-                        let port = map_err!(u32::decode(r))?;
-                        map_err!(ensure_end(r))?;
-                        debug!("handler.tcpip_forward {address:?} {port:?}");
-                        let mut returned_port = port;
-                        let result = handler
-                            .tcpip_forward(&address, &mut returned_port, self)
-                            .await?;
-                        if result {
-                            if self.common.wants_reply
-                                && let Some(ref mut enc) = self.common.encrypted
-                            {
-                                self.common.wants_reply = false;
-                                push_packet!(enc.write, {
-                                    enc.write.push(msg::REQUEST_SUCCESS);
-                                    if port == 0 && returned_port != 0 {
-                                        map_err!(returned_port.encode(&mut enc.write))?;
-                                    }
-                                })
+                Box::pin(async {
+                    let req_type = map_err!(String::decode(r))?;
+                    self.common.wants_reply = map_err!(u8::decode(r))? != 0;
+                    match req_type.as_str() {
+                        "tcpip-forward" => {
+                            let address = map_err!(String::decode(r))?;
+                            let port = map_err!(u32::decode(r))?;
+                            map_err!(ensure_end(r))?;
+                            debug!("handler.tcpip_forward {address:?} {port:?}");
+                            let mut returned_port = port;
+                            let result = handler
+                                .tcpip_forward(&address, &mut returned_port, self)
+                                .await?;
+                            if result {
+                                if self.common.wants_reply
+                                    && let Some(ref mut enc) = self.common.encrypted
+                                {
+                                    self.common.wants_reply = false;
+                                    push_packet!(enc.write, {
+                                        enc.write.push(msg::REQUEST_SUCCESS);
+                                        if port == 0 && returned_port != 0 {
+                                            map_err!(returned_port.encode(&mut enc.write))?;
+                                        }
+                                    })
+                                }
+                            } else {
+                                self.request_failure();
                             }
-                        } else {
-                            self.request_failure();
+                            Ok(())
                         }
-                        Ok(())
-                    }
-                    "cancel-tcpip-forward" => {
-                        let address = map_err!(String::decode(r))?;
-                        let port = map_err!(u32::decode(r))?;
-                        map_err!(ensure_end(r))?;
-                        debug!("handler.cancel_tcpip_forward {address:?} {port:?}");
-                        let result = handler.cancel_tcpip_forward(&address, port, self).await?;
-                        if result {
-                            self.request_success();
-                        } else {
-                            self.request_failure();
+                        "cancel-tcpip-forward" => {
+                            let address = map_err!(String::decode(r))?;
+                            let port = map_err!(u32::decode(r))?;
+                            map_err!(ensure_end(r))?;
+                            debug!("handler.cancel_tcpip_forward {address:?} {port:?}");
+                            let result = handler.cancel_tcpip_forward(&address, port, self).await?;
+                            if result {
+                                self.request_success();
+                            } else {
+                                self.request_failure();
+                            }
+                            Ok(())
                         }
-                        Ok(())
-                    }
-                    "streamlocal-forward@openssh.com" => {
-                        let server_socket_path = map_err!(String::decode(r))?;
-                        map_err!(ensure_end(r))?;
-                        debug!("handler.streamlocal_forward {server_socket_path:?}");
-                        let result = handler
-                            .streamlocal_forward(&server_socket_path, self)
-                            .await?;
-                        if result {
-                            self.request_success();
-                        } else {
-                            self.request_failure();
+                        "streamlocal-forward@openssh.com" => {
+                            let server_socket_path = map_err!(String::decode(r))?;
+                            map_err!(ensure_end(r))?;
+                            debug!("handler.streamlocal_forward {server_socket_path:?}");
+                            let result = handler
+                                .streamlocal_forward(&server_socket_path, self)
+                                .await?;
+                            if result {
+                                self.request_success();
+                            } else {
+                                self.request_failure();
+                            }
+                            Ok(())
                         }
-                        Ok(())
-                    }
-                    "cancel-streamlocal-forward@openssh.com" => {
-                        let socket_path = map_err!(String::decode(r))?;
-                        map_err!(ensure_end(r))?;
-                        debug!("handler.cancel_streamlocal_forward {socket_path:?}");
-                        let result = handler
-                            .cancel_streamlocal_forward(&socket_path, self)
-                            .await?;
-                        if result {
-                            self.request_success();
-                        } else {
-                            self.request_failure();
+                        "cancel-streamlocal-forward@openssh.com" => {
+                            let socket_path = map_err!(String::decode(r))?;
+                            map_err!(ensure_end(r))?;
+                            debug!("handler.cancel_streamlocal_forward {socket_path:?}");
+                            let result = handler
+                                .cancel_streamlocal_forward(&socket_path, self)
+                                .await?;
+                            if result {
+                                self.request_success();
+                            } else {
+                                self.request_failure();
+                            }
+                            Ok(())
                         }
-                        Ok(())
+                        _ => {
+                            let mut data = vec![0; r.remaining_len()];
+                            map_err!(r.read(&mut data))?;
+                            debug!("handler.global_request {req_type:?}");
+                            let reply = handler.global_request(&req_type, &data, self).await?;
+                            self.request_reply(&reply);
+                            Ok(())
+                        }
                     }
-                    _ => {
-                        let mut data = vec![0; r.remaining_len()];
-                        map_err!(r.read(&mut data))?;
-                        debug!("handler.global_request {req_type:?}");
-                        let reply = handler.global_request(&req_type, &data, self).await?;
-                        self.request_reply(&reply);
-                        Ok(())
-                    }
-                }
+                })
+                .await
             }
             msg::CHANNEL_OPEN_FAILURE => {
                 debug!("channel_open_failure");
@@ -2060,7 +2071,7 @@ impl Session {
         };
         let channel_params = ChannelParams {
             consumed_unacked: 0,
-                    window: Default::default(),
+            window: Default::default(),
             recipient_channel: msg.recipient_channel,
 
             // "sender" is the local end, i.e. we're the sender, the remote is the recipient.

@@ -1350,9 +1350,10 @@ async fn reply<H: Handler + Send>(
     #[allow(clippy::collapsible_if)]
     if is_kex_msg {
         if let SessionKexState::InProgress(kex) = session.kex.take() {
-            let progress = kex
-                .step(Some(pkt), &mut session.common.packet_writer, handler)
-                .await?;
+            // Patched (PATCHES.md, 21): the key exchange runs a few times per
+            // session; boxed, its state is not part of every idle session's future.
+            let progress =
+                Box::pin(kex.step(Some(pkt), &mut session.common.packet_writer, handler)).await?;
 
             match progress {
                 KexProgress::NeedsReply { kex, reset_seqn } => {
@@ -1384,7 +1385,7 @@ async fn reply<H: Handler + Send>(
 
                         let mut pending = std::mem::take(&mut session.pending_reads);
                         for p in pending.drain(..) {
-                            session.process_packet(handler, &p).await?;
+                            Box::pin(session.process_packet(handler, &p)).await?;
                         }
                         session.pending_reads = pending;
                         session.pending_len = 0;
