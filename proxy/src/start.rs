@@ -32,7 +32,7 @@ use crate::agents::hub::HubServices;
 use crate::agents::registry::Registry;
 use crate::agents::store::ClusterStore;
 use crate::clusters::refusals::RefusalEvents;
-use crate::clusters::{controller, events, readiness, reconcile, status};
+use crate::clusters::{controller, events, reconcile, status};
 use crate::config::{Config, HaConfig, Mode};
 use crate::ha::leader::Leadership;
 use crate::ha::owners::Owners;
@@ -335,7 +335,13 @@ async fn with_kubernetes(
         })?;
     }
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(readiness::mark_when_synced(running.store, ready.clone()));
+    let mut synced = running.synced.clone();
+    let marked = ready.clone();
+    tokio::spawn(async move {
+        if synced.wait_for(|s| *s).await.is_ok() {
+            marked.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
     let gate = Gate::new(core.registry.clone(), running.clusters, hub_services(&core))
         .with_registrar(Arc::new(Registrar::new(client.clone())));
     let background = Background {

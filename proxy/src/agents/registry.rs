@@ -169,6 +169,13 @@ impl Registry {
             .map_or(0, |l| l.iter().filter(|e| !e.session.is_closed()).count())
     }
 
+    /// Whether an agent of `cluster` was connected to this process at some
+    /// point (it may be gone now).
+    pub fn seen(&self, cluster: &str) -> bool {
+        lock(&self.inner.sessions).contains_key(cluster)
+            || lock(&self.inner.ended_bytes).contains_key(cluster)
+    }
+
     /// Clusters with at least one registered session.
     pub fn clusters(&self) -> Vec<String> {
         lock(&self.inner.sessions).keys().cloned().collect()

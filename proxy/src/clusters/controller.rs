@@ -95,6 +95,8 @@ pub struct Running<P> {
     pub clusters: Arc<CrStore<P>>,
     /// The controller's cache of Clusters.
     pub store: Store<Cluster>,
+    /// True once that cache has synced.
+    pub synced: tokio::sync::watch::Receiver<bool>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -125,6 +127,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
             },
         );
     let store = controller.store();
+    let synced = super::readiness::watch_sync(store.clone());
     let (trigger, triggers) = mpsc::unbounded_channel();
     let recorder = super::events::recorder(client.clone());
     let names = Names::default();
@@ -138,6 +141,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         options: options.clone(),
         owners: owners.clone(),
         kick,
+        synced: synced.clone(),
     });
     let ctx = Arc::new(Context {
         client,
@@ -150,7 +154,8 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         names,
         reserved: Mutex::default(),
         written: Mutex::default(),
-        no_service: Mutex::default(),
+        services_left: Default::default(),
+        leading_since: Mutex::default(),
         leader: ha
             .as_ref()
             .map_or_else(Leadership::always, |h| h.leader.clone()),
@@ -194,6 +199,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     Running {
         clusters,
         store,
+        synced,
         task,
     }
 }

@@ -17,6 +17,8 @@
 //! - conditions `Initialized`, `AgentAvailable`, `ExternalAccessReady`, and
 //!   Events when they change;
 //! - what the member says about itself in the status ([`status`]);
+//! - after a restart or failover, nothing for a Cluster whose agent has not
+//!   come back yet, for up to 40 s ([`comeback`]);
 //! - a new token on request, the previous one working for a grace period
 //!   while connected agents are handed the new one ([`rotation`] decides,
 //!   [`rotate`] writes and tells).
@@ -26,6 +28,7 @@
 //! Cluster, its Service or its sessions change. [`store`] is the registry's view of
 //! the Clusters (tokens, and the ports opened before an agent hears success).
 
+pub mod comeback;
 pub mod controller;
 pub mod crd;
 pub mod decide;

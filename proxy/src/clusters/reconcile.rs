@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -18,6 +18,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::comeback;
 use super::crd::Cluster;
 use super::decide::{self, Facts, PortChoice, Role};
 use super::events::{Recorder, publish};
@@ -63,8 +64,11 @@ pub struct Context<P: Ports> {
     /// another kubeconfig and conflict again and again (at 1,000 clusters
     /// several writes per cluster and minutes to settle).
     pub(super) written: Mutex<HashMap<String, u64>>,
-    /// `--cluster-ports none`: clusters whose Service is known to be gone.
-    pub(super) no_service: Mutex<HashSet<String>>,
+    /// `--cluster-ports none`: the names of our Services still to delete,
+    /// listed on first use.
+    pub(super) services_left: tokio::sync::OnceCell<Mutex<HashSet<String>>>,
+    /// Since when this replica leads (None: it does not), for [`comeback`].
+    pub(super) leading_since: Mutex<Option<SystemTime>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,28 +237,34 @@ impl<P: Ports> Context<P> {
     /// `--cluster-ports none`: a Service left from per-cluster ports is
     /// deleted (clients are told the path form instead).
     async fn remove_service(&self, cluster: &str) -> Result<(), Error> {
-        // Once per cluster and process: a Service is left only by a run with
-        // per-cluster ports before this one. Asked on every pass it was a
-        // read per pass, 10,000 at a fleet's start.
-        if lock(&self.no_service).contains(cluster) {
+        // A Service is left only by a run with per-cluster ports before this
+        // one, so ours are listed once per process. Asked per cluster it was a
+        // read per cluster, 10,000 at a fleet's start.
+        let left = self
+            .services_left
+            .get_or_try_init(|| async {
+                let api: Api<Service> =
+                    Api::namespaced(self.client.clone(), &self.options.namespace);
+                let ours = api
+                    .list(&ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}")))
+                    .await?;
+                let names = ours.items.iter().map(ResourceExt::name_any).collect();
+                Ok::<_, Error>(Mutex::new(names))
+            })
+            .await?;
+        let name = service::name(cluster);
+        if !lock(left).contains(&name) {
             return Ok(());
         }
-        let name = service::name(cluster);
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.options.namespace);
-        let ours = api
-            .get_opt(&name)
-            .await?
-            .is_some_and(|svc| svc.labels().get(MANAGED_BY).map(String::as_str) == Some(MANAGER));
-        if ours {
-            match api.delete(&name, &Default::default()).await {
-                Ok(_) => {
-                    tracing::info!(%cluster, service = %name, "service deleted: --cluster-ports none")
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {
+                tracing::info!(%cluster, service = %name, "service deleted: --cluster-ports none")
             }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
-        lock(&self.no_service).insert(cluster.to_string());
+        lock(left).remove(&name);
         Ok(())
     }
 
@@ -326,7 +336,15 @@ pub async fn reconcile<P: Ports>(
     let Some(cluster) = ctx.fresh(cluster).await? else {
         return Ok(Action::await_change());
     };
-    match decide::role(&cluster, ctx.leader.is_leader()) {
+    let leader = ctx.leader.is_leader();
+    {
+        let mut since = lock(&ctx.leading_since);
+        match leader {
+            true => _ = since.get_or_insert_with(SystemTime::now),
+            false => *since = None,
+        }
+    }
+    match decide::role(&cluster, leader) {
         Role::Forget => forget(&name, &ctx).await,
         Role::Follow => follow(&cluster, &name, &ctx).await,
         Role::Lead => lead(&cluster, &name, &ctx).await,
@@ -347,6 +365,20 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         return Ok(Action::requeue(RESYNC));
     }
     let token = decide::token(cluster, new_token);
+    let elsewhere = ctx.elsewhere(name);
+    if let Some(since) = *lock(&ctx.leading_since)
+        && let Some(left) = comeback::wait(&comeback::Facts {
+            cluster,
+            token: &token,
+            available: ctx.registry.live(name) > 0 || elsewhere.is_some(),
+            seen_here: ctx.registry.seen(name),
+            leading_since: since,
+            now: SystemTime::now(),
+        })
+    {
+        tracing::debug!(cluster = %name, ?left, "waiting for the agent to come back");
+        return Ok(Action::requeue(left));
+    }
     // A token that changed leaves no session of the old one behind, but
     // those of a rotation's grace period, until it ends.
     let grace_left = super::rotate::keep_and_tell(cluster, &token, ctx).await;
@@ -365,7 +397,6 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             (ports, exposure, addresses)
         }
     };
-    let elsewhere = ctx.elsewhere(name);
     let now = now();
     let plan = decide::plan(&Facts {
         cluster,

@@ -43,13 +43,16 @@ pub struct CrStore<P> {
     pub(super) options: Options,
     pub(super) owners: Option<Arc<Owners>>,
     pub(super) kick: Kick,
+    /// True once the Cluster cache has synced ([`super::readiness`]).
+    pub(super) synced: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<P: Ports> ClusterStore for CrStore<P> {
     async fn synced(&self) {
         // Past the deadline (or with the cache's writer gone) the agent is
         // judged on what the cache holds, as before it waited.
-        let _ = tokio::time::timeout(SYNC_WAIT, self.store.wait_until_ready()).await;
+        let mut synced = self.synced.clone();
+        let _ = tokio::time::timeout(SYNC_WAIT, synced.wait_for(|s| *s)).await;
     }
 
     fn token(&self, cluster: &str) -> Option<String> {
@@ -222,6 +225,7 @@ mod tests {
 
     /// A store over `reader`, whose writer the caller may keep.
     fn over(reader: Store<Cluster>) -> Setup {
+        let reader_for_sync = reader.clone();
         // Never contacted: events of these tests only go to refused agents
         // of clusters that exist, and the tests do not wait for them.
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
@@ -252,6 +256,7 @@ mod tests {
             },
             owners: None,
             kick,
+            synced: crate::clusters::readiness::watch_sync(reader_for_sync),
         };
         Setup {
             store,
@@ -344,6 +349,28 @@ mod tests {
         assert!(futures_util::poll!(&mut early).is_pending(), "listing");
         writer.apply_watcher_event(&watcher::Event::InitDone);
         assert_eq!(early.await.as_deref(), Some("t1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_agent_that_came_before_the_sync_is_let_in_with_it() {
+        let (reader, mut writer) = kube::runtime::reflector::store::<Cluster>();
+        let store = Arc::new(over(reader).store);
+        let start = tokio::time::Instant::now();
+        // Each agent waits in its own task (kube's own wait wakes only the last).
+        let waiting: Vec<_> = (0..16)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.synced().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        for agent in waiting {
+            agent.await.unwrap();
+        }
+        // With the sync, not at their deadline (15 of 16 did, before).
+        assert!(start.elapsed() < SYNC_WAIT, "{:?}", start.elapsed());
     }
 
     #[tokio::test]

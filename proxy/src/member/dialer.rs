@@ -65,8 +65,18 @@ pub struct Reached {
 pub struct MemberDialer {
     registry: Registry,
     /// Access per (session, target), built once from the session's config.
-    prepared: Arc<Mutex<HashMap<(usize, Target), Prepared>>>,
+    prepared: Arc<Mutex<PreparedMap>>,
 }
+
+/// The entries, and the size at which the next sweep of ended sessions runs.
+#[derive(Default)]
+struct PreparedMap {
+    entries: HashMap<(usize, Target), Prepared>,
+    sweep_at: usize,
+}
+
+/// Entries kept before the first sweep.
+const FIRST_SWEEP: usize = 64;
 
 struct Prepared {
     /// Keeps the session (and so its id) alive while its entry exists.
@@ -102,13 +112,18 @@ impl MemberDialer {
     ) -> Result<Arc<Access>, String> {
         let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
         let key = (session.id(), target);
-        if let Some(p) = prepared.get(&key) {
+        if let Some(p) = prepared.entries.get(&key) {
             return p.access.clone();
         }
-        // A new session: the time to forget the ended ones.
-        prepared.retain(|_, p| !p.session.is_closed());
+        // Forget the ended sessions once the map has doubled since the last
+        // sweep: a sweep on every new session was quadratic (10,000 agents
+        // connecting spent a tenth of the proxy's CPU here).
+        if prepared.entries.len() >= prepared.sweep_at {
+            prepared.entries.retain(|_, p| !p.session.is_closed());
+            prepared.sweep_at = (prepared.entries.len() * 2).max(FIRST_SWEEP);
+        }
         let access = Access::prepare(session.config(), cluster, target).map(Arc::new);
-        prepared.insert(
+        prepared.entries.insert(
             key,
             Prepared {
                 session: session.clone(),
