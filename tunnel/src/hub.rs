@@ -200,12 +200,10 @@ impl HubLink {
         match tokio::time::timeout(OPEN_TIMEOUT, opener.open(service.to_string())).await {
             Err(_) => Err(HubError::Timeout(OPEN_TIMEOUT)),
             Ok(Ok(channel)) => Ok(channel.into_stream()),
-            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
-                Err(HubError::Refused {
-                    code: reason.code(),
-                    reason: reason.description().to_string(),
-                })
-            }
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(HubError::Refused {
+                code: reason.code(),
+                reason: reason.description().to_string(),
+            }),
             Ok(Err(_)) => Err(HubError::Closed),
         }
     }

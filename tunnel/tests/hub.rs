@@ -183,7 +183,10 @@ async fn hub_channels_over_the_cap_are_refused_until_some_close() {
                 assert_eq!(code, 4, "SSH_OPEN_RESOURCE_SHORTAGE");
                 assert_eq!(reason, format!("more than {CAP} hub channels open"));
             }
-            other => panic!("expected a refusal over the cap, got {:?}", other.map(|_| ())),
+            other => panic!(
+                "expected a refusal over the cap, got {:?}",
+                other.map(|_| ())
+            ),
         }
     }
     // The session is kept, and so are its channels.

@@ -161,8 +161,15 @@ impl Door {
             let (door, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
                 let pending = &door.handshakes;
-                let handshaken =
-                    handshake(Some(slot), &acceptor, tcp, peer, "CONNECT", pending, "connect");
+                let handshaken = handshake(
+                    Some(slot),
+                    &acceptor,
+                    tcp,
+                    peer,
+                    "CONNECT",
+                    pending,
+                    "connect",
+                );
                 let Some(tls) = handshaken.await else {
                     door.refused("tls", "", "tls");
                     return;
