@@ -44,7 +44,8 @@ mod peers;
 mod rogue;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -304,6 +305,53 @@ async fn tower_with_box(proxy_args: Vec<String>) -> Result<Tower> {
     Ok(tower)
 }
 
+/// Where a slowloris aims: the door (its label in
+/// `tower_refused_connections_total`), the attacker's source, the attack's name.
+struct Slow {
+    door: &'static str,
+    from: IpAddr,
+    name: &'static str,
+}
+
+/// A slowloris from one source at `at`: `attack` starts it, given where to
+/// store how many of its connections the proxy closed. It may cost the proxy
+/// one source's cap of handshakes, a warn line names the source, and every
+/// connection the proxy closed was refused at the cap or cut at its deadline:
+/// counted, whatever the timing (on a loaded machine more of the burst stays
+/// in the kernel's queue, never accepted: the attack's line counts them apart).
+async fn slowloris(
+    tower: &mut Tower,
+    legit: &Legit,
+    quiet: &Quiet,
+    plan: &Plan,
+    at: Slow,
+    attack: impl FnOnce(Arc<AtomicUsize>) -> attacker::Attack,
+) -> Result<()> {
+    let Slow { door, from, name } = at;
+    let before = refused(tower, door, "pending_per_source").await?;
+    let timeouts = refused(tower, door, "handshake_timeout").await?;
+    let seen_closed = Arc::new(AtomicUsize::new(0));
+    let budget = Budget {
+        fds: PER_SOURCE,
+        rss_kib: PER_SOURCE as u64 * 256,
+    };
+    let attack = attack(seen_closed.clone());
+    under_attack(tower, legit, quiet, plan, name, budget, attack).await?;
+    warned(tower, from, "too many pending handshakes").await?;
+    let refused_now = refused(tower, door, "pending_per_source").await? - before;
+    let timed_out = refused(tower, door, "handshake_timeout").await? - timeouts;
+    let closed = seen_closed.load(Ordering::Relaxed);
+    ensure!(
+        refused_now > 0.0 && timed_out > 0.0,
+        "{name}: {refused_now} refused for pending_per_source, {timed_out} for handshake_timeout"
+    );
+    ensure!(
+        refused_now + timed_out >= closed as f64 * 0.9,
+        "{name}: the proxy closed {closed} connections, only {refused_now} refused for pending_per_source and {timed_out} for handshake_timeout"
+    );
+    Ok(())
+}
+
 /// The warn line the proxy logs for `source` at a cap or deadline.
 async fn warned(tower: &Tower, source: IpAddr, what: &str) -> Result<()> {
     let src = source.to_string();
@@ -331,61 +379,36 @@ async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
         (2u8, false, "slowloris TCP"),
         (3u8, true, "slowloris websocket"),
     ] {
-        let before = refused(&tower, "agents", "pending_per_source").await?;
-        let timeouts = refused(&tower, "agents", "handshake_timeout").await?;
         let count = plan.slowloris;
-        // What the attacker saw closed, for the refusal count below.
-        let seen_closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let seen = seen_closed.clone();
-        let attack = attacker::spawn(async move {
-            let s = peers::Slowloris::start(source(n), agents, count, ws).await;
-            let (closed, upgraded, failed) = (
-                s.closed.clone(),
-                s.upgraded.clone(),
-                s.failed_to_connect.clone(),
-            );
-            s.finish().await?;
-            let closed = closed.load(Ordering::Relaxed);
-            seen.store(closed, Ordering::Relaxed);
-            let failed = failed.load(Ordering::Relaxed);
-            ensure!(
-                upgraded.load(Ordering::Relaxed) <= PER_SOURCE,
-                "more than {PER_SOURCE} websockets upgraded from one source"
-            );
-            Ok(format!(
-                "{count} connections from one source: {closed} closed by the proxy, {} never accepted (left in the kernel's queue), {} upgraded",
-                count - closed - failed,
-                upgraded.load(Ordering::Relaxed),
-            ))
-        });
-        under_attack(
-            &mut tower,
-            &legit,
-            &quiet,
-            &plan,
+        let at = Slow {
+            door: "agents",
+            from: source(n),
             name,
-            Budget {
-                fds: PER_SOURCE,
-                rss_kib: PER_SOURCE as u64 * 256,
-            },
-            attack,
-        )
-        .await?;
-        warned(&tower, source(n), "too many pending handshakes").await?;
-        // Each connection the proxy closed was refused at the cap or cut at
-        // its deadline (on a loaded machine more of the burst stays in the
-        // kernel's queue, never accepted: counted apart in the line above).
-        let refused_now = refused(&tower, "agents", "pending_per_source").await? - before;
-        let timed_out = refused(&tower, "agents", "handshake_timeout").await? - timeouts;
-        let closed = seen_closed.load(Ordering::Relaxed);
-        ensure!(
-            refused_now > 0.0 && timed_out > 0.0,
-            "{name}: {refused_now} refused for pending_per_source, {timed_out} for handshake_timeout"
-        );
-        ensure!(
-            refused_now + timed_out >= closed as f64 * 0.9,
-            "{name}: the proxy closed {closed} connections, only {refused_now} refused for pending_per_source and {timed_out} for handshake_timeout"
-        );
+        };
+        let on_source = |seen: Arc<AtomicUsize>| {
+            attacker::spawn(async move {
+                let s = peers::Slowloris::start(source(n), agents, count, ws).await;
+                let (closed, upgraded, failed) = (
+                    s.closed.clone(),
+                    s.upgraded.clone(),
+                    s.failed_to_connect.clone(),
+                );
+                s.finish().await?;
+                let closed = closed.load(Ordering::Relaxed);
+                seen.store(closed, Ordering::Relaxed);
+                let failed = failed.load(Ordering::Relaxed);
+                ensure!(
+                    upgraded.load(Ordering::Relaxed) <= PER_SOURCE,
+                    "more than {PER_SOURCE} websockets upgraded from one source"
+                );
+                Ok(format!(
+                    "{count} connections from one source: {closed} closed by the proxy, {} never accepted (left in the kernel's queue), {} upgraded",
+                    count - closed - failed,
+                    upgraded.load(Ordering::Relaxed),
+                ))
+            })
+        };
+        slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
     }
 
     let per_stage = plan.garbage_per_stage;
@@ -671,49 +694,26 @@ async fn hostile_clients_of_a_cluster_port() -> Result<()> {
             "TLS never started at the CONNECT door",
         ),
     ] {
-        let before = refused(&tower, door, "pending_per_source").await?;
-        let timeouts = refused(&tower, door, "handshake_timeout").await?;
         let count = plan.slowloris;
-        let seen_closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let seen = seen_closed.clone();
-        let attack = attacker::spawn(async move {
-            let idle = clients::IdleTls::start(source(n), to, count, None);
-            let closed = idle.closed.clone();
-            idle.finish().await?;
-            let closed = closed.load(Ordering::Relaxed);
-            seen.store(closed, Ordering::Relaxed);
-            Ok(format!(
-                "{count} TCP connections that never start TLS: {closed} closed by the proxy, {} never accepted (left in the kernel's queue)",
-                count - closed
-            ))
-        });
-        under_attack(
-            &mut tower,
-            &legit,
-            &quiet,
-            &plan,
+        let at = Slow {
+            door,
+            from: source(n),
             name,
-            Budget {
-                fds: PER_SOURCE,
-                rss_kib: PER_SOURCE as u64 * 256,
-            },
-            attack,
-        )
-        .await?;
-        warned(&tower, source(n), "too many pending handshakes").await?;
-        // Each connection the proxy closed was refused at the cap or cut at
-        // its deadline: counted, whatever the timing.
-        let refused_now = refused(&tower, door, "pending_per_source").await? - before;
-        let timed_out = refused(&tower, door, "handshake_timeout").await? - timeouts;
-        let closed = seen_closed.load(Ordering::Relaxed);
-        ensure!(
-            refused_now > 0.0 && timed_out > 0.0,
-            "{name}: {refused_now} refused for pending_per_source, {timed_out} for handshake_timeout"
-        );
-        ensure!(
-            refused_now + timed_out >= closed as f64 * 0.9,
-            "{name}: the proxy closed {closed} connections, only {refused_now} refused for pending_per_source and {timed_out} for handshake_timeout"
-        );
+        };
+        let on_source = |seen: Arc<AtomicUsize>| {
+            attacker::spawn(async move {
+                let idle = clients::IdleTls::start(source(n), to, count, None);
+                let closed = idle.closed.clone();
+                idle.finish().await?;
+                let closed = closed.load(Ordering::Relaxed);
+                seen.store(closed, Ordering::Relaxed);
+                Ok(format!(
+                    "{count} TCP connections that never start TLS: {closed} closed by the proxy, {} never accepted (left in the kernel's queue)",
+                    count - closed
+                ))
+            })
+        };
+        slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
     }
 
     // Handshaken with a valid certificate, then idle: cut at 30 s.
