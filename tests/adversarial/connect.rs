@@ -27,24 +27,25 @@ impl ConnectClient {
     pub async fn reaches_member(&self) -> Result<()> {
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut tls = self.certified.connect(local, self.door).await?;
-        tls.write_all(b"CONNECT alpha:443 HTTP/1.1\r\nHost: alpha:443\r\n\r\n")
-            .await?;
-        let answer = tokio::time::timeout(STEP, head(&mut tls))
-            .await
-            .context("no answer to CONNECT")??;
-        ensure!(
-            answer.starts_with("HTTP/1.1 200 "),
-            "CONNECT alpha:443 answered {answer:?}"
-        );
-        tls.write_all(b"GET /version HTTP/1.1\r\nHost: alpha\r\n\r\n")
-            .await?;
-        let member = tokio::time::timeout(STEP, head(&mut tls))
-            .await
-            .context("the member's kube-apiserver did not answer through the CONNECT stream")??;
-        ensure!(
-            member.starts_with("HTTP/1.0 400 "),
-            "through the CONNECT stream: {member:?}, not the member's kube-apiserver's 400 to plain HTTP"
-        );
+        let steps: [(&[u8], &str, &str); 2] = [
+            (
+                b"CONNECT alpha:443 HTTP/1.1\r\nHost: alpha:443\r\n\r\n",
+                "HTTP/1.1 200 ",
+                "the proxy's answer to CONNECT alpha:443",
+            ),
+            (
+                b"GET /version HTTP/1.1\r\nHost: alpha\r\n\r\n",
+                "HTTP/1.0 400 ",
+                "through the stream, the member kube-apiserver's 400 to plain HTTP",
+            ),
+        ];
+        for (send, want, what) in steps {
+            tls.write_all(send).await?;
+            let got = tokio::time::timeout(STEP, head(&mut tls))
+                .await
+                .with_context(|| format!("no answer: {what}"))??;
+            ensure!(got.starts_with(want), "{what}: got {got:?}");
+        }
         Ok(())
     }
 }
