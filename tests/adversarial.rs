@@ -20,7 +20,9 @@
 //!   asks for key exchanges back to back (200 (2,000); its CPU cost measured);
 //! - alpha's HTTPS port: 1,000 (5,000) connections that never start TLS,
 //!   300 (2,000) handshaken connections that stay idle, huge headers,
-//!   endless chunked bodies.
+//!   endless chunked bodies; the CONNECT door (`--connect-port`): 1,000
+//!   (5,000) connections that never start TLS. There, a legitimate CONNECT
+//!   client must open a stream to the member during every attack.
 //!
 //! Latency: p50/p99 of legitimate GETs (a kube-rs client through the
 //! tunnel) quiet and under each attack. `make test` prints them;
@@ -32,6 +34,8 @@
 mod attacker;
 #[path = "adversarial/clients.rs"]
 mod clients;
+#[path = "adversarial/connect.rs"]
+mod connect;
 #[path = "adversarial/measure.rs"]
 mod measure;
 #[path = "adversarial/peers.rs"]
@@ -40,7 +44,8 @@ mod peers;
 mod rogue;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -290,10 +295,61 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-async fn tower_with_box() -> Result<Tower> {
-    let tower = Tower::start_with(TowerOptions::default()).await?;
+async fn tower_with_box(proxy_args: Vec<String>) -> Result<Tower> {
+    let tower = Tower::start_with(TowerOptions {
+        proxy_args,
+        ..Default::default()
+    })
+    .await?;
     tower.member().run_pod("default", "box").await?;
     Ok(tower)
+}
+
+/// Where a slowloris aims: the door (its label in
+/// `tower_refused_connections_total`), the attacker's source, the attack's name.
+struct Slow {
+    door: &'static str,
+    from: IpAddr,
+    name: &'static str,
+}
+
+/// A slowloris from one source at `at`: `attack` starts it, given where to
+/// store how many of its connections the proxy closed. It may cost the proxy
+/// one source's cap of handshakes, a warn line names the source, and every
+/// connection the proxy closed was refused at the cap or cut at its deadline:
+/// counted, whatever the timing (on a loaded machine more of the burst stays
+/// in the kernel's queue, never accepted: the attack's line counts them apart).
+async fn slowloris(
+    tower: &mut Tower,
+    legit: &Legit,
+    quiet: &Quiet,
+    plan: &Plan,
+    at: Slow,
+    attack: impl FnOnce(Arc<AtomicUsize>) -> attacker::Attack,
+) -> Result<()> {
+    let Slow { door, from, name } = at;
+    let before = refused(tower, door, "pending_per_source").await?;
+    let timeouts = refused(tower, door, "handshake_timeout").await?;
+    let seen_closed = Arc::new(AtomicUsize::new(0));
+    let budget = Budget {
+        fds: PER_SOURCE,
+        rss_kib: PER_SOURCE as u64 * 256,
+    };
+    let attack = attack(seen_closed.clone());
+    under_attack(tower, legit, quiet, plan, name, budget, attack).await?;
+    warned(tower, from, "too many pending handshakes").await?;
+    let refused_now = refused(tower, door, "pending_per_source").await? - before;
+    let timed_out = refused(tower, door, "handshake_timeout").await? - timeouts;
+    let closed = seen_closed.load(Ordering::Relaxed);
+    ensure!(
+        refused_now > 0.0 && timed_out > 0.0,
+        "{name}: {refused_now} refused for pending_per_source, {timed_out} for handshake_timeout"
+    );
+    ensure!(
+        refused_now + timed_out >= closed as f64 * 0.9,
+        "{name}: the proxy closed {closed} connections, only {refused_now} refused for pending_per_source and {timed_out} for handshake_timeout"
+    );
+    Ok(())
 }
 
 /// The warn line the proxy logs for `source` at a cap or deadline.
@@ -314,7 +370,7 @@ async fn warned(tower: &Tower, source: IpAddr, what: &str) -> Result<()> {
 async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
     raise_nofile();
     let plan = Plan::from_env();
-    let mut tower = tower_with_box().await?;
+    let mut tower = tower_with_box(Vec::new()).await?;
     let legit = Legit::new(&tower).await?;
     let quiet = quiet(&tower, &legit, &plan).await?;
     let agents = SocketAddr::from(([127, 0, 0, 1], tower.proxy_port()));
@@ -323,61 +379,36 @@ async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
         (2u8, false, "slowloris TCP"),
         (3u8, true, "slowloris websocket"),
     ] {
-        let before = refused(&tower, "agents", "pending_per_source").await?;
-        let timeouts = refused(&tower, "agents", "handshake_timeout").await?;
         let count = plan.slowloris;
-        // What the attacker saw closed, for the refusal count below.
-        let seen_closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let seen = seen_closed.clone();
-        let attack = attacker::spawn(async move {
-            let s = peers::Slowloris::start(source(n), agents, count, ws).await;
-            let (closed, upgraded, failed) = (
-                s.closed.clone(),
-                s.upgraded.clone(),
-                s.failed_to_connect.clone(),
-            );
-            s.finish().await?;
-            let closed = closed.load(Ordering::Relaxed);
-            seen.store(closed, Ordering::Relaxed);
-            let failed = failed.load(Ordering::Relaxed);
-            ensure!(
-                upgraded.load(Ordering::Relaxed) <= PER_SOURCE,
-                "more than {PER_SOURCE} websockets upgraded from one source"
-            );
-            Ok(format!(
-                "{count} connections from one source: {closed} closed by the proxy, {} never accepted (left in the kernel's queue), {} upgraded",
-                count - closed - failed,
-                upgraded.load(Ordering::Relaxed),
-            ))
-        });
-        under_attack(
-            &mut tower,
-            &legit,
-            &quiet,
-            &plan,
+        let at = Slow {
+            door: "agents",
+            from: source(n),
             name,
-            Budget {
-                fds: PER_SOURCE,
-                rss_kib: PER_SOURCE as u64 * 256,
-            },
-            attack,
-        )
-        .await?;
-        warned(&tower, source(n), "too many pending handshakes").await?;
-        // Each connection the proxy closed was refused at the cap or cut at
-        // its deadline (on a loaded machine more of the burst stays in the
-        // kernel's queue, never accepted: counted apart in the line above).
-        let refused_now = refused(&tower, "agents", "pending_per_source").await? - before;
-        let timed_out = refused(&tower, "agents", "handshake_timeout").await? - timeouts;
-        let closed = seen_closed.load(Ordering::Relaxed);
-        ensure!(
-            refused_now > 0.0 && timed_out > 0.0,
-            "{name}: {refused_now} refused for pending_per_source, {timed_out} for handshake_timeout"
-        );
-        ensure!(
-            refused_now + timed_out >= closed as f64 * 0.9,
-            "{name}: the proxy closed {closed} connections, only {refused_now} refused for pending_per_source and {timed_out} for handshake_timeout"
-        );
+        };
+        let on_source = |seen: Arc<AtomicUsize>| {
+            attacker::spawn(async move {
+                let s = peers::Slowloris::start(source(n), agents, count, ws).await;
+                let (closed, upgraded, failed) = (
+                    s.closed.clone(),
+                    s.upgraded.clone(),
+                    s.failed_to_connect.clone(),
+                );
+                s.finish().await?;
+                let closed = closed.load(Ordering::Relaxed);
+                seen.store(closed, Ordering::Relaxed);
+                let failed = failed.load(Ordering::Relaxed);
+                ensure!(
+                    upgraded.load(Ordering::Relaxed) <= PER_SOURCE,
+                    "more than {PER_SOURCE} websockets upgraded from one source"
+                );
+                Ok(format!(
+                    "{count} connections from one source: {closed} closed by the proxy, {} never accepted (left in the kernel's queue), {} upgraded",
+                    count - closed - failed,
+                    upgraded.load(Ordering::Relaxed),
+                ))
+            })
+        };
+        slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
     }
 
     let per_stage = plan.garbage_per_stage;
@@ -434,7 +465,7 @@ async fn beta(tower: &Tower) -> Result<(String, Value)> {
 async fn a_valid_agent_that_floods_channels_or_never_reads() -> Result<()> {
     raise_nofile();
     let plan = Plan::from_env();
-    let mut tower = tower_with_box().await?;
+    let mut tower = tower_with_box(Vec::new()).await?;
     let legit = Legit::new(&tower).await?;
     let quiet = quiet(&tower, &legit, &plan).await?;
     let agents = SocketAddr::from(([127, 0, 0, 1], tower.proxy_port()));
@@ -639,40 +670,51 @@ async fn upload_unread(from: IpAddr, target: SocketAddr) -> Result<String> {
 async fn hostile_clients_of_a_cluster_port() -> Result<()> {
     raise_nofile();
     let plan = Plan::from_env();
-    let mut tower = tower_with_box().await?;
-    let legit = Legit::new(&tower).await?;
-    let quiet = quiet(&tower, &legit, &plan).await?;
+    let connect_door = SocketAddr::from(([127, 0, 0, 1], e2e::free_port()));
+    let mut tower = tower_with_box(vec![format!("--connect-port={}", connect_door.port())]).await?;
+    let mut legit = Legit::new(&tower).await?;
     let port = SocketAddr::from(([127, 0, 0, 1], tower.kube_port()));
     let certified = clients::Certified::from_kubeconfig(tower.config_alpha())?;
-
-    // Connections that never start TLS: capped per source, cut at 10 s.
-    let n = plan.slowloris;
-    let attack = attacker::spawn(async move {
-        let idle = clients::IdleTls::start(source(8), port, n, None);
-        let closed = idle.closed.clone();
-        idle.finish().await?;
-        let closed = closed.load(Ordering::Relaxed);
-        Ok(format!(
-            "{n} TCP connections that never start TLS: {closed} closed by the proxy, {} never accepted (left in the kernel's queue)",
-            n - closed
-        ))
+    // Every attack below also checks a legitimate CONNECT stream.
+    legit.connect = Some(connect::ConnectClient {
+        certified: certified.clone(),
+        door: connect_door,
     });
-    under_attack(
-        &mut tower,
-        &legit,
-        &quiet,
-        &plan,
-        "TLS never started",
-        Budget {
-            fds: PER_SOURCE,
-            rss_kib: PER_SOURCE as u64 * 256,
-        },
-        attack,
-    )
-    .await?;
-    warned(&tower, source(8), "too many pending handshakes").await?;
-    ensure!(refused(&tower, "cluster", "pending_per_source").await? > 0.0);
-    ensure!(refused(&tower, "cluster", "handshake_timeout").await? > 0.0);
+    let quiet = quiet(&tower, &legit, &plan).await?;
+
+    // Connections that never start TLS, at the cluster's port and at the
+    // CONNECT door: capped per source (the excess closed at once, so the
+    // proxy's fds stay within the cap), the rest cut at 10 s.
+    for (n, to, door, name) in [
+        (8u8, port, "cluster", "TLS never started"),
+        (
+            14u8,
+            connect_door,
+            "connect",
+            "TLS never started at the CONNECT door",
+        ),
+    ] {
+        let count = plan.slowloris;
+        let at = Slow {
+            door,
+            from: source(n),
+            name,
+        };
+        let on_source = |seen: Arc<AtomicUsize>| {
+            attacker::spawn(async move {
+                let idle = clients::IdleTls::start(source(n), to, count, None);
+                let closed = idle.closed.clone();
+                idle.finish().await?;
+                let closed = closed.load(Ordering::Relaxed);
+                seen.store(closed, Ordering::Relaxed);
+                Ok(format!(
+                    "{count} TCP connections that never start TLS: {closed} closed by the proxy, {} never accepted (left in the kernel's queue)",
+                    count - closed
+                ))
+            })
+        };
+        slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
+    }
 
     // Handshaken with a valid certificate, then idle: cut at 30 s.
     let n = plan.idle_tls;

@@ -481,6 +481,7 @@ async fn serve_agents<S: ClusterStore>(
             in_flight: core.in_flight.clone(),
             report,
             audit: core.audit.clone(),
+            handshakes: core.client_pending.clone(),
         });
         let doors = Doors {
             port: config.connect_port,

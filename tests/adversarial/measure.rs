@@ -12,6 +12,8 @@ use e2e::{Tower, Usage, metric_sample, scrape_metrics};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::time::Instant;
 
+use super::connect::ConnectClient;
+
 /// CPU time (user + system) a process has used, in ms.
 pub fn cpu_ms(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -103,9 +105,11 @@ impl Latency {
     }
 }
 
-/// A kube-rs client through config_alpha: legitimate requests, timed.
+/// A kube-rs client through config_alpha: legitimate requests, timed;
+/// and a CONNECT client when the proxy has a CONNECT port.
 pub struct Legit {
     client: e2e::kube::Client,
+    pub connect: Option<ConnectClient>,
 }
 
 impl Legit {
@@ -115,6 +119,7 @@ impl Legit {
         let config = e2e::kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         Ok(Legit {
             client: e2e::kube::Client::try_from(config)?,
+            connect: None,
         })
     }
 
@@ -155,9 +160,16 @@ fn serde_json_value(name: &str) -> Result<ConfigMap> {
 }
 
 /// What legitimate users did while an attack ran: `kubectl get`, a
-/// `kubectl get -w` that saw a new ConfigMap, and an `exec -i ... cat`
-/// round trip. Errors say which.
+/// `kubectl get -w` that saw a new ConfigMap, an `exec -i ... cat`
+/// round trip, and a CONNECT stream to the member when the proxy has the
+/// door (one try: a refusal is a failure). Errors say which.
 pub async fn legit_users_served(tower: &Tower, legit: &Legit, tag: &str) -> Result<()> {
+    if let Some(connect) = &legit.connect {
+        connect
+            .reaches_member()
+            .await
+            .context("a legitimate CONNECT client during the attack")?;
+    }
     e2e::wait_for_ok(Duration::from_secs(60), || async {
         tower
             .kubectl_ok(&["get", "ns", "kube-system", "-o", "name"])

@@ -95,7 +95,7 @@ pub(crate) fn serve_channel<A: Admission>(
         .collect();
     tokio::spawn(async move {
         // The session's count of open hub channels, freed when this ends.
-        let _slot = slot;
+        let slot = slot;
         let mut upstream = match admission.open_hub(&session, &service).await {
             Ok(upstream) => upstream,
             Err(refusal) => {
@@ -114,6 +114,8 @@ pub(crate) fn serve_channel<A: Admission>(
                 (0, 0)
             }
         };
+        // Freed first: whoever learns of the end from `on_end` may open again.
+        drop(slot);
         (upstream.on_end)(to, from);
     });
 }
@@ -123,8 +125,10 @@ pub(crate) fn serve_channel<A: Admission>(
 pub enum HubError {
     #[error("no tunnel to the proxy is up")]
     NoTunnel,
-    #[error("the proxy refused: {0}")]
-    Refused(String),
+    /// `code`: the SSH reason (1 prohibited, 2 unreachable, 4 resource
+    /// shortage: too many hub channels open, retry once some close).
+    #[error("the proxy refused: {reason}")]
+    Refused { code: u32, reason: String },
     #[error("the proxy did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("the tunnel closed")]
@@ -196,9 +200,10 @@ impl HubLink {
         match tokio::time::timeout(OPEN_TIMEOUT, opener.open(service.to_string())).await {
             Err(_) => Err(HubError::Timeout(OPEN_TIMEOUT)),
             Ok(Ok(channel)) => Ok(channel.into_stream()),
-            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
-                Err(HubError::Refused(reason.description().to_string()))
-            }
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(HubError::Refused {
+                code: reason.code(),
+                reason: reason.description().to_string(),
+            }),
             Ok(Err(_)) => Err(HubError::Closed),
         }
     }

@@ -49,10 +49,11 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// none, so only a broken or hostile one gets here; each refusal costs a
 /// task and a log line.
 pub const MAX_REFUSED_CHANNELS: usize = 100;
-/// Hub channels one agent's session may hold open at once: each holds a
-/// task, a connection to a published service and its buffers; an agent
-/// asking for more (100,000 opens) gets "resource shortage" for each one
-/// over, until some of its channels close.
+/// Hub channels one agent's session may hold open at once (the default of
+/// [`Admission::max_hub_channels`]): each holds a task, a connection to a
+/// published service and its buffers; an agent asking for more (100,000
+/// opens) gets "resource shortage" for each one over, until some of its
+/// channels close.
 pub const MAX_HUB_CHANNELS: usize = 1024;
 /// What the proxy queues for one agent's connection before its session
 /// waits: an agent that grants windows and does not read its socket costs
@@ -84,6 +85,12 @@ pub trait Admission: Send + Sync + 'static {
                 "this proxy publishes no hub services",
             ))
         }
+    }
+
+    /// Hub channels one session may hold open at once; default
+    /// [`MAX_HUB_CHANNELS`] (a test sets a few, not a thousand connections).
+    fn max_hub_channels(&self) -> usize {
+        MAX_HUB_CHANNELS
     }
 }
 
@@ -410,9 +417,10 @@ struct Handler<A: Admission> {
     configured: Option<oneshot::Sender<()>>,
     /// Channels refused so far ([`MAX_REFUSED_CHANNELS`]).
     refused_channels: usize,
-    /// Open hub channels' slots ([`MAX_HUB_CHANNELS`]).
+    /// Open hub channels' slots ([`Admission::max_hub_channels`] of them).
     hub_channels: Arc<Semaphore>,
-    /// Hub channels refused at [`MAX_HUB_CHANNELS`] (warned at the first).
+    hub_limit: usize,
+    /// Hub channels refused at `hub_limit` (warned at the first).
     hub_refused: u64,
 }
 
@@ -619,13 +627,13 @@ impl<A: Admission> russh::server::Handler for Handler<A> {
                     self.hub_refused += 1;
                     if self.hub_refused == 1 {
                         tracing::warn!(peer = %self.peer.addr, cluster = %session.config().name,
-                            limit = MAX_HUB_CHANNELS,
+                            limit = self.hub_limit,
                             "the agent holds too many hub channels open: refusing more until some close");
                     }
                     tokio::spawn(reply.reject(russh::ChannelOpenFailure::Other {
                         // SSH_OPEN_RESOURCE_SHORTAGE (RFC 4254 5.1).
                         code: 4,
-                        reason: format!("more than {MAX_HUB_CHANNELS} hub channels open"),
+                        reason: format!("more than {} hub channels open", self.hub_limit),
                     }));
                     return Ok(());
                 };
@@ -690,6 +698,7 @@ where
     let peer = peer_info.addr.clone();
     let (tx, rx) = oneshot::channel();
     let (configured, config_came) = oneshot::channel();
+    let hub_limit = admission.max_hub_channels();
     let handler = Handler {
         admission,
         peer: peer_info,
@@ -698,7 +707,8 @@ where
         outcome: Some(tx),
         configured: Some(configured),
         refused_channels: 0,
-        hub_channels: Arc::new(Semaphore::new(MAX_HUB_CHANNELS)),
+        hub_channels: Arc::new(Semaphore::new(hub_limit)),
+        hub_limit,
         hub_refused: 0,
     };
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;

@@ -109,11 +109,17 @@ impl Access {
         let stop = stop.clone();
         tokio::spawn(async move {
             accept_loop(listener, "access", stop, |tcp, peer| {
+                // The caps on pending TLS handshakes, checked here: a
+                // connection over them is closed before it costs a task.
+                let pending = self.shared.pending.clone();
+                let Some(slot) = pending.enter(peer.ip(), "access") else {
+                    return std::future::ready(());
+                };
                 let (access, acceptor) = (self.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let pending = access.shared.pending.clone();
                     let Some(tls) =
-                        handshake(None, &acceptor, tcp, peer, "access", &pending, "access").await
+                        handshake(Some(slot), &acceptor, tcp, peer, "access", &pending, "access")
+                            .await
                     else {
                         return;
                     };
@@ -134,7 +140,7 @@ impl Access {
                         tracing::debug!(%peer, error = %e, "access port: connection ended with an error");
                     }
                 });
-                async {}
+                std::future::ready(())
             })
             .await;
             tracing::info!("access port closed");

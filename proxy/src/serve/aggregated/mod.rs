@@ -126,13 +126,17 @@ pub async fn start(
     });
     tokio::spawn(async move {
         accept_loop(listener, "aggregated API", stop.clone(), |tcp, peer| {
-            let (tls, handler, stop) = (tls.clone(), handler.clone(), stop.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    () = serve(tcp, peer, tls, handler) => {}
-                }
-            });
+            // The caps on pending TLS handshakes, checked here: a connection
+            // over them is closed before it costs a task.
+            if let Some(slot) = tls.pending.enter(peer.ip(), "aggregated") {
+                let (tls, handler, stop) = (tls.clone(), handler.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = serve(tcp, peer, slot, tls, handler) => {}
+                    }
+                });
+            }
             async {}
         })
         .await;
@@ -194,7 +198,14 @@ impl Tls {
     }
 }
 
-async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, handler: Arc<Handler>) {
+/// `slot`: the pending-handshake slot taken at accept.
+async fn serve(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: crate::ops::pending::Permit,
+    tls: Arc<Tls>,
+    handler: Arc<Handler>,
+) {
     let (trust, config) = match tls.config() {
         Ok(both) => both,
         Err(e) => {
@@ -204,7 +215,7 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, tls: Arc<Tls>, hand
     };
     let acceptor = TlsAcceptor::from(config);
     let Some(stream) = handshake(
-        None,
+        Some(slot),
         &acceptor,
         tcp,
         peer,

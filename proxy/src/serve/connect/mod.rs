@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tunnel::server::{DialError, TunnelStream};
 
 use self::request::{CLUSTER_HEADER, Connect, Refusal};
+use super::admit::handshake;
 use super::listener::Io;
 use super::listener::tls::own_port_tls;
 use crate::agents::registry::Registry;
@@ -43,9 +44,8 @@ use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::{DoorBytesLabel, DoorLabel, Metrics, RefusalLabel};
+use crate::ops::pending;
 
-/// How long a client may take with its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a refusal: how long, and how much, the client's leftover input is
 /// read and dropped before closing.
 const LINGER: Duration = Duration::from_secs(2);
@@ -95,6 +95,9 @@ pub struct Door {
     /// Without Kubernetes (`--clusters-file`): none.
     pub report: Option<Arc<dyn TargetRefusals>>,
     pub audit: Audit,
+    /// The caps on clients' TLS handshakes in progress (shared with every
+    /// HTTPS door): the TLS port takes a slot at accept.
+    pub handshakes: Arc<pending::Pending>,
 }
 
 /// What the connection itself says about the cluster.
@@ -150,22 +153,26 @@ impl Door {
     ) {
         // Streams outlive `stop` (the port closing): they end with their tunnel.
         accept_loop(listener, "connect", stop, |tcp, peer| {
+            // The caps on pending TLS handshakes, checked here: a connection
+            // over them is closed before it costs a task.
+            let Some(slot) = self.handshakes.enter(peer.ip(), "connect") else {
+                return std::future::ready(());
+            };
             let (door, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        door.refused("tls", "", "tls");
-                        tracing::debug!(%peer, error = %e, "CONNECT door: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        door.refused("tls", "", "tls");
-                        tracing::debug!(%peer, "CONNECT door: no TLS handshake in time");
-                        return;
-                    }
+                let pending = &door.handshakes;
+                let handshaken = handshake(
+                    Some(slot),
+                    &acceptor,
+                    tcp,
+                    peer,
+                    "CONNECT",
+                    pending,
+                    "connect",
+                );
+                let Some(tls) = handshaken.await else {
+                    door.refused("tls", "", "tls");
+                    return;
                 };
                 let id = peer_identity(tls.get_ref().1);
                 let (bound, caller) = bound_by(&id);
@@ -191,7 +198,7 @@ impl Door {
                 };
                 door.serve(tls, "tls", bound, caller).await;
             });
-            async {}
+            std::future::ready(())
         })
         .await;
     }
