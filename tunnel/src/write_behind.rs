@@ -19,18 +19,17 @@
 //! the wrapper is dropped, the writer stops at once, even mid-write into a full
 //! socket, so a dead tunnel's connection is closed instead of held open.
 
-use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Largest write the writer task sends in one go (one websocket message).
@@ -41,40 +40,18 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// A stream whose writes are queued to a writer task; see the module docs.
 pub struct WriteBehind<S> {
     read: ReadHalf<S>,
-    shared: Arc<Shared>,
-    /// This side shut down: later writes fail.
-    shut: bool,
+    queue: Option<mpsc::UnboundedSender<Bytes>>,
+    failed: Arc<Mutex<Option<io::ErrorKind>>>,
+    queued: Arc<Queued>,
     limit: usize,
     _stop_writer: DropGuard,
 }
 
-/// What the session and the writer task share. The queue is a `VecDeque`, not
-/// a tokio mpsc: that one allocates a block of 32 slots per queue up front,
-/// about 1 KiB for every idle tunnel (issue #15 part 4).
+/// Bytes handed to the writer and not written yet, and who waits for room.
 #[derive(Default)]
-struct Shared {
-    pending: Mutex<Pending>,
-    /// Wakes the writer when `pending` changed.
-    wake: Notify,
-    failed: Mutex<Option<io::ErrorKind>>,
-    /// Bytes handed to the writer and not written yet.
+struct Queued {
     bytes: AtomicUsize,
-    /// Who waits for room under the limit.
     room: AtomicWaker,
-}
-
-#[derive(Default)]
-struct Pending {
-    writes: VecDeque<Bytes>,
-    /// The session shut its side down: write what is queued, then shut down.
-    closed: bool,
-}
-
-impl Shared {
-    fn pending(&self) -> MutexGuard<'_, Pending> {
-        // Nothing panics while holding it; a poisoned queue is still consistent.
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
@@ -86,68 +63,59 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
     /// Writes wait while `limit` bytes or more are queued.
     pub fn with_limit(stream: S, limit: usize) -> Self {
         let (read, write) = tokio::io::split(stream);
-        let shared = Arc::new(Shared::default());
+        let (queue, rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(Mutex::new(None));
+        let queued = Arc::new(Queued::default());
         let stop = CancellationToken::new();
-        tokio::spawn(writer(write, shared.clone(), stop.clone()));
+        tokio::spawn(writer(
+            write,
+            rx,
+            failed.clone(),
+            queued.clone(),
+            stop.clone(),
+        ));
         Self {
             read,
-            shared,
-            shut: false,
+            queue: Some(queue),
+            failed,
+            queued,
             limit,
             _stop_writer: stop.drop_guard(),
         }
     }
 }
 
-/// What the writer takes from the queue at once.
-enum Next {
-    Write(Bytes),
-    Wait,
-    Shutdown,
-}
-
-/// The next write: the first queued one, or several coalesced into `batch`.
-fn next(shared: &Shared, batch: &mut BytesMut) -> Next {
-    let mut pending = shared.pending();
-    let Some(first) = pending.writes.pop_front() else {
-        return if pending.closed {
-            Next::Shutdown
-        } else {
-            Next::Wait
-        };
-    };
-    if pending.writes.is_empty() {
-        return Next::Write(first);
-    }
-    batch.clear();
-    batch.extend_from_slice(&first);
-    while batch.len() < MAX_BATCH {
-        match pending.writes.pop_front() {
-            Some(more) => batch.extend_from_slice(&more),
-            None => break,
-        }
-    }
-    Next::Write(batch.split().freeze())
-}
-
-async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: CancellationToken) {
+async fn writer<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    failed: Arc<Mutex<Option<io::ErrorKind>>>,
+    queued: Arc<Queued>,
+    stop: CancellationToken,
+) {
     let mut batch = BytesMut::new();
     let result: io::Result<()> = async {
         loop {
-            let data = match next(&shared, &mut batch) {
-                Next::Write(data) => data,
-                Next::Wait => {
-                    // A push after `next` looked left a permit: this returns at once.
-                    tokio::select! {
-                        () = stop.cancelled() => return Ok(()),
-                        () = shared.wake.notified() => continue,
+            let first = tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                next = rx.recv() => next,
+            };
+            let Some(first) = first else {
+                // The session shut its side down: say goodbye, briefly.
+                let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
+                return Ok(());
+            };
+            let data = if rx.is_empty() {
+                first
+            } else {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
                     }
                 }
-                Next::Shutdown => {
-                    // The session shut its side down: say goodbye, briefly.
-                    let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
-                    return Ok(());
-                }
+                batch.split().freeze()
             };
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
@@ -156,13 +124,13 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
                     write.flush().await
                 } => written?,
             }
-            shared.bytes.fetch_sub(data.len(), Ordering::AcqRel);
-            shared.room.wake();
+            queued.bytes.fetch_sub(data.len(), Ordering::AcqRel);
+            queued.room.wake();
         }
     }
     .await;
     if let Err(e) = result
-        && let Ok(mut failed) = shared.failed.lock()
+        && let Ok(mut failed) = failed.lock()
     {
         *failed = Some(e.kind());
     }
@@ -170,7 +138,7 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
 
 impl<S> WriteBehind<S> {
     fn check(&self) -> io::Result<()> {
-        match self.shared.failed.lock().ok().and_then(|f| *f) {
+        match self.failed.lock().ok().and_then(|f| *f) {
             Some(kind) => Err(io::Error::new(kind, "the tunnel's connection failed")),
             None => Ok(()),
         }
@@ -194,25 +162,20 @@ impl<S> AsyncWrite for WriteBehind<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
-        let shared = &self.shared;
-        if shared.bytes.load(Ordering::Acquire) >= self.limit {
-            shared.room.register(cx.waker());
+        if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
+            self.queued.room.register(cx.waker());
             // The writer may have made room meanwhile.
-            if shared.bytes.load(Ordering::Acquire) >= self.limit {
+            if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
                 return Poll::Pending;
             }
         }
-        if self.shut {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        match &self.queue {
+            Some(queue) if queue.send(Bytes::copy_from_slice(buf)).is_ok() => {
+                self.queued.bytes.fetch_add(buf.len(), Ordering::AcqRel);
+                Poll::Ready(Ok(buf.len()))
+            }
+            _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
-        // Counted before the writer can take it, so its subtraction never wraps.
-        shared.bytes.fetch_add(buf.len(), Ordering::AcqRel);
-        shared
-            .pending()
-            .writes
-            .push_back(Bytes::copy_from_slice(buf));
-        shared.wake.notify_one();
-        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -221,10 +184,9 @@ impl<S> AsyncWrite for WriteBehind<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The writer shuts the connection down after what is already queued.
-        self.shut = true;
-        self.shared.pending().closed = true;
-        self.shared.wake.notify_one();
+        // Closing the queue makes the writer shut the connection down after
+        // what is already queued.
+        self.queue = None;
         Poll::Ready(Ok(()))
     }
 }

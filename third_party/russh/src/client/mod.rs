@@ -1542,9 +1542,6 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
-                                // Patched (PATCHES.md, 26): the read buffer too.
-                                buffer.buffer = Vec::new();
-                                self.common.kex_finished();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {

@@ -2106,12 +2106,9 @@ impl Session {
         let reply = ChannelOpenHandle::new(
             self.sender.priority_sender.clone(),
             pending,
-            |pending, result| {
-                SessionMsg::ChannelOpenReply {
-                    pending: Box::new(pending),
-                    result,
-                }
-                .into()
+            |pending, result| Msg::ChannelOpenReply {
+                pending: Box::new(pending),
+                result,
             },
         );
 

@@ -36,30 +36,8 @@ pub struct Session {
     pub(crate) peer_rekeys: crate::server::PeerRekeys,
 }
 
-/// What the session's queues carry (patched, PATCHES.md 25): channel data
-/// inline, everything else boxed. tokio's mpsc allocates 32 slots per queue up
-/// front, each the size of the message, so the largest variant sized every
-/// idle session's data queue (96 bytes a slot, now 40).
 #[derive(Debug)]
 pub enum Msg {
-    /// `CHANNEL_DATA` to send: the data path, not boxed.
-    Data(ChannelId, bytes::Bytes),
-    /// Any other message.
-    Other(Box<SessionMsg>),
-}
-
-impl From<SessionMsg> for Msg {
-    fn from(msg: SessionMsg) -> Self {
-        match msg {
-            SessionMsg::Channel(id, ChannelMsg::Data { data }) => Msg::Data(id, data),
-            msg => Msg::Other(Box::new(msg)),
-        }
-    }
-}
-
-/// A message to the session loop other than channel data (see [`Msg`]).
-#[derive(Debug)]
-pub enum SessionMsg {
     ChannelOpenAgent {
         channel_ref: ChannelRef,
     },
@@ -132,7 +110,7 @@ pub enum SessionMsg {
 
 impl From<(ChannelId, ChannelMsg)> for Msg {
     fn from((id, msg): (ChannelId, ChannelMsg)) -> Self {
-        SessionMsg::Channel(id, msg).into()
+        Msg::Channel(id, msg)
     }
 }
 
@@ -165,11 +143,11 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::Data(id, data))
+            .send(Msg::Channel(id, ChannelMsg::Data { data }))
             .await
             .map_err(|e| match e.0 {
-                Msg::Data(_, data) => data,
-                Msg::Other(_) => unreachable!(),
+                Msg::Channel(_, ChannelMsg::Data { data }) => data,
+                _ => unreachable!(),
             })
     }
 
@@ -182,21 +160,18 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::ExtendedData { ext, data }).into())
+            .send(Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }))
             .await
             .map_err(|e| match e.0 {
-                Msg::Other(msg) => match *msg {
-                    SessionMsg::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
-                    _ => unreachable!(),
-                },
-                Msg::Data(..) => unreachable!(),
+                Msg::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
+                _ => unreachable!(),
             })
     }
 
     /// Send EOF to the session referenced by this handler.
     pub async fn eof(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::Eof).into())
+            .send(Msg::Channel(id, ChannelMsg::Eof))
             .await
             .map_err(|_| ())
     }
@@ -204,7 +179,7 @@ impl Handle {
     /// Send success to the session referenced by this handler.
     pub async fn channel_success(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::Success).into())
+            .send(Msg::Channel(id, ChannelMsg::Success))
             .await
             .map_err(|_| ())
     }
@@ -212,7 +187,7 @@ impl Handle {
     /// Send failure to the session referenced by this handler.
     pub async fn channel_failure(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::Failure).into())
+            .send(Msg::Channel(id, ChannelMsg::Failure))
             .await
             .map_err(|_| ())
     }
@@ -220,7 +195,7 @@ impl Handle {
     /// Close a channel.
     pub async fn close(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::Close).into())
+            .send(Msg::Channel(id, ChannelMsg::Close))
             .await
             .map_err(|_| ())
     }
@@ -230,7 +205,7 @@ impl Handle {
     /// [RFC4254](https://tools.ietf.org/html/rfc4254#section-6.8).
     pub async fn xon_xoff_request(&self, id: ChannelId, client_can_do: bool) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::XonXoff { client_can_do }).into())
+            .send(Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }))
             .await
             .map_err(|_| ())
     }
@@ -238,7 +213,7 @@ impl Handle {
     /// Send the exit status of a program.
     pub async fn exit_status_request(&self, id: ChannelId, exit_status: u32) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(id, ChannelMsg::ExitStatus { exit_status }).into())
+            .send(Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }))
             .await
             .map_err(|_| ())
     }
@@ -247,11 +222,11 @@ impl Handle {
     pub async fn forward_tcpip(&self, address: String, port: u32) -> Result<u32, ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(SessionMsg::TcpIpForward {
+            .send(Msg::TcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            }.into())
+            })
             .await
             .map_err(|_| ())?;
 
@@ -269,11 +244,11 @@ impl Handle {
     pub async fn cancel_forward_tcpip(&self, address: String, port: u32) -> Result<(), ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(SessionMsg::CancelTcpIpForward {
+            .send(Msg::CancelTcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            }.into())
+            })
             .await
             .map_err(|_| ())?;
         match reply_recv.await {
@@ -294,7 +269,7 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenAgent { channel_ref }.into())
+            .send(Msg::ChannelOpenAgent { channel_ref })
             .await
             .map_err(|_| Error::SendError)?;
 
@@ -312,7 +287,7 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenSession { channel_ref }.into())
+            .send(Msg::ChannelOpenSession { channel_ref })
             .await
             .map_err(|_| Error::SendError)?;
 
@@ -332,11 +307,11 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenCustom {
+            .send(Msg::ChannelOpenCustom {
                 kind: kind.into(),
                 data: data.into(),
                 channel_ref,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -359,13 +334,13 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenDirectTcpIp {
+            .send(Msg::ChannelOpenDirectTcpIp {
                 host_to_connect: host_to_connect.into(),
                 port_to_connect,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -381,10 +356,10 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenDirectStreamLocal {
+            .send(Msg::ChannelOpenDirectStreamLocal {
                 socket_path: socket_path.into(),
                 channel_ref,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -402,13 +377,13 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenForwardedTcpIp {
+            .send(Msg::ChannelOpenForwardedTcpIp {
                 connected_address: connected_address.into(),
                 connected_port,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -423,10 +398,10 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenForwardedStreamLocal {
+            .send(Msg::ChannelOpenForwardedStreamLocal {
                 server_socket_path: server_socket_path.into(),
                 channel_ref,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -442,11 +417,11 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(SessionMsg::ChannelOpenX11 {
+            .send(Msg::ChannelOpenX11 {
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -500,7 +475,7 @@ impl Handle {
         lang_tag: String,
     ) -> Result<(), ()> {
         self.sender
-            .send(SessionMsg::Channel(
+            .send(Msg::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -508,7 +483,7 @@ impl Handle {
                     error_message,
                     lang_tag,
                 },
-            ).into())
+            ))
             .await
             .map_err(|_| ())
     }
@@ -518,10 +493,10 @@ impl Handle {
     /// PROTOCOL 2.5: one SSH string per public key blob).
     pub async fn global_request_no_reply(&self, name: &str, data: Vec<u8>) -> Result<(), Error> {
         self.sender
-            .send(SessionMsg::GlobalRequestNoReply {
+            .send(Msg::GlobalRequestNoReply {
                 name: name.to_string(),
                 data,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)
     }
@@ -534,11 +509,11 @@ impl Handle {
         language_tag: String,
     ) -> Result<(), Error> {
         self.sender
-            .send(SessionMsg::Disconnect {
+            .send(Msg::Disconnect {
                 reason,
                 description,
                 language_tag,
-            }.into())
+            })
             .await
             .map_err(|_| Error::SendError)
     }
@@ -569,36 +544,32 @@ impl Session {
     /// (sent via [`Handle`]). Shared by the `select!` receiver arm and the
     /// pre-`select!` backlog drain so the two can't drift apart.
     fn dispatch_msg(&mut self, msg: Msg) -> Result<(), Error> {
-        let msg = match msg {
-            Msg::Data(id, data) => return self.data(id, data),
-            Msg::Other(msg) => *msg,
-        };
         match msg {
-            SessionMsg::Channel(id, ChannelMsg::Data { data }) => {
+            Msg::Channel(id, ChannelMsg::Data { data }) => {
                 self.data(id, data)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
+            Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
                 self.extended_data(id, ext, data)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::Eof) => {
+            Msg::Channel(id, ChannelMsg::Eof) => {
                 self.eof(id)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::Close) => {
+            Msg::Channel(id, ChannelMsg::Close) => {
                 self.close(id)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::Success) => {
+            Msg::Channel(id, ChannelMsg::Success) => {
                 self.channel_success(id)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::Failure) => {
+            Msg::Channel(id, ChannelMsg::Failure) => {
                 self.channel_failure(id)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
+            Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
                 self.xon_xoff_request(id, client_can_do)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
+            Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
                 self.exit_status_request(id, exit_status)?;
             }
-            SessionMsg::Channel(
+            Msg::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -609,18 +580,18 @@ impl Session {
             ) => {
                 self.exit_signal_request(id, signal_name, core_dumped, &error_message, &lang_tag)?;
             }
-            SessionMsg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
+            Msg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
                 debug!("window adjusted to {new_size:?} for channel {id:?}");
             }
-            SessionMsg::ChannelOpenAgent { channel_ref } => {
+            Msg::ChannelOpenAgent { channel_ref } => {
                 let id = self.channel_open_agent()?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenSession { channel_ref } => {
+            Msg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenCustom {
+            Msg::ChannelOpenCustom {
                 kind,
                 data,
                 channel_ref,
@@ -631,7 +602,7 @@ impl Session {
                 })?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenDirectTcpIp {
+            Msg::ChannelOpenDirectTcpIp {
                 host_to_connect,
                 port_to_connect,
                 originator_address,
@@ -646,14 +617,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenDirectStreamLocal {
+            Msg::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_direct_streamlocal(&socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenForwardedTcpIp {
+            Msg::ChannelOpenForwardedTcpIp {
                 connected_address,
                 connected_port,
                 originator_address,
@@ -668,14 +639,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenForwardedStreamLocal {
+            Msg::ChannelOpenForwardedStreamLocal {
                 server_socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_forwarded_streamlocal(&server_socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::ChannelOpenX11 {
+            Msg::ChannelOpenX11 {
                 originator_address,
                 originator_port,
                 channel_ref,
@@ -683,21 +654,21 @@ impl Session {
                 let id = self.channel_open_x11(&originator_address, originator_port)?;
                 self.channels.insert(id, channel_ref);
             }
-            SessionMsg::TcpIpForward {
+            Msg::TcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.tcpip_forward(&address, port, reply_channel)?;
             }
-            SessionMsg::CancelTcpIpForward {
+            Msg::CancelTcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.cancel_tcpip_forward(&address, port, reply_channel)?;
             }
-            SessionMsg::Disconnect {
+            Msg::Disconnect {
                 reason,
                 description,
                 language_tag,
@@ -705,10 +676,10 @@ impl Session {
                 self.common
                     .disconnect(reason, &description, &language_tag)?;
             }
-            SessionMsg::ChannelOpenReply { pending, result } => {
+            Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(*pending, result)?;
             }
-            SessionMsg::GlobalRequestNoReply { name, data } => {
+            Msg::GlobalRequestNoReply { name, data } => {
                 if let Some(ref mut enc) = self.common.encrypted {
                     push_packet!(enc.write, {
                         msg::GLOBAL_REQUEST.encode(&mut enc.write)?;
@@ -859,9 +830,6 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
-                                // Patched (PATCHES.md, 26): the read buffer too.
-                                buffer.buffer = Vec::new();
-                                self.common.kex_finished();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {
