@@ -80,11 +80,7 @@ impl KubeCluster {
     /// Starts a cluster in a new temporary directory and waits until it is
     /// ready. `name` prefixes its log lines and names its temp dir.
     pub async fn start(name: &str) -> Result<KubeCluster> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("kube-{name}-"))
-            .tempdir()
-            .context("creating the cluster's temp dir")?;
-        Self::start_dir(name, DataDir::Temp(dir), &[]).await
+        Self::start_temp(name, &[]).await
     }
 
     /// Like [`KubeCluster::start`], with extra `kube-harness` flags, e.g.
@@ -92,11 +88,36 @@ impl KubeCluster {
     /// whose pods can be exec'd into, attached to, port-forwarded and
     /// logged; see [`KubeCluster::run_pod`]).
     pub async fn start_with_args(name: &str, args: &[&str]) -> Result<KubeCluster> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("kube-{name}-"))
-            .tempdir()
-            .context("creating the cluster's temp dir")?;
-        Self::start_dir(name, DataDir::Temp(dir), args).await
+        Self::start_temp(name, args).await
+    }
+
+    /// Starts on a new temporary directory. The harness picks a free port
+    /// and its kube-apiserver binds it a moment later: another process (an
+    /// outgoing connection's ephemeral port) may take it in between, and the
+    /// start fails with "address already in use". Such a start is tried
+    /// again on a fresh directory, a few times.
+    async fn start_temp(name: &str, args: &[&str]) -> Result<KubeCluster> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("kube-{name}-"))
+                .tempdir()
+                .context("creating the cluster's temp dir")?;
+            match Self::start_dir(name, DataDir::Temp(dir), args).await {
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && format!("{e:#}").contains("address already in use") =>
+                {
+                    eprintln!(
+                        "[{name}] its port was taken before the kube-apiserver bound it; \
+                         starting again ({attempt} of {ATTEMPTS})"
+                    );
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
     }
 
     /// Starts a cluster on `dir` (created if missing, kept on drop): a second
