@@ -15,7 +15,8 @@
 //! only its own loop waits. The agent's side has no limit, so it always reads
 //! and the two loops cannot both wait on each other.
 //!
-//! The writer also coalesces queued writes into larger websocket messages. When
+//! The writer also coalesces queued writes into larger websocket messages (one
+//! vectored write, so the bytes are not copied together first). When
 //! the wrapper is dropped, the writer stops at once, even mid-write into a full
 //! socket, so a dead tunnel's connection is closed instead of held open.
 
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
 use tokio::sync::mpsc;
@@ -34,6 +35,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Largest write the writer task sends in one go (one websocket message).
 const MAX_BATCH: usize = 256 * 1024;
+/// Most buffers handed to one vectored write (the kernel takes up to 1024).
+const MAX_SLICES: usize = 64;
 /// How long a clean shutdown may take before the connection is just dropped.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,7 +95,7 @@ async fn writer<W: AsyncWrite + Unpin>(
     queued: Arc<Queued>,
     stop: CancellationToken,
 ) {
-    let mut batch = BytesMut::new();
+    let mut batch: Vec<Bytes> = Vec::new();
     let result: io::Result<()> = async {
         loop {
             let first = tokio::select! {
@@ -104,27 +107,27 @@ async fn writer<W: AsyncWrite + Unpin>(
                 let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
                 return Ok(());
             };
-            let data = if rx.is_empty() {
-                first
-            } else {
-                batch.clear();
-                batch.extend_from_slice(&first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(more) => batch.extend_from_slice(&more),
-                        Err(_) => break,
+            // What is queued goes out as one vectored write (one websocket
+            // message), not copied together first.
+            let mut len = first.len();
+            batch.push(first);
+            while len < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => {
+                        len += more.len();
+                        batch.push(more);
                     }
+                    Err(_) => break,
                 }
-                batch.split().freeze()
-            };
+            }
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 written = async {
-                    write.write_all(&data).await?;
+                    write_all_vectored(&mut write, &mut batch).await?;
                     write.flush().await
                 } => written?,
             }
-            queued.bytes.fetch_sub(data.len(), Ordering::AcqRel);
+            queued.bytes.fetch_sub(len, Ordering::AcqRel);
             queued.room.wake();
         }
     }
@@ -134,6 +137,36 @@ async fn writer<W: AsyncWrite + Unpin>(
     {
         *failed = Some(e.kind());
     }
+}
+
+/// Write all of `parts` (emptied on success), as few writes as the stream takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    parts: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut next = 0;
+    while next < parts.len() {
+        #[allow(clippy::indexing_slicing)] // next < parts.len()
+        let slices: Vec<io::IoSlice<'_>> = parts[next..]
+            .iter()
+            .take(MAX_SLICES)
+            .map(|p| io::IoSlice::new(p))
+            .collect();
+        let mut n = write.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while let Some(part) = parts.get_mut(next) {
+            if n < part.len() {
+                part.advance(n);
+                break;
+            }
+            n -= part.len();
+            next += 1;
+        }
+    }
+    parts.clear();
+    Ok(())
 }
 
 impl<S> WriteBehind<S> {
@@ -162,6 +195,9 @@ impl<S> AsyncWrite for WriteBehind<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
         if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
             self.queued.room.register(cx.waker());
             // The writer may have made room meanwhile.

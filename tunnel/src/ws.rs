@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 
@@ -135,6 +135,33 @@ fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// The leading part of `bufs` that fits in one frame.
+fn frame_parts<'a>(bufs: &'a [io::IoSlice<'a>]) -> Vec<&'a [u8]> {
+    let mut room = MAX_FRAME;
+    let mut parts = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        if room == 0 {
+            break;
+        }
+        let take = b.len().min(room);
+        room -= take;
+        #[allow(clippy::indexing_slicing)] // take <= b.len()
+        parts.push(&b[..take]);
+    }
+    parts
+}
+
+/// Append `data` to `out`, masked when a mask is given, `offset` bytes into
+/// the mask's cycle.
+fn push_masked(out: &mut Vec<u8>, data: &[u8], mask: Option<[u8; 4]>, offset: usize) {
+    let start = out.len();
+    out.extend_from_slice(data);
+    if let Some(mask) = mask {
+        #[allow(clippy::indexing_slicing)] // start <= out.len()
+        apply_mask(&mut out[start..], mask, offset);
+    }
+}
+
 /// Append a frame header for `len` payload bytes to `out`.
 fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize, mask: Option<[u8; 4]>) {
     let m = if mask.is_some() { 0x80 } else { 0 };
@@ -171,11 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
     fn queue_frame(&mut self, opcode: u8, payload: &[u8]) {
         let mask = self.client.then(rand::random::<[u8; 4]>);
         put_header(&mut self.wbuf, opcode, payload.len(), mask);
-        let start = self.wbuf.len();
-        self.wbuf.extend_from_slice(payload);
-        if let Some(mask) = mask {
-            apply_mask(&mut self.wbuf[start..], mask, 0);
-        }
+        push_masked(&mut self.wbuf, payload, mask, 0);
     }
 
     /// Write out what `wbuf` holds.
@@ -267,13 +290,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                         this.rbuf.advance(n);
                         n
                     } else if want >= DIRECT_READ {
-                        // Straight into the caller's buffer.
-                        let dst = buf.initialize_unfilled_to(want);
-                        let mut direct = ReadBuf::new(dst);
-                        ready!(Pin::new(&mut this.io).poll_read(cx, &mut direct))?;
-                        let n = direct.filled().len();
-                        buf.advance(n);
-                        n
+                        // Straight into the caller's buffer, without zero-filling
+                        // it first (russh hands us uninitialized capacity).
+                        let mut dst = (&mut *buf).limit(want);
+                        ready!(tokio_util::io::poll_read_buf(
+                            Pin::new(&mut this.io),
+                            cx,
+                            &mut dst
+                        ))?
                     } else {
                         if ready!(this.poll_fill(cx))? == 0 {
                             return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
@@ -346,31 +370,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// All of `bufs` (up to [`MAX_FRAME`]) as one binary frame: the write
+    /// behind's batches go out without being copied together first.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
         if this.close_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        let len = buf.len().min(MAX_FRAME);
-        let payload = &buf[..len];
+        let parts = frame_parts(bufs);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         if this.client || !this.io.is_write_vectored() {
-            this.queue_frame(OP_BINARY, payload);
+            // One pass: copied into the frame and masked on the way.
+            let mask = this.client.then(rand::random::<[u8; 4]>);
+            put_header(&mut this.wbuf, OP_BINARY, len, mask);
+            let mut offset = 0;
+            for part in &parts {
+                push_masked(&mut this.wbuf, part, mask, offset);
+                offset += part.len();
+            }
         } else {
             // Header and payload in one writev, no copy of the payload.
             let mut header = Vec::with_capacity(MAX_HEADER);
             put_header(&mut header, OP_BINARY, len, None);
-            let bufs = [io::IoSlice::new(&header), io::IoSlice::new(payload)];
+            let mut slices = Vec::with_capacity(parts.len() + 1);
+            slices.push(io::IoSlice::new(&header));
+            slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
             // Pending: nothing was taken, the caller comes back with the same bytes.
-            let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &bufs))?;
+            let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &slices))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             // Keep what the socket did not take; the frame must go out whole.
-            if n < header.len() {
-                this.wbuf.extend_from_slice(&header[n..]);
-                this.wbuf.extend_from_slice(payload);
-            } else {
-                this.wbuf.extend_from_slice(&payload[n - header.len()..]);
+            let mut skip = n;
+            for s in &slices {
+                let take = skip.min(s.len());
+                skip -= take;
+                #[allow(clippy::indexing_slicing)] // take <= s.len()
+                this.wbuf.extend_from_slice(&s[take..]);
             }
         }
         // Push it out now; if the socket is full, the next write or flush
@@ -379,6 +423,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
             return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -463,6 +511,28 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(msg, Message::Binary(Bytes::from_static(b"hello")));
+    }
+
+    #[tokio::test]
+    async fn a_vectored_write_is_one_message_in_either_role() {
+        for role in [Role::Client, Role::Server] {
+            let peer_role = if role == Role::Client {
+                Role::Server
+            } else {
+                Role::Client
+            };
+            let (a, b) = duplex(1 << 20);
+            let mut raw = WebSocketStream::from_raw_socket(a, peer_role, Some(raw_config())).await;
+            let mut stream = WsStream::from_upgraded(b, role).await;
+            let (x, y) = (pattern(70_001), pattern(300));
+            let bufs = [io::IoSlice::new(&x), io::IoSlice::new(&y)];
+            let n = stream.write_vectored(&bufs).await.unwrap();
+            assert_eq!(n, x.len() + y.len());
+            let Message::Binary(got) = raw.next().await.unwrap().unwrap() else {
+                panic!("not a binary message");
+            };
+            assert!(got[..x.len()] == x[..] && got[x.len()..] == y[..]);
+        }
     }
 
     #[tokio::test]

@@ -385,10 +385,63 @@ impl PacketBytesWriter {
 
 /// Incoming SSH packet after decryption and optional decompression.
 /// Uses Vec<u8> (not CryptoVec/mlocked) because incoming network data is not secret.
+/// Patched (PATCHES.md 23): `Bytes`, so channel data can be handed on as a
+/// slice of the packet instead of copied (see [`decode_data`]).
 #[derive(Debug)]
 pub(crate) struct IncomingSshPacket {
-    pub buffer: Vec<u8>,
+    pub buffer: Bytes,
     pub seqn: Wrapping<u32>,
+}
+
+impl IncomingSshPacket {
+    /// The payload of the packet `buffer` holds (past its length and padding
+    /// length). Patched (PATCHES.md 23): when nothing is to be decompressed
+    /// the read buffer itself becomes the packet, not a copy of it; the next
+    /// read starts a new buffer.
+    pub(crate) fn take(
+        buffer: &mut SSHBuffer,
+        decompress: Option<&mut crate::compression::Decompress>,
+    ) -> Result<Self, crate::Error> {
+        let seqn = buffer.seqn;
+        if let Some(decompress) = decompress {
+            let mut decomp = Vec::new();
+            let payload = buffer.buffer.get(5..).unwrap_or_default();
+            let out = decompress.decompress(payload, &mut decomp)?;
+            if !std::ptr::eq(out, payload) {
+                return Ok(Self {
+                    buffer: Bytes::copy_from_slice(out),
+                    seqn,
+                });
+            }
+        }
+        let packet = Bytes::from(std::mem::take(&mut buffer.buffer));
+        Ok(Self {
+            buffer: packet.slice(5.min(packet.len())..),
+            seqn,
+        })
+    }
+}
+
+/// Decode an SSH string holding channel data from `r`. Patched (PATCHES.md
+/// 23): when `r` lies within `packet`, the data is a slice of it (no copy).
+pub(crate) fn decode_data(
+    r: &mut &[u8],
+    packet: Option<&Bytes>,
+) -> Result<Bytes, ssh_encoding::Error> {
+    use ssh_encoding::Decode;
+    let len = u32::decode(r)? as usize;
+    let Some((data, rest)) = r.split_at_checked(len) else {
+        return Err(ssh_encoding::Error::Length);
+    };
+    *r = rest;
+    Ok(match packet {
+        Some(p) if p.as_ptr_range().start <= data.as_ptr_range().start
+            && data.as_ptr_range().end <= p.as_ptr_range().end =>
+        {
+            p.slice_ref(data)
+        }
+        _ => Bytes::copy_from_slice(data),
+    })
 }
 
 /// Packet writer for constructing and encrypting outgoing SSH packets.

@@ -331,13 +331,14 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
         }
     }
 
-    buffer.buffer.resize(buffer.len + 4, 0);
     trace!("read_exact {:?}", buffer.len + 4);
 
     let l = cipher.packet_length_to_read_for_block_length();
 
-    #[allow(clippy::indexing_slicing)] // length checked
-    stream.read_exact(&mut buffer.buffer[l..]).await?;
+    // Patched (PATCHES.md 22): read into the spare capacity instead of
+    // zero-filling the packet's bytes first (a memset of every byte received).
+    buffer.buffer.truncate(l);
+    read_exact_into_spare(stream, &mut buffer.buffer, buffer.len + 4).await?;
 
     trace!("read_exact done");
     let seqn = buffer.seqn.0;
@@ -361,6 +362,24 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     buffer.buffer.resize(plaintext_end + 4, 0);
 
     Ok(plaintext_end + 4)
+}
+
+/// Append bytes from `stream` to `buf` until it holds `total` bytes, reading
+/// into its spare capacity (never past `total`: the next packet stays unread).
+async fn read_exact_into_spare<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+    total: usize,
+) -> Result<(), Error> {
+    use bytes::BufMut;
+    buf.reserve(total.saturating_sub(buf.len()));
+    while buf.len() < total {
+        let want = total - buf.len();
+        if stream.read_buf(&mut (&mut *buf).limit(want)).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    Ok(())
 }
 
 pub(crate) const PACKET_LENGTH_LEN: usize = 4;

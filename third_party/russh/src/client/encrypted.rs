@@ -28,6 +28,7 @@ use crate::client::{ChannelOpenHandle, Handler, Msg, Prompt, Reply, Session};
 use crate::helpers::{AlgorithmExt, EncodedExt, NameList, sign_with_hash_alg};
 use crate::keys::key::parse_public_key;
 use crate::parsing::{ChannelOpenConfirmation, ChannelType, OpenChannelMessage, ensure_end};
+use crate::sshbuffer::decode_data;
 use crate::session::{Encrypted, EncryptedState, GlobalRequestResponse};
 use crate::{
     Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelParams, CryptoVec, Error, MethodSet,
@@ -71,7 +72,11 @@ impl Session {
             pkt.buffer.len()
         );
 
-        self.process_packet(client, &pkt.buffer).await
+        // Patched (PATCHES.md 23): channel data is sliced from the packet.
+        self.current_packet = Some(pkt.buffer.clone());
+        let done = self.process_packet(client, &pkt.buffer).await;
+        self.current_packet = None;
+        done
     }
 
     pub(crate) async fn process_packet<H: Handler>(
@@ -627,7 +632,8 @@ impl Session {
             Some((&msg::CHANNEL_DATA, mut r)) => {
                 trace!("channel_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                let data = map_err!(Bytes::decode(&mut r))?;
+                // Patched (PATCHES.md 23): a slice of the packet, not a copy.
+                let data = map_err!(decode_data(&mut r, self.current_packet.as_ref()))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
@@ -647,7 +653,8 @@ impl Session {
                 debug!("channel_extended_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 let extended_code = map_err!(u32::decode(&mut r))?;
-                let data = map_err!(Bytes::decode(&mut r))?;
+                // Patched (PATCHES.md 23): a slice of the packet, not a copy.
+                let data = map_err!(decode_data(&mut r, self.current_packet.as_ref()))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());

@@ -31,6 +31,7 @@ use super::*;
 use crate::helpers::{AlgorithmExt, NameList};
 use crate::map_err;
 use crate::parsing::{ChannelOpenConfirmation, ChannelType, OpenChannelMessage, ensure_end};
+use crate::sshbuffer::decode_data;
 
 impl Session {
     /// Returns false iff a request was rejected.
@@ -42,7 +43,11 @@ impl Session {
         // Patched (PATCHES.md, 15): the number SSH_MSG_UNIMPLEMENTED names
         // (`seqn` was incremented after the read).
         self.incoming_seqn = pkt.seqn.0.wrapping_sub(1);
-        self.process_packet(handler, &pkt.buffer).await
+        // Patched (PATCHES.md 23): channel data is sliced from the packet.
+        self.current_packet = Some(pkt.buffer.clone());
+        let done = self.process_packet(handler, &pkt.buffer).await;
+        self.current_packet = None;
+        done
     }
 
     pub(crate) async fn process_packet<H: Handler + Send>(
@@ -874,6 +879,7 @@ mod tests {
             receiver,
             sender: handle,
             pending_reads: Vec::new(),
+            current_packet: None,
             pending_len: 0,
             incoming_seqn: 0,
             peer_rekeys: Default::default(),
@@ -1454,11 +1460,11 @@ async fn reply_userauth_info_response(
 }
 
 impl Session {
-    async fn server_read_authenticated<H: Handler + Send, R: Reader>(
+    async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
         msg: u8,
-        r: &mut R,
+        r: &mut &[u8],
     ) -> Result<(), H::Error> {
         match msg {
             // Patched (PATCHES.md, 21): the rare messages (opens, requests) are
@@ -1508,7 +1514,8 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(Bytes::decode(r))?;
+                // Patched (PATCHES.md 23): a slice of the packet, not a copy.
+                let data = map_err!(decode_data(r, self.current_packet.as_ref()))?;
                 map_err!(ensure_end(r))?;
                 if let Some(ref mut enc) = self.common.encrypted {
                     enc.consume_window(channel_num, data.len());

@@ -1215,6 +1215,7 @@ where
         receiver,
         sender: handle.clone(),
         pending_reads: Vec::new(),
+        current_packet: None,
         pending_len: 0,
         incoming_seqn: 0,
         peer_rekeys: Default::default(),
