@@ -285,7 +285,7 @@ async fn with_kubernetes(
     // The CSR one only answers CertificateSigningRequests, the registration
     // one registration requests.
     let csr = people::csr::start(client.clone(), ca.clone(), leader.clone());
-    let registrations = registration::controller::start(client.clone(), leader);
+    let registrations = registration::controller::start(client.clone(), leader.clone());
     let running = controller::start(controller::Deps {
         client: client.clone(),
         registry: core.registry.clone(),
@@ -303,6 +303,7 @@ async fn with_kubernetes(
         client.clone(),
         running.store.clone(),
         core.dialer.clone(),
+        leader,
         core.config.clusters.status_update_frequency,
     ));
     if let Some(options) = &core.config.aggregated {

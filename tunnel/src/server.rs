@@ -134,6 +134,8 @@ struct SessionInner {
     rtt_micros: AtomicU64,
     /// A round-trip measurement is waiting for its answer.
     rtt_in_flight: AtomicBool,
+    /// Told when a measurement is recorded ([`Session::first_rtt`]).
+    rtt_measured: tokio::sync::Notify,
 }
 
 fn unix_now() -> u64 {
@@ -221,6 +223,22 @@ impl Session {
             0 => None,
             us => Some(Duration::from_micros(us)),
         }
+    }
+
+    /// [`Session::rtt`], waiting up to `within` for the first measurement
+    /// of a session just admitted (taken then: one round trip away). The
+    /// status written at a connect then says it, rather than a write of its
+    /// own when the next refresh learns it.
+    pub async fn first_rtt(&self, within: Duration) -> Option<Duration> {
+        let measured = self.inner.rtt_measured.notified();
+        tokio::pin!(measured);
+        // Registered before looking: a measurement in between wakes it.
+        measured.as_mut().enable();
+        if let Some(rtt) = self.rtt() {
+            return Some(rtt);
+        }
+        let _ = tokio::time::timeout(within, measured).await;
+        self.rtt()
     }
 
     /// True once the SSH connection has ended.
@@ -475,6 +493,7 @@ impl<A: Admission> Handler<A> {
                 heartbeat: AtomicU64::new(unix_now()),
                 rtt_micros: AtomicU64::new(0),
                 rtt_in_flight: AtomicBool::new(false),
+                rtt_measured: tokio::sync::Notify::new(),
             }),
         };
         // Boxed: the admission (a Kubernetes round trip when registering) runs
@@ -524,6 +543,7 @@ impl<A: Admission> Handler<A> {
             if let Ok(Ok(())) = tokio::time::timeout(RTT_TIMEOUT, rx).await {
                 let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                 inner.rtt_micros.store(us.max(1), Ordering::Relaxed);
+                inner.rtt_measured.notify_waiters();
             }
             inner.rtt_in_flight.store(false, Ordering::Relaxed);
         });

@@ -132,6 +132,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     let recorder = super::events::recorder(client.clone());
     let names = Names::default();
     let owners = ha.as_ref().map(|h| h.owners.clone());
+    let handoff = kick.handoff().clone();
     let clusters = Arc::new(CrStore {
         store: store.clone(),
         names: names.clone(),
@@ -156,6 +157,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         written: Mutex::default(),
         services_left: Default::default(),
         leading_since: Mutex::default(),
+        handoff,
         leader: ha
             .as_ref()
             .map_or_else(Leadership::always, |h| h.leader.clone()),

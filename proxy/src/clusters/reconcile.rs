@@ -23,6 +23,7 @@ use super::crd::Cluster;
 use super::decide::{self, Facts, PortChoice, Role};
 use super::events::{Recorder, publish};
 use super::service::{self, Addresses, Exposure};
+use super::status::handoff::Handoff;
 use super::status::patch::rfc3339;
 use super::store::Names;
 use super::{Options, Ports, kubeconfig};
@@ -69,6 +70,8 @@ pub struct Context<P: Ports> {
     pub(super) services_left: tokio::sync::OnceCell<Mutex<HashSet<String>>>,
     /// Since when this replica leads (None: it does not), for [`comeback`].
     pub(super) leading_since: Mutex<Option<SystemTime>>,
+    /// What refreshes after session changes observed, for the status write.
+    pub(super) handoff: Handoff,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -447,6 +450,21 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
     if let Some(conditions) = plan.conditions {
         status.insert("conditions".into(), json!(conditions));
     }
+    // What the refresh after a session change saw of the member goes out
+    // with this write rather than in one of its own.
+    let left = match ctx.registry.live(name) > 0 {
+        true => ctx.handoff.take(name).await,
+        false => None,
+    };
+    if let Some(left) = &left {
+        let kubeconfig = spec.get("kubeconfig").and_then(|k| k.as_str());
+        let kubeconfig = kubeconfig.unwrap_or(&cluster.spec.connection.kubeconfig);
+        let none = Default::default();
+        let current = cluster.status.as_ref().unwrap_or(&none);
+        for (field, value) in left.patch(name, current, kubeconfig) {
+            status.entry(field).or_insert(value);
+        }
+    }
     if !status.is_empty() {
         // resourceVersion makes this a compare-and-swap: conditions written by
         // KubeSphere meanwhile are never overwritten (we retry on conflict).
@@ -454,17 +472,14 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
-        let patched = match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let patched = match write_status(&api, name, &patch).await {
             Ok(c) => c,
-            // KubeSphere's own CRD has no status subresource: status is part of the object.
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?
+            Err(e) => {
+                if let Some(left) = left {
+                    ctx.handoff.restore(name, left);
+                }
+                return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
         };
         ctx.wrote(name, patched.resource_version());
         tracing::info!(cluster = %name, "cluster status updated");
@@ -478,6 +493,25 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         publish(&ctx.recorder, cluster, type_, event.reason, event.note).await;
     }
     Ok(requeue(grace_left))
+}
+
+/// A merge patch of the status.
+async fn write_status(
+    api: &Api<Cluster>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<Cluster, kube::Error> {
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        // KubeSphere's own CRD has no status subresource: status is part of the object.
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+        }
+        other => other,
+    }
 }
 
 /// The expiry of the kubeconfig being written, or of the one published

@@ -19,7 +19,8 @@
 //! kubesphere-compat variant too. Writes are merge patches of only what
 //! changed ([`patch`], [`health`]): an unchanged cluster costs no write
 //! however often it is asked; the replica's Lease stands for the liveness of
-//! every cluster it serves.
+//! every cluster it serves. What a refresh learns right after a connect
+//! goes out with the leader's conditions when it can ([`handoff`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -32,14 +33,17 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tunnel::server::Session;
 
+pub mod handoff;
 pub mod health;
 pub mod patch;
 pub mod probe;
 
+use self::handoff::{Handoff, Left, Offer};
 use self::health::Health;
-use self::patch::{Observed, status_patch};
+use self::patch::Observed;
 use self::probe::{ProbeError, probe};
 use super::crd::Cluster;
+use crate::ha::leader::Leadership;
 use crate::member::MemberDialer;
 
 /// `--cluster-status-update-frequency`'s default: how often a connected
@@ -49,35 +53,55 @@ pub const DEFAULT_FREQUENCY: Duration = Duration::from_secs(60);
 /// A probe (dial, TLS, five requests) that takes longer than this is given
 /// up; its health counts as [`Health::DOWN`].
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a refresh waits for a new session's first round trip.
+const FIRST_RTT_WAIT: Duration = Duration::from_millis(500);
 /// Refreshes running at once: a fleet connecting kicks every cluster at
 /// once, and each refresh is a probe and one or two API requests (each its
 /// own connection to the kube-apiserver while in flight).
 const REFRESHES: usize = 32;
 
-/// Asks for a cluster's status to be refreshed now (a session came or went,
-/// a kubeconfig was written). Cheap to clone.
+/// Asks for a cluster's status to be refreshed now (a session came or
+/// went). Cheap to clone.
 #[derive(Clone)]
-pub struct Kick(mpsc::UnboundedSender<String>);
+pub struct Kick {
+    tx: mpsc::UnboundedSender<String>,
+    handoff: Handoff,
+}
 
 /// The other end of a [`Kick`], for [`start`].
-pub struct Kicks(mpsc::UnboundedReceiver<String>);
+pub struct Kicks {
+    rx: mpsc::UnboundedReceiver<String>,
+    handoff: Handoff,
+}
 
 impl Kicks {
     /// The next cluster to refresh.
     pub async fn recv(&mut self) -> Option<String> {
-        self.0.recv().await
+        self.rx.recv().await
     }
 }
 
 impl Kick {
     pub fn new() -> (Self, Kicks) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self(tx), Kicks(rx))
+        let handoff = Handoff::default();
+        let kicks = Kicks {
+            rx,
+            handoff: handoff.clone(),
+        };
+        (Self { tx, handoff }, kicks)
     }
 
-    /// Refresh `cluster`'s status soon (dropped once the refresher is gone).
+    /// Refresh `cluster`'s status soon (dropped once the refresher is gone);
+    /// the leader's next pass may write what it finds ([`handoff`]).
     pub fn notify(&self, cluster: &str) {
-        let _ = self.0.send(cluster.to_string());
+        self.handoff.expect(cluster);
+        let _ = self.tx.send(cluster.to_string());
+    }
+
+    /// Where the refreshes that follow kicks leave what they observed.
+    pub fn handoff(&self) -> &Handoff {
+        &self.handoff
     }
 }
 
@@ -103,18 +127,54 @@ fn agent_versions(sessions: &[Session]) -> String {
     versions.into_iter().collect::<Vec<_>>().join(", ")
 }
 
+/// Said once, when the status changes with it; every refresh of every
+/// unreachable member was 10,000 warnings a minute at 10,000 clusters.
+fn warn_unread(
+    cluster: &str,
+    error: Option<&str>,
+    patch: &serde_json::Map<String, serde_json::Value>,
+) {
+    let Some(error) = error else { return };
+    match patch.is_empty() {
+        false => tracing::warn!(%cluster, %error, "cannot read the member's version and nodes"),
+        true => tracing::debug!(%cluster, %error, "member still unreadable"),
+    }
+}
+
+/// What a refresh needs.
+#[derive(Clone)]
+struct Refresher {
+    client: Client,
+    store: Store<Cluster>,
+    dialer: MemberDialer,
+    handoff: Handoff,
+    /// Only the leader's passes take what a refresh leaves.
+    leader: Leadership,
+}
+
 /// Refreshes connected clusters' status on a [`Kick`] and every `frequency`.
 pub fn start(
     mut kicks: Kicks,
     client: Client,
     store: Store<Cluster>,
     dialer: MemberDialer,
+    leader: Leadership,
     frequency: Duration,
 ) -> tokio::task::JoinHandle<()> {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let gate = Arc::new(tokio::sync::Semaphore::new(REFRESHES));
+    let refresher = Refresher {
+        client,
+        store,
+        dialer,
+        handoff: kicks.handoff.clone(),
+        leader,
+    };
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(frequency);
+        // Not at once: at a start the sessions' kicks ask (a first tick
+        // racing them made every refresh of a fleet a tick's, and the
+        // kicks were dropped as running).
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + frequency, frequency);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A kick follows a change of ours (a session, a kubeconfig) that
@@ -122,7 +182,7 @@ pub fn start(
             // Cluster from the API. Ticks read the cache.
             let (names, fresh) = tokio::select! {
                 Some(name) = kicks.recv() => (vec![name], true),
-                _ = tick.tick() => (dialer.registry().clusters(), false),
+                _ = tick.tick() => (refresher.dialer.registry().clusters(), false),
                 else => return,
             };
             for name in names {
@@ -131,16 +191,10 @@ pub fn start(
                 if !lock(&running).insert(name.clone()) {
                     continue;
                 }
-                let (client, store, dialer, running, gate) = (
-                    client.clone(),
-                    store.clone(),
-                    dialer.clone(),
-                    running.clone(),
-                    gate.clone(),
-                );
+                let (refresher, running, gate) = (refresher.clone(), running.clone(), gate.clone());
                 tokio::spawn(async move {
                     if let Ok(_turn) = gate.acquire().await {
-                        refresh(&client, &store, &dialer, &name, fresh).await;
+                        refresher.refresh(&name, fresh).await;
                     }
                     lock(&running).remove(&name);
                 });
@@ -169,88 +223,102 @@ async fn current(
     }
 }
 
-async fn refresh(
-    client: &Client,
-    store: &Store<Cluster>,
-    dialer: &MemberDialer,
-    name: &str,
-    fresh: bool,
-) {
-    let Some(session) = dialer.pick(name) else {
-        return;
-    };
-    let Some(cluster) = store.get(&ObjectRef::new(name)) else {
-        return;
-    };
-    if !cluster.is_served() {
-        return;
-    }
-    let probed = tokio::time::timeout(PROBE_TIMEOUT, probe(dialer, name))
-        .await
-        .unwrap_or(Err(ProbeError::Timeout(PROBE_TIMEOUT)));
-    let (health, member) = match probed {
-        Ok(p) => (Some(p.health), p.member),
-        // The session went away while we asked: nothing to say of the member.
-        Err(ProbeError::Reach(e)) if e.is_transient() => (None, Err(ProbeError::Reach(e))),
-        // The tunnel is fine: the member's kube-apiserver is not.
-        Err(e) => (Some(Health::DOWN), Err(e)),
-    };
-    let unread = member.as_ref().err().map(ToString::to_string);
-    let member = member.ok();
-    // The Cluster may have moved on while we asked.
-    let cluster = current(client, store, name, fresh).await.unwrap_or(cluster);
-    let sessions = dialer.registry().sessions(name);
-    let seen = Observed {
-        member,
-        health,
-        agent_version: agent_versions(&sessions),
-        platform: health::platforms(sessions.iter().map(|s| s.config().platform.as_str())),
-        // The freshest session's: the one whose agent spoke last.
-        rtt: sessions
-            .iter()
-            .max_by_key(|s| s.last_heartbeat())
-            .and_then(Session::rtt),
-        heartbeat: sessions
-            .iter()
-            .map(Session::last_heartbeat)
-            .max()
-            .unwrap_or_else(|| session.last_heartbeat()),
-    };
-    if sessions.is_empty() {
-        // Gone while we asked: nothing current to report.
-        return;
-    }
-    let current = cluster.status.clone().unwrap_or_default();
-    let patch = status_patch(&current, &cluster.spec.connection.kubeconfig, &seen);
-    if let Some(error) = unread {
-        // Said once, when the status changes with it; every refresh of every
-        // unreachable member was 10,000 warnings a minute at 10,000 clusters.
-        match patch.is_empty() {
-            false => {
-                tracing::warn!(cluster = %name, %error, "cannot read the member's version and nodes")
-            }
-            true => tracing::debug!(cluster = %name, %error, "member still unreadable"),
+impl Refresher {
+    /// Probe the member and write what changed; after a kick (`fresh`), on
+    /// the leader, what it saw is left for the pass that follows the change.
+    async fn refresh(&self, name: &str, fresh: bool) {
+        let Some(seen) = self.observe(name).await else {
+            return;
+        };
+        if !fresh {
+            self.handoff.discard(name);
+            return self.write(name, seen, false).await;
+        }
+        if !self.leader.is_leader() {
+            return self.write(name, seen, true).await;
+        }
+        if let Offer::Write(seen) = self.handoff.offer(name, seen) {
+            self.write(name, seen, true).await;
         }
     }
-    if patch.is_empty() {
-        return;
-    }
-    let fields: Vec<String> = patch.keys().cloned().collect();
-    let body = json!({ "status": patch });
-    let api: Api<Cluster> = Api::all(client.clone());
-    let written = match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
-        .await
-    {
-        // KubeSphere's own CRD has no status subresource: status is part of the object.
-        Err(kube::Error::Api(e)) if e.code == 404 => api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+
+    /// What the member and its sessions say now; None when nothing
+    /// current can be said (no session, not served).
+    async fn observe(&self, name: &str) -> Option<Left> {
+        let dialer = &self.dialer;
+        let session = dialer.pick(name)?;
+        let cluster = self.store.get(&ObjectRef::new(name))?;
+        if !cluster.is_served() {
+            return None;
+        }
+        let probed = tokio::time::timeout(PROBE_TIMEOUT, probe(dialer, name))
             .await
-            .map(|_| ()),
-        other => other.map(|_| ()),
-    };
-    match written {
-        Ok(()) => tracing::debug!(cluster = %cluster.name_any(), ?fields, "member status updated"),
-        Err(e) => tracing::warn!(cluster = %name, error = %e, "cannot write the member status"),
+            .unwrap_or(Err(ProbeError::Timeout(PROBE_TIMEOUT)));
+        let (health, member) = match probed {
+            Ok(p) => (Some(p.health), p.member),
+            // The session went away while we asked: nothing to say of the member.
+            Err(ProbeError::Reach(e)) if e.is_transient() => (None, Err(ProbeError::Reach(e))),
+            // The tunnel is fine: the member's kube-apiserver is not.
+            Err(e) => (Some(Health::DOWN), Err(e)),
+        };
+        let unread = member.as_ref().err().map(ToString::to_string);
+        // The first round trip is taken on admission: a probe that failed
+        // at once (no credentials) may be done before it is back.
+        session.first_rtt(FIRST_RTT_WAIT).await;
+        let sessions = dialer.registry().sessions(name);
+        // Gone while we asked: nothing current to report.
+        if sessions.is_empty() {
+            return None;
+        }
+        let observed = Observed {
+            member: member.ok(),
+            health,
+            agent_version: agent_versions(&sessions),
+            platform: health::platforms(sessions.iter().map(|s| s.config().platform.as_str())),
+            // The freshest session's: the one whose agent spoke last.
+            rtt: sessions
+                .iter()
+                .max_by_key(|s| s.last_heartbeat())
+                .and_then(Session::rtt),
+            heartbeat: sessions
+                .iter()
+                .map(Session::last_heartbeat)
+                .max()
+                .unwrap_or_else(|| session.last_heartbeat()),
+        };
+        Some(Left { observed, unread })
+    }
+
+    /// Write what changed against the Cluster as it is now (from the API
+    /// when `fresh`: the change that kicked us may not be cached yet).
+    async fn write(&self, name: &str, seen: Left, fresh: bool) {
+        let Some(cluster) = current(&self.client, &self.store, name, fresh).await else {
+            return;
+        };
+        let current = cluster.status.clone().unwrap_or_default();
+        let patch = seen.patch(name, &current, &cluster.spec.connection.kubeconfig);
+        if patch.is_empty() {
+            return;
+        }
+        let fields: Vec<String> = patch.keys().cloned().collect();
+        let body = json!({ "status": patch });
+        let api: Api<Cluster> = Api::all(self.client.clone());
+        let written = match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            // KubeSphere's own CRD has no status subresource: status is part of the object.
+            Err(kube::Error::Api(e)) if e.code == 404 => api
+                .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map(|_| ()),
+            other => other.map(|_| ()),
+        };
+        match written {
+            Ok(()) => {
+                tracing::debug!(cluster = %cluster.name_any(), ?fields, "member status updated")
+            }
+            Err(e) => tracing::warn!(cluster = %name, error = %e, "cannot write the member status"),
+        }
     }
 }
