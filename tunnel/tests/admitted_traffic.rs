@@ -1,9 +1,9 @@
 //! An agent whose admission took a moment (the proxy waited for its Cluster
 //! cache) hears the answer, and its first channel moves bytes both ways, at
 //! once: not at the next keepalive or other timer of either end. The same
-//! after a rekey. Paused time over an in-memory connection, with keepalives
-//! and the rekey period far beyond the deadlines, so anything that waits for
-//! a timer to wake a session misses them.
+//! through rekeys. Paused time over an in-memory connection, with keepalives
+//! far beyond the deadlines, so anything that waits for a timer to wake a
+//! session misses them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +23,9 @@ const KEEPALIVE: Duration = Duration::from_secs(3600);
 const DECISION: Duration = Duration::from_secs(2);
 /// Deadline for anything that needs no timer (virtual time).
 const PROMPT: Duration = Duration::from_secs(1);
-/// The proxy rekeys after this long (virtual time).
-const REKEY: Duration = Duration::from_secs(600);
+/// The proxy rekeys after writing or reading this much (russh times its rekey
+/// period with the real clock, which paused time does not move).
+const REKEY_BYTES: usize = 1 << 20;
 
 /// Admits after [`DECISION`], handing the session to the test.
 struct Delayed(mpsc::UnboundedSender<Session>);
@@ -58,11 +59,14 @@ struct Run {
     connected: oneshot::Receiver<()>,
 }
 
-fn connect() -> Run {
+fn connect(rekey_bytes: Option<usize>) -> Run {
     let (proxy_end, agent_end) = tokio::io::duplex(1 << 16);
     let key = tunnel::ssh::generate_host_key().unwrap();
     let mut config = tunnel::ssh::server_config(key, KEEPALIVE);
-    config.limits.rekey_time_limit = REKEY;
+    if let Some(bytes) = rekey_bytes {
+        config.limits.rekey_write_limit = bytes;
+        config.limits.rekey_read_limit = bytes;
+    }
     let config = Arc::new(config);
     let (tx, sessions) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -122,7 +126,7 @@ async fn round_trip(session: &Session, size: usize) {
 
 #[tokio::test(start_paused = true)]
 async fn an_agent_admitted_after_a_wait_hears_it_and_moves_bytes_at_once() {
-    let mut run = connect();
+    let mut run = connect(None);
     let session = timeout(DECISION + PROMPT, run.sessions.recv())
         .await
         .expect("the admission decided")
@@ -140,8 +144,8 @@ async fn an_agent_admitted_after_a_wait_hears_it_and_moves_bytes_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn after_a_rekey_the_tunnel_still_moves_bytes_at_once() {
-    let mut run = connect();
+async fn through_rekeys_the_tunnel_still_moves_bytes_at_once() {
+    let mut run = connect(Some(REKEY_BYTES));
     let session = timeout(DECISION + PROMPT, run.sessions.recv())
         .await
         .expect("the admission decided")
@@ -149,13 +153,18 @@ async fn after_a_rekey_the_tunnel_still_moves_bytes_at_once() {
     timeout(PROMPT, round_trip(&session, 64 << 10))
         .await
         .expect("bytes moved after admission");
-    // Past the rekey period: the proxy starts a key exchange. Traffic after
-    // it uses the new keys (a wrong exchange hash would end the session).
-    tokio::time::sleep(REKEY + PROMPT).await;
-    for _ in 0..2 {
-        timeout(PROMPT, round_trip(&session, 1 << 20))
+    // Each MiB the proxy writes or reads starts a key exchange, some with
+    // data in flight; traffic after each uses the new keys (a wrong exchange
+    // hash would end the session).
+    for _ in 0..3 {
+        timeout(PROMPT, round_trip(&session, 3 * REKEY_BYTES))
             .await
-            .expect("bytes moved after the rekey");
+            .expect("bytes moved through the rekeys");
     }
-    assert!(!session.is_closed(), "the session survived the rekey");
+    // Idle after a rekey, then traffic again: nothing waits for a timer.
+    tokio::time::sleep(KEEPALIVE / 2).await;
+    timeout(PROMPT, round_trip(&session, 64))
+        .await
+        .expect("bytes moved after the rekeys");
+    assert!(!session.is_closed(), "the session survived the rekeys");
 }
