@@ -20,17 +20,18 @@
 //! the wrapper is dropped, the writer stops at once, even mid-write into a full
 //! socket, so a dead tunnel's connection is closed instead of held open.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Largest write the writer task sends in one go (one websocket message).
@@ -43,18 +44,40 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// A stream whose writes are queued to a writer task; see the module docs.
 pub struct WriteBehind<S> {
     read: ReadHalf<S>,
-    queue: Option<mpsc::UnboundedSender<Bytes>>,
-    failed: Arc<Mutex<Option<io::ErrorKind>>>,
-    queued: Arc<Queued>,
+    shared: Arc<Shared>,
+    /// This side shut down: later writes fail.
+    shut: bool,
     limit: usize,
     _stop_writer: DropGuard,
 }
 
-/// Bytes handed to the writer and not written yet, and who waits for room.
+/// What the session and the writer task share. The queue is a `VecDeque`, not
+/// a tokio mpsc: that one allocates a block of 32 slots per queue up front,
+/// about 1 KiB for every idle tunnel (issue #15 part 4).
 #[derive(Default)]
-struct Queued {
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Wakes the writer when `pending` changed.
+    wake: Notify,
+    failed: Mutex<Option<io::ErrorKind>>,
+    /// Bytes handed to the writer and not written yet.
     bytes: AtomicUsize,
+    /// Who waits for room under the limit.
     room: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Pending {
+    writes: VecDeque<Bytes>,
+    /// The session shut its side down: write what is queued, then shut down.
+    closed: bool,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Nothing panics while holding it; a poisoned queue is still consistent.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
@@ -66,60 +89,67 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
     /// Writes wait while `limit` bytes or more are queued.
     pub fn with_limit(stream: S, limit: usize) -> Self {
         let (read, write) = tokio::io::split(stream);
-        let (queue, rx) = mpsc::unbounded_channel();
-        let failed = Arc::new(Mutex::new(None));
-        let queued = Arc::new(Queued::default());
+        let shared = Arc::new(Shared::default());
         let stop = CancellationToken::new();
-        tokio::spawn(writer(
-            write,
-            rx,
-            failed.clone(),
-            queued.clone(),
-            stop.clone(),
-        ));
+        tokio::spawn(writer(write, shared.clone(), stop.clone()));
         Self {
             read,
-            queue: Some(queue),
-            failed,
-            queued,
+            shared,
+            shut: false,
             limit,
             _stop_writer: stop.drop_guard(),
         }
     }
 }
 
-async fn writer<W: AsyncWrite + Unpin>(
-    mut write: W,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    failed: Arc<Mutex<Option<io::ErrorKind>>>,
-    queued: Arc<Queued>,
-    stop: CancellationToken,
-) {
+/// What the writer takes from the queue at once.
+enum Next {
+    /// This many bytes were moved into the batch.
+    Write(usize),
+    Wait,
+    Shutdown,
+}
+
+/// Move what is queued into `batch` (up to [`MAX_BATCH`] bytes): it goes out
+/// as one vectored write (one websocket message), not copied together first.
+fn next(shared: &Shared, batch: &mut Vec<Bytes>) -> Next {
+    let mut pending = shared.pending();
+    let mut len = 0;
+    while len < MAX_BATCH {
+        match pending.writes.pop_front() {
+            Some(more) => {
+                len += more.len();
+                batch.push(more);
+            }
+            None => break,
+        }
+    }
+    match len {
+        0 if pending.closed => Next::Shutdown,
+        0 => Next::Wait,
+        len => Next::Write(len),
+    }
+}
+
+async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: CancellationToken) {
     let mut batch: Vec<Bytes> = Vec::new();
     let result: io::Result<()> = async {
         loop {
-            let first = tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                next = rx.recv() => next,
-            };
-            let Some(first) = first else {
-                // The session shut its side down: say goodbye, briefly.
-                let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
-                return Ok(());
-            };
-            // What is queued goes out as one vectored write (one websocket
-            // message), not copied together first.
-            let mut len = first.len();
-            batch.push(first);
-            while len < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => {
-                        len += more.len();
-                        batch.push(more);
+            let len = match next(&shared, &mut batch) {
+                Next::Write(len) => len,
+                Next::Wait => {
+                    // A push after `next` looked left a permit: this returns at once.
+                    tokio::select! {
+                        () = stop.cancelled() => return Ok(()),
+                        () = shared.wake.notified() => continue,
                     }
-                    Err(_) => break,
                 }
-            }
+                Next::Shutdown => {
+                    // The session shut its side down: say goodbye, briefly.
+                    let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
+                    return Ok(());
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 written = async {
@@ -127,13 +157,13 @@ async fn writer<W: AsyncWrite + Unpin>(
                     write.flush().await
                 } => written?,
             }
-            queued.bytes.fetch_sub(len, Ordering::AcqRel);
-            queued.room.wake();
+            shared.bytes.fetch_sub(len, Ordering::AcqRel);
+            shared.room.wake();
         }
     }
     .await;
     if let Err(e) = result
-        && let Ok(mut failed) = failed.lock()
+        && let Ok(mut failed) = shared.failed.lock()
     {
         *failed = Some(e.kind());
     }
@@ -171,7 +201,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 
 impl<S> WriteBehind<S> {
     fn check(&self) -> io::Result<()> {
-        match self.failed.lock().ok().and_then(|f| *f) {
+        match self.shared.failed.lock().ok().and_then(|f| *f) {
             Some(kind) => Err(io::Error::new(kind, "the tunnel's connection failed")),
             None => Ok(()),
         }
@@ -198,20 +228,25 @@ impl<S> AsyncWrite for WriteBehind<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
-            self.queued.room.register(cx.waker());
+        let shared = &self.shared;
+        if shared.bytes.load(Ordering::Acquire) >= self.limit {
+            shared.room.register(cx.waker());
             // The writer may have made room meanwhile.
-            if self.queued.bytes.load(Ordering::Acquire) >= self.limit {
+            if shared.bytes.load(Ordering::Acquire) >= self.limit {
                 return Poll::Pending;
             }
         }
-        match &self.queue {
-            Some(queue) if queue.send(Bytes::copy_from_slice(buf)).is_ok() => {
-                self.queued.bytes.fetch_add(buf.len(), Ordering::AcqRel);
-                Poll::Ready(Ok(buf.len()))
-            }
-            _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        if self.shut {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        // Counted before the writer can take it, so its subtraction never wraps.
+        shared.bytes.fetch_add(buf.len(), Ordering::AcqRel);
+        shared
+            .pending()
+            .writes
+            .push_back(Bytes::copy_from_slice(buf));
+        shared.wake.notify_one();
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -220,9 +255,10 @@ impl<S> AsyncWrite for WriteBehind<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Closing the queue makes the writer shut the connection down after
-        // what is already queued.
-        self.queue = None;
+        // The writer shuts the connection down after what is already queued.
+        self.shut = true;
+        self.shared.pending().closed = true;
+        self.shared.wake.notify_one();
         Poll::Ready(Ok(()))
     }
 }
@@ -248,6 +284,24 @@ mod tests {
         let mut rest = Vec::new();
         b.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    /// The writer sleeps on a `Notify` between writes: on two threads, no write
+    /// may be left queued without a wake-up (each one is read back in turn).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_write_wakes_the_writer_across_threads() {
+        let (a, mut b) = duplex(1024);
+        let mut w = WriteBehind::new(a);
+        let mut got = [0u8; 3];
+        for i in 0..2000u32 {
+            let sent = [(i % 251) as u8, 1, 2];
+            w.write_all(&sent).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut got))
+                .await
+                .expect("a queued write was left without a wake-up")
+                .unwrap();
+            assert_eq!(got, sent);
+        }
     }
 
     #[tokio::test]

@@ -172,6 +172,19 @@ impl<C> CommonSession<C> {
             .is_some_and(|channel| channel.confirmed)
     }
 
+    /// Patched (PATCHES.md, 25): a key exchange ended; free what only it needed.
+    /// The exchange's payloads (both KEXINITs, the ephemeral keys, about 1 KiB)
+    /// were kept until the next exchange, which builds its own; `Some` stays, as
+    /// the server's flush reads it as "a rekey may start".
+    pub(crate) fn kex_finished(&mut self) {
+        if let Some(enc) = self.encrypted.as_mut()
+            && enc.exchange.is_some()
+        {
+            enc.exchange = Some(Exchange::default());
+        }
+        self.packet_writer.release_after_flush();
+    }
+
     pub fn newkeys(&mut self, newkeys: NewKeys) {
         if let Some(ref mut enc) = self.encrypted {
             enc.exchange = Some(newkeys.exchange);

@@ -450,6 +450,8 @@ pub(crate) struct PacketWriter {
     compress: Compress,
     packet_buffer: Vec<u8>,
     write_buffer: SSHBuffer,
+    /// Patched (PATCHES.md, 25): give the buffers back after the next flush.
+    release_after_flush: bool,
 }
 
 impl Debug for PacketWriter {
@@ -473,6 +475,7 @@ impl PacketWriter {
             compress,
             packet_buffer: Vec::new(),
             write_buffer: SSHBuffer::new(),
+            release_after_flush: false,
         }
     }
 
@@ -666,6 +669,18 @@ impl PacketWriter {
             w.flush().await?;
             self.write_buffer.buffer.clear();
         }
+        if self.release_after_flush && self.write_buffer.buffer.is_empty() {
+            self.release_after_flush = false;
+            self.write_buffer.buffer = Vec::new();
+            self.packet_buffer = Vec::new();
+        }
         Ok(())
+    }
+
+    /// Patched (PATCHES.md, 25): once written out, free the buffers. A key
+    /// exchange's packets are the largest an idle session writes, and the
+    /// buffers kept that capacity for as long as the session lived.
+    pub fn release_after_flush(&mut self) {
+        self.release_after_flush = true;
     }
 }

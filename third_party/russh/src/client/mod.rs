@@ -1530,6 +1530,10 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
+                                // Patched (PATCHES.md, 25): the read buffer too (a
+                                // decompressed packet leaves it holding the packet).
+                                buffer.buffer = Vec::new();
+                                self.common.kex_finished();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {

@@ -2113,9 +2113,12 @@ impl Session {
         let reply = ChannelOpenHandle::new(
             self.sender.priority_sender.clone(),
             pending,
-            |pending, result| Msg::ChannelOpenReply {
-                pending: Box::new(pending),
-                result,
+            |pending, result| {
+                SessionMsg::ChannelOpenReply {
+                    pending: Box::new(pending),
+                    result,
+                }
+                .into()
             },
         );
 

@@ -38,8 +38,30 @@ pub struct Session {
     pub(crate) peer_rekeys: crate::server::PeerRekeys,
 }
 
+/// What the session's queues carry (patched, PATCHES.md 24): channel data
+/// inline, everything else boxed. tokio's mpsc allocates 32 slots per queue up
+/// front, each the size of the message, so the largest variant sized every
+/// idle session's data queue (96 bytes a slot, now 40).
 #[derive(Debug)]
 pub enum Msg {
+    /// `CHANNEL_DATA` to send: the data path, not boxed.
+    Data(ChannelId, bytes::Bytes),
+    /// Any other message.
+    Other(Box<SessionMsg>),
+}
+
+impl From<SessionMsg> for Msg {
+    fn from(msg: SessionMsg) -> Self {
+        match msg {
+            SessionMsg::Channel(id, ChannelMsg::Data { data }) => Msg::Data(id, data),
+            msg => Msg::Other(Box::new(msg)),
+        }
+    }
+}
+
+/// A message to the session loop other than channel data (see [`Msg`]).
+#[derive(Debug)]
+pub enum SessionMsg {
     ChannelOpenAgent {
         channel_ref: ChannelRef,
     },
@@ -112,7 +134,7 @@ pub enum Msg {
 
 impl From<(ChannelId, ChannelMsg)> for Msg {
     fn from((id, msg): (ChannelId, ChannelMsg)) -> Self {
-        Msg::Channel(id, msg)
+        SessionMsg::Channel(id, msg).into()
     }
 }
 
@@ -145,11 +167,11 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Data { data }))
+            .send(Msg::Data(id, data))
             .await
             .map_err(|e| match e.0 {
-                Msg::Channel(_, ChannelMsg::Data { data }) => data,
-                _ => unreachable!(),
+                Msg::Data(_, data) => data,
+                Msg::Other(_) => unreachable!(),
             })
     }
 
@@ -162,18 +184,21 @@ impl Handle {
     ) -> Result<(), bytes::Bytes> {
         let data = data.into();
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }))
+            .send(SessionMsg::Channel(id, ChannelMsg::ExtendedData { ext, data }).into())
             .await
             .map_err(|e| match e.0 {
-                Msg::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
-                _ => unreachable!(),
+                Msg::Other(msg) => match *msg {
+                    SessionMsg::Channel(_, ChannelMsg::ExtendedData { data, .. }) => data,
+                    _ => unreachable!(),
+                },
+                Msg::Data(..) => unreachable!(),
             })
     }
 
     /// Send EOF to the session referenced by this handler.
     pub async fn eof(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Eof))
+            .send(SessionMsg::Channel(id, ChannelMsg::Eof).into())
             .await
             .map_err(|_| ())
     }
@@ -181,7 +206,7 @@ impl Handle {
     /// Send success to the session referenced by this handler.
     pub async fn channel_success(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Success))
+            .send(SessionMsg::Channel(id, ChannelMsg::Success).into())
             .await
             .map_err(|_| ())
     }
@@ -189,7 +214,7 @@ impl Handle {
     /// Send failure to the session referenced by this handler.
     pub async fn channel_failure(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Failure))
+            .send(SessionMsg::Channel(id, ChannelMsg::Failure).into())
             .await
             .map_err(|_| ())
     }
@@ -197,7 +222,7 @@ impl Handle {
     /// Close a channel.
     pub async fn close(&self, id: ChannelId) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::Close))
+            .send(SessionMsg::Channel(id, ChannelMsg::Close).into())
             .await
             .map_err(|_| ())
     }
@@ -207,7 +232,7 @@ impl Handle {
     /// [RFC4254](https://tools.ietf.org/html/rfc4254#section-6.8).
     pub async fn xon_xoff_request(&self, id: ChannelId, client_can_do: bool) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }))
+            .send(SessionMsg::Channel(id, ChannelMsg::XonXoff { client_can_do }).into())
             .await
             .map_err(|_| ())
     }
@@ -215,7 +240,7 @@ impl Handle {
     /// Send the exit status of a program.
     pub async fn exit_status_request(&self, id: ChannelId, exit_status: u32) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }))
+            .send(SessionMsg::Channel(id, ChannelMsg::ExitStatus { exit_status }).into())
             .await
             .map_err(|_| ())
     }
@@ -224,11 +249,11 @@ impl Handle {
     pub async fn forward_tcpip(&self, address: String, port: u32) -> Result<u32, ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(Msg::TcpIpForward {
+            .send(SessionMsg::TcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            })
+            }.into())
             .await
             .map_err(|_| ())?;
 
@@ -246,11 +271,11 @@ impl Handle {
     pub async fn cancel_forward_tcpip(&self, address: String, port: u32) -> Result<(), ()> {
         let (reply_send, reply_recv) = oneshot::channel();
         self.sender
-            .send(Msg::CancelTcpIpForward {
+            .send(SessionMsg::CancelTcpIpForward {
                 reply_channel: Some(reply_send),
                 address,
                 port,
-            })
+            }.into())
             .await
             .map_err(|_| ())?;
         match reply_recv.await {
@@ -271,7 +296,7 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenAgent { channel_ref })
+            .send(SessionMsg::ChannelOpenAgent { channel_ref }.into())
             .await
             .map_err(|_| Error::SendError)?;
 
@@ -289,7 +314,7 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenSession { channel_ref })
+            .send(SessionMsg::ChannelOpenSession { channel_ref }.into())
             .await
             .map_err(|_| Error::SendError)?;
 
@@ -309,11 +334,11 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenCustom {
+            .send(SessionMsg::ChannelOpenCustom {
                 kind: kind.into(),
                 data: data.into(),
                 channel_ref,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -336,13 +361,13 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenDirectTcpIp {
+            .send(SessionMsg::ChannelOpenDirectTcpIp {
                 host_to_connect: host_to_connect.into(),
                 port_to_connect,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -358,10 +383,10 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenDirectStreamLocal {
+            .send(SessionMsg::ChannelOpenDirectStreamLocal {
                 socket_path: socket_path.into(),
                 channel_ref,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -379,13 +404,13 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenForwardedTcpIp {
+            .send(SessionMsg::ChannelOpenForwardedTcpIp {
                 connected_address: connected_address.into(),
                 connected_port,
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -400,10 +425,10 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenForwardedStreamLocal {
+            .send(SessionMsg::ChannelOpenForwardedStreamLocal {
                 server_socket_path: server_socket_path.into(),
                 channel_ref,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -419,11 +444,11 @@ impl Handle {
         let window_size_ref = channel_ref.window_size().clone();
 
         self.sender
-            .send(Msg::ChannelOpenX11 {
+            .send(SessionMsg::ChannelOpenX11 {
                 originator_address: originator_address.into(),
                 originator_port,
                 channel_ref,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
@@ -477,7 +502,7 @@ impl Handle {
         lang_tag: String,
     ) -> Result<(), ()> {
         self.sender
-            .send(Msg::Channel(
+            .send(SessionMsg::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -485,7 +510,7 @@ impl Handle {
                     error_message,
                     lang_tag,
                 },
-            ))
+            ).into())
             .await
             .map_err(|_| ())
     }
@@ -495,10 +520,10 @@ impl Handle {
     /// PROTOCOL 2.5: one SSH string per public key blob).
     pub async fn global_request_no_reply(&self, name: &str, data: Vec<u8>) -> Result<(), Error> {
         self.sender
-            .send(Msg::GlobalRequestNoReply {
+            .send(SessionMsg::GlobalRequestNoReply {
                 name: name.to_string(),
                 data,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)
     }
@@ -511,11 +536,11 @@ impl Handle {
         language_tag: String,
     ) -> Result<(), Error> {
         self.sender
-            .send(Msg::Disconnect {
+            .send(SessionMsg::Disconnect {
                 reason,
                 description,
                 language_tag,
-            })
+            }.into())
             .await
             .map_err(|_| Error::SendError)
     }
@@ -531,32 +556,36 @@ impl Session {
     /// (sent via [`Handle`]). Shared by the `select!` receiver arm and the
     /// pre-`select!` backlog drain so the two can't drift apart.
     fn dispatch_msg(&mut self, msg: Msg) -> Result<(), Error> {
+        let msg = match msg {
+            Msg::Data(id, data) => return self.data(id, data),
+            Msg::Other(msg) => *msg,
+        };
         match msg {
-            Msg::Channel(id, ChannelMsg::Data { data }) => {
+            SessionMsg::Channel(id, ChannelMsg::Data { data }) => {
                 self.data(id, data)?;
             }
-            Msg::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
+            SessionMsg::Channel(id, ChannelMsg::ExtendedData { ext, data }) => {
                 self.extended_data(id, ext, data)?;
             }
-            Msg::Channel(id, ChannelMsg::Eof) => {
+            SessionMsg::Channel(id, ChannelMsg::Eof) => {
                 self.eof(id)?;
             }
-            Msg::Channel(id, ChannelMsg::Close) => {
+            SessionMsg::Channel(id, ChannelMsg::Close) => {
                 self.close(id)?;
             }
-            Msg::Channel(id, ChannelMsg::Success) => {
+            SessionMsg::Channel(id, ChannelMsg::Success) => {
                 self.channel_success(id)?;
             }
-            Msg::Channel(id, ChannelMsg::Failure) => {
+            SessionMsg::Channel(id, ChannelMsg::Failure) => {
                 self.channel_failure(id)?;
             }
-            Msg::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
+            SessionMsg::Channel(id, ChannelMsg::XonXoff { client_can_do }) => {
                 self.xon_xoff_request(id, client_can_do)?;
             }
-            Msg::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
+            SessionMsg::Channel(id, ChannelMsg::ExitStatus { exit_status }) => {
                 self.exit_status_request(id, exit_status)?;
             }
-            Msg::Channel(
+            SessionMsg::Channel(
                 id,
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -567,18 +596,18 @@ impl Session {
             ) => {
                 self.exit_signal_request(id, signal_name, core_dumped, &error_message, &lang_tag)?;
             }
-            Msg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
+            SessionMsg::Channel(id, ChannelMsg::WindowAdjusted { new_size }) => {
                 debug!("window adjusted to {new_size:?} for channel {id:?}");
             }
-            Msg::ChannelOpenAgent { channel_ref } => {
+            SessionMsg::ChannelOpenAgent { channel_ref } => {
                 let id = self.channel_open_agent()?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenSession { channel_ref } => {
+            SessionMsg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenCustom {
+            SessionMsg::ChannelOpenCustom {
                 kind,
                 data,
                 channel_ref,
@@ -589,7 +618,7 @@ impl Session {
                 })?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenDirectTcpIp {
+            SessionMsg::ChannelOpenDirectTcpIp {
                 host_to_connect,
                 port_to_connect,
                 originator_address,
@@ -604,14 +633,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenDirectStreamLocal {
+            SessionMsg::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_direct_streamlocal(&socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenForwardedTcpIp {
+            SessionMsg::ChannelOpenForwardedTcpIp {
                 connected_address,
                 connected_port,
                 originator_address,
@@ -626,14 +655,14 @@ impl Session {
                 )?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenForwardedStreamLocal {
+            SessionMsg::ChannelOpenForwardedStreamLocal {
                 server_socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_forwarded_streamlocal(&server_socket_path)?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::ChannelOpenX11 {
+            SessionMsg::ChannelOpenX11 {
                 originator_address,
                 originator_port,
                 channel_ref,
@@ -641,21 +670,21 @@ impl Session {
                 let id = self.channel_open_x11(&originator_address, originator_port)?;
                 self.channels.insert(id, channel_ref);
             }
-            Msg::TcpIpForward {
+            SessionMsg::TcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.tcpip_forward(&address, port, reply_channel)?;
             }
-            Msg::CancelTcpIpForward {
+            SessionMsg::CancelTcpIpForward {
                 address,
                 port,
                 reply_channel,
             } => {
                 self.cancel_tcpip_forward(&address, port, reply_channel)?;
             }
-            Msg::Disconnect {
+            SessionMsg::Disconnect {
                 reason,
                 description,
                 language_tag,
@@ -663,10 +692,10 @@ impl Session {
                 self.common
                     .disconnect(reason, &description, &language_tag)?;
             }
-            Msg::ChannelOpenReply { pending, result } => {
+            SessionMsg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(*pending, result)?;
             }
-            Msg::GlobalRequestNoReply { name, data } => {
+            SessionMsg::GlobalRequestNoReply { name, data } => {
                 if let Some(ref mut enc) = self.common.encrypted {
                     push_packet!(enc.write, {
                         msg::GLOBAL_REQUEST.encode(&mut enc.write)?;
@@ -817,6 +846,10 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
+                                // Patched (PATCHES.md, 25): the read buffer too (a
+                                // decompressed packet leaves it holding the packet).
+                                buffer.buffer = Vec::new();
+                                self.common.kex_finished();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
                             {
