@@ -334,7 +334,7 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
             reply.accept().await;
             let mut upstream = upstream;
             let mut stream = channel.into_stream();
-            if let Err(e) = crate::copy::join(&mut stream, &mut upstream).await {
+            if let Err(e) = crate::copy::join_channel(&mut upstream, &mut stream).await {
                 tracing::debug!(%target, error = %e, "stream ended with an error");
             }
         });

@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use russh::server::{Auth, GlobalRequestReply, Handle, Msg, Session as SshSession};
 use russh::{Channel, ChannelId, ChannelStream, Disconnect};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::hub::{HubRefusal, HubUpstream};
@@ -383,6 +384,30 @@ impl AsyncRead for TunnelStream {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         self.session.received.fetch_add(n, Ordering::Relaxed);
+        poll
+    }
+}
+
+/// Received data without a copy ([`crate::copy::join_channel`]).
+impl AsyncBufRead for TunnelStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().inner).poll_fill_buf(cx)
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        self.session
+            .received
+            .fetch_add(amt as u64, Ordering::Relaxed);
+        Pin::new(&mut self.inner).consume(amt);
+    }
+}
+
+impl crate::copy::ChannelIo for TunnelStream {
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        let poll = self.inner.poll_write_bytes(cx, data);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
         poll
     }
 }

@@ -53,10 +53,11 @@ const KEX: &[kex::Name] = &[
     kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
 ];
 
-/// AES-GCM is the cheapest on AES-NI CPUs; the client's order wins.
+/// AES-GCM is the cheapest on AES-NI CPUs, AES-128 (10 rounds) cheaper than
+/// AES-256 (14); the client's order wins.
 const CIPHERS: &[cipher::Name] = &[
-    cipher::AES_256_GCM,
     cipher::AES_128_GCM,
+    cipher::AES_256_GCM,
     cipher::CHACHA20_POLY1305,
     cipher::AES_256_CTR,
     cipher::AES_192_CTR,

@@ -2,7 +2,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::Bytes;
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite};
 
 use super::io::{ChannelCloseOnDrop, ChannelRx, ChannelTx};
 use super::{ChannelId, ChannelMsg};
@@ -23,6 +24,19 @@ where
     pub(super) fn new(tx: ChannelTx<S>, rx: ChannelRx<ChannelCloseOnDrop<S>>) -> Self {
         Self { tx, rx }
     }
+
+    /// Patched (PATCHES.md 28): write a slice of `data` as the next packet,
+    /// without copying it; see [`ChannelTx::poll_write_bytes`].
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &Bytes,
+    ) -> Poll<Result<usize, io::Error>>
+    where
+        S: 'static,
+    {
+        self.tx.poll_write_bytes(cx, data)
+    }
 }
 
 impl<S> AsyncRead for ChannelStream<S>
@@ -35,6 +49,20 @@ where
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.rx).poll_read(cx, buf)
+    }
+}
+
+/// Patched (PATCHES.md 28): the received data without a copy.
+impl<S> AsyncBufRead for ChannelStream<S>
+where
+    S: From<(ChannelId, ChannelMsg)> + Send,
+{
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().rx).poll_fill_buf(cx)
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        Pin::new(&mut self.rx).consume(amt);
     }
 }
 

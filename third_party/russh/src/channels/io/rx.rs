@@ -3,7 +3,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncBufRead, AsyncRead};
 
 use super::{ChannelMsg, ChannelReadHalf};
 
@@ -79,6 +79,64 @@ where
             _ => {
                 cx.waker().wake_by_ref();
                 Poll::Pending
+            }
+        }
+    }
+}
+
+/// Patched (PATCHES.md 28): the data as it came, without copying it into the
+/// caller's buffer (a copy of every byte received for `copy_buf` users).
+impl<R> AsyncBufRead for ChannelRx<R>
+where
+    R: BorrowMut<ChannelReadHalf> + Unpin,
+{
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        loop {
+            if this.buffer.is_none() {
+                match ready!(this.channel.borrow_mut().poll_recv(cx)) {
+                    Some(msg) => this.buffer = Some((msg, 0)),
+                    None => return Poll::Ready(Ok(&[])),
+                }
+            }
+            let readable = match (&this.buffer, this.ext) {
+                (Some((ChannelMsg::Data { data }, idx)), None) => *idx < data.len(),
+                (Some((ChannelMsg::ExtendedData { data, ext }, idx)), Some(target))
+                    if *ext == target =>
+                {
+                    *idx < data.len()
+                }
+                (Some((ChannelMsg::Eof, _)), _) => {
+                    this.buffer = None;
+                    this.channel.borrow_mut().receiver.close();
+                    return Poll::Ready(Ok(&[]));
+                }
+                _ => false,
+            };
+            if !readable {
+                // Not ours (or empty): skipped, as `poll_read` does.
+                this.buffer = None;
+                continue;
+            }
+            return match &this.buffer {
+                Some((ChannelMsg::Data { data }, idx))
+                | Some((ChannelMsg::ExtendedData { data, .. }, idx)) => {
+                    #[allow(clippy::indexing_slicing)] // idx < data.len(), checked above
+                    Poll::Ready(Ok(&data[*idx..]))
+                }
+                _ => Poll::Ready(Ok(&[])),
+            };
+        }
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        if let Some((ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }, idx)) =
+            &mut this.buffer
+        {
+            *idx = (*idx + amt).min(data.len());
+            if *idx == data.len() {
+                this.buffer = None;
             }
         }
     }

@@ -125,6 +125,34 @@ where
         Poll::Ready((msg, writable))
     }
 
+    /// Patched (PATCHES.md 28): as `poll_write`, but the packet is a slice of
+    /// `data` instead of a copy. Ready(n): the first n bytes are on their way.
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &Bytes,
+    ) -> Poll<Result<usize, io::Error>> {
+        if data.is_empty() {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        if self.send_fut.is_none() && self.sender.is_closed() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let send_fut = if let Some(x) = self.send_fut.as_mut() {
+            x
+        } else {
+            let writable: usize = ready!(self.poll_writable(cx, data.len())).into();
+            let chunk = data.slice(..writable);
+            let msg = match self.ext {
+                None => ChannelMsg::Data { data: chunk },
+                Some(ext) => ChannelMsg::ExtendedData { data: chunk, ext },
+            };
+            self.activate(msg, writable)
+        };
+        let r = ready!(send_fut.as_mut().poll_unpin(cx));
+        Poll::Ready(self.handle_write_result(r))
+    }
+
     fn activate(&mut self, msg: ChannelMsg, writable: usize) -> &mut OwnedPermitFuture<S> {
         use futures::TryFutureExt;
         self.send_fut.insert(Box::pin(
