@@ -3,10 +3,37 @@
 use std::path::{Path, PathBuf};
 
 /// The workspace root (the directory holding the root `Cargo.toml` and `bin/`).
+///
+/// Resolved at run time, not from the path compiled in: cargo does not
+/// rebuild this crate when another clone shares the target directory, so a
+/// compiled-in path would run that clone's `bin/proxy`. The order is the
+/// manifest directory cargo gives a test run, then the current directory
+/// (`make bench`), then the path this crate was built from.
 pub fn workspace_root() -> PathBuf {
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    let starts = runtime
+        .into_iter()
+        .chain(std::env::current_dir().ok())
+        .chain(std::iter::once(PathBuf::from(env!("CARGO_MANIFEST_DIR"))));
+    for start in starts {
+        if let Some(root) = enclosing_workspace(&start) {
+            return root.canonicalize().unwrap_or(root);
+        }
+    }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().unwrap_or(manifest);
-    root.canonicalize().unwrap_or_else(|_| root.to_path_buf())
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The nearest directory at or above `start` whose `Cargo.toml` declares a
+/// `[workspace]`.
+fn enclosing_workspace(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find_map(|dir| {
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).ok()?;
+        manifest
+            .lines()
+            .any(|line| line.trim() == "[workspace]")
+            .then(|| dir.to_path_buf())
+    })
 }
 
 /// Path of `<workspace root>/bin/<name>`, a binary built by the Makefile.
