@@ -109,3 +109,23 @@ impl Cluster {
         self.spec.join_federation && self.spec.connection.kind == CONNECTION_PROXY
     }
 }
+
+/// A merge patch of a Cluster's status, through the status subresource; on
+/// KubeSphere's own CRD, which has none (404), as part of the object.
+pub async fn patch_status(
+    api: &kube::Api<Cluster>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<Cluster, kube::Error> {
+    use kube::api::{Patch, PatchParams};
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+        }
+        other => other,
+    }
+}

@@ -355,6 +355,7 @@ pub async fn reconcile<P: Ports>(
 }
 
 async fn forget<P: Ports>(name: &str, ctx: &Context<P>) -> Result<Action, Error> {
+    ctx.handoff.discard(name);
     let reason = "cluster is no longer served by this proxy";
     if ctx.registry.revoke(name, None, reason).await > 0 {
         tracing::info!(cluster = %name, "cluster no longer served: sessions closed");
@@ -472,7 +473,7 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
-        let patched = match write_status(&api, name, &patch).await {
+        let patched = match super::crd::patch_status(&api, name, &patch).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some(left) = left {
@@ -493,25 +494,6 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         publish(&ctx.recorder, cluster, type_, event.reason, event.note).await;
     }
     Ok(requeue(grace_left))
-}
-
-/// A merge patch of the status.
-async fn write_status(
-    api: &Api<Cluster>,
-    name: &str,
-    patch: &serde_json::Value,
-) -> Result<Cluster, kube::Error> {
-    match api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        // KubeSphere's own CRD has no status subresource: status is part of the object.
-        Err(kube::Error::Api(e)) if e.code == 404 => {
-            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
-                .await
-        }
-        other => other,
-    }
 }
 
 /// The expiry of the kubeconfig being written, or of the one published

@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -193,6 +193,9 @@ pub fn start(
                 }
                 let (refresher, running, gate) = (refresher.clone(), running.clone(), gate.clone());
                 tokio::spawn(async move {
+                    // Before taking a slot: an agent slow to answer holds
+                    // no other cluster's turn.
+                    refresher.first_rtt(&name).await;
                     if let Ok(_turn) = gate.acquire().await {
                         refresher.refresh(&name, fresh).await;
                     }
@@ -235,10 +238,21 @@ impl Refresher {
             return self.write(name, seen, false).await;
         }
         if !self.leader.is_leader() {
+            // No pass of ours takes it: nothing is left behind.
+            self.handoff.discard(name);
             return self.write(name, seen, true).await;
         }
         if let Offer::Write(seen) = self.handoff.offer(name, seen) {
             self.write(name, seen, true).await;
+        }
+    }
+
+    /// Until the cluster's first round trip is back (taken on admission):
+    /// a probe that fails at once (no credentials) would otherwise report
+    /// no RTT, and a later write would carry it alone.
+    async fn first_rtt(&self, name: &str) {
+        if let Some(session) = self.dialer.pick(name) {
+            session.first_rtt(FIRST_RTT_WAIT).await;
         }
     }
 
@@ -262,9 +276,6 @@ impl Refresher {
             Err(e) => (Some(Health::DOWN), Err(e)),
         };
         let unread = member.as_ref().err().map(ToString::to_string);
-        // The first round trip is taken on admission: a probe that failed
-        // at once (no credentials) may be done before it is back.
-        session.first_rtt(FIRST_RTT_WAIT).await;
         let sessions = dialer.registry().sessions(name);
         // Gone while we asked: nothing current to report.
         if sessions.is_empty() {
@@ -303,19 +314,9 @@ impl Refresher {
         let fields: Vec<String> = patch.keys().cloned().collect();
         let body = json!({ "status": patch });
         let api: Api<Cluster> = Api::all(self.client.clone());
-        let written = match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-        {
-            // KubeSphere's own CRD has no status subresource: status is part of the object.
-            Err(kube::Error::Api(e)) if e.code == 404 => api
-                .patch(name, &PatchParams::default(), &Patch::Merge(&body))
-                .await
-                .map(|_| ()),
-            other => other.map(|_| ()),
-        };
+        let written = super::crd::patch_status(&api, name, &body).await;
         match written {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::debug!(cluster = %cluster.name_any(), ?fields, "member status updated")
             }
             Err(e) => tracing::warn!(cluster = %name, error = %e, "cannot write the member status"),
