@@ -61,6 +61,20 @@ async fn metrics(tower: &Tower) -> Result<String> {
     e2e::scrape_metrics("127.0.0.1", tower.proxy_port()).await
 }
 
+/// Waits for an Event of `type_` with `reason` on the host: Events are
+/// written behind the status they go with.
+async fn event_appears(tower: &Tower, type_: &str, reason: &str) -> Result<()> {
+    let selector = format!("type={type_}");
+    let events = || {
+        tower
+            .host()
+            .kubectl_ok(&["get", "events", "-A", "--field-selector", &selector])
+    };
+    wait_until(DEADLINE, || async { events().contains(reason) })
+        .await
+        .with_context(|| format!("no {type_} {reason} Event: {}", events()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_balancer_exposure_follows_the_cluster() -> Result<()> {
     let tower = Tower::start_with(TowerOptions {
@@ -130,8 +144,7 @@ async fn load_balancer_exposure_follows_the_cluster() -> Result<()> {
     })
     .await
     .context("the port's certificate does not cover the load balancer address")?;
-    let events = host.kubectl_ok(&["get", "events", "-A"]);
-    assert!(events.contains("LoadBalancerReady"), "{events}");
+    event_appears(&tower, "Normal", "LoadBalancerReady").await?;
 
     // Nothing changes from here: no more writes to the Cluster or the Service,
     // except the coarse heartbeat (status.lastHeartbeatTime, at most about
@@ -177,8 +190,7 @@ async fn load_balancer_exposure_follows_the_cluster() -> Result<()> {
         ) == "InvalidAnnotation"
     })
     .await?;
-    let warnings = host.kubectl_ok(&["get", "events", "-A", "--field-selector", "type=Warning"]);
-    assert!(warnings.contains("InvalidAnnotation"), "{warnings}");
+    event_appears(&tower, "Warning", "InvalidAnnotation").await?;
     assert!(tower.config_alpha().exists());
     tower.kubectl_ok(&["get", "ns"]).await?;
 

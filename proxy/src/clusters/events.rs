@@ -1,38 +1,84 @@
 //! Kubernetes Events on a Cluster: what users see in `kubectl describe`.
+//!
+//! Events are written behind the work they describe, as client-go's event
+//! broadcaster does: [`publish`] queues the Event and returns, and one task
+//! writes the queue in order. So a reconcile pass never waits for its Event
+//! (at a fleet's start that was one write in three of every pass, holding one
+//! of its slots), and the status writes that make clusters available go
+//! ahead of the Events saying so. The queue is bounded: past
+//! [`QUEUED`] Events not yet written (an apiserver down, a storm of refused
+//! agents) new ones are dropped and counted in the log, never held in memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Reporter};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
+use tokio::sync::mpsc;
 
 use super::crd::Cluster;
 use crate::identity::names::MANAGER;
 
-/// Records Events with a fresh kube-runtime recorder each time. Its
-/// recorder keeps every Event it published for 6 minutes (to count repeats
-/// into a series), keyed by the object's reference including its
-/// resourceVersion, which every status write changes: with agents coming and
-/// going that is a new entry per Event, never a repeat, only dropped when a
-/// later Event is published (found looking for why the proxy's RSS grew in
-/// the churn soak, tests/churn.rs). Nothing is kept here.
+/// Events waiting to be written, at most (one per cluster at a start of
+/// 10,000, with room; each a few hundred bytes).
+pub const QUEUED: usize = 16_384;
+
+struct Pending {
+    event: Event,
+    reference: ObjectReference,
+}
+
+/// Queues Events for the writer task [`Recorder::new`] starts; the task ends
+/// once every clone of the recorder is dropped and the queue is written.
 #[derive(Clone)]
 pub struct Recorder {
-    client: Client,
-    reporter: Reporter,
+    queue: mpsc::Sender<Pending>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Recorder {
+    /// Starts the writer task: call it inside the tokio runtime.
     pub fn new(client: Client, reporter: Reporter) -> Self {
-        Self { client, reporter }
+        let (queue, pending) = mpsc::channel(QUEUED);
+        tokio::spawn(write_all(client, reporter, pending));
+        Self {
+            queue,
+            dropped: Arc::default(),
+        }
     }
 
-    pub async fn publish(
-        &self,
-        event: &Event,
-        reference: &ObjectReference,
-    ) -> Result<(), kube::Error> {
-        kube::runtime::events::Recorder::new(self.client.clone(), self.reporter.clone())
-            .publish(event, reference)
-            .await
+    /// Queues `event`; when the queue is full it is dropped.
+    pub fn publish(&self, event: Event, reference: ObjectReference) {
+        let reason = event.reason.clone();
+        if self.queue.try_send(Pending { event, reference }).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // Once per thousand, not per Event: the log is not the queue.
+            if dropped % 1000 == 1 {
+                tracing::warn!(
+                    %reason, dropped, queued = QUEUED,
+                    "Events are not being written as fast as they come (is the apiserver \
+                     reachable?): this one and later ones are dropped"
+                );
+            }
+        }
+    }
+}
+
+/// Writes the queued Events one at a time, in order. A fresh kube-runtime
+/// recorder each time: its own keeps every Event it published for 6 minutes
+/// (to count repeats into a series), keyed by the object's reference
+/// including its resourceVersion, which every status write changes: with
+/// agents coming and going that is a new entry per Event, never a repeat
+/// (found looking for why the proxy's RSS grew in the churn soak,
+/// tests/churn.rs).
+async fn write_all(client: Client, reporter: Reporter, mut pending: mpsc::Receiver<Pending>) {
+    while let Some(Pending { event, reference }) = pending.recv().await {
+        let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter.clone());
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            let object = reference.name.as_deref().unwrap_or_default();
+            tracing::debug!(%object, reason = %event.reason, error = %e, "cannot record an event");
+        }
     }
 }
 
@@ -48,8 +94,9 @@ pub fn recorder(client: Client) -> Recorder {
     )
 }
 
-/// A Kubernetes Event on the Cluster; failing to record one is only logged.
-pub async fn publish(
+/// Queues a Kubernetes Event on the Cluster; one that cannot be written is
+/// only logged.
+pub fn publish(
     recorder: &Recorder,
     cluster: &Cluster,
     type_: EventType,
@@ -63,7 +110,5 @@ pub async fn publish(
         action: reason.to_string(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &cluster.object_ref(&())).await {
-        tracing::debug!(cluster = %cluster.name_any(), error = %e, "cannot record an event");
-    }
+    recorder.publish(event, cluster.object_ref(&()));
 }

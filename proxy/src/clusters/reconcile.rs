@@ -491,7 +491,7 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         } else {
             EventType::Normal
         };
-        publish(&ctx.recorder, cluster, type_, event.reason, event.note).await;
+        publish(&ctx.recorder, cluster, type_, event.reason, event.note);
     }
     Ok(requeue(grace_left))
 }

@@ -129,11 +129,8 @@ impl TargetRefusals for RefusalEvents {
             return;
         };
         let note = note(door, target, refusal, unreported);
-        let recorder = self.recorder.clone();
         // The door answers its client now; the Event is written behind it.
-        tokio::spawn(async move {
-            publish(&recorder, &object, EventType::Warning, REASON, note).await;
-        });
+        publish(&self.recorder, &object, EventType::Warning, REASON, note);
     }
 }
 

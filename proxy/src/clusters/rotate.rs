@@ -45,8 +45,7 @@ pub(super) async fn rotate_if_asked<P: Ports>(
                 EventType::Warning,
                 "InvalidAnnotation",
                 why,
-            )
-            .await;
+            );
             return Ok(false);
         }
     };
@@ -73,8 +72,7 @@ pub(super) async fn rotate_if_asked<P: Ports>(
         EventType::Normal,
         "TokenRotated",
         note,
-    )
-    .await;
+    );
     Ok(true)
 }
 

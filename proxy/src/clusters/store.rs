@@ -107,11 +107,14 @@ impl<P: Ports> ClusterStore for CrStore<P> {
     fn on_reject(&self, cluster: &str, reason: &str) {
         // Only for clusters that exist: anyone can send any name.
         if let Some(obj) = self.store.get(&ObjectRef::new(cluster)) {
-            let recorder = self.recorder.clone();
             let note = format!("an agent was refused: {reason}");
-            tokio::spawn(async move {
-                publish(&recorder, &obj, EventType::Warning, "AgentRejected", note).await;
-            });
+            publish(
+                &self.recorder,
+                &obj,
+                EventType::Warning,
+                "AgentRejected",
+                note,
+            );
         }
     }
 
