@@ -5,10 +5,12 @@
 //! writes the queue in order. So a reconcile pass never waits for its Event
 //! (at a fleet's start that was one write in three of every pass, holding one
 //! of its slots), and the status writes that make clusters available go
-//! ahead of the Events saying so. The queue is bounded: past
-//! [`QUEUED`] Events not yet written (an apiserver down, a storm of refused
+//! ahead of the Events saying so. [`WRITERS`] tasks write, each the Events
+//! of its share of the clusters, so one cluster's Events keep their order.
+//! The queue is bounded: past [`QUEUED`] Events not yet written (an apiserver down, a storm of refused
 //! agents) new ones are dropped and counted in the log, never held in memory.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -29,21 +31,30 @@ struct Pending {
     reference: ObjectReference,
 }
 
-/// Queues Events for the writer task [`Recorder::new`] starts; the task ends
+/// Tasks writing Events at once: one in order would take minutes to write
+/// a fleet's start, and its Events would still be going out at steady state.
+pub const WRITERS: usize = 4;
+
+/// Queues Events for the writer tasks [`Recorder::new`] starts; they end
 /// once every clone of the recorder is dropped and the queue is written.
 #[derive(Clone)]
 pub struct Recorder {
-    queue: mpsc::Sender<Pending>,
+    queues: Arc<[mpsc::Sender<Pending>]>,
     dropped: Arc<AtomicU64>,
 }
 
 impl Recorder {
-    /// Starts the writer task: call it inside the tokio runtime.
+    /// Starts the writer tasks: call it inside the tokio runtime.
     pub fn new(client: Client, reporter: Reporter) -> Self {
-        let (queue, pending) = mpsc::channel(QUEUED);
-        tokio::spawn(write_all(client, reporter, pending));
+        let queues = (0..WRITERS)
+            .map(|_| {
+                let (queue, pending) = mpsc::channel(QUEUED / WRITERS);
+                tokio::spawn(write_all(client.clone(), reporter.clone(), pending));
+                queue
+            })
+            .collect();
         Self {
-            queue,
+            queues,
             dropped: Arc::default(),
         }
     }
@@ -51,7 +62,11 @@ impl Recorder {
     /// Queues `event`; when the queue is full it is dropped.
     pub fn publish(&self, event: Event, reference: ObjectReference) {
         let reason = event.reason.clone();
-        if self.queue.try_send(Pending { event, reference }).is_err() {
+        // The same writer for every Event of an object: they stay in order.
+        let mut hasher = std::hash::DefaultHasher::new();
+        reference.name.hash(&mut hasher);
+        let queue = &self.queues[hasher.finish() as usize % self.queues.len()];
+        if queue.try_send(Pending { event, reference }).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Once per thousand, not per Event: the log is not the queue.
             if dropped % 1000 == 1 {
@@ -65,7 +80,7 @@ impl Recorder {
     }
 }
 
-/// Writes the queued Events one at a time, in order. A fresh kube-runtime
+/// Writes one share of the queued Events one at a time, in order. A fresh kube-runtime
 /// recorder each time: its own keeps every Event it published for 6 minutes
 /// (to count repeats into a series), keyed by the object's reference
 /// including its resourceVersion, which every status write changes: with

@@ -15,8 +15,9 @@
 //!   run ahead of the passes (a pass waits its turn behind thousands of
 //!   writes), and one connect's probe is a few requests through the tunnel.
 //!
-//! An observation no pass took (leadership moved meanwhile) is written by the
-//! cluster's next periodic refresh, which drops it ([`Handoff::discard`]).
+//! A periodic refresh while a change's pass is still to come leaves its
+//! observation too ([`Handoff::periodic`]); one no pass took within
+//! [`PENDING`] (leadership moved meanwhile) the next periodic refresh writes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,10 @@ use crate::clusters::crd::ClusterStatus;
 /// started; past it the conditions go out alone (a slow or unreachable
 /// member is not a reason to hold `AgentAvailable` back).
 pub const PASS_WAIT: Duration = Duration::from_secs(1);
+
+/// How long after a change its pass may still come: a periodic refresh
+/// leaves its observation for it until then.
+pub const PENDING: Duration = Duration::from_secs(300);
 
 /// What a refresh observed, for the pass to write.
 pub struct Left {
@@ -59,8 +64,8 @@ impl Left {
 enum Entry {
     /// A session changed then; its refresh has not reported yet.
     Expected { at: Instant, ready: Arc<Notify> },
-    /// The refresh reported; the pass has not come yet.
-    Left(Left),
+    /// The refresh reported; the pass for the change then has not come yet.
+    Left { at: Instant, left: Left },
 }
 
 /// What [`Handoff::offer`] did with an observation.
@@ -86,7 +91,7 @@ impl Handoff {
         match map.get_mut(cluster) {
             // An observation not yet taken stays: the pass writes it, and the
             // new refresh's replaces it if it comes first.
-            Some(Entry::Left(_)) => {}
+            Some(Entry::Left { at, .. }) => *at = Instant::now(),
             // A pass may be waiting on it already.
             Some(Entry::Expected { at, .. }) => *at = Instant::now(),
             None => {
@@ -105,17 +110,36 @@ impl Handoff {
     pub fn offer(&self, cluster: &str, left: Left) -> Offer {
         let mut map = self.lock();
         match map.remove(cluster) {
-            Some(Entry::Expected { ready, .. }) => {
-                map.insert(cluster.to_string(), Entry::Left(left));
+            Some(Entry::Expected { at, ready }) => {
+                map.insert(cluster.to_string(), Entry::Left { at, left });
                 ready.notify_one();
                 Offer::Left
             }
-            Some(Entry::Left(_)) => {
-                map.insert(cluster.to_string(), Entry::Left(left));
+            Some(Entry::Left { at, .. }) => {
+                map.insert(cluster.to_string(), Entry::Left { at, left });
                 Offer::Left
             }
             // The pass went by (it took nothing or gave up waiting).
             None => Offer::Write(left),
+        }
+    }
+
+    /// A periodic refresh on the leader reports. While a pass is still to
+    /// come for a change less than [`PENDING`] ago it takes this newer
+    /// observation: at a fleet's start the passes run minutes behind the
+    /// connects, and a tick writing every cluster then doubled the writes.
+    /// Older, no pass is coming (leadership moved meanwhile): write it.
+    pub fn periodic(&self, cluster: &str, left: Left) -> Offer {
+        let pending = match self.lock().get(cluster) {
+            Some(Entry::Expected { at, .. } | Entry::Left { at, .. }) => at.elapsed() < PENDING,
+            None => false,
+        };
+        match pending {
+            true => self.offer(cluster, left),
+            false => {
+                self.discard(cluster);
+                Offer::Write(left)
+            }
         }
     }
 
@@ -126,7 +150,7 @@ impl Handoff {
         let (deadline, ready) = {
             let mut map = self.lock();
             match map.remove(cluster)? {
-                Entry::Left(left) => return Some(left),
+                Entry::Left { left, .. } => return Some(left),
                 Entry::Expected { at, ready } => {
                     let deadline = at + PASS_WAIT;
                     if Instant::now() >= deadline {
@@ -147,7 +171,7 @@ impl Handoff {
         // A notify between the unlock and here is kept as a permit.
         let _ = tokio::time::timeout_at(deadline, ready.notified()).await;
         match self.lock().remove(cluster)? {
-            Entry::Left(left) => Some(left),
+            Entry::Left { left, .. } => Some(left),
             // Given up: the refresh finds no entry and writes itself.
             Entry::Expected { .. } => {
                 tracing::debug!(%cluster, "the probe is slower than the pass waits");
@@ -160,13 +184,14 @@ impl Handoff {
     /// its retry, unless a newer observation came meanwhile.
     pub fn restore(&self, cluster: &str, left: Left) {
         let mut map = self.lock();
-        if !matches!(map.get(cluster), Some(Entry::Left(_))) {
-            map.insert(cluster.to_string(), Entry::Left(left));
+        if !matches!(map.get(cluster), Some(Entry::Left { .. })) {
+            let at = Instant::now();
+            map.insert(cluster.to_string(), Entry::Left { at, left });
         }
     }
 
-    /// A periodic refresh writes what it saw itself; anything older left
-    /// here would only be stale.
+    /// No pass of ours will take what is left (a follower, a cluster no
+    /// longer served).
     pub fn discard(&self, cluster: &str) {
         self.lock().remove(cluster);
     }
@@ -261,10 +286,30 @@ mod tests {
         // The write conflicted: back for the retry.
         h.restore("a", taken);
         assert_eq!(agent(&h.take("a").await), Some("v2"));
-        // A periodic refresh drops what was left.
+        // Nothing of ours will take it: dropped.
         h.expect("a");
         assert!(matches!(h.offer("a", left("v3")), Offer::Left));
         h.discard("a");
         assert!(h.take("a").await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tick_before_the_pass_leaves_its_observation_for_it() {
+        let h = Handoff::default();
+        // A fleet's start: the tick comes before the change's pass.
+        h.expect("a");
+        assert!(matches!(h.periodic("a", left("v1")), Offer::Left));
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert!(matches!(h.periodic("a", left("v2")), Offer::Left));
+        assert_eq!(agent(&h.take("a").await), Some("v2"));
+        // No change pending: the tick writes.
+        assert!(matches!(h.periodic("a", left("v3")), Offer::Write(_)));
+        // A change whose pass never came (leadership moved): written once
+        // it is PENDING old, and nothing stays behind.
+        h.expect("b");
+        assert!(matches!(h.offer("b", left("v1")), Offer::Left));
+        tokio::time::advance(PENDING).await;
+        assert!(matches!(h.periodic("b", left("v2")), Offer::Write(_)));
+        assert!(h.take("b").await.is_none());
     }
 }

@@ -233,17 +233,17 @@ impl Refresher {
         let Some(seen) = self.observe(name).await else {
             return;
         };
-        if !fresh {
-            self.handoff.discard(name);
-            return self.write(name, seen, false).await;
-        }
         if !self.leader.is_leader() {
             // No pass of ours takes it: nothing is left behind.
             self.handoff.discard(name);
-            return self.write(name, seen, true).await;
+            return self.write(name, seen, fresh).await;
         }
-        if let Offer::Write(seen) = self.handoff.offer(name, seen) {
-            self.write(name, seen, true).await;
+        let offer = match fresh {
+            true => self.handoff.offer(name, seen),
+            false => self.handoff.periodic(name, seen),
+        };
+        if let Offer::Write(seen) = offer {
+            self.write(name, seen, fresh).await;
         }
     }
 
