@@ -798,9 +798,13 @@ where
             return Err(ServeError::Handshake(ended.err().unwrap_or(russh::Error::Disconnect)));
         }
         () = no_config => {
-            let _ = handle
-                .disconnect(Disconnect::ByApplication, "no config request".into(), String::new())
-                .await;
+            // Boxed: rare, and inline it would size this (long-lived) future.
+            let _ = Box::pin(handle.disconnect(
+                Disconnect::ByApplication,
+                "no config request".into(),
+                String::new(),
+            ))
+            .await;
             return Err(ServeError::ConfigTimeout(CONFIG_TIMEOUT));
         }
     }

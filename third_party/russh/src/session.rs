@@ -73,7 +73,9 @@ pub(crate) struct CommonSession<Config> {
     pub remote_sshid: Vec<u8>,
     pub config: Config,
     pub encrypted: Option<Encrypted>,
-    pub auth_method: Option<auth::Method>,
+    /// Patched (PATCHES.md 29): boxed; only a client's authentication sets it,
+    /// and inline it took 528 bytes of every session, the server's too.
+    pub auth_method: Option<Box<auth::Method>>,
     #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub(crate) auth_attempts: usize,
     pub packet_writer: PacketWriter,

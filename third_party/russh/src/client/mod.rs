@@ -1980,7 +1980,7 @@ impl Session {
         );
 
         kex.kexinit(&mut self.common.packet_writer)?;
-        self.kex = SessionKexState::InProgress(kex);
+        self.kex = SessionKexState::InProgress(Box::new(kex));
         Ok(())
     }
 
@@ -2124,7 +2124,7 @@ async fn reply<H: Handler>(
                 match progress {
                     KexProgress::NeedsReply { kex, reset_seqn } => {
                         debug!("kex impl continues: {kex:?}");
-                        session.kex = SessionKexState::InProgress(kex);
+                        session.kex = SessionKexState::InProgress(Box::new(kex));
                         if reset_seqn {
                             debug!("kex impl requests seqno reset");
                             session.common.reset_seqn();
@@ -2266,9 +2266,9 @@ mod tests {
                 window_wake: Default::default(),
                 auth_user: "user".to_owned(),
                 auth_attempts: 0,
-                auth_method: Some(Method::KeyboardInteractive {
+                auth_method: Some(Box::new(Method::KeyboardInteractive {
                     submethods: String::new(),
-                }),
+                })),
                 remote_to_local: Box::new(cipher::clear::Key),
                 encrypted: Some(Encrypted {
                     state: EncryptedState::WaitingAuthRequest(auth_request),

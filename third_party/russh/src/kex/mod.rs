@@ -56,7 +56,9 @@ use crate::{CryptoVec, Error, cipher};
 #[derive(Debug)]
 pub(crate) enum SessionKexState<K> {
     Idle,
-    InProgress(K),
+    /// Patched (PATCHES.md 27): boxed, so an idle session does not hold an
+    /// exchange's worth of space (824 bytes on the server) inline.
+    InProgress(Box<K>),
     Taken, // some async activity still going on such as host key checks
 }
 

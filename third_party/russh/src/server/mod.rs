@@ -1348,79 +1348,86 @@ async fn reply<H: Handler + Send>(
         }
     }
 
-    #[allow(clippy::collapsible_if)]
-    if is_kex_msg {
-        if let SessionKexState::InProgress(kex) = session.kex.take() {
-            // Patched (PATCHES.md, 21): the key exchange runs a few times per
-            // session; boxed, its state is not part of every idle session's future.
-            let progress =
-                Box::pin(kex.step(Some(pkt), &mut session.common.packet_writer, handler)).await?;
-
-            match progress {
-                KexProgress::NeedsReply { kex, reset_seqn } => {
-                    debug!("kex impl continues: {kex:?}");
-                    session.kex = SessionKexState::InProgress(kex);
-                    if reset_seqn {
-                        debug!("kex impl requests seqno reset");
-                        session.common.reset_seqn();
-                    }
-                }
-                KexProgress::Done { newkeys, .. } => {
-                    debug!("kex impl has completed");
-                    session.common.strict_kex =
-                        session.common.strict_kex || newkeys.names.strict_kex();
-
-                    if session.common.encrypted.is_some() {
-                        // This is a rekey
-                        {
-                            let common = &mut session.common;
-                            common.newkeys(newkeys);
-                            if let Some(enc) = common.encrypted.as_mut() {
-                                enc.last_rekey = Instant::now();
-                                enc.flush_all_pending_with_writer(
-                                    &mut common.packet_writer,
-                                    false,
-                                )?;
-                            }
-                        }
-
-                        let mut pending = std::mem::take(&mut session.pending_reads);
-                        for p in pending.drain(..) {
-                            Box::pin(session.process_packet(handler, &p)).await?;
-                        }
-                        session.pending_reads = pending;
-                        session.pending_len = 0;
-                        session.flush()?;
-                    } else {
-                        // This is the initial kex
-
-                        session.common.encrypted(
-                            EncryptedState::WaitingAuthServiceRequest {
-                                sent: false,
-                                accepted: false,
-                            },
-                            newkeys,
-                        );
-
-                        session.maybe_send_ext_info()?;
-                    }
-
-                    session.kex = SessionKexState::Idle;
-
-                    if session.common.strict_kex {
-                        pkt.seqn = Wrapping(0);
-                    }
-
-                    debug!("kex done");
-                }
-            }
-
-            session.flush()?;
-
-            return Ok(());
-        }
+    if is_kex_msg && let SessionKexState::InProgress(kex) = session.kex.take() {
+        // Patched (PATCHES.md 26): boxed, see `reply_kex`.
+        return Box::pin(reply_kex(session, handler, pkt, kex)).await;
     }
 
     // Handle key exchange/re-exchange.
     session.server_read_encrypted(handler, pkt).await
+}
+
+/// One key exchange packet (patched, PATCHES.md 26). Its own future, boxed by
+/// `reply`: inline, the exchange's state held across the replay of pending
+/// packets (the taken `ServerKex`, its progress, the new keys: 2.8 KiB) sized
+/// `reply`'s future, which the session loop awaits inline for every packet.
+async fn reply_kex<H: Handler + Send>(
+    session: &mut Session,
+    handler: &mut H,
+    pkt: &mut IncomingSshPacket,
+    kex: Box<kex::ServerKex>,
+) -> Result<(), H::Error> {
+    // Patched (PATCHES.md, 21 and 26): inline here, `reply_kex` itself is boxed.
+    let progress = kex
+        .step(Some(pkt), &mut session.common.packet_writer, handler)
+        .await?;
+
+    match progress {
+        KexProgress::NeedsReply { kex, reset_seqn } => {
+            debug!("kex impl continues: {kex:?}");
+            session.kex = SessionKexState::InProgress(Box::new(kex));
+            if reset_seqn {
+                debug!("kex impl requests seqno reset");
+                session.common.reset_seqn();
+            }
+        }
+        KexProgress::Done { newkeys, .. } => {
+            debug!("kex impl has completed");
+            session.common.strict_kex = session.common.strict_kex || newkeys.names.strict_kex();
+
+            if session.common.encrypted.is_some() {
+                // This is a rekey
+                {
+                    let common = &mut session.common;
+                    common.newkeys(newkeys);
+                    if let Some(enc) = common.encrypted.as_mut() {
+                        enc.last_rekey = Instant::now();
+                        enc.flush_all_pending_with_writer(&mut common.packet_writer, false)?;
+                    }
+                }
+
+                let mut pending = std::mem::take(&mut session.pending_reads);
+                for p in pending.drain(..) {
+                    Box::pin(session.process_packet(handler, &p)).await?;
+                }
+                session.pending_reads = pending;
+                session.pending_len = 0;
+                session.flush()?;
+            } else {
+                // This is the initial kex
+
+                session.common.encrypted(
+                    EncryptedState::WaitingAuthServiceRequest {
+                        sent: false,
+                        accepted: false,
+                    },
+                    newkeys,
+                );
+
+                session.maybe_send_ext_info()?;
+            }
+
+            session.kex = SessionKexState::Idle;
+
+            if session.common.strict_kex {
+                pkt.seqn = Wrapping(0);
+            }
+
+            debug!("kex done");
+        }
+    }
+
+    session.flush()?;
+
+    Ok(())
 }
