@@ -65,6 +65,7 @@ fn main() -> ExitCode {
         info!("{note}");
     }
     tunnel::limits::raise_open_files_logged();
+    tunnel::heap::keep_freed_memory();
     let env = |name: &str| std::env::var(name).ok();
     let config = match flags.check(&env) {
         Ok(config) => config,

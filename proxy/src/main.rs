@@ -97,6 +97,7 @@ fn main() -> ExitCode {
         tracing::info!("{note}");
     }
     tunnel::limits::raise_open_files_logged();
+    tunnel::heap::keep_freed_memory();
     let ignored = flags.without_effect();
     if !ignored.is_empty() {
         tracing::info!(flags = ?ignored, "accepted for Go Tower's command lines; no effect here");

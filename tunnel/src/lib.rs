@@ -31,6 +31,7 @@ pub mod cli;
 pub mod client;
 pub mod copy;
 pub mod cut;
+pub mod heap;
 pub mod hub;
 pub mod limits;
 pub mod platform;

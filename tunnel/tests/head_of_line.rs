@@ -1,7 +1,8 @@
 //! One stalled reader must not slow any other channel of the same tunnel
 //! (docs/protocol.md, "Consumption-gated windows"). Proxy and agent sides run in process over a
 //! real websocket on loopback; channel A's reader stops while its source keeps
-//! writing, and channel B must keep round-tripping.
+//! writing, and channel B must keep round-tripping. Also: vectored writes through a
+//! channel (one packet for many slices) keep every byte in order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,4 +140,36 @@ async fn targets_the_agent_did_not_advertise_are_refused() {
     let mut buf = [0u8; 2];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ok");
+}
+
+/// A vectored write (a TLS stream's queued records) is gathered into packets
+/// (PATCHES.md 31): every byte arrives, in order, whatever the slices' sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vectored_writes_arrive_whole_and_in_order() {
+    let echo = echo_server().await;
+    let session = tunnel(vec![echo.clone()]).await;
+    let mut s = session.dial(&echo).await.unwrap();
+    assert!(tokio::io::AsyncWrite::is_write_vectored(&s));
+    let parts: Vec<Vec<u8>> = [16 * 1024 + 22, 1, 16 * 1024 + 22, 70 * 1024, 5]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (0..len).map(|j| (i * 31 + j) as u8).collect())
+        .collect();
+    let want: Vec<u8> = parts.concat();
+    let (mut rd, mut wr) = tokio::io::split(&mut s);
+    let writer = async {
+        let mut slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            let n = wr.write_vectored(slices).await.unwrap();
+            assert!(n > 0);
+            std::io::IoSlice::advance_slices(&mut slices, n);
+        }
+    };
+    let mut got = vec![0u8; want.len()];
+    let read = rd.read_exact(&mut got);
+    let (_, r) = tokio::join!(writer, read);
+    r.unwrap();
+    assert!(got == want, "the echoed bytes differ from those written");
 }
