@@ -1,14 +1,17 @@
 //! Kubernetes Events on a Cluster: what users see in `kubectl describe`.
 //!
 //! Events are written behind the work they describe, as client-go's event
-//! broadcaster does: [`publish`] queues the Event and returns, and one task
-//! writes the queue in order. So a reconcile pass never waits for its Event
-//! (at a fleet's start that was one write in three of every pass, holding one
-//! of its slots), and the status writes that make clusters available go
-//! ahead of the Events saying so. [`WRITERS`] tasks write, each the Events
-//! of its share of the clusters, so one cluster's Events keep their order.
-//! The queue is bounded: past [`QUEUED`] Events not yet written (an apiserver down, a storm of refused
-//! agents) new ones are dropped and counted in the log, never held in memory.
+//! broadcaster does: [`publish`] queues the Event and returns, and
+//! [`WRITERS`] tasks write the queue, each the Events of its share of the
+//! clusters one at a time, so one cluster's Events keep their order. So a
+//! reconcile pass never waits for its Event (at a fleet's start that was one
+//! write in three of every pass, holding one of its slots), and the status
+//! writes that make clusters available go ahead of the Events saying so.
+//! An Event's time is when it is written (kube-runtime stamps it), so in a
+//! rush it can trail its change by seconds. The queue is bounded: past
+//! [`QUEUED`] Events not yet written (an apiserver down, a storm of refused
+//! agents) new ones are dropped and counted in the log, never held in
+//! memory. Events still queued when the proxy stops are not written.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -80,8 +83,8 @@ impl Recorder {
     }
 }
 
-/// Writes one share of the queued Events one at a time, in order. A fresh kube-runtime
-/// recorder each time: its own keeps every Event it published for 6 minutes
+/// Writes one share of the queued Events one at a time, in order. A fresh
+/// kube-runtime recorder each time: its own keeps every Event it published for 6 minutes
 /// (to count repeats into a series), keyed by the object's reference
 /// including its resourceVersion, which every status write changes: with
 /// agents coming and going that is a new entry per Event, never a repeat
