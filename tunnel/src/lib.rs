@@ -19,7 +19,8 @@
 //! Beside the protocol, what both binaries need at their edges: [`cli`], Go
 //! Tower's command-line syntax (durations, booleans, klog's flags) and the
 //! logging set-up, [`addr`], `host:port` strings with IPv6 brackets,
-//! [`limits`], the open-files limit raised at start, and [`platform`], the
+//! [`limits`], the open-files limit raised at start, [`heap`], freed memory
+//! kept mapped so bulk transfers do not re-fault it, and [`platform`], the
 //! agent's `GOOS/GOARCH`.
 //!
 //! russh is vendored with a small patch for this wire format and for head-of-line
