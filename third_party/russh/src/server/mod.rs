@@ -1340,8 +1340,11 @@ async fn reply<H: Handler + Send>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
-                {
+                // Patched (PATCHES.md 30): what the peer may have in flight is
+                // every window granted, which grow to the session's budget.
+                let config = &session.common.config;
+                let bound = 2 * u64::from(config.window_size) + config.window_session_budget;
+                if u64::from(session.pending_len) > bound {
                     return Err(crate::Error::Pending.into());
                 }
             }
