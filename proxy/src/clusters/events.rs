@@ -64,15 +64,15 @@ impl Recorder {
 
     /// Queues `event`; when the queue is full it is dropped.
     pub fn publish(&self, event: Event, reference: ObjectReference) {
-        let reason = event.reason.clone();
         // The same writer for every Event of an object: they stay in order.
         let mut hasher = std::hash::DefaultHasher::new();
         reference.name.hash(&mut hasher);
         let queue = &self.queues[hasher.finish() as usize % self.queues.len()];
-        if queue.try_send(Pending { event, reference }).is_err() {
+        if let Err(refused) = queue.try_send(Pending { event, reference }) {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Once per thousand, not per Event: the log is not the queue.
             if dropped % 1000 == 1 {
+                let reason = refused.into_inner().event.reason;
                 tracing::warn!(
                     %reason, dropped, queued = QUEUED,
                     "Events are not being written as fast as they come (is the apiserver \

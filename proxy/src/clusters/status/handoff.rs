@@ -108,20 +108,7 @@ impl Handoff {
 
     /// A refresh that followed a session change reports.
     pub fn offer(&self, cluster: &str, left: Left) -> Offer {
-        let mut map = self.lock();
-        match map.remove(cluster) {
-            Some(Entry::Expected { at, ready }) => {
-                map.insert(cluster.to_string(), Entry::Left { at, left });
-                ready.notify_one();
-                Offer::Left
-            }
-            Some(Entry::Left { at, .. }) => {
-                map.insert(cluster.to_string(), Entry::Left { at, left });
-                Offer::Left
-            }
-            // The pass went by (it took nothing or gave up waiting).
-            None => Offer::Write(left),
-        }
+        offer_in(&mut self.lock(), cluster, left)
     }
 
     /// A periodic refresh on the leader reports. While a pass is still to
@@ -130,17 +117,16 @@ impl Handoff {
     /// connects, and a tick writing every cluster then doubled the writes.
     /// Older, no pass is coming (leadership moved meanwhile): write it.
     pub fn periodic(&self, cluster: &str, left: Left) -> Offer {
-        let pending = match self.lock().get(cluster) {
-            Some(Entry::Expected { at, .. } | Entry::Left { at, .. }) => at.elapsed() < PENDING,
-            None => false,
-        };
-        match pending {
-            true => self.offer(cluster, left),
-            false => {
-                self.discard(cluster);
-                Offer::Write(left)
-            }
+        let mut map = self.lock();
+        let pending = matches!(
+            map.get(cluster),
+            Some(Entry::Expected { at, .. } | Entry::Left { at, .. }) if at.elapsed() < PENDING
+        );
+        if !pending {
+            map.remove(cluster);
+            return Offer::Write(left);
         }
+        offer_in(&mut map, cluster, left)
     }
 
     /// The pass about to write `cluster`'s status takes what its refresh
@@ -194,6 +180,23 @@ impl Handoff {
     /// longer served).
     pub fn discard(&self, cluster: &str) {
         self.lock().remove(cluster);
+    }
+}
+
+/// [`Handoff::offer`] under a lock already held.
+fn offer_in(map: &mut HashMap<String, Entry>, cluster: &str, left: Left) -> Offer {
+    match map.remove(cluster) {
+        Some(Entry::Expected { at, ready }) => {
+            map.insert(cluster.to_string(), Entry::Left { at, left });
+            ready.notify_one();
+            Offer::Left
+        }
+        Some(Entry::Left { at, .. }) => {
+            map.insert(cluster.to_string(), Entry::Left { at, left });
+            Offer::Left
+        }
+        // The pass went by (it took nothing or gave up waiting).
+        None => Offer::Write(left),
     }
 }
 
