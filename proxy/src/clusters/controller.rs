@@ -133,6 +133,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     let names = Names::default();
     let owners = ha.as_ref().map(|h| h.owners.clone());
     let handoff = kick.handoff().clone();
+    let status_path = kick.status_path().clone();
     let clusters = Arc::new(CrStore {
         store: store.clone(),
         names: names.clone(),
@@ -158,6 +159,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         services_left: Default::default(),
         leading_since: Mutex::default(),
         handoff,
+        status_path,
         leader: ha
             .as_ref()
             .map_or_else(Leadership::always, |h| h.leader.clone()),

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::comeback;
-use super::crd::Cluster;
+use super::crd::{Cluster, StatusPath};
 use super::decide::{self, Facts, PortChoice, Role};
 use super::events::{Recorder, publish};
 use super::service::{self, Addresses, Exposure};
@@ -72,6 +72,8 @@ pub struct Context<P: Ports> {
     pub(super) leading_since: Mutex<Option<SystemTime>>,
     /// What refreshes after session changes observed, for the status write.
     pub(super) handoff: Handoff,
+    /// Whether the status is written apart from the object.
+    pub(super) status_path: Arc<StatusPath>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -430,16 +432,21 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         }
     }
     let api: Api<Cluster> = Api::all(ctx.client.clone());
+    // Without a status subresource (KubeSphere's CRD) spec and status go
+    // out in one write.
+    let together = !spec.is_empty() && !ctx.status_path.subresource(&ctx.client).await;
     let mut resource_version = cluster.resource_version();
-    if !spec.is_empty() {
-        let fields: Vec<_> = spec.keys().cloned().collect();
-        let patch = json!({"spec": {"connection": spec}});
+    if !spec.is_empty() && !together {
         let patched = api
-            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(spec_patch(&spec)),
+            )
             .await?;
         resource_version = patched.resource_version();
         ctx.wrote(name, patched.resource_version());
-        tracing::info!(cluster = %name, ?fields, "cluster spec updated");
+        tracing::info!(cluster = %name, fields = ?spec.keys().collect::<Vec<_>>(), "cluster spec updated");
     }
     let mut status = plan.forget;
     // The published kubeconfig's certificate expiry goes with this status
@@ -466,6 +473,38 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             status.entry(field).or_insert(value);
         }
     }
+    if together {
+        let mut patch = spec_patch(&spec);
+        if !status.is_empty() {
+            patch["metadata"] = json!({"resourceVersion": resource_version});
+            patch["status"] = json!(status);
+        }
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(patched) if !super::crd::dropped(&patch, &patched) => {
+                resource_version = patched.resource_version();
+                ctx.wrote(name, patched.resource_version());
+                tracing::info!(cluster = %name, fields = ?spec.keys().collect::<Vec<_>>(), "cluster spec and status updated");
+                status.clear();
+            }
+            Ok(patched) => {
+                // The CRD gained the subresource since discovery was asked:
+                // the spec is written, the status goes the other way.
+                ctx.status_path.learn(true);
+                resource_version = patched.resource_version();
+                ctx.wrote(name, patched.resource_version());
+                tracing::info!(cluster = %name, fields = ?spec.keys().collect::<Vec<_>>(), "cluster spec updated");
+            }
+            Err(e) => {
+                if let Some(left) = left {
+                    ctx.handoff.restore(name, left);
+                }
+                return Err(e.into());
+            }
+        }
+    }
     if !status.is_empty() {
         // resourceVersion makes this a compare-and-swap: conditions written by
         // KubeSphere meanwhile are never overwritten (we retry on conflict).
@@ -473,7 +512,8 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
             "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
-        let patched = match super::crd::patch_status(&api, name, &patch).await {
+        let written = super::crd::patch_status(&ctx.client, &ctx.status_path, name, &patch).await;
+        let patched = match written {
             Ok(c) => c,
             Err(e) => {
                 if let Some(left) = left {
@@ -494,6 +534,11 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         publish(&ctx.recorder, cluster, type_, event.reason, event.note);
     }
     Ok(requeue(grace_left))
+}
+
+/// A merge patch of the `spec.connection` fields in `spec`.
+fn spec_patch(spec: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    json!({"spec": {"connection": spec}})
 }
 
 /// The expiry of the kubeconfig being written, or of the one published

@@ -42,7 +42,7 @@ use self::handoff::{Handoff, Left, Offer};
 use self::health::Health;
 use self::patch::Observed;
 use self::probe::{ProbeError, probe};
-use super::crd::Cluster;
+use super::crd::{Cluster, StatusPath};
 use crate::ha::leader::Leadership;
 use crate::member::MemberDialer;
 
@@ -66,12 +66,14 @@ const REFRESHES: usize = 32;
 pub struct Kick {
     tx: mpsc::UnboundedSender<String>,
     handoff: Handoff,
+    status_path: Arc<StatusPath>,
 }
 
 /// The other end of a [`Kick`], for [`start`].
 pub struct Kicks {
     rx: mpsc::UnboundedReceiver<String>,
     handoff: Handoff,
+    status_path: Arc<StatusPath>,
 }
 
 impl Kicks {
@@ -85,11 +87,20 @@ impl Kick {
     pub fn new() -> (Self, Kicks) {
         let (tx, rx) = mpsc::unbounded_channel();
         let handoff = Handoff::default();
+        let status_path = Arc::new(StatusPath::default());
         let kicks = Kicks {
             rx,
             handoff: handoff.clone(),
+            status_path: status_path.clone(),
         };
-        (Self { tx, handoff }, kicks)
+        (
+            Self {
+                tx,
+                handoff,
+                status_path,
+            },
+            kicks,
+        )
     }
 
     /// Refresh `cluster`'s status soon (dropped once the refresher is gone);
@@ -102,6 +113,11 @@ impl Kick {
     /// Where the refreshes that follow kicks leave what they observed.
     pub fn handoff(&self) -> &Handoff {
         &self.handoff
+    }
+
+    /// Whether status writes go to the subresource, shared with the passes.
+    pub fn status_path(&self) -> &Arc<StatusPath> {
+        &self.status_path
     }
 }
 
@@ -148,6 +164,7 @@ struct Refresher {
     store: Store<Cluster>,
     dialer: MemberDialer,
     handoff: Handoff,
+    status_path: Arc<StatusPath>,
     /// Only the leader's passes take what a refresh leaves.
     leader: Leadership,
 }
@@ -168,6 +185,7 @@ pub fn start(
         store,
         dialer,
         handoff: kicks.handoff.clone(),
+        status_path: kicks.status_path.clone(),
         leader,
     };
     tokio::spawn(async move {
@@ -313,8 +331,7 @@ impl Refresher {
         }
         let fields: Vec<String> = patch.keys().cloned().collect();
         let body = json!({ "status": patch });
-        let api: Api<Cluster> = Api::all(self.client.clone());
-        let written = super::crd::patch_status(&api, name, &body).await;
+        let written = super::crd::patch_status(&self.client, &self.status_path, name, &body).await;
         match written {
             Ok(_) => {
                 tracing::debug!(cluster = %cluster.name_any(), ?fields, "member status updated")
