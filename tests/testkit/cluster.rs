@@ -368,11 +368,17 @@ impl KubeCluster {
     /// kustomize config/crd`, then `kubectl create -f`) and waits until it
     /// is established.
     pub fn install_crd(&self) -> Result<()> {
+        self.install_crd_from("config/crd")
+    }
+
+    /// [`Self::install_crd`] from another kustomization, e.g.
+    /// `config/crd/kubesphere-compat` (no status subresource).
+    pub fn install_crd_from(&self, dir: &str) -> Result<()> {
         let crd = std::process::Command::new(kubectl_binary())
             .arg("kustomize")
-            .arg(crate::workspace_root().join("config/crd"))
+            .arg(crate::workspace_root().join(dir))
             .output()?;
-        ensure!(crd.status.success(), "kubectl kustomize config/crd failed");
+        ensure!(crd.status.success(), "kubectl kustomize {dir} failed");
         let file = self.dir().join("crd.yaml");
         std::fs::write(&file, &crd.stdout)?;
         self.kubectl_ok(&["create", "-f", &file.to_string_lossy()]);

@@ -3,7 +3,8 @@
 //! against it, one in-process agent per Cluster ([`crate::fleet`]). Sizes:
 //! 1,000 with per-cluster ports and Services, and 10,000 in the path form
 //! (`--cluster-ports none`); `BENCH_CONTROLPLANE=1000:ports,10000:paths`
-//! picks others.
+//! picks others (`paths-compat`: the path form on the CRD without the status
+//! subresource, `config/crd/kubesphere-compat`, as KubeSphere's own).
 //!
 //! Measured: the time from the proxy's start to every Cluster
 //! `AgentAvailable=True` (a watch of the Clusters), the proxy's RSS then, and
@@ -42,6 +43,8 @@ const PROGRESS: Duration = Duration::from_secs(10);
 enum Mode {
     Ports,
     Paths,
+    /// The path form on KubeSphere's CRD form (no status subresource).
+    PathsCompat,
 }
 
 impl Mode {
@@ -49,6 +52,7 @@ impl Mode {
         match self {
             Mode::Ports => "per-cluster ports and Services",
             Mode::Paths => "path form, --cluster-ports none",
+            Mode::PathsCompat => "path form, CRD without the status subresource",
         }
     }
 }
@@ -60,10 +64,10 @@ fn sizes(env: &Env) -> Vec<(usize, Mode)> {
             .filter_map(|one| {
                 let (n, mode) = one.trim().split_once(':').unwrap_or((one.trim(), "paths"));
                 let n = n.replace('_', "").parse().ok()?;
-                let mode = if mode == "ports" {
-                    Mode::Ports
-                } else {
-                    Mode::Paths
+                let mode = match mode {
+                    "ports" => Mode::Ports,
+                    "paths-compat" => Mode::PathsCompat,
+                    _ => Mode::Paths,
                 };
                 Some((n, mode))
             })
@@ -197,7 +201,10 @@ async fn all_available(
 async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()> {
     eprintln!("controlplane: {n} clusters, {}", mode.name());
     let host = KubeCluster::start(&format!("cp-host-{n}")).await?;
-    host.install_crd()?;
+    match mode {
+        Mode::PathsCompat => host.install_crd_from("config/crd/kubesphere-compat")?,
+        _ => host.install_crd()?,
+    }
     host.kubectl_ok(&["create", "ns", NS]);
     let client = host.client().await?;
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &cluster_resource());
@@ -235,7 +242,7 @@ async fn one(env: &Env, n: usize, mode: Mode, report: &mut Report) -> Result<()>
     match mode {
         // 20000..: below Linux's ephemeral range, with their +10000 too.
         Mode::Ports => args.push(format!("--cluster-ports=20000-{}", 20000 + n + n / 10)),
-        Mode::Paths => {
+        Mode::Paths | Mode::PathsCompat => {
             args.push("--cluster-ports=none".into());
             args.push(format!("--access-port={}", free_port()));
         }
