@@ -29,7 +29,16 @@ struct Inner {
     next_id: std::sync::atomic::AtomicU64,
     /// Bumped whenever a session is registered or removed.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Each session registered, for what each one must be told once.
+    joins: tokio::sync::broadcast::Sender<Joined>,
 }
+
+/// A session just registered: its registry id, cluster and session.
+pub type Joined = (u64, String, Session);
+
+/// Joins a slow follower of [`Registry::joins`] may fall behind by before it
+/// is told it lagged (and looks at every session instead).
+const JOINS_KEPT: usize = 4096;
 
 struct Entry {
     id: u64,
@@ -62,6 +71,7 @@ impl Registry {
                 ended_bytes: Mutex::default(),
                 next_id: Default::default(),
                 changes: tokio::sync::watch::Sender::new(0),
+                joins: tokio::sync::broadcast::Sender::new(JOINS_KEPT),
             }),
         }
     }
@@ -70,6 +80,13 @@ impl Registry {
     /// set of connected clusters, e.g. the per-cluster Unix sockets).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    /// Every session registered from now on. Reacting to each join instead
+    /// of scanning every session at each change: with 10,000 agents
+    /// connecting, that scan was a sixth of the proxy's CPU.
+    pub fn joins(&self) -> tokio::sync::broadcast::Receiver<Joined> {
+        self.inner.joins.subscribe()
     }
 
     fn changed(&self) {
@@ -95,6 +112,11 @@ impl Registry {
         if again {
             self.inner.metrics.reconnects.get_or_create(&label).inc();
         }
+        // No one following the joins is not an error.
+        let _ = self
+            .inner
+            .joins
+            .send((id, cluster.to_string(), session.clone()));
         list.push(Entry {
             id,
             session,
