@@ -49,7 +49,7 @@ pub struct Block {
     /// measuring client's threads) spent runnable but waiting for a CPU
     /// during the block: the co-tenants' share of its latency.
     pub run_queue: Duration,
-    /// The attack was still running when the block ended.
+    /// The attack was still running when the block started.
     pub attacking: bool,
 }
 
@@ -63,8 +63,11 @@ pub struct Latency {
     /// Each block's p99, in the order taken.
     pub p99s: Vec<Duration>,
     /// Each block as printed: "p99|run-queue wait" in ms, `*` when the
-    /// attack was still running at its end.
+    /// attack was still running at its start.
     pub shown: Vec<String>,
+    /// Per block: its p50, and whether the attack ran at its start.
+    p50s: Vec<Duration>,
+    attacking: Vec<bool>,
     /// The proxy's CPU time over the blocks' wall time (1.0: one core).
     pub proxy_cpu: f64,
 }
@@ -88,6 +91,7 @@ impl Latency {
         let mut p50s = Vec::with_capacity(blocks.len());
         let mut p99s = Vec::with_capacity(blocks.len());
         let mut shown = Vec::with_capacity(blocks.len());
+        let attacking = blocks.iter().map(|b| b.attacking).collect();
         for mut block in blocks {
             p50s.push(Self::percentile(&mut block.times, 0.50));
             let p99 = Self::percentile(&mut block.times, 0.99);
@@ -100,12 +104,38 @@ impl Latency {
             ));
         }
         Latency {
-            p50: Self::median(p50s),
+            p50: Self::median(p50s.clone()),
             p99: Self::median(p99s.clone()),
             p99s,
             shown,
             proxy_cpu: 0.0,
+            p50s,
+            attacking,
         }
+    }
+
+    /// The figures over the blocks that started while the attack ran (the
+    /// first always does): a short attack (a channel flood is over in a
+    /// fraction of a block) is judged by the blocks it touched, not by the
+    /// quiet after it. All blocks stay in [`Latency::blocks`].
+    pub fn while_attacking(&self) -> Latency {
+        let keep = |i: &usize| *i == 0 || self.attacking.get(*i).copied().unwrap_or(false);
+        let pick = |of: &[Duration]| -> Vec<Duration> {
+            (0..of.len()).filter(keep).map(|i| of[i]).collect()
+        };
+        Latency {
+            p50: Self::median(pick(&self.p50s)),
+            p99: Self::median(pick(&self.p99s)),
+            ..self.clone()
+        }
+    }
+
+    /// How many blocks started while the attack ran, of how many.
+    pub fn attacked(&self) -> (usize, usize) {
+        (
+            self.attacking.iter().filter(|a| **a).count(),
+            self.attacking.len(),
+        )
     }
 
     /// Two measurements as one: the median over both's blocks.
@@ -117,6 +147,13 @@ impl Latency {
             p99s,
             shown: self.shown.iter().chain(&other.shown).cloned().collect(),
             proxy_cpu: (self.proxy_cpu + other.proxy_cpu) / 2.0,
+            p50s: self.p50s.iter().chain(&other.p50s).copied().collect(),
+            attacking: self
+                .attacking
+                .iter()
+                .chain(&other.attacking)
+                .copied()
+                .collect(),
         }
     }
 
@@ -124,7 +161,7 @@ impl Latency {
         format!("{:.1} ms", d.as_secs_f64() * 1000.0)
     }
 
-    /// The blocks, "p99|run-queue ms" each, `*` while the attack ran.
+    /// The blocks, "p99|run-queue ms" each, `*` when the attack ran at its start.
     pub fn blocks(&self) -> String {
         format!("{} ms", self.shown.join(" "))
     }
@@ -189,6 +226,7 @@ impl Legit {
         let (cpu0, t0) = (cpu_ms(proxy).unwrap_or_default(), Instant::now());
         for b in 0..blocks {
             let waited = watch.run_queue();
+            let attacking = watch.attack.is_some_and(|a| a.load(Ordering::Relaxed));
             let mut times = Vec::with_capacity(n);
             for i in 0..n {
                 let t = Instant::now();
@@ -200,7 +238,7 @@ impl Legit {
             all.push(Block {
                 times,
                 run_queue: watch.run_queue().saturating_sub(waited),
-                attacking: watch.attack.is_some_and(|a| a.load(Ordering::Relaxed)),
+                attacking,
             });
         }
         let cpu = cpu_ms(proxy).unwrap_or_default().saturating_sub(cpu0);
