@@ -265,7 +265,7 @@ async fn under_attack(
     };
     let ratio = latency.p99.as_secs_f64() / baseline.p99.as_secs_f64().max(1e-6);
     println!(
-        "ADVERSARIAL | {name} | {outcome} | proxy fds {} -> peak {} -> {} | RSS {} -> peak {} -> {} MiB | p50 quiet {} under attack {} | p99 quiet {} under attack {} (blocks: quiet {}, under attack {}) | ratio {ratio:.2} over the {} blocks started during the attack ({attacked} of {blocks} while it ran) | proxy CPU quiet {:.0} % under attack {:.0} % | load {load_before} -> {}",
+        "ADVERSARIAL | {name} | {outcome} | proxy fds {} -> peak {} -> {} | RSS {} -> peak {} -> {} MiB | p50 quiet {} under attack {} | p99 quiet {} under attack {} (blocks: quiet {}, under attack {}) | ratio {ratio:.2} over {} blocks (the first 3 and those started during the attack: {attacked} of {blocks}) | proxy CPU quiet {:.0} % under attack {:.0} % | load {load_before} -> {}",
         base.fds,
         peak.fds,
         back.fds,
@@ -278,7 +278,7 @@ async fn under_attack(
         Latency::ms(latency.p99),
         baseline.blocks(),
         latency.blocks(),
-        attacked.max(1),
+        attacked.max(3.min(blocks)),
         baseline.proxy_cpu * 100.0,
         latency.proxy_cpu * 100.0,
         load_average(),

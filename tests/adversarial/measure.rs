@@ -114,12 +114,16 @@ impl Latency {
         }
     }
 
-    /// The figures over the blocks that started while the attack ran (the
-    /// first always does): a short attack (a channel flood is over in a
-    /// fraction of a block) is judged by the blocks it touched, not by the
-    /// quiet after it. All blocks stay in [`Latency::blocks`].
+    /// The figures over the blocks that started while the attack ran, and
+    /// at least the first `AT_LEAST` (the attack's start and what the proxy
+    /// does right after it): a short attack (a channel flood is over within
+    /// one block) is judged by the blocks around it, not by the quiet long
+    /// after it, and never by one block's p99 alone (one block of 100 over
+    /// 2x the quiet median happens quiet too). All blocks stay in
+    /// [`Latency::blocks`].
     pub fn while_attacking(&self) -> Latency {
-        let keep = |i: &usize| *i == 0 || self.attacking.get(*i).copied().unwrap_or(false);
+        const AT_LEAST: usize = 3;
+        let keep = |i: &usize| *i < AT_LEAST || self.attacking.get(*i).copied().unwrap_or(false);
         let pick = |of: &[Duration]| -> Vec<Duration> {
             (0..of.len()).filter(keep).map(|i| of[i]).collect()
         };
