@@ -29,6 +29,9 @@
 //! `make adversarial` (ADVERSARIAL_FULL=1: the figures, in
 //! brackets above) also fails when a p99 under attack exceeds 2x the quiet
 //! p99, the acceptance. One `ADVERSARIAL |` line per attack.
+//! The system under test runs at a higher CPU priority than the machine's
+//! other load ([`isolate`], as root; `ADVERSARIAL_ISOLATE=0` turns it off),
+//! the attackers at the lowest ([`attacker`]).
 
 #[path = "adversarial/attacker.rs"]
 mod attacker;
