@@ -117,8 +117,11 @@ fn renice_threads() -> Result<usize> {
         };
         // SAFETY: `attr` is a valid sched_attr of the size it says, alive for the call.
         let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &attr, 0u32) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setattr");
+        // A kernel that refuses the slice still takes the nice alone.
+        // SAFETY: plain syscall on a thread id of this process.
+        if rc != 0 && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE) } != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("sched_setattr and setpriority");
         }
         n += 1;
     }
