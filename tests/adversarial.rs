@@ -29,6 +29,9 @@
 //! `make adversarial` (ADVERSARIAL_FULL=1: the figures, in
 //! brackets above) also fails when a p99 under attack exceeds 2x the quiet
 //! p99, the acceptance. One `ADVERSARIAL |` line per attack.
+//! The system under test runs at a higher CPU priority than the machine's
+//! other load ([`isolate`], as root; `ADVERSARIAL_ISOLATE=0` turns it off),
+//! the attackers at the lowest ([`attacker`]).
 
 #[path = "adversarial/attacker.rs"]
 mod attacker;
@@ -36,6 +39,8 @@ mod attacker;
 mod clients;
 #[path = "adversarial/connect.rs"]
 mod connect;
+#[path = "adversarial/isolate.rs"]
+mod isolate;
 #[path = "adversarial/measure.rs"]
 mod measure;
 #[path = "adversarial/peers.rs"]
@@ -51,7 +56,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
 use e2e::{Tower, TowerOptions, Usage, wait_for_ok};
-use measure::{Latency, Legit, legit_users_served, peak_while, refused};
+use measure::{Latency, Legit, Watch, legit_users_served, peak_while, refused};
 
 /// The proxy's per-source cap on pending handshakes (its default).
 const PER_SOURCE: usize = 128;
@@ -96,8 +101,8 @@ impl Plan {
                 endless_bodies: 50,
                 never_read_uploads: 100,
                 rekeys: 2000,
-                blocks: 5,
-                samples: 200,
+                blocks: 12,
+                samples: 100,
             }
         } else {
             Plan {
@@ -110,8 +115,8 @@ impl Plan {
                 endless_bodies: 10,
                 never_read_uploads: 20,
                 rekeys: 200,
-                blocks: 3,
-                samples: 100,
+                blocks: 5,
+                samples: 60,
             }
         }
     }
@@ -162,9 +167,19 @@ impl Quiet {
 }
 
 async fn quiet(tower: &Tower, legit: &Legit, plan: &Plan) -> Result<Quiet> {
+    let watch = Watch::of(tower);
+    let pid = |p: u32| isolate::nice_of(p).unwrap_or_else(|e| format!("? ({e})"));
+    println!(
+        "ADVERSARIAL | isolation | nice: proxy {}, agent {}, member kube-apiserver {}, host kube-apiserver {}, the measuring client {}",
+        pid(tower.proxy().pid()),
+        pid(tower.agent().pid()),
+        pid(tower.member().pid()),
+        pid(tower.host().pid()),
+        pid(std::process::id()),
+    );
     // Warm the pooled connection first: its setup is not a request's latency.
-    legit.latency(1, 5).await?;
-    let latency = legit.latency(plan.blocks, plan.samples).await?;
+    legit.latency(&watch, 1, 5).await?;
+    let latency = legit.latency(&watch, plan.blocks, plan.samples).await?;
     Ok(Quiet {
         usage: Usage::of(tower.proxy().pid())?,
         latency: std::sync::Mutex::new(latency),
@@ -192,9 +207,14 @@ async fn under_attack(
         .collect::<String>()
         .to_lowercase()
         .replace(' ', "-");
+    let load_before = load_average();
+    let watch = Watch {
+        attack: Some(&attack.running),
+        ..Watch::of(tower)
+    };
     let (served, peak) = peak_while(pid, async {
         // First, while the attack is at its strongest.
-        let latency = legit.latency(plan.blocks, plan.samples).await?;
+        let latency = legit.latency(&watch, plan.blocks, plan.samples).await?;
         legit_users_served(tower, legit, &tag).await?;
         // Last, so the requests above did not lose their tunnel to it.
         tower
@@ -204,8 +224,10 @@ async fn under_attack(
         anyhow::Ok(latency)
     })
     .await?;
-    let latency = served.with_context(|| format!("legitimate users during {name}"))?;
-    let (outcome, peak) = peak_while(pid, attack)
+    let all_blocks = served.with_context(|| format!("legitimate users during {name}"))?;
+    let latency = all_blocks.while_attacking();
+    let (attacked, blocks) = all_blocks.attacked();
+    let (outcome, peak) = peak_while(pid, attack.outcome)
         .await
         .map(|(o, p)| (o, p.max(peak)))?;
     let outcome = outcome
@@ -235,7 +257,9 @@ async fn under_attack(
     .await
     .or_else(|_| Usage::of(pid))?;
     // The quiet after it, once the proxy is back: with the quiet before, the baseline.
-    let after = legit.latency(plan.blocks, plan.samples).await?;
+    let after = legit
+        .latency(&Watch::of(tower), plan.blocks, plan.samples)
+        .await?;
     let baseline = {
         let mut latest = quiet.latency.lock().unwrap_or_else(|e| e.into_inner());
         let baseline = latest.joined(&after);
@@ -244,7 +268,7 @@ async fn under_attack(
     };
     let ratio = latency.p99.as_secs_f64() / baseline.p99.as_secs_f64().max(1e-6);
     println!(
-        "ADVERSARIAL | {name} | {outcome} | proxy fds {} -> peak {} -> {} | RSS {} -> peak {} -> {} MiB | p50 quiet {} under attack {} | p99 quiet {} under attack {} (blocks: quiet {}, under attack {}) | ratio {ratio:.2} | load {}",
+        "ADVERSARIAL | {name} | {outcome} | proxy fds {} -> peak {} -> {} | RSS {} -> peak {} -> {} MiB | p50 quiet {} under attack {} | p99 quiet {} under attack {} (blocks: quiet {}, under attack {}) | ratio {ratio:.2} over {} blocks (the first 3 and those started during the attack: {attacked} of {blocks}) | proxy CPU quiet {:.0} % under attack {:.0} % | load {load_before} -> {}",
         base.fds,
         peak.fds,
         back.fds,
@@ -257,6 +281,9 @@ async fn under_attack(
         Latency::ms(latency.p99),
         baseline.blocks(),
         latency.blocks(),
+        attacked.max(3.min(blocks)),
+        baseline.proxy_cpu * 100.0,
+        latency.proxy_cpu * 100.0,
         load_average(),
     );
     ensure!(
@@ -279,9 +306,11 @@ async fn under_attack(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(format!(
-                "{name}: p99 of legitimate requests {} under attack, {} quiet: more than 2x",
+                "{name}: p99 of legitimate requests {} under attack, {} quiet: more than 2x (blocks' p99|run-queue wait, * while the attack ran: quiet {}, under attack {})",
                 Latency::ms(latency.p99),
-                Latency::ms(baseline.p99)
+                Latency::ms(baseline.p99),
+                baseline.blocks(),
+                latency.blocks(),
             ));
     }
     Ok(())
@@ -369,6 +398,8 @@ async fn warned(tower: &Tower, source: IpAddr, what: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
     raise_nofile();
+    let isolation = isolate::isolate();
+    println!("ADVERSARIAL | isolation | {}", isolation.said);
     let plan = Plan::from_env();
     let mut tower = tower_with_box(Vec::new()).await?;
     let legit = Legit::new(&tower).await?;
@@ -464,6 +495,8 @@ async fn beta(tower: &Tower) -> Result<(String, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_valid_agent_that_floods_channels_or_never_reads() -> Result<()> {
     raise_nofile();
+    let isolation = isolate::isolate();
+    println!("ADVERSARIAL | isolation | {}", isolation.said);
     let plan = Plan::from_env();
     let mut tower = tower_with_box(Vec::new()).await?;
     let legit = Legit::new(&tower).await?;
@@ -669,6 +702,8 @@ async fn upload_unread(from: IpAddr, target: SocketAddr) -> Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_of_a_cluster_port() -> Result<()> {
     raise_nofile();
+    let isolation = isolate::isolate();
+    println!("ADVERSARIAL | isolation | {}", isolation.said);
     let plan = Plan::from_env();
     let connect_door = SocketAddr::from(([127, 0, 0, 1], e2e::free_port()));
     let mut tower = tower_with_box(vec![format!("--connect-port={}", connect_door.port())]).await?;

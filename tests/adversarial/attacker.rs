@@ -7,12 +7,19 @@
 //! what shows in the legitimate p99 is the proxy's cost of the attack.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-/// The attack's outcome (what the attacker saw), once it is over.
-pub type Attack = oneshot::Receiver<Result<String>>;
+/// A running attack.
+pub struct Attack {
+    /// Its outcome (what the attacker saw), once it is over.
+    pub outcome: oneshot::Receiver<Result<String>>,
+    /// True until it is over (the latency blocks say which ran during it).
+    pub running: Arc<AtomicBool>,
+}
 
 /// Puts the calling thread at SCHED_IDLE; an error when the kernel refused.
 fn idle_priority() -> std::io::Result<()> {
@@ -34,6 +41,8 @@ where
     F: Future<Output = Result<String>> + Send + 'static,
 {
     let (tx, rx) = oneshot::channel();
+    let running = Arc::new(AtomicBool::new(true));
+    let still = running.clone();
     let thread = std::thread::Builder::new()
         .name("attacker".into())
         .spawn(move || {
@@ -52,11 +61,17 @@ where
                     .context("the attacker's runtime")?;
                 runtime.block_on(attack)
             };
-            let _ = tx.send(run());
+            let outcome = run();
+            still.store(false, Ordering::Relaxed);
+            let _ = tx.send(outcome);
         });
     if let Err(e) = thread {
         // `tx` went with the closure: the receiver reads "dropped".
         eprintln!("cannot start the attacker's thread: {e}");
+        running.store(false, Ordering::Relaxed);
     }
-    rx
+    Attack {
+        outcome: rx,
+        running,
+    }
 }

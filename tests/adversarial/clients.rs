@@ -196,7 +196,14 @@ pub async fn huge_headers(
             let _ = tls
                 .write_all(b"GET /api/v1/namespaces/default HTTP/1.1\r\nHost: x\r\nX-Big: ")
                 .await;
-            let _ = tls.write_all(&big).await;
+            // In 16 KiB writes: with this kernel's preemption model (none),
+            // one 1 MiB write on loopback holds a CPU through the whole send
+            // and its receive softirq, whatever the attacker's priority.
+            for piece in big.chunks(16 * 1024) {
+                if tls.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
             let _ = tls.write_all(b"\r\n\r\n").await;
             let seen = tokio::time::timeout(Duration::from_secs(60), answer(&mut tls))
                 .await

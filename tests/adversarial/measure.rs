@@ -3,6 +3,7 @@
 //! through the tunnel), the refusals in `/metrics`, and what legitimate
 //! kubectl, watch and exec sessions see.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -13,6 +14,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::time::Instant;
 
 use super::connect::ConnectClient;
+use super::isolate;
 
 /// CPU time (user + system) a process has used, in ms.
 pub fn cpu_ms(pid: u32) -> Result<u64> {
@@ -40,6 +42,17 @@ pub async fn peak_while<T>(pid: u32, work: impl Future<Output = T>) -> Result<(T
     }
 }
 
+/// One block of timed requests and what was around it.
+pub struct Block {
+    pub times: Vec<Duration>,
+    /// Time the system under test (proxy, agent, member kube-apiserver, the
+    /// measuring client's threads) spent runnable but waiting for a CPU
+    /// during the block: the co-tenants' share of its latency.
+    pub run_queue: Duration,
+    /// The attack was still running when the block started.
+    pub attacking: bool,
+}
+
 /// p50 and p99 of request times taken in blocks: each the median over
 /// the blocks of that block's percentile, so one burst of load on this
 /// shared machine moves one block's p99, not the figure.
@@ -49,6 +62,14 @@ pub struct Latency {
     pub p99: Duration,
     /// Each block's p99, in the order taken.
     pub p99s: Vec<Duration>,
+    /// Each block as printed: "p99|run-queue wait" in ms, `*` when the
+    /// attack was still running at its start.
+    pub shown: Vec<String>,
+    /// Per block: its p50, and whether the attack ran at its start.
+    p50s: Vec<Duration>,
+    attacking: Vec<bool>,
+    /// The proxy's CPU time over the blocks' wall time (1.0: one core).
+    pub proxy_cpu: f64,
 }
 
 impl Latency {
@@ -66,18 +87,59 @@ impl Latency {
         }
     }
 
-    fn of(blocks: Vec<Vec<Duration>>) -> Latency {
+    fn of(blocks: Vec<Block>) -> Latency {
         let mut p50s = Vec::with_capacity(blocks.len());
         let mut p99s = Vec::with_capacity(blocks.len());
+        let mut shown = Vec::with_capacity(blocks.len());
+        let attacking = blocks.iter().map(|b| b.attacking).collect();
         for mut block in blocks {
-            p50s.push(Self::percentile(&mut block, 0.50));
-            p99s.push(Self::percentile(&mut block, 0.99));
+            p50s.push(Self::percentile(&mut block.times, 0.50));
+            let p99 = Self::percentile(&mut block.times, 0.99);
+            p99s.push(p99);
+            shown.push(format!(
+                "{:.1}|{:.1}{}",
+                p99.as_secs_f64() * 1000.0,
+                block.run_queue.as_secs_f64() * 1000.0,
+                if block.attacking { "*" } else { "" }
+            ));
         }
         Latency {
-            p50: Self::median(p50s),
+            p50: Self::median(p50s.clone()),
             p99: Self::median(p99s.clone()),
             p99s,
+            shown,
+            proxy_cpu: 0.0,
+            p50s,
+            attacking,
         }
+    }
+
+    /// The figures over the blocks that started while the attack ran, and
+    /// at least the first `AT_LEAST` (the attack's start and what the proxy
+    /// does right after it): a short attack (a channel flood is over within
+    /// one block) is judged by the blocks around it, not by the quiet long
+    /// after it, and never by one block's p99 alone (one block of 100 over
+    /// 2x the quiet median happens quiet too). All blocks stay in
+    /// [`Latency::blocks`].
+    pub fn while_attacking(&self) -> Latency {
+        const AT_LEAST: usize = 3;
+        let keep = |i: &usize| *i < AT_LEAST || self.attacking.get(*i).copied().unwrap_or(false);
+        let pick = |of: &[Duration]| -> Vec<Duration> {
+            (0..of.len()).filter(keep).map(|i| of[i]).collect()
+        };
+        Latency {
+            p50: Self::median(pick(&self.p50s)),
+            p99: Self::median(pick(&self.p99s)),
+            ..self.clone()
+        }
+    }
+
+    /// How many blocks started while the attack ran, of how many.
+    pub fn attacked(&self) -> (usize, usize) {
+        (
+            self.attacking.iter().filter(|a| **a).count(),
+            self.attacking.len(),
+        )
     }
 
     /// Two measurements as one: the median over both's blocks.
@@ -87,6 +149,15 @@ impl Latency {
             p50: Self::median(vec![self.p50, other.p50]),
             p99: Self::median(p99s.clone()),
             p99s,
+            shown: self.shown.iter().chain(&other.shown).cloned().collect(),
+            proxy_cpu: (self.proxy_cpu + other.proxy_cpu) / 2.0,
+            p50s: self.p50s.iter().chain(&other.p50s).copied().collect(),
+            attacking: self
+                .attacking
+                .iter()
+                .chain(&other.attacking)
+                .copied()
+                .collect(),
         }
     }
 
@@ -94,14 +165,41 @@ impl Latency {
         format!("{:.1} ms", d.as_secs_f64() * 1000.0)
     }
 
-    /// The blocks' p99s, "a/b/c ms".
+    /// The blocks, "p99|run-queue ms" each, `*` when the attack ran at its start.
     pub fn blocks(&self) -> String {
-        let all: Vec<String> = self
-            .p99s
+        format!("{} ms", self.shown.join(" "))
+    }
+}
+
+/// What a measurement watches besides the requests: the processes of the
+/// system under test whose run-queue wait is summed per block, and whether
+/// the attack is still running.
+pub struct Watch<'a> {
+    pub pids: Vec<u32>,
+    pub attack: Option<&'a AtomicBool>,
+}
+
+impl Watch<'_> {
+    /// The proxy, the agent and the member's kube-apiserver of `tower`.
+    pub fn of(tower: &Tower) -> Watch<'static> {
+        Watch {
+            pids: vec![
+                tower.proxy().pid(),
+                tower.agent().pid(),
+                tower.member().pid(),
+            ],
+            attack: None,
+        }
+    }
+
+    fn run_queue(&self) -> Duration {
+        let others: u64 = self
+            .pids
             .iter()
-            .map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
-            .collect();
-        format!("{} ms", all.join("/"))
+            .map(|&p| isolate::run_queue_wait_ns(Some(p), ""))
+            .sum();
+        // This process's threads but the attackers': the measuring client.
+        Duration::from_nanos(others + isolate::run_queue_wait_ns(None, "attacker"))
     }
 }
 
@@ -124,11 +222,15 @@ impl Legit {
     }
 
     /// `blocks` x `n` GETs of namespace `default`, one after another: each
-    /// must succeed.
-    pub async fn latency(&self, blocks: usize, n: usize) -> Result<Latency> {
+    /// must succeed; per block, what `watch` saw.
+    pub async fn latency(&self, watch: &Watch<'_>, blocks: usize, n: usize) -> Result<Latency> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let mut all = Vec::with_capacity(blocks);
+        let proxy = watch.pids.first().copied().unwrap_or_default();
+        let (cpu0, t0) = (cpu_ms(proxy).unwrap_or_default(), Instant::now());
         for b in 0..blocks {
+            let waited = watch.run_queue();
+            let attacking = watch.attack.is_some_and(|a| a.load(Ordering::Relaxed));
             let mut times = Vec::with_capacity(n);
             for i in 0..n {
                 let t = Instant::now();
@@ -137,9 +239,17 @@ impl Legit {
                     .with_context(|| format!("legitimate GET {i} of {n} (block {b})"))?;
                 times.push(t.elapsed());
             }
-            all.push(times);
+            all.push(Block {
+                times,
+                run_queue: watch.run_queue().saturating_sub(waited),
+                attacking,
+            });
         }
-        Ok(Latency::of(all))
+        let cpu = cpu_ms(proxy).unwrap_or_default().saturating_sub(cpu0);
+        Ok(Latency {
+            proxy_cpu: cpu as f64 / (t0.elapsed().as_secs_f64() * 1000.0).max(1.0),
+            ..Latency::of(all)
+        })
     }
 
     /// A ConfigMap `name` in `default` (what the watch waits for).
