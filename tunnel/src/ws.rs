@@ -31,6 +31,10 @@ const READ_CHUNK: usize = 64 * 1024;
 const DIRECT_READ: usize = 4096;
 /// Largest header: 2 bytes, 8 bytes of length, 4 bytes of mask.
 const MAX_HEADER: usize = 14;
+/// After a data frame this large, socket reads between payloads take little
+/// more than the next header, so the next payload lands in the caller's buffer
+/// (russh reads ahead into a large one) instead of being copied out of ours.
+const BIG_FRAME: u64 = 16 * 1024;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -60,6 +64,8 @@ pub struct WsStream<S> {
     client: bool,
     rbuf: BytesMut,
     state: ReadState,
+    /// The last data frame was at least [`BIG_FRAME`].
+    big_frames: bool,
     /// Framed bytes accepted but not yet written (pongs, a close, partial writes).
     wbuf: Vec<u8>,
     wpos: usize,
@@ -188,6 +194,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             client: role == Role::Client,
             rbuf: BytesMut::new(),
             state: ReadState::Header,
+            big_frames: false,
             wbuf: Vec::new(),
             wpos: 0,
             close_sent: false,
@@ -219,12 +226,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Read more bytes from the socket into `rbuf`; 0 at EOF.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Read more bytes from the socket into `rbuf`, at most `limit`; 0 at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < MAX_HEADER {
             self.rbuf.reserve(READ_CHUNK);
         }
-        let poll = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf);
+        let mut dst = (&mut self.rbuf).limit(limit);
+        let poll = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut dst);
         if poll.is_pending() && self.rbuf.is_empty() {
             // Idle: give the buffer back.
             self.rbuf = BytesMut::new();
@@ -299,7 +307,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                             &mut dst
                         ))?
                     } else {
-                        if ready!(this.poll_fill(cx))? == 0 {
+                        // A large frame's tail: take it and the next header only.
+                        let limit = if this.big_frames {
+                            want + MAX_HEADER
+                        } else {
+                            READ_CHUNK
+                        };
+                        if ready!(this.poll_fill(cx, limit))? == 0 {
                             return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                         }
                         continue;
@@ -320,7 +334,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 ReadState::Header => {
                     let header = parse_header(&this.rbuf)?;
                     let Some(h) = header else {
-                        if ready!(this.poll_fill(cx))? == 0 {
+                        let limit = if this.big_frames {
+                            MAX_HEADER
+                        } else {
+                            READ_CHUNK
+                        };
+                        if ready!(this.poll_fill(cx, limit))? == 0 {
                             if this.rbuf.is_empty() {
                                 this.state = ReadState::Eof;
                                 continue;
@@ -335,6 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                     match h.opcode {
                         OP_CONTINUATION | OP_TEXT | OP_BINARY => {
                             this.rbuf.advance(h.size);
+                            this.big_frames = h.len >= BIG_FRAME;
                             this.state = ReadState::Data {
                                 remaining: h.len,
                                 mask: h.mask,
@@ -348,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                                 )));
                             }
                             if this.rbuf.len() < h.size + h.len as usize {
-                                if ready!(this.poll_fill(cx))? == 0 {
+                                if ready!(this.poll_fill(cx, READ_CHUNK))? == 0 {
                                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                                 }
                                 continue;

@@ -324,6 +324,13 @@ fn packet_bytes_compressed_matches_packet_output() {
 #[derive(Debug, Default)]
 pub struct SSHBuffer {
     pub buffer: Vec<u8>,
+    /// Reading only (PATCHES.md 32): bytes read from the stream and not yet
+    /// taken as a packet. Many packets are read per call into it; each packet
+    /// is split off it, so the packets received share its allocation.
+    pub(crate) ahead: BytesMut,
+    /// Reading only: the packet `cipher::read` returned (length, padding
+    /// length, payload), decrypted in place in `ahead`'s allocation.
+    pub(crate) packet: BytesMut,
     pub len: usize,   // next packet length.
     pub bytes: usize, // total payload bytes read/written since the last rekey
     // Sequence numbers are on 32 bits and wrap.
@@ -335,6 +342,8 @@ impl SSHBuffer {
     pub fn new() -> Self {
         SSHBuffer {
             buffer: Vec::new(),
+            ahead: BytesMut::new(),
+            packet: BytesMut::new(),
             len: 0,
             bytes: 0,
             seqn: Wrapping(0),
@@ -395,9 +404,8 @@ pub(crate) struct IncomingSshPacket {
 
 impl IncomingSshPacket {
     /// The payload of the packet `buffer` holds (past its length and padding
-    /// length). Patched (PATCHES.md 23): when nothing is to be decompressed
-    /// the read buffer itself becomes the packet, not a copy of it; the next
-    /// read starts a new buffer.
+    /// length). Patched (PATCHES.md 23, 32): when nothing is to be decompressed
+    /// the packet read becomes the packet, not a copy of it.
     pub(crate) fn take(
         buffer: &mut SSHBuffer,
         decompress: Option<&mut crate::compression::Decompress>,
@@ -405,7 +413,7 @@ impl IncomingSshPacket {
         let seqn = buffer.seqn;
         if let Some(decompress) = decompress {
             let mut decomp = Vec::new();
-            let payload = buffer.buffer.get(5..).unwrap_or_default();
+            let payload = buffer.packet.get(5..).unwrap_or_default();
             let out = decompress.decompress(payload, &mut decomp)?;
             if !std::ptr::eq(out, payload) {
                 return Ok(Self {
@@ -414,7 +422,7 @@ impl IncomingSshPacket {
                 });
             }
         }
-        let packet = Bytes::from(std::mem::take(&mut buffer.buffer));
+        let packet = std::mem::take(&mut buffer.packet).freeze();
         Ok(Self {
             buffer: packet.slice(5.min(packet.len())..),
             seqn,
