@@ -158,13 +158,24 @@ fn frame_parts<'a>(bufs: &'a [io::IoSlice<'a>]) -> Vec<&'a [u8]> {
 }
 
 /// Append `data` to `out`, masked when a mask is given, `offset` bytes into
-/// the mask's cycle.
+/// the mask's cycle. Masks while copying, in 32-byte blocks the compiler
+/// vectorizes: one pass over the bytes instead of a copy and then a mask.
 fn push_masked(out: &mut Vec<u8>, data: &[u8], mask: Option<[u8; 4]>, offset: usize) {
-    let start = out.len();
-    out.extend_from_slice(data);
-    if let Some(mask) = mask {
-        #[allow(clippy::indexing_slicing)] // start <= out.len()
-        apply_mask(&mut out[start..], mask, offset);
+    let Some(mask) = mask else {
+        out.extend_from_slice(data);
+        return;
+    };
+    let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) % 4]);
+    let m32: [u8; 32] = std::array::from_fn(|i| m[i % 4]);
+    out.reserve(data.len());
+    let mut blocks = data.chunks_exact(32);
+    for b in &mut blocks {
+        #[allow(clippy::indexing_slicing)] // i < 32 == b.len()
+        let w: [u8; 32] = std::array::from_fn(|i| b[i] ^ m32[i]);
+        out.extend_from_slice(&w);
+    }
+    for (i, b) in blocks.remainder().iter().enumerate() {
+        out.push(b ^ m[i % 4]);
     }
 }
 
@@ -410,6 +421,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         if this.client || !this.io.is_write_vectored() {
             // One pass: copied into the frame and masked on the way.
             let mask = this.client.then(rand::random::<[u8; 4]>);
+            // Whole frame at once: growing by parts would copy it again.
+            this.wbuf.reserve(MAX_HEADER + len);
             put_header(&mut this.wbuf, OP_BINARY, len, mask);
             let mut offset = 0;
             for part in &parts {
@@ -646,6 +659,21 @@ mod tests {
             }
             apply_mask(&mut x[..], [1, 2, 3, 4], offset);
             assert_eq!(x, data);
+        }
+    }
+
+    #[test]
+    fn masking_while_copying_matches_masking_in_place() {
+        let data = pattern(1000);
+        for offset in 0..4 {
+            for len in [0, 1, 31, 32, 33, 100, 1000] {
+                let mut out = vec![7u8];
+                push_masked(&mut out, &data[..len], Some([9, 8, 7, 6]), offset);
+                let mut want = data[..len].to_vec();
+                apply_mask(&mut want, [9, 8, 7, 6], offset);
+                assert_eq!(out[0], 7);
+                assert_eq!(&out[1..], &want[..], "offset {offset}, len {len}");
+            }
         }
     }
 

@@ -357,8 +357,11 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     Ok(plaintext_end + 4)
 }
 
-/// Reads go into at least this much spare room of the read-ahead buffer.
-const READ_AHEAD: usize = 128 * 1024;
+/// Room reserved at a time for reading ahead.
+const READ_AHEAD: usize = 256 * 1024;
+/// With less room than this left, reads stop at the current packet's end, so
+/// the next packet starts in a new buffer instead of being copied into one.
+const READ_AHEAD_TAIL: usize = 64 * 1024;
 
 /// Read from `stream` until `ahead` holds at least `need` bytes, as much per
 /// read as the stream has and `ahead` can take. While the stream has nothing
@@ -374,13 +377,16 @@ async fn fill_ahead<R: AsyncRead + Unpin>(
     std::future::poll_fn(|cx| {
         while ahead.len() < need {
             let missing = need - ahead.len();
-            if ahead.capacity() - ahead.len() < missing.max(READ_AHEAD / 4) {
+            let spare = ahead.capacity() - ahead.len();
+            // Packets already split off keep the old buffer; only the bytes
+            // of an unfinished packet are copied into the new one.
+            if spare < missing || (ahead.is_empty() && spare < READ_AHEAD_TAIL) {
                 ahead.reserve(missing.max(READ_AHEAD));
             }
-            let dst = ahead.chunk_mut();
-            // SAFETY: `UninitSlice` and `[MaybeUninit<u8>]` have the same
-            // layout; `ReadBuf` only writes initialized bytes into it.
-            let dst = unsafe { dst.as_uninit_slice_mut() };
+            let spare = ahead.capacity() - ahead.len();
+            let limit = if spare < READ_AHEAD_TAIL { missing } else { spare };
+            #[allow(clippy::indexing_slicing)] // limit <= spare
+            let dst = &mut ahead.spare_capacity_mut()[..limit];
             let mut rb = ReadBuf::uninit(dst);
             match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut rb) {
                 Poll::Pending => {
