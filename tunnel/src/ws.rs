@@ -31,10 +31,6 @@ const READ_CHUNK: usize = 64 * 1024;
 const DIRECT_READ: usize = 4096;
 /// Largest header: 2 bytes, 8 bytes of length, 4 bytes of mask.
 const MAX_HEADER: usize = 14;
-/// After a data frame this large, socket reads between payloads take little
-/// more than the next header, so the next payload lands in the caller's buffer
-/// (russh reads ahead into a large one) instead of being copied out of ours.
-const BIG_FRAME: u64 = 16 * 1024;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -64,8 +60,6 @@ pub struct WsStream<S> {
     client: bool,
     rbuf: BytesMut,
     state: ReadState,
-    /// The last data frame was at least [`BIG_FRAME`].
-    big_frames: bool,
     /// Framed bytes accepted but not yet written (pongs, a close, partial writes).
     wbuf: Vec<u8>,
     wpos: usize,
@@ -158,24 +152,13 @@ fn frame_parts<'a>(bufs: &'a [io::IoSlice<'a>]) -> Vec<&'a [u8]> {
 }
 
 /// Append `data` to `out`, masked when a mask is given, `offset` bytes into
-/// the mask's cycle. Masks while copying, in 32-byte blocks the compiler
-/// vectorizes: one pass over the bytes instead of a copy and then a mask.
+/// the mask's cycle.
 fn push_masked(out: &mut Vec<u8>, data: &[u8], mask: Option<[u8; 4]>, offset: usize) {
-    let Some(mask) = mask else {
-        out.extend_from_slice(data);
-        return;
-    };
-    let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) % 4]);
-    let m32: [u8; 32] = std::array::from_fn(|i| m[i % 4]);
-    out.reserve(data.len());
-    let mut blocks = data.chunks_exact(32);
-    for b in &mut blocks {
-        #[allow(clippy::indexing_slicing)] // i < 32 == b.len()
-        let w: [u8; 32] = std::array::from_fn(|i| b[i] ^ m32[i]);
-        out.extend_from_slice(&w);
-    }
-    for (i, b) in blocks.remainder().iter().enumerate() {
-        out.push(b ^ m[i % 4]);
+    let start = out.len();
+    out.extend_from_slice(data);
+    if let Some(mask) = mask {
+        #[allow(clippy::indexing_slicing)] // start <= out.len()
+        apply_mask(&mut out[start..], mask, offset);
     }
 }
 
@@ -205,7 +188,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             client: role == Role::Client,
             rbuf: BytesMut::new(),
             state: ReadState::Header,
-            big_frames: false,
             wbuf: Vec::new(),
             wpos: 0,
             close_sent: false,
@@ -237,13 +219,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         Poll::Ready(Ok(()))
     }
 
-    /// Read more bytes from the socket into `rbuf`, at most `limit`; 0 at EOF.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
+    /// Read more bytes from the socket into `rbuf`; 0 at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < MAX_HEADER {
             self.rbuf.reserve(READ_CHUNK);
         }
-        let mut dst = (&mut self.rbuf).limit(limit);
-        let poll = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut dst);
+        let poll = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf);
         if poll.is_pending() && self.rbuf.is_empty() {
             // Idle: give the buffer back.
             self.rbuf = BytesMut::new();
@@ -318,13 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                             &mut dst
                         ))?
                     } else {
-                        // A large frame's tail: take it and the next header only.
-                        let limit = if this.big_frames {
-                            want + MAX_HEADER
-                        } else {
-                            READ_CHUNK
-                        };
-                        if ready!(this.poll_fill(cx, limit))? == 0 {
+                        if ready!(this.poll_fill(cx))? == 0 {
                             return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                         }
                         continue;
@@ -345,12 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                 ReadState::Header => {
                     let header = parse_header(&this.rbuf)?;
                     let Some(h) = header else {
-                        let limit = if this.big_frames {
-                            MAX_HEADER
-                        } else {
-                            READ_CHUNK
-                        };
-                        if ready!(this.poll_fill(cx, limit))? == 0 {
+                        if ready!(this.poll_fill(cx))? == 0 {
                             if this.rbuf.is_empty() {
                                 this.state = ReadState::Eof;
                                 continue;
@@ -365,7 +335,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                     match h.opcode {
                         OP_CONTINUATION | OP_TEXT | OP_BINARY => {
                             this.rbuf.advance(h.size);
-                            this.big_frames = h.len >= BIG_FRAME;
                             this.state = ReadState::Data {
                                 remaining: h.len,
                                 mask: h.mask,
@@ -379,7 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                                 )));
                             }
                             if this.rbuf.len() < h.size + h.len as usize {
-                                if ready!(this.poll_fill(cx, READ_CHUNK))? == 0 {
+                                if ready!(this.poll_fill(cx))? == 0 {
                                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                                 }
                                 continue;
@@ -421,8 +390,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         if this.client || !this.io.is_write_vectored() {
             // One pass: copied into the frame and masked on the way.
             let mask = this.client.then(rand::random::<[u8; 4]>);
-            // Whole frame at once: growing by parts would copy it again.
-            this.wbuf.reserve(MAX_HEADER + len);
             put_header(&mut this.wbuf, OP_BINARY, len, mask);
             let mut offset = 0;
             for part in &parts {
@@ -659,21 +626,6 @@ mod tests {
             }
             apply_mask(&mut x[..], [1, 2, 3, 4], offset);
             assert_eq!(x, data);
-        }
-    }
-
-    #[test]
-    fn masking_while_copying_matches_masking_in_place() {
-        let data = pattern(1000);
-        for offset in 0..4 {
-            for len in [0, 1, 31, 32, 33, 100, 1000] {
-                let mut out = vec![7u8];
-                push_masked(&mut out, &data[..len], Some([9, 8, 7, 6]), offset);
-                let mut want = data[..len].to_vec();
-                apply_mask(&mut want, [9, 8, 7, 6], offset);
-                assert_eq!(out[0], 7);
-                assert_eq!(&out[1..], &want[..], "offset {offset}, len {len}");
-            }
         }
     }
 

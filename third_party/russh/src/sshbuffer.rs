@@ -324,13 +324,6 @@ fn packet_bytes_compressed_matches_packet_output() {
 #[derive(Debug, Default)]
 pub struct SSHBuffer {
     pub buffer: Vec<u8>,
-    /// Reading only (PATCHES.md 32): bytes read from the stream and not yet
-    /// taken as a packet. Many packets are read per call into it; each packet
-    /// is split off it, so the packets received share its allocation.
-    pub(crate) ahead: BytesMut,
-    /// Reading only: the packet `cipher::read` returned (length, padding
-    /// length, payload), decrypted in place in `ahead`'s allocation.
-    pub(crate) packet: BytesMut,
     pub len: usize,   // next packet length.
     pub bytes: usize, // total payload bytes read/written since the last rekey
     // Sequence numbers are on 32 bits and wrap.
@@ -342,8 +335,6 @@ impl SSHBuffer {
     pub fn new() -> Self {
         SSHBuffer {
             buffer: Vec::new(),
-            ahead: BytesMut::new(),
-            packet: BytesMut::new(),
             len: 0,
             bytes: 0,
             seqn: Wrapping(0),
@@ -404,8 +395,9 @@ pub(crate) struct IncomingSshPacket {
 
 impl IncomingSshPacket {
     /// The payload of the packet `buffer` holds (past its length and padding
-    /// length). Patched (PATCHES.md 23, 32): when nothing is to be decompressed
-    /// the packet read becomes the packet, not a copy of it.
+    /// length). Patched (PATCHES.md 23): when nothing is to be decompressed
+    /// the read buffer itself becomes the packet, not a copy of it; the next
+    /// read starts a new buffer.
     pub(crate) fn take(
         buffer: &mut SSHBuffer,
         decompress: Option<&mut crate::compression::Decompress>,
@@ -413,7 +405,7 @@ impl IncomingSshPacket {
         let seqn = buffer.seqn;
         if let Some(decompress) = decompress {
             let mut decomp = Vec::new();
-            let payload = buffer.packet.get(5..).unwrap_or_default();
+            let payload = buffer.buffer.get(5..).unwrap_or_default();
             let out = decompress.decompress(payload, &mut decomp)?;
             if !std::ptr::eq(out, payload) {
                 return Ok(Self {
@@ -422,7 +414,7 @@ impl IncomingSshPacket {
                 });
             }
         }
-        let packet = std::mem::take(&mut buffer.packet).freeze();
+        let packet = Bytes::from(std::mem::take(&mut buffer.buffer));
         Ok(Self {
             buffer: packet.slice(5.min(packet.len())..),
             seqn,

@@ -33,8 +33,7 @@ use log::trace;
 #[cfg(all(not(feature = "aws-lc-rs"), feature = "ring"))]
 use ring::aead::{AES_128_GCM as ALGORITHM_AES_128_GCM, AES_256_GCM as ALGORITHM_AES_256_GCM};
 use ssh_encoding::Encode;
-use bytes::BytesMut;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use self::cbc::CbcWrapper;
 use crate::Error;
@@ -293,48 +292,57 @@ pub(crate) trait SealingKey {
     }
 }
 
-/// Patched (PATCHES.md 32): reads go into `buffer.ahead`, as much as the
-/// stream has (up to [`READ_AHEAD`]), not one packet's bytes at a time: a
-/// websocket or socket below gives many packets per read, and each packet is
-/// split off the buffer and decrypted in place (`buffer.packet`), so its channel
-/// data is handed on as a slice of that buffer (no copy, one allocation per
-/// read rather than per packet).
 pub(crate) async fn read<R: AsyncRead + Unpin>(
     stream: &mut R,
     buffer: &mut SSHBuffer,
     cipher: &mut (dyn OpeningKey + Send),
 ) -> Result<usize, Error> {
-    let l = cipher.packet_length_to_read_for_block_length();
     if buffer.len == 0 {
-        fill_ahead(stream, &mut buffer.ahead, l).await?;
-        let seqn = buffer.seqn.0;
-        trace!("reading, seqn = {seqn:?}");
-        #[allow(clippy::indexing_slicing)] // fill_ahead: at least l bytes
-        let len = cipher.decrypt_packet_length(seqn, &buffer.ahead[..l]);
-        let len = BigEndian::read_u32(&len) as usize;
+        let mut len = vec![0; cipher.packet_length_to_read_for_block_length()];
 
-        if len > MAXIMUM_PACKET_LEN {
-            return Err(Error::PacketSize(len));
+        stream.read_exact(&mut len).await?;
+        trace!("reading, len = {len:?}");
+        {
+            let seqn = buffer.seqn.0;
+            buffer.buffer.clear();
+            buffer.buffer.extend_from_slice(&len);
+            trace!("reading, seqn = {seqn:?}");
+            let len = cipher.decrypt_packet_length(seqn, &len);
+            let len = BigEndian::read_u32(&len) as usize;
+
+            if len > MAXIMUM_PACKET_LEN {
+                return Err(Error::PacketSize(len));
+            }
+
+            // A valid packet (with its MAC tag) can never be shorter than the
+            // block we already read to probe it; a smaller value would shrink
+            // the buffer below `l` below and panic on the `buffer.buffer[l..]`
+            // slice. Reject it as a protocol error instead. The tag counts:
+            // with an EtM MAC and 8-byte blocks (3des-cbc), packet_length can
+            // be 8, and the probe also reads the start of the tag.
+            if len + PACKET_LENGTH_LEN + cipher.tag_len()
+                < cipher.packet_length_to_read_for_block_length()
+            {
+                return Err(Error::PacketSize(len));
+            }
+
+            buffer.len = len + cipher.tag_len();
+            trace!("reading, clear len = {:?}", buffer.len);
         }
-
-        // A valid packet (with its MAC tag) can never be shorter than the
-        // block we already read to probe it. Reject it as a protocol error.
-        // The tag counts: with an EtM MAC and 8-byte blocks (3des-cbc),
-        // packet_length can be 8, and the probe also reads the start of the tag.
-        if len + PACKET_LENGTH_LEN + cipher.tag_len() < l {
-            return Err(Error::PacketSize(len));
-        }
-
-        buffer.len = len + cipher.tag_len();
-        trace!("reading, clear len = {:?}", buffer.len);
     }
 
-    let total = buffer.len + PACKET_LENGTH_LEN;
-    fill_ahead(stream, &mut buffer.ahead, total).await?;
+    trace!("read_exact {:?}", buffer.len + 4);
+
+    let l = cipher.packet_length_to_read_for_block_length();
+
+    // Patched (PATCHES.md 22): read into the spare capacity instead of
+    // zero-filling the packet's bytes first (a memset of every byte received).
+    buffer.buffer.truncate(l);
+    read_exact_into_spare(stream, &mut buffer.buffer, buffer.len + 4).await?;
+
     trace!("read_exact done");
-    let mut packet = buffer.ahead.split_to(total);
     let seqn = buffer.seqn.0;
-    let plaintext = cipher.open(seqn, &mut packet)?;
+    let plaintext = cipher.open(seqn, &mut buffer.buffer)?;
 
     let padding_length = *plaintext.first().to_owned().unwrap_or(&0) as usize;
     trace!("reading, padding_length {padding_length:?}");
@@ -351,67 +359,27 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     buffer.len = 0;
 
     // Remove the padding
-    packet.truncate(plaintext_end + 4);
-    buffer.packet = packet;
+    buffer.buffer.resize(plaintext_end + 4, 0);
 
     Ok(plaintext_end + 4)
 }
 
-/// Room reserved at a time for reading ahead.
-const READ_AHEAD: usize = 256 * 1024;
-/// With less room than this left, reads stop at the current packet's end, so
-/// the next packet starts in a new buffer instead of being copied into one.
-const READ_AHEAD_TAIL: usize = 64 * 1024;
-
-/// Read from `stream` until `ahead` holds at least `need` bytes, as much per
-/// read as the stream has and `ahead` can take. While the stream has nothing
-/// and `ahead` is empty, `ahead` holds no memory (idle sessions stay small).
-async fn fill_ahead<R: AsyncRead + Unpin>(
+/// Append bytes from `stream` to `buf` until it holds `total` bytes, reading
+/// into its spare capacity (never past `total`: the next packet stays unread).
+async fn read_exact_into_spare<R: AsyncRead + Unpin>(
     stream: &mut R,
-    ahead: &mut BytesMut,
-    need: usize,
+    buf: &mut Vec<u8>,
+    total: usize,
 ) -> Result<(), Error> {
     use bytes::BufMut;
-    use std::task::Poll;
-    use tokio::io::ReadBuf;
-    std::future::poll_fn(|cx| {
-        while ahead.len() < need {
-            let missing = need - ahead.len();
-            let spare = ahead.capacity() - ahead.len();
-            // Packets already split off keep the old buffer; only the bytes
-            // of an unfinished packet are copied into the new one.
-            if spare < missing || (ahead.is_empty() && spare < READ_AHEAD_TAIL) {
-                ahead.reserve(missing.max(READ_AHEAD));
-            }
-            let spare = ahead.capacity() - ahead.len();
-            let limit = if spare < READ_AHEAD_TAIL { missing } else { spare };
-            #[allow(clippy::indexing_slicing)] // limit <= spare
-            let dst = &mut ahead.spare_capacity_mut()[..limit];
-            let mut rb = ReadBuf::uninit(dst);
-            match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    if ahead.is_empty() {
-                        *ahead = BytesMut::new();
-                    }
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::from(e))),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(Err(std::io::Error::from(
-                            std::io::ErrorKind::UnexpectedEof,
-                        )
-                        .into()));
-                    }
-                    // SAFETY: the reader initialized `n` bytes of the spare room.
-                    unsafe { ahead.advance_mut(n) };
-                }
-            }
+    buf.reserve(total.saturating_sub(buf.len()));
+    while buf.len() < total {
+        let want = total - buf.len();
+        if stream.read_buf(&mut (&mut *buf).limit(want)).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
-        Poll::Ready(Ok(()))
-    })
-    .await
+    }
+    Ok(())
 }
 
 pub(crate) const PACKET_LENGTH_LEN: usize = 4;
@@ -463,7 +431,7 @@ mod tests {
             .unwrap();
 
         #[allow(clippy::indexing_slicing)]
-        let payload = &buffer.packet[5..n];
+        let payload = &buffer.buffer[5..n];
         assert_eq!(payload, [52]);
     }
 }

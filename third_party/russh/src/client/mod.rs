@@ -1361,7 +1361,7 @@ async fn start_reading<R: AsyncRead + Unpin>(
     mut buffer: SSHBuffer,
     mut cipher: Box<dyn OpeningKey + Send>,
 ) -> Result<(usize, R, SSHBuffer, Box<dyn OpeningKey + Send>), crate::Error> {
-    buffer.packet.clear();
+    buffer.buffer.clear();
     let n = cipher::read(&mut stream_read, &mut buffer, &mut *cipher).await?;
     Ok((n, stream_read, buffer, cipher))
 }
@@ -1512,7 +1512,7 @@ impl Session {
 
                     std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
-                    if buffer.packet.len() < 5 {
+                    if buffer.buffer.len() < 5 {
                         break
                     }
 
@@ -1530,9 +1530,9 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
-                                // Patched (PATCHES.md, 25, 32): the read buffer too (a
+                                // Patched (PATCHES.md, 25): the read buffer too (a
                                 // decompressed packet leaves it holding the packet).
-                                buffer.packet = bytes::BytesMut::new();
+                                buffer.buffer = Vec::new();
                                 self.common.kex_finished();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
@@ -2544,7 +2544,7 @@ mod tests {
             r = &mut event_loop => panic!("event loop ended before rekeying: {:?}", r.map(drop)),
             r = tokio::time::timeout(Duration::from_secs(5), packet) => {
                 r.ok()?.unwrap();
-                buffer.packet.get(5).copied()
+                buffer.buffer.get(5).copied()
             }
         }
     }
@@ -2680,8 +2680,8 @@ mod tests {
     #[cfg(feature = "flate2")]
     fn incoming_packet(compressed: Vec<u8>) -> SSHBuffer {
         let mut buffer = SSHBuffer::new();
-        buffer.packet.extend_from_slice(&[0; 5]);
-        buffer.packet.extend_from_slice(&compressed);
+        buffer.buffer.extend_from_slice(&[0; 5]);
+        buffer.buffer.extend_from_slice(&compressed);
         buffer
     }
 

@@ -816,7 +816,7 @@ impl Session {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
                         Err(e) => return Err(e.into())
                     };
-                    if buffer.packet.len() < 5 {
+                    if buffer.buffer.len() < 5 {
                         is_reading = Some((stream_read, buffer, opening_cipher));
                         break
                     }
@@ -846,9 +846,9 @@ impl Session {
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
-                                // Patched (PATCHES.md, 25, 32): the read buffer too (a
+                                // Patched (PATCHES.md, 25): the read buffer too (a
                                 // decompressed packet leaves it holding the packet).
-                                buffer.packet = bytes::BytesMut::new();
+                                buffer.buffer = Vec::new();
                                 self.common.kex_finished();
                             } else if self.automatic_rekey_allowed()
                                 && buffer.bytes >= self.common.config.limits.rekey_read_limit
@@ -1818,8 +1818,8 @@ mod tests {
 
     fn incoming_packet(compressed: Vec<u8>) -> SSHBuffer {
         let mut buffer = SSHBuffer::new();
-        buffer.packet.extend_from_slice(&[0; 5]);
-        buffer.packet.extend_from_slice(&compressed);
+        buffer.buffer.extend_from_slice(&[0; 5]);
+        buffer.buffer.extend_from_slice(&compressed);
         buffer
     }
 
@@ -1965,7 +1965,7 @@ mod tests {
         let result = tokio::time::timeout(Duration::from_secs(5), packet).await;
         event_loop.abort();
         result.ok()?.unwrap();
-        buffer.packet.get(5).copied()
+        buffer.buffer.get(5).copied()
     }
 
     #[tokio::test]
