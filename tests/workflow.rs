@@ -1190,9 +1190,16 @@ async fn restarted_proxy_waits_for_agents_to_come_back() -> Result<()> {
     let (mut agent, _config, c) = env.connect("alpha").await?;
     let since = agent_since(&c).context("AgentAvailable has no lastTransitionTime")?;
     // A Cluster created less than 5 s before the leadership began counts as
-    // new (clock skew) and gets no grace: let alpha be older than that. A
-    // wait for an age, not for a condition.
-    tokio::time::sleep(CLOCK_SLACK).await;
+    // new (clock skew) and gets no grace: wait until alpha is older than that
+    // by its own creationTimestamp.
+    let created: jiff::Timestamp = c["metadata"]["creationTimestamp"]
+        .as_str()
+        .context("Cluster alpha has no creationTimestamp")?
+        .parse()?;
+    let old_enough = created.checked_add(jiff::SignedDuration::try_from(CLOCK_SLACK)?)?;
+    wait_until(START, || async { jiff::Timestamp::now() >= old_enough })
+        .await
+        .context("Cluster alpha never got older than the clock slack")?;
 
     // The agent comes back within the grace: nothing is written in between.
     let seen = mark(&agent);
