@@ -699,6 +699,26 @@ async fn upload_unread(from: IpAddr, target: SocketAddr) -> Result<String> {
         .map_or_else(|| "closed".to_string(), str::to_string))
 }
 
+/// The proxy's TLS handshake threads (`tls-handshake`), checked to run 10
+/// nice levels below its main thread: their CPU time in ms.
+fn handshake_threads(tower: &Tower) -> Result<u64> {
+    let pid = tower.proxy().pid();
+    let main = measure::Stat::process(pid)?.nice;
+    let threads = measure::Stat::threads(pid, THREAD)?;
+    ensure!(!threads.is_empty(), "the proxy has no {THREAD} thread");
+    for t in &threads {
+        ensure!(
+            t.nice == (main + 10).min(19),
+            "a {THREAD} thread runs at nice {}, the proxy at {main}: not below it",
+            t.nice
+        );
+    }
+    Ok(threads.iter().map(|t| t.cpu_ms).sum())
+}
+
+/// The proxy's TLS handshake threads' name.
+const THREAD: &str = "tls-handshake";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_of_a_cluster_port() -> Result<()> {
     raise_nofile();
@@ -751,7 +771,9 @@ async fn hostile_clients_of_a_cluster_port() -> Result<()> {
         slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
     }
 
-    // Handshaken with a valid certificate, then idle: cut at 30 s.
+    // Handshaken with a valid certificate, then idle: cut at 30 s. The
+    // handshakes run on the proxy's handshake threads, below forwarding.
+    let handshakes_before = handshake_threads(&tower)?;
     let n = plan.idle_tls;
     let c = certified.clone();
     let attack = attacker::spawn(async move {
@@ -779,6 +801,14 @@ async fn hostile_clients_of_a_cluster_port() -> Result<()> {
         attack,
     )
     .await?;
+    let spent = handshake_threads(&tower)?.saturating_sub(handshakes_before);
+    ensure!(
+        spent > 0,
+        "the proxy's {THREAD} threads spent no CPU on {n} TLS handshakes: they ran elsewhere"
+    );
+    println!(
+        "ADVERSARIAL | handshake threads | {spent} ms of CPU on the idle TLS attack's handshakes"
+    );
 
     let (n, c) = (plan.huge_headers, certified.clone());
     let attack = attacker::spawn(async move {

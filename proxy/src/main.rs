@@ -9,7 +9,8 @@
 //!
 //! - [`ops`]: what everything uses to run and be watched: the metrics handle,
 //!   the audit log, the in-flight count a draining replica waits for, the one accept loop,
-//!   signals.
+//!   the caps on pending handshakes and the threads clients' TLS handshakes
+//!   run on ([`ops::handshakes`]), signals.
 //! - [`identity`]: the proxy's CA, the Secret with its SSH host key, the
 //!   names it marks its Kubernetes objects with, which cluster a client
 //!   certificate opens ([`identity::scope`]), what the CSR signer signs.
@@ -55,6 +56,10 @@
 //! Two modes: with `--clusters-file` the proxy needs no Kubernetes (tokens come
 //! from the file; for tests and debugging); otherwise it watches Cluster
 //! resources through `--kubeconfig` or its in-cluster service account.
+//!
+//! Threads: one tokio runtime forwards and runs everything else; clients' TLS
+//! handshakes run on a small one of their own at a lower CPU priority
+//! ([`ops::handshakes`]), both owned here.
 //!
 //! Exit codes: 0 after SIGTERM/SIGINT and the drain; 2 for a bad flag; 1 when
 //! it cannot run (a port taken, the host cluster unreachable...).
@@ -131,7 +136,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(start::run(config)) {
+    // Clients' TLS handshakes run apart, below forwarding (ops::handshakes).
+    let handshakes = match ops::handshakes::Handshakes::start() {
+        Ok(handshakes) => handshakes,
+        Err(e) => {
+            tracing::error!("cannot start the TLS handshake threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(start::run(config, handshakes.runner())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

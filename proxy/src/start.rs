@@ -42,6 +42,7 @@ use crate::identity::host_keys::HostKeys;
 use crate::identity::secret;
 use crate::member::MemberDialer;
 use crate::ops::audit::Audit;
+use crate::ops::handshakes::Runner;
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::pending::Pending;
@@ -84,7 +85,7 @@ impl Core {
 }
 
 /// Run the proxy until SIGTERM or SIGINT, then drain.
-pub async fn run(mut config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, handshakes: Runner) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let registry = Registry::new(metrics.clone());
     let dialer = MemberDialer::new(registry.clone());
@@ -98,7 +99,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         }
         None => (Audit::Off, None),
     };
-    let client_pending = Pending::new(config.pending, metrics.clone());
+    let client_pending = Pending::running_on(handshakes, config.pending, metrics.clone());
     let core = Core {
         client_pending,
         config,

@@ -18,15 +18,48 @@ use super::isolate;
 
 /// CPU time (user + system) a process has used, in ms.
 pub fn cpu_ms(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').context("no ) in /proc/PID/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks =
-        |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?) };
-    // Fields 14 and 15 are at 11 and 12 counted from field 3 (the state).
-    let hz = 100; // USER_HZ on Linux
-    Ok((ticks(11)? + ticks(12)?) * 1000 / hz)
+    Ok(Stat::read(&format!("/proc/{pid}/stat"))?.cpu_ms)
+}
+
+/// What a thread's (or process's) `/proc/.../stat` says about its CPU.
+pub struct Stat {
+    /// User + system time, in ms.
+    pub cpu_ms: u64,
+    pub nice: i32,
+}
+
+impl Stat {
+    fn read(path: &str) -> Result<Stat> {
+        let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        // Fields after the command's closing parenthesis, counted from field
+        // 3 (the state): utime (14) and stime (15) at 11 and 12, nice (19) at 16.
+        let rest = stat.rsplit_once(')').context("no ) in /proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| fields.get(i).context("short /proc/PID/stat");
+        let hz = 100; // USER_HZ on Linux
+        Ok(Stat {
+            cpu_ms: (field(11)?.parse::<u64>()? + field(12)?.parse::<u64>()?) * 1000 / hz,
+            nice: field(16)?.parse()?,
+        })
+    }
+
+    /// The process's threads named `name` (their `comm`).
+    pub fn threads(pid: u32, name: &str) -> Result<Vec<Stat>> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let dir = task?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                found.push(Stat::read(&dir.join("stat").to_string_lossy())?);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The process's main thread.
+    pub fn process(pid: u32) -> Result<Stat> {
+        Stat::read(&format!("/proc/{pid}/stat"))
+    }
 }
 
 /// The proxy's usage, sampled every 100 ms while `work` runs; its peak.

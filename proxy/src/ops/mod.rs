@@ -7,11 +7,14 @@
 //! - [`accept`]: the one accept loop every listening port runs;
 //! - [`audit`]: the audit log, one line per request or stream;
 //! - [`pending`]: the caps on handshakes not finished yet (hostile peers);
+//! - [`handshakes`]: the clients' TLS handshakes, on threads of their own
+//!   below the forwarding ones;
 //! - [`signals`]: SIGTERM / SIGINT;
 //! - [`trim`]: freed heap given back to the system.
 
 pub mod accept;
 pub mod audit;
+pub mod handshakes;
 pub mod in_flight;
 pub mod metrics;
 pub mod pending;

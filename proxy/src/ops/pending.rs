@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::handshakes::Runner;
 use super::metrics::Metrics;
 
 /// `--max-pending-handshakes`'s default.
@@ -69,6 +70,8 @@ impl Refusal {
 pub struct Pending {
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Where the handshakes run ([`super::handshakes`]; the clients' doors).
+    runner: Runner,
     state: Mutex<State>,
 }
 
@@ -88,11 +91,22 @@ pub struct Permit {
 
 impl Pending {
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::running_on(Runner::default(), limits, metrics)
+    }
+
+    /// The same, with the handshakes run by `runner`.
+    pub fn running_on(runner: Runner, limits: Limits, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             limits,
             metrics,
+            runner,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// Where these handshakes run.
+    pub fn runner(&self) -> &Runner {
+        &self.runner
     }
 
     /// A slot for a connection from `source` at `door`, or the refusal

@@ -45,7 +45,10 @@ pub async fn handshake<T: Io>(
         Some(slot) => slot,
         None => pending.enter(peer.ip(), door)?,
     };
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    // On the handshake threads (ops::handshakes): the CPU it costs waits
+    // behind forwarding when the CPU is short.
+    let accept = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.clone().accept(tcp));
+    match pending.runner().run(accept).await? {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             // Port probes and health checks that connect and leave.
