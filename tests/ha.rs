@@ -7,7 +7,9 @@
 //!
 //! - the agent on `a`, kubectl through `b` works (relayed over the peer port);
 //!   `a` killed: the agent moves to `b` by itself and kubectl works again,
-//!   and `b` takes over the leader Lease and the cluster's Lease.
+//!   and `b` takes over the leader Lease and the cluster's Lease. Before
+//!   that, silent connections at `a`'s peer port from one source are capped
+//!   like those at any client's door while `b`'s relays go on.
 //!   The same once more with the member and its agent in a network
 //!   namespace with no inbound network (e2e::MemberNet).
 //! - `a` drains on SIGTERM: a watch relayed through `b` to `a` keeps
@@ -84,6 +86,7 @@ struct Ha {
     config_alpha: PathBuf,
     kube_port: u16,
     agents_port: u16,
+    peer_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -256,6 +259,7 @@ impl Ha {
             config_alpha,
             kube_port,
             agents_port,
+            peer_port,
             _dir: dir,
         })
     }
@@ -355,6 +359,7 @@ async fn failover(mut ha: Ha) -> Result<()> {
         "b's /metrics counts {relayed} relayed connections:\n{}",
         ha.metrics_text(1).await?
     );
+    silent_connections_at_the_peer_port(&ha).await?;
 
     // a dies without a word: the agent moves to b by itself.
     ha.replica(0)?.proc.signal(Signal::SIGKILL)?;
@@ -380,6 +385,44 @@ async fn failover(mut ha: Ha) -> Result<()> {
         r#"{.status.conditions[?(@.type=="AgentAvailable")].status}"#,
     );
     ensure!(available == "True", "AgentAvailable={available}");
+    Ok(())
+}
+
+/// Connections from one source to a's peer port that never start TLS: the
+/// excess over the per-source cap of pending handshakes is closed at once
+/// and counted, a holds an fd only for those within the cap, and b's relays
+/// to a go on meanwhile.
+async fn silent_connections_at_the_peer_port(ha: &Ha) -> Result<()> {
+    const PER_SOURCE: usize = 128; // --max-pending-handshakes-per-source
+    const SILENT: usize = 3 * PER_SOURCE;
+    let pid = ha.replicas[0]
+        .as_ref()
+        .context("replica a stopped")?
+        .proc
+        .pid();
+    let base = e2e::Usage::of(pid)?.fds;
+    let to = SocketAddr::from(([127, 0, 0, 1], ha.peer_port));
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 3], 0)))?;
+        silent.push(socket.connect(to).await?);
+    }
+    let refused = r#"tower_refused_connections_total{door="peer",reason="pending_per_source"}"#;
+    wait_until(DEADLINE, || async {
+        ha.metric(0, refused).await.unwrap_or(0.0) >= (SILENT - PER_SOURCE) as f64
+    })
+    .await
+    .context("a's peer port did not refuse the connections over the per-source cap")?;
+    let fds = e2e::Usage::of(pid)?.fds;
+    ensure!(
+        fds <= base + PER_SOURCE + 32,
+        "a holds {fds} fds with {SILENT} silent connections at its peer port ({base} before)"
+    );
+    ha.kubectl_ok(1, &["get", "ns", "kube-system", "-o", "name"])
+        .await
+        .context("kubectl through b (relayed to a) while a's peer port is flooded")?;
+    drop(silent);
     Ok(())
 }
 

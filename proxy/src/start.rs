@@ -393,7 +393,13 @@ async fn start_ha(
 ) -> anyhow::Result<HaStarted> {
     let (owners, changes) = Owners::new(client.clone(), namespace, &ha.replica, &ha.peer_address);
     let peers = Arc::new(
-        Peers::new(ca, owners.clone(), &ha.peer_address).context("the peer port's certificate")?,
+        Peers::new(
+            ca,
+            owners.clone(),
+            &ha.peer_address,
+            core.client_pending.clone(),
+        )
+        .context("the peer port's certificate")?,
     );
     let peer_bind = std::net::SocketAddr::new(core.config.bind, ha.peer_port);
     let peer_listener = TcpListener::bind(peer_bind)

@@ -8,6 +8,11 @@
 //! bytes both ways. The client's own TLS, client certificate included, ends at
 //! the serving replica's listener exactly as if it had connected there, so a
 //! relay adds no trust and sees no plaintext.
+//!
+//! Anyone who reaches the peer port can connect to it, so it is a client's
+//! door like the others: a slot of the clients' pending-handshake caps is
+//! taken at accept, and the TLS handshake runs on the handshake threads
+//! ([`crate::serve::admit::handshake`]).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,6 +33,8 @@ use super::owners::Owners;
 use crate::identity::ca::{Ca, CaError, PEER_COMMON_NAME, common_name};
 use crate::member::Target;
 use crate::ops::accept::accept_loop;
+use crate::ops::pending::{Pending, Permit};
+use crate::serve::admit::handshake;
 use crate::serve::listener::Relay;
 use crate::serve::ports::ListenerPorts;
 
@@ -35,8 +42,12 @@ use crate::serve::ports::ListenerPorts;
 /// at each CA rotation step.
 const PEER_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the other replica may take to name the cluster, once its TLS
+/// handshake (10 s, [`crate::serve::admit::TLS_HANDSHAKE_TIMEOUT`]) is done.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PREFACE: u64 = 512;
+/// The peer port, as logs and `tower_refused_connections_total{door}` name it.
+const DOOR: &str = "peer";
 const PREFACE_VERSION: &str = "TOWER-PEER/1";
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +69,8 @@ pub struct Peers {
     /// Rebuilt at each CA rotation step: a certificate of the signer, the
     /// CAs trusted now.
     tls: std::sync::RwLock<PeerTls>,
+    /// The clients' caps on pending handshakes, and where they run.
+    pending: Arc<Pending>,
 }
 
 struct PeerTls {
@@ -108,8 +121,14 @@ fn peer_tls(ca: &Ca, sans: &[String]) -> Result<PeerTls, PeerError> {
 
 impl Peers {
     /// `peer_address` is where the others reach this replica (`host:port`);
-    /// its host goes into this replica's certificate.
-    pub fn new(ca: &Ca, owners: Arc<Owners>, peer_address: &str) -> Result<Self, PeerError> {
+    /// its host goes into this replica's certificate. `pending`: the clients'
+    /// pending-handshake caps, which the peer port shares.
+    pub fn new(
+        ca: &Ca,
+        owners: Arc<Owners>,
+        peer_address: &str,
+        pending: Arc<Pending>,
+    ) -> Result<Self, PeerError> {
         let sans = vec![host_of(peer_address).to_string()];
         let tls = peer_tls(ca, &sans)?;
         Ok(Self {
@@ -117,6 +136,7 @@ impl Peers {
             ca: ca.clone(),
             sans,
             tls: std::sync::RwLock::new(tls),
+            pending,
         })
     }
 
@@ -157,13 +177,16 @@ impl Peers {
         ports: Arc<ListenerPorts>,
         stop: CancellationToken,
     ) {
-        accept_loop(listener, "peer", stop, |tcp, from| {
-            let (peers, ports) = (self.clone(), ports.clone());
-            tokio::spawn(async move {
-                if let Err(e) = peers.accept(tcp, from, &ports).await {
-                    tracing::warn!(%from, error = %e, "peer port: relay refused");
-                }
-            });
+        accept_loop(listener, DOOR, stop, |tcp, from| {
+            // Over the caps: closed before it costs a task.
+            if let Some(slot) = self.pending.enter(from.ip(), DOOR) {
+                let (peers, ports) = (self.clone(), ports.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = peers.accept(slot, tcp, from, &ports).await {
+                        tracing::warn!(%from, error = %e, "peer port: relay refused");
+                    }
+                });
+            }
             async {}
         })
         .await;
@@ -171,15 +194,18 @@ impl Peers {
 
     async fn accept(
         &self,
+        slot: Permit,
         tcp: TcpStream,
         from: SocketAddr,
         ports: &ListenerPorts,
     ) -> Result<(), String> {
         let acceptor = self.tls().1;
-        let tls = tokio::time::timeout(PREFACE_TIMEOUT, acceptor.accept(tcp))
-            .await
-            .map_err(|_| "no TLS handshake in time".to_string())?
-            .map_err(|e| format!("TLS handshake: {e}"))?;
+        // A failed handshake is logged and counted there.
+        let Some(tls) =
+            handshake(Some(slot), &acceptor, tcp, from, DOOR, &self.pending, DOOR).await
+        else {
+            return Ok(());
+        };
         let cn = tls
             .get_ref()
             .1
