@@ -102,6 +102,8 @@ struct ReadGate {
     waiting: Arc<Mutex<Option<Waker>>>,
 }
 
+// The stalling agent is host_key_rotation.rs's; adversarial.rs builds this file too.
+#[allow(dead_code)]
 impl ReadGate {
     fn set(&self, shut: bool) {
         self.shut.store(shut, Ordering::SeqCst);
@@ -157,6 +159,7 @@ impl AsyncWrite for Gated {
 pub struct Rogue {
     pub handle: Arc<Handle<Hoarder>>,
     pub hoarder: Hoarder,
+    #[allow(dead_code)]
     gate: ReadGate,
 }
 
@@ -216,25 +219,9 @@ impl Rogue {
             gate,
         })
     }
+}
 
-    /// Stops reading the connection (the SSH session's reads wait).
-    pub fn stop_reading(&self) {
-        self.gate.set(true);
-    }
-
-    /// Reads the connection again.
-    pub fn resume_reading(&self) {
-        self.gate.set(false);
-    }
-
-    /// The host key sets announced so far, in order.
-    pub fn announced(&self) -> Vec<Vec<PublicKey>> {
-        self.hoarder
-            .announced
-            .lock()
-            .map_or_else(|e| e.into_inner().clone(), |a| a.clone())
-    }
-
+impl Rogue {
     /// Opens up to `n` channels of a type agents may not open, 64 at a
     /// time, until the proxy closes the session; how many were answered
     /// (refused) before it did.
@@ -311,5 +298,27 @@ impl Rogue {
 
     pub fn held(&self) -> usize {
         self.hoarder.held.lock().map_or(0, |h| h.len())
+    }
+}
+
+/// The stalling agent of host_key_rotation.rs.
+#[allow(dead_code)]
+impl Rogue {
+    /// Stops reading the connection (the SSH session's reads wait).
+    pub fn stop_reading(&self) {
+        self.gate.set(true);
+    }
+
+    /// Reads the connection again.
+    pub fn resume_reading(&self) {
+        self.gate.set(false);
+    }
+
+    /// The host key sets announced so far, in order.
+    pub fn announced(&self) -> Vec<Vec<PublicKey>> {
+        self.hoarder
+            .announced
+            .lock()
+            .map_or_else(|e| e.into_inner().clone(), |a| a.clone())
     }
 }
