@@ -1,14 +1,22 @@
 //! A hostile agent with a valid token (of its own Cluster, `beta`): it logs
 //! in as Tower's agents do, then opens channels by the thousand, or accepts
-//! the proxy's channels and never reads them.
+//! the proxy's channels and never reads them, or stops reading its
+//! connection altogether ([`Rogue::stop_reading`]).
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use russh::client::{Handle, Msg, Session};
+use russh::keys::PublicKey;
 use russh::{Channel, ChannelId};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::wire::{AgentConfig, CONFIG_REQUEST, PING_REQUEST};
 use tunnel::ws::WsStream;
@@ -21,6 +29,8 @@ pub struct Hoarder {
     pub held: Arc<Mutex<Vec<Channel<Msg>>>>,
     /// The sequence numbers the proxy answered SSH_MSG_UNIMPLEMENTED for.
     pub unimplemented: Arc<Mutex<Vec<u32>>>,
+    /// Each host key set the proxy announced (`hostkeys-00@openssh.com`), in order.
+    pub announced: Arc<Mutex<Vec<Vec<PublicKey>>>>,
 }
 
 impl russh::client::Handler for Hoarder {
@@ -63,6 +73,17 @@ impl russh::client::Handler for Hoarder {
         Ok(())
     }
 
+    async fn openssh_ext_host_keys_announced(
+        &mut self,
+        keys: Vec<PublicKey>,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Ok(mut announced) = self.announced.lock() {
+            announced.push(keys);
+        }
+        Ok(())
+    }
+
     async fn data(
         &mut self,
         _channel: ChannelId,
@@ -73,10 +94,73 @@ impl russh::client::Handler for Hoarder {
     }
 }
 
+/// Lets reads through until shut: then the connection is not read at all,
+/// so the socket's receive buffer fills, then what the proxy queues for it.
+#[derive(Clone, Default)]
+struct ReadGate {
+    shut: Arc<AtomicBool>,
+    waiting: Arc<Mutex<Option<Waker>>>,
+}
+
+// The stalling agent is host_key_rotation.rs's; adversarial.rs builds this file too.
+#[allow(dead_code)]
+impl ReadGate {
+    fn set(&self, shut: bool) {
+        self.shut.store(shut, Ordering::SeqCst);
+        let waiting = self.waiting.lock().map(|mut w| w.take());
+        if let Ok(Some(waker)) = waiting {
+            waker.wake();
+        }
+    }
+}
+
+/// A connection whose reads wait while its [`ReadGate`] is shut.
+struct Gated {
+    tcp: TcpStream,
+    gate: ReadGate,
+}
+
+impl AsyncRead for Gated {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.gate.shut.load(Ordering::SeqCst) {
+            if let Ok(mut waiting) = self.gate.waiting.lock() {
+                *waiting = Some(cx.waker().clone());
+            }
+            // Opened in between: read after all.
+            if self.gate.shut.load(Ordering::SeqCst) {
+                return Poll::Pending;
+            }
+        }
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Gated {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
 /// A logged-in agent of `cluster` with `token`, from `source`.
 pub struct Rogue {
     pub handle: Arc<Handle<Hoarder>>,
     pub hoarder: Hoarder,
+    #[allow(dead_code)]
+    gate: ReadGate,
 }
 
 impl Rogue {
@@ -87,8 +171,25 @@ impl Rogue {
         token: &str,
         member: &str,
     ) -> Result<Rogue> {
-        let mut tcp = connect_from(source, to).await?;
+        let tcp = connect_from(source, to).await?;
+        Self::login_on(tcp, to, cluster, token, member).await
+    }
+
+    /// As [`Rogue::login`], on a connection made by the caller (its socket
+    /// options set).
+    pub async fn login_on(
+        mut tcp: TcpStream,
+        to: SocketAddr,
+        cluster: &str,
+        token: &str,
+        member: &str,
+    ) -> Result<Rogue> {
         ensure!(upgrade(&mut tcp, to).await?, "upgrade refused");
+        let gate = ReadGate::default();
+        let tcp = Gated {
+            tcp,
+            gate: gate.clone(),
+        };
         let ws = WsStream::from_upgraded(tcp, Role::Client).await;
         let hoarder = Hoarder::default();
         let config = Arc::new(tunnel::ssh::client_config());
@@ -115,9 +216,12 @@ impl Rogue {
         Ok(Rogue {
             handle: Arc::new(handle),
             hoarder,
+            gate,
         })
     }
+}
 
+impl Rogue {
     /// Opens up to `n` channels of a type agents may not open, 64 at a
     /// time, until the proxy closes the session; how many were answered
     /// (refused) before it did.
@@ -194,5 +298,27 @@ impl Rogue {
 
     pub fn held(&self) -> usize {
         self.hoarder.held.lock().map_or(0, |h| h.len())
+    }
+}
+
+/// The stalling agent of host_key_rotation.rs.
+#[allow(dead_code)]
+impl Rogue {
+    /// Stops reading the connection (the SSH session's reads wait).
+    pub fn stop_reading(&self) {
+        self.gate.set(true);
+    }
+
+    /// Reads the connection again.
+    pub fn resume_reading(&self) {
+        self.gate.set(false);
+    }
+
+    /// The host key sets announced so far, in order.
+    pub fn announced(&self) -> Vec<Vec<PublicKey>> {
+        self.hoarder
+            .announced
+            .lock()
+            .map_or_else(|e| e.into_inner().clone(), |a| a.clone())
     }
 }
