@@ -13,9 +13,9 @@
 //! agents dial into the host network through them), except hub channels to
 //! services the proxy publishes by name ([`crate::hub`], pull mode).
 //!
-//! This file holds the [`Session`] and [`serve`]; [`handler`] is what russh
-//! calls for each request and channel the agent sends, and [`TunnelStream`]
-//! ([`stream`]) one channel as a byte stream.
+//! This file holds the [`Session`] and [`serve`]; `server/handler.rs` is what
+//! russh calls for each request and channel the agent sends, and
+//! [`TunnelStream`] (`server/stream.rs`) one channel as a byte stream.
 
 mod handler;
 mod stream;

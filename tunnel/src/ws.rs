@@ -15,7 +15,7 @@
 //! text frames, fragmented or not; pings are answered, pongs skipped. A close
 //! frame or the end of the TCP stream between frames reads as EOF.
 //!
-//! This file holds the stream; [`frame`] the bytes of a frame.
+//! This file holds the stream; `ws/frame.rs` the bytes of a frame.
 
 mod frame;
 
