@@ -1,18 +1,24 @@
 //! One pass over one Cluster, I/O only: gather the facts, ask
-//! [`super::decide`], write what it says. Writes are merge patches of the
-//! fields we own, only when something changed. [`super::controller`] decides
+//! [`super::decide`], write what it says. [`super::controller`] decides
 //! when a pass runs.
+//!
+//! - this file: the pass itself ([`reconcile`]: lead, follow or forget), its
+//!   [`Context`] and [`Error`]s, and when it runs again;
+//! - [`serving`]: what serving a Cluster takes besides the Cluster: ports,
+//!   the Service, the certificate's names, the kubeconfig;
+//! - [`write`]: the leader's writes of spec, status and Events, and reading
+//!   the Cluster from the API while the cache lags behind our last write.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod serving;
+mod write;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -20,24 +26,18 @@ use tokio::sync::mpsc;
 
 use super::comeback;
 use super::crd::{Cluster, StatusPath};
-use super::decide::{self, Facts, PortChoice, Role};
-use super::events::{Recorder, publish};
+use super::decide::{self, Facts, Role};
+use super::events::Recorder;
 use super::service::{self, Addresses, Exposure};
 use super::status::handoff::Handoff;
-use super::status::patch::rfc3339;
 use super::store::Names;
-use super::{Options, Ports, kubeconfig};
+use super::{Options, Ports};
 use crate::agents::registry::Registry;
 use crate::ha::leader::Leadership;
 use crate::ha::owners::Owners;
 use crate::identity::ca::Ca;
-use crate::identity::names::{MANAGED_BY, MANAGER};
 use crate::ops::metrics::Metrics;
 
-/// How long the client certificates in written kubeconfigs are valid...
-const CLIENT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
-/// ...and how long before expiry they are renewed.
-const CLIENT_CERT_RENEW: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Resync period: catches drift nobody told us about.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -117,217 +117,6 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A resourceVersion as the number it is (etcd's revision); 0 when it is not one.
-fn version_of(cluster: &Cluster) -> u64 {
-    cluster
-        .resource_version()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-impl<P: Ports> Context<P> {
-    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.written.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Remember that this replica wrote `cluster` at `version`.
-    fn wrote(&self, cluster: &str, version: Option<String>) {
-        if let Some(v) = version.and_then(|v| v.parse::<u64>().ok()) {
-            self.written().insert(cluster.to_string(), v);
-        }
-    }
-
-    /// The cached object, or the API's when the cache has not yet seen this
-    /// replica's last write. None: the Cluster is gone.
-    async fn fresh(&self, cached: Arc<Cluster>) -> Result<Option<Arc<Cluster>>, Error> {
-        let name = cached.name_any();
-        let known = self.written().get(&name).copied();
-        if known.is_none_or(|w| version_of(&cached) >= w) {
-            self.written().remove(&name);
-            return Ok(Some(cached));
-        }
-        let api: Api<Cluster> = Api::all(self.client.clone());
-        let Some(current) = api.get_opt(&name).await? else {
-            return Ok(None);
-        };
-        self.written().insert(name, version_of(&current));
-        Ok(Some(Arc::new(current)))
-    }
-
-    /// Ports of `cluster` per [`decide::ports`]; a new pair is reserved.
-    fn ports_for(&self, cluster: &Cluster) -> Result<(u16, u16), Error> {
-        let name = cluster.name_any();
-        let used: HashSet<u16> = self
-            .store
-            .state()
-            .iter()
-            .filter(|c| c.name_any() != name)
-            .flat_map(|c| {
-                [
-                    c.spec.connection.kubernetes_api_server_port,
-                    c.spec.connection.kubesphere_api_server_port,
-                ]
-            })
-            .filter_map(|p| u16::try_from(p).ok())
-            .collect();
-        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        let others: HashSet<u16> = reserved
-            .iter()
-            .filter(|(n, _)| **n != name)
-            .flat_map(|(_, (a, b))| [*a, *b])
-            .collect();
-        let conn = &cluster.spec.connection;
-        let choice = decide::ports(
-            (
-                conn.kubernetes_api_server_port,
-                conn.kubesphere_api_server_port,
-            ),
-            reserved.get(&name).copied(),
-            &used,
-            &others,
-            self.options.ports.clone(),
-            |port| self.bindable(port),
-        )
-        .ok_or_else(|| Error::NoPorts(self.options.ports.clone()))?;
-        if let PortChoice::New(pair) = choice {
-            reserved.insert(name, pair);
-        }
-        Ok(choice.pair())
-    }
-
-    /// Proven free by binding it (and letting go at once).
-    fn bindable(&self, port: u16) -> bool {
-        std::net::TcpListener::bind((self.options.bind_host.as_str(), port)).is_ok()
-    }
-
-    fn selector(&self) -> BTreeMap<String, String> {
-        self.options.selector.iter().cloned().collect()
-    }
-
-    /// Create or fix Service mc-<name>; writes only when our fields differ.
-    async fn apply_service(
-        &self,
-        cluster: &Cluster,
-        ports: (u16, u16),
-        exposure: &Exposure,
-    ) -> Result<Service, Error> {
-        let name = service::name(&cluster.name_any());
-        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.options.namespace);
-        let selector = self.selector();
-        if let Some(current) = api.get_opt(&name).await?
-            && service::matches(&current, &selector, ports, exposure)
-        {
-            return Ok(current);
-        }
-        let svc = service::desired(cluster, &self.options.namespace, &selector, ports, exposure);
-        match api
-            .patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&svc),
-            )
-            .await
-        {
-            Ok(svc) => {
-                tracing::info!(cluster = %cluster.name_any(), service = %name, "service applied");
-                Ok(svc)
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                Err(Error::Namespace(name, self.options.namespace.clone()))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// `--cluster-ports none`: a Service left from per-cluster ports is
-    /// deleted (clients are told the path form instead).
-    async fn remove_service(&self, cluster: &str) -> Result<(), Error> {
-        // A Service is left only by a run with per-cluster ports before this
-        // one, so ours are listed once per process. Asked per cluster it was a
-        // read per cluster, 10,000 at a fleet's start.
-        let left = self
-            .services_left
-            .get_or_try_init(|| async {
-                let api: Api<Service> =
-                    Api::namespaced(self.client.clone(), &self.options.namespace);
-                let ours = api
-                    .list(&ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}")))
-                    .await?;
-                let names = ours.items.iter().map(ResourceExt::name_any).collect();
-                Ok::<_, Error>(Mutex::new(names))
-            })
-            .await?;
-        let name = service::name(cluster);
-        if !lock(left).contains(&name) {
-            return Ok(());
-        }
-        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.options.namespace);
-        match api.delete(&name, &Default::default()).await {
-            Ok(_) => {
-                tracing::info!(%cluster, service = %name, "service deleted: --cluster-ports none")
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
-        lock(left).remove(&name);
-        Ok(())
-    }
-
-    /// The names of the cluster's serving certificate, remembered for agents
-    /// that connect before the next reconcile.
-    fn listener_names(&self, cluster: &str, addresses: &Addresses) -> Vec<String> {
-        let names = decide::sans(
-            cluster,
-            &self.options.namespace,
-            self.options.advertise_address.as_deref(),
-            addresses,
-        );
-        self.names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cluster.to_string(), names.clone());
-        names
-    }
-
-    /// The kubeconfig to publish, or None when the current one is still good.
-    fn kubeconfig(&self, cluster: &Cluster, server: &str) -> Result<Option<String>, Error> {
-        let current = &cluster.spec.connection.kubeconfig;
-        // Every trusted CA: during a rotation clients must accept either.
-        let ca = &self.ca.bundle_pem();
-        let name = cluster.name_any();
-        if kubeconfig::is_current(
-            current,
-            &name,
-            server,
-            ca,
-            SystemTime::now(),
-            CLIENT_CERT_RENEW,
-        ) {
-            return Ok(None);
-        }
-        let issued = self
-            .ca
-            .issue_client(
-                &format!("tower:{name}"),
-                &["tower:clients"],
-                CLIENT_CERT_VALIDITY,
-            )
-            .map_err(|e| Error::Cert(e.to_string()))?;
-        self.metrics
-            .set_cert_expiry(&name, "client", issued.not_after);
-        let yaml = kubeconfig::render(&name, server, ca, &issued.cert_pem, &issued.key_pem);
-        Ok(Some(B64.encode(yaml)))
-    }
-
-    /// An agent on another replica counts: clients reach it through any replica.
-    fn elsewhere(&self, cluster: &str) -> Option<String> {
-        self.owners
-            .as_ref()
-            .and_then(|o| o.owner(cluster))
-            .map(|o| o.replica)
-    }
-}
-
 /// One pass over one Cluster.
 pub async fn reconcile<P: Ports>(
     cluster: Arc<Cluster>,
@@ -404,7 +193,7 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         }
     };
     let now = now();
-    let plan = decide::plan(&Facts {
+    let mut plan = decide::plan(&Facts {
         cluster,
         token: &token,
         ports,
@@ -416,7 +205,6 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
         elsewhere: elsewhere.as_deref(),
         now: &now,
     });
-    let mut spec = plan.spec;
     if let Some(server) = &plan.serve_at {
         if path_server.is_none() {
             // The certificate must also cover addresses learnt since the ports
@@ -428,139 +216,11 @@ async fn lead<P: Ports>(cluster: &Cluster, name: &str, ctx: &Context<P>) -> Resu
                 .map_err(Error::Cert)?;
         }
         if let Some(kubeconfig) = ctx.kubeconfig(cluster, server)? {
-            spec.insert("kubeconfig".into(), json!(kubeconfig));
+            plan.spec.insert("kubeconfig".into(), json!(kubeconfig));
         }
     }
-    let api: Api<Cluster> = Api::all(ctx.client.clone());
-    // Without a status subresource (KubeSphere's CRD) spec and status go
-    // out in one write.
-    let together = !spec.is_empty() && !ctx.status_path.subresource(&ctx.client).await;
-    let mut resource_version = cluster.resource_version();
-    if !spec.is_empty() && !together {
-        let patched = api
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(spec_patch(&spec)),
-            )
-            .await?;
-        resource_version = patched.resource_version();
-        ctx.wrote(name, patched.resource_version());
-        tracing::info!(cluster = %name, fields = ?spec.keys().collect::<Vec<_>>(), "cluster spec updated");
-    }
-    let mut status = plan.forget;
-    // The published kubeconfig's certificate expiry goes with this status
-    // write (it was a member-status write of its own: one more write per
-    // cluster at connect, 10,000 at a fleet's start).
-    if let Some(expiry) = expiry_to_write(cluster, &spec, plan.serve_at.is_some()) {
-        status.insert("certificateExpirationTime".into(), json!(expiry));
-    }
-    if let Some(conditions) = plan.conditions {
-        status.insert("conditions".into(), json!(conditions));
-    }
-    // What the refresh after a session change saw of the member goes out
-    // with this write rather than in one of its own.
-    let left = match ctx.registry.live(name) > 0 {
-        true => ctx.handoff.take(name).await,
-        false => None,
-    };
-    if let Some(left) = &left {
-        let kubeconfig = spec.get("kubeconfig").and_then(|k| k.as_str());
-        let kubeconfig = kubeconfig.unwrap_or(&cluster.spec.connection.kubeconfig);
-        let none = Default::default();
-        let current = cluster.status.as_ref().unwrap_or(&none);
-        for (field, value) in left.patch(name, current, kubeconfig) {
-            status.entry(field).or_insert(value);
-        }
-    }
-    if together {
-        let mut patch = spec_patch(&spec);
-        if !status.is_empty() {
-            patch["metadata"] = json!({"resourceVersion": resource_version});
-            patch["status"] = json!(status);
-        }
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(patched) if !super::crd::dropped(&patch, &patched) => {
-                resource_version = patched.resource_version();
-                ctx.wrote(name, patched.resource_version());
-                tracing::info!(cluster = %name, fields = ?spec.keys().collect::<Vec<_>>(), "cluster spec and status updated");
-                status.clear();
-            }
-            Ok(patched) => {
-                // The CRD gained the subresource since discovery was asked:
-                // the spec is written, the status goes the other way.
-                ctx.status_path.learn(true);
-                resource_version = patched.resource_version();
-                ctx.wrote(name, patched.resource_version());
-                tracing::info!(cluster = %name, fields = ?spec.keys().collect::<Vec<_>>(), "cluster spec updated");
-            }
-            Err(e) => {
-                if let Some(left) = left {
-                    ctx.handoff.restore(name, left);
-                }
-                return Err(e.into());
-            }
-        }
-    }
-    if !status.is_empty() {
-        // resourceVersion makes this a compare-and-swap: conditions written by
-        // KubeSphere meanwhile are never overwritten (we retry on conflict).
-        let patch = json!({
-            "metadata": {"resourceVersion": resource_version},
-            "status": status,
-        });
-        let written = super::crd::patch_status(&ctx.client, &ctx.status_path, name, &patch).await;
-        let patched = match written {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(left) = left {
-                    ctx.handoff.restore(name, left);
-                }
-                return Err(e.into());
-            }
-        };
-        ctx.wrote(name, patched.resource_version());
-        tracing::info!(cluster = %name, "cluster status updated");
-    }
-    for event in plan.events {
-        let type_ = if event.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(&ctx.recorder, cluster, type_, event.reason, event.note);
-    }
+    write::write(cluster, name, ctx, plan).await?;
     Ok(requeue(grace_left))
-}
-
-/// A merge patch of the `spec.connection` fields in `spec`.
-fn spec_patch(spec: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
-    json!({"spec": {"connection": spec}})
-}
-
-/// The expiry of the kubeconfig being written, or of the one published
-/// while the cluster is served, when the status does not say it yet (also
-/// after a status write that conflicted once the kubeconfig was written).
-fn expiry_to_write(
-    cluster: &Cluster,
-    spec: &serde_json::Map<String, serde_json::Value>,
-    served: bool,
-) -> Option<String> {
-    let published = &cluster.spec.connection.kubeconfig;
-    let kubeconfig = match spec.get("kubeconfig").and_then(|k| k.as_str()) {
-        Some(new) => new,
-        None if served && !published.is_empty() => published,
-        None => return None,
-    };
-    let expiry = rfc3339(kubeconfig::read(kubeconfig)?.cert_not_after?);
-    let stored = cluster
-        .status
-        .as_ref()
-        .and_then(|s| s.certificate_expiration_time.as_deref());
-    (stored != Some(expiry.as_str())).then_some(expiry)
 }
 
 /// Again after the resync period, or when a grace period ends if sooner.

@@ -1,0 +1,118 @@
+//! [`TunnelStream`]: one `kubesphere` channel as a byte stream, for whatever
+//! the proxy sends through it (a kube API request, a TLS connection).
+//!
+//! It wraps russh's channel stream and keeps its session's books: the open
+//! streams that make its [`Session::load`](super::Session::load), and the
+//! bytes each way of [`Session::bytes`](super::Session::bytes). Reads can
+//! borrow russh's buffer ([`AsyncBufRead`]) and writes can hand over
+//! [`Bytes`] ([`crate::copy::ChannelIo`]), so a copy through the tunnel needs
+//! no buffer of its own.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use russh::server::Msg;
+use russh::{Channel, ChannelStream};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
+
+use super::SessionInner;
+
+/// A byte stream through one `kubesphere` channel. Counts towards its session's
+/// load until dropped.
+pub struct TunnelStream {
+    inner: ChannelStream<Msg>,
+    session: Arc<SessionInner>,
+}
+
+impl TunnelStream {
+    pub(super) fn new(channel: Channel<Msg>, session: Arc<SessionInner>) -> Self {
+        session.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner: channel.into_stream(),
+            session,
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.session.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.session.received.fetch_add(n, Ordering::Relaxed);
+        poll
+    }
+}
+
+/// Received data without a copy ([`crate::copy::join_channel`]).
+impl AsyncBufRead for TunnelStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().inner).poll_fill_buf(cx)
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        self.session
+            .received
+            .fetch_add(amt as u64, Ordering::Relaxed);
+        Pin::new(&mut self.inner).consume(amt);
+    }
+}
+
+impl crate::copy::ChannelIo for TunnelStream {
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        let poll = self.inner.poll_write_bytes(cx, data);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+    /// One SSH packet for all the slices (a TLS stream's records).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

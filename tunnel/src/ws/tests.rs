@@ -1,0 +1,184 @@
+use super::*;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+fn raw_config() -> WebSocketConfig {
+    WebSocketConfig::default().write_buffer_size(0)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn boundaries_do_not_matter_and_pings_are_answered() {
+    let (a, b) = duplex(1 << 20);
+    let mut raw = WebSocketStream::from_raw_socket(a, Role::Client, Some(raw_config())).await;
+    let mut stream = WsStream::from_upgraded(b, Role::Server).await;
+    raw.send(Message::Binary(Bytes::from_static(b"SSH-kubesphere-")))
+        .await
+        .unwrap();
+    raw.send(Message::Ping(Bytes::from_static(b"p")))
+        .await
+        .unwrap();
+    raw.send(Message::Text("v1-client\r\n".into()))
+        .await
+        .unwrap();
+    raw.send(Message::Binary(Bytes::new())).await.unwrap();
+    raw.close(None).await.unwrap();
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"SSH-kubesphere-v1-client\r\n");
+    // A client waits for the server to end the TCP connection after a close.
+    drop(stream);
+    let mut answers = Vec::new();
+    while let Some(Ok(m)) = raw.next().await {
+        answers.push(m);
+    }
+    assert!(answers.contains(&Message::Pong(Bytes::from_static(b"p"))));
+}
+
+#[tokio::test]
+async fn each_write_is_one_binary_message() {
+    let (a, b) = duplex(1 << 20);
+    let mut raw = WebSocketStream::from_raw_socket(a, Role::Server, Some(raw_config())).await;
+    let mut stream = WsStream::from_upgraded(b, Role::Client).await;
+    stream.write_all(b"hello").await.unwrap();
+    // No flush: the message must already be on its way.
+    let msg = tokio::time::timeout(std::time::Duration::from_secs(5), raw.next())
+        .await
+        .expect("write was not sent without a flush")
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg, Message::Binary(Bytes::from_static(b"hello")));
+}
+
+#[tokio::test]
+async fn a_vectored_write_is_one_message_in_either_role() {
+    for role in [Role::Client, Role::Server] {
+        let peer_role = if role == Role::Client {
+            Role::Server
+        } else {
+            Role::Client
+        };
+        let (a, b) = duplex(1 << 20);
+        let mut raw = WebSocketStream::from_raw_socket(a, peer_role, Some(raw_config())).await;
+        let mut stream = WsStream::from_upgraded(b, role).await;
+        let (x, y) = (pattern(70_001), pattern(300));
+        let bufs = [io::IoSlice::new(&x), io::IoSlice::new(&y)];
+        let n = stream.write_vectored(&bufs).await.unwrap();
+        assert_eq!(n, x.len() + y.len());
+        let Message::Binary(got) = raw.next().await.unwrap().unwrap() else {
+            panic!("not a binary message");
+        };
+        assert!(got[..x.len()] == x[..] && got[x.len()..] == y[..]);
+    }
+}
+
+#[tokio::test]
+async fn a_library_peer_reads_what_we_write_and_we_read_its_fragments() {
+    let (a, b) = duplex(64 * 1024);
+    let config = raw_config().max_message_size(None).max_frame_size(None);
+    let mut raw = WebSocketStream::from_raw_socket(a, Role::Server, Some(config)).await;
+    let mut stream = WsStream::from_upgraded(b, Role::Client).await;
+    let data = pattern(3 << 20);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        // Odd sizes: every header length form and mask offset.
+        for chunk in sent.chunks(70_001) {
+            stream.write_all(chunk).await.unwrap();
+        }
+        stream.flush().await.unwrap();
+        stream
+    });
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        match raw.next().await.unwrap().unwrap() {
+            Message::Binary(b) => got.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got == data, "payload corrupted on the way to the peer");
+    let mut stream = writer.await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    // The other way: the peer's own framing (a large message and small ones).
+    raw.send(Message::Binary(Bytes::from(data.clone())))
+        .await
+        .unwrap();
+    raw.send(Message::Binary(Bytes::from_static(b"end")))
+        .await
+        .unwrap();
+    raw.close(None).await.unwrap();
+    let back = reader.await.unwrap();
+    assert_eq!(back.len(), data.len() + 3);
+    assert!(back[..data.len()] == data[..] && back.ends_with(b"end"));
+}
+
+#[tokio::test]
+async fn both_roles_over_tcp_carry_large_streams_both_ways() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = WsStream::from_upgraded(tcp, Role::Server).await;
+        // Echo everything back.
+        let mut buf = vec![0u8; 100_000];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let client = WsStream::from_upgraded(tcp, Role::Client).await;
+    let (mut r, mut w) = tokio::io::split(client);
+    let data = pattern(8 << 20);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(33_333) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    server.await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echo corrupted");
+}
+
+#[test]
+fn masking_is_its_own_inverse_at_any_offset() {
+    let data = pattern(1000);
+    for offset in 0..4 {
+        let mut x = data.clone();
+        apply_mask(&mut x[..], [1, 2, 3, 4], offset);
+        for (i, (a, b)) in x.iter().zip(&data).enumerate() {
+            assert_eq!(*a, b ^ [1, 2, 3, 4][(offset + i) % 4]);
+        }
+        apply_mask(&mut x[..], [1, 2, 3, 4], offset);
+        assert_eq!(x, data);
+    }
+}
+
+#[tokio::test]
+async fn unmasked_frames_from_a_client_are_refused() {
+    let (mut a, b) = duplex(1024);
+    let mut stream = WsStream::from_upgraded(b, Role::Server).await;
+    a.write_all(&[0x82, 0x01, b'x']).await.unwrap();
+    let mut buf = [0u8; 8];
+    let err = stream.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
