@@ -30,14 +30,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use http_body_util::BodyExt as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::upgrade::Upgraded;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tunnel::ws::WsStream;
 
 use crate::endpoint::Endpoint;
@@ -225,15 +227,20 @@ async fn within<T>(
         .unwrap_or(Err(DialError::Timeout { stage, after }))
 }
 
-/// Stops hyper's connection task when the dial is abandoned (timeout, refusal),
-/// so no half-open socket outlives it. After a successful upgrade the task has
-/// already handed the socket over and finished.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// An HTTP/1 client over `io` for one request whose answer may take the
+/// connection over (CONNECT, the websocket upgrade). hyper's connection task
+/// stops when the returned handle drops, so an abandoned dial (timeout,
+/// refusal) leaves no half-open socket behind; after a successful upgrade the
+/// task has already handed the socket over and finished.
+async fn http1<S>(io: S) -> hyper::Result<(SendRequest<Empty<Bytes>>, AbortOnDropHandle<()>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let conn = AbortOnDropHandle::new(tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    }));
+    Ok((sender, conn))
 }
 
 fn tls_config(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {

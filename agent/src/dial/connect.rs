@@ -4,15 +4,13 @@
 //! After a 2xx answer the connection is the tunnel's, for TLS and the
 //! upgrade to run over.
 
-use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
 use hyper::header::{self, HeaderValue};
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{AbortOnDrop, DialError, body_prefix};
+use super::{DialError, body_prefix, http1};
 use crate::proxy_env::HttpProxy;
 
 /// Ask the egress proxy for a tunnel to `target` (`CONNECT host:port`).
@@ -25,13 +23,7 @@ pub(super) async fn connect_through(
         peer: format!("HTTP proxy {}", proxy.address),
         source,
     };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
-            .await
-            .map_err(http_err)?;
-    let _conn = AbortOnDrop(tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    }));
+    let (mut sender, _conn) = http1(tcp).await.map_err(http_err)?;
     let mut request = Request::connect(target).header(header::HOST, target);
     if let Some(auth) = &proxy.authorization {
         let mut value = HeaderValue::from_str(auth).map_err(|_| {

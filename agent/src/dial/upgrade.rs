@@ -6,7 +6,6 @@
 //! A refusal's status and the start of its body go into the error.
 
 use base64::Engine as _;
-use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::header::{self, HeaderMap};
 use hyper::{Request, StatusCode};
@@ -17,9 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::wire::SUBPROTOCOL;
 use tunnel::ws::WsStream;
 
-use super::{
-    AbortOnDrop, DialError, ProxyDialer, ProxyStream, UPGRADE_TIMEOUT, body_prefix, within,
-};
+use super::{DialError, ProxyDialer, ProxyStream, UPGRADE_TIMEOUT, body_prefix, http1, within};
 
 impl ProxyDialer {
     pub(super) async fn upgrade<S>(&self, io: S) -> Result<ProxyStream, DialError>
@@ -33,13 +30,7 @@ impl ProxyDialer {
                 peer: peer.clone(),
                 source,
             };
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-                    .await
-                    .map_err(http_err)?;
-            let _conn = AbortOnDrop(tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            }));
+            let (mut sender, _conn) = http1(io).await.map_err(http_err)?;
             let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
             let request = Request::get(self.endpoint.path())
                 .header(header::HOST, self.endpoint.host_header())

@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io;
 
 use tokio::runtime::{Handle, Runtime};
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How many nice levels below the rest of the proxy handshakes run.
 pub const NICE_BELOW: i32 = 10;
@@ -69,23 +69,8 @@ impl Runner {
     {
         match &self.0 {
             None => Some(handshake.await),
-            Some(handle) => Aborting(handle.spawn(handshake)).join().await,
+            Some(handle) => AbortOnDropHandle::new(handle.spawn(handshake)).await.ok(),
         }
-    }
-}
-
-/// A task aborted when dropped.
-struct Aborting<T>(JoinHandle<T>);
-
-impl<T> Aborting<T> {
-    async fn join(mut self) -> Option<T> {
-        (&mut self.0).await.ok()
-    }
-}
-
-impl<T> Drop for Aborting<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
