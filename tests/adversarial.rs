@@ -357,7 +357,7 @@ async fn slowloris(
     attack: impl FnOnce(Arc<AtomicUsize>) -> attacker::Attack,
 ) -> Result<()> {
     let Slow { door, from, name } = at;
-    let before = refused(tower, door, "pending_per_source").await?;
+    let before = at_caps(tower, door).await?;
     let timeouts = refused(tower, door, "handshake_timeout").await?;
     let seen_closed = Arc::new(AtomicUsize::new(0));
     let budget = Budget {
@@ -367,18 +367,25 @@ async fn slowloris(
     let attack = attack(seen_closed.clone());
     under_attack(tower, legit, quiet, plan, name, budget, attack).await?;
     warned(tower, from, "too many pending handshakes").await?;
-    let refused_now = refused(tower, door, "pending_per_source").await? - before;
+    let refused_now = at_caps(tower, door).await? - before;
     let timed_out = refused(tower, door, "handshake_timeout").await? - timeouts;
     let closed = seen_closed.load(Ordering::Relaxed);
     ensure!(
         refused_now > 0.0 && timed_out > 0.0,
-        "{name}: {refused_now} refused for pending_per_source, {timed_out} for handshake_timeout"
+        "{name}: {refused_now} refused at the caps (pending_per_source, handshake_rate), {timed_out} for handshake_timeout"
     );
     ensure!(
         refused_now + timed_out >= closed as f64 * 0.9,
-        "{name}: the proxy closed {closed} connections, only {refused_now} refused for pending_per_source and {timed_out} for handshake_timeout"
+        "{name}: the proxy closed {closed} connections, only {refused_now} refused at the caps and {timed_out} for handshake_timeout"
     );
     Ok(())
+}
+
+/// Connections refused at `door`'s caps so far: pending per source and, at
+/// a clients' door, a source past its handshake rate (closed at once too).
+async fn at_caps(tower: &Tower, door: &str) -> Result<f64> {
+    Ok(refused(tower, door, "pending_per_source").await?
+        + refused(tower, door, "handshake_rate").await?)
 }
 
 /// The warn line the proxy logs for `source` at a cap or deadline.

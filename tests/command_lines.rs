@@ -319,6 +319,10 @@ async fn proxy_bad_flags_exit_2_before_any_network_io() -> Result<()> {
             "--ca-cert",
         ),
         (&["--shutdown-grace=soon"][..], "--shutdown-grace"),
+        (
+            &["--max-handshakes-per-source-per-second=-1"][..],
+            "--max-handshakes-per-source-per-second",
+        ),
         (&["--v=x"][..], "--v"),
         (&["--audit-log="][..], "--audit-log"),
         (

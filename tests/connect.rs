@@ -111,6 +111,11 @@ struct Setup {
 
 impl Setup {
     async fn start(member: bool, allow_dial: &[String]) -> Result<Setup> {
+        Self::start_with(member, allow_dial, &[]).await
+    }
+
+    /// The same with `proxy_args` added to the proxy's command line.
+    async fn start_with(member: bool, allow_dial: &[String], proxy_args: &[&str]) -> Result<Setup> {
         let member = match member {
             true => Some(KubeCluster::start("member").await?),
             false => None,
@@ -136,7 +141,8 @@ impl Setup {
             .arg("--connect-socket-dir")
             .arg(dir.path().join("sockets"))
             .arg("--data-dir")
-            .arg(dir.path().join("data"));
+            .arg(dir.path().join("data"))
+            .args(proxy_args);
         clean_env(&mut cmd);
         low_fd_limit(&mut cmd);
         let proxy = Proc::spawn("proxy", cmd)?;
@@ -228,6 +234,12 @@ impl Setup {
 
     /// A TLS connection to the door with the certificate of `cn`.
     async fn door(&self, cn: &str) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.connect_addr).await?;
+        door_over(self.tls_client(cn)?, tcp).await
+    }
+
+    /// A TLS client with the certificate of `cn`, trusting the proxy's CA.
+    fn tls_client(&self, cn: &str) -> Result<TlsConnector> {
         let (crt, key) = self.client_cert(cn)?;
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_file(self.ca().join("ca.crt"))?)?;
@@ -237,17 +249,29 @@ impl Setup {
                 vec![CertificateDer::from_pem_file(crt)?],
                 PrivateKeyDer::from_pem_file(key)?,
             )?;
-        let tcp = TcpStream::connect(self.connect_addr).await?;
-        let name = ServerName::try_from("127.0.0.1")?;
-        Ok(TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await?)
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+
+    /// A TCP connection to the TLS door from `source` (127.0.0.x).
+    async fn tcp_from(&self, source: std::net::Ipv4Addr) -> Result<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        Ok(socket.connect(self.connect_addr).await?)
     }
 
     async fn metric(&self, name: &str, labels: &str) -> Result<f64> {
         let text = scrape_metrics("127.0.0.1", self.agents_addr.port()).await?;
         Ok(metric_sample(&text, &format!("{name}{{{labels}}}")))
     }
+}
+
+/// The TLS handshake of `client` with the door over `tcp`.
+async fn door_over(
+    client: TlsConnector,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from("127.0.0.1")?;
+    Ok(client.connect(name, tcp).await?)
 }
 
 /// Send `head` and read the answer: status line, body (up to EOF) or, for a
@@ -874,5 +898,76 @@ async fn a_thousand_concurrent_streams_leak_nothing_and_slow_no_other_cluster() 
         .with_context(|| format!("agent fds: {:?} > {agent_base}", open_fds(agent_pid)))?;
     let mut setup = setup;
     ensure!(setup.proxy.is_running(), "the proxy died");
+    Ok(())
+}
+
+/// `--max-handshakes-per-source-per-second` at the TLS door: one source's
+/// handshakes past its burst wait their turn (none cut), a source whose
+/// turn would be more than 5 s away is closed at once (counted, and a
+/// warn line names it and the flag), and other sources are not held back.
+#[tokio::test]
+async fn a_source_over_its_handshake_rate_waits_its_turn_and_past_that_is_closed() -> Result<()> {
+    const RATE: usize = 2;
+    let setup = Setup::start_with(
+        false,
+        &[],
+        &[&format!("--max-handshakes-per-source-per-second={RATE}")],
+    )
+    .await?;
+    let client = setup.tls_client("tower:alpha")?;
+
+    // A burst of 2 at once, then one each 0.5 s: 12 fit within 5 s.
+    let queued = 12;
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 9);
+    let mut handshakes = tokio::task::JoinSet::new();
+    for _ in 0..queued {
+        let tcp = setup.tcp_from(from).await?;
+        handshakes.spawn(door_over(client.clone(), tcp));
+    }
+    let mut done = 0;
+    while let Some(handshake) = handshakes.join_next().await {
+        handshake?.context("a handshake waiting its turn was cut")?;
+        done += 1;
+    }
+    ensure!(done == queued, "{done} of {queued} handshakes done");
+
+    // Another source at once, past its first 12: closed with the reason.
+    let flood = 30;
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 10);
+    let mut held = Vec::new();
+    for _ in 0..flood {
+        held.push(setup.tcp_from(from).await?);
+    }
+    let refused = || async {
+        setup
+            .metric(
+                "tower_refused_connections_total",
+                r#"door="connect",reason="handshake_rate""#,
+            )
+            .await
+    };
+    wait_until(SOON, || async { refused().await.is_ok_and(|n| n >= 12.0) })
+        .await
+        .context("the flood over the rate was not refused")?;
+    setup
+        .proxy
+        .wait_for_line(
+            |l| {
+                l.contains("too many handshakes from one source per second")
+                    && l.contains("127.0.0.10")
+                    && l.contains("--max-handshakes-per-source-per-second")
+            },
+            SOON,
+        )
+        .await?;
+    // Meanwhile a client from another address is let in and answered (the
+    // agent finds nothing listening at the discard port).
+    let mut door = setup.door("tower:alpha").await?;
+    let (status, reason) = connect(&mut door, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n\r\n").await?;
+    ensure!(
+        status == 502 && reason.contains("alpha"),
+        "{status} {reason}"
+    );
+    drop(held);
     Ok(())
 }

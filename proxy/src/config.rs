@@ -172,6 +172,14 @@ pub struct Flags {
     /// to --max-pending-handshakes (or 0: no cap per source).
     #[arg(long, default_value_t = crate::ops::pending::DEFAULT_PER_SOURCE, value_name = "N")]
     pub max_pending_handshakes_per_source: usize,
+    /// TLS handshakes one source address may start per second at the
+    /// clients' HTTPS doors (cluster ports, --access-port, --connect-port):
+    /// a burst of this many at once, then one per 1/N s; a connection over
+    /// it waits its turn (up to 5 s, else it is closed). Not the agents'
+    /// port, the peer port or --aggregated-api-port. Raise it when many
+    /// clients share one address (NAT); 0: no rate.
+    #[arg(long, default_value_t = crate::ops::rate::DEFAULT_PER_SECOND, value_name = "N")]
+    pub max_handshakes_per_source_per_second: u32,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -229,7 +237,8 @@ pub struct Config {
     pub access: Option<crate::serve::access::Options>,
     /// `--aggregated-api-port`; `None`: off.
     pub aggregated: Option<crate::serve::aggregated::Options>,
-    /// `--max-pending-handshakes`, `--max-pending-handshakes-per-source`.
+    /// `--max-pending-handshakes`, `--max-pending-handshakes-per-source`,
+    /// `--max-handshakes-per-source-per-second`.
     pub pending: crate::ops::pending::Limits,
 }
 

@@ -220,6 +220,7 @@ impl Flags {
             pending: crate::ops::pending::Limits {
                 total: self.max_pending_handshakes,
                 per_source: self.max_pending_handshakes_per_source,
+                rate_per_source: self.max_handshakes_per_source_per_second,
             },
         })
     }

@@ -179,7 +179,7 @@ impl Peers {
     ) {
         accept_loop(listener, DOOR, stop, |tcp, from| {
             // Over the caps: closed before it costs a task.
-            if let Some(slot) = self.pending.enter(from.ip(), DOOR) {
+            if let Some(slot) = self.pending.enter_unrated(from.ip(), DOOR) {
                 let (peers, ports) = (self.clone(), ports.clone());
                 tokio::spawn(async move {
                     if let Err(e) = peers.accept(slot, tcp, from, &ports).await {

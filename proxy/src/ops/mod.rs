@@ -7,6 +7,7 @@
 //! - [`accept`]: the one accept loop every listening port runs;
 //! - [`audit`]: the audit log, one line per request or stream;
 //! - [`pending`]: the caps on handshakes not finished yet (hostile peers);
+//! - [`rate`]: how fast one source may start handshakes;
 //! - [`handshakes`]: the clients' TLS handshakes, on threads of their own
 //!   below the forwarding ones;
 //! - [`signals`]: SIGTERM / SIGINT;
@@ -18,5 +19,6 @@ pub mod handshakes;
 pub mod in_flight;
 pub mod metrics;
 pub mod pending;
+pub mod rate;
 pub mod signals;
 pub mod trim;

@@ -7,7 +7,9 @@
 //! counted in `tower_refused_connections_total{door,reason}` and logged at
 //! warn (at most once a second, with how many more were refused since), so
 //! a flood neither fills the fd table nor the log. The handshake deadlines
-//! (10 s) free the slots of those who connect and stay silent.
+//! (10 s) free the slots of those who connect and stay silent. The clients'
+//! doors also pace each source's handshakes ([`super::rate`]): a permit says
+//! when its handshake may start.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::handshakes::Runner;
 use super::metrics::Metrics;
+use super::rate::PerSource;
 
 /// `--max-pending-handshakes`'s default.
 pub const DEFAULT_TOTAL: usize = 1024;
@@ -29,6 +32,8 @@ const WARN_EVERY: Duration = Duration::from_secs(1);
 pub struct Limits {
     pub total: usize,
     pub per_source: usize,
+    /// Handshakes a source may start per second (the clients' doors only).
+    pub rate_per_source: u32,
 }
 
 impl Default for Limits {
@@ -36,6 +41,7 @@ impl Default for Limits {
         Self {
             total: DEFAULT_TOTAL,
             per_source: DEFAULT_PER_SOURCE,
+            rate_per_source: super::rate::DEFAULT_PER_SECOND,
         }
     }
 }
@@ -48,6 +54,9 @@ pub enum Refusal {
     PendingPerSource,
     /// The port's doors have `--max-pending-handshakes` pending.
     PendingTotal,
+    /// Its source starts handshakes faster than
+    /// `--max-handshakes-per-source-per-second`, and its turn was too far.
+    HandshakeRate,
     /// It did not finish its handshake (headers, TLS, SSH and `config`) in time.
     HandshakeTimeout,
     /// It sent something that is not the protocol (HTTP, TLS, websocket, SSH).
@@ -59,6 +68,7 @@ impl Refusal {
         match self {
             Refusal::PendingPerSource => "pending_per_source",
             Refusal::PendingTotal => "pending_total",
+            Refusal::HandshakeRate => "handshake_rate",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::BadHandshake => "bad_handshake",
         }
@@ -79,6 +89,8 @@ pub struct Pending {
 struct State {
     total: usize,
     by_source: HashMap<IpAddr, usize>,
+    /// `None`: no rate.
+    rate: Option<PerSource>,
     warned_at: Option<Instant>,
     suppressed: u64,
 }
@@ -87,6 +99,16 @@ struct State {
 pub struct Permit {
     pending: Arc<Pending>,
     source: IpAddr,
+    /// When its handshake may start (its source's rate); `None`: now.
+    start: Option<Instant>,
+}
+
+impl Permit {
+    /// When its handshake may start: `None` now, else the turn its source's
+    /// rate gave it (the handshake waits for it within its deadline).
+    pub fn start(&self) -> Option<Instant> {
+        self.start
+    }
 }
 
 impl Pending {
@@ -100,7 +122,10 @@ impl Pending {
             limits,
             metrics,
             runner,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                rate: PerSource::new(limits.rate_per_source),
+                ..State::default()
+            }),
         })
     }
 
@@ -110,35 +135,71 @@ impl Pending {
     }
 
     /// A slot for a connection from `source` at `door`, or the refusal
-    /// (counted and logged here; the caller closes the connection).
+    /// (counted and logged here; the caller closes the connection). Its
+    /// handshake starts at [`Permit::start`] (the source's rate).
     pub fn enter(self: &Arc<Self>, source: IpAddr, door: &'static str) -> Option<Permit> {
-        let refusal = {
+        self.admit(source, door, true)
+    }
+
+    /// The same without the rate, for the doors whose every client comes
+    /// from one address: the HA peer port (another replica relays all its
+    /// clients) and the aggregated API port (the host's kube-apiservers).
+    pub fn enter_unrated(self: &Arc<Self>, source: IpAddr, door: &'static str) -> Option<Permit> {
+        self.admit(source, door, false)
+    }
+
+    fn admit(self: &Arc<Self>, source: IpAddr, door: &'static str, rated: bool) -> Option<Permit> {
+        let decided = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let from_source = state.by_source.get(&source).copied().unwrap_or(0);
             if self.limits.per_source > 0 && from_source >= self.limits.per_source {
-                Some((Refusal::PendingPerSource, self.limits.per_source))
+                Err((Refusal::PendingPerSource, self.limits.per_source))
             } else if self.limits.total > 0 && state.total >= self.limits.total {
-                Some((Refusal::PendingTotal, self.limits.total))
+                Err((Refusal::PendingTotal, self.limits.total))
             } else {
-                state.total += 1;
-                *state.by_source.entry(source).or_insert(0) += 1;
-                None
+                let now = Instant::now();
+                let turn = match state.rate.as_mut().filter(|_| rated) {
+                    Some(rate) => rate.turn(source, now).map(Some),
+                    None => Some(None),
+                };
+                match turn {
+                    None => Err((Refusal::HandshakeRate, self.limits.rate_per_source as usize)),
+                    Some(start) => {
+                        state.total += 1;
+                        *state.by_source.entry(source).or_insert(0) += 1;
+                        Ok(start.filter(|at| *at > now))
+                    }
+                }
             }
         };
-        let Some((refusal, limit)) = refusal else {
-            return Some(Permit {
-                pending: self.clone(),
-                source,
-            });
+        let (refusal, limit) = match decided {
+            Ok(start) => {
+                return Some(Permit {
+                    pending: self.clone(),
+                    source,
+                    start,
+                });
+            }
+            Err(refused) => refused,
         };
         self.refused(door, refusal);
         if let Some(suppressed) = self.may_warn() {
-            let flag = match refusal {
-                Refusal::PendingPerSource => "--max-pending-handshakes-per-source",
-                _ => "--max-pending-handshakes",
-            };
-            tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
-                "too many pending handshakes: connection closed (raise {flag} if this source is legitimate)");
+            match refusal {
+                Refusal::HandshakeRate => {
+                    let flag = "--max-handshakes-per-source-per-second";
+                    tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
+                        "too many handshakes from one source per second: connection closed \
+                        (raise {flag} if this source is legitimate, e.g. many clients behind one NAT)");
+                }
+                _ => {
+                    let flag = match refusal {
+                        Refusal::PendingPerSource => "--max-pending-handshakes-per-source",
+                        _ => "--max-pending-handshakes",
+                    };
+                    tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
+                        "too many pending handshakes: connection closed (raise {flag} if this source is legitimate)");
+                }
+            }
         }
         None
     }
@@ -204,6 +265,7 @@ mod tests {
             Limits {
                 total: 10,
                 per_source: 3,
+                rate_per_source: 0,
             },
             metrics,
         );
@@ -225,6 +287,7 @@ mod tests {
             Limits {
                 total: 2,
                 per_source: 0,
+                rate_per_source: 0,
             },
             metrics.clone(),
         );
@@ -238,6 +301,45 @@ mod tests {
         assert!(
             text.contains(
                 "tower_refused_connections_total{door=\"agents\",reason=\"pending_total\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_source_over_its_rate_waits_its_turn_then_is_refused_unrated_doors_are_not() {
+        let metrics = Arc::new(Metrics::new());
+        let pending = Pending::new(
+            Limits {
+                total: 0,
+                per_source: 0,
+                rate_per_source: 10,
+            },
+            metrics.clone(),
+        );
+        // One second's burst starts at once, the next 50 (5 s) wait their turn.
+        let held: Vec<_> = (0..60)
+            .map(|_| pending.enter(ip(9), "cluster").expect("a slot"))
+            .collect();
+        assert!(held[..10].iter().all(|p| p.start().is_none()));
+        assert!(held[10..].iter().all(|p| p.start().is_some()));
+        assert!(held[10].start() < held[11].start());
+        assert!(pending.enter(ip(9), "cluster").is_none());
+        // Another source, and the doors without a rate, are not held back.
+        assert!(
+            pending
+                .enter(ip(1), "cluster")
+                .is_some_and(|p| p.start().is_none())
+        );
+        assert!(
+            pending
+                .enter_unrated(ip(9), "peer")
+                .is_some_and(|p| p.start().is_none())
+        );
+        let text = crate::ops::metrics::render(&metrics, &[]);
+        assert!(
+            text.contains(
+                "tower_refused_connections_total{door=\"cluster\",reason=\"handshake_rate\"} 1"
             ),
             "{text}"
         );

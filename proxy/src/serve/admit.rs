@@ -28,7 +28,8 @@ use crate::ops::pending::{Pending, Permit, Refusal};
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS handshake with `tcp`, within [`TLS_HANDSHAKE_TIMEOUT`] and in a
-/// slot of `pending` (the caps on handshakes in progress): `slot` when the
+/// slot of `pending` (the caps on handshakes in progress, and when it may
+/// start: its source's rate): `slot` when the
 /// caller took it already (at accept, so a connection over the caps is
 /// closed before it costs a task), else taken here. `None` (logged, naming
 /// `port`, and counted at `door`) when it failed or had no slot.
@@ -41,13 +42,20 @@ pub async fn handshake<T: Io>(
     pending: &Arc<Pending>,
     door: &'static str,
 ) -> Option<TlsStream<T>> {
-    let _slot = match slot {
+    let slot = match slot {
         Some(slot) => slot,
         None => pending.enter(peer.ip(), door)?,
     };
     // On the handshake threads (ops::handshakes): the CPU it costs waits
-    // behind forwarding when the CPU is short.
-    let accept = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.clone().accept(tcp));
+    // behind forwarding when the CPU is short. It starts at its source's
+    // turn (ops::rate), within the deadline.
+    let (start, acceptor) = (slot.start(), acceptor.clone());
+    let accept = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async move {
+        if let Some(at) = start {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        acceptor.accept(tcp).await
+    });
     match pending.runner().run(accept).await? {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {

@@ -20,7 +20,7 @@ use crate::agents::store::ClusterStore;
 use crate::ha::owners::Owners;
 use crate::identity::ca::Ca;
 use crate::identity::host_keys::HostKeys;
-use crate::ops::pending::Pending;
+use crate::ops::pending::{Limits, Pending};
 use crate::ops::signals;
 use crate::serve::access::Access;
 use crate::serve::connect::{Door, Doors, TargetRefusals};
@@ -59,7 +59,15 @@ pub(super) async fn serve_agents<S: ClusterStore>(
         metrics: core.metrics.clone(),
         ssh: host_keys.clone(),
         ready,
-        pending: Pending::new(config.pending, core.metrics.clone()),
+        // No rate at the agents' port: agents behind one NAT reconnect all
+        // at once after a restart; the pending caps bound them.
+        pending: Pending::new(
+            Limits {
+                rate_per_source: 0,
+                ..config.pending
+            },
+            core.metrics.clone(),
+        ),
     });
     let ports_stop = CancellationToken::new();
     tokio::spawn(crate::ops::trim::run(ports_stop.clone()));

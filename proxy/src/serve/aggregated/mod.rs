@@ -128,7 +128,7 @@ pub async fn start(
         accept_loop(listener, "aggregated API", stop.clone(), |tcp, peer| {
             // The caps on pending TLS handshakes, checked here: a connection
             // over them is closed before it costs a task.
-            if let Some(slot) = tls.pending.enter(peer.ip(), "aggregated") {
+            if let Some(slot) = tls.pending.enter_unrated(peer.ip(), "aggregated") {
                 let (tls, handler, stop) = (tls.clone(), handler.clone(), stop.clone());
                 tokio::spawn(async move {
                     tokio::select! {
