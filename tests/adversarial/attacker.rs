@@ -19,6 +19,9 @@ pub struct Attack {
     pub outcome: oneshot::Receiver<Result<String>>,
     /// True until it is over (the latency blocks say which ran during it).
     pub running: Arc<AtomicBool>,
+    /// Set once the legitimate users' measurement is over: an attack that
+    /// repeats itself ([`spawn_until`]) stops then.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// Puts the calling thread at SCHED_IDLE; an error when the kernel refused.
@@ -40,6 +43,20 @@ pub fn spawn<F>(attack: F) -> Attack
 where
     F: Future<Output = Result<String>> + Send + 'static,
 {
+    spawn_until(|_| attack)
+}
+
+/// The same for an attack that repeats until it is told to stop: `attack`
+/// gets the flag [`Attack::stop`] sets. A short attack (over within one
+/// block of latency samples) repeated for the whole measurement is judged
+/// by blocks that ran during it, not by the quiet after it.
+pub fn spawn_until<A, F>(attack: A) -> Attack
+where
+    A: FnOnce(Arc<AtomicBool>) -> F,
+    F: Future<Output = Result<String>> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = attack(stop.clone());
     let (tx, rx) = oneshot::channel();
     let running = Arc::new(AtomicBool::new(true));
     let still = running.clone();
@@ -73,5 +90,6 @@ where
     Attack {
         outcome: rx,
         running,
+        stop,
     }
 }
