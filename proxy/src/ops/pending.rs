@@ -148,14 +148,36 @@ impl Pending {
         self.admit(source, door, false)
     }
 
+    /// Only the rate, for a connection this replica relays whole to another
+    /// (which terminates its TLS, unrated, and holds its slot there): when
+    /// it may be relayed (`Some(None)`: now), or `None` when its turn is too
+    /// far (counted and logged here; the caller closes it).
+    pub fn turn(&self, source: IpAddr, door: &'static str) -> Option<Option<Instant>> {
+        let now = Instant::now();
+        let turn = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match state.rate.as_mut() {
+                Some(rate) => rate.turn(source, now),
+                None => return Some(None),
+            }
+        };
+        match turn {
+            Some(at) => Some(Some(at).filter(|at| *at > now)),
+            None => {
+                self.refuse(source, door, Refusal::HandshakeRate);
+                None
+            }
+        }
+    }
+
     fn admit(self: &Arc<Self>, source: IpAddr, door: &'static str, rated: bool) -> Option<Permit> {
         let decided = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let from_source = state.by_source.get(&source).copied().unwrap_or(0);
             if self.limits.per_source > 0 && from_source >= self.limits.per_source {
-                Err((Refusal::PendingPerSource, self.limits.per_source))
+                Err(Refusal::PendingPerSource)
             } else if self.limits.total > 0 && state.total >= self.limits.total {
-                Err((Refusal::PendingTotal, self.limits.total))
+                Err(Refusal::PendingTotal)
             } else {
                 let now = Instant::now();
                 let turn = match state.rate.as_mut().filter(|_| rated) {
@@ -163,7 +185,7 @@ impl Pending {
                     None => Some(None),
                 };
                 match turn {
-                    None => Err((Refusal::HandshakeRate, self.limits.rate_per_source as usize)),
+                    None => Err(Refusal::HandshakeRate),
                     Some(start) => {
                         state.total += 1;
                         *state.by_source.entry(source).or_insert(0) += 1;
@@ -172,15 +194,25 @@ impl Pending {
                 }
             }
         };
-        let (refusal, limit) = match decided {
-            Ok(start) => {
-                return Some(Permit {
-                    pending: self.clone(),
-                    source,
-                    start,
-                });
+        match decided {
+            Ok(start) => Some(Permit {
+                pending: self.clone(),
+                source,
+                start,
+            }),
+            Err(refusal) => {
+                self.refuse(source, door, refusal);
+                None
             }
-            Err(refused) => refused,
+        }
+    }
+
+    /// Count and log (at most once a second) a connection refused at a cap.
+    fn refuse(&self, source: IpAddr, door: &'static str, refusal: Refusal) {
+        let limit = match refusal {
+            Refusal::PendingPerSource => self.limits.per_source,
+            Refusal::HandshakeRate => self.limits.rate_per_source as usize,
+            _ => self.limits.total,
         };
         self.refused(door, refusal);
         if let Some(suppressed) = self.may_warn() {
@@ -201,7 +233,6 @@ impl Pending {
                 }
             }
         }
-        None
     }
 
     /// Count a connection closed at `door` for `refusal`.
@@ -336,10 +367,13 @@ mod tests {
                 .enter_unrated(ip(9), "peer")
                 .is_some_and(|p| p.start().is_none())
         );
+        // A relayed connection takes only its turn, from the same bucket.
+        assert!(pending.turn(ip(9), "cluster").is_none());
+        assert_eq!(pending.turn(ip(2), "cluster"), Some(None));
         let text = crate::ops::metrics::render(&metrics, &[]);
         assert!(
             text.contains(
-                "tower_refused_connections_total{door=\"cluster\",reason=\"handshake_rate\"} 1"
+                "tower_refused_connections_total{door=\"cluster\",reason=\"handshake_rate\"} 2"
             ),
             "{text}"
         );

@@ -171,13 +171,18 @@ impl ClusterListener {
     /// Serve a connection relayed from a peer replica (`peer` is the client's
     /// address as far as known) as if this port had accepted it.
     pub fn serve_relayed(&self, io: Box<dyn Io>, peer: SocketAddr) {
+        // The relaying replica took the client's turn (its rate); the slot
+        // is counted by that replica's address.
+        let Ok(slot) = slot(&self.front, &self.proxy, peer, false) else {
+            return;
+        };
         spawn_connection(
             io,
             peer,
             self.front.clone(),
             self.proxy.clone(),
             self.cancel.clone(),
-            None,
+            slot,
         );
     }
 
@@ -224,6 +229,15 @@ async fn accept(
         });
         match relay_to {
             Some((relay, target)) => {
+                // Its TLS handshake is the other replica's, after the
+                // client's turn here (the rate is per client address).
+                let turn = match front.as_ref() {
+                    Front::Https(_) => proxy.pending.turn(peer.ip(), "cluster"),
+                    Front::Http => Some(None),
+                };
+                let Some(turn) = turn else {
+                    return std::future::ready(());
+                };
                 tracing::debug!(cluster = %proxy.cluster, %peer, %target, "relaying to the replica with the agent");
                 proxy
                     .metrics
@@ -235,31 +249,56 @@ async fn accept(
                 let in_flight = proxy.in_flight.enter();
                 tokio::spawn(async move {
                     let _in_flight = in_flight;
+                    let relayed = async move {
+                        if let Some(at) = turn {
+                            tokio::time::sleep_until(at.into()).await;
+                        }
+                        relayed.await
+                    };
                     let unreachable = tokio::select! {
                         () = cancel.cancelled() => None,
                         back = relayed => back,
                     };
-                    if let Some(tcp) = unreachable {
-                        spawn_connection(tcp, peer, front, proxy, cancel, None);
+                    // Served here after all: its turn was taken above.
+                    if let Some(tcp) = unreachable
+                        && let Ok(slot) = slot(&front, &proxy, peer, false)
+                    {
+                        spawn_connection(tcp, peer, front, proxy, cancel, slot);
                     }
                 });
             }
             None => {
-                // The caps on pending TLS handshakes, checked here: a
-                // connection over them is closed before it costs a task.
-                let slot = match front.as_ref() {
-                    Front::Https(_) => proxy.pending.enter(peer.ip(), "cluster").map(Some).ok_or(()),
-                    Front::Http => Ok(None),
-                };
-                if let Ok(slot) = slot {
+                // The caps on pending TLS handshakes and the source's rate,
+                // checked here: a connection over them is closed before it
+                // costs a task.
+                if let Ok(slot) = slot(&front, &proxy, peer, true) {
                     spawn_connection(tcp, peer, front.clone(), proxy.clone(), cancel.clone(), slot);
                 }
             }
         }
-        async {}
+        std::future::ready(())
     })
     .await;
     tracing::info!(cluster = %proxy.cluster, "cluster proxy closed");
+}
+
+/// The pending-handshake slot of a connection from `peer` (HTTPS; none
+/// for plain HTTP), with the source's rate when `rated`; `Err` when it is
+/// refused (counted and logged; the caller closes it).
+fn slot(front: &Front, proxy: &Proxy, peer: SocketAddr, rated: bool) -> Result<Option<Permit>, ()> {
+    match front {
+        Front::Https(_) if rated => proxy
+            .pending
+            .enter(peer.ip(), "cluster")
+            .map(Some)
+            .ok_or(()),
+        Front::Https(_) => proxy
+            .pending
+            .enter_unrated(peer.ip(), "cluster")
+            .map(Some)
+            .ok_or(()),
+        Front::Http => Ok(None),
+    }
 }
 
 fn spawn_connection<T: Io>(
