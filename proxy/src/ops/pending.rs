@@ -95,6 +95,18 @@ struct State {
     suppressed: u64,
 }
 
+impl State {
+    /// `source`'s turn for a handshake arriving `now`: `None` when it may
+    /// start at once (or there is no rate), the refusal when it is too far.
+    fn turn(&mut self, source: IpAddr, now: Instant) -> Result<Option<Instant>, Refusal> {
+        let Some(rate) = self.rate.as_mut() else {
+            return Ok(None);
+        };
+        let start = rate.turn(source, now).ok_or(Refusal::HandshakeRate)?;
+        Ok(Some(start).filter(|at| *at > now))
+    }
+}
+
 /// One pending handshake; dropping it frees its slot.
 pub struct Permit {
     pending: Arc<Pending>,
@@ -153,21 +165,12 @@ impl Pending {
     /// it may be relayed (`Some(None)`: now), or `None` when its turn is too
     /// far (counted and logged here; the caller closes it).
     pub fn turn(&self, source: IpAddr, door: &'static str) -> Option<Option<Instant>> {
-        let now = Instant::now();
         let turn = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            match state.rate.as_mut() {
-                Some(rate) => rate.turn(source, now),
-                None => return Some(None),
-            }
+            state.turn(source, Instant::now())
         };
-        match turn {
-            Some(at) => Some(Some(at).filter(|at| *at > now)),
-            None => {
-                self.refuse(source, door, Refusal::HandshakeRate);
-                None
-            }
-        }
+        turn.map_err(|refusal| self.refuse(source, door, refusal))
+            .ok()
     }
 
     fn admit(self: &Arc<Self>, source: IpAddr, door: &'static str, rated: bool) -> Option<Permit> {
@@ -179,19 +182,16 @@ impl Pending {
             } else if self.limits.total > 0 && state.total >= self.limits.total {
                 Err(Refusal::PendingTotal)
             } else {
-                let now = Instant::now();
-                let turn = match state.rate.as_mut().filter(|_| rated) {
-                    Some(rate) => rate.turn(source, now).map(Some),
-                    None => Some(None),
+                let start = if rated {
+                    state.turn(source, Instant::now())
+                } else {
+                    Ok(None)
                 };
-                match turn {
-                    None => Err(Refusal::HandshakeRate),
-                    Some(start) => {
-                        state.total += 1;
-                        *state.by_source.entry(source).or_insert(0) += 1;
-                        Ok(start.filter(|at| *at > now))
-                    }
+                if start.is_ok() {
+                    state.total += 1;
+                    *state.by_source.entry(source).or_insert(0) += 1;
                 }
+                start
             }
         };
         match decided {
@@ -209,29 +209,27 @@ impl Pending {
 
     /// Count and log (at most once a second) a connection refused at a cap.
     fn refuse(&self, source: IpAddr, door: &'static str, refusal: Refusal) {
-        let limit = match refusal {
-            Refusal::PendingPerSource => self.limits.per_source,
-            Refusal::HandshakeRate => self.limits.rate_per_source as usize,
-            _ => self.limits.total,
+        let (limit, flag, what) = match refusal {
+            Refusal::PendingPerSource => (
+                self.limits.per_source,
+                "--max-pending-handshakes-per-source",
+                "too many pending handshakes",
+            ),
+            Refusal::HandshakeRate => (
+                self.limits.rate_per_source as usize,
+                "--max-handshakes-per-source-per-second",
+                "too many handshakes from one source per second",
+            ),
+            _ => (
+                self.limits.total,
+                "--max-pending-handshakes",
+                "too many pending handshakes",
+            ),
         };
         self.refused(door, refusal);
         if let Some(suppressed) = self.may_warn() {
-            match refusal {
-                Refusal::HandshakeRate => {
-                    let flag = "--max-handshakes-per-source-per-second";
-                    tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
-                        "too many handshakes from one source per second: connection closed \
-                        (raise {flag} if this source is legitimate, e.g. many clients behind one NAT)");
-                }
-                _ => {
-                    let flag = match refusal {
-                        Refusal::PendingPerSource => "--max-pending-handshakes-per-source",
-                        _ => "--max-pending-handshakes",
-                    };
-                    tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
-                        "too many pending handshakes: connection closed (raise {flag} if this source is legitimate)");
-                }
-            }
+            tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
+                "{what}: connection closed (raise {flag} if this source is legitimate)");
         }
     }
 

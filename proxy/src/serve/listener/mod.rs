@@ -286,19 +286,15 @@ async fn accept(
 /// for plain HTTP), with the source's rate when `rated`; `Err` when it is
 /// refused (counted and logged; the caller closes it).
 fn slot(front: &Front, proxy: &Proxy, peer: SocketAddr, rated: bool) -> Result<Option<Permit>, ()> {
-    match front {
-        Front::Https(_) if rated => proxy
-            .pending
-            .enter(peer.ip(), "cluster")
-            .map(Some)
-            .ok_or(()),
-        Front::Https(_) => proxy
-            .pending
-            .enter_unrated(peer.ip(), "cluster")
-            .map(Some)
-            .ok_or(()),
-        Front::Http => Ok(None),
+    if let Front::Http = front {
+        return Ok(None);
     }
+    let permit = if rated {
+        proxy.pending.enter(peer.ip(), "cluster")
+    } else {
+        proxy.pending.enter_unrated(peer.ip(), "cluster")
+    };
+    permit.map(Some).ok_or(())
 }
 
 fn spawn_connection<T: Io>(
