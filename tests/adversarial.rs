@@ -476,16 +476,7 @@ async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
 
 /// Cluster beta on the host and its token, for the hostile agent.
 async fn beta(tower: &Tower) -> Result<(String, Value)> {
-    let cluster = serde_json::json!({
-        "apiVersion": "cluster.kubesphere.io/v1alpha1",
-        "kind": "Cluster",
-        "metadata": {"name": "beta"},
-        "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
-    })
-    .to_string();
-    tower
-        .host()
-        .kubectl_input(&["create", "-f", "-"], &cluster)?;
+    tower.create_cluster("beta")?;
     wait_for_ok(Duration::from_secs(120), || async {
         let out = tower
             .host()

@@ -269,16 +269,7 @@ async fn an_agent_that_stops_reading_holds_back_no_other_agents_announcement() -
 /// A Cluster on the host whose agent the test plays: its token and
 /// ks-apiserver port once the proxy gave them.
 async fn cluster_without_agent(tower: &Tower, name: &str) -> Result<(String, u16)> {
-    let cluster = json!({
-        "apiVersion": "cluster.kubesphere.io/v1alpha1",
-        "kind": "Cluster",
-        "metadata": {"name": name},
-        "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
-    })
-    .to_string();
-    tower
-        .host()
-        .kubectl_input(&["create", "-f", "-"], &cluster)?;
+    tower.create_cluster(name)?;
     wait_for_ok(SOON, || async {
         let out = tower
             .host()

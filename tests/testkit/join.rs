@@ -16,6 +16,16 @@ use crate::wait::wait_for_ok;
 
 const SETTLE: Duration = Duration::from_secs(180);
 
+/// A Cluster served through the proxy, as [`Tower::join`] creates them.
+fn manifest(name: &str) -> Value {
+    json!({
+        "apiVersion": "cluster.kubesphere.io/v1alpha1",
+        "kind": "Cluster",
+        "metadata": {"name": name},
+        "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
+    })
+}
+
 /// A cluster [`Tower::join`] added: its agent runs while this lives.
 pub struct Joined {
     pub name: String,
@@ -25,22 +35,20 @@ pub struct Joined {
 }
 
 impl Tower {
+    /// Create Cluster `name` on the host and start no agent for it (the
+    /// test plays it); the proxy gives it a token and ports meanwhile.
+    pub fn create_cluster(&self, name: &str) -> Result<()> {
+        self.host()
+            .kubectl_input(&["create", "-f", "-"], &manifest(name).to_string())?;
+        Ok(())
+    }
+
     /// Create a Cluster for each of `names`, start an agent for each once
     /// the proxy gave it a token, and wait until every one is AgentAvailable
     /// with a published kubeconfig (written to the Tower's directory).
     pub async fn join(&self, names: &[String]) -> Result<Vec<Joined>> {
         let host_kc = self.host().kubeconfig().to_path_buf();
-        let items: Vec<Value> = names
-            .iter()
-            .map(|name| {
-                json!({
-                    "apiVersion": "cluster.kubesphere.io/v1alpha1",
-                    "kind": "Cluster",
-                    "metadata": {"name": name},
-                    "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
-                })
-            })
-            .collect();
+        let items: Vec<Value> = names.iter().map(|name| manifest(name)).collect();
         let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
         let args = ["create", "-f", "-"];
         checked(

@@ -143,6 +143,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         options: options.clone(),
         owners: owners.clone(),
         kick,
+        damper: Arc::default(),
         synced: synced.clone(),
     });
     let ctx = Arc::new(Context {

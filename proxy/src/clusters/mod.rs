@@ -25,12 +25,14 @@
 //!
 //! [`decide`] holds every decision as a pure function; [`reconcile`] gathers
 //! the facts, asks [`decide`], and writes; [`controller`] runs it when a
-//! Cluster, its Service or its sessions change. [`store`] is the registry's view of
-//! the Clusters (tokens, and the ports opened before an agent hears success).
+//! Cluster, its Service or its sessions change (at most once a second per
+//! cluster while its agent flaps: [`damp`]). [`store`] is the registry's view
+//! of the Clusters (tokens, and the ports opened before an agent hears success).
 
 pub mod comeback;
 pub mod controller;
 pub mod crd;
+pub mod damp;
 pub mod decide;
 pub mod events;
 pub mod kubeconfig;

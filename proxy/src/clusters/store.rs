@@ -1,7 +1,8 @@
 //! [`CrStore`]: the registry's view of the Cluster resources. Tokens come
 //! from the controller's cache; ports open before an agent hears success;
 //! session changes trigger a reconcile, the HA holder records and a status
-//! refresh; refused agents become Events on their Cluster.
+//! refresh (damped while an agent flaps: [`super::damp`]); refused agents
+//! become Events on their Cluster.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::mpsc;
 
 use super::crd::Cluster;
+use super::damp::{Damper, Step};
 use super::events::{Recorder, publish};
 use super::service::Addresses;
 use super::status::Kick;
@@ -43,6 +45,8 @@ pub struct CrStore<P> {
     pub(super) options: Options,
     pub(super) owners: Option<Arc<Owners>>,
     pub(super) kick: Kick,
+    /// At most one pass and refresh per cluster a second while its agent flaps.
+    pub(super) damper: Arc<Damper>,
     /// True once the Cluster cache has synced ([`super::readiness`]).
     pub(super) synced: tokio::sync::watch::Receiver<bool>,
 }
@@ -119,12 +123,31 @@ impl<P: Ports> ClusterStore for CrStore<P> {
     }
 
     fn on_change(&self, cluster: &str) {
-        let _ = self.trigger.send(ObjectRef::new(cluster));
+        // Other replicas relay to this one by these records: never damped.
         if let Some(owners) = &self.owners {
             owners.sessions_changed();
         }
-        self.kick.notify(cluster);
+        match self.damper.change(cluster, tokio::time::Instant::now()) {
+            Step::Now => follow_up(&self.trigger, &self.kick, cluster),
+            Step::At(at) => {
+                let (trigger, kick) = (self.trigger.clone(), self.kick.clone());
+                let (damper, cluster) = (self.damper.clone(), cluster.to_string());
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    damper.fired(&cluster, tokio::time::Instant::now());
+                    follow_up(&trigger, &kick, &cluster);
+                });
+            }
+            Step::Covered => {}
+        }
     }
+}
+
+/// What a change of `cluster`'s sessions is followed up by: the leader's
+/// pass (its conditions) and a refresh of what the member says.
+fn follow_up(trigger: &mpsc::UnboundedSender<ObjectRef<Cluster>>, kick: &Kick, cluster: &str) {
+    let _ = trigger.send(ObjectRef::new(cluster));
+    kick.notify(cluster);
 }
 
 impl<P: Ports> CrStore<P> {
@@ -259,6 +282,7 @@ mod tests {
             },
             owners: None,
             kick,
+            damper: Arc::default(),
             synced: crate::clusters::readiness::watch_sync(reader_for_sync),
         };
         Setup {
@@ -382,5 +406,38 @@ mod tests {
         s.store.on_change("alpha");
         assert_eq!(s.triggers.recv().await.unwrap().name, "alpha");
         assert_eq!(s.kicks.recv().await.as_deref(), Some("alpha"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_agent_is_followed_up_once_a_second_the_last_change_too() {
+        let mut s = setup(vec![cluster("alpha", "t1", (16000, 26000), true)]);
+        let start = tokio::time::Instant::now();
+        // Connect, and at once: the pass and the refresh.
+        s.store.on_change("alpha");
+        assert_eq!(s.triggers.recv().await.unwrap().name, "alpha");
+        assert_eq!(s.kicks.recv().await.as_deref(), Some("alpha"));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Nine more changes within the second: one follow-up, when it ends.
+        for _ in 0..9 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            s.store.on_change("alpha");
+        }
+        assert!(s.triggers.try_recv().is_err(), "damped");
+        assert_eq!(s.triggers.recv().await.unwrap().name, "alpha");
+        assert_eq!(s.kicks.recv().await.as_deref(), Some("alpha"));
+        assert_eq!(start.elapsed(), crate::clusters::damp::INTERVAL);
+        // Then quiet: nothing more is asked.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(s.triggers.try_recv().is_err());
+        assert!(futures_util::poll!(Box::pin(s.kicks.recv())).is_pending());
+        // Another cluster is not held back by alpha's flapping.
+        s.store.on_change("alpha");
+        s.store.on_change("alpha");
+        s.store.on_change("beta");
+        let firsts = [
+            s.triggers.recv().await.unwrap(),
+            s.triggers.recv().await.unwrap(),
+        ];
+        assert_eq!(firsts.map(|r| r.name), ["alpha", "beta"]);
     }
 }
