@@ -205,20 +205,27 @@ async fn an_agent_that_stops_reading_holds_back_no_other_agents_announcement() -
             tcp
         });
     }
-    // Stalled: the proxy has handed the session more than the connection's
-    // two sockets hold and its write queue takes before the session waits.
+    // Stalled, as the proxy sees it: beta's write queue is at its limit (the
+    // session's next write waits) and its connection takes nothing more (the
+    // queue's writer waits too); and the proxy holds uploads the agent did
+    // not read: it was handed more than the connection's sockets hold. Not
+    // "sockets + limit": the queue counts a write whole until all of it is
+    // written, though the sockets may hold part of it (tunnel::write_behind).
     // (The counter first, the sockets after: they only fill, never drain.)
     let stalled = wait_for_ok(SOON, || async {
-        let handed = sent_to(&tower, "beta").await? - before;
+        let (handed, queued, stalled) = beta_queue(&tower, before).await?;
         let in_sockets = in_sockets(rogue_port, agents.port())?;
-        let past = in_sockets + tunnel::server::WRITE_QUEUE_LIMIT as u64;
-        ensure!(
-            handed > past,
-            "{handed} bytes handed to the session, its sockets hold {in_sockets}"
+        let seen = format!(
+            "{handed} bytes handed to the session, {in_sockets} in its sockets, \
+             {queued} in its write queue (limit {}), stalled sessions: {stalled}",
+            tunnel::server::WRITE_QUEUE_LIMIT
         );
-        Ok(format!(
-            "{handed} bytes handed to the session, {in_sockets} in its sockets"
-        ))
+        ensure!(
+            stalled == 1 && queued >= tunnel::server::WRITE_QUEUE_LIMIT as u64,
+            "not stalled: {seen}"
+        );
+        ensure!(handed > in_sockets, "nothing held back: {seen}");
+        Ok(seen)
     })
     .await
     .context("the agent that stopped reading never stalled its session")?;
@@ -240,11 +247,17 @@ async fn an_agent_that_stops_reading_holds_back_no_other_agents_announcement() -
         .wait_for_line(told, SOON)
         .await
         .context("a joining agent was not told the host keys: it waits behind the stalled one")?;
-    // The stalled agent was connected throughout.
+    // The stalled agent was connected throughout, and is still stalled.
     let metrics = scrape_metrics("127.0.0.1", tower.proxy_port()).await?;
     ensure!(
         metric_sample(&metrics, "tower_agent_sessions{cluster=\"beta\"}") == 1.0,
         "the stalled agent's session is gone: the test proved nothing"
+    );
+    let (_, queued, stalled) = beta_queue(&tower, before).await?;
+    ensure!(
+        stalled == 1,
+        "the stalled agent's session moved again ({queued} bytes in its write queue): \
+         the test proved nothing"
     );
 
     // Reading again, it is told too, the set as it is now last.
@@ -284,6 +297,20 @@ async fn cluster_without_agent(tower: &Tower, name: &str) -> Result<(String, u16
         }
     })
     .await
+}
+
+/// Beta's session as the proxy counts it: channel data handed to it since
+/// `before` (what [`sent_to`] said then), the bytes in its write queue, and
+/// whether it is stalled (0 or 1).
+async fn beta_queue(tower: &Tower, before: u64) -> Result<(u64, u64, u64)> {
+    let metrics = scrape_metrics("127.0.0.1", tower.proxy_port()).await?;
+    let sample = |name: &str| metric_sample(&metrics, name) as u64;
+    Ok((
+        sample("tower_tunnel_bytes_total{cluster=\"beta\",direction=\"to_agent\"}")
+            .saturating_sub(before),
+        sample("tower_agent_write_queue_bytes{cluster=\"beta\"}"),
+        sample("tower_agent_stalled_sessions{cluster=\"beta\"}"),
+    ))
 }
 
 /// What the proxy has handed the sessions of `cluster` to send (channel data).

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::hub::{HubRefusal, HubUpstream};
 use crate::wire::{AgentConfig, CHANNEL_TYPE, DRAIN_CHANNEL_TYPE, TOKEN_CHANNEL_TYPE};
+use crate::write_behind::QueueLevel;
 use handler::{AuthOutcome, Handler};
 pub use stream::TunnelStream;
 
@@ -139,6 +140,8 @@ struct SessionInner {
     rtt_in_flight: AtomicBool,
     /// Told when a measurement is recorded ([`Session::first_rtt`]).
     rtt_measured: tokio::sync::Notify,
+    /// The connection's write queue ([`WRITE_QUEUE_LIMIT`]).
+    write_queue: Arc<QueueLevel>,
 }
 
 fn unix_now() -> u64 {
@@ -211,6 +214,18 @@ impl Session {
             self.inner.received.load(Ordering::Relaxed),
             self.inner.sent.load(Ordering::Relaxed),
         )
+    }
+
+    /// Bytes queued for the agent's connection and not yet written out
+    /// (at most about [`WRITE_QUEUE_LIMIT`]; see [`crate::write_behind`]).
+    pub fn write_queue_bytes(&self) -> usize {
+        self.inner.write_queue.bytes()
+    }
+
+    /// The write queue is at [`WRITE_QUEUE_LIMIT`] and the connection takes
+    /// nothing more: the session waits for the agent to read.
+    pub fn write_stalled(&self) -> bool {
+        self.inner.write_queue.stalled()
     }
 
     /// When the agent last spoke up (its `config`, then each `ping`), to the second.
@@ -399,14 +414,14 @@ where
     let peer = peer_info.addr.clone();
     let (tx, rx) = oneshot::channel();
     let (configured, config_came) = oneshot::channel();
-    let handler = Handler::new(admission, peer_info, tx, configured);
+    let stream = crate::write_behind::WriteBehind::with_limit(stream, WRITE_QUEUE_LIMIT);
+    let handler = Handler::new(admission, peer_info, tx, configured, stream.level());
     let deadline = tokio::time::Instant::now() + CONFIG_TIMEOUT;
     // Whenever this returns, the session loop's stream fails: a handshake
     // given up on (deadline, rejection) ends even if the loop is stuck
     // waiting for the peer in the middle of a key exchange.
     let cut = tokio_util::sync::CancellationToken::new();
     let _cut_on_return = cut.clone().drop_guard();
-    let stream = crate::write_behind::WriteBehind::with_limit(stream, WRITE_QUEUE_LIMIT);
     let stream = crate::cut::Cut::new(stream, cut);
     // Boxed: inline, the handshake's state would size this future for as
     // long as the tunnel is idle (issue #15 part 4).

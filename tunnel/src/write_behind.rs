@@ -11,9 +11,16 @@
 //! A peer grants the windows, though: one that grants large windows and does
 //! not read its socket would have every granted byte queued here. With a
 //! limit ([`WriteBehind::with_limit`], the proxy's side), writes wait once that
-//! much is queued: a session that does not read costs at most the limit, and
+//! much is queued: a session that does not read costs about the limit, and
 //! only its own loop waits. The agent's side has no limit, so it always reads
 //! and the two loops cannot both wait on each other.
+//!
+//! What the limit counts ([`QueueLevel`]): each write whole, from the moment
+//! it is queued until the batch that holds it is written out whole. A write
+//! is taken whole even past the limit, and a batch the connection took in
+//! part still counts whole: the session may wait with up to one batch (a
+//! session's write is its whole output buffer, megabytes at times) fewer
+//! bytes than the limit left to send.
 //!
 //! The writer also coalesces queued writes into larger websocket messages (one
 //! vectored write, so the bytes are not copied together first). When
@@ -23,7 +30,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,21 +54,59 @@ pub struct WriteBehind<S> {
     shared: Arc<Shared>,
     /// This side shut down: later writes fail.
     shut: bool,
-    limit: usize,
     _stop_writer: DropGuard,
+}
+
+/// How full a [`WriteBehind`]'s queue is, readable from outside (the proxy's
+/// metrics) without holding the queue itself.
+#[derive(Debug)]
+pub struct QueueLevel {
+    /// Bytes handed to the writer and not written yet: the whole batch the
+    /// writer is on counts until all of it is written.
+    bytes: AtomicUsize,
+    /// The writer waits for the connection to take more (its last write or
+    /// flush was pending).
+    connection_full: AtomicBool,
+    limit: usize,
+}
+
+impl QueueLevel {
+    fn new(limit: usize) -> Self {
+        Self {
+            bytes: AtomicUsize::new(0),
+            connection_full: AtomicBool::new(false),
+            limit,
+        }
+    }
+
+    /// Bytes queued and not yet written out whole (what the limit counts).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// The queue is at its limit: the next write waits.
+    pub fn is_full(&self) -> bool {
+        self.bytes() >= self.limit
+    }
+
+    /// The queue is at its limit and the connection takes nothing more: the
+    /// writer waits for the peer to read, and the writer's user waits for
+    /// the writer.
+    pub fn stalled(&self) -> bool {
+        self.is_full() && self.connection_full.load(Ordering::Acquire)
+    }
 }
 
 /// What the session and the writer task share. The queue is a `VecDeque`, not
 /// a tokio mpsc: that one allocates a block of 32 slots per queue up front,
 /// about 1 KiB for every idle tunnel (issue #15 part 4).
-#[derive(Default)]
 struct Shared {
     pending: Mutex<Pending>,
     /// Wakes the writer when `pending` changed.
     wake: Notify,
     failed: Mutex<Option<io::ErrorKind>>,
-    /// Bytes handed to the writer and not written yet.
-    bytes: AtomicUsize,
+    /// Apart from the rest: whoever reads it must not keep queued data alive.
+    level: Arc<QueueLevel>,
     /// Who waits for room under the limit.
     room: AtomicWaker,
 }
@@ -89,16 +134,81 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
     /// Writes wait while `limit` bytes or more are queued.
     pub fn with_limit(stream: S, limit: usize) -> Self {
         let (read, write) = tokio::io::split(stream);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            wake: Notify::new(),
+            failed: Mutex::default(),
+            level: Arc::new(QueueLevel::new(limit)),
+            room: AtomicWaker::new(),
+        });
         let stop = CancellationToken::new();
+        let write = Watched {
+            inner: write,
+            level: shared.level.clone(),
+        };
         tokio::spawn(writer(write, shared.clone(), stop.clone()));
         Self {
             read,
             shared,
             shut: false,
-            limit,
             _stop_writer: stop.drop_guard(),
         }
+    }
+}
+
+impl<S> WriteBehind<S> {
+    /// How full the queue is, for as long as the caller keeps it.
+    pub fn level(&self) -> Arc<QueueLevel> {
+        self.shared.level.clone()
+    }
+}
+
+/// The connection's write half, noting whether it waits for room
+/// ([`QueueLevel::stalled`]).
+struct Watched<W> {
+    inner: W,
+    level: Arc<QueueLevel>,
+}
+
+impl<W> Watched<W> {
+    fn note<T>(&self, poll: Poll<T>) -> Poll<T> {
+        self.level
+            .connection_full
+            .store(poll.is_pending(), Ordering::Release);
+        poll
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -157,7 +267,7 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
                     write.flush().await
                 } => written?,
             }
-            shared.bytes.fetch_sub(len, Ordering::AcqRel);
+            shared.level.bytes.fetch_sub(len, Ordering::AcqRel);
             shared.room.wake();
         }
     }
@@ -229,10 +339,10 @@ impl<S> AsyncWrite for WriteBehind<S> {
             return Poll::Ready(Ok(0));
         }
         let shared = &self.shared;
-        if shared.bytes.load(Ordering::Acquire) >= self.limit {
+        if shared.level.is_full() {
             shared.room.register(cx.waker());
             // The writer may have made room meanwhile.
-            if shared.bytes.load(Ordering::Acquire) >= self.limit {
+            if shared.level.is_full() {
                 return Poll::Pending;
             }
         }
@@ -240,7 +350,8 @@ impl<S> AsyncWrite for WriteBehind<S> {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         // Counted before the writer can take it, so its subtraction never wraps.
-        shared.bytes.fetch_add(buf.len(), Ordering::AcqRel);
+        // Taken whole, even past the limit: a session's write is its buffer.
+        shared.level.bytes.fetch_add(buf.len(), Ordering::AcqRel);
         shared
             .pending()
             .writes
@@ -330,6 +441,74 @@ mod tests {
         w.write_all(&vec![7u8; rest]).await.unwrap();
         let got = reader.await.unwrap();
         assert!(got.iter().all(|&x| x == 7));
+    }
+
+    /// Yield to the writer task until `done` holds (a deadline, no sleeps).
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !done() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never: {what}"));
+    }
+
+    /// The accounting behind the proxy's metrics and its e2e test of a
+    /// stalled agent: what the limit counts is not what is left to send.
+    #[tokio::test]
+    async fn the_level_counts_writes_whole_until_their_batch_is_written() {
+        use futures_util::FutureExt as _;
+        let (a, mut b) = duplex(1024);
+        let mut w = WriteBehind::with_limit(a, 64 * 1024);
+        let level = w.level();
+        assert_eq!(
+            (level.bytes(), level.is_full(), level.stalled()),
+            (0, false, false)
+        );
+
+        // One write, more than the pipe holds: the pipe took 1 KiB of it,
+        // yet all of it counts until the rest is written.
+        w.write_all(&[1u8; 48 * 1024]).await.unwrap();
+        until("the writer waits for the pipe", || {
+            level.connection_full.load(Ordering::Acquire)
+        })
+        .await;
+        assert_eq!(level.bytes(), 48 * 1024);
+        assert!(!level.is_full() && !level.stalled());
+
+        // Below the limit, a write is taken whole however large: the queue
+        // goes past the limit by up to one write.
+        w.write_all(&[2u8; 32 * 1024]).await.unwrap();
+        assert_eq!(level.bytes(), 80 * 1024);
+        assert!(level.is_full() && level.stalled());
+        assert!(
+            w.write(&[3u8]).now_or_never().is_none(),
+            "a write did not wait at the limit"
+        );
+
+        // Only 79 KiB are left to send, as the pipe holds the rest; reading
+        // it all empties the queue.
+        let mut got = vec![0u8; 80 * 1024];
+        b.read_exact(&mut got).await.unwrap();
+        until("the queue is empty", || level.bytes() == 0).await;
+        assert!(!level.is_full() && !level.stalled());
+        assert!(got[..48 * 1024].iter().all(|&x| x == 1));
+        assert!(got[48 * 1024..].iter().all(|&x| x == 2));
+    }
+
+    #[tokio::test]
+    async fn without_a_limit_the_queue_is_never_full() {
+        let (a, _b) = duplex(16);
+        let mut w = WriteBehind::new(a);
+        let level = w.level();
+        w.write_all(&[1u8; 1 << 20]).await.unwrap();
+        until("the writer waits for the pipe", || {
+            level.connection_full.load(Ordering::Acquire)
+        })
+        .await;
+        assert_eq!(level.bytes(), 1 << 20);
+        assert!(!level.is_full() && !level.stalled());
     }
 
     #[tokio::test]

@@ -156,7 +156,8 @@ impl Registry {
         left
     }
 
-    /// Per cluster: live sessions, open streams, bytes so far (for /metrics).
+    /// Per cluster: live sessions, open streams, bytes so far, what waits in
+    /// the sessions' write queues (for /metrics).
     pub fn stats(&self) -> Vec<ClusterStats> {
         let sessions = lock(&self.inner.sessions);
         let ended = lock(&self.inner.ended_bytes);
@@ -167,6 +168,7 @@ impl Registry {
             .into_iter()
             .map(|cluster| {
                 let live = sessions.get(cluster).map(Vec::as_slice).unwrap_or_default();
+                let open = || live.iter().filter(|e| !e.session.is_closed());
                 let (mut received, mut sent) = ended.get(cluster).copied().unwrap_or_default();
                 for e in live {
                     let (r, s) = e.session.bytes();
@@ -175,10 +177,13 @@ impl Registry {
                 }
                 ClusterStats {
                     cluster: cluster.clone(),
-                    sessions: live.iter().filter(|e| !e.session.is_closed()).count(),
+                    sessions: open().count(),
                     streams: live.iter().map(|e| e.session.load()).sum(),
                     received,
                     sent,
+                    // A closed session's queue is not written any more.
+                    write_queued: open().map(|e| e.session.write_queue_bytes() as u64).sum(),
+                    stalled: open().filter(|e| e.session.write_stalled()).count(),
                 }
             })
             .collect()

@@ -3,7 +3,7 @@
 //! Event counters and histograms live in a [`Metrics`] handle that is passed to
 //! whoever counts (the registry, the listeners, the controller) and bumped
 //! where things happen; gauges that describe the present (sessions, open
-//! streams, bytes per cluster) are read from the session registry at scrape
+//! streams, bytes per cluster, the sessions' write queues) are read from the session registry at scrape
 //! time ([`ClusterStats`]), so they can never drift from the truth.
 
 use std::fmt::Write as _;
@@ -92,6 +92,10 @@ pub struct ClusterStats {
     pub streams: usize,
     pub received: u64,
     pub sent: u64,
+    /// Bytes in the sessions' write queues, not yet written to the agents.
+    pub write_queued: u64,
+    /// Sessions whose write queue is full and whose connection takes no more.
+    pub stalled: usize,
 }
 
 /// The proxy's event metrics. One per process, shared as `Arc<Metrics>`.
@@ -351,6 +355,20 @@ pub fn render(metrics: &Metrics, stats: &[ClusterStats]) -> String {
         "gauge",
         "Streams open through the tunnel per cluster.",
         &per_cluster(|s| s.streams as u64),
+    );
+    family(
+        &mut out,
+        "tower_agent_write_queue_bytes",
+        "gauge",
+        "Bytes queued for agents' connections and not yet written out, per cluster.",
+        &per_cluster(|s| s.write_queued),
+    );
+    family(
+        &mut out,
+        "tower_agent_stalled_sessions",
+        "gauge",
+        "Agent sessions whose write queue is full and whose connection takes no more (the agent does not read), per cluster.",
+        &per_cluster(|s| s.stalled as u64),
     );
     let bytes: Vec<(String, u64)> = stats
         .iter()

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::hub::HubRefusal;
 use crate::wire::{AgentConfig, CONFIG_REQUEST, HUB_CHANNEL_TYPE, PING_REQUEST};
+use crate::write_behind::QueueLevel;
 
 pub(super) enum AuthOutcome {
     Admitted(String),
@@ -41,6 +42,8 @@ pub(super) struct Handler<A: Admission> {
     hub_limit: usize,
     /// Hub channels refused at `hub_limit` (warned at the first).
     hub_refused: u64,
+    /// The connection's write queue, for the session.
+    write_queue: Arc<QueueLevel>,
 }
 
 impl<A: Admission> Handler<A> {
@@ -51,6 +54,7 @@ impl<A: Admission> Handler<A> {
         peer: Peer,
         outcome: oneshot::Sender<AuthOutcome>,
         configured: oneshot::Sender<()>,
+        write_queue: Arc<QueueLevel>,
     ) -> Self {
         let hub_limit = admission.max_hub_channels();
         Self {
@@ -64,6 +68,7 @@ impl<A: Admission> Handler<A> {
             hub_channels: Arc::new(Semaphore::new(hub_limit)),
             hub_limit,
             hub_refused: 0,
+            write_queue,
         }
     }
 
@@ -118,6 +123,7 @@ impl<A: Admission> Handler<A> {
                 rtt_micros: AtomicU64::new(0),
                 rtt_in_flight: AtomicBool::new(false),
                 rtt_measured: tokio::sync::Notify::new(),
+                write_queue: self.write_queue.clone(),
             }),
         };
         // Boxed: the admission (a Kubernetes round trip when registering) runs
