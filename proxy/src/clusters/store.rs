@@ -130,9 +130,15 @@ impl<P: Ports> ClusterStore for CrStore<P> {
         match self.damper.change(cluster, tokio::time::Instant::now()) {
             Step::Now => follow_up(&self.trigger, &self.kick, cluster),
             Step::At(at) => {
+                // A session that ends as its runtime shuts down has none to
+                // wait on: followed up at once.
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    self.damper.fired(cluster, tokio::time::Instant::now());
+                    return follow_up(&self.trigger, &self.kick, cluster);
+                };
                 let (trigger, kick) = (self.trigger.clone(), self.kick.clone());
                 let (damper, cluster) = (self.damper.clone(), cluster.to_string());
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     tokio::time::sleep_until(at).await;
                     damper.fired(&cluster, tokio::time::Instant::now());
                     follow_up(&trigger, &kick, &cluster);
@@ -439,5 +445,22 @@ mod tests {
             s.triggers.recv().await.unwrap(),
         ];
         assert_eq!(firsts.map(|r| r.name), ["alpha", "beta"]);
+    }
+
+    #[tokio::test]
+    async fn a_change_outside_a_runtime_is_followed_up_at_once() {
+        let mut s = setup(vec![cluster("alpha", "t1", (16000, 26000), true)]);
+        s.store.on_change("alpha");
+        assert_eq!(s.triggers.recv().await.unwrap().name, "alpha");
+        // A session dropped as its runtime shuts down: nothing to wait on.
+        let store = Arc::new(s.store);
+        let dropped = store.clone();
+        std::thread::spawn(move || dropped.on_change("alpha"))
+            .join()
+            .unwrap();
+        assert_eq!(s.triggers.try_recv().unwrap().name, "alpha");
+        // And the damper is not left waiting for a follow-up that never comes.
+        let later = tokio::time::Instant::now() + crate::clusters::damp::INTERVAL;
+        assert_eq!(store.damper.change("alpha", later), Step::Now);
     }
 }
