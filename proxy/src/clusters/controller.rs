@@ -18,6 +18,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::mpsc;
 
 use super::crd::Cluster;
+use super::damp::Damper;
 use super::reconcile::{Context, Ha, error_policy, reconcile};
 use super::status::Kick;
 use super::store::{CrStore, Names};
@@ -181,8 +182,9 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
             Some(Ha {
                 leader, changes, ..
             }) => {
-                // Another replica's agent came or went: the leader re-counts.
-                let changes = stream_of(changes).map(|c| ObjectRef::new(&c));
+                // Another replica's agent came or went: the leader re-counts,
+                // damped as this replica's own sessions' changes are.
+                let changes = stream_of(damped(changes)).map(|c| ObjectRef::new(&c));
                 // A new leader makes its first pass over every cluster.
                 let elected = futures_util::stream::unfold(leader, |mut leader| async move {
                     loop {
@@ -209,8 +211,46 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     }
 }
 
+/// `changes`, each cluster's passed on at once, then at most once a
+/// [`super::damp::INTERVAL`] while they go on, the last always.
+fn damped(mut changes: mpsc::UnboundedReceiver<String>) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let damper = Arc::new(Damper::default());
+    tokio::spawn(async move {
+        while let Some(cluster) = changes.recv().await {
+            let tx = tx.clone();
+            damper.follow(&cluster.clone(), move || _ = tx.send(cluster));
+        }
+    });
+    rx
+}
+
 fn stream_of<T: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<T>,
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clusters::damp::INTERVAL;
+
+    #[tokio::test(start_paused = true)]
+    async fn another_replicas_changes_are_damped_per_cluster() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut passes = damped(rx);
+        let start = tokio::time::Instant::now();
+        for cluster in ["alpha", "alpha", "alpha", "beta"] {
+            tx.send(cluster.to_string()).unwrap();
+        }
+        assert_eq!(passes.recv().await.as_deref(), Some("alpha"));
+        assert_eq!(passes.recv().await.as_deref(), Some("beta"));
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO);
+        // alpha's two more: one pass, when the interval ends.
+        assert_eq!(passes.recv().await.as_deref(), Some("alpha"));
+        assert_eq!(start.elapsed(), INTERVAL);
+        drop(tx);
+        assert_eq!(passes.recv().await, None, "nothing more");
+    }
 }

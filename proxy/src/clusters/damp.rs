@@ -10,11 +10,13 @@
 //! trailing follow-up sees the sessions as they are then, so the status
 //! never stays behind the last change by more than the interval.
 //!
-//! [`Damper`] only decides, with the time given; the caller runs the
-//! follow-ups ([`super::store`]).
+//! [`Damper::change`] only decides, with the time given; [`Damper::follow`]
+//! runs a follow-up as it says ([`super::store`] for this replica's
+//! sessions, [`super::controller`] for the leader's passes after another
+//! replica's).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -81,6 +83,29 @@ impl Damper {
         };
         self.prune(&mut entries, now);
         step
+    }
+
+    /// Runs `follow_up` for a change of `cluster` now: at once, when the
+    /// interval ends (a task on the current runtime), or not at all when
+    /// one is due already.
+    pub fn follow(self: &Arc<Self>, cluster: &str, follow_up: impl FnOnce() + Send + 'static) {
+        let at = match self.change(cluster, Instant::now()) {
+            Step::Now => return follow_up(),
+            Step::Covered => return,
+            Step::At(at) => at,
+        };
+        // A session that ends as its runtime shuts down has none to wait
+        // on: followed up at once, and nothing left due.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.fired(cluster, Instant::now());
+            return follow_up();
+        };
+        let (damper, cluster) = (self.clone(), cluster.to_string());
+        runtime.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            damper.fired(&cluster, Instant::now());
+            follow_up();
+        });
     }
 
     /// The follow-up [`Step::At`] asked for ran at `now`.

@@ -13,7 +13,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::mpsc;
 
 use super::crd::Cluster;
-use super::damp::{Damper, Step};
+use super::damp::Damper;
 use super::events::{Recorder, publish};
 use super::service::Addresses;
 use super::status::Kick;
@@ -127,25 +127,9 @@ impl<P: Ports> ClusterStore for CrStore<P> {
         if let Some(owners) = &self.owners {
             owners.sessions_changed();
         }
-        match self.damper.change(cluster, tokio::time::Instant::now()) {
-            Step::Now => follow_up(&self.trigger, &self.kick, cluster),
-            Step::At(at) => {
-                // A session that ends as its runtime shuts down has none to
-                // wait on: followed up at once.
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    self.damper.fired(cluster, tokio::time::Instant::now());
-                    return follow_up(&self.trigger, &self.kick, cluster);
-                };
-                let (trigger, kick) = (self.trigger.clone(), self.kick.clone());
-                let (damper, cluster) = (self.damper.clone(), cluster.to_string());
-                runtime.spawn(async move {
-                    tokio::time::sleep_until(at).await;
-                    damper.fired(&cluster, tokio::time::Instant::now());
-                    follow_up(&trigger, &kick, &cluster);
-                });
-            }
-            Step::Covered => {}
-        }
+        let (trigger, kick, name) = (self.trigger.clone(), self.kick.clone(), cluster.to_string());
+        self.damper
+            .follow(cluster, move || follow_up(&trigger, &kick, &name));
     }
 }
 
@@ -461,6 +445,9 @@ mod tests {
         assert_eq!(s.triggers.try_recv().unwrap().name, "alpha");
         // And the damper is not left waiting for a follow-up that never comes.
         let later = tokio::time::Instant::now() + crate::clusters::damp::INTERVAL;
-        assert_eq!(store.damper.change("alpha", later), Step::Now);
+        assert_eq!(
+            store.damper.change("alpha", later),
+            crate::clusters::damp::Step::Now
+        );
     }
 }
