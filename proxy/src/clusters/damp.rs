@@ -1,8 +1,8 @@
 //! A flapping agent's session changes, damped. Each change of a cluster's
 //! sessions is followed up by a reconcile pass and a status refresh (a probe
-//! of the member, one or two writes of the Cluster): a valid agent that
-//! reconnects in a loop made that two passes, two refreshes and two to three
-//! writes per session, most of what it cost everyone else (docs/reliability.md).
+//! of the member, a write of the Cluster and an Event when a condition
+//! flips): a valid agent that reconnects in a loop cost two of each per
+//! session, most of what it cost everyone else (docs/reliability.md).
 //!
 //! So a cluster's first change is followed up at once (a connect's
 //! `AgentAvailable` is not held back), and the changes within [`INTERVAL`] of
