@@ -8,7 +8,7 @@
 //! once more and stays until the status says so, then leaves. The
 //! writes to Clusters are what the host kube-apiserver counts itself
 //! (`apiserver_request_total`). Each session change used to be followed by a
-//! pass and a refresh: a Cluster write and an Event per change, 37 and 36
+//! pass and a refresh: a Cluster write and an Event per change, 41 and 40
 //! here; with the damper 5 and 4.
 //!
 //! Run: `make build harness && cargo test -p e2e --release --test flapping`.
