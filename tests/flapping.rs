@@ -26,7 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
-use e2e::{Tower, apiserver_writes, metric_sample, scrape_metrics, wait_for_ok, writes_between};
+use e2e::{
+    Tower, apiserver_writes, cluster_condition, metric_sample, scrape_metrics, wait_for_ok,
+    writes_between,
+};
 
 const SOON: Duration = Duration::from_secs(60);
 /// Sessions of the flapping agent, and how long each lasts: long enough
@@ -64,25 +67,15 @@ fn beta(tower: &Tower) -> Result<Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
-/// beta's `AgentAvailable` condition status ("True", "False"), if written.
-fn available(cluster: &Value) -> Option<String> {
-    cluster["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "AgentAvailable")?["status"]
-        .as_str()
-        .map(str::to_string)
-}
-
 /// Waits until beta has `live` sessions and its status says `available`.
-async fn says(tower: &Tower, live: u32, available_: &str) -> Result<()> {
+async fn says(tower: &Tower, live: u32, available: &str) -> Result<()> {
     wait_for_ok(SOON, || async {
         let metrics = scrape_metrics("127.0.0.1", tower.proxy_port()).await?;
         let sessions = metric_sample(&metrics, "tower_agent_sessions{cluster=\"beta\"}");
         ensure!(sessions == f64::from(live), "beta has {sessions} sessions");
         let c = beta(tower)?;
         ensure!(
-            available(&c).as_deref() == Some(available_),
+            cluster_condition(&c, "AgentAvailable").as_deref() == Some(available),
             "beta's status with {live} sessions: {}",
             c["status"]
         );
@@ -102,7 +95,8 @@ async fn a_flapping_agent_costs_its_cluster_one_follow_up_a_second() -> Result<(
             .as_str()
             .unwrap_or_default();
         ensure!(
-            !token.is_empty() && available(&c).as_deref() == Some("False"),
+            !token.is_empty()
+                && cluster_condition(&c, "AgentAvailable").as_deref() == Some("False"),
             "beta not settled yet: {}",
             c["status"]
         );

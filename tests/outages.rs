@@ -77,14 +77,7 @@ fn cluster(tower: &Tower, name: &str) -> Result<Value> {
 
 /// The status of condition `kind` of a Cluster ("True", "False", "" if none).
 fn condition(c: &Value, kind: &str) -> String {
-    c["status"]["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|x| x["type"] == kind)
-        .and_then(|x| x["status"].as_str())
-        .unwrap_or_default()
-        .to_string()
+    e2e::cluster_condition(c, kind).unwrap_or_default()
 }
 
 /// Waits until alpha's JSON satisfies `cond`; on timeout says what it was.

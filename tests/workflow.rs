@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value, json};
-use e2e::{KubeCluster, Proc, bin, free_port, kubectl_binary, wait_for_ok, wait_until};
+use e2e::{
+    KubeCluster, Proc, bin, cluster_condition, free_port, kubectl_binary, wait_for_ok, wait_until,
+};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -188,16 +190,6 @@ fn pick_cluster_ports(width: u16) -> (u16, u16) {
         .hash_one((std::process::id(), Instant::now()));
     let first = 20000 + (r % u64::from(2000 - width)) as u16;
     (first, first + width - 1)
-}
-
-/// `status.conditions[type=kind].status`.
-fn condition(cluster: &Value, kind: &str) -> Option<String> {
-    cluster["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == kind)
-        .and_then(|c| c["status"].as_str())
-        .map(str::to_string)
 }
 
 fn conn_port(cluster: &Value, field: &str) -> u16 {
@@ -503,7 +495,7 @@ impl Env {
         let want = if available { "True" } else { "False" };
         wait_for_ok(timeout, || async {
             let c = self.cluster(name).await?;
-            let got = condition(&c, "AgentAvailable");
+            let got = cluster_condition(&c, "AgentAvailable");
             ensure!(
                 got.as_deref() == Some(want),
                 "AgentAvailable is {got:?}, want {want}"
@@ -579,12 +571,12 @@ fn check_filled_in(c: &Value) -> Result<()> {
         conn["kubesphereAPIEndpoint"]
     );
     ensure!(
-        condition(c, "Initialized").as_deref() == Some("True"),
+        cluster_condition(c, "Initialized").as_deref() == Some("True"),
         "Initialized is {:?}",
-        condition(c, "Initialized")
+        cluster_condition(c, "Initialized")
     );
     ensure!(
-        condition(c, "AgentAvailable").is_some(),
+        cluster_condition(c, "AgentAvailable").is_some(),
         "no AgentAvailable condition"
     );
     Ok(())
@@ -787,7 +779,7 @@ async fn seed_flow_kubectl_reaches_the_member() -> Result<()> {
     env.create(&proxy_cluster("alpha")).await?;
     let c = env.wait_initialized("alpha").await?;
     assert_eq!(
-        condition(&c, "AgentAvailable").as_deref(),
+        cluster_condition(&c, "AgentAvailable").as_deref(),
         Some("False"),
         "no agent yet"
     );
@@ -1081,7 +1073,7 @@ async fn wrong_token_is_rejected_and_changes_nothing() -> Result<()> {
     assert_eq!(after["spec"], before["spec"]);
     assert_eq!(after["status"], before["status"]);
     assert_eq!(
-        condition(&after, "AgentAvailable").as_deref(),
+        cluster_condition(&after, "AgentAvailable").as_deref(),
         Some("False")
     );
     ensure!(
@@ -1205,9 +1197,9 @@ async fn restarted_proxy_waits_for_agents_to_come_back() -> Result<()> {
     let seen = mark(&agent);
     let c = restart_with_agent_held(&mut env, &mut agent, "probe-1").await?;
     ensure!(
-        condition(&c, "AgentAvailable").as_deref() == Some("True"),
+        cluster_condition(&c, "AgentAvailable").as_deref() == Some("True"),
         "the restarted proxy wrote AgentAvailable={:?} while the agent was on its way back",
-        condition(&c, "AgentAvailable")
+        cluster_condition(&c, "AgentAvailable")
     );
     agent.signal(Signal::SIGCONT)?;
     line_after(&agent, seen, |l| l.contains("connected to proxy"), START).await?;
@@ -1222,9 +1214,9 @@ async fn restarted_proxy_waits_for_agents_to_come_back() -> Result<()> {
     let seen = mark(&agent);
     let c = restart_with_agent_held(&mut env, &mut agent, "probe-2").await?;
     ensure!(
-        condition(&c, "AgentAvailable").as_deref() == Some("True"),
+        cluster_condition(&c, "AgentAvailable").as_deref() == Some("True"),
         "AgentAvailable={:?} before the grace ended",
-        condition(&c, "AgentAvailable")
+        cluster_condition(&c, "AgentAvailable")
     );
     env.wait_agent("alpha", false, COMEBACK + SETTLE).await?;
     agent.signal(Signal::SIGCONT)?;
@@ -1310,12 +1302,12 @@ async fn unknown_fields_and_config_survive() -> Result<()> {
             c["status"]
         );
         ensure!(
-            condition(c, "Ready").as_deref() == Some("True"),
+            cluster_condition(c, "Ready").as_deref() == Some("True"),
             "{when}: KubeSphere's Ready condition is gone: {}",
             c["status"]
         );
         ensure!(
-            condition(c, "Initialized").as_deref() == Some("True"),
+            cluster_condition(c, "Initialized").as_deref() == Some("True"),
             "{when}: {}",
             c["status"]
         );

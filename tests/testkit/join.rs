@@ -26,6 +26,17 @@ fn manifest(name: &str) -> Value {
     })
 }
 
+/// `status.conditions[type=kind].status` of a Cluster ("True", "False"),
+/// if written.
+pub fn cluster_condition(cluster: &Value, kind: &str) -> Option<String> {
+    cluster["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str())
+        .map(str::to_string)
+}
+
 /// A cluster [`Tower::join`] added: its agent runs while this lives.
 pub struct Joined {
     pub name: String,
