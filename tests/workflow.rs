@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value, json};
 use e2e::{
-    KubeCluster, Proc, bin, cluster_condition, free_port, kubectl_binary, wait_for_ok, wait_until,
+    KubeCluster, Proc, bin, cluster_condition, free_port, kubectl_binary, proxy_cluster,
+    wait_for_ok, wait_until,
 };
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
@@ -219,16 +220,6 @@ fn resource_version(cluster: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-/// A Cluster the proxy serves: joins the federation through a proxy connection.
-fn proxy_cluster(name: &str) -> Value {
-    json!({
-        "apiVersion": "cluster.kubesphere.io/v1alpha1",
-        "kind": "Cluster",
-        "metadata": {"name": name},
-        "spec": {"joinFederation": true, "connection": {"type": "proxy"}}
-    })
 }
 
 /// Whether a TCP connection to 127.0.0.1:`port` is refused (nothing listens).

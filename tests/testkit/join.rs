@@ -17,7 +17,7 @@ use crate::wait::wait_for_ok;
 const SETTLE: Duration = Duration::from_secs(180);
 
 /// A Cluster served through the proxy, as [`Tower::join`] creates them.
-fn manifest(name: &str) -> Value {
+pub fn proxy_cluster(name: &str) -> Value {
     json!({
         "apiVersion": "cluster.kubesphere.io/v1alpha1",
         "kind": "Cluster",
@@ -50,7 +50,7 @@ impl Tower {
     /// test plays it); the proxy gives it a token and ports meanwhile.
     pub fn create_cluster(&self, name: &str) -> Result<()> {
         self.host()
-            .kubectl_input(&["create", "-f", "-"], &manifest(name).to_string())?;
+            .kubectl_input(&["create", "-f", "-"], &proxy_cluster(name).to_string())?;
         Ok(())
     }
 
@@ -59,7 +59,7 @@ impl Tower {
     /// with a published kubeconfig (written to the Tower's directory).
     pub async fn join(&self, names: &[String]) -> Result<Vec<Joined>> {
         let host_kc = self.host().kubeconfig().to_path_buf();
-        let items: Vec<Value> = names.iter().map(|name| manifest(name)).collect();
+        let items: Vec<Value> = names.iter().map(|name| proxy_cluster(name)).collect();
         let list = json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
         let args = ["create", "-f", "-"];
         checked(

@@ -98,7 +98,7 @@ mod wait;
 pub use audit::audit_records;
 pub use cluster::{KubeCluster, STOP_GRACE};
 pub use env::clean_env;
-pub use join::{Joined, cluster_condition};
+pub use join::{Joined, cluster_condition, proxy_cluster};
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use member::run_agent_like_a_kubelet;
 pub use member_net::{MEMBER_ADDR, MEMBER_GATEWAY, MemberNet};
