@@ -243,6 +243,10 @@ impl TowerRs {
                 "--forward=bench=127.0.0.1:0".into(),
                 "--connect-port=0".into(),
                 "--log-format=json".into(),
+                // The bulk uploads measure the tunnel, like the peers'
+                // (which pace nothing): one client's request bodies are not
+                // paced here (by default 8 MiB/s after 32 MiB).
+                "--request-body-rate-per-source=0".into(),
             ],
         )?;
         let (agents_addr, forward, fingerprint) = started_proxy(&proxy).await?;

@@ -1,5 +1,5 @@
 //! The small text parsers that see flags, files and channel requests: a
-//! channel target, `host:port`, `--allow-dial` rules, Go durations and SSH
+//! channel target, `host:port`, `--allow-dial` rules, Go durations, byte counts and SSH
 //! host keys. Each must answer (Ok or a reason) for any input, never panic,
 //! and what it accepts must survive a round trip.
 #![no_main]
@@ -24,5 +24,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = tunnel::allow::Rule::parse(text);
     let _ = tunnel::cli::parse_go_duration(text);
+    let _ = tunnel::cli::parse_bytes(text);
     let _ = tunnel::ssh::parse_host_key(text, "fuzz");
 });

@@ -180,6 +180,18 @@ pub struct Flags {
     /// clients share one address (NAT); 0: no rate.
     #[arg(long, default_value_t = crate::ops::rate::DEFAULT_PER_SECOND, value_name = "N")]
     pub max_handshakes_per_source_per_second: u32,
+    /// Request-body bytes one client (a source address and user) may send
+    /// to the members per second, after --request-body-burst-per-source at
+    /// once; a body over it waits its turn (the client's upload slows, it is
+    /// not cut). On the cluster ports, --access-port and
+    /// --aggregated-api-port; not responses, exec/attach/port-forward/cp
+    /// streams or the CONNECT door. A count like 8Mi; 0: no rate.
+    #[arg(long, default_value = "8Mi", value_parser = tunnel::cli::parse_bytes, value_name = "BYTES")]
+    pub request_body_rate_per_source: u64,
+    /// Request-body bytes one client may send at once before
+    /// --request-body-rate-per-source paces it (a count like 32Mi).
+    #[arg(long, default_value = "32Mi", value_parser = tunnel::cli::parse_bytes, value_name = "BYTES")]
+    pub request_body_burst_per_source: u64,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -240,6 +252,8 @@ pub struct Config {
     /// `--max-pending-handshakes`, `--max-pending-handshakes-per-source`,
     /// `--max-handshakes-per-source-per-second`.
     pub pending: crate::ops::pending::Limits,
+    /// `--request-body-rate-per-source` and `--request-body-burst-per-source`.
+    pub uploads: crate::ops::uploads::Limits,
 }
 
 /// `--cluster-ports`.

@@ -53,6 +53,8 @@ struct Core {
     relay: Option<Arc<dyn Relay>>,
     /// The caps on clients' TLS handshakes in progress (every HTTPS door).
     client_pending: Arc<Pending>,
+    /// Each client's request-body rate (every door that forwards HTTP).
+    uploads: Option<Arc<crate::ops::uploads::Pacer>>,
 }
 
 impl Core {
@@ -65,6 +67,7 @@ impl Core {
             metrics: self.metrics.clone(),
             audit: self.audit.clone(),
             pending: self.client_pending.clone(),
+            uploads: self.uploads.clone(),
         }
     }
 }
@@ -85,8 +88,10 @@ pub async fn run(mut config: Config, handshakes: Runner) -> anyhow::Result<()> {
         None => (Audit::Off, None),
     };
     let client_pending = Pending::running_on(handshakes, config.pending, metrics.clone());
+    let uploads = crate::ops::uploads::Pacer::of(config.uploads);
     let core = Core {
         client_pending,
+        uploads,
         config,
         registry,
         dialer,

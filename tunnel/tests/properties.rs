@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::addr::{join_host_port, split_host_port};
 use tunnel::allow::Rule;
-use tunnel::cli::parse_go_duration;
+use tunnel::cli::{parse_bytes, parse_go_duration};
 use tunnel::wire::{AgentConfig, MAX_CONFIG_LEN, parse_target};
 use tunnel::ws::WsStream;
 
@@ -262,6 +262,33 @@ proptest! {
     fn durations_from_any_text(text in ".{0,30}") {
         if let Err(e) = parse_go_duration(&text) {
             prop_assert!(e.contains("not a duration") || e.contains("negative") || e.contains("too"), "{e}");
+        }
+    }
+
+    /// Byte counts: a number and a suffix is the number times the unit.
+    #[test]
+    fn byte_counts_are_the_number_times_the_unit(n in 0u64..1_000_000, u in 0usize..9) {
+        const UNITS: [(&str, u64); 9] = [
+            ("", 1),
+            ("Ki", 1 << 10),
+            ("Mi", 1 << 20),
+            ("Gi", 1 << 30),
+            ("Ti", 1 << 40),
+            ("k", 1_000),
+            ("M", 1_000_000),
+            ("G", 1_000_000_000),
+            ("T", 1_000_000_000_000),
+        ];
+        let (suffix, unit) = UNITS[u];
+        prop_assert_eq!(parse_bytes(&format!("{n}{suffix}")), Ok(n * unit));
+    }
+
+    /// Any text: a count or a sentence naming the text.
+    #[test]
+    fn byte_counts_from_any_text(text in ".{0,30}") {
+        if let Err(e) = parse_bytes(&text) {
+            prop_assert!(e.contains("not a byte count") || e.contains("too large"), "{e}");
+            prop_assert!(e.contains(&format!("{text:?}")), "{e}");
         }
     }
 }

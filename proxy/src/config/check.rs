@@ -222,6 +222,10 @@ impl Flags {
                 per_source: self.max_pending_handshakes_per_source,
                 rate_per_source: self.max_handshakes_per_source_per_second,
             },
+            uploads: crate::ops::uploads::Limits {
+                rate: self.request_body_rate_per_source,
+                burst: self.request_body_burst_per_source,
+            },
         })
     }
 

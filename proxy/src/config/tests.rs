@@ -381,3 +381,33 @@ fn cluster_ports_none_says_what_it_needs() {
     let (cert, key) = (format!("--ca-cert={cert}"), format!("--ca-key={key}"));
     assert!(check(&[&file, "--access-port=9443", &cert, &key]).is_ok());
 }
+
+#[test]
+fn request_bodies_are_paced_per_client_by_default_and_the_rate_takes_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clusters.json");
+    std::fs::write(&file, r#"{"alpha": "t"}"#).unwrap();
+    let arg = format!("--clusters-file={}", file.display());
+    assert_eq!(
+        check(&[&arg]).unwrap().uploads,
+        crate::ops::uploads::Limits::default()
+    );
+    let set = check(&[
+        &arg,
+        "--request-body-rate-per-source=512Ki",
+        "--request-body-burst-per-source=4M",
+    ])
+    .unwrap();
+    assert_eq!(set.uploads.rate, 512 << 10);
+    assert_eq!(set.uploads.burst, 4_000_000);
+    let off = check(&[&arg, "--request-body-rate-per-source=0"]).unwrap();
+    assert!(crate::ops::uploads::Pacer::of(off.uploads).is_none());
+    let e = Flags::try_parse_from(["proxy", "--request-body-rate-per-source=8MB"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("--request-body-rate-per-source") && e.contains("not a byte count"),
+        "{e}"
+    );
+}

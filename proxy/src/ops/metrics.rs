@@ -133,6 +133,8 @@ pub struct Metrics {
     /// 1 while this replica writes to the host cluster (it leads, or runs
     /// alone), else 0: summed over replicas, what a "no leader" alert reads.
     pub leader: Gauge,
+    /// Time request bodies waited for their client's turn, per cluster.
+    pub paced_seconds: Family<ClusterLabel, Counter<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -236,8 +238,15 @@ impl Metrics {
             "1 while this replica is the one writing to the host cluster",
             leader.clone(),
         );
+        let paced_seconds = Family::<ClusterLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "request_body_paced_seconds",
+            "Time request bodies waited for their client's turn (--request-body-rate-per-source), per cluster",
+            paced_seconds.clone(),
+        );
         Metrics {
             registry,
+            paced_seconds,
             refused_connections,
             leader,
             audit_dropped,
@@ -296,6 +305,13 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    /// A request body of `cluster` waited `time` for its client's turn.
+    pub fn paced(&self, cluster: &str, time: Duration) {
+        self.paced_seconds
+            .get_or_create(&Self::cluster(cluster))
+            .inc_by(time.as_secs_f64());
     }
 
     pub fn observe_request(&self, cluster: &str, elapsed: Duration) {

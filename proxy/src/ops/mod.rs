@@ -8,6 +8,7 @@
 //! - [`audit`]: the audit log, one line per request or stream;
 //! - [`pending`]: the caps on handshakes not finished yet (hostile peers);
 //! - [`rate`]: how fast one source may start handshakes;
+//! - [`uploads`]: how fast one client's request bodies go to the members;
 //! - [`handshakes`]: the clients' TLS handshakes, on threads of their own
 //!   below the forwarding ones;
 //! - [`signals`]: SIGTERM / SIGINT;
@@ -22,3 +23,4 @@ pub mod pending;
 pub mod rate;
 pub mod signals;
 pub mod trim;
+pub mod uploads;

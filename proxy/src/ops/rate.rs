@@ -65,18 +65,8 @@ impl PerSource {
         Some(start)
     }
 
-    /// Forget the sources whose bucket is full again (at most once a second:
-    /// the table stays small and a flood of sources does not make each
-    /// connection walk it).
     fn prune(&mut self, now: Instant) {
-        if self
-            .pruned_at
-            .is_some_and(|at| now.duration_since(at) < PRUNE_EVERY)
-        {
-            return;
-        }
-        self.pruned_at = Some(now);
-        self.due.retain(|_, due| *due > now);
+        forget_full(&mut self.due, &mut self.pruned_at, now);
     }
 
     /// Sources remembered now.
@@ -84,6 +74,21 @@ impl PerSource {
     pub fn sources(&self) -> usize {
         self.due.len()
     }
+}
+
+/// Forget the buckets of `due` that are full again (at most once a second:
+/// the table stays small and a flood of sources does not make each
+/// arrival walk it). Shared with [`super::uploads`].
+pub(super) fn forget_full<K>(
+    due: &mut HashMap<K, Instant>,
+    pruned_at: &mut Option<Instant>,
+    now: Instant,
+) {
+    if pruned_at.is_some_and(|at| now.duration_since(at) < PRUNE_EVERY) {
+        return;
+    }
+    *pruned_at = Some(now);
+    due.retain(|_, due| *due > now);
 }
 
 #[cfg(test)]

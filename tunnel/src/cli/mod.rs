@@ -9,6 +9,8 @@
 //!   value parser (`--keepalive=10s`);
 //! - [`goflags`]: [`go_bool`] and the clap recipe for a Go boolean flag
 //!   (`--leader-elect`, `--leader-elect=false`);
+//! - [`quantity`]: [`parse_bytes`], byte counts as Kubernetes writes them
+//!   (`--request-body-rate-per-source=8Mi`);
 //! - [`klog`]: [`KlogFlags`], klog's flags, to `#[command(flatten)]`;
 //! - [`logging`]: [`init_logging`], the tracing subscriber from `--log-format`
 //!   and the klog flags, with the `--v` to level mapping.
@@ -40,8 +42,10 @@ pub mod duration;
 pub mod goflags;
 pub mod klog;
 pub mod logging;
+pub mod quantity;
 
 pub use duration::parse_go_duration;
 pub use goflags::go_bool;
 pub use klog::{KlogFlags, Severity};
 pub use logging::{LogFormat, LoggingError, init_logging, verbosity_filter};
+pub use quantity::parse_bytes;

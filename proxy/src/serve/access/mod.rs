@@ -39,6 +39,7 @@ use super::proxies::Proxies;
 use crate::identity::ca::Ca;
 use crate::ops::accept::accept_loop;
 use crate::ops::audit::{Caller, Record};
+use crate::ops::uploads::Source;
 
 /// The audit records' door for requests through the path form.
 pub const DOOR: &str = "path";
@@ -124,7 +125,8 @@ impl Access {
                         return;
                     };
                     let client = Client::of(&tls);
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(Source(peer.ip()));
                         let (access, client) = (access.clone(), client.clone());
                         async move { Ok::<_, Infallible>(access.handle(req, &client).await) }
                     });

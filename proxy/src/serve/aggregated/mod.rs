@@ -26,6 +26,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -38,6 +40,7 @@ use self::trust::Trust;
 use super::proxies::Proxies;
 use crate::identity::ca::{Ca, peer_common_name};
 use crate::ops::accept::accept_loop;
+use crate::ops::uploads::Source;
 use crate::serve::admit::handshake;
 use crate::serve::listener::Shared;
 use crate::serve::listener::tls::{OWN_PORT_CERT_VALIDITY, Resolver, ServerCert, keep_renewed};
@@ -228,7 +231,8 @@ async fn serve(
         return;
     };
     let cn = peer_common_name(stream.get_ref().1);
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(Source(peer.ip()));
         let (handler, trust, cn) = (handler.clone(), trust.clone(), cn.clone());
         async move { Ok::<_, Infallible>(handler.handle(req, trust, cn).await) }
     });

@@ -29,6 +29,7 @@ use crate::member::{MemberDialer, Target};
 use crate::ops::audit::{Audit, Caller, Counting, Pending, Record};
 use crate::ops::in_flight::{Entered, InFlight};
 use crate::ops::metrics::Metrics;
+use crate::ops::uploads::{Flow, Paced, Pacer, Source, Waited};
 
 /// How long the member may take to answer with response headers. Watches and
 /// `logs -f` answer headers at once; their bodies and upgraded streams have no
@@ -51,6 +52,21 @@ pub struct Proxy {
     pub audit: Audit,
     /// The caps on client TLS handshakes in progress.
     pub pending: Arc<crate::ops::pending::Pending>,
+    /// Each client's request-body rate; `None`: not paced.
+    pub uploads: Option<Arc<Pacer>>,
+}
+
+/// Where a paced request body's waits are counted: the cluster's
+/// `tower_request_body_paced_seconds_total`.
+pub struct PaceWaits {
+    metrics: Arc<Metrics>,
+    cluster: String,
+}
+
+impl Waited for PaceWaits {
+    fn waited(&mut self, time: Duration) {
+        self.metrics.paced(&self.cluster, time);
+    }
 }
 
 /// A body whose data bytes are added to a [`Tally`] as they pass: the
@@ -95,7 +111,7 @@ impl Drop for Answered {
 }
 
 /// The request body as the connection pool sends it.
-pub type Tallied = Metered<Incoming, Arc<AtomicU64>>;
+pub type Tallied = Metered<Paced<Incoming, Option<PaceWaits>>, Arc<AtomicU64>>;
 
 impl<B, T> Metered<B, T> {
     fn new(inner: B, tally: T) -> Self {
@@ -165,6 +181,7 @@ impl Proxy {
             metrics: shared.metrics.clone(),
             pending: shared.pending.clone(),
             audit: shared.audit.clone(),
+            uploads: shared.uploads.clone(),
         }
     }
 
@@ -198,6 +215,28 @@ impl Proxy {
         })
     }
 
+    /// `body` paced as its client's (`source`, `caller`), when the proxy
+    /// paces request bodies and the door said where the request came from.
+    fn paced(
+        &self,
+        body: Incoming,
+        source: Option<Source>,
+        caller: &Caller,
+    ) -> Paced<Incoming, Option<PaceWaits>> {
+        let Some((pacer, Source(source))) = self.uploads.clone().zip(source) else {
+            return Paced::new(body, None, None);
+        };
+        let flow = Flow {
+            source,
+            user: caller.user.as_str().into(),
+        };
+        let waits = PaceWaits {
+            metrics: self.metrics.clone(),
+            cluster: self.cluster.clone(),
+        };
+        Paced::new(body, Some((pacer, flow)), Some(waits))
+    }
+
     /// `audit` is taken over by an upgraded stream, to be written when it ends.
     async fn forward(
         &self,
@@ -223,6 +262,7 @@ impl Proxy {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let (mut parts, body) = req.into_parts();
+        let source = parts.extensions.get::<Source>().copied();
         strip_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = &upgrade {
             parts
@@ -263,7 +303,7 @@ impl Proxy {
         parts.extensions = Default::default();
         drop(access);
 
-        let body = Metered::new(body, audit.bytes_in.clone());
+        let body = Metered::new(self.paced(body, source, caller), audit.bytes_in.clone());
         let sent = self.client.request(Request::from_parts(parts, body));
         let mut resp = match tokio::time::timeout(self.response_header_timeout, sent).await {
             Ok(Ok(resp)) => resp,

@@ -29,6 +29,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,6 +47,7 @@ use crate::ops::audit::{Audit, Caller};
 use crate::ops::in_flight::InFlight;
 use crate::ops::metrics::Metrics;
 use crate::ops::pending::{Pending, Permit};
+use crate::ops::uploads::Source;
 use crate::serve::admit::{Client, handshake};
 
 /// How long a client may take to send a request's headers.
@@ -89,6 +92,8 @@ pub struct Shared {
     pub audit: Audit,
     /// The caps on TLS handshakes in progress, shared by the clients' doors.
     pub pending: Arc<Pending>,
+    /// Each client's request-body rate (`--request-body-rate-per-source`).
+    pub uploads: Option<Arc<crate::ops::uploads::Pacer>>,
 }
 
 /// What clients speak to the port.
@@ -326,7 +331,8 @@ async fn serve_connection<T: Io>(
     let audit = proxy.audit.clone();
     let pending = proxy.pending.clone();
     let service = |caller: Arc<Caller>| {
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(Source(peer.ip()));
             let (proxy, caller) = (proxy.clone(), caller.clone());
             async move { Ok::<_, Infallible>(proxy.handle(req, &caller).await) }
         })

@@ -6,6 +6,7 @@ mod audit;
 mod fixture;
 mod path;
 mod personal;
+mod uploads;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -381,14 +382,7 @@ async fn a_replaced_certificate_serves_new_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_response_headers_are_a_504() {
-    let member = Member::start(true).await;
-    let registry = registry();
-    let _agent = connect_agent(
-        &registry,
-        agent_config(&member, None),
-        vec![member.addr.clone()],
-    )
-    .await;
+    let (_member, registry, _agent) = member_with_agent(|_| {}).await;
     let proxy = start_proxy(&registry, Duration::from_millis(300)).await;
     let (code, body) = proxy.get("/hang").await;
     assert_eq!(code, StatusCode::GATEWAY_TIMEOUT);

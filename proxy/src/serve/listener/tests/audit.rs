@@ -17,14 +17,7 @@ async fn audited_proxy(registry: &Registry, file: &std::path::Path) -> ProxySide
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_line_per_request_with_its_caller_and_no_secret() {
-    let member = Member::start(true).await;
-    let registry = registry();
-    let _agent = connect_agent(
-        &registry,
-        agent_config(&member, None),
-        vec![member.addr.clone()],
-    )
-    .await;
+    let (_member, registry, _agent) = member_with_agent(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("audit.log");
     let proxy = audited_proxy(&registry, &file).await;

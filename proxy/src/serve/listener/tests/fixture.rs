@@ -284,6 +284,7 @@ pub(super) fn shared(registry: &Registry) -> Shared {
             crate::ops::pending::Limits::default(),
             registry.metrics().clone(),
         ),
+        uploads: None,
     }
 }
 
@@ -396,13 +397,22 @@ pub(super) async fn start_proxy_with(
 pub(super) async fn setup(
     edit: impl FnOnce(&mut AgentConfig),
 ) -> (Member, ProxySide, JoinHandle<()>) {
+    let (member, registry, agent) = member_with_agent(edit).await;
+    let proxy = start_proxy(&registry, RESPONSE_HEADER_TIMEOUT).await;
+    (member, proxy, agent)
+}
+
+/// A member and its agent, connected to a new registry: the test starts
+/// the proxy side it needs.
+pub(super) async fn member_with_agent(
+    edit: impl FnOnce(&mut AgentConfig),
+) -> (Member, Registry, JoinHandle<()>) {
     let member = Member::start(true).await;
     let registry = registry();
     let mut config = agent_config(&member, None);
     edit(&mut config);
     let agent = connect_agent(&registry, config, vec![member.addr.clone()]).await;
-    let proxy = start_proxy(&registry, RESPONSE_HEADER_TIMEOUT).await;
-    (member, proxy, agent)
+    (member, registry, agent)
 }
 
 // -- a kubectl stand-in -------------------------------------------------------

@@ -11,14 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_port_serves_each_cluster_at_its_path() {
-    let member = Member::start(true).await;
-    let registry = registry();
-    let agent = connect_agent(
-        &registry,
-        agent_config(&member, None),
-        vec![member.addr.clone()],
-    )
-    .await;
+    let (_member, registry, agent) = member_with_agent(|_| {}).await;
     let ca = Arc::new(Ca::generate().unwrap());
     let gate = gate(&registry);
     let known: Known = Arc::new(move |cluster: &str| gate.knows(cluster));
