@@ -12,6 +12,10 @@
 //!   like those at any client's door while `b`'s relays go on.
 //!   The same once more with the member and its agent in a network
 //!   namespace with no inbound network (e2e::MemberNet).
+//! - with `--max-handshakes-per-source-per-second`, the connections `b`
+//!   relays to `a` take their turn at `b` by the client's address (three
+//!   clients' bursts all served, though at `a` they all come from `b`), and
+//!   a flood past its turn is closed and counted at `b`.
 //! - `a` drains on SIGTERM: a watch relayed through `b` to `a` keeps
 //!   delivering during the drain, requests through `b` never fail, the agent
 //!   connects to `b` before its tunnel to `a` closes, and the Cluster never
@@ -113,6 +117,7 @@ async fn spawn_replica(
     ports: (u16, u16, u16),
     kubeconfig: &Path,
     dir: &Path,
+    extra: &[&str],
 ) -> Result<Replica> {
     let (agents_port, peer_port, first) = ports;
     let mut cmd = Command::new(bin("proxy"));
@@ -125,7 +130,8 @@ async fn spawn_replica(
         .arg(dir.join(format!("data-{id}")))
         .args(["--leader-elect", "--leader-elect-lease-duration", "4s"])
         .args(["--replica-id", id, "--peer-port", &peer_port.to_string()])
-        .args(["--shutdown-grace", GRACE]);
+        .args(["--shutdown-grace", GRACE])
+        .args(extra);
     let proc = Proc::spawn(&format!("proxy-{id}"), cmd)?;
     proc.wait_for_line(|l| l.contains("listening for agents"), DEADLINE)
         .await?;
@@ -139,13 +145,14 @@ impl Ha {
     /// `slot`: a number of its own per test in this file, so that tests
     /// running at the same time get port ranges of their own.
     async fn start(slot: u16) -> Result<Ha> {
-        Self::start_with(slot, None).await
+        Self::start_with(slot, None, &[]).await
     }
 
     /// With `net`: the member and its agent in that namespace with no
     /// inbound network; the agent reaches the replicas through the balancer
     /// on the veth's host side.
-    async fn start_with(slot: u16, net: Option<MemberNet>) -> Result<Ha> {
+    /// `proxy_args`: more flags for both replicas.
+    async fn start_with(slot: u16, net: Option<MemberNet>, proxy_args: &[&str]) -> Result<Ha> {
         let member = async {
             match &net {
                 Some(net) => KubeCluster::start_isolated("member", net, &["--kubelet"]).await,
@@ -160,16 +167,17 @@ impl Ha {
 
         // Same ports on two addresses, as two pods would have.
         let (agents_port, peer_port) = (free_port(), free_port());
-        // Below the ephemeral range (32768), one range of 10 per test, and
-        // (per process id) apart from other test binaries' ranges.
-        let first = 20000 + (std::process::id() % 600) as u16 * 20 + slot * 10;
+        // Below the ephemeral range (32768), one range of 10 per test (3
+        // slots), and (per process id) apart from other test binaries' ranges.
+        let first = 20000 + (std::process::id() % 400) as u16 * 30 + slot * 10;
         let ports = (agents_port, peer_port, first);
-        let a = spawn_replica("a", "127.0.0.1", ports, host.kubeconfig(), dir.path()).await?;
+        let (kubeconfig, data) = (host.kubeconfig(), dir.path());
+        let a = spawn_replica("a", "127.0.0.1", ports, kubeconfig, data, proxy_args).await?;
         // `a` leads before `b` starts.
         wait_until(DEADLINE, || async { lease_holder(&host, "tower") == "a" })
             .await
             .context("replica a never took the leader Lease")?;
-        let b = spawn_replica("b", "127.0.0.2", ports, host.kubeconfig(), dir.path()).await?;
+        let b = spawn_replica("b", "127.0.0.2", ports, kubeconfig, data, proxy_args).await?;
         let balancer_ip = if net.is_some() {
             MEMBER_GATEWAY.parse()?
         } else {
@@ -323,7 +331,7 @@ async fn the_failover_works_for_a_member_with_no_inbound_network() -> Result<()>
         return Ok(());
     }
     // Its own network namespace: the port ranges of slot 0 are free here.
-    failover(Ha::start_with(0, Some(MemberNet::create().await?)).await?).await
+    failover(Ha::start_with(0, Some(MemberNet::create().await?), &[]).await?).await
 }
 
 async fn failover(mut ha: Ha) -> Result<()> {
@@ -554,5 +562,141 @@ async fn a_draining_replica_hands_over_without_a_gap() -> Result<()> {
         "drain: {} requests through b, none failed; AgentAvailable seen: {seen:?}",
         ok.load(Ordering::Relaxed)
     );
+    Ok(())
+}
+
+/// curl with config_alpha's credentials, from a source address of its own,
+/// to replica b's port of alpha (the certificate names 127.0.0.1).
+struct Curl {
+    args: Vec<String>,
+    port: u16,
+    _files: tempfile::TempDir,
+}
+
+impl Curl {
+    fn of(ha: &Ha) -> Result<Curl> {
+        use base64::Engine as _;
+        use e2e::kube::config::Kubeconfig;
+        let kc = Kubeconfig::read_from(&ha.config_alpha)?;
+        let b64 = |s: Option<&str>| -> Result<Vec<u8>> {
+            Ok(base64::engine::general_purpose::STANDARD.decode(s.context("missing")?.trim())?)
+        };
+        let cluster = kc.clusters.first().and_then(|c| c.cluster.clone());
+        let user = kc.auth_infos.first().and_then(|a| a.auth_info.clone());
+        let (cluster, user) = (cluster.context("no cluster")?, user.context("no user")?);
+        let key = {
+            use secrecy::ExposeSecret as _;
+            let key = user.client_key_data.as_ref().context("no client key")?;
+            b64(Some(key.expose_secret()))?
+        };
+        let files = tempfile::tempdir()?;
+        let path = |name: &str| files.path().join(name).to_string_lossy().into_owned();
+        std::fs::write(
+            path("ca.crt"),
+            b64(cluster.certificate_authority_data.as_deref())?,
+        )?;
+        std::fs::write(
+            path("tls.crt"),
+            b64(user.client_certificate_data.as_deref())?,
+        )?;
+        std::fs::write(path("tls.key"), key)?;
+        let port = ha.kube_port;
+        let args = vec![
+            "-sS".into(),
+            "--fail".into(),
+            "--cacert".into(),
+            path("ca.crt"),
+            "--cert".into(),
+            path("tls.crt"),
+            "--key".into(),
+            path("tls.key"),
+            "--connect-to".into(),
+            format!("127.0.0.1:{port}:127.0.0.2:{port}"),
+        ];
+        Ok(Curl {
+            args,
+            port,
+            _files: files,
+        })
+    }
+
+    /// GET namespace kube-system through b, from 127.0.0.`source`.
+    fn get(&self, source: u8) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let mut cmd = Command::new("curl");
+        cmd.args(&self.args)
+            .args(["--interface", &format!("127.0.0.{source}")])
+            .arg(format!(
+                "https://127.0.0.1:{}/api/v1/namespaces/kube-system",
+                self.port
+            ))
+            .kill_on_drop(true);
+        async move {
+            let out = cmd.output().await?;
+            let body = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success() && body.contains(r#""kube-system""#),
+                "curl from 127.0.0.{source} through b: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// With `--max-handshakes-per-source-per-second=2` on both replicas: a
+/// cluster port's connections that `b` relays to `a` take their turn at `b`,
+/// by the client's address. Three clients at `b`, 12 connections each at
+/// once (2 at once, then one each 0.5 s: 12 fit in the 5 s a turn may
+/// wait), are all served: `a`, where all 36 come from `b`'s address, does
+/// not rate them again (at 2 a second it would have closed the last ones).
+/// A fourth client's flood past its turn is closed at `b` and counted there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_connections_take_their_turn_by_the_clients_address_at_the_relaying_replica()
+-> Result<()> {
+    let ha = Ha::start_with(2, None, &["--max-handshakes-per-source-per-second=2"]).await?;
+    ensure!(
+        lease_holder(&ha.host, "tower-cluster-alpha") == "a",
+        "the agent should be on a"
+    );
+    let curl = Curl::of(&ha)?;
+    let mut gets = tokio::task::JoinSet::new();
+    for source in [9u8, 11, 12] {
+        for _ in 0..12 {
+            gets.spawn(curl.get(source));
+        }
+    }
+    let mut served = 0;
+    while let Some(got) = gets.join_next().await {
+        got?.context("a connection within its client's turns was not served")?;
+        served += 1;
+    }
+    ensure!(served == 36, "{served} of 36 served");
+    let rate_refusals =
+        r#"tower_refused_connections_total{door="cluster",reason="handshake_rate"}"#;
+    ensure!(
+        ha.metric(0, rate_refusals).await? == 0.0,
+        "a rated connections b relayed:\n{}",
+        ha.metrics_text(0).await?
+    );
+
+    // Past its turns, a client is closed at b (nothing relayed for it).
+    let to = SocketAddr::from(([127, 0, 0, 2], ha.kube_port));
+    let mut flood = Vec::new();
+    for _ in 0..30 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 10], 0)))?;
+        flood.push(socket.connect(to).await?);
+    }
+    wait_until(DEADLINE, || async {
+        ha.metric(1, rate_refusals).await.unwrap_or(0.0) >= 12.0
+    })
+    .await
+    .context("b did not close the flood past its turns")?;
+    ensure!(
+        ha.metric(0, rate_refusals).await? == 0.0,
+        "the flood was rated at a too"
+    );
+    drop(flood);
     Ok(())
 }

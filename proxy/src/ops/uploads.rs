@@ -110,11 +110,19 @@ impl Pacer {
     pub fn turn(&self, flow: &Flow, bytes: u64, now: Instant) -> Instant {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.prune(now);
-        let due =
-            state.due.get(flow).map_or(now, |d| (*d).max(now)) + Self::time_of(self.rate, bytes);
-        let start = due.checked_sub(self.burst).map_or(now, |s| s.max(now));
-        state.due.insert(flow.clone(), due);
-        start
+        let cost = Self::time_of(self.rate, bytes);
+        // A known flow is updated in place: no clone of its key per piece.
+        let due = match state.due.get_mut(flow) {
+            Some(due) => {
+                *due = (*due).max(now) + cost;
+                *due
+            }
+            None => {
+                state.due.insert(flow.clone(), now + cost);
+                now + cost
+            }
+        };
+        due.checked_sub(self.burst).map_or(now, |s| s.max(now))
     }
 
     /// Flows remembered now.
