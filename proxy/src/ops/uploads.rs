@@ -101,8 +101,10 @@ impl Pacer {
         })
     }
 
+    /// The time `rate` takes to send `bytes`; a burst too large to say is
+    /// `Duration::MAX` (never waited for), not a panic at start.
     fn time_of(rate: u64, bytes: u64) -> Duration {
-        Duration::from_secs_f64(bytes as f64 / rate as f64)
+        Duration::try_from_secs_f64(bytes as f64 / rate as f64).unwrap_or(Duration::MAX)
     }
 
     /// When `bytes` of `flow`'s body arriving at `now` may go on (`now` or
@@ -291,6 +293,13 @@ mod tests {
         assert_eq!(pacer.turn(&flow(1, "u"), MIB, later), later);
         assert_eq!(pacer.flows(), 1, "flow 9 forgotten, flow 1 remembered");
         assert_eq!(pacer.turn(&flow(9, "u"), 2 * MIB, later), later);
+    }
+
+    #[test]
+    fn a_burst_too_large_to_time_is_no_wait_not_a_panic() {
+        let pacer = Pacer::new(1, u64::MAX).expect("a rate");
+        let t0 = Instant::now();
+        assert_eq!(pacer.turn(&flow(9, "u"), MIB, t0), t0);
     }
 
     #[test]
