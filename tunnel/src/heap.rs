@@ -6,7 +6,7 @@
 //! `madvise`, `exc_page_fault`, `clear_page`).
 
 /// Free heap kept before it is returned. What a bulk transfer holds in flight
-/// (windows of up to 16 MiB, queued writes) comes and goes in this range: at
+/// (windows of up to 32 MiB, queued writes) comes and goes in this range: at
 /// 4 MiB the page faults were still 11 % of the two tunnel ends' samples, at
 /// 32 MiB 1.2 %. A process keeps at most this much free per heap.
 pub const TRIM_THRESHOLD: usize = 32 * 1024 * 1024;

@@ -15,12 +15,16 @@ pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// The most a channel's receive window grows to when its reader drains it
 /// faster than the link's round trip (see docs/architecture.md, "Windows"). It
 /// bounds what one stalled stream can buffer, and lets one stream carry
-/// 16 MiB per round trip (320 MiB/s at 50 ms).
-pub const WINDOW_MAX: u32 = 16 * 1024 * 1024;
+/// 32 MiB per round trip (640 MiB/s at 50 ms: the CPU, not the window, is
+/// then the limit). At most half the session budget (checked below), so one
+/// stalled stream leaves the others room to grow.
+pub const WINDOW_MAX: u32 = 32 * 1024 * 1024;
 /// Window growth stops when the windows of one session's channels would add
 /// up to more than this: what one tunnel's readers can leave unread, beyond
 /// the initial window of each channel.
 pub const WINDOW_SESSION_BUDGET: u64 = 64 * 1024 * 1024;
+// One channel stalled at its cap leaves the others half the budget to grow in.
+const _: () = assert!(2 * WINDOW_MAX as u64 <= WINDOW_SESSION_BUDGET);
 
 /// The window limits both ends use.
 pub fn window_limits() -> russh::WindowLimits {
@@ -338,6 +342,19 @@ mod tests {
             let e = epoch(WINDOW_SIZE, WINDOW_SIZE, 1, 50, session);
             assert_eq!(russh::next_window(&l, &e), WINDOW_SIZE);
         }
+    }
+
+    #[test]
+    fn credit_goes_back_every_eighth_of_a_window() {
+        // 256 KiB of the initial 2 MiB, 4 MiB of a window at its cap.
+        for window in [WINDOW_SIZE, WINDOW_MAX] {
+            assert!(!russh::credit_due(window / 8 - 1, window), "{window}");
+            assert!(russh::credit_due(window / 8, window), "{window}");
+            assert!(russh::credit_due(window, window), "{window}");
+        }
+        assert!(!russh::credit_due(0, WINDOW_SIZE));
+        // Tiny windows (a peer's choice) still get credit for any byte.
+        assert!(russh::credit_due(1, 7));
     }
 
     // Growth straight to the window the session learnt (russh::learnt_window,

@@ -37,6 +37,14 @@ fn ca_files(dir: &Path) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// A one-cluster `--clusters-file` in `dir`: the file and its flag.
+fn clusters_file(dir: &Path) -> (std::path::PathBuf, String) {
+    let file = dir.join("clusters.json");
+    std::fs::write(&file, r#"{"alpha": "t"}"#).unwrap();
+    let flag = format!("--clusters-file={}", file.display());
+    (file, flag)
+}
+
 #[test]
 fn kubespheres_proxy_command_line_starts() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,9 +222,7 @@ fn forwards_and_port_ranges() {
 #[test]
 fn a_clusters_file_runs_without_kubernetes() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("clusters.json");
-    std::fs::write(&file, r#"{"alpha": "t"}"#).unwrap();
-    let arg = format!("--clusters-file={}", file.display());
+    let (file, arg) = clusters_file(dir.path());
     assert!(matches!(check(&[&arg]).unwrap().mode, Mode::File(_)));
     assert!(err(&[&arg, "--leader-elect"]).contains("--leader-elect needs Kubernetes"));
     std::fs::write(&file, "[]").unwrap();
@@ -226,9 +232,7 @@ fn a_clusters_file_runs_without_kubernetes() {
 #[test]
 fn the_connect_port_needs_a_ca_without_kubernetes() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("clusters.json");
-    std::fs::write(&file, r#"{"alpha": "t"}"#).unwrap();
-    let arg = format!("--clusters-file={}", file.display());
+    let (file, arg) = clusters_file(dir.path());
     assert!(err(&[&arg, "--connect-port=0"]).contains("--connect-port needs the proxy CA"));
     let (cert, key) = ca_files(dir.path());
     let (cert, key) = (format!("--ca-cert={cert}"), format!("--ca-key={key}"));
@@ -372,9 +376,7 @@ fn cluster_ports_none_says_what_it_needs() {
     }
     // Without Kubernetes the CA must come from the flags.
     let dir = tempfile::tempdir().unwrap();
-    let clusters = dir.path().join("clusters.json");
-    std::fs::write(&clusters, r#"{"alpha": "t"}"#).unwrap();
-    let file = format!("--clusters-file={}", clusters.display());
+    let (_, file) = clusters_file(dir.path());
     let e = err(&[&file, "--access-port=9443"]);
     assert!(e.contains("--access-port needs the proxy CA"), "{e}");
     let (cert, key) = ca_files(dir.path());
@@ -385,9 +387,7 @@ fn cluster_ports_none_says_what_it_needs() {
 #[test]
 fn request_bodies_are_paced_per_client_by_default_and_the_rate_takes_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("clusters.json");
-    std::fs::write(&file, r#"{"alpha": "t"}"#).unwrap();
-    let arg = format!("--clusters-file={}", file.display());
+    let (_, arg) = clusters_file(dir.path());
     assert_eq!(
         check(&[&arg]).unwrap().uploads,
         crate::ops::uploads::Limits::default()

@@ -357,7 +357,7 @@ impl Encrypted {
         }
     }
 
-    /// The reader of `channel` consumed `len` bytes: once a quarter of the
+    /// The reader of `channel` consumed `len` bytes: once an eighth of the
     /// channel's window has been consumed, give it back to the peer, with
     /// the window's growth when the reader drains it fast (see
     /// `crate::window`; patched, PATCHES.md).
@@ -375,7 +375,7 @@ impl Encrypted {
             if let Some(c) = channels.get(&channel) {
                 let window = c.window.window(limits);
                 let unacked = c.consumed_unacked.saturating_add(len);
-                if unacked >= window / 4 {
+                if crate::window::credit_due(unacked, window) {
                     session_windows = Some(
                         channels
                             .values()

@@ -114,6 +114,15 @@ pub fn learnt_window(limits: &WindowLimits, grown: u32, learnt: u32, session_win
     u32::try_from(wanted).unwrap_or(grown).max(grown)
 }
 
+/// Whether a channel's reader has consumed enough (`unacked`, consumed and
+/// not yet given back) for a CHANNEL_WINDOW_ADJUST: an eighth of `window`.
+/// A quarter left the sender idle for part of each round trip on a long link
+/// once the window reached its cap (PATCHES.md 32); an adjust is 13 bytes
+/// of payload, so an eighth costs nothing measurable.
+pub fn credit_due(unacked: u32, window: u32) -> bool {
+    unacked > 0 && unacked >= window / 8
+}
+
 /// A channel's window bookkeeping (receive side).
 #[derive(Debug, Default)]
 pub(crate) struct ChannelWindow {
@@ -151,8 +160,9 @@ impl ChannelWindow {
         None
     }
 
-    /// The reader consumed `len` bytes. When a credit is due (a quarter of
-    /// the window consumed and not yet given back, in `unacked`), returns how
+    /// The reader consumed `len` bytes. When a credit is due ([`credit_due`]:
+    /// an eighth of the window consumed and not yet given back, in
+    /// `unacked`), returns how
     /// much to grant in the next adjust: the consumed bytes plus any growth.
     /// `room` is how much more the peer may be granted without exceeding the
     /// current window; `session_windows` is called only when growth is judged.
@@ -174,7 +184,7 @@ impl ChannelWindow {
             self.epoch_start = Some(now);
         }
         self.epoch_consumed = self.epoch_consumed.saturating_add(u64::from(len));
-        if unacked == 0 || unacked < self.window / 4 {
+        if !credit_due(unacked, self.window) {
             return None;
         }
         let mut growth = 0;
