@@ -11,6 +11,12 @@
 //! pass and a refresh: a Cluster write and an Event per change, 41 and 40
 //! here; with the damper 5 and 4.
 //!
+//! With `--leader-elect` the replica also records itself as the holder of
+//! the cluster's Lease while it has a session; it releases the Lease only
+//! after a second without one (`proxy/src/ha/owners`, `RELEASE_GRACE`), so
+//! the same flapping costs one claim, not a claim and a release per session
+//! (the Lease's `leaseTransitions` counts the claims after the first).
+//!
 //! Run: `make build harness && cargo test -p e2e --release --test flapping`.
 
 #[allow(dead_code)]
@@ -27,8 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
 use e2e::{
-    Tower, apiserver_writes, cluster_condition, metric_sample, scrape_metrics, wait_for_ok,
-    writes_between,
+    Tower, TowerOptions, apiserver_writes, cluster_condition, free_port, metric_sample,
+    scrape_metrics, wait_for_ok, writes_between,
 };
 
 const SOON: Duration = Duration::from_secs(60);
@@ -84,13 +90,12 @@ async fn says(tower: &Tower, live: u32, available: &str) -> Result<()> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flapping_agent_costs_its_cluster_one_follow_up_a_second() -> Result<()> {
-    let tower = Tower::start().await?;
+/// beta created and settled without an agent (a token, ports,
+/// AgentAvailable=False): its token.
+async fn settled_beta(tower: &Tower) -> Result<String> {
     tower.create_cluster("beta")?;
-    // Settled without an agent: a token, ports, AgentAvailable=False.
-    let token = wait_for_ok(SOON, || async {
-        let c = beta(&tower)?;
+    wait_for_ok(SOON, || async {
+        let c = beta(tower)?;
         let token = c["spec"]["connection"]["token"]
             .as_str()
             .unwrap_or_default();
@@ -102,23 +107,37 @@ async fn a_flapping_agent_costs_its_cluster_one_follow_up_a_second() -> Result<(
         );
         Ok(token.to_string())
     })
-    .await?;
+    .await
+}
 
+/// The flapping agent's address, and beta's sessions: [`FLAPS`] of [`HOLD`]
+/// back to back.
+const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+
+async fn flap(tower: &Tower, token: &str) -> Result<()> {
     let agents = SocketAddr::from(([127, 0, 0, 1], tower.proxy_port()));
-    let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
-    let before = writes(&tower);
-    let start = Instant::now();
     for _ in 0..FLAPS {
-        let rogue = rogue::Rogue::login(from, agents, "beta", &token, "127.0.0.1:9")
+        let rogue = rogue::Rogue::login(FROM, agents, "beta", token, "127.0.0.1:9")
             .await
             .context("the flapping agent's login")?;
         // The fault's shape (a session's length), not a wait for a condition.
         tokio::time::sleep(HOLD).await;
         drop(rogue);
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_agent_costs_its_cluster_one_follow_up_a_second() -> Result<()> {
+    let tower = Tower::start().await?;
+    let token = settled_beta(&tower).await?;
+    let agents = SocketAddr::from(([127, 0, 0, 1], tower.proxy_port()));
+    let before = writes(&tower);
+    let start = Instant::now();
+    flap(&tower, &token).await?;
     let flapped = start.elapsed();
     // The status ends as the sessions do: one more that stays is seen...
-    let last = rogue::Rogue::login(from, agents, "beta", &token, "127.0.0.1:9").await?;
+    let last = rogue::Rogue::login(FROM, agents, "beta", &token, "127.0.0.1:9").await?;
     says(&tower, 1, "True").await?;
     // ...and so is its end.
     drop(last);
@@ -148,4 +167,81 @@ async fn a_flapping_agent_costs_its_cluster_one_follow_up_a_second() -> Result<(
         FLAPS + 1
     );
     Ok(())
+}
+
+/// beta's holder Lease: (holder, leaseTransitions).
+fn beta_lease(tower: &Tower) -> Result<(String, u64)> {
+    let out = tower.host().kubectl_ok(&[
+        "get",
+        "lease",
+        "tower-cluster-beta",
+        "-n",
+        "kubesphere-system",
+        "-o",
+        "json",
+    ]);
+    let lease: Value = serde_json::from_str(&out)?;
+    let spec = &lease["spec"];
+    Ok((
+        spec["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        spec["leaseTransitions"].as_u64().unwrap_or_default(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leader_election_a_flapping_agent_claims_its_cluster_once() -> Result<()> {
+    let peer = free_port().to_string();
+    let tower = Tower::start_with(TowerOptions {
+        proxy_args: [
+            "--leader-elect",
+            "--replica-id",
+            "flap-0",
+            "--peer-port",
+            &peer,
+            "--peer-address",
+            &format!("127.0.0.1:{peer}"),
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..TowerOptions::default()
+    })
+    .await?;
+    let token = settled_beta(&tower).await?;
+    flap(&tower, &token).await?;
+    let agents = SocketAddr::from(([127, 0, 0, 1], tower.proxy_port()));
+    let last = rogue::Rogue::login(FROM, agents, "beta", &token, "127.0.0.1:9").await?;
+    says(&tower, 1, "True").await?;
+    let (holder, transitions) = wait_for_ok(SOON, || async {
+        let (holder, transitions) = beta_lease(&tower)?;
+        ensure!(holder == "flap-0", "beta's Lease is held by {holder:?}");
+        Ok((holder, transitions))
+    })
+    .await?;
+    eprintln!(
+        "{} sessions of {HOLD:?} back to back: beta's Lease held by {holder}, {transitions} claims after the first",
+        FLAPS + 1
+    );
+    // Each session used to release the Lease when it ended and claim it
+    // again at the next: about FLAPS claims after the first.
+    ensure!(
+        transitions <= FLAPS as u64 / 4,
+        "{transitions} claims of beta's Lease for {} sessions back to back: \
+         released and claimed again per session",
+        FLAPS + 1
+    );
+    // Gone for good: released after the grace, and the status follows.
+    drop(last);
+    says(&tower, 0, "False").await?;
+    wait_for_ok(SOON, || async {
+        let (holder, _) = beta_lease(&tower)?;
+        ensure!(
+            holder.is_empty(),
+            "beta's Lease is still held by {holder:?}"
+        );
+        Ok(())
+    })
+    .await
 }

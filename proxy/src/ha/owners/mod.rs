@@ -6,7 +6,10 @@
 //! whether it is draining in annotations. While it has a live session of a
 //! cluster it records itself as the holder of the Lease `tower-cluster-<name>`;
 //! that Lease is written only when its holder changes, so steady state costs
-//! one write per replica per [`RENEW`], not one per cluster. A holder counts
+//! one write per replica per [`RENEW`], not one per cluster. A claim is
+//! written at once (the others relay to the holder); a release waits
+//! [`RELEASE_GRACE`] without a session, so an agent that reconnects in a loop
+//! costs one claim, not a claim and a release per session. A holder counts
 //! while its replica Lease is fresh; a replica that has a session takes over a
 //! cluster whose holder died or is draining.
 //!
@@ -49,6 +52,11 @@ mod view;
 pub const RENEW: Duration = Duration::from_secs(5);
 /// ...and counts as dead this long after its last renewal.
 pub const REPLICA_LEASE: Duration = Duration::from_secs(15);
+/// How long this replica keeps holding a cluster it has no session of
+/// before it releases the Lease: the interval a cluster's session changes
+/// are damped by (`crate::clusters::damp::INTERVAL`). Meanwhile the other
+/// replicas still relay that cluster's clients here.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(1);
 
 /// `replica` or `cluster`.
 const ROLE_LABEL: &str = "tower.kubesphere.io/lease";
@@ -107,6 +115,34 @@ struct State {
     holders: HashMap<String, String>,
     /// Replicas alive at the last check, to notice deaths (no event for those).
     alive: HashSet<String>,
+    /// Clusters this replica holds without a session here, since when.
+    gone: HashMap<String, tokio::time::Instant>,
+}
+
+/// Of the clusters this replica holds (`held`), those to release now: the
+/// ones without a session here (`live`) for [`RELEASE_GRACE`], all of them
+/// when `draining`. `gone` remembers since when each has had none; returns
+/// also when the next one falls due.
+fn due_releases(
+    held: &[String],
+    live: &[String],
+    gone: &mut HashMap<String, tokio::time::Instant>,
+    now: tokio::time::Instant,
+    draining: bool,
+) -> (Vec<String>, Option<tokio::time::Instant>) {
+    gone.retain(|c, _| held.contains(c) && !live.contains(c));
+    let mut due = Vec::new();
+    let mut next = None::<tokio::time::Instant>;
+    for cluster in held.iter().filter(|c| !live.contains(c)) {
+        let since = *gone.entry(cluster.clone()).or_insert(now);
+        let at = since + RELEASE_GRACE;
+        if draining || at <= now {
+            due.push(cluster.clone());
+        } else {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    (due, next)
 }
 
 impl State {
@@ -246,7 +282,15 @@ impl Owners {
         };
         let watch = tokio::spawn(watch);
         let mut tick = tokio::time::interval(RENEW);
+        // When the next held-back release falls due.
+        let mut next_release = None;
         loop {
+            let release_due = async {
+                match next_release {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
@@ -256,8 +300,9 @@ impl Owners {
                     self.check_deaths();
                 }
                 () = self.wake.notified() => {}
+                () = release_due => {}
             }
-            self.sync(&live()).await;
+            next_release = self.sync(&live()).await;
         }
         watch.abort();
         self.release_all().await;
@@ -275,6 +320,33 @@ mod tests {
         let name = cluster_lease_name(&long);
         assert!(name.len() <= 253, "{}", name.len());
         assert_ne!(name, cluster_lease_name(&"a".repeat(251)));
+    }
+
+    #[test]
+    fn a_release_waits_out_the_grace_unless_draining() {
+        let t0 = tokio::time::Instant::now();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (held, mut gone) = (names(&["a", "b"]), HashMap::new());
+        // b's session ended: held back, due after the grace.
+        let (due, next) = due_releases(&held, &names(&["a"]), &mut gone, t0, false);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(t0 + RELEASE_GRACE));
+        // b is back within the grace (an agent reconnecting): nothing to do,
+        // and its clock starts again when it goes next.
+        let back = t0 + RELEASE_GRACE / 2;
+        let (due, next) = due_releases(&held, &names(&["a", "b"]), &mut gone, back, false);
+        assert!(due.is_empty() && next.is_none() && gone.is_empty());
+        let again = t0 + RELEASE_GRACE;
+        let (due, _) = due_releases(&held, &names(&["a"]), &mut gone, again, false);
+        assert!(due.is_empty());
+        // Gone for the whole grace: released.
+        let later = again + RELEASE_GRACE;
+        let (due, next) = due_releases(&held, &names(&["a"]), &mut gone, later, false);
+        assert_eq!((due, next), (names(&["b"]), None));
+        // Draining: at once.
+        let mut gone = HashMap::new();
+        let (due, _) = due_releases(&held, &[], &mut gone, t0, true);
+        assert_eq!(due.len(), 2);
     }
 
     #[test]

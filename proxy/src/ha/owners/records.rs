@@ -123,13 +123,14 @@ impl Owners {
     }
 
     /// Claim the clusters this replica has sessions of, release the others it
-    /// holds.
-    pub(super) async fn sync(&self, live: &[String]) {
+    /// holds once they have had none for [`RELEASE_GRACE`]; returns when the
+    /// next held-back release falls due.
+    pub(super) async fn sync(&self, live: &[String]) -> Option<tokio::time::Instant> {
         let draining = self.draining.load(Ordering::Relaxed);
-        let (to_claim, to_release): (Vec<String>, Vec<String>) = {
-            let state = self.lock();
+        let (to_claim, to_release, next) = {
+            let mut state = self.lock();
             let now = Timestamp::now();
-            let claim = live
+            let claim: Vec<String> = live
                 .iter()
                 .filter(|c| match state.holders.get(*c) {
                     Some(h) if *h == self.me => false,
@@ -146,13 +147,10 @@ impl Owners {
                 })
                 .cloned()
                 .collect();
-            let release = state
-                .holders
-                .iter()
-                .filter(|(c, h)| **h == self.me && !live.contains(c))
-                .map(|(c, _)| c.clone())
-                .collect();
-            (claim, release)
+            let held = state.held_by(&self.me);
+            let now = tokio::time::Instant::now();
+            let (release, next) = due_releases(&held, live, &mut state.gone, now, draining);
+            (claim, release, next)
         };
         for cluster in to_claim {
             match self.claim(&cluster).await {
@@ -169,6 +167,7 @@ impl Owners {
                 tracing::warn!(%cluster, error = %e, "could not release the cluster's lease");
             }
         }
+        next
     }
 
     /// Without `--leader-elect`: only this replica's Lease, renewed every
