@@ -117,8 +117,8 @@ pub fn learnt_window(limits: &WindowLimits, grown: u32, learnt: u32, session_win
 /// Whether a channel's reader has consumed enough (`unacked`, consumed and
 /// not yet given back) for a CHANNEL_WINDOW_ADJUST: an eighth of `window`.
 /// A quarter left the sender idle for part of each round trip on a long link
-/// once the window reached its cap (PATCHES.md 32); an adjust is 13 bytes
-/// of payload, so an eighth costs nothing measurable.
+/// once the window reached its cap (PATCHES.md 32); an adjust is a 9-byte
+/// payload, so an eighth costs nothing measurable.
 pub fn credit_due(unacked: u32, window: u32) -> bool {
     unacked > 0 && unacked >= window / 8
 }
