@@ -110,10 +110,10 @@ async fn settled_beta(tower: &Tower) -> Result<String> {
     .await
 }
 
-/// The flapping agent's address, and beta's sessions: [`FLAPS`] of [`HOLD`]
-/// back to back.
+/// The flapping agent's address.
 const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
 
+/// beta's sessions: [`FLAPS`] of [`HOLD`] back to back.
 async fn flap(tower: &Tower, token: &str) -> Result<()> {
     let agents = SocketAddr::from(([127, 0, 0, 1], tower.proxy_port()));
     for _ in 0..FLAPS {
