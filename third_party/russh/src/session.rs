@@ -369,7 +369,8 @@ impl Encrypted {
     ) -> Result<(), crate::Error> {
         let rtt = self.window_rtt;
         let channels = &self.channels;
-        // Computed only when growth is judged (at most once per half window).
+        // Computed whenever a credit is due (an eighth of a window), though
+        // growth is judged at most once per half window and never at the cap.
         let mut session_windows = None;
         if limits.max > limits.initial {
             if let Some(c) = channels.get(&channel) {
