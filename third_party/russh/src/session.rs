@@ -369,14 +369,17 @@ impl Encrypted {
     ) -> Result<(), crate::Error> {
         let rtt = self.window_rtt;
         let channels = &self.channels;
-        // Computed whenever a credit is due (an eighth of a window), though
-        // growth is judged at most once per half window and never at the cap.
+        // The sum is O(channels): computed only when this credit also judges
+        // growth (at most once per half window, never at the cap), by the
+        // same rule `consumed` applies (PATCHES.md 33).
         let mut session_windows = None;
         if limits.max > limits.initial {
             if let Some(c) = channels.get(&channel) {
                 let window = c.window.window(limits);
                 let unacked = c.consumed_unacked.saturating_add(len);
-                if crate::window::credit_due(unacked, window) {
+                if crate::window::credit_due(unacked, window)
+                    && c.window.would_judge_growth(len, limits)
+                {
                     session_windows = Some(
                         channels
                             .values()

@@ -123,6 +123,12 @@ pub fn credit_due(unacked: u32, window: u32) -> bool {
     unacked > 0 && unacked >= window / 8
 }
 
+/// Growth is judged once half of `window` was consumed in the epoch, below
+/// the cap; one rule for [`ChannelWindow::consumed`] and its caller.
+fn judges_growth(window: u32, epoch_consumed: u64, limits: &WindowLimits) -> bool {
+    window < limits.max && epoch_consumed.saturating_mul(2) >= u64::from(window)
+}
+
 /// A channel's window bookkeeping (receive side).
 #[derive(Debug, Default)]
 pub(crate) struct ChannelWindow {
@@ -188,8 +194,7 @@ impl ChannelWindow {
             return None;
         }
         let mut growth = 0;
-        if self.window < limits.max && self.epoch_consumed.saturating_mul(2) >= u64::from(self.window)
-        {
+        if judges_growth(self.window, self.epoch_consumed, limits) {
             let start = self.epoch_start.unwrap_or(now);
             let windows = session_windows();
             let mut grown = next_window(
@@ -213,6 +218,14 @@ impl ChannelWindow {
             self.epoch_consumed = 0;
         }
         Some(unacked.saturating_add(growth))
+    }
+
+    /// Whether [`Self::consumed`] of `len` more bytes would judge growth
+    /// (when a credit is due), i.e. call its `session_windows`: the caller
+    /// sums the session's windows only then (PATCHES.md 33).
+    pub(crate) fn would_judge_growth(&self, len: u32, limits: &WindowLimits) -> bool {
+        let consumed = self.epoch_consumed.saturating_add(u64::from(len));
+        judges_growth(self.window(limits), consumed, limits)
     }
 
     /// The window this channel reached by growth (0 while it has not grown).

@@ -130,10 +130,17 @@ fn due_releases(
     now: tokio::time::Instant,
     draining: bool,
 ) -> (Vec<String>, Option<tokio::time::Instant>) {
-    gone.retain(|c, _| held.contains(c) && !live.contains(c));
+    // Sets, not slices: a replica may hold thousands of clusters.
+    let live: HashSet<&str> = live.iter().map(String::as_str).collect();
+    let without: HashSet<&str> = held
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !live.contains(c))
+        .collect();
+    gone.retain(|c, _| without.contains(c.as_str()));
     let mut due = Vec::new();
     let mut next = None::<tokio::time::Instant>;
-    for cluster in held.iter().filter(|c| !live.contains(c)) {
+    for cluster in held.iter().filter(|c| without.contains(c.as_str())) {
         let since = *gone.entry(cluster.clone()).or_insert(now);
         let at = since + RELEASE_GRACE;
         if draining || at <= now {
