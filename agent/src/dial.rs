@@ -154,8 +154,9 @@ impl ProxyDialer {
             },
         )
         .await?;
-        // Nagle would add ~40 ms to every small SSH round trip.
-        let _ = tcp.set_nodelay(true);
+        // Nagle would add ~40 ms to every small SSH round trip; and the
+        // kernel holds little unsent, so channels take turns (fair share).
+        tunnel::socket::tune_tunnel_socket(&tcp);
         match &self.via {
             None => self.secure_and_upgrade(tcp).await,
             Some(proxy) => {

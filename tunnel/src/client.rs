@@ -203,6 +203,9 @@ struct Handler<D: Dialer> {
     drain: Arc<Notify>,
     tokens: Option<TokenSink>,
     streams: Streams,
+    /// The session's write queue, where channels take turns (set once the
+    /// connection is wrapped, before the session starts).
+    write_queue: Option<Arc<crate::write_behind::QueueLevel>>,
 }
 
 impl<D: Dialer> Drop for Handler<D> {
@@ -315,6 +318,7 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
         };
         // Dial outside the session loop: a slow target must not stall other channels.
         let dialer = self.dialer.clone();
+        let write_queue = self.write_queue.clone();
         let counted = self.streams.open();
         tokio::spawn(async move {
             let _counted = counted;
@@ -334,7 +338,8 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
             reply.accept().await;
             let mut upstream = upstream;
             let mut stream = channel.into_stream();
-            if let Err(e) = crate::copy::join_channel(&mut upstream, &mut stream).await {
+            let turn = write_queue.map(crate::write_behind::Turn::new);
+            if let Err(e) = crate::copy::join_channel(&mut upstream, &mut stream, turn).await {
                 tracing::debug!(%target, error = %e, "stream ended with an error");
             }
         });
@@ -409,6 +414,7 @@ where
         )),
         pins: options.host_key_fingerprints.clone().into(),
         seen_key: seen_key.clone(),
+        write_queue: None,
     };
     // Boxed: inline, the handshake's state (russh's connect, the
     // authentication) would size this future for as long as the tunnel is
@@ -440,13 +446,17 @@ where
     keepalive(&handle, options.keepalive, &ended).await
 }
 
-async fn handshake<S, D>(stream: S, handler: Handler<D>) -> Result<Handle<Handler<D>>, ClientError>
+async fn handshake<S, D>(
+    stream: S,
+    mut handler: Handler<D>,
+) -> Result<Handle<Handler<D>>, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
     let config = Arc::new(crate::ssh::client_config());
     let stream = crate::write_behind::WriteBehind::new(stream);
+    handler.write_queue = Some(stream.level());
     let mut handle = russh::client::connect_stream(config, stream, handler)
         .await
         .map_err(ClientError::Handshake)?;

@@ -8,6 +8,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use russh::{ChannelId, ChannelMsg, ChannelStream};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite};
 
+use crate::write_behind::Turn;
+
 /// Copy buffer size: one read is sent as up to two 32 KiB SSH data packets
 /// (8 KiB copies cost ~35 % more CPU than 64 KiB in the spike).
 pub const COPY_BUF: usize = 64 * 1024;
@@ -42,8 +44,14 @@ where
 /// [`join`] for a channel and a socket, with one user-space copy fewer each
 /// way: socket reads land in buffers the channel's packets are slices of, and
 /// the channel's packets are written to the socket as they came.
+/// `turn`: the channel's place in its session's write queue, when the
+/// channel does not take its turns itself (the proxy's `TunnelStream` does).
 /// Returns bytes (socket to channel, channel to socket).
-pub async fn join_channel<T, C>(socket: &mut T, channel: &mut C) -> io::Result<(u64, u64)>
+pub async fn join_channel<T, C>(
+    socket: &mut T,
+    channel: &mut C,
+    mut turn: Option<Turn>,
+) -> io::Result<(u64, u64)>
 where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
     C: ChannelIo + ?Sized,
@@ -51,7 +59,9 @@ where
     let mut up = Up::default();
     let mut down = Down::default();
     std::future::poll_fn(|cx| {
-        let up_done = up.poll(cx, &mut *socket, &mut *channel)?.is_ready();
+        let up_done = up
+            .poll(cx, &mut *socket, &mut *channel, turn.as_mut())?
+            .is_ready();
         let down_done = down.poll(cx, &mut *channel, &mut *socket)?.is_ready();
         if up_done && down_done {
             Poll::Ready(Ok((up.copied, down.copied)))
@@ -80,6 +90,7 @@ impl Up {
         cx: &mut Context<'_>,
         socket: &mut T,
         channel: &mut C,
+        mut turn: Option<&mut Turn>,
     ) -> Poll<io::Result<()>>
     where
         T: AsyncRead + Unpin + ?Sized,
@@ -87,7 +98,13 @@ impl Up {
     {
         while !self.done {
             if !self.pending.is_empty() {
+                if let Some(turn) = turn.as_deref_mut() {
+                    ready!(turn.poll(cx));
+                }
                 let n = ready!(channel.poll_write_bytes(cx, &self.pending))?;
+                if let Some(turn) = turn.as_deref() {
+                    turn.sent(n);
+                }
                 self.pending.advance(n);
                 self.copied += n as u64;
             } else if self.eof {

@@ -23,6 +23,12 @@
 //! kept mapped so bulk transfers do not re-fault it, and [`platform`], the
 //! agent's `GOOS/GOARCH`.
 //!
+//! Under the session: [`write_behind`], the connection's write queue (the
+//! session loop never waits on the socket), where channel writers take turns
+//! ([`write_behind::Turn`]), and [`socket`], the TCP connection's own
+//! settings, so one busy channel does not queue in front of every other
+//! (docs/protocol.md 9.3.2).
+//!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.
 
@@ -37,6 +43,7 @@ pub mod hub;
 pub mod limits;
 pub mod platform;
 pub mod server;
+pub mod socket;
 pub mod ssh;
 pub mod wire;
 pub mod write_behind;

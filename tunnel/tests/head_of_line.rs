@@ -4,91 +4,19 @@
 //! writing, and channel B must keep round-tripping. Also: vectored writes through a
 //! channel (one packet for many slices) keep every byte in order.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tunnel::AgentConfig;
-use tunnel::client::{ClientOptions, TcpDialer};
-use tunnel::server::{Admission, Session};
-use tunnel::ws::WsStream;
+use tunnel::client::TcpDialer;
+use tunnel::server::Session;
 
-/// Admits everyone and hands each session to the test.
-struct Capture(mpsc::UnboundedSender<Session>);
-
-impl Admission for Capture {
-    type Guard = ();
-    async fn admit(&self, session: Session) -> Result<(), String> {
-        let _ = self.0.send(session);
-        Ok(())
-    }
-}
-
-async fn echo_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-/// Writes forever to whoever connects.
-async fn firehose() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let chunk = vec![7u8; 64 * 1024];
-                while s.write_all(&chunk).await.is_ok() {}
-            });
-        }
-    });
-    addr
-}
+use common::{direct, echo_server, firehose};
 
 /// A connected tunnel: the proxy's session plus the targets the agent serves.
 async fn tunnel(targets: Vec<String>) -> Session {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let key = tunnel::ssh::generate_host_key().unwrap();
-    let config = Arc::new(tunnel::ssh::server_config(key, Duration::from_secs(30)));
-    tokio::spawn(async move {
-        let (tcp, peer) = listener.accept().await.unwrap();
-        // The websocket handshake itself is the proxy's business; here the
-        // stream starts right after it.
-        let ws = WsStream::from_upgraded(tcp, Role::Server).await;
-        let _ = tunnel::server::serve(ws, config, Arc::new(Capture(tx)), peer.to_string()).await;
-    });
-    let options = ClientOptions {
-        config: AgentConfig {
-            name: "alpha".into(),
-            token: "t".into(),
-            ..Default::default()
-        },
-        keepalive: Duration::from_secs(30),
-        host_key_fingerprints: Vec::new(),
-        allowed_targets: targets,
-        allow_dial: Vec::new(),
-        hub: Default::default(),
-    };
-    tokio::spawn(async move {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let ws = WsStream::from_upgraded(tcp, Role::Client).await;
-        let err = tunnel::client::run(ws, &options, Arc::new(TcpDialer), || {}).await;
-        eprintln!("agent side ended: {err}");
-    });
-    rx.recv().await.expect("agent was admitted")
+    common::tunnel(TcpDialer, targets, direct).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

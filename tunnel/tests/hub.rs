@@ -5,18 +5,21 @@
 //! holds at most `Admission::max_hub_channels` open: the opens over it are
 //! refused as a resource shortage, the session kept, until some close.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tunnel::AgentConfig;
 use tunnel::client::{ClientOptions, TcpDialer};
 use tunnel::hub::{HubError, HubLink, HubRefusal, HubUpstream};
 use tunnel::server::{Admission, MAX_HUB_CHANNELS, ServeError, Session};
 use tunnel::ws::WsStream;
+
+use common::echo_server;
 
 /// Admits everyone; publishes `echo` at `addr`; reports bytes of ended streams.
 struct Hub {
@@ -56,20 +59,6 @@ impl Admission for Hub {
     }
 }
 
-async fn echo_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 /// A proxy serving `hub` and an agent with `link`, over an in-memory
 /// connection, once the agent is admitted; the proxy's end of `serve`.
 async fn connected(hub: Arc<Hub>, link: &HubLink) -> oneshot::Receiver<Result<(), ServeError>> {
@@ -82,16 +71,8 @@ async fn connected(hub: Arc<Hub>, link: &HubLink) -> oneshot::Receiver<Result<()
         let _ = served_tx.send(tunnel::server::serve(ws, config, hub, "test".to_string()).await);
     });
     let options = ClientOptions {
-        config: AgentConfig {
-            name: "alpha".into(),
-            token: "t".into(),
-            ..Default::default()
-        },
-        keepalive: Duration::from_secs(30),
-        host_key_fingerprints: Vec::new(),
-        allowed_targets: Vec::new(),
-        allow_dial: Vec::new(),
         hub: link.clone(),
+        ..common::options(Vec::new())
     };
     let (connected_tx, connected) = oneshot::channel();
     tokio::spawn(async move {

@@ -7,6 +7,8 @@
 //! that earn growth). Counted in bytes, not time. Proxy and agent run in process over a
 //! real websocket through a relay that delays each direction.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,12 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tunnel::AgentConfig;
-use tunnel::client::{ClientOptions, Dialer};
-use tunnel::server::{Admission, Session};
+use tunnel::client::Dialer;
+use tunnel::server::Session;
 use tunnel::ssh::{WINDOW_MAX, WINDOW_SIZE};
-use tunnel::ws::WsStream;
 
 const MIB: u64 = 1 << 20;
 /// What the agent side itself may hold of a channel beyond the window: the
@@ -29,16 +28,6 @@ const MIB: u64 = 1 << 20;
 /// window space.
 const AGENT_SLACK: u64 = MIB;
 const BULK: u64 = 64 * MIB;
-
-struct Capture(mpsc::UnboundedSender<Session>);
-
-impl Admission for Capture {
-    type Guard = ();
-    async fn admit(&self, session: Session) -> Result<(), String> {
-        let _ = self.0.send(session);
-        Ok(())
-    }
-}
 
 /// Targets in memory: `hose` writes forever and counts what it could write;
 /// `bulk` writes [`BULK`] bytes and ends.
@@ -131,42 +120,9 @@ async fn pump(
 }
 
 async fn tunnel(sources: Sources, rtt: Duration) -> Session {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let key = tunnel::ssh::generate_host_key().unwrap();
-    let config = Arc::new(tunnel::ssh::server_config(key, Duration::from_secs(30)));
-    tokio::spawn(async move {
-        let (tcp, peer) = listener.accept().await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let ws = WsStream::from_upgraded(tcp, Role::Server).await;
-        let _ = tunnel::server::serve(ws, config, Arc::new(Capture(tx)), peer.to_string()).await;
-    });
-    let via = relay(addr, rtt / 2).await;
-    let options = ClientOptions {
-        config: AgentConfig {
-            name: "alpha".into(),
-            token: "t".into(),
-            ..Default::default()
-        },
-        keepalive: Duration::from_secs(30),
-        host_key_fingerprints: Vec::new(),
-        allowed_targets: vec![
-            "hose.test:443".into(),
-            "late.test:443".into(),
-            "bulk.test:443".into(),
-        ],
-        allow_dial: Vec::new(),
-        hub: Default::default(),
-    };
-    tokio::spawn(async move {
-        let tcp = TcpStream::connect(via).await.unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let ws = WsStream::from_upgraded(tcp, Role::Client).await;
-        let err = tunnel::client::run(ws, &options, Arc::new(sources), || {}).await;
-        eprintln!("agent side ended: {err}");
-    });
-    rx.recv().await.expect("agent was admitted")
+    let targets = ["hose.test:443", "late.test:443", "bulk.test:443"];
+    let targets = targets.iter().map(|t| t.to_string()).collect();
+    common::tunnel(sources, targets, |addr| relay(addr, rtt / 2)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,7 +44,7 @@ pub async fn run(
                 record.status = 200;
             }
             let mut tcp = Counting::new(tcp);
-            if let Err(e) = tunnel::copy::join_channel(&mut tcp, &mut stream).await {
+            if let Err(e) = tunnel::copy::join_channel(&mut tcp, &mut stream, None).await {
                 tracing::debug!(%cluster, %peer, error = %e, "forwarded connection ended");
             }
             if let Some(record) = record.record() {

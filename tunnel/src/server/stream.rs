@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use russh::server::Msg;
@@ -20,12 +20,15 @@ use russh::{Channel, ChannelStream};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use super::SessionInner;
+use crate::write_behind::Turn;
 
 /// A byte stream through one `kubesphere` channel. Counts towards its session's
 /// load until dropped.
 pub struct TunnelStream {
     inner: ChannelStream<Msg>,
     session: Arc<SessionInner>,
+    /// Its writes take turns with the session's other channels.
+    turn: Turn,
 }
 
 impl TunnelStream {
@@ -33,6 +36,7 @@ impl TunnelStream {
         session.open_streams.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: channel.into_stream(),
+            turn: Turn::new(session.write_queue.clone()),
             session,
         }
     }
@@ -74,8 +78,10 @@ impl AsyncBufRead for TunnelStream {
 
 impl crate::copy::ChannelIo for TunnelStream {
     fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        ready!(self.turn.poll(cx));
         let poll = self.inner.poll_write_bytes(cx, data);
         if let Poll::Ready(Ok(n)) = poll {
+            self.turn.sent(n);
             self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
         }
         poll
@@ -88,8 +94,10 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.turn.poll(cx));
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
+            self.turn.sent(n);
             self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
         }
         poll
@@ -100,8 +108,10 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.turn.poll(cx));
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = poll {
+            self.turn.sent(n);
             self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
         }
         poll

@@ -1,0 +1,115 @@
+//! What the tunnel's integration tests share: the proxy's and the agent's
+//! sides in process over a real websocket on loopback, optionally through a
+//! link of the test's own between them, and simple targets.
+#![allow(dead_code)] // each test uses what it needs
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tunnel::AgentConfig;
+use tunnel::client::{ClientOptions, Dialer};
+use tunnel::server::{Admission, Session};
+use tunnel::ws::WsStream;
+
+/// Admits everyone and hands each session to the test.
+pub struct Capture(pub mpsc::UnboundedSender<Session>);
+
+impl Admission for Capture {
+    type Guard = ();
+    async fn admit(&self, session: Session) -> Result<(), String> {
+        let _ = self.0.send(session);
+        Ok(())
+    }
+}
+
+/// Echoes whatever each connection sends.
+pub async fn echo_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes forever to whoever connects.
+pub async fn firehose() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// The agent's options for cluster `alpha`, serving `targets`.
+pub fn options(targets: Vec<String>) -> ClientOptions {
+    ClientOptions {
+        config: AgentConfig {
+            name: "alpha".into(),
+            token: "t".into(),
+            ..Default::default()
+        },
+        keepalive: Duration::from_secs(30),
+        host_key_fingerprints: Vec::new(),
+        allowed_targets: targets,
+        allow_dial: Vec::new(),
+        hub: Default::default(),
+    }
+}
+
+/// A connected tunnel whose agent serves `targets` through `dialer`; the
+/// agent reaches the proxy's address through what `link` returns for it
+/// (the address itself, or a relay of the test's). Both TCP ends are tuned
+/// as the binaries tune them.
+pub async fn tunnel<D, L, F>(dialer: D, targets: Vec<String>, link: L) -> Session
+where
+    D: Dialer,
+    L: FnOnce(SocketAddr) -> F,
+    F: Future<Output = SocketAddr>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let key = tunnel::ssh::generate_host_key().unwrap();
+    let config = Arc::new(tunnel::ssh::server_config(key, Duration::from_secs(30)));
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        tunnel::socket::tune_tunnel_socket(&tcp);
+        // The websocket handshake itself is the proxy's business; here the
+        // stream starts right after it.
+        let ws = WsStream::from_upgraded(tcp, Role::Server).await;
+        let _ = tunnel::server::serve(ws, config, Arc::new(Capture(tx)), peer.to_string()).await;
+    });
+    let via = link(addr).await;
+    let options = options(targets);
+    tokio::spawn(async move {
+        let tcp = TcpStream::connect(via).await.unwrap();
+        tunnel::socket::tune_tunnel_socket(&tcp);
+        let ws = WsStream::from_upgraded(tcp, Role::Client).await;
+        let err = tunnel::client::run(ws, &options, Arc::new(dialer), || {}).await;
+        eprintln!("agent side ended: {err}");
+    });
+    rx.recv().await.expect("agent was admitted")
+}
+
+/// No link of the test's own: the agent dials the proxy's address.
+pub async fn direct(addr: SocketAddr) -> SocketAddr {
+    addr
+}
