@@ -87,6 +87,8 @@ pub struct QueueLevel {
     turn_below: AtomicUsize,
     /// The connection's write was pending during the current batch.
     batch_waited: AtomicBool,
+    /// The writer has stopped: no turn is waited for any more.
+    closed: AtomicBool,
 }
 
 impl QueueLevel {
@@ -101,6 +103,7 @@ impl QueueLevel {
             round: AtomicU64::new(0),
             turn_below: AtomicUsize::new(TURN_MAX),
             batch_waited: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -311,6 +314,8 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
     {
         *failed = Some(e.kind());
     }
+    // Writers waiting for a turn go on, to find the session gone.
+    shared.level.close();
 }
 
 /// Write all of `parts` (emptied on success), as few writes as the stream takes.
@@ -559,5 +564,30 @@ mod tests {
             .expect("the connection was held open after drop")
             .unwrap();
         assert!(got.len() <= 4096);
+    }
+
+    /// A channel writer waiting for its turn when the connection goes is let
+    /// go (its write then fails as the session's do), never left waiting.
+    #[tokio::test]
+    async fn a_writer_waiting_for_its_turn_is_let_go_when_the_writer_stops() {
+        let (a, _b) = duplex(16);
+        let mut w = WriteBehind::new(a);
+        let level = w.level();
+        level.turn_below.store(TURN_MIN, Ordering::Relaxed);
+        // More than the bound, and the peer never reads.
+        w.write_all(&vec![1u8; 2 * TURN_MIN]).await.unwrap();
+        let mut turn = Turn::new(level.clone());
+        let mut noop = Context::from_waker(Waker::noop());
+        assert!(
+            turn.poll(&mut noop).is_pending(),
+            "over its bound: the turn waits"
+        );
+        drop(w);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| turn.poll(cx)),
+        )
+        .await
+        .expect("a writer waiting for its turn was left waiting after the connection went");
     }
 }

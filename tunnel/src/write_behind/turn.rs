@@ -61,6 +61,13 @@ impl QueueLevel {
         self.next_round();
     }
 
+    /// The writer stopped (the connection is gone or closing): no writer
+    /// waits for a turn any more; their writes fail as the session's do.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.next_round();
+    }
+
     /// Every waiting writer may take one more turn: woken.
     fn next_round(&self) {
         self.round.fetch_add(1, Ordering::AcqRel);
@@ -133,10 +140,14 @@ impl Turn {
         Poll::Pending
     }
 
-    /// Room under the bound, and: nothing queued (no batch would start a new
-    /// round), no one else waiting, or a new round since this writer's turn.
+    /// The writer stopped; or room under the bound, and: nothing queued (no
+    /// batch would start a new round), no one else waiting, or a new round
+    /// since this writer's turn.
     fn may_go(&self) -> bool {
         let level = &self.level;
+        if level.closed.load(Ordering::Acquire) {
+            return true;
+        }
         let queued = level.turn_level();
         if queued >= level.turn_below() {
             return false;
