@@ -22,17 +22,58 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it;
-/// another process may still take it before you bind: prefer letting the
-/// program under test bind port 0 and report its address when it can).
+/// A TCP port that was free a moment ago on every address. Taken below the
+/// kernel's ephemeral range (`ip_local_port_range`): a port the OS picks for
+/// a listener is in that range, and every outgoing connection of the
+/// harness's kube-apiservers and etcd takes one from it too, so between the
+/// pick and the program's bind it was sometimes taken ("Address already in
+/// use", seen in CI). Another test may still pick the same port: prefer
+/// letting the program under test bind port 0 and report its address.
 pub fn free_port() -> u16 {
-    free_addr().port()
+    let low = ephemeral_low();
+    let span = u64::from(low.saturating_sub(PORTS_FROM).max(1));
+    let mut seed = seed();
+    for _ in 0..200 {
+        // xorshift64: no dependency for a few random numbers.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = PORTS_FROM + u16::try_from(seed % span).unwrap_or(0);
+        if StdListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+            return port;
+        }
+    }
+    let l = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0");
+    l.local_addr()
+        .expect("local_addr of a bound listener")
+        .port()
+}
+
+/// Where [`free_port`] starts looking (below it: well-known and registered
+/// services a machine may run).
+const PORTS_FROM: u16 = 20000;
+
+/// The first port of the kernel's ephemeral range (32768 if unreadable).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .filter(|&l: &u16| l > PORTS_FROM)
+        .unwrap_or(32768)
+}
+
+/// A random seed: std's hasher keys are random per process and differ per call.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        | 1
 }
 
 /// `127.0.0.1:<free port>`, see [`free_port`].
 pub fn free_addr() -> SocketAddr {
-    let l = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0");
-    l.local_addr().expect("local_addr of a bound listener")
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
 }
 
 /// A TCP echo server on 127.0.0.1 (random port). Every connection gets its
@@ -126,5 +167,20 @@ mod tests {
         assert_eq!(echo.connections(), 1);
         assert_ne!(free_port(), 0);
         Ok(())
+    }
+
+    #[test]
+    fn free_ports_are_bindable_and_below_the_ephemeral_range() {
+        let low = ephemeral_low();
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        for &port in &ports {
+            assert!(
+                (PORTS_FROM..low).contains(&port),
+                "{port} outside {PORTS_FROM}..{low}"
+            );
+            StdListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("a free port binds");
+        }
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert!(distinct.len() > 40, "free ports repeat: {ports:?}");
     }
 }
