@@ -19,7 +19,13 @@
 //! hole); `make faults` (FAULTS_FULL=1) holds each fault 30 s and the black
 //! hole 2 minutes with the default `--keepalive 30s`. Each fault prints a
 //! `FAULTS |` line: the figures of the README's "Reliability" table.
+//!
+//! One more on the slow link (`faults/fair_share.rs`): a download and a
+//! watch share the tunnel at 16 Mbit/s; the watch's events must not queue
+//! behind the download (`FAIR SHARE |` lines).
 
+#[path = "faults/fair_share.rs"]
+mod fair_share;
 #[path = "faults/kernel.rs"]
 mod kernel;
 #[path = "faults/observe.rs"]
@@ -538,5 +544,15 @@ async fn toxiproxy_latency_resets_slices_and_a_slow_close() -> Result<()> {
     ] {
         bench.measure(fault).await?;
     }
+    bench.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_leaves_room_for_a_watch_on_a_slow_link() -> Result<()> {
+    if !in_own_netns("a_download_leaves_room_for_a_watch_on_a_slow_link").await? {
+        return Ok(());
+    }
+    let bench = Bench::start(Plan::from_env()).await?;
+    fair_share::measure(&bench.tower).await?;
     bench.finish().await
 }

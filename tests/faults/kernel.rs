@@ -41,8 +41,15 @@ pub async fn stop_dropping(net: &MemberNet) -> Result<()> {
 /// `rate` (tc's syntax, `1mbit`) each way on the veth: a token bucket on
 /// the member's end (agent to proxy) and on the host's end (proxy to agent).
 pub async fn limit_rate(ns: &str, rate: &str) -> Result<()> {
+    limit_rate_queued(ns, rate, "16kbit", "500ms").await
+}
+
+/// [`limit_rate`] with tc's `burst` (tokens that may pass at once) and
+/// `latency` (how long a packet may queue before the bucket drops it: the
+/// link's own buffer).
+pub async fn limit_rate_queued(ns: &str, rate: &str, burst: &str, latency: &str) -> Result<()> {
     let tbf = [
-        "root", "tbf", "rate", rate, "burst", "16kbit", "latency", "500ms",
+        "root", "tbf", "rate", rate, "burst", burst, "latency", latency,
     ];
     let mut member = vec!["-n", ns, "qdisc", "add", "dev", "tm-member"];
     member.extend(tbf);
