@@ -16,14 +16,13 @@
 //!
 //! Layout: [`setup`] starts the processes every path needs, [`http`] is the
 //! HTTPS client and the upstream server (`bench upstream`, its own process),
-//! [`fleet`] runs many in-process agents, [`relay`] makes a long link,
-//! [`lossy`] a long link with packet loss below TCP (a TUN device; root),
+//! [`fleet`] runs many in-process agents, [`relay`] makes a long link
+//! (with packet loss below TCP: `e2e::lossy`, a TUN device; root),
 //! [`measure`] summarises runs, [`report`] writes the table, [`sys`] reads
 //! /proc, [`tls`] makes certificates, [`scenarios`] has one module per scenario.
 
 mod fleet;
 mod http;
-mod lossy;
 mod measure;
 mod peers;
 mod relay;

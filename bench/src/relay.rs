@@ -5,7 +5,7 @@
 //! control (SSH channel windows), as on a real long link.
 //!
 //! With a [`TunLink`] the delay and loss happen below TCP instead: the relay
-//! listens behind the link and copies without delay (see [`crate::lossy`]).
+//! listens behind the link and copies without delay (see `e2e::lossy`).
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::lossy::{self, TunLink};
+use e2e::lossy::{self, TunLink};
 
 /// What lies between an agent and its proxy.
 #[derive(Clone)]

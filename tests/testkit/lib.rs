@@ -17,6 +17,7 @@
 //! | host + member + proxy + agent, config_alpha | [`Tower::start`], [`Tower::kubectl`] |
 //! | a member joined from a manifest | [`KubeCluster::apply_manifest`], [`run_agent_like_a_kubelet`], [`KubeCluster::prove_joined`] |
 //! | a non-loopback address (Endpoints, aggregated APIs) | [`in_own_netns`], [`NETNS_ADDR`] |
+//! | a long link with loss that TCP itself sees | [`lossy::TunLink`] (inside [`in_own_netns`]) |
 //!
 //! ## Writing a test
 //!
@@ -83,6 +84,7 @@ mod cluster;
 mod env;
 mod join;
 mod kubelet;
+pub mod lossy;
 mod member;
 mod member_net;
 mod metrics;

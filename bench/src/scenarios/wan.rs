@@ -16,13 +16,13 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::http::Target;
-use crate::lossy::TunLink;
 use crate::measure::Measure;
 use crate::relay::Link;
 use crate::report::{Figure, Goal, Report};
 use crate::scenarios::bulk::{Direction, transfer};
 use crate::scenarios::concurrency::stall;
 use crate::setup::{CHISEL, Chisel, ForwardPair, GO, GoPeers, Setup, Variant};
+use e2e::lossy::TunLink;
 
 /// The goals for one 64 MiB download (tower-rs forward).
 fn throughput_goal(rtt_ms: u64, lossy: bool, mib_s: f64) -> Option<Goal> {

@@ -1,10 +1,11 @@
 //! A long link with real packet loss, below TCP: this kernel has no
 //! `sch_netem`, so a TUN device carries the connection and a task here delays
 //! every packet by RTT/2 and drops a share of them. TCP itself then sees the
-//! round trip and the loss (retransmits, congestion window), unlike
-//! [`crate::relay::Relay`]'s userspace delay, which no TCP connection sees.
+//! round trip and the loss (retransmits, congestion window), unlike a
+//! userspace relay's delay (the bench's `Relay`), which no TCP connection sees.
 //!
-//! Addressing on the device (all in the bench's own network namespace): the
+//! Addressing on the device (in a network namespace of the caller's own:
+//! the bench's, or a test's [`crate::in_own_netns`]): the
 //! device holds [`LOCAL`]; routes send [`PEER`] and [`FAR`] into it. A client
 //! dials `PEER:port` from `LOCAL`; the task rewrites that packet to come from
 //! `FAR` and go to `LOCAL:port`, where a listener takes it. Answers to `FAR`
