@@ -156,7 +156,7 @@ impl ProxyDialer {
         .await?;
         // Nagle would add ~40 ms to every small SSH round trip; and the
         // kernel holds little unsent, so channels take turns (fair share).
-        tunnel::socket::tune_tunnel_socket(&tcp);
+        let tcp = tunnel::socket::TunnelSocket::new(tcp);
         match &self.via {
             None => self.secure_and_upgrade(tcp).await,
             Some(proxy) => {

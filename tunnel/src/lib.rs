@@ -25,9 +25,9 @@
 //!
 //! Under the session: [`write_behind`], the connection's write queue (the
 //! session loop never waits on the socket), where channel writers take turns
-//! ([`write_behind::Turn`]), and [`socket`], the TCP connection's own
-//! settings, so one busy channel does not queue in front of every other
-//! (docs/protocol.md 9.3.2).
+//! ([`write_behind::Turn`]), and [`socket`], the TCP connection itself,
+//! which keeps about a round trip of data unsent in the kernel, so one busy
+//! channel does not queue in front of every other (docs/protocol.md 9.3.2).
 //!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.

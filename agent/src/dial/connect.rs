@@ -8,14 +8,14 @@ use http_body_util::Empty;
 use hyper::Request;
 use hyper::header::{self, HeaderValue};
 use hyper::upgrade::Upgraded;
-use tokio::net::TcpStream;
+use tunnel::socket::TunnelSocket;
 
 use super::{DialError, body_prefix, http1};
 use crate::proxy_env::HttpProxy;
 
 /// Ask the egress proxy for a tunnel to `target` (`CONNECT host:port`).
 pub(super) async fn connect_through(
-    tcp: TcpStream,
+    tcp: TunnelSocket,
     proxy: &HttpProxy,
     target: &str,
 ) -> Result<Upgraded, DialError> {

@@ -64,7 +64,7 @@ pub async fn run<S: ClusterStore>(
     accept_loop(listener, "agents", stop, |tcp, peer| {
         // Over a cap: closed here, before any task or buffer is spent on it.
         if let Some(permit) = endpoint.pending.enter(peer.ip(), DOOR) {
-            tunnel::socket::tune_tunnel_socket(&tcp);
+            let tcp = tunnel::socket::TunnelSocket::new(tcp);
             let endpoint = endpoint.clone();
             let slot: Slot = Arc::new(std::sync::Mutex::new(Some(permit)));
             tokio::spawn(async move {

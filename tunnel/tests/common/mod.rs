@@ -91,7 +91,7 @@ where
     let config = Arc::new(tunnel::ssh::server_config(key, Duration::from_secs(30)));
     tokio::spawn(async move {
         let (tcp, peer) = listener.accept().await.unwrap();
-        tunnel::socket::tune_tunnel_socket(&tcp);
+        let tcp = tunnel::socket::TunnelSocket::new(tcp);
         // The websocket handshake itself is the proxy's business; here the
         // stream starts right after it.
         let ws = WsStream::from_upgraded(tcp, Role::Server).await;
@@ -101,7 +101,7 @@ where
     let options = options(targets);
     tokio::spawn(async move {
         let tcp = TcpStream::connect(via).await.unwrap();
-        tunnel::socket::tune_tunnel_socket(&tcp);
+        let tcp = tunnel::socket::TunnelSocket::new(tcp);
         let ws = WsStream::from_upgraded(tcp, Role::Client).await;
         let err = tunnel::client::run(ws, &options, Arc::new(dialer), || {}).await;
         eprintln!("agent side ended: {err}");
