@@ -65,6 +65,7 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     check_kubeconfig_caller(&list)?;
     ensure!(list["status"] == 200 && list["method"] == "GET", "{list}");
     ensure!(list["bytes_out"].as_u64() > Some(0), "{list}");
+    ensure!(list["source"] == "127.0.0.1", "kubectl's address: {list}");
 
     tower.kubectl_ok(&["create", "ns", "audited"]).await?;
     let create = record_of(&file, "create", "/api/v1/namespaces").await?;
@@ -153,6 +154,7 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     ensure!(connect["status"] == 200, "{connect}");
     ensure!(connect["bytes_in"] == 10, "{connect}");
     ensure!(connect.get("path").is_none(), "{connect}");
+    ensure!(connect.get("source").is_none(), "a socket has no address: {connect}");
 
     // The raw --forward port: one line per connection, its bytes counted.
     let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", forward_port)).await?;
@@ -175,6 +177,7 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     );
     ensure!(forwarded["status"] == 200, "{forwarded}");
     ensure!(forwarded["bytes_in"] == 10, "{forwarded}");
+    ensure!(forwarded["source"] == "127.0.0.1", "{forwarded}");
 
     // One line per request: every line is a whole record, and no secret.
     let text = std::fs::read_to_string(&file)?;

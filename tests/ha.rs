@@ -15,7 +15,8 @@
 //! - with `--max-handshakes-per-source-per-second`, the connections `b`
 //!   relays to `a` take their turn at `b` by the client's address (three
 //!   clients' bursts all served, though at `a` they all come from `b`), and
-//!   a flood past its turn is closed and counted at `b`.
+//!   a flood past its turn is closed and counted at `b`; `a`'s audit log
+//!   names each client's own address, which `b` sends along.
 //! - `a` drains on SIGTERM: a watch relayed through `b` to `a` keeps
 //!   delivering during the drain, requests through `b` never fail, the agent
 //!   connects to `b` before its tunnel to `a` closes, and the Cluster never
@@ -651,10 +652,20 @@ impl Curl {
 /// wait), are all served: `a`, where all 36 come from `b`'s address, does
 /// not rate them again (at 2 a second it would have closed the last ones).
 /// A fourth client's flood past its turn is closed at `b` and counted there.
+/// `a` audits the 36 requests by their clients' own addresses (sent along in
+/// the relay's preface), not by `b`'s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_connections_take_their_turn_by_the_clients_address_at_the_relaying_replica()
 -> Result<()> {
-    let ha = Ha::start_with(2, None, &["--max-handshakes-per-source-per-second=2"]).await?;
+    let audit_dir = tempfile::tempdir()?;
+    let audit_log = audit_dir.path().join("audit.log");
+    let audit_arg = format!("--audit-log={}", audit_log.display());
+    let ha = Ha::start_with(
+        2,
+        None,
+        &["--max-handshakes-per-source-per-second=2", &audit_arg],
+    )
+    .await?;
     ensure!(
         lease_holder(&ha.host, "tower-cluster-alpha") == "a",
         "the agent should be on a"
@@ -672,6 +683,26 @@ async fn relayed_connections_take_their_turn_by_the_clients_address_at_the_relay
         served += 1;
     }
     ensure!(served == 36, "{served} of 36 served");
+    let clients = ["127.0.0.9", "127.0.0.11", "127.0.0.12"];
+    let from_clients = || {
+        e2e::audit_records(&audit_log)
+            .iter()
+            .filter(|r| r["cluster"] == "alpha")
+            .filter(|r| clients.iter().any(|c| r["source"] == *c))
+            .count()
+    };
+    wait_until(DEADLINE, || async { from_clients() >= 36 })
+        .await
+        .with_context(|| {
+            format!(
+                "a audited {} of the 36 relayed requests by their client's address; sources: {:?}",
+                from_clients(),
+                e2e::audit_records(&audit_log)
+                    .iter()
+                    .map(|r| r["source"].clone())
+                    .collect::<Vec<_>>()
+            )
+        })?;
     let rate_refusals =
         r#"tower_refused_connections_total{door="cluster",reason="handshake_rate"}"#;
     ensure!(

@@ -4,8 +4,11 @@
 //! ([`super::owners`]) is relayed before any TLS: this replica opens a mutual
 //! TLS connection to the other's peer port (both sides show a certificate of
 //! the proxy CA with CN [`PEER_COMMON_NAME`]; the CA's other certificates are
-//! refused), sends one line naming the cluster and the port kind, then copies
-//! bytes both ways. The client's own TLS, client certificate included, ends at
+//! refused), sends one line naming the cluster, the port kind and the
+//! client's address, then copies bytes both ways. The serving replica counts,
+//! paces and audits the connection by that address, as if the client had
+//! connected there; a line without it (a replica of a version before) counts
+//! as the relaying replica's. The client's own TLS, client certificate included, ends at
 //! the serving replica's listener exactly as if it had connected there, so a
 //! relay adds no trust and sees no plaintext.
 //!
@@ -226,6 +229,12 @@ impl Peers {
             .map_err(|e| format!("reading the preface: {e}"))?;
         let mut words = line.split_whitespace();
         let (version, kind, cluster) = (words.next(), words.next(), words.next());
+        let client = match words.next() {
+            None => from,
+            Some(addr) => addr
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("client address {addr:?} in the preface: {e}"))?,
+        };
         if version != Some(PREFACE_VERSION) {
             return Err(format!("unknown preface {line:?}"));
         }
@@ -237,7 +246,7 @@ impl Peers {
         let cluster = cluster.ok_or_else(|| format!("no cluster in {line:?}"))?;
         // The reader may hold bytes of the client's TLS already: keep it.
         if !ports
-            .serve_relayed(cluster, kind, Box::new(reader), from)
+            .serve_relayed(cluster, kind, Box::new(reader), client)
             .await
         {
             return Err(format!(
@@ -249,12 +258,14 @@ impl Peers {
     }
 }
 
-/// A mutual-TLS connection to a peer replica's port, the preface sent.
+/// A mutual-TLS connection to a peer replica's port, the preface sent for
+/// `client`'s connection.
 async fn connect(
     connector: &TlsConnector,
     target: &str,
     cluster: &str,
     kind: Target,
+    client: SocketAddr,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let name = ServerName::try_from(host_of(target).to_string())
         .map_err(|e| format!("peer address {target:?}: {e}"))?;
@@ -267,11 +278,17 @@ async fn connect(
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    let preface = format!("{PREFACE_VERSION} {} {cluster}\n", kind_name(kind));
+    let preface = preface(kind, cluster, client);
     tls.write_all(preface.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     Ok(tls)
+}
+
+/// The line that opens a relay: version, port kind, cluster, the client's
+/// address (a word the replicas of a version before ignore).
+fn preface(kind: Target, cluster: &str, client: SocketAddr) -> String {
+    format!("{PREFACE_VERSION} {} {cluster} {client}\n", kind_name(kind))
 }
 
 impl Relay for Peers {
@@ -288,7 +305,14 @@ impl Relay for Peers {
     ) -> Pin<Box<dyn Future<Output = Option<TcpStream>> + Send>> {
         let connector = self.tls().0;
         Box::pin(async move {
-            let mut peer = match connect(&connector, &target, &cluster, kind).await {
+            let client = match tcp.peer_addr() {
+                Ok(client) => client,
+                Err(e) => {
+                    tracing::debug!(%cluster, error = %e, "relayed client already gone");
+                    return None;
+                }
+            };
+            let mut peer = match connect(&connector, &target, &cluster, kind, client).await {
                 Ok(peer) => peer,
                 Err(e) => {
                     tracing::warn!(%cluster, %target, error = %e, "cannot reach the replica with the agent; serving here");
@@ -306,6 +330,15 @@ impl Relay for Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_preface_names_the_client() {
+        let client: SocketAddr = "[fd00::7]:51234".parse().unwrap();
+        let line = preface(Target::KubeApiserver, "alpha", client);
+        assert_eq!(line, "TOWER-PEER/1 kube alpha [fd00::7]:51234\n");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[3].parse::<SocketAddr>().unwrap(), client);
+    }
 
     #[test]
     fn hosts_of_peer_addresses() {

@@ -9,6 +9,7 @@
 
 pub mod verb;
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +99,11 @@ pub struct Record {
     pub door: &'static str,
     pub cluster: String,
     pub caller: Caller,
+    /// The address the connection came from (for one another replica
+    /// relayed: the client's, as that replica saw it); none at a Unix
+    /// socket and for hub streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpAddr>,
     pub verb: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
@@ -127,6 +133,7 @@ impl Record {
             door,
             cluster: cluster.to_string(),
             caller,
+            source: None,
             verb: verb.to_string(),
             method: None,
             path: None,
@@ -138,6 +145,12 @@ impl Record {
             reason: None,
             started: Some(Instant::now()),
         }
+    }
+
+    /// This record with the address its connection came from.
+    pub fn from(mut self, source: Option<IpAddr>) -> Self {
+        self.source = source;
+        self
     }
 
     /// This record as answered by the door itself with `status`, because of

@@ -27,7 +27,7 @@ pub async fn run(
         tokio::spawn(async move {
             let mut record = audit.begin(|| {
                 let caller = Caller::named(format!("client of the --forward port of {cluster}"));
-                Record::new(DOOR, &cluster, caller, "connect")
+                Record::new(DOOR, &cluster, caller, "connect").from(Some(peer.ip()))
             });
             let mut stream = match dialer.open(&cluster, Target::KubeApiserver).await {
                 Ok(s) => s,

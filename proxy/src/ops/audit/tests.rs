@@ -35,6 +35,12 @@ fn one_json_object_with_fixed_fields() {
     assert_eq!(value["bytes_in"], 0);
     assert_eq!(value["bytes_out"], 42);
     assert!(value.get("target").is_none() && value.get("reason").is_none());
+    assert!(value.get("source").is_none());
+    let from =
+        Record::http("port", "alpha", caller(), &uri, "GET").from(Some([10, 1, 2, 3].into()));
+    let from: serde_json::Value =
+        serde_json::from_str(&String::from_utf8(from.line()).unwrap()).unwrap();
+    assert_eq!(from["source"], "10.1.2.3");
     let time = value["time"].as_str().unwrap();
     assert!(time.parse::<jiff::Timestamp>().is_ok(), "{time}");
     assert!(

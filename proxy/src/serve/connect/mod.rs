@@ -180,7 +180,7 @@ impl Door {
                 let Some(bound) = bound else {
                     let mut audit = door
                         .audit
-                        .begin(|| Record::new("tls", "", caller, "connect"));
+                        .begin(|| Record::new("tls", "", caller, "connect").from(Some(peer.ip())));
                     door.refuse(
                         &mut audit,
                         &mut tls,
@@ -196,7 +196,7 @@ impl Door {
                     .await;
                     return;
                 };
-                door.serve(tls, "tls", bound, caller).await;
+                door.serve(tls, "tls", bound, caller, Some(peer.ip())).await;
             });
             std::future::ready(())
         })
@@ -205,13 +205,21 @@ impl Door {
 
     /// Serve one client connection: read its CONNECT, open the stream, copy;
     /// audited when it ends.
-    pub async fn serve<T: Io>(&self, mut io: T, door: &'static str, bound: Bound, caller: Caller) {
+    /// `source`: the address the connection came from (none at a socket).
+    pub async fn serve<T: Io>(
+        &self,
+        mut io: T,
+        door: &'static str,
+        bound: Bound,
+        caller: Caller,
+        source: Option<IpAddr>,
+    ) {
         let mut audit = self.audit.begin(|| {
             let cluster = match &bound {
                 Bound::Socket(c) | Bound::Cluster(c) => c.as_str(),
                 Bound::Unbound => "",
             };
-            Record::new(door, cluster, caller, "connect")
+            Record::new(door, cluster, caller, "connect").from(source)
         });
         let (connect, early) = match request::read(&mut io).await {
             Ok(read) => read,

@@ -115,7 +115,7 @@ async fn serve(listener: UnixListener, door: Arc<Door>, cluster: String, stop: C
         let (door, cluster) = (door.clone(), cluster.clone());
         tokio::spawn(async move {
             let caller = Caller::named(format!("socket of {cluster}"));
-            door.serve(stream, "unix", Bound::Socket(cluster), caller)
+            door.serve(stream, "unix", Bound::Socket(cluster), caller, None)
                 .await
         });
         async {}

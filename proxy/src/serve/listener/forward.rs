@@ -198,6 +198,7 @@ impl Proxy {
                 req.uri(),
                 req.method().as_str(),
             )
+            .from(req.extensions().get::<Source>().map(|s| s.0))
         });
         let resp = self.forward(req, caller, &mut audit).await;
         self.metrics

@@ -177,7 +177,7 @@ impl ClusterListener {
     /// address as far as known) as if this port had accepted it.
     pub fn serve_relayed(&self, io: Box<dyn Io>, peer: SocketAddr) {
         // The relaying replica took the client's turn (its rate); the slot
-        // is counted by that replica's address.
+        // is counted by the client's address the relay named.
         let Ok(slot) = slot(&self.front, &self.proxy, peer, false) else {
             return;
         };
