@@ -423,6 +423,15 @@ async fn aggregated_api_reaches_members_as_the_host_allows() -> Result<()> {
         })
     };
     ensure!(jane(200, "get"), "no audit line for jane's get:\n{lines}");
+    // Where kubectl came from, as the host kube-apiserver vouched
+    // (X-Forwarded-For), not the kube-apiserver's own address (NETNS_ADDR).
+    ensure!(
+        records
+            .iter()
+            .filter(|r| r["door"] == "aggregated" && r["caller"]["user"] == "jane")
+            .all(|r| r["source"] == "127.0.0.1"),
+        "jane's audit lines should name kubectl's address 127.0.0.1:\n{lines}"
+    );
     ensure!(
         jane(403, "create"),
         "no audit line for jane's refused create:\n{lines}"

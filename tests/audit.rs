@@ -154,7 +154,10 @@ async fn one_line_per_request_and_stream_without_secrets() -> Result<()> {
     ensure!(connect["status"] == 200, "{connect}");
     ensure!(connect["bytes_in"] == 10, "{connect}");
     ensure!(connect.get("path").is_none(), "{connect}");
-    ensure!(connect.get("source").is_none(), "a socket has no address: {connect}");
+    ensure!(
+        connect.get("source").is_none(),
+        "a socket has no address: {connect}"
+    );
 
     // The raw --forward port: one line per connection, its bytes counted.
     let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", forward_port)).await?;

@@ -17,6 +17,7 @@ use super::identity;
 use super::trust::Trust;
 use super::{GROUP_VERSION, discovery};
 use crate::ops::audit::{Audit, Caller, Record};
+use crate::ops::uploads::Source;
 use crate::serve::listener::status::{Body, status};
 use crate::serve::proxies::Proxies;
 
@@ -49,7 +50,7 @@ impl Handler {
     /// certificate has common name `cn` (`None`: no certificate).
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         trust: Option<Arc<Trust>>,
         cn: Option<String>,
     ) -> Response<Body> {
@@ -68,7 +69,13 @@ impl Handler {
             Some(trust) => identity::caller(trust, cn.as_deref(), req.headers()),
         };
         let who = match who {
-            Ok(who) => who,
+            Ok(who) => {
+                // Vouched for by the front proxy: so is its client's address.
+                if let Some(ip) = identity::forwarded_for(req.headers()) {
+                    req.extensions_mut().insert(Source(ip));
+                }
+                who
+            }
             Err(why) => {
                 let cluster = cluster_of(&path).map_or("", |(c, _)| c);
                 return self.refuse(
@@ -153,7 +160,9 @@ impl Handler {
     ) -> Response<Body> {
         tracing::info!(%cluster, user = %caller.user, status = code.as_u16(), reason = %why,
             "aggregated API refused a request");
-        let record = Record::http(DOOR, cluster, caller, req.uri(), req.method().as_str());
+        let source = req.extensions().get::<Source>().map(|s| s.0);
+        let record =
+            Record::http(DOOR, cluster, caller, req.uri(), req.method().as_str()).from(source);
         self.audit.log(record.answered(code.as_u16(), why.clone()));
         status(code, &why)
     }

@@ -4,10 +4,22 @@
 //! the front-proxy certificate and its common name is an allowed one.
 //! This is the kube-apiserver's own request-header authenticator, in small.
 
+use std::net::IpAddr;
+
 use hyper::header::HeaderMap;
 
 use super::trust::Trust;
 use crate::ops::audit::Caller;
+
+/// The address the front proxy's own client came from: the last entry of
+/// `X-Forwarded-For`, which the kube-apiserver appends when it proxies to an
+/// aggregated API (earlier entries are what its client claimed, so they are
+/// not believed). Read only once the front proxy is authenticated.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = last.to_str().ok()?.rsplit(',').next()?.trim();
+    entry.trim_matches(|c| c == '[' || c == ']').parse().ok()
+}
 
 /// The vouched caller, or why the request is unauthenticated (a 401).
 /// `cn` is the client certificate's common name when the handshake verified
@@ -140,6 +152,25 @@ mod tests {
             HeaderValue::from_static("read"),
         );
         h
+    }
+
+    #[test]
+    fn the_client_address_is_the_last_forwarded_entry() {
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_for(&h), None);
+        // What the client claimed first, what the kube-apiserver saw last.
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 10.0.0.7"),
+        );
+        assert_eq!(forwarded_for(&h), Some([10, 0, 0, 7].into()));
+        h.append("x-forwarded-for", HeaderValue::from_static("fd00::9"));
+        assert_eq!(forwarded_for(&h), "fd00::9".parse().ok());
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("not an address"),
+        );
+        assert_eq!(forwarded_for(&h), None);
     }
 
     #[test]
