@@ -670,8 +670,21 @@ async fn a_kube_apiservers_egress_selector_reaches_its_kubelet_through_the_socke
 
     // logs and exec go from the kube-apiserver to the kubelet: only through
     // alpha.sock, the proxy and alpha's agent.
-    let logs = control_plane.kubectl_ok(&["logs", "box"]);
-    ensure!(!logs.is_empty(), "no logs");
+    // The container writes a log line every 100 ms from its start: the
+    // first may not be there yet when the pod is marked Running.
+    wait_until(SOON, || async {
+        let out = control_plane.kubectl(&["logs", "box"]);
+        out.status.success() && !out.stdout.is_empty()
+    })
+    .await
+    .with_context(|| {
+        let out = control_plane.kubectl(&["logs", "box"]);
+        format!(
+            "no logs through the socket: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     let out = control_plane.kubectl_ok(&["exec", "box", "--", "sh", "-c", "echo via-the-tunnel"]);
     ensure!(out == "via-the-tunnel\n", "{out:?}");
     ensure!(
