@@ -437,26 +437,30 @@ where
         Ok(Err(e)) => return e,
         Ok(Ok(handle)) => handle,
     };
+    let (handle, queue) = handle;
     if let Err(e) = Box::pin(configure(&handle, options, &ended)).await {
         return e;
     }
     let handle = Arc::new(handle);
-    let _hub = options.hub.attach(handle.clone());
+    let _hub = options.hub.attach(handle.clone(), Some(queue));
     on_connected();
     keepalive(&handle, options.keepalive, &ended).await
 }
 
+/// The logged-in session, and its write queue's level (hub streams take
+/// their turns there).
 async fn handshake<S, D>(
     stream: S,
     mut handler: Handler<D>,
-) -> Result<Handle<Handler<D>>, ClientError>
+) -> Result<(Handle<Handler<D>>, Arc<crate::write_behind::QueueLevel>), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
     let config = Arc::new(crate::ssh::client_config());
     let stream = crate::write_behind::WriteBehind::new(stream);
-    handler.write_queue = Some(stream.level());
+    let queue = stream.level();
+    handler.write_queue = Some(queue.clone());
     let mut handle = russh::client::connect_stream(config, stream, handler)
         .await
         .map_err(ClientError::Handshake)?;
@@ -467,7 +471,7 @@ where
     if !login.success() {
         return Err(ClientError::LoginRefused);
     }
-    Ok(handle)
+    Ok((handle, queue))
 }
 
 /// Sends the agent's `config` and waits for the proxy's answer.

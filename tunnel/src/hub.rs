@@ -5,17 +5,24 @@
 //! address the agent sends (Tower's `direct-tcpip` into the host network stays
 //! refused). The proxy's side is [`serve_channel`], deciding through
 //! [`Admission::open_hub`]; the agent's side is a [`HubLink`] to whichever
-//! tunnel is live, which its local listeners open channels through.
+//! tunnel is live, which its local listeners open channels through. At both
+//! ends a hub stream's writes take turns with the session's other channels
+//! (docs/protocol.md 9.3.2): the proxy's side is a `TunnelStream`, the
+//! agent's a [`HubStream`].
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 
 use russh::{Channel, ChannelOpenFailure, ChannelStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::server::{Admission, OPEN_TIMEOUT, Session};
 use crate::wire::HUB_CHANNEL_TYPE;
+use crate::write_behind::{QueueLevel, Turn};
 
 /// Longest service name (a DNS label).
 pub const MAX_SERVICE_NAME: usize = 63;
@@ -149,8 +156,16 @@ impl<H: russh::client::Handler> Opener for russh::client::Handle<H> {
     }
 }
 
+/// A live tunnel hub channels can go through, and its write queue (where
+/// their writes take turns), if it has one.
+#[derive(Clone)]
+struct Tunnel {
+    opener: Arc<dyn Opener>,
+    queue: Option<Arc<QueueLevel>>,
+}
+
 /// The live tunnels, oldest first, each with the id its [`Attached`] removes.
-type Live = Vec<(u64, Arc<dyn Opener>)>;
+type Live = Vec<(u64, Tunnel)>;
 
 /// The agent's way to the live tunnel(s): hub channels go through the newest.
 /// Cheap to clone; one per agent, shared by its listeners and its tunnels.
@@ -180,10 +195,14 @@ impl Drop for Attached {
 }
 
 impl HubLink {
-    pub(crate) fn attach(&self, opener: Arc<dyn Opener>) -> Attached {
+    pub(crate) fn attach(
+        &self,
+        opener: Arc<dyn Opener>,
+        queue: Option<Arc<QueueLevel>>,
+    ) -> Attached {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        live.push((id, opener));
+        live.push((id, Tunnel { opener, queue }));
         Attached {
             link: self.clone(),
             id,
@@ -191,21 +210,93 @@ impl HubLink {
     }
 
     /// Open a hub channel to `service` through the newest live tunnel.
-    pub async fn open(&self, service: &str) -> Result<ChannelStream<russh::client::Msg>, HubError> {
-        let opener = {
+    pub async fn open(&self, service: &str) -> Result<HubStream, HubError> {
+        let tunnel = {
             let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            live.last().map(|(_, o)| o.clone())
+            live.last().map(|(_, t)| t.clone())
         };
-        let opener = opener.ok_or(HubError::NoTunnel)?;
-        match tokio::time::timeout(OPEN_TIMEOUT, opener.open(service.to_string())).await {
+        let tunnel = tunnel.ok_or(HubError::NoTunnel)?;
+        match tokio::time::timeout(OPEN_TIMEOUT, tunnel.opener.open(service.to_string())).await {
             Err(_) => Err(HubError::Timeout(OPEN_TIMEOUT)),
-            Ok(Ok(channel)) => Ok(channel.into_stream()),
+            Ok(Ok(channel)) => Ok(HubStream {
+                inner: channel.into_stream(),
+                turn: tunnel.queue.map(Turn::new),
+            }),
             Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(HubError::Refused {
                 code: reason.code(),
                 reason: reason.description().to_string(),
             }),
             Ok(Err(_)) => Err(HubError::Closed),
         }
+    }
+}
+
+/// The agent's end of a hub channel: a byte stream whose writes take turns
+/// with the session's other channels, so a member uploading to a hub
+/// service without pause does not queue in front of everyone's answers.
+pub struct HubStream {
+    inner: ChannelStream<russh::client::Msg>,
+    turn: Option<Turn>,
+}
+
+impl HubStream {
+    fn wrote(&self, poll: &Poll<io::Result<usize>>) {
+        if let (Some(turn), Poll::Ready(Ok(n))) = (&self.turn, poll) {
+            turn.sent(*n);
+        }
+    }
+
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.turn.as_mut() {
+            Some(turn) => turn.poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl AsyncRead for HubStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HubStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_turn(cx));
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_turn(cx));
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

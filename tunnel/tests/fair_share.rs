@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tunnel::client::TcpDialer;
+use tunnel::hub::HubLink;
 use tunnel::server::Session;
 
 use common::{echo_server, firehose};
@@ -140,6 +141,30 @@ async fn a_bulk_upload_does_not_queue_in_front_of_other_channels() {
     });
     let b = session.dial(&echo).await.unwrap();
     round_trips_beside(got, b, "upload").await;
+}
+
+/// Pull mode (docs/protocol.md 9.4): the agent's side sends A without pause
+/// on a hub channel (a member pushing to a hub service) and B's answer, which
+/// leaves the agent through the same connection, must not wait behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_mode_upload_does_not_queue_in_front_of_other_channels() {
+    let echo = echo_server().await;
+    let (progress, got) = tokio::sync::watch::channel(0u64);
+    let link = HubLink::default();
+    let hub = common::HubSink {
+        link: link.clone(),
+        addr: sink(progress).await,
+    };
+    let session =
+        common::tunnel_with_hub(TcpDialer, vec![echo.clone()], slow_link, Some(hub)).await;
+
+    let mut bulk = link.open("sink").await.unwrap();
+    tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        while bulk.write_all(&chunk).await.is_ok() {}
+    });
+    let b = session.dial(&echo).await.unwrap();
+    round_trips_beside(got, b, "pull-mode upload").await;
 }
 
 /// Once channel A moved 8 MiB (`got`: A's bytes at its far end so far), 20

@@ -14,18 +14,45 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::AgentConfig;
 use tunnel::client::{ClientOptions, Dialer};
+use tunnel::hub::{HubLink, HubRefusal, HubUpstream};
 use tunnel::server::{Admission, Session};
 use tunnel::ws::WsStream;
 
-/// Admits everyone and hands each session to the test.
-pub struct Capture(pub mpsc::UnboundedSender<Session>);
+/// Admits everyone and hands each session to the test; publishes hub
+/// service `sink` at `hub_sink`, if given.
+pub struct Capture {
+    pub sessions: mpsc::UnboundedSender<Session>,
+    pub hub_sink: Option<String>,
+}
 
 impl Admission for Capture {
     type Guard = ();
     async fn admit(&self, session: Session) -> Result<(), String> {
-        let _ = self.0.send(session);
+        let _ = self.sessions.send(session);
         Ok(())
     }
+
+    async fn open_hub(&self, _: &Session, service: &str) -> Result<HubUpstream, HubRefusal> {
+        let (Some(addr), "sink") = (&self.hub_sink, service) else {
+            return Err(HubRefusal::prohibited(format!(
+                "{service:?} is not published"
+            )));
+        };
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| HubRefusal::unreachable(e.to_string()))?;
+        Ok(HubUpstream {
+            stream,
+            on_end: Box::new(|_, _| {}),
+        })
+    }
+}
+
+/// Pull mode for [`tunnel_with_hub`]: the agent's link, and where the
+/// proxy's side finds hub service `sink`.
+pub struct HubSink {
+    pub link: HubLink,
+    pub addr: String,
 }
 
 /// Echoes whatever each connection sends.
@@ -84,9 +111,25 @@ where
     L: FnOnce(SocketAddr) -> F,
     F: Future<Output = SocketAddr>,
 {
+    tunnel_with_hub(dialer, targets, link, None).await
+}
+
+/// [`tunnel`], with pull mode's hub service `sink` if `hub` is given.
+pub async fn tunnel_with_hub<D, L, F>(
+    dialer: D,
+    targets: Vec<String>,
+    link: L,
+    hub: Option<HubSink>,
+) -> Session
+where
+    D: Dialer,
+    L: FnOnce(SocketAddr) -> F,
+    F: Future<Output = SocketAddr>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (hub_link, hub_sink) = hub.map_or((HubLink::default(), None), |h| (h.link, Some(h.addr)));
     let key = tunnel::ssh::generate_host_key().unwrap();
     let config = Arc::new(tunnel::ssh::server_config(key, Duration::from_secs(30)));
     tokio::spawn(async move {
@@ -95,18 +138,32 @@ where
         // The websocket handshake itself is the proxy's business; here the
         // stream starts right after it.
         let ws = WsStream::from_upgraded(tcp, Role::Server).await;
-        let _ = tunnel::server::serve(ws, config, Arc::new(Capture(tx)), peer.to_string()).await;
+        let capture = Capture {
+            sessions: tx,
+            hub_sink,
+        };
+        let _ = tunnel::server::serve(ws, config, Arc::new(capture), peer.to_string()).await;
     });
     let via = link(addr).await;
-    let options = options(targets);
+    let (connected_tx, connected) = tokio::sync::oneshot::channel();
+    let options = ClientOptions {
+        hub: hub_link,
+        ..options(targets)
+    };
     tokio::spawn(async move {
         let tcp = TcpStream::connect(via).await.unwrap();
         let tcp = tunnel::socket::TunnelSocket::new(tcp);
         let ws = WsStream::from_upgraded(tcp, Role::Client).await;
-        let err = tunnel::client::run(ws, &options, Arc::new(dialer), || {}).await;
+        let on_connected = move || {
+            let _ = connected_tx.send(());
+        };
+        let err = tunnel::client::run(ws, &options, Arc::new(dialer), on_connected).await;
         eprintln!("agent side ended: {err}");
     });
-    rx.recv().await.expect("agent was admitted")
+    let session = rx.recv().await.expect("agent was admitted");
+    // Configured, hub link attached.
+    connected.await.expect("the agent's side connected");
+    session
 }
 
 /// No link of the test's own: the agent dials the proxy's address.
