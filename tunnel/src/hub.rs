@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use russh::{Channel, ChannelOpenFailure, ChannelStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -240,16 +240,19 @@ pub struct HubStream {
 }
 
 impl HubStream {
-    fn wrote(&self, poll: &Poll<io::Result<usize>>) {
-        if let (Some(turn), Poll::Ready(Ok(n))) = (&self.turn, poll) {
-            turn.sent(*n);
-        }
-    }
-
-    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// `write` on this stream's turn, if it has turns.
+    fn poll_turn_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(
+            &mut ChannelStream<russh::client::Msg>,
+            &mut Context<'_>,
+        ) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let inner = &mut self.inner;
         match self.turn.as_mut() {
-            Some(turn) => turn.poll(cx),
-            None => Poll::Ready(()),
+            Some(turn) => turn.poll_write(cx, |cx| write(inner, cx)),
+            None => write(inner, cx),
         }
     }
 }
@@ -270,10 +273,7 @@ impl AsyncWrite for HubStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.poll_turn(cx));
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.wrote(&poll);
-        poll
+        self.poll_turn_write(cx, |inner, cx| Pin::new(inner).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -281,10 +281,9 @@ impl AsyncWrite for HubStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.poll_turn(cx));
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.wrote(&poll);
-        poll
+        self.poll_turn_write(cx, |inner, cx| {
+            Pin::new(inner).poll_write_vectored(cx, bufs)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -3,8 +3,7 @@
 //! bytes leave through this one socket, so what waits in front of the link
 //! waits in front of every channel. The kernel is asked to hold little not
 //! yet sent (`TCP_NOTSENT_LOWAT`); the rest waits in the session's write
-//! queue, where channel writers take turns
-//! ([`crate::write_behind::QueueLevel::poll_turn`]).
+//! queue, where channel writers take turns ([`crate::write_behind::Turn`]).
 //!
 //! How little follows the connection ([`TunnelSocket`]): about one round
 //! trip of data at the rate the connection delivers (its bandwidth-delay
@@ -130,9 +129,9 @@ pub fn lowat_for(rate: u64, min_rtt_us: u32) -> u32 {
 /// What the connection measured: its delivery rate (bytes a second, the
 /// kernel's latest sample) and its shortest round trip (microseconds).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Measured {
-    pub rate: u64,
-    pub min_rtt_us: u32,
+struct Measured {
+    rate: u64,
+    min_rtt_us: u32,
 }
 
 #[cfg(target_os = "linux")]

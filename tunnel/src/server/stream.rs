@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use russh::server::Msg;
@@ -76,15 +76,25 @@ impl AsyncBufRead for TunnelStream {
     }
 }
 
-impl crate::copy::ChannelIo for TunnelStream {
-    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
-        ready!(self.turn.poll(cx));
-        let poll = self.inner.poll_write_bytes(cx, data);
+impl TunnelStream {
+    /// `write` on this stream's turn, its bytes counted for the session.
+    fn poll_turn_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(&mut ChannelStream<Msg>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let inner = &mut self.inner;
+        let poll = self.turn.poll_write(cx, |cx| write(inner, cx));
         if let Poll::Ready(Ok(n)) = poll {
-            self.turn.sent(n);
             self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
         }
         poll
+    }
+}
+
+impl crate::copy::ChannelIo for TunnelStream {
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        self.poll_turn_write(cx, |inner, cx| inner.poll_write_bytes(cx, data))
     }
 }
 
@@ -94,13 +104,7 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.turn.poll(cx));
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll {
-            self.turn.sent(n);
-            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        poll
+        self.poll_turn_write(cx, |inner, cx| Pin::new(inner).poll_write(cx, buf))
     }
     /// One SSH packet for all the slices (a TLS stream's records).
     fn poll_write_vectored(
@@ -108,13 +112,9 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.turn.poll(cx));
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = poll {
-            self.turn.sent(n);
-            self.session.sent.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        poll
+        self.poll_turn_write(cx, |inner, cx| {
+            Pin::new(inner).poll_write_vectored(cx, bufs)
+        })
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use super::QueueLevel;
@@ -162,6 +162,21 @@ impl Turn {
     /// `n` bytes of channel data were handed to the session on this turn.
     pub fn sent(&self, n: usize) {
         self.level.debt.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `write` (one packet) once it is this writer's turn; what it wrote
+    /// is counted as [`Self::sent`].
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(&mut Context<'_>) -> Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        ready!(self.poll(cx));
+        let poll = write(cx);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.sent(n);
+        }
+        poll
     }
 
     fn go(&mut self) -> Poll<()> {
