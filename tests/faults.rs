@@ -20,9 +20,10 @@
 //! hole 2 minutes with the default `--keepalive 30s`. Each fault prints a
 //! `FAULTS |` line: the figures of the README's "Reliability" table.
 //!
-//! One more on the slow link (`faults/fair_share.rs`): a download and a
-//! watch share the tunnel at 16 Mbit/s; the watch's events must not queue
-//! behind the download (`FAIR SHARE |` lines).
+//! Two more on the slow link (`faults/fair_share.rs`): a download, or pull
+//! mode's upload to a hub service, and a watch share the tunnel at 16
+//! Mbit/s; the watch's events must not queue behind the transfer (`FAIR
+//! SHARE |` lines).
 
 #[path = "faults/fair_share.rs"]
 mod fair_share;
@@ -182,9 +183,20 @@ struct Bench {
 
 impl Bench {
     async fn start(plan: Plan) -> Result<Bench> {
+        Self::start_with(plan, Vec::new(), Vec::new()).await
+    }
+
+    /// With more flags for the proxy and the agent.
+    async fn start_with(
+        plan: Plan,
+        proxy_args: Vec<String>,
+        agent_args: Vec<String>,
+    ) -> Result<Bench> {
         let tower = Tower::start_with(TowerOptions {
             isolated_member: true,
             keepalive: Some(plan.keepalive_flag()),
+            proxy_args,
+            agent_args,
             ..Default::default()
         })
         .await?;
@@ -553,6 +565,34 @@ async fn a_download_leaves_room_for_a_watch_on_a_slow_link() -> Result<()> {
         return Ok(());
     }
     let bench = Bench::start(Plan::from_env()).await?;
-    fair_share::measure(&bench.tower).await?;
+    fair_share::measure(&bench.tower, fair_share::Flow::Download).await?;
+    bench.finish().await
+}
+
+/// The same with pull mode's upload in place of the download: a member
+/// process writes into the agent's `--hub-listen` listener, to a TCP sink
+/// the proxy publishes as a hub service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_upload_leaves_room_for_a_watch_on_a_slow_link() -> Result<()> {
+    if !in_own_netns("a_hub_upload_leaves_room_for_a_watch_on_a_slow_link").await? {
+        return Ok(());
+    }
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sink_addr = sink.local_addr()?;
+    // Inside the member's own namespace: nothing else listens there.
+    let listen = "127.0.0.1:7070".to_string();
+    let bench = Bench::start_with(
+        Plan::from_env(),
+        vec![format!("--hub-service=sink={sink_addr}")],
+        vec![format!("--hub-listen=sink={listen}")],
+    )
+    .await?;
+    bench.tower.host().kubectl_ok(&[
+        "annotate",
+        "cluster",
+        "alpha",
+        "tower.kubesphere.io/hub-services=sink",
+    ]);
+    fair_share::measure(&bench.tower, fair_share::Flow::HubUpload { listen, sink }).await?;
     bench.finish().await
 }

@@ -18,6 +18,7 @@
 //! | a member joined from a manifest | [`KubeCluster::apply_manifest`], [`run_agent_like_a_kubelet`], [`KubeCluster::prove_joined`] |
 //! | a non-loopback address (Endpoints, aggregated APIs) | [`in_own_netns`], [`NETNS_ADDR`] |
 //! | a long link with loss that TCP itself sees | [`lossy::TunLink`] (inside [`in_own_netns`]) |
+//! | a member with no inbound network, and its processes' connections | [`TowerOptions`]`{ isolated_member: true, .. }`, [`MemberNet::command`], [`MemberNet::connect`], [`connect_in`] |
 //!
 //! ## Writing a test
 //!
@@ -103,7 +104,7 @@ pub use env::clean_env;
 pub use join::{Joined, cluster_condition, proxy_cluster};
 pub use kubelet::{HARNESS_NODE, POD_CONTAINER};
 pub use member::run_agent_like_a_kubelet;
-pub use member_net::{MEMBER_ADDR, MEMBER_GATEWAY, MemberNet};
+pub use member_net::{MEMBER_ADDR, MEMBER_GATEWAY, MemberNet, connect_in};
 pub use metrics::{apiserver_writes, metric_sample, scrape_metrics, writes_between};
 pub use net::{EchoServer, free_addr, free_port};
 pub use netns::{NETNS_ADDR, in_own_netns};

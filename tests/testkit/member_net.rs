@@ -172,22 +172,47 @@ impl MemberNet {
     /// socket is made on a thread that entered the namespace, and belongs to
     /// it wherever it is used from.
     pub fn bind(&self, addr: &str) -> Result<tokio::net::TcpListener> {
-        let path = format!("/run/netns/{}", self.name);
-        let listener = std::thread::scope(|s| {
-            s.spawn(|| -> Result<std::net::TcpListener> {
-                let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering the member's network namespace")?;
-                std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))
-            })
-            .join()
-        });
-        let listener = match listener {
-            Ok(l) => l?,
-            Err(_) => bail!("the thread binding in the member's namespace panicked"),
-        };
+        let listener = in_namespace(&self.name, || {
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))
+        })?;
         listener.set_nonblocking(true)?;
         Ok(tokio::net::TcpListener::from_std(listener)?)
+    }
+
+    /// A TCP connection made from inside the namespace to `addr` (a
+    /// process of the member connecting to its loopback, say), made like
+    /// [`MemberNet::bind`]'s listener.
+    pub fn connect(&self, addr: &str) -> Result<tokio::net::TcpStream> {
+        connect_in(&self.name, addr)
+    }
+}
+
+/// [`MemberNet::connect`] for the namespace named `name`, for a task that
+/// does not hold the [`MemberNet`].
+pub fn connect_in(name: &str, addr: &str) -> Result<tokio::net::TcpStream> {
+    let stream = in_namespace(name, || {
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))
+    })?;
+    stream.set_nonblocking(true)?;
+    Ok(tokio::net::TcpStream::from_std(stream)?)
+}
+
+/// `make` run on a thread that entered the network namespace `name`: a
+/// socket it makes belongs to that namespace wherever it is used from.
+fn in_namespace<T: Send>(name: &str, make: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/run/netns/{name}");
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the member's network namespace")?;
+            make()
+        })
+        .join()
+    });
+    match made {
+        Ok(made) => made,
+        Err(_) => bail!("the thread in the member's namespace {name} panicked"),
     }
 }
 
