@@ -11,7 +11,8 @@
 //! replica's Lease every connected cluster wrote its `lastHeartbeatTime` once
 //! a minute: N more writes in the second window. Joining the second N also
 //! patches each Cluster at most five times (the certificate expiry rides
-//! with the conditions, not in a second member-status write).
+//! with the conditions, not in a second member-status write), and the proxy
+//! holds one watch of the Clusters, not two.
 //!
 //! Run: `make build harness && cargo test -p e2e --release --test steady_writes`.
 
@@ -39,6 +40,17 @@ const SOON: Duration = Duration::from_secs(120);
 /// Every write the host kube-apiserver counted so far, per `VERB resource`.
 fn writes(tower: &Tower) -> BTreeMap<String, u64> {
     apiserver_writes(&tower.host().kubectl_ok(&["get", "--raw", "/metrics"]))
+}
+
+/// Watches of Clusters the kube-apiserver is serving now
+/// (`apiserver_longrunning_requests`).
+fn cluster_watches(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_longrunning_requests{"))
+        .filter(|l| l.contains("resource=\"clusters\"") && l.contains("verb=\"WATCH\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// True once every Cluster is available and its status complete (the first
@@ -142,6 +154,13 @@ async fn steady_state_writes_do_not_grow_with_the_clusters() -> Result<()> {
         total(&small),
         total(&big),
         n + STEP
+    );
+    // One watch of the Clusters per proxy: its controller's (the deletions
+    // had a second, so every Cluster write was sent and decoded twice).
+    let watches = cluster_watches(&tower.host().kubectl_ok(&["get", "--raw", "/metrics"]));
+    ensure!(
+        watches == 1,
+        "the host kube-apiserver serves {watches} watches of Clusters, one proxy should hold one"
     );
     // The proxy's own Lease is what stands for all of them: it is renewed.
     ensure!(

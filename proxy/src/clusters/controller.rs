@@ -1,19 +1,19 @@
 //! The controller: kube-rs's `Controller` over Cluster resources (and the
 //! `mc-<name>` Services, mapped to their Cluster by label), woken also by
 //! session changes, by other replicas' holder changes and by a new leader;
-//! each wake-up runs [`super::reconcile::reconcile`]. A plain watch closes
-//! the sessions and ports of deleted Clusters, which the controller never sees.
+//! each wake-up runs [`super::reconcile::reconcile`]. Its watch of the
+//! Clusters also tells [`forget_deleted`] which ones are gone, whose sessions
+//! and ports it closes (the controller never sees deletions).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::mpsc;
 
@@ -36,12 +36,40 @@ use crate::ops::metrics::Metrics;
 /// round trips bound a pass, so a few dozen keep the kube-apiserver busy.
 const PASSES: u16 = 32;
 
+/// What [`forget_deleted`] learns from the controller's watch of Clusters.
+enum Seen {
+    /// A re-list begins.
+    Relist,
+    /// A Cluster of the re-list.
+    Listed(String),
+    /// The re-list is complete.
+    ListDone,
+    Deleted(String),
+}
+
+impl Seen {
+    fn of(event: &watcher::Event<Cluster>) -> Option<Seen> {
+        Some(match event {
+            watcher::Event::Init => Seen::Relist,
+            watcher::Event::InitApply(c) => Seen::Listed(c.name_any()),
+            watcher::Event::InitDone => Seen::ListDone,
+            watcher::Event::Delete(c) => Seen::Deleted(c.name_any()),
+            watcher::Event::Apply(_) => return None,
+        })
+    }
+}
+
 /// Close the sessions and ports of Clusters that disappear. The controller
-/// never sees deletions (it reconciles objects that exist), so a plain watch
-/// does this; after a re-list it also sweeps clusters deleted meanwhile.
-async fn watch_deletions<P: Ports>(api: Api<Cluster>, registry: Registry, ports: Arc<P>) {
-    let mut seen = HashSet::new();
-    let mut events = watcher(api, watcher::Config::default()).boxed();
+/// never sees deletions (it reconciles objects that exist), so this follows
+/// its watch; after a re-list it also sweeps clusters deleted meanwhile.
+/// (It had a watch of its own: every Cluster sent twice by the kube-apiserver
+/// and decoded twice here, 20,000 objects at the start of 10,000 clusters.)
+async fn forget_deleted<P: Ports>(
+    mut seen: mpsc::UnboundedReceiver<Seen>,
+    registry: Registry,
+    ports: Arc<P>,
+) {
+    let mut listed = HashSet::new();
     let forget = |name: String| {
         let registry = registry.clone();
         let ports = ports.clone();
@@ -52,27 +80,20 @@ async fn watch_deletions<P: Ports>(api: Api<Cluster>, registry: Registry, ports:
             ports.close(&name).await;
         }
     };
-    while let Some(event) = events.next().await {
+    while let Some(event) = seen.recv().await {
         match event {
-            Ok(watcher::Event::Delete(c)) => {
-                tracing::info!(cluster = %c.name_any(), "cluster deleted: closing its sessions and ports");
-                forget(c.name_any()).await;
+            Seen::Deleted(name) => {
+                tracing::info!(cluster = %name, "cluster deleted: closing its sessions and ports");
+                forget(name).await;
             }
-            Ok(watcher::Event::Init) => seen.clear(),
-            Ok(watcher::Event::InitApply(c)) => {
-                seen.insert(c.name_any());
-            }
-            Ok(watcher::Event::InitDone) => {
+            Seen::Relist => listed.clear(),
+            Seen::Listed(name) => _ = listed.insert(name),
+            Seen::ListDone => {
                 for name in registry.clusters() {
-                    if !seen.contains(&name) {
+                    if !listed.contains(&name) {
                         forget(name).await;
                     }
                 }
-            }
-            Ok(watcher::Event::Apply(_)) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "watching clusters failed, retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
     }
@@ -117,7 +138,20 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     let services: Api<Service> = Api::namespaced(client.clone(), &options.namespace);
     // `owns` would map a Service to a *namespaced* ref of its cluster-scoped
     // owner, a second queue key racing the Cluster's own; map by label instead.
-    let controller = Controller::new(api.clone(), watcher::Config::default())
+    // One watch of the Clusters feeds the controller's cache, its passes and
+    // [`forget_deleted`].
+    let (store, writer) = reflector::store();
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    let clusters_watch = reflector(writer, watcher(api, watcher::Config::default()))
+        .inspect(move |event| {
+            if let Ok(seen) = event.as_ref().map(Seen::of)
+                && let Some(seen) = seen
+            {
+                _ = seen_tx.send(seen);
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(clusters_watch, store.clone())
         .with_config(ControllerConfig::default().concurrency(PASSES))
         .watches(
             services,
@@ -127,7 +161,6 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
                 Some(ObjectRef::new(name))
             },
         );
-    let store = controller.store();
     let synced = super::readiness::watch_sync(store.clone());
     let (trigger, triggers) = mpsc::unbounded_channel();
     let recorder = super::events::recorder(client.clone());
@@ -168,7 +201,7 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
         owners,
         metrics,
     });
-    let deletions = tokio::spawn(watch_deletions(api, registry, ports));
+    let deletions = tokio::spawn(forget_deleted(seen_rx, registry, ports));
     // A CA rotation step: every cluster's certificates and kubeconfig again.
     let rotations = futures_util::stream::unfold(ctx.ca.subscribe(), |mut rx| async move {
         rx.changed().await.ok()?;
