@@ -143,12 +143,15 @@ pub fn start<P: Ports>(deps: Deps<P>) -> Running<P> {
     let (store, writer) = reflector::store();
     let (seen_tx, seen_rx) = mpsc::unbounded_channel();
     let clusters_watch = reflector(writer, watcher(api, watcher::Config::default()))
-        .inspect(move |event| {
-            if let Ok(seen) = event.as_ref().map(Seen::of)
-                && let Some(seen) = seen
-            {
-                _ = seen_tx.send(seen);
+        .inspect(move |event| match event {
+            Ok(event) => {
+                if let Some(seen) = Seen::of(event) {
+                    _ = seen_tx.send(seen);
+                }
             }
+            // The controller retries with its backoff; the deletions' own
+            // watch said so, and a host outage should still show here.
+            Err(e) => tracing::warn!(error = %e, "watching clusters failed, retrying"),
         })
         .applied_objects();
     let controller = Controller::for_stream(clusters_watch, store.clone())
