@@ -100,17 +100,25 @@ impl Bulk {
                         tokio::spawn(count_into(conn, count.clone()));
                     }
                 });
-                // As a client would: again when the connection ends (the
-                // proxy refuses hub channels until its cache has the
-                // Cluster's annotation, milliseconds after it was set).
+                let count = bytes.clone();
+                // The proxy refuses hub channels until its cache has the
+                // Cluster's annotation (milliseconds after it was set): a
+                // connection's bytes reach the sink once it has.
+                wait_until(DEADLINE, || async {
+                    if count.load(Ordering::Relaxed) > 0 {
+                        return true;
+                    }
+                    if let Ok(mut probe) = e2e::connect_in(&ns, &listen) {
+                        let _ = probe.write_all(&[0u8; 1024]).await;
+                    }
+                    false
+                })
+                .await
+                .context("no bytes through the hub listener reached the sink")?;
+                let mut conn = e2e::connect_in(&ns, &listen)?;
                 let upload = tokio::spawn(async move {
                     let zeros = vec![0u8; 64 << 10];
-                    loop {
-                        if let Ok(mut conn) = e2e::connect_in(&ns, &listen) {
-                            while conn.write_all(&zeros).await.is_ok() {}
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    while conn.write_all(&zeros).await.is_ok() {}
                 });
                 Ok(Bulk {
                     bytes,
