@@ -23,7 +23,14 @@
 //! bytes than the limit left to send.
 //!
 //! The writer also coalesces queued writes into larger websocket messages (one
-//! vectored write, so the bytes are not copied together first). When
+//! vectored write, so the bytes are not copied together first).
+//!
+//! When nothing is queued and the writer is not writing, a write goes to the
+//! connection at once, from the session's own task, if the connection takes
+//! it without waiting: no copy into the queue and no wake-up of the writer
+//! task (a small request's round trip crosses four such writes). What the
+//! connection does not take, or a flush it cannot finish, goes to the writer
+//! as before, so the session loop still never waits on the connection. When
 //! the wrapper is dropped, the writer stops at once, even mid-write into a full
 //! socket, so a dead tunnel's connection is closed instead of held open.
 
@@ -37,7 +44,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -55,6 +62,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct WriteBehind<S> {
     read: ReadHalf<S>,
     shared: Arc<Shared>,
+    /// The connection's write half, shared with the writer task: each takes
+    /// it only for one poll, the writer only while [`Pending::busy`].
+    conn: Arc<Mutex<Watched<WriteHalf<S>>>>,
     /// This side shut down: later writes fail.
     shut: bool,
     _stop_writer: DropGuard,
@@ -144,6 +154,10 @@ struct Pending {
     writes: VecDeque<Bytes>,
     /// The session shut its side down: write what is queued, then shut down.
     closed: bool,
+    /// The writer has a batch or a flush in hand: writes must queue behind it.
+    busy: bool,
+    /// A write that went straight to the connection left a flush to finish.
+    flush_owed: bool,
 }
 
 impl Shared {
@@ -170,14 +184,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
             room: AtomicWaker::new(),
         });
         let stop = CancellationToken::new();
-        let write = Watched {
+        let conn = Arc::new(Mutex::new(Watched {
             inner: write,
             level: shared.level.clone(),
-        };
-        tokio::spawn(writer(write, shared.clone(), stop.clone()));
+        }));
+        tokio::spawn(writer(conn.clone(), shared.clone(), stop.clone()));
         Self {
             read,
             shared,
+            conn,
             shut: false,
             _stop_writer: stop.drop_guard(),
         }
@@ -253,6 +268,7 @@ enum Next {
 
 /// Move what is queued into `batch` (up to [`MAX_BATCH`] bytes): it goes out
 /// as one vectored write (one websocket message), not copied together first.
+/// A flush owed by a direct write is an empty batch.
 fn next(shared: &Shared, batch: &mut Vec<Bytes>) -> Next {
     let mut pending = shared.pending();
     let mut len = 0;
@@ -265,14 +281,26 @@ fn next(shared: &Shared, batch: &mut Vec<Bytes>) -> Next {
             None => break,
         }
     }
+    let owed = std::mem::take(&mut pending.flush_owed);
+    pending.busy = len > 0 || owed || pending.closed;
     match len {
+        0 if owed => Next::Write(0),
         0 if pending.closed => Next::Shutdown,
         0 => Next::Wait,
         len => Next::Write(len),
     }
 }
 
-async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: CancellationToken) {
+fn lock<W>(conn: &Mutex<W>) -> MutexGuard<'_, W> {
+    // Nothing panics while holding it; a poisoned lock still holds the stream.
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    conn: Arc<Mutex<W>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let mut batch: Vec<Bytes> = Vec::new();
     let result: io::Result<()> = async {
         loop {
@@ -288,7 +316,9 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
                 }
                 Next::Shutdown => {
                     // The session shut its side down: say goodbye, briefly.
-                    let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, write.shutdown()).await;
+                    let shutdown =
+                        std::future::poll_fn(|cx| Pin::new(&mut *lock(&conn)).poll_shutdown(cx));
+                    let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, shutdown).await;
                     return Ok(());
                 }
             };
@@ -297,8 +327,8 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 written = async {
-                    write_all_vectored(&mut write, &mut batch).await?;
-                    write.flush().await
+                    write_all_vectored(&conn, &mut batch).await?;
+                    std::future::poll_fn(|cx| Pin::new(&mut *lock(&conn)).poll_flush(cx)).await
                 } => written?,
             }
             if shared.level.batch_waited.load(Ordering::Relaxed) {
@@ -320,7 +350,7 @@ async fn writer<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>, stop: 
 
 /// Write all of `parts` (emptied on success), as few writes as the stream takes.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    write: &mut W,
+    conn: &Mutex<W>,
     parts: &mut Vec<Bytes>,
 ) -> io::Result<()> {
     let mut next = 0;
@@ -331,7 +361,9 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
             .take(MAX_SLICES)
             .map(|p| io::IoSlice::new(p))
             .collect();
-        let mut n = write.write_vectored(&slices).await?;
+        let mut n =
+            std::future::poll_fn(|cx| Pin::new(&mut *lock(conn)).poll_write_vectored(cx, &slices))
+                .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -357,6 +389,36 @@ impl<S> WriteBehind<S> {
     }
 }
 
+impl<S: AsyncWrite> WriteBehind<S> {
+    /// Write `buf` to the connection now if nothing is queued or being
+    /// written and the connection takes it without waiting; `None`: queue it.
+    /// Called with the queue locked, so the writer cannot start meanwhile.
+    fn write_now(&self, pending: &mut Pending, buf: &[u8]) -> Option<io::Result<usize>> {
+        if pending.busy || pending.closed || !pending.writes.is_empty() {
+            return None;
+        }
+        let mut conn = lock(&self.conn);
+        let mut cx = Context::from_waker(Waker::noop());
+        let n = match Pin::new(&mut *conn).poll_write(&mut cx, buf) {
+            Poll::Ready(Ok(0)) | Poll::Pending => return None,
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Some(Err(e)),
+        };
+        match Pin::new(&mut *conn).poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Some(Err(e)),
+            Poll::Pending => {
+                // The rest of the frame waits in the stream for the writer.
+                pending.busy = true;
+                pending.flush_owed = true;
+                self.shared.wake.notify_one();
+            }
+        }
+        self.shared.level.sent_out(n);
+        Some(Ok(n))
+    }
+}
+
 impl<S: AsyncRead> AsyncRead for WriteBehind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -367,7 +429,7 @@ impl<S: AsyncRead> AsyncRead for WriteBehind<S> {
     }
 }
 
-impl<S> AsyncWrite for WriteBehind<S> {
+impl<S: AsyncWrite> AsyncWrite for WriteBehind<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -388,13 +450,20 @@ impl<S> AsyncWrite for WriteBehind<S> {
         if self.shut {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        let mut pending = shared.pending();
+        if let Some(written) = self.write_now(&mut pending, buf) {
+            if let Err(e) = &written
+                && let Ok(mut failed) = shared.failed.lock()
+            {
+                *failed = Some(e.kind());
+            }
+            return Poll::Ready(written);
+        }
         // Counted before the writer can take it, so its subtraction never wraps.
         // Taken whole, even past the limit: a session's write is its buffer.
         shared.level.bytes.fetch_add(buf.len(), Ordering::AcqRel);
-        shared
-            .pending()
-            .writes
-            .push_back(Bytes::copy_from_slice(buf));
+        pending.writes.push_back(Bytes::copy_from_slice(buf));
+        drop(pending);
         shared.wake.notify_one();
         Poll::Ready(Ok(buf.len()))
     }
@@ -416,7 +485,7 @@ impl<S> AsyncWrite for WriteBehind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     #[tokio::test]
     async fn writes_do_not_wait_for_the_reader() {
@@ -505,9 +574,11 @@ mod tests {
             (level.bytes(), level.is_full(), level.stalled()),
             (0, false, false)
         );
+        // What fits goes straight into the pipe, queued nowhere.
+        w.write_all(&[0u8; 1024]).await.unwrap();
+        assert_eq!(level.bytes(), 0);
 
-        // One write, more than the pipe holds: the pipe took 1 KiB of it,
-        // yet all of it counts until the rest is written.
+        // One write, and the pipe is full: all of it counts until written.
         w.write_all(&[1u8; 48 * 1024]).await.unwrap();
         until("the writer waits for the pipe", || {
             level.connection_full.load(Ordering::Acquire)
@@ -526,14 +597,14 @@ mod tests {
             "a write did not wait at the limit"
         );
 
-        // Only 79 KiB are left to send, as the pipe holds the rest; reading
-        // it all empties the queue.
-        let mut got = vec![0u8; 80 * 1024];
+        // Reading it all empties the queue.
+        let mut got = vec![0u8; 81 * 1024];
         b.read_exact(&mut got).await.unwrap();
         until("the queue is empty", || level.bytes() == 0).await;
         assert!(!level.is_full() && !level.stalled());
-        assert!(got[..48 * 1024].iter().all(|&x| x == 1));
-        assert!(got[48 * 1024..].iter().all(|&x| x == 2));
+        assert!(got[..1024].iter().all(|&x| x == 0));
+        assert!(got[1024..49 * 1024].iter().all(|&x| x == 1));
+        assert!(got[49 * 1024..].iter().all(|&x| x == 2));
     }
 
     #[tokio::test]
@@ -541,6 +612,8 @@ mod tests {
         let (a, _b) = duplex(16);
         let mut w = WriteBehind::new(a);
         let level = w.level();
+        // The first 16 bytes fill the pipe at once; the rest is queued.
+        w.write_all(&[1u8; 16]).await.unwrap();
         w.write_all(&[1u8; 1 << 20]).await.unwrap();
         until("the writer waits for the pipe", || {
             level.connection_full.load(Ordering::Acquire)
@@ -548,6 +621,50 @@ mod tests {
         .await;
         assert_eq!(level.bytes(), 1 << 20);
         assert!(!level.is_full() && !level.stalled());
+    }
+
+    /// On an idle connection a write is written by the caller's task: the
+    /// bytes are in the pipe before the writer task could have run (this
+    /// runtime has one thread and the write never yielded).
+    #[tokio::test]
+    async fn a_write_to_an_idle_connection_goes_straight_out() {
+        use futures_util::FutureExt as _;
+        let (a, mut b) = duplex(1024);
+        let mut w = WriteBehind::new(a);
+        for i in 0..10u8 {
+            w.write_all(&[i; 100])
+                .now_or_never()
+                .expect("a write waited")
+                .unwrap();
+            let mut got = [0u8; 100];
+            b.read_exact(&mut got)
+                .now_or_never()
+                .expect("the write was left to the writer task")
+                .unwrap();
+            assert_eq!(got, [i; 100]);
+        }
+        assert_eq!(w.level().bytes(), 0);
+    }
+
+    /// A direct write the connection took but could not flush (a websocket
+    /// frame partly on the socket) leaves the flush to the writer, and later
+    /// writes queue behind it: nothing is reordered.
+    #[tokio::test]
+    async fn writes_after_an_unfinished_flush_keep_their_order() {
+        let (a, mut b) = duplex(16);
+        let mut w = WriteBehind::new(tokio::io::BufWriter::with_capacity(64, a));
+        // Into the buffer at once; its flush fills the pipe and waits.
+        w.write_all(&[b'a'; 48]).await.unwrap();
+        w.write_all(&[b'b'; 48]).await.unwrap();
+        w.write_all(&[b'c'; 200]).await.unwrap();
+        let mut got = vec![0u8; 296];
+        tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut got))
+            .await
+            .expect("the owed flush was never finished")
+            .unwrap();
+        assert!(got[..48].iter().all(|&x| x == b'a'));
+        assert!(got[48..96].iter().all(|&x| x == b'b'));
+        assert!(got[96..].iter().all(|&x| x == b'c'));
     }
 
     #[tokio::test]

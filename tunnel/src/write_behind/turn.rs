@@ -41,6 +41,13 @@ impl QueueLevel {
     /// for their turn once under the bound.
     pub(super) fn written(&self, len: usize) {
         self.bytes.fetch_sub(len, Ordering::AcqRel);
+        self.sent_out(len);
+    }
+
+    /// `len` bytes went out to the connection, queued or not: channel data
+    /// handed to the session is that much less; a new round once under the
+    /// bound.
+    pub(super) fn sent_out(&self, len: usize) {
         let _ = self
             .debt
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
