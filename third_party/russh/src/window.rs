@@ -123,6 +123,15 @@ pub fn credit_due(unacked: u32, window: u32) -> bool {
     unacked > 0 && unacked >= window / 8
 }
 
+/// Patched (PATCHES.md 34): how many consumed bytes a channel's reader keeps
+/// before reporting them to the session loop: the smallest credit
+/// [`credit_due`] asks for (a window never shrinks below `initial`), so no
+/// credit waits for a report, and what is unreported stays under an eighth
+/// of any window: the peer always has window left.
+pub fn report_every(initial: u32) -> u32 {
+    initial / 8
+}
+
 /// Growth is judged once half of `window` was consumed in the epoch, below
 /// the cap; one rule for [`ChannelWindow::consumed`] and its caller.
 fn judges_growth(window: u32, epoch_consumed: u64, limits: &WindowLimits) -> bool {

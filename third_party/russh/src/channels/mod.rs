@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -143,9 +144,18 @@ impl WindowSizeRef {
 /// Where a channel's reader reports consumed bytes (patched, see PATCHES.md):
 /// the session re-opens the peer's send window only for bytes the application
 /// has taken, so one stalled reader holds back its own channel and no other.
+///
+/// Patched (PATCHES.md 34): the reader reports its first message at once
+/// (a channel's first growth epoch starts there) and then once
+/// [`SessionWindowWake`]'s `report_every` bytes are unreported, not every
+/// message: each report wakes the session loop, and no credit falls earlier.
 #[derive(Debug, Default)]
 pub(crate) struct WindowFeedback {
     pub(crate) target: std::sync::OnceLock<(ChannelId, Arc<crate::SessionWindowWake>)>,
+    /// Consumed and not reported yet.
+    unreported: AtomicU64,
+    /// The first report was made.
+    reported: AtomicBool,
 }
 
 impl WindowFeedback {
@@ -154,8 +164,20 @@ impl WindowFeedback {
             ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
             _ => return,
         };
-        if let Some((id, wake)) = self.target.get() {
-            wake.consumed(*id, len as u32);
+        let Some((id, wake)) = self.target.get() else {
+            return;
+        };
+        let len = len as u64;
+        let unreported = self
+            .unreported
+            .fetch_add(len, Ordering::AcqRel)
+            .saturating_add(len);
+        let first =
+            !self.reported.load(Ordering::Acquire) && !self.reported.swap(true, Ordering::AcqRel);
+        if first || unreported >= u64::from(wake.report_every) {
+            let taken = self.unreported.swap(0, Ordering::AcqRel);
+            // A window is at most u32::MAX bytes; more is never unreported.
+            wake.consumed(*id, u32::try_from(taken).unwrap_or(u32::MAX));
         }
     }
 }
@@ -166,9 +188,20 @@ impl WindowFeedback {
 pub(crate) struct SessionWindowWake {
     consumed: std::sync::Mutex<Vec<(ChannelId, u32)>>,
     notify: Notify,
+    /// Readers report once this many bytes are unreported (0: every
+    /// message). At most the smallest credit ([`crate::window::report_every`]).
+    report_every: u32,
 }
 
 impl SessionWindowWake {
+    /// Readers report every `report_every` bytes consumed.
+    pub(crate) fn reporting_every(report_every: u32) -> Arc<Self> {
+        Arc::new(Self {
+            report_every,
+            ..Self::default()
+        })
+    }
+
     fn consumed(&self, id: ChannelId, len: u32) {
         if let Ok(mut consumed) = self.consumed.lock() {
             consumed.push((id, len));

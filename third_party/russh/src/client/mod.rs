@@ -1307,7 +1307,10 @@ where
     let mut session = Session::new(
         config.window_size,
         CommonSession {
-            window_wake: Default::default(),
+            // Patched (PATCHES.md 34): consumption reported in eighths of a window.
+            window_wake: crate::SessionWindowWake::reporting_every(crate::window::report_every(
+                config.window_size,
+            )),
             packet_writer: PacketWriter::clear(),
             auth_user: String::new(),
             auth_attempts: 0,

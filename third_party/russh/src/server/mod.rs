@@ -1244,7 +1244,10 @@ async fn read_ssh_id<R: AsyncRead + Unpin>(
     };
 
     let session = CommonSession {
-        window_wake: Default::default(),
+        // Patched (PATCHES.md 34): consumption reported in eighths of a window.
+        window_wake: crate::SessionWindowWake::reporting_every(crate::window::report_every(
+            config.window_size,
+        )),
         packet_writer: PacketWriter::clear(),
         // kex: Some(Kex::Init(kexinit)),
         auth_user: String::new(),
