@@ -165,6 +165,13 @@ impl Shared {
         // Nothing panics while holding it; a poisoned queue is still consistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The connection failed: every later write fails with this kind.
+    fn fail(&self, e: &io::Error) {
+        if let Ok(mut failed) = self.failed.lock() {
+            *failed = Some(e.kind());
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> WriteBehind<S> {
@@ -339,10 +346,8 @@ async fn writer<W: AsyncWrite + Unpin>(
         }
     }
     .await;
-    if let Err(e) = result
-        && let Ok(mut failed) = shared.failed.lock()
-    {
-        *failed = Some(e.kind());
+    if let Err(e) = &result {
+        shared.fail(e);
     }
     // Writers waiting for a turn go on, to find the session gone.
     shared.level.close();
@@ -394,7 +399,8 @@ impl<S: AsyncWrite> WriteBehind<S> {
     /// written and the connection takes it without waiting; `None`: queue it.
     /// Called with the queue locked, so the writer cannot start meanwhile.
     fn write_now(&self, pending: &mut Pending, buf: &[u8]) -> Option<io::Result<usize>> {
-        if pending.busy || pending.closed || !pending.writes.is_empty() {
+        // `closed` needs no check: it comes with `shut`, which refuses writes.
+        if pending.busy || !pending.writes.is_empty() {
             return None;
         }
         let mut conn = lock(&self.conn);
@@ -452,10 +458,8 @@ impl<S: AsyncWrite> AsyncWrite for WriteBehind<S> {
         }
         let mut pending = shared.pending();
         if let Some(written) = self.write_now(&mut pending, buf) {
-            if let Err(e) = &written
-                && let Ok(mut failed) = shared.failed.lock()
-            {
-                *failed = Some(e.kind());
+            if let Err(e) = &written {
+                shared.fail(e);
             }
             return Poll::Ready(written);
         }
