@@ -9,6 +9,8 @@
 //! `BENCH_PATHS=https,forward,connect,go,chisel,konnectivity,frp,rathole` to
 //! pick the paths besides direct (the stronger peers are in [`peers`]),
 //! `BENCH_SCALE=1000,10000` for the numbers of idle agents,
+//! `BENCH_BULK_MIB=64` and `BENCH_BULK_RUNS=5` for the bulk transfers' size
+//! and count (larger and more: less noise in a CPU-per-byte comparison),
 //! `BENCH_OUT` for the output directory (default `<repo>/target/bench`).
 //! `BENCH_B_BIN=DIR` (a directory with another build's `proxy` and `agent`)
 //! and/or `BENCH_B_ENV='K=V ...'` add a path "B" (a raw forward through that

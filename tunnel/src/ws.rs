@@ -4,9 +4,10 @@
 //! payloads, so message boundaries carry no meaning. [`WsStream`] does the same
 //! with its own RFC 6455 framing instead of a message-oriented library: it
 //! streams payloads straight through (no message assembly, no size limit on data
-//! frames), reads large payloads directly into the caller's buffer, writes a
-//! server's frames with one vectored write (header + caller's bytes, no copy),
-//! and holds no read buffer while idle (tungstenite kept a zero-filled 128 KiB
+//! frames), reads large payloads directly into the caller's buffer, writes
+//! data frames with one vectored write (header + caller's bytes, no copy: a
+//! client's carry the zero masking key, see docs/protocol.md 3), and holds no
+//! read buffer while idle (tungstenite kept a zero-filled 128 KiB
 //! one per connection: most of an idle agent's memory on the proxy).
 //!
 //! Every `poll_write` is one binary frame written through at once: russh writes
@@ -38,6 +39,8 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Payload reads at least this large skip our buffer and land in the caller's.
 const DIRECT_READ: usize = 4096;
+/// The masking key of a client's data frames: zero (docs/protocol.md 3).
+const DATA_MASK: [u8; 4] = [0; 4];
 
 #[derive(Clone, Copy)]
 enum ReadState {
@@ -223,7 +226,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                             this.rbuf.advance(h.size);
                             this.state = ReadState::Data {
                                 remaining: h.len,
-                                mask: h.mask,
+                                // XOR with the zero key changes nothing.
+                                mask: h.mask.filter(|m| *m != DATA_MASK),
                                 offset: 0,
                             };
                         }
@@ -273,19 +277,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
         }
         let parts = frame_parts(bufs);
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if this.client || !this.io.is_write_vectored() {
-            // One pass: copied into the frame and masked on the way.
-            let mask = this.client.then(rand::random::<[u8; 4]>);
+        // A client's data frames carry the zero key (docs/protocol.md 3): the
+        // payload is SSH ciphertext, which no one who could abuse a
+        // predictable key chooses, and XOR with zero leaves it as it is.
+        let mask = this.client.then_some(DATA_MASK);
+        if !this.io.is_write_vectored() {
             put_header(&mut this.wbuf, OP_BINARY, len, mask);
-            let mut offset = 0;
             for part in &parts {
-                push_masked(&mut this.wbuf, part, mask, offset);
-                offset += part.len();
+                this.wbuf.extend_from_slice(part);
             }
         } else {
             // Header and payload in one writev, no copy of the payload.
             let mut header = Vec::with_capacity(MAX_HEADER);
-            put_header(&mut header, OP_BINARY, len, None);
+            put_header(&mut header, OP_BINARY, len, mask);
             let mut slices = Vec::with_capacity(parts.len() + 1);
             slices.push(io::IoSlice::new(&header));
             slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));

@@ -61,10 +61,30 @@ pub async fn transfer(
     })
 }
 
+/// `name` as a whole number of at least 1, `default` when unset or empty.
+fn knob(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => anyhow::bail!("{name}={v:?}: expected a whole number of at least 1"),
+        },
+        _ => Ok(default),
+    }
+}
+
 pub async fn run(setup: &Setup, report: &mut Report) {
     let quick = setup.env.quick;
-    let len: u64 = if quick { 16 << 20 } else { 64 << 20 };
-    let runs = if quick { 2 } else { 5 };
+    // Longer and more transfers than the default: less noise for a
+    // `BENCH_B_BIN` comparison of CPU per byte.
+    let sizes = knob("BENCH_BULK_MIB", if quick { 16 } else { 64 })
+        .and_then(|mib| Ok((mib, knob("BENCH_BULK_RUNS", if quick { 2 } else { 5 })?)));
+    let (len, runs) = match sizes {
+        Ok((mib, runs)) => (mib << 20, runs),
+        Err(e) => {
+            report.error("bulk", &e);
+            return;
+        }
+    };
     let paths = &setup.paths;
     report.note(format!(
         "bulk: {runs} runs; each transfer on a new keep-alive connection after a 1-byte request (channel open and the \

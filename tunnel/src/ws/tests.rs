@@ -182,3 +182,37 @@ async fn unmasked_frames_from_a_client_are_refused() {
     let err = stream.read(&mut buf).await.unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 }
+
+#[tokio::test]
+async fn a_clients_data_frames_carry_the_zero_key_and_their_payload_as_written() {
+    let (mut raw, b) = duplex(1 << 20);
+    let mut stream = WsStream::from_upgraded(b, Role::Client).await;
+    let (x, y) = (pattern(300), pattern(5));
+    let n = stream
+        .write_vectored(&[io::IoSlice::new(&x), io::IoSlice::new(&y)])
+        .await
+        .unwrap();
+    assert_eq!(n, 305);
+    // FIN + binary; masked, 16-bit length 305; key 0; then the bytes as written.
+    let mut frame = vec![0u8; 8 + 305];
+    raw.read_exact(&mut frame).await.unwrap();
+    assert_eq!(frame[..8], [0x82, 0x80 | 126, 0x01, 0x31, 0, 0, 0, 0]);
+    assert!(frame[8..308] == x[..] && frame[308..] == y[..]);
+}
+
+#[tokio::test]
+async fn a_server_reads_frames_with_the_zero_key_and_with_random_keys() {
+    let (mut raw, b) = duplex(1 << 20);
+    let mut stream = WsStream::from_upgraded(b, Role::Server).await;
+    // "ab" under the zero key, then "cd" under key 1 2 3 4.
+    raw.write_all(&[0x82, 0x82, 0, 0, 0, 0, b'a', b'b'])
+        .await
+        .unwrap();
+    raw.write_all(&[0x82, 0x82, 1, 2, 3, 4, b'c' ^ 1, b'd' ^ 2])
+        .await
+        .unwrap();
+    raw.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"abcd");
+}
