@@ -63,6 +63,11 @@ impl ChannelRef {
         id: ChannelId,
         session: &Arc<crate::SessionWindowWake>,
     ) {
-        let _ = self.feedback.target.set((id, session.clone()));
+        // Patched (PATCHES.md 35): called for every data message; cloning
+        // (and dropping) the session's `Arc` each time bounced its count's
+        // cache line, which the readers' reports share, between cores.
+        if self.feedback.target.get().is_none() {
+            let _ = self.feedback.target.set((id, session.clone()));
+        }
     }
 }
