@@ -61,14 +61,19 @@ pub async fn transfer(
     })
 }
 
-/// `name` as a whole number of at least 1, `default` when unset or empty.
+/// The environment variable `name` as a whole number of at least 1,
+/// `default` when unset or empty.
 fn knob(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+    parse_knob(name, std::env::var(name).ok().as_deref(), default)
+}
+
+fn parse_knob(name: &str, value: Option<&str>, default: u64) -> anyhow::Result<u64> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(default),
+        Some(v) => match v.parse::<u64>() {
             Ok(n) if n >= 1 => Ok(n),
             _ => anyhow::bail!("{name}={v:?}: expected a whole number of at least 1"),
         },
-        _ => Ok(default),
     }
 }
 
@@ -252,6 +257,26 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                     s,
                 )
                 .goal(Some(Goal::at_least(">= 5x Chisel", s.median, 5.0))),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_knob;
+
+    #[test]
+    fn a_knob_is_a_positive_whole_number_or_its_default() {
+        assert_eq!(parse_knob("K", None, 64).unwrap(), 64);
+        assert_eq!(parse_knob("K", Some(" "), 64).unwrap(), 64);
+        assert_eq!(parse_knob("K", Some("1024"), 64).unwrap(), 1024);
+        for bad in ["0", "-1", "1.5", "lots"] {
+            let e = parse_knob("BENCH_BULK_MIB", Some(bad), 64).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("BENCH_BULK_MIB=\"{bad}\"")),
+                "{e}"
             );
         }
     }
