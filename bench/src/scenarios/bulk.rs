@@ -81,11 +81,13 @@ pub async fn run(setup: &Setup, report: &mut Report) {
     let quick = setup.env.quick;
     // Longer and more transfers than the default: less noise for a
     // `BENCH_B_BIN` comparison of CPU per byte.
-    let sizes = knob("BENCH_BULK_MIB", if quick { 16 } else { 64 })
-        .and_then(|mib| Ok((mib, knob("BENCH_BULK_RUNS", if quick { 2 } else { 5 })?)));
-    let (len, runs) = match sizes {
-        Ok((mib, runs)) => (mib << 20, runs),
-        Err(e) => {
+    let len = knob("BENCH_BULK_MIB", if quick { 16 } else { 64 }).and_then(|mib| {
+        mib.checked_mul(1 << 20)
+            .ok_or_else(|| anyhow::anyhow!("BENCH_BULK_MIB={mib}: too large"))
+    });
+    let (len, runs) = match (len, knob("BENCH_BULK_RUNS", if quick { 2 } else { 5 })) {
+        (Ok(len), Ok(runs)) => (len, runs),
+        (Err(e), _) | (_, Err(e)) => {
             report.error("bulk", &e);
             return;
         }
