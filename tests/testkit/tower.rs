@@ -65,6 +65,11 @@ pub struct TowerOptions {
     pub isolated_member: bool,
     /// More `kube-harness` flags for the host (e.g. `--etcd-sync-delay-file`).
     pub host_args: Vec<String>,
+    /// Collect the proxy's and the agent's lines without echoing them to the
+    /// test's output: a test whose attacks make hundreds of warn lines would
+    /// otherwise bury its own failure message (errors from
+    /// [`Proc::wait_for_line`] still carry the last lines).
+    pub quiet: bool,
 }
 
 impl Default for TowerOptions {
@@ -76,6 +81,7 @@ impl Default for TowerOptions {
             agent_args: Vec::new(),
             isolated_member: false,
             host_args: Vec::new(),
+            quiet: false,
         }
     }
 }
@@ -97,6 +103,7 @@ pub struct Tower {
     proxy_port: u16,
     fingerprint: String,
     dir: tempfile::TempDir,
+    quiet: bool,
 }
 
 impl Tower {
@@ -194,7 +201,7 @@ impl Tower {
                 .iter()
                 .map(|a| a.replace(HOST_SERVER, &host_server)),
         );
-        let proxy = Proc::spawn("proxy", cmd)?;
+        let proxy = spawn(opts.quiet, "proxy", cmd)?;
         let line = proxy
             .wait_for_line(|l| l.contains("SSH host key"), SETTLE)
             .await?;
@@ -262,7 +269,7 @@ impl Tower {
         agent_args.extend(opts.agent_args.iter().map(Into::into));
         let mut cmd = agent_program(member_net.as_ref());
         cmd.args(&agent_args);
-        let agent = Proc::spawn("agent", cmd)?;
+        let agent = spawn(opts.quiet, "agent", cmd)?;
         agent
             .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
             .await?;
@@ -304,6 +311,7 @@ impl Tower {
             proxy_port,
             fingerprint,
             dir,
+            quiet: opts.quiet,
         };
         // Through the tunnel: the member's namespaces.
         wait_for_ok(SETTLE, || async {
@@ -375,7 +383,7 @@ impl Tower {
         self.agent.terminate(Duration::from_secs(10)).await?;
         let mut cmd = agent_program(self.member_net.as_ref());
         cmd.args(&self.agent_args).args(extra);
-        self.agent = Proc::spawn("agent", cmd)?;
+        self.agent = spawn(self.quiet, "agent", cmd)?;
         self.agent
             .wait_for_line(|l| l.contains("connected to proxy"), SETTLE)
             .await?;
@@ -544,6 +552,15 @@ pub(crate) fn checked(args: &[&str], out: Output) -> Result<String> {
 
 /// The proxy's host key fingerprint from its log line, text
 /// (`fingerprint=SHA256:...`) or JSON (`"fields":{"fingerprint":...}`).
+/// `name`'s process, its lines echoed to the test's output unless `quiet`.
+fn spawn(quiet: bool, name: &str, cmd: Command) -> Result<Proc> {
+    if quiet {
+        Proc::spawn_quiet(name, cmd)
+    } else {
+        Proc::spawn(name, cmd)
+    }
+}
+
 pub fn fingerprint_in(line: &str) -> Result<String> {
     let found = match serde_json::from_str::<Value>(line) {
         Ok(json) => json["fields"]["fingerprint"].as_str().map(str::to_string),
