@@ -459,7 +459,7 @@ async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
         let upgraded = upgraded_all.load(Ordering::Relaxed);
         ensure!(
             upgraded as f64 <= PER_SOURCE as f64 + freed,
-            "{name}: {upgraded} websockets upgraded from one source, more than {PER_SOURCE} at once and the {freed} cut at their deadline"
+            "{name}: {upgraded} websockets upgraded from one source: more than the cap ({PER_SOURCE}) and one for each of the {freed} connections cut at their deadline"
         );
     }
 

@@ -550,8 +550,6 @@ pub(crate) fn checked(args: &[&str], out: Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The proxy's host key fingerprint from its log line, text
-/// (`fingerprint=SHA256:...`) or JSON (`"fields":{"fingerprint":...}`).
 /// `name`'s process, its lines echoed to the test's output unless `quiet`.
 fn spawn(quiet: bool, name: &str, cmd: Command) -> Result<Proc> {
     if quiet {
@@ -561,6 +559,8 @@ fn spawn(quiet: bool, name: &str, cmd: Command) -> Result<Proc> {
     }
 }
 
+/// The proxy's host key fingerprint from its log line, text
+/// (`fingerprint=SHA256:...`) or JSON (`"fields":{"fingerprint":...}`).
 pub fn fingerprint_in(line: &str) -> Result<String> {
     let found = match serde_json::from_str::<Value>(line) {
         Ok(json) => json["fields"]["fingerprint"].as_str().map(str::to_string),
