@@ -352,6 +352,7 @@ struct Slow {
 /// connection the proxy closed was refused at the cap or cut at its deadline:
 /// counted, whatever the timing (on a loaded machine more of the burst stays
 /// in the kernel's queue, never accepted: the attack's line counts them apart).
+/// Returns how many it cut at their deadline.
 async fn slowloris(
     tower: &mut Tower,
     legit: &Legit,
@@ -359,7 +360,7 @@ async fn slowloris(
     plan: &Plan,
     at: Slow,
     attack: impl FnOnce(Arc<AtomicUsize>) -> attacker::Attack,
-) -> Result<()> {
+) -> Result<f64> {
     let Slow { door, from, name } = at;
     let before = at_caps(tower, door).await?;
     let timeouts = refused(tower, door, "handshake_timeout").await?;
@@ -382,7 +383,7 @@ async fn slowloris(
         refused_now + timed_out >= closed as f64 * 0.9,
         "{name}: the proxy closed {closed} connections, only {refused_now} refused at the caps and {timed_out} for handshake_timeout"
     );
-    Ok(())
+    Ok(timed_out)
 }
 
 /// Connections refused at `door`'s caps so far: pending per source and, at
@@ -429,7 +430,6 @@ async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
         };
         let upgraded_all = Arc::new(AtomicUsize::new(0));
         let upgraded_seen = upgraded_all.clone();
-        let timeouts = refused(&tower, "agents", "handshake_timeout").await?;
         let on_source = |seen: Arc<AtomicUsize>| {
             attacker::spawn(async move {
                 let s = peers::Slowloris::start(source(n), agents, count, ws).await;
@@ -450,12 +450,11 @@ async fn slowloris_and_garbage_at_the_agents_port() -> Result<()> {
                 ))
             })
         };
-        slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
+        let freed = slowloris(&mut tower, &legit, &quiet, &plan, at, on_source).await?;
         // The cap is on handshakes pending at once: a slot is free again
         // only once its connection was cut. A burst the machine's load
         // stretches past the handshake deadline has later connections
         // upgraded in the slots the first ones freed.
-        let freed = refused(&tower, "agents", "handshake_timeout").await? - timeouts;
         let upgraded = upgraded_all.load(Ordering::Relaxed);
         ensure!(
             upgraded as f64 <= PER_SOURCE as f64 + freed,
