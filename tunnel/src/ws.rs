@@ -39,6 +39,11 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Payload reads at least this large skip our buffer and land in the caller's.
 const DIRECT_READ: usize = 4096;
+/// Inside or after a large frame, a fill reads no more than this: the next
+/// header and the start of its payload (an SSH packet's length), so the rest
+/// of that payload is read straight into the caller's buffer instead of
+/// being copied out of ours.
+const SMALL_FILL: usize = 64;
 /// The masking key of a client's data frames: zero (docs/protocol.md 3).
 const DATA_MASK: [u8; 4] = [0; 4];
 
@@ -63,6 +68,9 @@ pub struct WsStream<S> {
     client: bool,
     rbuf: BytesMut,
     state: ReadState,
+    /// The last data frame's payload was at least [`DIRECT_READ`]: the next
+    /// fills are [`SMALL_FILL`].
+    large: bool,
     /// Framed bytes accepted but not yet written (pongs, a close, partial writes).
     wbuf: Vec<u8>,
     wpos: usize,
@@ -77,6 +85,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             client: role == Role::Client,
             rbuf: BytesMut::new(),
             state: ReadState::Header,
+            large: false,
             wbuf: Vec::new(),
             wpos: 0,
             close_sent: false,
@@ -113,7 +122,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         if self.rbuf.capacity() - self.rbuf.len() < MAX_HEADER {
             self.rbuf.reserve(READ_CHUNK);
         }
-        let poll = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf);
+        let poll = if self.large {
+            let mut dst = (&mut self.rbuf).limit(SMALL_FILL);
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut dst)
+        } else {
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        };
         if poll.is_pending() && self.rbuf.is_empty() {
             // Idle: give the buffer back.
             self.rbuf = BytesMut::new();
@@ -224,6 +238,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                     match h.opcode {
                         OP_CONTINUATION | OP_TEXT | OP_BINARY => {
                             this.rbuf.advance(h.size);
+                            this.large = h.len >= DIRECT_READ as u64;
                             this.state = ReadState::Data {
                                 remaining: h.len,
                                 // XOR with the zero key changes nothing.

@@ -216,3 +216,33 @@ async fn a_server_reads_frames_with_the_zero_key_and_with_random_keys() {
     stream.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"abcd");
 }
+
+#[tokio::test]
+async fn after_a_large_frame_its_successors_payload_skips_our_buffer() {
+    // Four frames of 32 KiB + 20, all written before the first read: a
+    // reader that fills its buffer as far as it can would copy most of each
+    // payload out of it.
+    let (a, b) = duplex(1 << 20);
+    let mut writer = WsStream::from_upgraded(a, Role::Client).await;
+    let mut reader = WsStream::from_upgraded(b, Role::Server).await;
+    let packets: Vec<Vec<u8>> = (0..4).map(|i| pattern(32 * 1024 + 20 + i)).collect();
+    for p in &packets {
+        writer.write_all(p).await.unwrap();
+    }
+    for (i, p) in packets.iter().enumerate() {
+        // The way russh reads an SSH packet: its length, then the rest.
+        let mut got = vec![0u8; p.len()];
+        reader.read_exact(&mut got[..4]).await.unwrap();
+        let held = reader.rbuf.len();
+        reader.read_exact(&mut got[4..]).await.unwrap();
+        assert!(got == *p, "packet {i} corrupted");
+        // The first read, before any frame was seen, took the start of the
+        // second frame too.
+        if i >= 2 {
+            assert!(
+                held <= SMALL_FILL,
+                "packet {i}: {held} bytes of its payload were read into our buffer, to be copied"
+            );
+        }
+    }
+}
