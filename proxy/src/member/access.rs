@@ -87,7 +87,8 @@ fn kube_apiserver(config: &AgentConfig, cluster: &str) -> Result<Access, String>
              has no valid host name"
         )
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // AES-128-GCM offered first (crate::serve::suites).
+    let provider = crate::serve::suites::provider();
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

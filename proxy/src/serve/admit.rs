@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
-use tokio_rustls::TlsAcceptor;
+use rustls::server::Acceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use super::listener::Io;
 use super::listener::status::{Body, text};
+use super::suites;
 use crate::identity::ca::peer_identity;
 use crate::identity::scope::{Holder, PeerIdentity, admit};
 use crate::ops::audit::{Audit, Caller, Record};
@@ -54,7 +56,11 @@ pub async fn handshake<T: Io>(
         if let Some(at) = start {
             tokio::time::sleep_until(at.into()).await;
         }
-        acceptor.accept(tcp).await
+        // The ClientHello first: the suite order depends on it
+        // (crate::serve::suites::choose).
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+        let config = suites::choose(acceptor.config(), start.client_hello().cipher_suites());
+        start.into_stream(config).await
     });
     match pending.runner().run(accept).await? {
         Ok(Ok(tls)) => Some(tls),

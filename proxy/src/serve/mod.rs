@@ -7,6 +7,8 @@
 //! ([`aggregated`]) that serves every cluster on one port behind the host
 //! kube-apiserver. The two doors without per-cluster ports share
 //! [`proxies`]. All reach members through [`crate::member::MemberDialer`].
+//! Every TLS connection of theirs, and to members, orders its cipher suites
+//! as [`suites`] says.
 
 pub mod access;
 pub mod admit;
@@ -16,3 +18,4 @@ pub mod forward;
 pub mod listener;
 pub mod ports;
 pub mod proxies;
+pub mod suites;

@@ -177,7 +177,7 @@ impl Tls {
         {
             return Ok((trust, config.clone()));
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::serve::suites::provider();
         let verifier = match &trust {
             Some(t) => WebPkiClientVerifier::builder_with_provider(
                 Arc::new(t.root_store()?),
@@ -193,6 +193,7 @@ impl Tls {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.cert.clone())));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.ignore_client_order = true;
         let config = Arc::new(config);
         if let Some(t) = &trust {
             *cached = Some((t.clone(), config.clone()));

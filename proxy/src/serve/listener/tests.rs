@@ -58,6 +58,49 @@ async fn requests_reach_the_member_as_the_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_prefers_aes_128_both_ways_unless_the_client_puts_chacha_first() {
+    use rustls::CipherSuite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let (member, proxy, _agent) = setup(|_| {}).await;
+    let addr = proxy.listener.local_addr();
+    let suite_with = |tls: Arc<rustls::ClientConfig>| async move {
+        let stream = tls_connect(addr, tls).await.unwrap();
+        stream
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .unwrap()
+            .suite()
+    };
+    // The kubectl stand-in is rustls: AES-256-GCM is its first choice.
+    let rustls_client = proxy.tls().unwrap();
+    assert_eq!(
+        rustls_client.crypto_provider().cipher_suites[0].suite(),
+        TLS13_AES_256_GCM_SHA384
+    );
+    assert_eq!(suite_with(rustls_client).await, TLS13_AES_128_GCM_SHA256);
+    // A client without AES instructions puts ChaCha20 first, and keeps it.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != TLS13_CHACHA20_POLY1305_SHA256);
+    let chacha_first = client_tls_with(provider, &proxy.ca, Some(&proxy.client));
+    assert_eq!(
+        suite_with(chacha_first).await,
+        TLS13_CHACHA20_POLY1305_SHA256
+    );
+    // To the member (rustls, which follows its client's order), through the tunnel.
+    let (code, _) = proxy.get("/api").await;
+    assert_eq!(code, StatusCode::OK);
+    let suites = member.suites.lock().unwrap().clone();
+    assert!(
+        !suites.is_empty() && suites.iter().all(|s| *s == TLS13_AES_128_GCM_SHA256),
+        "{suites:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_certificate_of_our_ca_are_refused() {
     let (_member, proxy, _agent) = setup(|_| {}).await;
     let addr = proxy.listener.local_addr();

@@ -93,13 +93,16 @@ impl ResolvesServerCert for Resolver {
 /// certificates signed by a CA `ca` trusts now required (checked at each
 /// handshake, so a CA rotation needs no new config), HTTP/1.1 only.
 pub fn server_tls(ca: &Ca, cert: ServerCert) -> Result<ServerConfig, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::serve::suites::provider();
     let verifier = Arc::new(TrustedNow::new(ca.clone(), provider.clone())?);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(cert)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Our order, AES-128-GCM first, unless the client's says otherwise
+    // (crate::serve::suites::choose, at each handshake).
+    config.ignore_client_order = true;
     Ok(config)
 }
 

@@ -78,8 +78,10 @@ pub(super) fn text(code: StatusCode, body: String) -> Response<MemberBody> {
 }
 
 /// A fake kube-apiserver (HTTPS with a certificate for 127.0.0.1 from its
-/// own CA; client certificates of that CA are accepted and recorded) or a
-/// fake ks-apiserver (plain HTTP). It counts TCP connections.
+/// own CA; client certificates of that CA are accepted and recorded; it
+/// follows the client's order of cipher suites, as rustls does, and records
+/// the suite of each connection) or a fake ks-apiserver (plain HTTP). It
+/// counts TCP connections.
 ///
 /// `/stream` answers a body the test feeds through `streams`; `/hang`
 /// never answers; `/exec` upgrades (echo, then "bye" after the client's
@@ -89,6 +91,7 @@ pub(super) struct Member {
     pub(super) ca: Ca,
     pub(super) accepted: Arc<AtomicUsize>,
     pub(super) streams: mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>,
+    pub(super) suites: Arc<std::sync::Mutex<Vec<rustls::CipherSuite>>>,
 }
 
 impl Member {
@@ -117,11 +120,14 @@ impl Member {
         let accepted = Arc::new(AtomicUsize::new(0));
         let (streams_tx, streams) = mpsc::unbounded_channel();
         let count = accepted.clone();
+        let suites = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = suites.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let streams_tx = streams_tx.clone();
+                let record = record.clone();
                 tokio::spawn(async move {
                     let http = hyper::server::conn::http1::Builder::new();
                     match acceptor {
@@ -129,6 +135,9 @@ impl Member {
                             let Ok(tls) = acceptor.accept(tcp).await else {
                                 return;
                             };
+                            if let Some(s) = tls.get_ref().1.negotiated_cipher_suite() {
+                                record.lock().unwrap().push(s.suite());
+                            }
                             let cn = tls
                                 .get_ref()
                                 .1
@@ -157,6 +166,7 @@ impl Member {
             ca,
             accepted,
             streams,
+            suites,
         }
     }
 }
@@ -418,7 +428,16 @@ pub(super) async fn member_with_agent(
 // -- a kubectl stand-in -------------------------------------------------------
 
 pub(super) fn client_tls(trust: &Ca, identity: Option<&Issued>) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    client_tls_with(rustls::crypto::ring::default_provider(), trust, identity)
+}
+
+/// [`client_tls`] with the cipher suites of `provider`, in its order.
+pub(super) fn client_tls_with(
+    provider: rustls::crypto::CryptoProvider,
+    trust: &Ca,
+    identity: Option<&Issued>,
+) -> Arc<ClientConfig> {
+    let provider = Arc::new(provider);
     let mut roots = RootCertStore::empty();
     roots.add(trust.cert_der().clone()).unwrap();
     let builder = ClientConfig::builder_with_provider(provider)
