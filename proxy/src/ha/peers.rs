@@ -98,7 +98,8 @@ fn peer_tls(ca: &Ca, sans: &[String]) -> Result<PeerTls, PeerError> {
         .map_err(|e| PeerError::Verifier(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())
         .map_err(|e| PeerError::Verifier(e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Relays carry client bytes: AES-128-GCM, as every door (crate::serve::suites).
+    let provider = crate::serve::suites::provider();
     let mut roots = RootCertStore::empty();
     for der in ca.trusted() {
         roots.add(der)?;
@@ -107,10 +108,11 @@ fn peer_tls(ca: &Ca, sans: &[String]) -> Result<PeerTls, PeerError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| PeerError::Verifier(e.to_string()))?;
-    let server = ServerConfig::builder_with_provider(provider.clone())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())?;
+    server.ignore_client_order = true;
     let client = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
