@@ -39,11 +39,17 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Payload reads at least this large skip our buffer and land in the caller's.
 const DIRECT_READ: usize = 4096;
-/// Inside or after a large frame, a fill reads no more than this: the next
-/// header and the start of its payload (an SSH packet's length), so the rest
-/// of that payload is read straight into the caller's buffer instead of
-/// being copied out of ours.
+/// After a large frame, a header fill reads no more than this: the header
+/// and the start of the payload (an SSH packet's length), so the rest of a
+/// large payload is read straight into the caller's buffer instead of being
+/// copied out of ours. Inside a large frame, small reads are read exactly,
+/// for the same reason, until [`SMALL_RUN`] of them say it holds small
+/// packets; then fills are whole again until the next frame.
 const SMALL_FILL: usize = 64;
+/// Reading one large packet makes at most two small reads in a row that
+/// are not the end of a larger one (its length, the next packet's length);
+/// small packets make more.
+const SMALL_RUN: u8 = 3;
 /// The masking key of a client's data frames: zero (docs/protocol.md 3).
 const DATA_MASK: [u8; 4] = [0; 4];
 
@@ -71,6 +77,11 @@ pub struct WsStream<S> {
     /// The last data frame's payload was at least [`DIRECT_READ`]: the next
     /// fills are [`SMALL_FILL`].
     large: bool,
+    /// The caller's reads served inside data frames since the last one of
+    /// at least [`DIRECT_READ`], not counting the ends of partly served ones.
+    small_reads: u8,
+    /// The last read was served in part: the next one is its end.
+    partial: bool,
     /// Framed bytes accepted but not yet written (pongs, a close, partial writes).
     wbuf: Vec<u8>,
     wpos: usize,
@@ -86,6 +97,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             rbuf: BytesMut::new(),
             state: ReadState::Header,
             large: false,
+            small_reads: 0,
+            partial: false,
             wbuf: Vec::new(),
             wpos: 0,
             close_sent: false,
@@ -186,13 +199,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                         return Poll::Ready(Ok(()));
                     }
                     let want = remaining.min(buf.remaining() as u64) as usize;
+                    if want < DIRECT_READ && this.small_reads >= SMALL_RUN {
+                        // Small packets, not one large one: read them in bulk.
+                        this.large = false;
+                    }
                     let start = buf.filled().len();
                     let n = if !this.rbuf.is_empty() {
                         let n = want.min(this.rbuf.len());
                         buf.put_slice(&this.rbuf[..n]);
                         this.rbuf.advance(n);
                         n
-                    } else if want >= DIRECT_READ {
+                    } else if want >= DIRECT_READ || this.large {
                         // Straight into the caller's buffer, without zero-filling
                         // it first (russh hands us uninitialized capacity).
                         let mut dst = (&mut *buf).limit(want);
@@ -218,6 +235,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                         mask,
                         offset: (offset + n) % 4,
                     };
+                    this.small_reads = if want >= DIRECT_READ {
+                        0
+                    } else if this.partial {
+                        this.small_reads
+                    } else {
+                        this.small_reads.saturating_add(1)
+                    };
+                    this.partial = n < want;
                     return Poll::Ready(Ok(()));
                 }
                 ReadState::Header => {
@@ -239,6 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
                         OP_CONTINUATION | OP_TEXT | OP_BINARY => {
                             this.rbuf.advance(h.size);
                             this.large = h.len >= DIRECT_READ as u64;
+                            this.small_reads = 0;
                             this.state = ReadState::Data {
                                 remaining: h.len,
                                 // XOR with the zero key changes nothing.

@@ -246,3 +246,69 @@ async fn after_a_large_frame_its_successors_payload_skips_our_buffer() {
         }
     }
 }
+
+/// Counts the reads that brought bytes from the socket.
+struct CountReads<S> {
+    io: S,
+    reads: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountReads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads += 1;
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_large_frame_of_small_packets_is_read_in_bulk() {
+    // A large packet, then one 12,000-byte frame holding 200 packets of 60
+    // bytes (a batch of small SSH packets), read the way russh reads them.
+    let (a, b) = duplex(1 << 20);
+    let mut writer = WsStream::from_upgraded(a, Role::Client).await;
+    let reader = CountReads { io: b, reads: 0 };
+    let mut reader = WsStream::from_upgraded(reader, Role::Server).await;
+    let large = pattern(32 * 1024);
+    writer.write_all(&large).await.unwrap();
+    let mut got = vec![0u8; large.len()];
+    reader.read_exact(&mut got[..4]).await.unwrap();
+    reader.read_exact(&mut got[4..]).await.unwrap();
+    let frame = pattern(200 * 60);
+    writer.write_all(&frame).await.unwrap();
+    reader.io.reads = 0;
+    let mut got = vec![0u8; frame.len()];
+    for packet in got.chunks_mut(60) {
+        reader.read_exact(&mut packet[..4]).await.unwrap();
+        reader.read_exact(&mut packet[4..]).await.unwrap();
+    }
+    assert!(got == frame, "corrupted");
+    let reads = reader.io.reads;
+    assert!(
+        reads <= 4,
+        "{reads} socket reads for one frame of small packets"
+    );
+}
