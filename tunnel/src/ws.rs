@@ -74,11 +74,12 @@ pub struct WsStream<S> {
     client: bool,
     rbuf: BytesMut,
     state: ReadState,
-    /// The last data frame's payload was at least [`DIRECT_READ`]: the next
-    /// fills are [`SMALL_FILL`].
+    /// The last data frame's payload was at least [`DIRECT_READ`] and has
+    /// not shown itself a batch of small packets: small reads inside it are
+    /// read exactly, and fills are [`SMALL_FILL`].
     large: bool,
-    /// The caller's reads served inside data frames since the last one of
-    /// at least [`DIRECT_READ`], not counting the ends of partly served ones.
+    /// The caller's small reads served in this data frame since its last one
+    /// of at least [`DIRECT_READ`], not counting the ends of partly served ones.
     small_reads: u8,
     /// The last read was served in part: the next one is its end.
     partial: bool,
