@@ -352,9 +352,9 @@ async fn agents_come_and_go_while_requests_and_sessions_run() -> Result<()> {
     let t0 = Instant::now();
     // A port per cluster (alpha and the churned), and some to spare.
     let width = u16::try_from(plan.clusters + 11)?;
-    let first = pick_ports(width);
+    let ports = pick_ports(width)?;
     let tower = Tower::start_with(TowerOptions {
-        proxy_args: vec![format!("--cluster-ports={first}-{}", first + width - 1)],
+        proxy_args: vec![format!("--cluster-ports={}", ports.range())],
         ..Default::default()
     })
     .await?;

@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use e2e::{
-    KubeCluster, MEMBER_GATEWAY, MemberNet, Proc, bin, free_port, in_own_netns, kubectl_binary,
-    wait_for_ok, wait_until,
+    KubeCluster, MEMBER_GATEWAY, MemberNet, PortBlock, Proc, bin, free_port, in_own_netns,
+    kubectl_binary, pick_ports, wait_for_ok, wait_until,
 };
 use nix::sys::signal::Signal;
 use tokio::net::{TcpListener, TcpStream};
@@ -92,6 +92,8 @@ struct Ha {
     kube_port: u16,
     agents_port: u16,
     peer_port: u16,
+    /// Both replicas' `--cluster-ports`, reserved while they run.
+    _cluster_ports: PortBlock,
     _dir: tempfile::TempDir,
 }
 
@@ -115,18 +117,18 @@ fn lease_holder(host: &KubeCluster, lease: &str) -> String {
 async fn spawn_replica(
     id: &str,
     host_ip: &'static str,
-    ports: (u16, u16, u16),
+    ports: (u16, u16, &PortBlock),
     kubeconfig: &Path,
     dir: &Path,
     extra: &[&str],
 ) -> Result<Replica> {
-    let (agents_port, peer_port, first) = ports;
+    let (agents_port, peer_port, cluster_ports) = ports;
     let mut cmd = Command::new(bin("proxy"));
     cmd.args(["--host", host_ip, "--port", &agents_port.to_string()])
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(["--advertise-address", "127.0.0.1"])
-        .args(["--cluster-ports", &format!("{first}-{}", first + 9)])
+        .args(["--cluster-ports", &cluster_ports.range()])
         .arg("--data-dir")
         .arg(dir.join(format!("data-{id}")))
         .args(["--leader-elect", "--leader-elect-lease-duration", "4s"])
@@ -143,17 +145,15 @@ async fn spawn_replica(
 }
 
 impl Ha {
-    /// `slot`: a number of its own per test in this file, so that tests
-    /// running at the same time get port ranges of their own.
-    async fn start(slot: u16) -> Result<Ha> {
-        Self::start_with(slot, None, &[]).await
+    async fn start() -> Result<Ha> {
+        Self::start_with(None, &[]).await
     }
 
     /// With `net`: the member and its agent in that namespace with no
     /// inbound network; the agent reaches the replicas through the balancer
     /// on the veth's host side.
     /// `proxy_args`: more flags for both replicas.
-    async fn start_with(slot: u16, net: Option<MemberNet>, proxy_args: &[&str]) -> Result<Ha> {
+    async fn start_with(net: Option<MemberNet>, proxy_args: &[&str]) -> Result<Ha> {
         let member = async {
             match &net {
                 Some(net) => KubeCluster::start_isolated("member", net, &["--kubelet"]).await,
@@ -168,10 +168,8 @@ impl Ha {
 
         // Same ports on two addresses, as two pods would have.
         let (agents_port, peer_port) = (free_port(), free_port());
-        // Below the ephemeral range (32768), one range of 10 per test (3
-        // slots), and (per process id) apart from other test binaries' ranges.
-        let first = 20000 + (std::process::id() % 400) as u16 * 30 + slot * 10;
-        let ports = (agents_port, peer_port, first);
+        let cluster_ports = pick_ports(10)?;
+        let ports = (agents_port, peer_port, &cluster_ports);
         let (kubeconfig, data) = (host.kubeconfig(), dir.path());
         let a = spawn_replica("a", "127.0.0.1", ports, kubeconfig, data, proxy_args).await?;
         // `a` leads before `b` starts.
@@ -269,6 +267,7 @@ impl Ha {
             kube_port,
             agents_port,
             peer_port,
+            _cluster_ports: cluster_ports,
             _dir: dir,
         })
     }
@@ -322,7 +321,7 @@ impl Ha {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_on_one_replica_serves_clients_of_the_other_and_moves_when_it_dies() -> Result<()> {
-    failover(Ha::start(0).await?).await
+    failover(Ha::start().await?).await
 }
 
 /// The same with a member that has no inbound network (tests/isolated_member.rs).
@@ -331,8 +330,7 @@ async fn the_failover_works_for_a_member_with_no_inbound_network() -> Result<()>
     if !in_own_netns("the_failover_works_for_a_member_with_no_inbound_network").await? {
         return Ok(());
     }
-    // Its own network namespace: the port ranges of slot 0 are free here.
-    failover(Ha::start_with(0, Some(MemberNet::create().await?), &[]).await?).await
+    failover(Ha::start_with(Some(MemberNet::create().await?), &[]).await?).await
 }
 
 async fn failover(mut ha: Ha) -> Result<()> {
@@ -437,7 +435,7 @@ async fn silent_connections_at_the_peer_port(ha: &Ha) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_hands_over_without_a_gap() -> Result<()> {
-    let mut ha = Ha::start(1).await?;
+    let mut ha = Ha::start().await?;
     ensure!(
         lease_holder(&ha.host, "tower-cluster-alpha") == "a",
         "the agent should be on a"
@@ -661,7 +659,6 @@ async fn relayed_connections_take_their_turn_by_the_clients_address_at_the_relay
     let audit_log = audit_dir.path().join("audit.log");
     let audit_arg = format!("--audit-log={}", audit_log.display());
     let ha = Ha::start_with(
-        2,
         None,
         &["--max-handshakes-per-source-per-second=2", &audit_arg],
     )

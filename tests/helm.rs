@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value};
 use e2e::{
-    KubeCluster, Proc, bin, clean_env, fingerprint_in, free_port, kubectl_binary, pick_ports,
-    run_agent_like_a_kubelet, workspace_root,
+    KubeCluster, PortBlock, Proc, bin, clean_env, fingerprint_in, free_port, kubectl_binary,
+    pick_ports, run_agent_like_a_kubelet, workspace_root,
 };
 
 #[path = "helm/drift.rs"]
@@ -382,7 +382,7 @@ async fn chart_lints_matches_config_installs_upgrades_uninstalls() -> Result<()>
 /// the host's kubeconfig standing in for the service account, the downward
 /// API's env filled in, and what a proxy outside the cluster needs
 /// (`--advertise-address`, its own port range, a free peer port).
-fn run_proxy_like_a_kubelet(host: &KubeCluster, data: &Path) -> Result<Proc> {
+fn run_proxy_like_a_kubelet(host: &KubeCluster, data: &Path, ports: &PortBlock) -> Result<Proc> {
     let command = host.deployment_command("tower")?;
     ensure!(
         command.first().map(String::as_str) == Some("/bin/proxy"),
@@ -402,14 +402,13 @@ fn run_proxy_like_a_kubelet(host: &KubeCluster, data: &Path) -> Result<Proc> {
             .with_context(|| format!("{arg} without a value"))?;
         args.push(swapped);
     }
-    let first = pick_ports(20);
     let mut cmd = tokio::process::Command::new(bin("proxy"));
     cmd.args(&args)
         .arg("--kubeconfig")
         .arg(host.kubeconfig())
         .args(["--advertise-address", "127.0.0.1"])
         .arg("--cluster-ports")
-        .arg(format!("{first}-{}", first + 19))
+        .arg(ports.range())
         .arg("--peer-port")
         .arg(free_port().to_string());
     clean_env(&mut cmd);
@@ -461,7 +460,8 @@ async fn chart_on_the_host_then_the_printed_line_on_the_member() -> Result<()> {
         "crd/clusters.cluster.kubesphere.io",
         "--timeout=60s",
     ]);
-    let proxy = run_proxy_like_a_kubelet(&host, &dir.path().join("proxy-data"))?;
+    let ports = pick_ports(20)?;
+    let proxy = run_proxy_like_a_kubelet(&host, &dir.path().join("proxy-data"), &ports)?;
     let line = proxy
         .wait_for_line(|l| l.contains("SSH host key"), DEADLINE)
         .await?;

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use e2e::k8s_openapi::serde_json::{self, Value, json};
 use e2e::{
-    KubeCluster, Proc, bin, cluster_condition, free_port, kubectl_binary, proxy_cluster,
-    wait_for_ok, wait_until,
+    KubeCluster, PortBlock, Proc, bin, cluster_condition, free_port, kubectl_binary, pick_ports,
+    proxy_cluster, wait_for_ok, wait_until,
 };
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
@@ -181,18 +181,6 @@ fn fake_token() -> String {
         .collect()
 }
 
-/// A block of `width` kube API ports in 20000..22000 (their ks ports,
-/// +10000, in 30000..32000): below Linux's ephemeral range, so outgoing
-/// connections never hold them; random, so parallel runs rarely meet (and the
-/// proxy skips ports it cannot bind anyway).
-fn pick_cluster_ports(width: u16) -> (u16, u16) {
-    use std::hash::BuildHasher;
-    let r = std::collections::hash_map::RandomState::new()
-        .hash_one((std::process::id(), Instant::now()));
-    let first = 20000 + (r % u64::from(2000 - width)) as u16;
-    (first, first + width - 1)
-}
-
 fn conn_port(cluster: &Value, field: &str) -> u16 {
     cluster["spec"]["connection"][field]
         .as_u64()
@@ -274,7 +262,7 @@ struct Env {
     member: Option<KubeCluster>,
     dir: tempfile::TempDir,
     proxy_port: u16,
-    cluster_ports: (u16, u16),
+    cluster_ports: PortBlock,
     fingerprint: String,
 }
 
@@ -327,7 +315,7 @@ impl Env {
             member,
             dir: tempfile::Builder::new().prefix("workflow-").tempdir()?,
             proxy_port: free_port(),
-            cluster_ports: pick_cluster_ports(width),
+            cluster_ports: pick_ports(width)?,
             fingerprint: String::new(),
         };
         env.start_proxy().await?;
@@ -361,7 +349,7 @@ impl Env {
             .arg(self.host.kubeconfig())
             .args(["--advertise-address", "127.0.0.1", "--keepalive", "1s"])
             .arg("--cluster-ports")
-            .arg(format!("{}-{}", self.cluster_ports.0, self.cluster_ports.1))
+            .arg(self.cluster_ports.range())
             .arg("--data-dir")
             .arg(self.dir.path().join("proxy-data"));
         let proxy = Proc::spawn("proxy", cmd)?;

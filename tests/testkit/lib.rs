@@ -12,6 +12,7 @@
 //! | talk to it                         | [`KubeCluster::client`] (kube-rs), [`KubeCluster::kubectl_ok`] (real kubectl) |
 //! | wait for a condition               | [`wait_until`], [`wait_for_ok`]            |
 //! | a local TCP target for the tunnel  | [`EchoServer::start`], [`free_port`]       |
+//! | a proxy's `--cluster-ports` no other test shares | [`pick_ports`] |
 //! | checked bytes through the tunnel   | [`echo_transfer`] (GiBs, every byte verified) |
 //! | pods to exec/port-forward/log into | [`KubeCluster::start_with_args`]`(n, &["--kubelet"])`, [`KubeCluster::run_pod`] |
 //! | host + member + proxy + agent, config_alpha | [`Tower::start`], [`Tower::kubectl`] |
@@ -92,6 +93,7 @@ mod metrics;
 mod net;
 mod netns;
 mod paths;
+mod ports;
 mod proc;
 mod stream;
 mod tower;
@@ -109,9 +111,10 @@ pub use metrics::{apiserver_writes, metric_sample, scrape_metrics, writes_betwee
 pub use net::{EchoServer, free_addr, free_port};
 pub use netns::{NETNS_ADDR, in_own_netns};
 pub use paths::{bin, kubectl_binary, workspace_root};
+pub use ports::{PortBlock, pick_ports};
 pub use proc::{Proc, Stream, log_field};
 pub use stream::{PATTERN_BLOCK, echo_transfer, fill_pattern, verify_pattern};
-pub use tower::{CLUSTER, HOST_SERVER, Tower, TowerOptions, fingerprint_in, pick_ports};
+pub use tower::{CLUSTER, HOST_SERVER, Tower, TowerOptions, fingerprint_in};
 pub use usage::Usage;
 pub use wait::{wait_for_ok, wait_until};
 

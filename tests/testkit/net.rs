@@ -27,18 +27,17 @@ use tokio::task::JoinSet;
 /// a listener is in that range, and every outgoing connection of the
 /// harness's kube-apiservers and etcd takes one from it too, so between the
 /// pick and the program's bind it was sometimes taken ("Address already in
-/// use", seen in CI). Another test may still pick the same port: prefer
-/// letting the program under test bind port 0 and report its address.
+/// use", seen in CI). And between the blocks of cluster ports
+/// ([`pick_ports`](crate::pick_ports)): 22000..30000. Another test may
+/// still pick the same port: prefer letting the program under test bind
+/// port 0 and report its address.
 pub fn free_port() -> u16 {
-    let low = ephemeral_low();
-    let span = u64::from(low.saturating_sub(PORTS_FROM).max(1));
+    let (low, high) = (PORTS_FROM, ephemeral_low().min(PORTS_TO));
+    let span = u64::from(high.saturating_sub(low).max(1));
     let mut seed = seed();
     for _ in 0..200 {
-        // xorshift64: no dependency for a few random numbers.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let port = PORTS_FROM + u16::try_from(seed % span).unwrap_or(0);
+        seed = xorshift(seed);
+        let port = low + u16::try_from(seed % span).unwrap_or(0);
         if StdListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
             return port;
         }
@@ -49,9 +48,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Where [`free_port`] starts looking (below it: well-known and registered
-/// services a machine may run).
-const PORTS_FROM: u16 = 20000;
+/// Where [`free_port`] looks: above the kube API ports of cluster port
+/// blocks (below them: well-known and registered services a machine may
+/// run), below their ks ports.
+const PORTS_FROM: u16 = crate::ports::BLOCKS.end;
+const PORTS_TO: u16 = crate::ports::BLOCKS.start + crate::ports::KS_OFFSET;
 
 /// The first port of the kernel's ephemeral range (32768 if unreadable).
 fn ephemeral_low() -> u16 {
@@ -63,12 +64,20 @@ fn ephemeral_low() -> u16 {
 }
 
 /// A random seed: std's hasher keys are random per process and differ per call.
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()
         | 1
+}
+
+/// xorshift64: no dependency for a few random numbers.
+pub(crate) fn xorshift(mut seed: u64) -> u64 {
+    seed ^= seed << 13;
+    seed ^= seed >> 7;
+    seed ^= seed << 17;
+    seed
 }
 
 /// `127.0.0.1:<free port>`, see [`free_port`].

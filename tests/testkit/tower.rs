@@ -35,6 +35,7 @@ use crate::cluster::KubeCluster;
 use crate::member_net::{MEMBER_GATEWAY, MemberNet};
 use crate::net::free_port;
 use crate::paths::{bin, kubectl_binary, workspace_root};
+use crate::ports::{PortBlock, pick_ports};
 use crate::proc::Proc;
 use crate::wait::wait_for_ok;
 
@@ -102,6 +103,8 @@ pub struct Tower {
     kube_port: u16,
     proxy_port: u16,
     fingerprint: String,
+    /// The proxy's `--cluster-ports`, reserved while it runs.
+    _ports: PortBlock,
     dir: tempfile::TempDir,
     quiet: bool,
 }
@@ -175,7 +178,7 @@ impl Tower {
         // The proxy, with one port range of its own (below the ephemeral
         // range; it skips ports it cannot bind).
         let proxy_port = free_port();
-        let first = pick_ports(20);
+        let ports = pick_ports(20)?;
         let mut cmd = Command::new(bin("proxy"));
         // An isolated member reaches the proxy on the veth's host side.
         let listen = if member_net.is_some() {
@@ -189,7 +192,7 @@ impl Tower {
             .arg(&host_kc)
             .args(["--advertise-address", "127.0.0.1"])
             .arg("--cluster-ports")
-            .arg(format!("{first}-{}", first + 19))
+            .arg(ports.range())
             .arg("--data-dir")
             .arg(dir.path().join("proxy-data"));
         if let Some(k) = &opts.keepalive {
@@ -310,6 +313,7 @@ impl Tower {
             kube_port,
             proxy_port,
             fingerprint,
+            _ports: ports,
             dir,
             quiet: opts.quiet,
         };
@@ -570,15 +574,6 @@ pub fn fingerprint_in(line: &str) -> Result<String> {
             .map(str::to_string),
     };
     found.with_context(|| format!("no fingerprint in {line:?}"))
-}
-
-/// A block of `width` ports in 20000..22000 (their +10000 in 30000..32000):
-/// below Linux's ephemeral range, random so parallel runs rarely meet.
-pub fn pick_ports(width: u16) -> u16 {
-    use std::hash::BuildHasher;
-    let r = std::collections::hash_map::RandomState::new()
-        .hash_one((std::process::id(), Instant::now()));
-    20000 + (r % u64::from(2000 - width)) as u16
 }
 
 /// Standard base64 (the kubeconfig in the Cluster), padding optional.
