@@ -14,7 +14,9 @@
 //! `BENCH_OUT` for the output directory (default `<repo>/target/bench`).
 //! `BENCH_B_BIN=DIR` (a directory with another build's `proxy` and `agent`)
 //! and/or `BENCH_B_ENV='K=V ...'` add a path "B" (a raw forward through that
-//! build) next to ours in every scenario, to measure a change in the same run.
+//! build) next to ours in every scenario, to measure a change in the same run;
+//! with the https path wanted, that build's https path too (its proxy in
+//! Kubernetes mode on a host cluster of its own, "host-b").
 //!
 //! Layout: [`setup`] starts the processes every path needs, [`http`] is the
 //! HTTPS client and the upstream server (`bench upstream`, its own process),

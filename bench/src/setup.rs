@@ -200,13 +200,18 @@ spec:
 ";
 
 impl TowerRs {
+    /// `variant`: the build to run ([`Variant::current`], or `BENCH_B_*`'s
+    /// on a host cluster of its own); its files in the work directory and
+    /// its port range are its own.
     pub async fn start(
         env: &Env,
         host: &KubeCluster,
         member: &KubeCluster,
         upstream_kubeconfig: &Path,
+        variant: &Variant,
     ) -> Result<TowerRs> {
         let hkc = host.kubeconfig();
+        let tag = variant.tag();
         let crd = Command::new(kubectl_binary())
             .arg("kustomize")
             .arg(env.root.join("config/crd"))
@@ -229,16 +234,22 @@ impl TowerRs {
         .await?;
         let _ = kubectl(hkc, &["create", "namespace", "kubesphere-system"]).await;
 
-        let ports = std::env::var("BENCH_CLUSTER_PORTS").unwrap_or_else(|_| "24600-24649".into());
-        let proxy = spawn(
+        let ports = match tag.is_empty() {
+            true => std::env::var("BENCH_CLUSTER_PORTS").unwrap_or_else(|_| "24600-24649".into()),
+            false => "24650-24699".into(),
+        };
+        let proxy = variant.spawn(
+            &format!("proxy{tag}"),
             "proxy",
-            &bin("proxy"),
-            &[
+            vec![
                 "--host=127.0.0.1".into(),
                 "--port=0".into(),
                 format!("--kubeconfig={}", hkc.display()),
                 "--advertise-address=127.0.0.1".into(),
-                format!("--data-dir={}", env.work.join("proxy-data").display()),
+                format!(
+                    "--data-dir={}",
+                    env.work.join(format!("proxy-data{tag}")).display()
+                ),
                 format!("--cluster-ports={ports}"),
                 "--forward=bench=127.0.0.1:0".into(),
                 "--connect-port=0".into(),
@@ -258,7 +269,7 @@ impl TowerRs {
             .await?;
         let connect: SocketAddr = log_field(&door, "addr").context("addr")?.parse()?;
 
-        let clusters = env.work.join("clusters.yaml");
+        let clusters = env.work.join(format!("clusters{tag}.yaml"));
         std::fs::write(&clusters, CLUSTERS)?;
         kubectl(hkc, &["apply", "-f", &clusters.display().to_string()]).await?;
         let mut tokens = Vec::new();
@@ -279,17 +290,17 @@ impl TowerRs {
                 Ok(t.trim().to_string())
             })
             .await?;
-            let file = env.work.join(format!("{name}.token"));
+            let file = env.work.join(format!("{name}{tag}.token"));
             std::fs::write(&file, token)?;
             tokens.push(file);
         }
         let alpha_token = tokens.pop().expect("two");
         let bench_token = tokens.pop().expect("two");
 
-        let bench_agent = spawn(
-            "agent-bench",
-            &bin("agent"),
-            &agent_args(
+        let bench_agent = variant.spawn(
+            &format!("agent-bench{tag}"),
+            "agent",
+            agent_args(
                 "bench",
                 &bench_token,
                 agents_addr,
@@ -297,10 +308,10 @@ impl TowerRs {
                 upstream_kubeconfig,
             ),
         )?;
-        let alpha_agent = spawn(
-            "agent-alpha",
-            &bin("agent"),
-            &agent_args(
+        let alpha_agent = variant.spawn(
+            &format!("agent-alpha{tag}"),
+            "agent",
+            agent_args(
                 "alpha",
                 &alpha_token,
                 agents_addr,
@@ -315,8 +326,8 @@ impl TowerRs {
             )
             .await?;
         }
-        let bench_kubeconfig = published_kubeconfig(env, hkc, "bench").await?;
-        let alpha_kubeconfig = published_kubeconfig(env, hkc, "alpha").await?;
+        let bench_kubeconfig = published_kubeconfig(env, hkc, "bench", &tag).await?;
+        let alpha_kubeconfig = published_kubeconfig(env, hkc, "alpha", &tag).await?;
         Ok(TowerRs {
             alpha_agent: Some(alpha_agent),
             bench_agent,
@@ -365,8 +376,14 @@ pub fn agent_args(
     ]
 }
 
-/// The kubeconfig the proxy wrote into Cluster `name`, saved as `config_<name>`.
-async fn published_kubeconfig(env: &Env, host_kubeconfig: &Path, name: &str) -> Result<PathBuf> {
+/// The kubeconfig the proxy wrote into Cluster `name`, saved as
+/// `config_<name><tag>`.
+async fn published_kubeconfig(
+    env: &Env,
+    host_kubeconfig: &Path,
+    name: &str,
+    tag: &str,
+) -> Result<PathBuf> {
     let b64 = wait_for_ok(Duration::from_secs(60), || async {
         let k = kubectl(
             host_kubeconfig,
@@ -386,7 +403,7 @@ async fn published_kubeconfig(env: &Env, host_kubeconfig: &Path, name: &str) -> 
     let yaml = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .context("the Cluster's kubeconfig is not base64")?;
-    let file = env.work.join(format!("config_{name}"));
+    let file = env.work.join(format!("config_{name}{tag}"));
     std::fs::write(&file, yaml)?;
     Ok(file)
 }
@@ -578,6 +595,26 @@ impl Variant {
         Some(Variant { dir, vars, label })
     }
 
+    /// The label of its https path: the forward path's, and " https".
+    pub fn https_label(&self) -> String {
+        format!("{} https", self.label)
+    }
+
+    /// "" for this build, "-b" for the other: in process and file names.
+    fn tag(&self) -> String {
+        match self.dir.is_some() || !self.vars.is_empty() {
+            true => "-b".into(),
+            false => String::new(),
+        }
+    }
+
+    /// `program` (`proxy`, `agent`) of this variant, as [`spawn`] does.
+    fn spawn(&self, name: &str, program: &str, args: Vec<String>) -> Result<Proc> {
+        let mut p = Proc::spawn_quiet(name, self.command(program, args))?;
+        p.set_drop_grace(Duration::from_secs(3));
+        Ok(p)
+    }
+
     fn command(&self, name: &str, args: Vec<String>) -> Command {
         let program = self
             .dir
@@ -672,6 +709,8 @@ pub struct Paths {
     pub peers: Vec<Target>,
     /// `BENCH_B_BIN` / `BENCH_B_ENV`: another build's forward path.
     pub b: Option<Target>,
+    /// The same build's https path (its own host cluster and proxy).
+    pub b_https: Option<Target>,
 }
 
 pub const DIRECT: &str = "direct";
@@ -700,6 +739,7 @@ impl Paths {
             &self.https,
             &self.forward,
             &self.connect,
+            &self.b_https,
             &self.b,
             &self.go,
             &self.chisel,
@@ -717,6 +757,7 @@ impl Paths {
 #[allow(dead_code)]
 pub struct Setup {
     pub b: Option<ForwardPair>,
+    pub b_tower: Option<TowerRs>,
     pub peers: Vec<Peer>,
     pub chisel: Option<Chisel>,
     pub go: Option<GoPeers>,
@@ -726,6 +767,8 @@ pub struct Setup {
     pub peer_pki: Option<PeerPki>,
     pub member: Option<KubeCluster>,
     pub host: Option<KubeCluster>,
+    /// `BENCH_B_*`'s host cluster, for its https path.
+    pub b_host: Option<KubeCluster>,
     pub paths: Paths,
     pub env: Env,
     pub versions: Vec<String>,
@@ -756,24 +799,33 @@ impl Setup {
             connect: None,
             peers: Vec::new(),
             b: None,
+            b_https: None,
         };
         let mut versions = Vec::new();
 
-        eprintln!("setup: starting the host and member kube-apiservers");
-        let (host, member) = match KubeCluster::start_many(&["host", "member"]).await {
+        // `BENCH_B_*` with the https path: a host cluster of its own for
+        // the other build's proxy (two proxies would fight over Clusters).
+        let b_variant = Variant::b_from_env();
+        let b_https = b_variant.is_some() && env.wants_path("https");
+        let clusters: &[&str] = match b_https {
+            true => &["host", "member", "host-b"],
+            false => &["host", "member"],
+        };
+        eprintln!("setup: starting the kube-apiservers: {clusters:?}");
+        let (host, member, b_host) = match KubeCluster::start_many(clusters).await {
             Ok(v) => {
                 let mut v = v.into_iter();
-                (v.next(), v.next())
+                (v.next(), v.next(), v.next())
             }
             Err(e) => {
                 report.error("kube-harness (tower-rs https path, kubectl, setup)", &e);
-                (None, None)
+                (None, None, None)
             }
         };
         let tower = match (&host, &member) {
             (Some(h), Some(m)) => {
                 eprintln!("setup: proxy (Kubernetes mode) and agents");
-                match TowerRs::start(env, h, m, &upstream_kc).await {
+                match TowerRs::start(env, h, m, &upstream_kc, &Variant::current()).await {
                     Ok(t) => Some(t),
                     Err(e) => {
                         report.error("tower-rs proxy and agents", &e);
@@ -864,8 +916,31 @@ impl Setup {
                 versions.push(p.version.clone());
             }
         }
+        let mut b_tower = None;
+        if let (Some(variant), Some(h), Some(m)) = (&b_variant, &b_host, &member) {
+            eprintln!("setup: {} https (Kubernetes mode, host-b)", variant.label);
+            let started = async {
+                let t = TowerRs::start(env, h, m, &upstream_kc, variant).await?;
+                let k = tls::from_kubeconfig(&t.bench_kubeconfig)?;
+                anyhow::Ok((t, k))
+            };
+            match started.await {
+                Ok((t, k)) => {
+                    paths.b_https = Some(Target {
+                        name: variant.https_label(),
+                        addr: k.addr,
+                        tls: k.tls,
+                        server_name: k.server_name,
+                        procs: vec![t.proxy.pid(), t.bench_agent.pid()],
+                        via: None,
+                    });
+                    b_tower = Some(t);
+                }
+                Err(e) => report.error("BENCH_B_BIN/BENCH_B_ENV https path", &e),
+            }
+        }
         let mut b = None;
-        if let Some(variant) = Variant::b_from_env() {
+        if let Some(variant) = b_variant {
             eprintln!("setup: {}", variant.label);
             match ForwardPair::start(env, "b", &variant, None).await {
                 Ok(pair) => {
@@ -885,6 +960,7 @@ impl Setup {
         eprintln!("setup: ready in {:.1} s", t0.elapsed().as_secs_f64());
         Ok(Setup {
             b,
+            b_tower,
             peers,
             chisel,
             go,
@@ -893,6 +969,7 @@ impl Setup {
             peer_pki,
             member,
             host,
+            b_host,
             paths,
             env: env.clone(),
             versions,

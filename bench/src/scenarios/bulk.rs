@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::http::Target;
 use crate::measure::{Measure, mib_per_s};
 use crate::report::{Compare, Figure, Goal, Report};
-use crate::setup::{CHISEL, FORWARD, HTTPS, Setup};
+use crate::setup::{CHISEL, FORWARD, HTTPS, Paths, Setup};
 use crate::sys;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -120,7 +120,7 @@ pub async fn run(setup: &Setup, report: &mut Report) {
         let mut direct_cpu = Measure::new();
         let mut failed = vec![false; through.len()];
         let mut vs_chisel = Measure::new();
-        let (mut b_vs_forward, mut b_cpu_vs_forward) = (Measure::new(), Measure::new());
+        let mut vs_b = VsB::pairs(paths);
         for _ in 0..runs {
             let (d, d_cpu) = match transfer(&paths.direct, &endpoints, direction, len).await {
                 Ok(d) => (d.mib_s, d.endpoints_s_per_gib),
@@ -135,7 +135,8 @@ pub async fn run(setup: &Setup, report: &mut Report) {
             }
             let mut forward_value = None;
             let mut chisel_value = None;
-            let mut b_value = None;
+            // This run's (throughput, CPU per GiB) per path.
+            let mut got = std::collections::HashMap::new();
             for (i, t) in through.iter().enumerate() {
                 if failed[i] {
                     continue;
@@ -157,11 +158,9 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                         values[i].push(v);
                         ratios[i].push(v / d);
                         if t.name == FORWARD {
-                            forward_value = Some((v, cpu_s_per_gib));
+                            forward_value = Some(v);
                         }
-                        if t.name.starts_with("B:") {
-                            b_value = Some((v, cpu_s_per_gib));
-                        }
+                        got.insert(t.name.as_str(), (v, cpu_s_per_gib));
                         if t.name == CHISEL {
                             chisel_value = Some(v);
                         }
@@ -172,14 +171,11 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                     }
                 }
             }
-            if let (Some((f, _)), Some(c)) = (forward_value, chisel_value) {
+            if let (Some(f), Some(c)) = (forward_value, chisel_value) {
                 vs_chisel.push(f / c);
             }
-            if let (Some((f, fc)), Some((b, bc))) = (forward_value, b_value) {
-                b_vs_forward.push(b / f);
-                if let (Some(fc), Some(bc)) = (fc, bc) {
-                    b_cpu_vs_forward.push(bc / fc);
-                }
+            for pair in &mut vs_b {
+                pair.push(&got);
             }
         }
         let direct_stat = direct.stat();
@@ -231,23 +227,8 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                 ));
             }
         }
-        if let Some(s) = b_vs_forward.stat() {
-            report.add(Figure::new(
-                &scenario,
-                "B / tower-rs forward (b)",
-                "throughput ratio",
-                "x",
-                s,
-            ));
-        }
-        if let Some(s) = b_cpu_vs_forward.stat() {
-            report.add(Figure::new(
-                &scenario,
-                "B / tower-rs forward (b)",
-                "CPU per GiB ratio",
-                "x",
-                s,
-            ));
+        for pair in &vs_b {
+            pair.report(&scenario, report);
         }
         if let Some(s) = vs_chisel.stat() {
             report.add(
@@ -260,6 +241,54 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                 )
                 .goal(Some(Goal::at_least(">= 5x Chisel", s.median, 5.0))),
             );
+        }
+    }
+}
+
+/// `BENCH_B_*`'s path against ours in the same run (forward with
+/// forward, https with https): B / ours, per run.
+struct VsB {
+    ours: &'static str,
+    b: String,
+    throughput: Measure,
+    cpu: Measure,
+}
+
+impl VsB {
+    fn pairs(paths: &Paths) -> Vec<VsB> {
+        [(FORWARD, &paths.b), (HTTPS, &paths.b_https)]
+            .into_iter()
+            .filter_map(|(ours, b)| {
+                b.as_ref().map(|b| VsB {
+                    ours,
+                    b: b.name.clone(),
+                    throughput: Measure::new(),
+                    cpu: Measure::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// One run's figures, if both paths have them.
+    fn push(&mut self, got: &std::collections::HashMap<&str, (f64, Option<f64>)>) {
+        let (Some((o, oc)), Some((b, bc))) = (got.get(self.ours), got.get(self.b.as_str())) else {
+            return;
+        };
+        self.throughput.push(b / o);
+        if let (Some(oc), Some(bc)) = (oc, bc) {
+            self.cpu.push(bc / oc);
+        }
+    }
+
+    fn report(&self, scenario: &str, report: &mut Report) {
+        let name = format!("B / {}", self.ours);
+        for (metric, m) in [
+            ("throughput ratio", &self.throughput),
+            ("CPU per GiB ratio", &self.cpu),
+        ] {
+            if let Some(s) = m.stat() {
+                report.add(Figure::new(scenario, &name, metric, "x", s));
+            }
         }
     }
 }
