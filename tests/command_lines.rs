@@ -104,6 +104,95 @@ async fn kubesphere_agent_command_line_connects() -> Result<()> {
     Ok(())
 }
 
+/// Whether this machine is one where glibc's `rep movsb` copies are slow
+/// (`tunnel/src/glibc.rs`): an AMD CPU with FSRM, glibc before 2.39. Read
+/// from /proc/cpuinfo, not with the code under test.
+fn slow_rep_movsb_here() -> Result<bool> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
+    let amd = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("vendor_id") && l.contains("AuthenticAMD"));
+    let fsrm = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "fsrm"));
+    // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+    let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) }.to_str()?;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    Ok(cfg!(target_arch = "x86_64") && amd && fsrm && (major, minor) < (2, 39))
+}
+
+/// `GLIBC_TUNABLES` in the environment a running process has now.
+fn tunables_of(proc: &Proc) -> Result<Option<String>> {
+    let environ = std::fs::read(format!("/proc/{}/environ", proc.pid()))?;
+    Ok(environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"GLIBC_TUNABLES="))
+        .map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+/// On a CPU whose `rep movsb` is slow for some alignments, with a glibc that
+/// uses it for the tunnel's copies, both binaries start themselves again
+/// with glibc's threshold for it raised (`tunnel/src/glibc.rs`); elsewhere,
+/// and when the user set that threshold, their environment is as given.
+#[tokio::test]
+async fn where_rep_movsb_is_slow_both_binaries_start_again_without_it() -> Result<()> {
+    const OURS: &str = "glibc.cpu.x86_rep_movsb_threshold=2097152";
+    let slow = slow_rep_movsb_here()?;
+    let dir = tempfile::tempdir()?;
+    let (proxy, addr) = start_proxy(dir.path()).await?;
+    let agent = |tunables: Option<&str>| -> Result<Proc> {
+        let mut cmd = Command::new(bin("agent"));
+        cmd.args(kubesphere_agent_args(addr));
+        clean_env(&mut cmd);
+        if let Some(t) = tunables {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+        Proc::spawn("agent", cmd)
+    };
+    let plain = agent(None)?;
+    plain
+        .wait_for_line(|l| l.contains("connected to proxy"), SOON)
+        .await?;
+    for (name, p) in [("proxy", &proxy), ("agent", &plain)] {
+        let expected = slow.then(|| OURS.to_string());
+        ensure!(
+            tunables_of(p)? == expected,
+            "{name}'s GLIBC_TUNABLES is {:?}, expected {expected:?} (slow rep movsb here: {slow})",
+            tunables_of(p)?
+        );
+        ensure!(
+            p.lines()
+                .iter()
+                .any(|l| l.contains("started again with this GLIBC_TUNABLES entry"))
+                == slow,
+            "{name} should say it started again only where rep movsb is slow:\n{}",
+            p.tail(10)
+        );
+    }
+    drop(plain);
+    // The user's own threshold wins, and their other tunables stay.
+    let theirs = "glibc.malloc.arena_max=4:glibc.cpu.x86_rep_movsb_threshold=4096";
+    let own = agent(Some(theirs))?;
+    own.wait_for_line(|l| l.contains("connected to proxy"), SOON)
+        .await?;
+    // (glibc cuts its own copy of the variable at the first colon, so the
+    // process's environment shows the first entry only.)
+    let shown = tunables_of(&own)?.unwrap_or_default();
+    ensure!(
+        theirs.starts_with(&shown) && !shown.is_empty(),
+        "the user's GLIBC_TUNABLES became {shown:?}"
+    );
+    ensure!(
+        !own.lines()
+            .iter()
+            .any(|l| l.contains("started again with this GLIBC_TUNABLES entry")),
+        "the agent started again though the user set the threshold:\n{}",
+        own.tail(10)
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn every_klog_flag_is_accepted_and_log_file_is_used() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -53,6 +53,8 @@ use crate::options::Flags;
 use crate::run::{Controls, Exit};
 
 fn main() -> ExitCode {
+    // First: it may execute this binary again (tunnel::glibc).
+    let copies = tunnel::glibc::fast_copies();
     let flags = Flags::parse();
     let notes = match tunnel::cli::init_logging(flags.log_format, &flags.klog) {
         Ok(notes) => notes,
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
     }
     tunnel::limits::raise_open_files_logged();
     tunnel::heap::keep_freed_memory();
+    copies.log();
     let env = |name: &str| std::env::var(name).ok();
     let config = match flags.check(&env) {
         Ok(config) => config,

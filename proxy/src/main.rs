@@ -82,6 +82,8 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // First: it may execute this binary again (tunnel::glibc).
+    let copies = tunnel::glibc::fast_copies();
     // A subcommand only by its first argument, so that Go Tower's command
     // lines (flags only) parse exactly as before.
     if std::env::args_os()
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
     }
     tunnel::limits::raise_open_files_logged();
     tunnel::heap::keep_freed_memory();
+    copies.log();
     let ignored = flags.without_effect();
     if !ignored.is_empty() {
         tracing::info!(flags = ?ignored, "accepted for Go Tower's command lines; no effect here");

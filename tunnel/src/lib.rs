@@ -20,8 +20,9 @@
 //! Tower's command-line syntax (durations, booleans, klog's flags) and the
 //! logging set-up, [`addr`], `host:port` strings with IPv6 brackets,
 //! [`limits`], the open-files limit raised at start, [`heap`], freed memory
-//! kept mapped so bulk transfers do not re-fault it, and [`platform`], the
-//! agent's `GOOS/GOARCH`.
+//! kept mapped so bulk transfers do not re-fault it, [`glibc`], copies
+//! without `rep movsb` where glibc's is slow (AMD Zen), and [`platform`],
+//! the agent's `GOOS/GOARCH`.
 //!
 //! Under the session: [`write_behind`], the connection's write queue (the
 //! session loop never waits on the socket), where channel writers take turns
@@ -38,6 +39,7 @@ pub mod cli;
 pub mod client;
 pub mod copy;
 pub mod cut;
+pub mod glibc;
 pub mod heap;
 pub mod hub;
 pub mod limits;
