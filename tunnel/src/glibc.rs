@@ -109,7 +109,10 @@ pub fn fast_copies() -> Copies {
     {
         use std::os::unix::process::CommandExt;
         if std::env::var_os(STARTED_AGAIN).is_some() {
-            return Copies::Set;
+            // Ours, unless the marker came from a parent that set it.
+            let ours = format!("{TUNABLE}={REP_MOVSB_THRESHOLD}");
+            let set = std::env::var(ENV).is_ok_and(|c| c.split(':').any(|e| e == ours));
+            return if set { Copies::Set } else { Copies::AsTheyAre };
         }
         let current = std::env::var(ENV).ok();
         let Some(tunables) = tunables_for(this_cpu(), glibc_version(), current.as_deref()) else {
@@ -133,8 +136,8 @@ pub fn fast_copies() -> Copies {
 #[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
 fn this_cpu() -> Cpu {
     use std::arch::x86_64::{__cpuid, __cpuid_count};
-    // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 reads zeros where
-    // the CPU has no such leaf.
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 7's answer is used
+    // only where leaf 0 says the CPU has it.
     #[allow(unused_unsafe)]
     let (vendor, leaf7) = unsafe { (__cpuid(0), __cpuid_count(7, 0)) };
     let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
