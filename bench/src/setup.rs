@@ -66,6 +66,11 @@ impl Env {
 pub fn spawn(name: &str, program: &Path, args: &[String]) -> Result<Proc> {
     let mut cmd = Command::new(program);
     cmd.args(args);
+    spawn_command(name, cmd)
+}
+
+/// [`spawn`] for a command made already.
+fn spawn_command(name: &str, cmd: Command) -> Result<Proc> {
     let mut p = Proc::spawn_quiet(name, cmd)?;
     p.set_drop_grace(Duration::from_secs(3));
     Ok(p)
@@ -342,6 +347,20 @@ impl TowerRs {
         })
     }
 
+    /// The https path (a) through this proxy: the bench Cluster's
+    /// kubeconfig, named `name`.
+    pub fn https_target(&self, name: &str) -> Result<Target> {
+        let k = tls::from_kubeconfig(&self.bench_kubeconfig)?;
+        Ok(Target {
+            name: name.into(),
+            addr: k.addr,
+            tls: k.tls,
+            server_name: k.server_name,
+            procs: vec![self.proxy.pid(), self.bench_agent.pid()],
+            via: None,
+        })
+    }
+
     /// Spawn the alpha agent (the previous one must be gone).
     pub fn spawn_alpha_agent(&self, member: &KubeCluster) -> Result<Proc> {
         spawn(
@@ -610,9 +629,7 @@ impl Variant {
 
     /// `program` (`proxy`, `agent`) of this variant, as [`spawn`] does.
     fn spawn(&self, name: &str, program: &str, args: Vec<String>) -> Result<Proc> {
-        let mut p = Proc::spawn_quiet(name, self.command(program, args))?;
-        p.set_drop_grace(Duration::from_secs(3));
-        Ok(p)
+        spawn_command(name, self.command(program, args))
     }
 
     fn command(&self, name: &str, args: Vec<String>) -> Command {
@@ -642,24 +659,21 @@ impl ForwardPair {
         std::fs::write(&clusters, format!("{{\"{name}\": \"{token}\"}}"))?;
         let token_file = env.work.join(format!("{name}.token"));
         std::fs::write(&token_file, &token)?;
-        let mut proxy = Proc::spawn_quiet(
+        let proxy = variant.spawn(
             &format!("proxy-{name}"),
-            variant.command(
-                "proxy",
-                vec![
-                    "--host=127.0.0.1".into(),
-                    "--port=0".into(),
-                    format!(
-                        "--data-dir={}",
-                        env.work.join(format!("proxy-{name}")).display()
-                    ),
-                    format!("--clusters-file={}", clusters.display()),
-                    format!("--forward={name}=127.0.0.1:0"),
-                    "--log-format=json".into(),
-                ],
-            ),
+            "proxy",
+            vec![
+                "--host=127.0.0.1".into(),
+                "--port=0".into(),
+                format!(
+                    "--data-dir={}",
+                    env.work.join(format!("proxy-{name}")).display()
+                ),
+                format!("--clusters-file={}", clusters.display()),
+                format!("--forward={name}=127.0.0.1:0"),
+                "--log-format=json".into(),
+            ],
         )?;
-        proxy.set_drop_grace(Duration::from_secs(3));
         let (agents, forward, fingerprint) = started_proxy(&proxy).await?;
         let relay = match &link {
             Some(l) => Some(Relay::start(agents, l).await?),
@@ -667,14 +681,11 @@ impl ForwardPair {
         };
         let dial = relay.as_ref().map_or(agents, |r| r.addr);
         let kubeconfig = env.work.join("upstream.kubeconfig");
-        let mut agent = Proc::spawn_quiet(
+        let agent = variant.spawn(
             &format!("agent-{name}"),
-            variant.command(
-                "agent",
-                agent_args(name, &token_file, dial, &fingerprint, &kubeconfig),
-            ),
+            "agent",
+            agent_args(name, &token_file, dial, &fingerprint, &kubeconfig),
         )?;
-        agent.set_drop_grace(Duration::from_secs(3));
         agent
             .wait_for_line(
                 |l| log_message_is(l, "connected to proxy"),
@@ -838,17 +849,8 @@ impl Setup {
         if let Some(t) = &tower {
             let procs = vec![t.proxy.pid(), t.bench_agent.pid()];
             if env.wants_path("https") {
-                match tls::from_kubeconfig(&t.bench_kubeconfig) {
-                    Ok(k) => {
-                        paths.https = Some(Target {
-                            name: HTTPS.into(),
-                            addr: k.addr,
-                            tls: k.tls,
-                            server_name: k.server_name,
-                            procs: procs.clone(),
-                            via: None,
-                        })
-                    }
+                match t.https_target(HTTPS) {
+                    Ok(target) => paths.https = Some(target),
                     Err(e) => report.error("reading the bench Cluster's kubeconfig", &e),
                 }
             }
@@ -921,19 +923,12 @@ impl Setup {
             eprintln!("setup: {} https (Kubernetes mode, host-b)", variant.label);
             let started = async {
                 let t = TowerRs::start(env, h, m, &upstream_kc, variant).await?;
-                let k = tls::from_kubeconfig(&t.bench_kubeconfig)?;
-                anyhow::Ok((t, k))
+                let target = t.https_target(&variant.https_label())?;
+                anyhow::Ok((t, target))
             };
             match started.await {
-                Ok((t, k)) => {
-                    paths.b_https = Some(Target {
-                        name: variant.https_label(),
-                        addr: k.addr,
-                        tls: k.tls,
-                        server_name: k.server_name,
-                        procs: vec![t.proxy.pid(), t.bench_agent.pid()],
-                        via: None,
-                    });
+                Ok((t, target)) => {
+                    paths.b_https = Some(target);
                     b_tower = Some(t);
                 }
                 Err(e) => report.error("BENCH_B_BIN/BENCH_B_ENV https path", &e),

@@ -133,8 +133,6 @@ pub async fn run(setup: &Setup, report: &mut Report) {
             if let Some(c) = d_cpu {
                 direct_cpu.push(c);
             }
-            let mut forward_value = None;
-            let mut chisel_value = None;
             // This run's (throughput, CPU per GiB) per path.
             let mut got = std::collections::HashMap::new();
             for (i, t) in through.iter().enumerate() {
@@ -157,13 +155,7 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                         }
                         values[i].push(v);
                         ratios[i].push(v / d);
-                        if t.name == FORWARD {
-                            forward_value = Some(v);
-                        }
                         got.insert(t.name.as_str(), (v, cpu_s_per_gib));
-                        if t.name == CHISEL {
-                            chisel_value = Some(v);
-                        }
                     }
                     Err(e) => {
                         report.error(&format!("{scenario}: {}", t.name), &e);
@@ -171,7 +163,7 @@ pub async fn run(setup: &Setup, report: &mut Report) {
                     }
                 }
             }
-            if let (Some(f), Some(c)) = (forward_value, chisel_value) {
+            if let (Some((f, _)), Some((c, _))) = (got.get(FORWARD), got.get(CHISEL)) {
                 vs_chisel.push(f / c);
             }
             for pair in &mut vs_b {
