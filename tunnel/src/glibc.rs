@@ -13,14 +13,20 @@
 //! environment variable, read only when a process starts. So on an AMD CPU
 //! with FSRM and glibc 2.33 to 2.38, [`fast_copies`] executes the binary once
 //! more with `glibc.cpu.x86_rep_movsb_threshold` added to `GLIBC_TUNABLES`,
-//! before anything else runs (and [`STARTED_AGAIN`] set, so only once). A threshold the user set is kept (the way to
-//! opt out: set it to glibc's default, `2048`). Child processes (the agent's
+//! before anything else runs (and [`STARTED_AGAIN`] set, so only once). A
+//! threshold the user set is kept (the way to opt out: set it to glibc's
+//! default, `2048`). Child processes (the agent's
 //! hooks) inherit both variables; they only change how their glibc copies.
 
 /// `rep movsb` only from this size on: above every buffer the tunnel
 /// copies, near where glibc 2.39 puts it (the L2 cache's size).
 pub const REP_MOVSB_THRESHOLD: usize = 2 * 1024 * 1024;
 const TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
+
+/// Our entry in [`ENV`]: `glibc.cpu.x86_rep_movsb_threshold=2097152`.
+fn our_entry() -> String {
+    format!("{TUNABLE}={REP_MOVSB_THRESHOLD}")
+}
 /// The process environment's variable glibc reads its tunables from.
 pub const ENV: &str = "GLIBC_TUNABLES";
 /// Set for the second start: never a third, whatever glibc made of [`ENV`]
@@ -44,7 +50,7 @@ impl Copies {
         match self {
             Copies::AsTheyAre => {}
             Copies::Set => tracing::info!(
-                tunable = %format!("{TUNABLE}={REP_MOVSB_THRESHOLD}"),
+                tunable = %our_entry(),
                 "started again with this GLIBC_TUNABLES entry: this CPU's rep movsb is slow for \
                  some alignments and this glibc uses it (glibc bug 30994)"
             ),
@@ -81,7 +87,7 @@ pub fn tunables_for(cpu: Cpu, glibc: Option<(u32, u32)>, current: Option<&str>) 
     {
         return None;
     }
-    let ours = format!("{TUNABLE}={REP_MOVSB_THRESHOLD}");
+    let ours = our_entry();
     Some(match current {
         "" => ours,
         other => format!("{other}:{ours}"),
@@ -110,7 +116,7 @@ pub fn fast_copies() -> Copies {
         use std::os::unix::process::CommandExt;
         if std::env::var_os(STARTED_AGAIN).is_some() {
             // Ours, unless the marker came from a parent that set it.
-            let ours = format!("{TUNABLE}={REP_MOVSB_THRESHOLD}");
+            let ours = our_entry();
             let set = std::env::var(ENV).is_ok_and(|c| c.split(':').any(|e| e == ours));
             return if set { Copies::Set } else { Copies::AsTheyAre };
         }
