@@ -7,6 +7,7 @@
 //! - [`accept`]: the one accept loop every listening port runs;
 //! - [`audit`]: the audit log, one line per request or stream;
 //! - [`pending`]: the caps on handshakes not finished yet (hostile peers);
+//! - [`warnings`]: which refused connections get a warn line;
 //! - [`rate`]: how fast one source may start handshakes;
 //! - [`uploads`]: how fast one client's request bodies go to the members;
 //! - [`handshakes`]: the clients' TLS handshakes, on threads of their own
@@ -24,3 +25,4 @@ pub mod rate;
 pub mod signals;
 pub mod trim;
 pub mod uploads;
+pub mod warnings;

@@ -5,8 +5,9 @@
 //! source address (`--max-pending-handshakes-per-source`) and in all
 //! (`--max-pending-handshakes`). A connection over a cap is closed at once,
 //! counted in `tower_refused_connections_total{door,reason}` and logged at
-//! warn (at most once a second, with how many more were refused since), so
-//! a flood neither fills the fd table nor the log. The handshake deadlines
+//! warn (each source at most once a second, a few lines a second in all,
+//! with how many more were refused since: [`super::warnings`]), so a flood
+//! neither fills the fd table nor the log. The handshake deadlines
 //! (10 s) free the slots of those who connect and stay silent. The clients'
 //! doors also pace each source's handshakes ([`super::rate`]): a permit says
 //! when its handshake may start.
@@ -14,18 +15,17 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::handshakes::Runner;
 use super::metrics::Metrics;
 use super::rate::PerSource;
+use super::warnings::Warnings;
 
 /// `--max-pending-handshakes`'s default.
 pub const DEFAULT_TOTAL: usize = 1024;
 /// `--max-pending-handshakes-per-source`'s default.
 pub const DEFAULT_PER_SOURCE: usize = 128;
-/// At most one refusal warning per this long; the others are counted into it.
-const WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// The caps (0: none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,8 +91,7 @@ struct State {
     by_source: HashMap<IpAddr, usize>,
     /// `None`: no rate.
     rate: Option<PerSource>,
-    warned_at: Option<Instant>,
-    suppressed: u64,
+    warnings: Warnings,
 }
 
 impl State {
@@ -207,7 +206,7 @@ impl Pending {
         }
     }
 
-    /// Count and log (at most once a second) a connection refused at a cap.
+    /// Count and log (each source at most once a second) a connection refused at a cap.
     fn refuse(&self, source: IpAddr, door: &'static str, refusal: Refusal) {
         let (limit, flag, what) = match refusal {
             Refusal::PendingPerSource => (
@@ -227,7 +226,7 @@ impl Pending {
             ),
         };
         self.refused(door, refusal);
-        if let Some(suppressed) = self.may_warn() {
+        if let Some(suppressed) = self.may_warn(source) {
             tracing::warn!(door, %source, limit, flag, refused_since_last_warning = suppressed,
                 "{what}: connection closed (raise {flag} if this source is legitimate)");
         }
@@ -238,21 +237,11 @@ impl Pending {
         self.metrics.refused(door, refusal.reason());
     }
 
-    /// `Some(refusals not logged since the last warning)` when a warning may
-    /// be logged now.
-    fn may_warn(&self) -> Option<u64> {
+    /// `Some(refusals not logged since the last warning)` when refusing
+    /// `source` now gets a warn line.
+    fn may_warn(&self, source: IpAddr) -> Option<u64> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        match state.warned_at {
-            Some(at) if now.duration_since(at) < WARN_EVERY => {
-                state.suppressed += 1;
-                None
-            }
-            _ => {
-                state.warned_at = Some(now);
-                Some(std::mem::take(&mut state.suppressed))
-            }
-        }
+        state.warnings.due(source, Instant::now())
     }
 
     /// Pending handshakes now: in all, and from `source`.
