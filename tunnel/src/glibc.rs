@@ -71,14 +71,22 @@ pub struct Cpu {
 }
 
 /// The [`ENV`] value to execute with, or None to run as is: `current` is the
-/// variable now, `glibc` the C library's version (major, minor).
-pub fn tunables_for(cpu: Cpu, glibc: Option<(u32, u32)>, current: Option<&str>) -> Option<String> {
+/// variable now, `glibc` the C library's version (major, minor). A value
+/// that is not UTF-8 is left alone: rewriting it could lose the user's.
+pub fn tunables_for(
+    cpu: Cpu,
+    glibc: Option<(u32, u32)>,
+    current: Option<&std::ffi::OsStr>,
+) -> Option<String> {
     // 2.33 brought the tunable (and FSRM's use); 2.39 the fix.
     let old_glibc = glibc.is_some_and(|v| ((2, 33)..(2, 39)).contains(&v));
     if !(cpu.amd && cpu.fsrm && old_glibc) {
         return None;
     }
-    let current = current.unwrap_or_default();
+    let current = match current {
+        None => "",
+        Some(value) => value.to_str()?,
+    };
     // A tunable names its namespace: `glibc.cpu.x86_rep_movsb_threshold=N`,
     // entries separated by colons.
     if current
@@ -120,7 +128,7 @@ pub fn fast_copies() -> Copies {
             let set = std::env::var(ENV).is_ok_and(|c| c.split(':').any(|e| e == ours));
             return if set { Copies::Set } else { Copies::AsTheyAre };
         }
-        let current = std::env::var(ENV).ok();
+        let current = std::env::var_os(ENV);
         let Some(tunables) = tunables_for(this_cpu(), glibc_version(), current.as_deref()) else {
             return Copies::AsTheyAre;
         };
@@ -197,14 +205,16 @@ mod tests {
     #[test]
     fn the_users_tunables_are_kept_and_their_threshold_wins() {
         assert_eq!(
-            tunables_for(ZEN, Some((2, 36)), Some("glibc.malloc.arena_max=2")).as_deref(),
+            tunables_for(ZEN, Some((2, 36)), Some(os("glibc.malloc.arena_max=2"))).as_deref(),
             Some("glibc.malloc.arena_max=2:glibc.cpu.x86_rep_movsb_threshold=2097152")
         );
         assert_eq!(
             tunables_for(
                 ZEN,
                 Some((2, 36)),
-                Some("glibc.malloc.arena_max=2:glibc.cpu.x86_rep_movsb_threshold=2048")
+                Some(os(
+                    "glibc.malloc.arena_max=2:glibc.cpu.x86_rep_movsb_threshold=2048"
+                ))
             ),
             None
         );
@@ -213,10 +223,22 @@ mod tests {
             tunables_for(
                 ZEN,
                 Some((2, 36)),
-                Some("glibc.cpu.x86_rep_movsb_threshold_x=1")
+                Some(os("glibc.cpu.x86_rep_movsb_threshold_x=1"))
             )
             .is_some()
         );
+    }
+
+    fn os(s: &str) -> &std::ffi::OsStr {
+        std::ffi::OsStr::new(s)
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_value_that_is_not_utf8_is_left_alone() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = std::ffi::OsStr::from_bytes(b"glibc.malloc.arena_max=\xff");
+        assert_eq!(tunables_for(ZEN, Some((2, 36)), Some(odd)), None);
     }
 
     #[test]
