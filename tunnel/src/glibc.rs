@@ -27,6 +27,7 @@ const TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
 fn our_entry() -> String {
     format!("{TUNABLE}={REP_MOVSB_THRESHOLD}")
 }
+
 /// The process environment's variable glibc reads its tunables from.
 pub const ENV: &str = "GLIBC_TUNABLES";
 /// Set for the second start: never a third, whatever glibc made of [`ENV`]

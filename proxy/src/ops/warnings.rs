@@ -34,21 +34,17 @@ impl Warnings {
     pub fn due(&mut self, source: IpAddr, now: Instant) -> Option<u64> {
         self.named
             .retain(|_, at| now.saturating_duration_since(*at) < EVERY);
-        let in_window = match self.window {
-            Some((start, n)) if now.saturating_duration_since(start) < EVERY => n,
-            _ => {
-                self.window = Some((now, 0));
-                0
-            }
+        let (start, lines) = match self.window {
+            Some((start, n)) if now.saturating_duration_since(start) < EVERY => (start, n),
+            _ => (now, 0),
         };
-        if self.named.contains_key(&source) || in_window >= BURST {
+        if self.named.contains_key(&source) || lines >= BURST {
+            self.window = Some((start, lines));
             self.unlogged += 1;
             return None;
         }
+        self.window = Some((start, lines + 1));
         self.named.insert(source, now);
-        if let Some((_, n)) = self.window.as_mut() {
-            *n += 1;
-        }
         Some(std::mem::take(&mut self.unlogged))
     }
 }
