@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::{ChannelId, ChannelMsg, ChannelStream};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::write_behind::Turn;
 
@@ -24,12 +24,16 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
 }
 
-/// A channel that takes owned bytes and lends what it received, so a copy
-/// need not pass every byte through a buffer of its own.
-pub trait ChannelIo: AsyncBufRead + AsyncWrite + Unpin {
+/// A channel that takes and gives owned bytes, so a copy need not pass every
+/// byte through a buffer of its own.
+pub trait ChannelIo: AsyncWrite + Unpin {
     /// Send the first bytes of `data` as the next packet, without copying
     /// them; `Ready(n)`: n bytes are on their way.
     fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>>;
+
+    /// The next received data as it came (several may be held at once);
+    /// empty at the end of the stream.
+    fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>>;
 }
 
 impl<S> ChannelIo for ChannelStream<S>
@@ -39,11 +43,16 @@ where
     fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
         ChannelStream::poll_write_bytes(self, cx, data)
     }
+
+    fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        ChannelStream::poll_recv_bytes(self, cx)
+    }
 }
 
 /// [`join`] for a channel and a socket, with one user-space copy fewer each
 /// way: socket reads land in buffers the channel's packets are slices of, and
-/// the channel's packets are written to the socket as they came.
+/// the channel's packets are written to the socket as they came, those already
+/// received in one vectored write.
 /// `turn`: the channel's place in its session's write queue, when the
 /// channel does not take its turns itself (the proxy's `TunnelStream` does).
 /// Returns bytes (socket to channel, channel to socket).
@@ -132,9 +141,17 @@ impl Up {
     }
 }
 
-/// Channel to socket.
+/// Most received data [`Down`] holds for one write: a few packets.
+const GATHER: usize = 256 * 1024;
+/// Most packets in one vectored write.
+const GATHER_SLICES: usize = 64;
+
+/// Channel to socket: the packets already received go out in one vectored
+/// write, not a write each.
 #[derive(Default)]
 struct Down {
+    queue: std::collections::VecDeque<Bytes>,
+    queued: usize,
     eof: bool,
     done: bool,
     /// Written since the last flush.
@@ -154,34 +171,197 @@ impl Down {
         T: AsyncWrite + Unpin + ?Sized,
     {
         while !self.done {
-            if self.eof {
-                ready!(Pin::new(&mut *socket).poll_shutdown(cx))?;
-                self.done = true;
-                continue;
-            }
-            let data = match Pin::new(&mut *channel).poll_fill_buf(cx) {
-                Poll::Ready(r) => r?,
-                Poll::Pending => {
-                    // Nothing more for now: push out what the socket holds.
-                    if self.unflushed {
-                        ready!(Pin::new(&mut *socket).poll_flush(cx))?;
-                        self.unflushed = false;
+            while !self.eof && self.queued < GATHER && self.queue.len() < GATHER_SLICES {
+                match channel.poll_recv_bytes(cx) {
+                    Poll::Ready(data) => {
+                        let data = data?;
+                        if data.is_empty() {
+                            self.eof = true;
+                        } else {
+                            self.queued += data.len();
+                            self.queue.push_back(data);
+                        }
                     }
-                    return Poll::Pending;
+                    Poll::Pending => break,
                 }
-            };
-            if data.is_empty() {
-                self.eof = true;
-                continue;
             }
-            let n = ready!(Pin::new(&mut *socket).poll_write(cx, data))?;
+            if self.queue.is_empty() {
+                if self.eof {
+                    ready!(Pin::new(&mut *socket).poll_shutdown(cx))?;
+                    self.done = true;
+                    continue;
+                }
+                // Nothing more for now: push out what the socket holds.
+                if self.unflushed {
+                    ready!(Pin::new(&mut *socket).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                return Poll::Pending;
+            }
+            let mut slices = [io::IoSlice::new(&[]); GATHER_SLICES];
+            let mut count = 0;
+            for (slice, data) in slices.iter_mut().zip(self.queue.iter()) {
+                *slice = io::IoSlice::new(data);
+                count += 1;
+            }
+            let n = ready!(Pin::new(&mut *socket).poll_write_vectored(cx, &slices[..count]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            Pin::new(&mut *channel).consume(n);
+            self.consume(n);
             self.copied += n as u64;
             self.unflushed = true;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// `n` bytes of the queue were written.
+    fn consume(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                return;
+            };
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.queue.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A channel whose received packets are given; writes go nowhere.
+    struct Received {
+        packets: VecDeque<Bytes>,
+        ended: bool,
+    }
+
+    impl Received {
+        fn new(packets: &[&'static [u8]], ended: bool) -> Self {
+            let packets = packets.iter().map(|p| Bytes::from_static(p)).collect();
+            Self { packets, ended }
+        }
+    }
+
+    impl AsyncWrite for Received {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ChannelIo for Received {
+        fn poll_write_bytes(
+            &mut self,
+            _: &mut Context<'_>,
+            data: &Bytes,
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(data.len()))
+        }
+        fn poll_recv_bytes(&mut self, _: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+            match self.packets.pop_front() {
+                Some(packet) => Poll::Ready(Ok(packet)),
+                None if self.ended => Poll::Ready(Ok(Bytes::new())),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    /// A socket that records each write call and takes at most `take` bytes
+    /// of it.
+    #[derive(Default)]
+    struct Socket {
+        calls: Vec<Vec<u8>>,
+        take: Option<usize>,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(b)])
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let mut call: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            call.truncate(this.take.unwrap_or(usize::MAX));
+            let n = call.len();
+            this.calls.push(call);
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn poll_down(
+        down: &mut Down,
+        channel: &mut Received,
+        socket: &mut Socket,
+    ) -> Poll<io::Result<()>> {
+        down.poll(
+            &mut Context::from_waker(std::task::Waker::noop()),
+            channel,
+            socket,
+        )
+    }
+
+    #[test]
+    fn packets_already_received_leave_in_one_write() {
+        let mut channel = Received::new(&[b"one ", b"two ", b"three"], false);
+        let mut socket = Socket::default();
+        let mut down = Down::default();
+        assert!(poll_down(&mut down, &mut channel, &mut socket).is_pending());
+        assert_eq!(socket.calls, vec![b"one two three".to_vec()]);
+        assert_eq!(down.copied, 13);
+        assert!(!socket.shut);
+    }
+
+    #[test]
+    fn a_socket_that_takes_part_gets_the_rest_in_order_then_the_end() {
+        let mut channel = Received::new(&[b"abc", b"defgh", b"ij"], true);
+        let mut socket = Socket {
+            take: Some(4),
+            ..Socket::default()
+        };
+        let mut down = Down::default();
+        assert!(matches!(
+            poll_down(&mut down, &mut channel, &mut socket),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(socket.calls.concat(), b"abcdefghij");
+        assert_eq!(socket.calls.len(), 3);
+        assert_eq!((down.copied, down.queued), (10, 0));
+        assert!(socket.shut);
     }
 }

@@ -3,21 +3,20 @@
 //!
 //! It wraps russh's channel stream and keeps its session's books: the open
 //! streams that make its [`Session::load`](super::Session::load), and the
-//! bytes each way of [`Session::bytes`](super::Session::bytes). Reads can
-//! borrow russh's buffer ([`AsyncBufRead`]) and writes can hand over
-//! [`Bytes`] ([`crate::copy::ChannelIo`]), so a copy through the tunnel needs
-//! no buffer of its own.
+//! bytes each way of [`Session::bytes`](super::Session::bytes). Reads and
+//! writes can take and hand over [`Bytes`] ([`crate::copy::ChannelIo`]), so a
+//! copy through the tunnel needs no buffer of its own.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use russh::server::Msg;
 use russh::{Channel, ChannelStream};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::SessionInner;
 use crate::write_behind::Turn;
@@ -62,20 +61,6 @@ impl AsyncRead for TunnelStream {
     }
 }
 
-/// Received data without a copy ([`crate::copy::join_channel`]).
-impl AsyncBufRead for TunnelStream {
-    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
-        Pin::new(&mut self.get_mut().inner).poll_fill_buf(cx)
-    }
-
-    fn consume(mut self: Pin<&mut Self>, amt: usize) {
-        self.session
-            .received
-            .fetch_add(amt as u64, Ordering::Relaxed);
-        Pin::new(&mut self.inner).consume(amt);
-    }
-}
-
 impl TunnelStream {
     /// `write` on this stream's turn, its bytes counted for the session.
     fn poll_turn_write(
@@ -95,6 +80,14 @@ impl TunnelStream {
 impl crate::copy::ChannelIo for TunnelStream {
     fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
         self.poll_turn_write(cx, |inner, cx| inner.poll_write_bytes(cx, data))
+    }
+
+    fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        let data = ready!(self.inner.poll_recv_bytes(cx))?;
+        self.session
+            .received
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(data))
     }
 }
 

@@ -194,3 +194,20 @@ async fn closing_writes_what_is_queued_though_handles_remain() {
     assert!(text.contains("\"u99\""), "{text}");
     drop(held);
 }
+
+#[tokio::test]
+async fn counting_counts_vectored_writes_and_passes_them_on() {
+    use std::io::IoSlice;
+    use tokio::io::AsyncWriteExt;
+    let mut counting = Counting::new(Vec::<u8>::new());
+    assert!(
+        counting.is_write_vectored(),
+        "a copy gathers packets into one write"
+    );
+    let n = counting
+        .write_vectored(&[IoSlice::new(b"ab"), IoSlice::new(b"cde")])
+        .await
+        .expect("a Vec takes every byte");
+    assert_eq!((n, counting.written), (5, 5));
+    assert_eq!(counting.inner, b"abcde");
+}

@@ -37,6 +37,12 @@ where
     {
         self.tx.poll_write_bytes(cx, data)
     }
+
+    /// Patched (PATCHES.md 36): the next received data, owned; empty at the
+    /// end; see [`ChannelRx::poll_recv_bytes`].
+    pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        self.rx.poll_recv_bytes(cx)
+    }
 }
 
 impl<S> AsyncRead for ChannelStream<S>

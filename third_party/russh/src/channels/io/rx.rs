@@ -84,6 +84,27 @@ where
     }
 }
 
+/// Patched (PATCHES.md 36): the next received data, owned, as it came.
+impl<R> ChannelRx<R>
+where
+    R: BorrowMut<ChannelReadHalf> + Unpin,
+{
+    /// The rest of the data message at hand, or the next one, as the
+    /// [`Bytes`] it came in; empty at the end of the stream. Unlike
+    /// [`AsyncBufRead::poll_fill_buf`], the caller may hold several.
+    pub fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bytes::Bytes>> {
+        if ready!(Pin::new(&mut *self).poll_fill_buf(cx))?.is_empty() {
+            return Poll::Ready(Ok(bytes::Bytes::new()));
+        }
+        Poll::Ready(Ok(match self.buffer.take() {
+            Some((ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }, idx)) => {
+                data.slice(idx..)
+            }
+            _ => bytes::Bytes::new(),
+        }))
+    }
+}
+
 /// Patched (PATCHES.md 28): the data as it came, without copying it into the
 /// caller's buffer (a copy of every byte received for `copy_buf` users).
 impl<R> AsyncBufRead for ChannelRx<R>
