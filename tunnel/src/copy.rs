@@ -199,12 +199,11 @@ impl Down {
                 return Poll::Pending;
             }
             let mut slices = [io::IoSlice::new(&[]); GATHER_SLICES];
-            let mut count = 0;
-            for (slice, data) in slices.iter_mut().zip(self.queue.iter()) {
+            for (slice, data) in slices.iter_mut().zip(&self.queue) {
                 *slice = io::IoSlice::new(data);
-                count += 1;
             }
-            let n = ready!(Pin::new(&mut *socket).poll_write_vectored(cx, &slices[..count]))?;
+            let slices = &slices[..self.queue.len().min(GATHER_SLICES)];
+            let n = ready!(Pin::new(&mut *socket).poll_write_vectored(cx, slices))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
