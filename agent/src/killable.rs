@@ -5,44 +5,32 @@
 //! still open. The agent must nonetheless be able to close a tunnel for sure: a
 //! rejected connection (Go Tower leaks them), the old tunnel once its replacement
 //! with new credentials is up, everything on shutdown. [`Killable`] wraps the
-//! stream and fails every read and write once its token is cancelled, which ends
+//! stream and fails every read and write once its switch is cut, which ends
 //! the SSH session, its channels, and the TCP connection under it.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tunnel::cut::{Side, Switch};
 
 pub struct Killable<S> {
     inner: S,
-    token: CancellationToken,
-    killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    kill: Switch,
 }
 
 impl<S> Killable<S> {
-    pub fn new(inner: S, token: CancellationToken) -> Self {
-        let killed = Box::pin(token.clone().cancelled_owned());
-        Self {
-            inner,
-            token,
-            killed,
-        }
+    pub fn new(inner: S, kill: Switch) -> Self {
+        Self { inner, kill }
     }
+}
 
-    /// Err once killed; otherwise registers the task to be woken on kill.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.token.is_cancelled() || self.killed.as_mut().poll(cx).is_ready() {
-            Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "tunnel closed by the agent",
-            ))
-        } else {
-            Ok(())
-        }
-    }
+fn killed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "tunnel closed by the agent",
+    )
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Killable<S> {
@@ -51,9 +39,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Killable<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let Self { inner, kill } = self.get_mut();
+        kill.guard(cx, Side::Read, killed, |cx| {
+            Pin::new(inner).poll_read(cx, buf)
+        })
     }
 }
 
@@ -63,25 +52,42 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Killable<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let Self { inner, kill } = self.get_mut();
+        kill.guard(cx, Side::Write, killed, |cx| {
+            Pin::new(inner).poll_write(cx, buf)
+        })
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let Self { inner, kill } = self.get_mut();
+        kill.guard(cx, Side::Write, killed, |cx| {
+            Pin::new(inner).poll_write_vectored(cx, bufs)
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        let Self { inner, kill } = self.get_mut();
+        kill.guard(cx, Side::Write, killed, |cx| Pin::new(inner).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+        let Self { inner, kill } = self.get_mut();
         // A killed tunnel is closed by dropping it; a polite close frame into a
         // full socket would wait forever.
-        if this.check(cx).is_err() {
-            return Poll::Ready(Ok(()));
+        match kill.guard(cx, Side::Write, killed, |cx| {
+            Pin::new(inner).poll_shutdown(cx)
+        }) {
+            Poll::Ready(Err(_)) if kill.is_cut() => Poll::Ready(Ok(())),
+            polled => polled,
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -93,8 +99,8 @@ mod tests {
     #[tokio::test]
     async fn a_pending_read_fails_when_killed() {
         let (a, mut b) = tokio::io::duplex(64);
-        let token = CancellationToken::new();
-        let mut stream = Killable::new(a, token.clone());
+        let kill = Switch::new();
+        let mut stream = Killable::new(a, kill.clone());
         b.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];
         stream.read_exact(&mut buf).await.unwrap();
@@ -102,8 +108,7 @@ mod tests {
             let mut buf = [0u8; 1];
             stream.read(&mut buf).await
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        token.cancel();
+        kill.cut();
         let result = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
             .await
             .unwrap()

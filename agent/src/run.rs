@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use tunnel::client::{ClientError, ClientOptions, TcpDialer};
+use tunnel::cut::Switch;
 use tunnel::wire::AgentConfig;
 
 use crate::backoff::Backoff;
@@ -158,7 +159,7 @@ struct Attempt {
     drain: Arc<Notify>,
     /// The streams the tunnel carries now.
     streams: tunnel::client::Streams,
-    kill: CancellationToken,
+    kill: Switch,
 }
 
 impl Attempt {
@@ -170,7 +171,7 @@ impl Attempt {
             attempt: shared.attempts.fetch_add(1, Ordering::Relaxed) + 1,
         };
         let shared = shared.clone();
-        let kill = CancellationToken::new();
+        let kill = Switch::new();
         let (connected_tx, connected) = oneshot::channel();
         let drain = Arc::new(Notify::new());
         let streams = tunnel::client::Streams::default();
@@ -186,7 +187,7 @@ impl Attempt {
                             Ok(m) => shared.options(&m),
                             Err(e) => return End::Hook(e),
                         },
-                        () = kill.cancelled() => return End::Crashed("cancelled".into()),
+                        () = kill.cut_wait() => return End::Crashed("cancelled".into()),
                     },
                 };
                 let ws = tokio::select! {
@@ -194,7 +195,7 @@ impl Attempt {
                         Ok(ws) => ws,
                         Err(e) => return End::Dial(e),
                     },
-                    () = kill.cancelled() => return End::Crashed("cancelled".into()),
+                    () = kill.cut_wait() => return End::Crashed("cancelled".into()),
                 };
                 let stream = Killable::new(ws, kill.clone());
                 let proxy = shared.dialer.endpoint().url();
@@ -225,7 +226,7 @@ impl Attempt {
                 .await;
                 // Whatever ended the tunnel (a rejection included), close the
                 // connection now rather than leave it to the proxy.
-                kill.cancel();
+                kill.cut();
                 End::Tunnel(end)
             }
         });
@@ -249,7 +250,7 @@ impl Attempt {
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        self.kill.cancel();
+        self.kill.cut();
         self.task.abort();
     }
 }

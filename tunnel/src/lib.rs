@@ -28,7 +28,9 @@
 //! session loop never waits on the socket), where channel writers take turns
 //! ([`write_behind::Turn`]), and [`socket`], the TCP connection itself,
 //! which keeps about a round trip of data unsent in the kernel, so one busy
-//! channel does not queue in front of every other (docs/protocol.md 9.3.2).
+//! channel does not queue in front of every other (docs/protocol.md 9.3.2). [`cut`]
+//! wraps the connection so it can be cut from outside (a handshake given up on,
+//! an agent's replaced tunnel).
 //!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.

@@ -420,8 +420,8 @@ where
     // Whenever this returns, the session loop's stream fails: a handshake
     // given up on (deadline, rejection) ends even if the loop is stuck
     // waiting for the peer in the middle of a key exchange.
-    let cut = tokio_util::sync::CancellationToken::new();
-    let _cut_on_return = cut.clone().drop_guard();
+    let cut = crate::cut::Switch::new();
+    let _cut_on_return = cut.cut_on_drop();
     let stream = crate::cut::Cut::new(stream, cut);
     // Boxed: inline, the handshake's state would size this future for as
     // long as the tunnel is idle (issue #15 part 4).
