@@ -41,7 +41,7 @@ use crate::backoff::Backoff;
 use crate::credentials::Material;
 use crate::dial::{DialError, ProxyDialer};
 use crate::hooks::{self, Hook, HookError};
-use crate::killable::Killable;
+use crate::killable::killable;
 use crate::options::{Config, DEFAULT_KUBERNETES_SERVICE};
 
 /// Sent as `AgentConfig.Version`.
@@ -197,7 +197,7 @@ impl Attempt {
                     },
                     () = kill.cut_wait() => return End::Crashed("cancelled".into()),
                 };
-                let stream = Killable::new(ws, kill.clone());
+                let stream = killable(ws, kill.clone());
                 let proxy = shared.dialer.endpoint().url();
                 let name = shared.name.clone();
                 let post_start = shared.post_start_hook.clone();

@@ -3,8 +3,8 @@
 //! that it can end a session whatever state the loop is in: a peer that stops
 //! in the middle of the key exchange left the loop waiting for its next packet
 //! with the disconnect queued behind the exchange, and the connection open for
-//! ever (found by tests/adversarial.rs). The agent's `Killable` uses the same
-//! switch.
+//! ever (found by tests/adversarial.rs). The agent wraps its tunnels the same
+//! way to close them for sure (`agent/src/killable.rs`).
 //!
 //! The check is on every read and write of a tunnel, so it is a load of one
 //! atomic flag, and a waker is registered only when the stream has nothing to
@@ -116,19 +116,50 @@ impl Drop for CutOnDrop {
     }
 }
 
-/// `inner` until `switch` is cut, then errors.
+/// `inner` until `switch` is cut, then every operation fails with `gone()`.
 pub struct Cut<S> {
     inner: S,
     switch: Switch,
+    gone: fn() -> io::Error,
+    /// Whether a shutdown once cut succeeds instead of failing.
+    quiet_close: bool,
 }
 
 impl<S> Cut<S> {
-    pub fn new(inner: S, switch: Switch) -> Self {
-        Self { inner, switch }
+    pub fn new(inner: S, switch: Switch, gone: fn() -> io::Error) -> Self {
+        Self {
+            inner,
+            switch,
+            gone,
+            quiet_close: false,
+        }
+    }
+
+    fn guard<T>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        side: Side,
+        poll: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>>
+    where
+        S: Unpin,
+    {
+        let this = self.get_mut();
+        this.switch.guard(cx, side, this.gone, |cx| {
+            poll(Pin::new(&mut this.inner), cx)
+        })
+    }
+
+    /// A shutdown after the cut succeeds: the caller closes a cut stream by
+    /// dropping it, and a polite close into a full socket would wait forever.
+    pub fn quiet_close(mut self) -> Self {
+        self.quiet_close = true;
+        self
     }
 }
 
-fn cut_error() -> io::Error {
+/// The error of a session the proxy cut.
+pub fn cut_by_proxy() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
         "connection cut by the proxy",
@@ -137,37 +168,30 @@ fn cut_error() -> io::Error {
 
 impl<S: AsyncRead + Unpin> AsyncRead for Cut<S> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let Self { inner, switch } = &mut *self;
-        switch.guard(cx, Side::Read, cut_error, |cx| {
-            Pin::new(inner).poll_read(cx, buf)
-        })
+        self.guard(cx, Side::Read, |inner, cx| inner.poll_read(cx, buf))
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Cut<S> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let Self { inner, switch } = &mut *self;
-        switch.guard(cx, Side::Write, cut_error, |cx| {
-            Pin::new(inner).poll_write(cx, buf)
-        })
+        self.guard(cx, Side::Write, |inner, cx| inner.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let Self { inner, switch } = &mut *self;
-        switch.guard(cx, Side::Write, cut_error, |cx| {
-            Pin::new(inner).poll_write_vectored(cx, bufs)
+        self.guard(cx, Side::Write, |inner, cx| {
+            inner.poll_write_vectored(cx, bufs)
         })
     }
 
@@ -175,18 +199,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Cut<S> {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Self { inner, switch } = &mut *self;
-        switch.guard(cx, Side::Write, cut_error, |cx| {
-            Pin::new(inner).poll_flush(cx)
-        })
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.guard(cx, Side::Write, |inner, cx| inner.poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Self { inner, switch } = &mut *self;
-        switch.guard(cx, Side::Write, cut_error, |cx| {
-            Pin::new(inner).poll_shutdown(cx)
-        })
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let quiet = self.quiet_close;
+        let switch = self.switch.clone();
+        match self.guard(cx, Side::Write, |inner, cx| inner.poll_shutdown(cx)) {
+            Poll::Ready(Err(_)) if quiet && switch.is_cut() => Poll::Ready(Ok(())),
+            polled => polled,
+        }
     }
 }
 
@@ -217,7 +240,7 @@ mod tests {
     async fn a_read_waiting_for_ever_wakes_and_fails_once_cut() {
         let (a, mut b) = tokio::io::duplex(64);
         let switch = Switch::new();
-        let mut cut = Cut::new(a, switch.clone());
+        let mut cut = Cut::new(a, switch.clone(), cut_by_proxy);
         b.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];
         cut.read_exact(&mut buf).await.unwrap();
@@ -237,7 +260,7 @@ mod tests {
     async fn a_write_waiting_for_room_wakes_and_fails_once_cut() {
         let (a, b) = tokio::io::duplex(4);
         let switch = Switch::new();
-        let mut cut = Cut::new(a, switch.clone());
+        let mut cut = Cut::new(a, switch.clone(), cut_by_proxy);
         cut.write_all(b"full").await.unwrap();
 
         let (flag, waker) = woken();
@@ -253,7 +276,7 @@ mod tests {
     async fn data_waiting_is_not_read_once_cut() {
         let (a, mut b) = tokio::io::duplex(64);
         let switch = Switch::new();
-        let mut cut = Cut::new(a, switch.clone());
+        let mut cut = Cut::new(a, switch.clone(), cut_by_proxy);
         b.write_all(b"hi").await.unwrap();
         switch.cut();
         let mut buf = [0u8; 2];

@@ -422,7 +422,7 @@ where
     // waiting for the peer in the middle of a key exchange.
     let cut = crate::cut::Switch::new();
     let _cut_on_return = cut.cut_on_drop();
-    let stream = crate::cut::Cut::new(stream, cut);
+    let stream = crate::cut::Cut::new(stream, cut, crate::cut::cut_by_proxy);
     // Boxed: inline, the handshake's state would size this future for as
     // long as the tunnel is idle (issue #15 part 4).
     let handshake = Box::pin(russh::server::run_stream(config, stream, handler));
