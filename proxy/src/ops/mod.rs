@@ -26,3 +26,9 @@ pub mod signals;
 pub mod trim;
 pub mod uploads;
 pub mod warnings;
+
+/// A loopback source address for tests of the per-source caps.
+#[cfg(test)]
+pub(crate) fn test_ip(last: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, last])
+}

@@ -271,10 +271,7 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(last: u8) -> IpAddr {
-        IpAddr::from([127, 0, 0, last])
-    }
+    use crate::ops::test_ip as ip;
 
     #[test]
     fn a_source_over_its_cap_is_refused_others_are_not() {

@@ -94,10 +94,7 @@ pub(super) fn forget_full<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(last: u8) -> IpAddr {
-        IpAddr::from([127, 0, 0, last])
-    }
+    use crate::ops::test_ip as ip;
 
     #[test]
     fn a_burst_of_one_second_then_one_per_interval_then_refused() {

@@ -52,10 +52,7 @@ impl Warnings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(last: u8) -> IpAddr {
-        IpAddr::from([127, 0, 0, last])
-    }
+    use crate::ops::test_ip as ip;
 
     #[test]
     fn a_second_source_is_named_while_the_first_is_quiet() {
