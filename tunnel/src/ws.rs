@@ -106,6 +106,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         }
     }
 
+    /// Bytes read from `io` before it was handed over (what the HTTP server
+    /// read past the upgrade request) come first.
+    pub fn read_ahead(mut self, bytes: &[u8]) -> Self {
+        self.rbuf.extend_from_slice(bytes);
+        self
+    }
+
     /// Queue a whole frame (control frames, or data when we must mask).
     fn queue_frame(&mut self, opcode: u8, payload: &[u8]) {
         let mask = self.client.then(rand::random::<[u8; 4]>);

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tunnel::server::{Peer, ServeError, serve_holding};
+use tunnel::socket::TunnelSocket;
 use tunnel::wire::SUBPROTOCOL;
 use tunnel::ws::WsStream;
 
@@ -64,7 +65,7 @@ pub async fn run<S: ClusterStore>(
     accept_loop(listener, "agents", stop, |tcp, peer| {
         // Over a cap: closed here, before any task or buffer is spent on it.
         if let Some(permit) = endpoint.pending.enter(peer.ip(), DOOR) {
-            let tcp = tunnel::socket::TunnelSocket::new(tcp);
+            let tcp = TunnelSocket::new(tcp);
             let endpoint = endpoint.clone();
             let slot: Slot = Arc::new(std::sync::Mutex::new(Some(permit)));
             tokio::spawn(async move {
@@ -140,7 +141,19 @@ fn handle<S: ClusterStore>(
                     return;
                 }
             };
-            let ws = WsStream::from_upgraded(TokioIo::new(io), Role::Server).await;
+            // The socket itself, not hyper's upgraded wrapper around it: the
+            // tunnel's every read and write skips two adapters, a `dyn` call
+            // and a check for bytes hyper read ahead (those come first here).
+            let parts = match io.downcast::<TokioIo<TunnelSocket>>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    tracing::error!(%peer, "websocket upgrade of an unexpected connection type: closed");
+                    return;
+                }
+            };
+            let ws = WsStream::from_upgraded(parts.io.into_inner(), Role::Server)
+                .await
+                .read_ahead(&parts.read_buf);
             let peer = Peer {
                 addr: peer,
                 user_agent,

@@ -312,3 +312,26 @@ async fn a_large_frame_of_small_packets_is_read_in_bulk() {
         "{reads} socket reads for one frame of small packets"
     );
 }
+
+/// What the HTTP server read past the upgrade (here: the start of the first
+/// frame) is parsed before what the socket still holds.
+#[tokio::test]
+async fn bytes_read_ahead_come_first() {
+    let (a, mut b) = duplex(1 << 20);
+    let mut raw = WebSocketStream::from_raw_socket(a, Role::Client, Some(raw_config())).await;
+    raw.send(Message::Binary(Bytes::from_static(b"SSH-2.0-")))
+        .await
+        .unwrap();
+    raw.send(Message::Binary(Bytes::from_static(b"tower\r\n")))
+        .await
+        .unwrap();
+    raw.close(None).await.unwrap();
+    let mut ahead = [0u8; 5];
+    b.read_exact(&mut ahead).await.unwrap();
+    let mut stream = WsStream::from_upgraded(b, Role::Server)
+        .await
+        .read_ahead(&ahead);
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"SSH-2.0-tower\r\n");
+}
