@@ -20,8 +20,10 @@
 //! so that a black-holed proxy costs seconds, not a hung agent.
 //!
 //! This file holds the dial and its stages' shared parts (timeouts, errors,
-//! TLS); [`connect`] is the CONNECT hop, [`upgrade`] the websocket upgrade.
+//! TLS); [`connect`] is the CONNECT hop, [`upgrade`] the websocket upgrade,
+//! [`conn`] the connection the websocket then runs over.
 
+mod conn;
 mod connect;
 mod upgrade;
 
@@ -34,7 +36,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper::upgrade::Upgraded;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -57,7 +58,7 @@ pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(15);
 const BODY_PREFIX: usize = 200;
 
 /// The websocket the tunnel runs over.
-pub type ProxyStream = WsStream<TokioIo<Upgraded>>;
+pub type ProxyStream = WsStream<conn::Conn>;
 
 /// Why a dial failed. All of them are worth a retry.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +175,8 @@ impl ProxyDialer {
 
     async fn secure_and_upgrade<S>(&self, io: S) -> Result<ProxyStream, DialError>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: conn::Shape,
+        tokio_rustls::client::TlsStream<S>: conn::Shape,
     {
         let Some(tls) = &self.tls else {
             return self.upgrade(io).await;

@@ -106,6 +106,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         }
     }
 
+    /// The connection under the websocket.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
     /// Bytes read from `io` before it was handed over (what the HTTP server
     /// read past the upgrade request) come first.
     pub fn read_ahead(mut self, bytes: &[u8]) -> Self {

@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::wire::SUBPROTOCOL;
 
+use super::conn::Conn;
 use super::upgrade::check_upgrade_answer;
 use super::*;
 
@@ -156,6 +157,10 @@ async fn dials_through_a_connect_proxy_and_accepts_no_subprotocol_echo() {
     let dialer = ProxyDialer::new(endpoint, Some(via), None).unwrap();
 
     let mut ws = dialer.dial().await.unwrap();
+    assert!(
+        matches!(ws.get_ref(), Conn::Proxied(_)),
+        "the CONNECT tunnel itself, out of the upgrade"
+    );
     ws.write_all(b"SSH-kubesphere-v1-client\r\n").await.unwrap();
     let mut echoed = [0u8; 26];
     ws.read_exact(&mut echoed).await.unwrap();
@@ -253,4 +258,52 @@ fn proxy_ca_must_hold_a_certificate() {
     assert!(e.contains("no PEM certificate"), "{e}");
     assert!(tls_config(Some(&dir.path().join("missing.pem"))).is_err());
     assert!(tls_config(None).is_ok());
+}
+
+/// The upgrade hands back the TCP connection itself, and the server's first
+/// frame, sent in the same segment as the 101 (so hyper read it with the
+/// answer), is the first thing the tunnel reads.
+#[tokio::test]
+async fn frames_read_with_the_answer_come_first_and_the_socket_is_bare() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(tcp.read(&mut byte).await.unwrap(), 1);
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+            .unwrap();
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes();
+        // One unmasked binary frame, in the same write as the answer.
+        answer.extend_from_slice(&[0x82, 5]);
+        answer.extend_from_slice(b"hello");
+        tcp.write_all(&answer).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await;
+    });
+    let endpoint = Endpoint::parse(&format!("http://{addr}/")).unwrap();
+    let dialer = ProxyDialer::new(endpoint, None, None).unwrap();
+    let mut ws = dialer.dial().await.unwrap();
+    assert!(
+        matches!(ws.get_ref(), Conn::Tcp(_)),
+        "the TCP socket itself"
+    );
+    let mut got = [0u8; 5];
+    tokio::time::timeout(std::time::Duration::from_secs(10), ws.read_exact(&mut got))
+        .await
+        .expect("the frame read with the answer was lost")
+        .unwrap();
+    assert_eq!(&got, b"hello");
 }

@@ -10,19 +10,16 @@ use http_body_util::Empty;
 use hyper::header::{self, HeaderMap};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tunnel::wire::SUBPROTOCOL;
 use tunnel::ws::WsStream;
 
+use super::conn::{Conn, Shape};
 use super::{DialError, ProxyDialer, ProxyStream, UPGRADE_TIMEOUT, body_prefix, http1, within};
 
 impl ProxyDialer {
-    pub(super) async fn upgrade<S>(&self, io: S) -> Result<ProxyStream, DialError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    pub(super) async fn upgrade<S: Shape>(&self, io: S) -> Result<ProxyStream, DialError> {
         let peer = self.endpoint.url();
         let stage = format!("websocket upgrade at {peer}");
         let upgraded = within(UPGRADE_TIMEOUT, stage, async {
@@ -55,7 +52,16 @@ impl ProxyDialer {
             hyper::upgrade::on(response).await.map_err(http_err)
         })
         .await?;
-        Ok(WsStream::from_upgraded(TokioIo::new(upgraded), Role::Client).await)
+        // The connection itself, not hyper's wrapper (see `conn`); what
+        // hyper read past the answer comes first.
+        Ok(match upgraded.downcast::<TokioIo<S>>() {
+            Ok(parts) => WsStream::from_upgraded(parts.io.into_inner().into_conn(), Role::Client)
+                .await
+                .read_ahead(&parts.read_buf),
+            Err(upgraded) => {
+                WsStream::from_upgraded(Conn::Upgraded(TokioIo::new(upgraded)), Role::Client).await
+            }
+        })
     }
 }
 
