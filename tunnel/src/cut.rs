@@ -75,7 +75,7 @@ impl Switch {
     /// `poll` (an operation on a stream) unless cut, then `gone()`. A poll
     /// that found nothing registers the task on `side`, to be woken by a cut;
     /// a cut that came before the registration is seen by the check after it.
-    pub fn guard<T>(
+    fn guard<T>(
         &self,
         cx: &mut Context<'_>,
         side: Side,
@@ -101,7 +101,7 @@ impl Switch {
 
 /// Which of a stream's waiting tasks a check registers.
 #[derive(Clone, Copy, Debug)]
-pub enum Side {
+enum Side {
     Read,
     Write,
 }
@@ -203,11 +203,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Cut<S> {
         self.guard(cx, Side::Write, |inner, cx| inner.poll_flush(cx))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let quiet = self.quiet_close;
-        let switch = self.switch.clone();
-        match self.guard(cx, Side::Write, |inner, cx| inner.poll_shutdown(cx)) {
-            Poll::Ready(Err(_)) if quiet && switch.is_cut() => Poll::Ready(Ok(())),
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self
+            .as_mut()
+            .guard(cx, Side::Write, |inner, cx| inner.poll_shutdown(cx))
+        {
+            Poll::Ready(Err(_)) if self.quiet_close && self.switch.is_cut() => Poll::Ready(Ok(())),
             polled => polled,
         }
     }
