@@ -49,6 +49,12 @@ pub const MAX_MISSED_PINGS: u32 = 3;
 pub trait Dialer: Send + Sync + 'static {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn dial(&self, target: &str) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+
+    /// The stream as a plain TCP connection, when it is one: the session
+    /// may then write received data to it itself ([`crate::copy::join_tcp`]).
+    fn into_tcp(stream: Self::Stream) -> Result<tokio::net::TcpStream, Self::Stream> {
+        Err(stream)
+    }
 }
 
 /// Dials TCP with `TCP_NODELAY` (Nagle adds ~40 ms to small round trips).
@@ -59,6 +65,10 @@ impl Dialer for TcpDialer {
     async fn dial(&self, target: &str) -> std::io::Result<Self::Stream> {
         let stream = tokio::net::TcpStream::connect(target).await?;
         stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    fn into_tcp(stream: Self::Stream) -> Result<tokio::net::TcpStream, Self::Stream> {
         Ok(stream)
     }
 }
@@ -336,10 +346,15 @@ impl<D: Dialer> russh::client::Handler for Handler<D> {
                 }
             };
             reply.accept().await;
-            let mut upstream = upstream;
             let mut stream = channel.into_stream();
             let turn = write_queue.map(crate::write_behind::Turn::new);
-            if let Err(e) = crate::copy::join_channel(&mut upstream, &mut stream, turn).await {
+            let end = match D::into_tcp(upstream) {
+                Ok(tcp) => crate::copy::join_tcp(tcp, &mut stream, turn).await.end,
+                Err(mut upstream) => crate::copy::join_channel(&mut upstream, &mut stream, turn)
+                    .await
+                    .map(|_| ()),
+            };
+            if let Err(e) = end {
                 tracing::debug!(%target, error = %e, "stream ended with an error");
             }
         });

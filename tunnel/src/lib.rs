@@ -32,6 +32,11 @@
 //! wraps the connection so it can be cut from outside (a handshake given up on,
 //! an agent's replaced tunnel).
 //!
+//! Over the session: [`copy`], a channel copied to a TCP connection and back,
+//! in one task per connection; for a plain TCP connection the session's task
+//! writes small received messages to it itself while that task is idle
+//! (`copy/direct.rs`).
+//!
 //! russh is vendored with a small patch for this wire format and for head-of-line
 //! blocking between channels: `third_party/russh/PATCHES.md`.
 

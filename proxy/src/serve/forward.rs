@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::member::{MemberDialer, Target};
 use crate::ops::accept::accept_loop;
-use crate::ops::audit::{Audit, Caller, Counting, Record};
+use crate::ops::audit::{Audit, Caller, Record};
 
 /// The audit records' door.
 const DOOR: &str = "forward";
@@ -43,13 +43,13 @@ pub async fn run(
             if let Some(record) = record.record() {
                 record.status = 200;
             }
-            let mut tcp = Counting::new(tcp);
-            if let Err(e) = tunnel::copy::join_channel(&mut tcp, &mut stream, None).await {
-                tracing::debug!(%cluster, %peer, error = %e, "forwarded connection ended");
-            }
+            let copied = tunnel::copy::join_tcp(tcp, &mut stream, None).await;
             if let Some(record) = record.record() {
-                record.bytes_in += tcp.read;
-                record.bytes_out += tcp.written;
+                record.bytes_in += copied.up;
+                record.bytes_out += copied.down;
+            }
+            if let Err(e) = copied.end {
+                tracing::debug!(%cluster, %peer, error = %e, "forwarded connection ended");
             }
         });
         async {}

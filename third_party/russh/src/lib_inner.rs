@@ -64,7 +64,9 @@ mod channels;
 // Patched (PATCHES.md 18).
 mod boxed_queue;
 pub(crate) use channels::SessionWindowWake;
-pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
+pub use channels::{
+    Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf, DirectSink,
+};
 
 mod parsing;
 // Patched (PATCHES.md): receive windows that grow with the bandwidth-delay product.

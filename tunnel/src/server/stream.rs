@@ -15,7 +15,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use russh::server::Msg;
-use russh::{Channel, ChannelStream};
+use russh::{Channel, ChannelStream, DirectSink};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::SessionInner;
@@ -88,6 +88,26 @@ impl crate::copy::ChannelIo for TunnelStream {
             .received
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Poll::Ready(Ok(data))
+    }
+
+    fn deliver_directly(&mut self, sink: Arc<dyn DirectSink>) -> bool {
+        let session = self.session.clone();
+        self.inner
+            .deliver_directly(Arc::new(Counted { sink, session }))
+    }
+}
+
+/// A direct sink whose bytes count as received for the session's books.
+struct Counted {
+    sink: Arc<dyn DirectSink>,
+    session: Arc<SessionInner>,
+}
+
+impl DirectSink for Counted {
+    fn try_take(&self, data: &[u8]) -> usize {
+        let n = self.sink.try_take(data);
+        self.session.received.fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 }
 

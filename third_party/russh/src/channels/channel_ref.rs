@@ -49,12 +49,26 @@ impl ChannelRef {
 
     /// Queue a message for the channel's reader. Never waits.
     pub async fn send(&self, msg: ChannelMsg) -> Result<(), SendError<ChannelMsg>> {
-        self.sender.send(msg)
+        self.try_send(msg)
     }
 
     /// Queue a message for the channel's reader. Never waits.
     pub fn try_send(&self, msg: ChannelMsg) -> Result<(), SendError<ChannelMsg>> {
+        self.feedback.queueing();
         self.sender.send(msg)
+    }
+
+    /// Patched (PATCHES.md 37): received data to the reader, handed to its
+    /// direct sink when it has one and nothing is queued, else (what the
+    /// sink did not take) queued.
+    pub fn send_data(&self, data: bytes::Bytes) -> Result<(), SendError<ChannelMsg>> {
+        let taken = self.feedback.deliver(&data);
+        if taken == data.len() {
+            return Ok(());
+        }
+        self.try_send(ChannelMsg::Data {
+            data: data.slice(taken..),
+        })
     }
 
     /// Route the reader's consumption reports for channel `id` to `session`.

@@ -6,7 +6,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite};
 
 use super::io::{ChannelCloseOnDrop, ChannelRx, ChannelTx};
-use super::{ChannelId, ChannelMsg};
+use super::{ChannelId, ChannelMsg, DirectSink};
+use std::sync::Arc;
 
 /// AsyncRead/AsyncWrite wrapper for SSH Channels
 pub struct ChannelStream<S>
@@ -15,6 +16,9 @@ where
 {
     tx: ChannelTx<S>,
     rx: ChannelRx<ChannelCloseOnDrop<S>>,
+    /// Patched (PATCHES.md 37): the direct sink, held for as long as the
+    /// stream (the session holds it weakly).
+    direct: Option<Arc<dyn DirectSink>>,
 }
 
 impl<S> ChannelStream<S>
@@ -22,7 +26,20 @@ where
     S: From<(ChannelId, ChannelMsg)> + Send,
 {
     pub(super) fn new(tx: ChannelTx<S>, rx: ChannelRx<ChannelCloseOnDrop<S>>) -> Self {
-        Self { tx, rx }
+        Self { tx, rx, direct: None }
+    }
+
+    /// Patched (PATCHES.md 37): let the session loop hand received data
+    /// to `sink` itself while nothing is queued for this stream (see
+    /// [`DirectSink`]). Once per stream; false if it already has one.
+    pub fn deliver_directly(&mut self, sink: Arc<dyn DirectSink>) -> bool {
+        if self.direct.is_some() {
+            return false;
+        }
+        let set = std::borrow::Borrow::<crate::ChannelReadHalf>::borrow(self.rx.channel())
+            .deliver_directly(&sink);
+        self.direct = Some(sink);
+        set
     }
 
     /// Patched (PATCHES.md 28): write a slice of `data` as the next packet,

@@ -1,5 +1,6 @@
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{OnceLock, Weak};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -156,14 +157,65 @@ pub(crate) struct WindowFeedback {
     unreported: AtomicU64,
     /// The first report was made.
     reported: AtomicBool,
+    /// Patched (PATCHES.md 37): messages sent to the reader and not taken
+    /// yet; received data may bypass the queue only when it is empty.
+    queued: AtomicUsize,
+    /// Patched (PATCHES.md 37): where received data may go without the
+    /// queue (held by the reader's stream; gone with it).
+    direct: OnceLock<Weak<dyn DirectSink>>,
+}
+
+/// Patched (PATCHES.md 37): a destination the session loop may hand a
+/// channel's received data to itself, instead of queueing it for the
+/// channel's reader (one task hand-off fewer per message). The session
+/// offers data only while nothing is queued for the reader, so the sink
+/// keeps the order if it takes data only while its reader has written
+/// everything it took from the queue.
+pub trait DirectSink: Send + Sync {
+    /// Take some leading bytes of `data` now, without waiting; how many
+    /// (0: queue all of it for the reader).
+    fn try_take(&self, data: &[u8]) -> usize;
 }
 
 impl WindowFeedback {
-    fn consumed(&self, msg: &ChannelMsg) {
-        let len = match msg {
-            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
-            _ => return,
+    /// The reader took `msg` from the queue.
+    fn taken(&self, msg: &ChannelMsg) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        match msg {
+            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => {
+                self.consumed(data.len())
+            }
+            _ => {}
+        }
+    }
+
+    /// A message is about to be queued for the reader.
+    pub(crate) fn queueing(&self) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Hands `data` to the direct sink if nothing is queued and the sink
+    /// takes it; the bytes taken count as consumed.
+    pub(crate) fn deliver(&self, data: &[u8]) -> usize {
+        let Some(sink) = self.direct.get() else {
+            return 0;
         };
+        // Pairs with the reader's `taken`: when the count is seen at zero,
+        // what the reader did before taking its last message is seen too.
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            return 0;
+        }
+        let Some(sink) = sink.upgrade() else {
+            return 0;
+        };
+        let taken = sink.try_take(data).min(data.len());
+        if taken > 0 {
+            self.consumed(taken);
+        }
+        taken
+    }
+
+    fn consumed(&self, len: usize) {
         let Some((id, wake)) = self.target.get() else {
             return;
         };
@@ -242,7 +294,7 @@ impl ChannelReadHalf {
     pub async fn wait(&mut self) -> Option<ChannelMsg> {
         let msg = self.receiver.recv().await;
         if let Some(msg) = &msg {
-            self.feedback.consumed(msg);
+            self.feedback.taken(msg);
         }
         msg
     }
@@ -253,7 +305,7 @@ impl ChannelReadHalf {
     ) -> std::task::Poll<Option<ChannelMsg>> {
         let poll = self.receiver.poll_recv(cx);
         if let std::task::Poll::Ready(Some(msg)) = &poll {
-            self.feedback.consumed(msg);
+            self.feedback.taken(msg);
         }
         poll
     }
@@ -262,6 +314,13 @@ impl ChannelReadHalf {
     /// through the `AsyncRead` trait.
     pub fn make_reader(&mut self) -> impl AsyncRead + '_ {
         self.make_reader_ext(None)
+    }
+
+    /// Patched (PATCHES.md 37): let the session hand received data to
+    /// `sink` while nothing is queued for this reader. Set once; the session
+    /// holds it weakly.
+    pub(crate) fn deliver_directly(&self, sink: &Arc<dyn DirectSink>) -> bool {
+        self.feedback.direct.set(Arc::downgrade(sink)).is_ok()
     }
 
     /// Make a reader for the [`Channel`] to receive [`ChannelMsg::Data`] or [`ChannelMsg::ExtendedData`]

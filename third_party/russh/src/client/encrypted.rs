@@ -644,7 +644,7 @@ impl Session {
 
                 if let Some(chan) = self.channels.get(&channel_num) {
                     chan.bind_window_feedback(channel_num, &self.common.window_wake);
-                    let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
+                    let _ = chan.send_data(data.clone());
                 }
 
                 client.data(channel_num, &data, self).await

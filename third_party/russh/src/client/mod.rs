@@ -759,7 +759,7 @@ impl<H: Handler> Handle<H> {
         window_size_ref: WindowSizeRef,
     ) -> Result<Channel<Msg>, crate::Error> {
         loop {
-            match receiver.receiver.recv().await {
+            match receiver.wait().await {
                 Some(ChannelMsg::Open {
                     id,
                     max_packet_size,

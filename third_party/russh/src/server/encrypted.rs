@@ -1535,9 +1535,7 @@ impl Session {
                     handler.extended_data(channel_num, ext, &data, self).await
                 } else {
                     if let Some(chan) = self.channels.get(&channel_num) {
-                        chan.send(ChannelMsg::Data { data: data.clone() })
-                            .await
-                            .unwrap_or(())
+                        let _ = chan.send_data(data.clone());
                     }
                     handler.data(channel_num, &data, self).await
                 }

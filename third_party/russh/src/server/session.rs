@@ -461,7 +461,7 @@ impl Handle {
         window_size_ref: WindowSizeRef,
     ) -> Result<Channel<Msg>, Error> {
         loop {
-            match receiver.receiver.recv().await {
+            match receiver.wait().await {
                 Some(ChannelMsg::Open {
                     id,
                     max_packet_size,

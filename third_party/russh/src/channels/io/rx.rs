@@ -16,6 +16,11 @@ pub struct ChannelRx<R> {
 }
 
 impl<R> ChannelRx<R> {
+    /// The channel read from.
+    pub(crate) fn channel(&self) -> &R {
+        &self.channel
+    }
+
     pub fn new(channel: R, ext: Option<u32>) -> Self {
         Self {
             channel,

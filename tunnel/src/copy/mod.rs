@@ -1,7 +1,17 @@
 //! Copying a tunnel stream to a TCP connection and back.
+//!
+//! [`join_channel`] copies between a channel and any byte stream in one
+//! task. [`join_tcp`] does the same for a plain TCP connection and also lets
+//! the session's task write small received messages to the connection itself
+//! while the copy task has nothing left to write ([`direct`]).
+
+mod direct;
+pub use direct::join_tcp;
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -34,6 +44,13 @@ pub trait ChannelIo: AsyncWrite + Unpin {
     /// The next received data as it came (several may be held at once);
     /// empty at the end of the stream.
     fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>>;
+
+    /// Let the session hand received data to `sink` itself while nothing is
+    /// queued for this reader ([`russh::DirectSink`]); false if it cannot.
+    fn deliver_directly(&mut self, sink: Arc<dyn russh::DirectSink>) -> bool {
+        let _ = sink;
+        false
+    }
 }
 
 impl<S> ChannelIo for ChannelStream<S>
@@ -47,6 +64,10 @@ where
     fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
         ChannelStream::poll_recv_bytes(self, cx)
     }
+
+    fn deliver_directly(&mut self, sink: Arc<dyn russh::DirectSink>) -> bool {
+        ChannelStream::deliver_directly(self, sink)
+    }
 }
 
 /// [`join`] for a channel and a socket, with one user-space copy fewer each
@@ -59,26 +80,58 @@ where
 pub async fn join_channel<T, C>(
     socket: &mut T,
     channel: &mut C,
-    mut turn: Option<Turn>,
+    turn: Option<Turn>,
 ) -> io::Result<(u64, u64)>
+where
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: ChannelIo + ?Sized,
+{
+    let copied = join_both(socket, channel, turn, None).await;
+    copied.end.map(|()| (copied.up, copied.down))
+}
+
+/// What a copy moved each way, and how it ended (the counts stand when it
+/// ended with an error).
+#[derive(Debug)]
+pub struct Copied {
+    /// Socket to channel.
+    pub up: u64,
+    /// Channel to socket.
+    pub down: u64,
+    pub end: io::Result<()>,
+}
+
+/// [`join_channel`]; `idle` (if any) is set while the copy to the socket
+/// has written everything it took and waits for more.
+async fn join_both<T, C>(
+    socket: &mut T,
+    channel: &mut C,
+    mut turn: Option<Turn>,
+    idle: Option<&AtomicBool>,
+) -> Copied
 where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
     C: ChannelIo + ?Sized,
 {
     let mut up = Up::default();
     let mut down = Down::default();
-    std::future::poll_fn(|cx| {
+    let end = std::future::poll_fn(|cx| {
         let up_done = up
             .poll(cx, &mut *socket, &mut *channel, turn.as_mut())?
             .is_ready();
-        let down_done = down.poll(cx, &mut *channel, &mut *socket)?.is_ready();
+        let down_done = down.poll(cx, &mut *channel, &mut *socket, idle)?.is_ready();
         if up_done && down_done {
-            Poll::Ready(Ok((up.copied, down.copied)))
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
     })
-    .await
+    .await;
+    Copied {
+        up: up.copied,
+        down: down.copied,
+        end,
+    }
 }
 
 /// Socket to channel.
@@ -165,11 +218,18 @@ impl Down {
         cx: &mut Context<'_>,
         channel: &mut C,
         socket: &mut T,
+        idle: Option<&AtomicBool>,
     ) -> Poll<io::Result<()>>
     where
         C: ChannelIo + ?Sized,
         T: AsyncWrite + Unpin + ?Sized,
     {
+        // Busy from before taking anything from the channel until all of it
+        // is written: the session writes to the socket itself only while
+        // this is set and nothing is queued (see `direct`).
+        if let Some(idle) = idle {
+            idle.store(false, Ordering::SeqCst);
+        }
         while !self.done {
             while !self.eof && self.queued < GATHER && self.queue.len() < GATHER_SLICES {
                 match channel.poll_recv_bytes(cx) {
@@ -195,6 +255,9 @@ impl Down {
                 if self.unflushed {
                     ready!(Pin::new(&mut *socket).poll_flush(cx))?;
                     self.unflushed = false;
+                }
+                if let Some(idle) = idle {
+                    idle.store(true, Ordering::SeqCst);
                 }
                 return Poll::Pending;
             }
@@ -232,24 +295,35 @@ impl Down {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
-    use std::collections::VecDeque;
 
-    /// A channel whose received packets are given; writes go nowhere.
-    struct Received {
-        packets: VecDeque<Bytes>,
-        ended: bool,
+    /// A channel whose received packets come from a queue the test feeds
+    /// (standing for the session's); writes go nowhere. It hands a direct
+    /// sink it is given to the test.
+    pub(super) struct Fed {
+        pub(super) queue: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+        pub(super) sink: Arc<std::sync::Mutex<Option<Arc<dyn russh::DirectSink>>>>,
+        /// Keeps the queue open (no end yet).
+        pub(super) _open: Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
     }
 
-    impl Received {
+    impl Fed {
+        /// `packets` already received; the end follows them if `ended`.
         fn new(packets: &[&'static [u8]], ended: bool) -> Self {
-            let packets = packets.iter().map(|p| Bytes::from_static(p)).collect();
-            Self { packets, ended }
+            let (tx, queue) = tokio::sync::mpsc::unbounded_channel();
+            for p in packets {
+                let _ = tx.send(Bytes::from_static(p));
+            }
+            Self {
+                queue,
+                sink: Arc::default(),
+                _open: (!ended).then_some(tx),
+            }
         }
     }
 
-    impl AsyncWrite for Received {
+    impl AsyncWrite for Fed {
         fn poll_write(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
@@ -265,7 +339,7 @@ mod tests {
         }
     }
 
-    impl ChannelIo for Received {
+    impl ChannelIo for Fed {
         fn poll_write_bytes(
             &mut self,
             _: &mut Context<'_>,
@@ -273,12 +347,14 @@ mod tests {
         ) -> Poll<io::Result<usize>> {
             Poll::Ready(Ok(data.len()))
         }
-        fn poll_recv_bytes(&mut self, _: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
-            match self.packets.pop_front() {
-                Some(packet) => Poll::Ready(Ok(packet)),
-                None if self.ended => Poll::Ready(Ok(Bytes::new())),
-                None => Poll::Pending,
+        fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+            Poll::Ready(Ok(ready!(self.queue.poll_recv(cx)).unwrap_or_default()))
+        }
+        fn deliver_directly(&mut self, sink: Arc<dyn russh::DirectSink>) -> bool {
+            if let Ok(mut held) = self.sink.lock() {
+                *held = Some(sink);
             }
+            true
         }
     }
 
@@ -323,21 +399,18 @@ mod tests {
         }
     }
 
-    fn poll_down(
-        down: &mut Down,
-        channel: &mut Received,
-        socket: &mut Socket,
-    ) -> Poll<io::Result<()>> {
+    fn poll_down(down: &mut Down, channel: &mut Fed, socket: &mut Socket) -> Poll<io::Result<()>> {
         down.poll(
             &mut Context::from_waker(std::task::Waker::noop()),
             channel,
             socket,
+            None,
         )
     }
 
     #[test]
     fn packets_already_received_leave_in_one_write() {
-        let mut channel = Received::new(&[b"one ", b"two ", b"three"], false);
+        let mut channel = Fed::new(&[b"one ", b"two ", b"three"], false);
         let mut socket = Socket::default();
         let mut down = Down::default();
         assert!(poll_down(&mut down, &mut channel, &mut socket).is_pending());
@@ -348,7 +421,7 @@ mod tests {
 
     #[test]
     fn a_socket_that_takes_part_gets_the_rest_in_order_then_the_end() {
-        let mut channel = Received::new(&[b"abc", b"defgh", b"ij"], true);
+        let mut channel = Fed::new(&[b"abc", b"defgh", b"ij"], true);
         let mut socket = Socket {
             take: Some(4),
             ..Socket::default()
