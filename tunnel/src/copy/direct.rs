@@ -49,7 +49,10 @@ where
     channel.deliver_directly(direct.clone());
     let mut socket = SharedSocket(direct.clone());
     let mut copied = join_both(&mut socket, channel, turn, Some(&direct.idle)).await;
-    copied.down += direct.written.load(Ordering::Relaxed);
+    // The copy is over (an error may have ended it while the copy task was
+    // idle): the session writes no more, and what it wrote is counted.
+    direct.idle.store(false, Ordering::SeqCst);
+    copied.down += direct.written.load(Ordering::SeqCst);
     copied
 }
 
@@ -69,7 +72,7 @@ impl DirectSink for DirectSocket {
         }
         match self.tcp.try_write(data) {
             Ok(n) => {
-                self.written.fetch_add(n as u64, Ordering::Relaxed);
+                self.written.fetch_add(n as u64, Ordering::SeqCst);
                 n
             }
             // Full, or an error the copy task will meet on its next write.
@@ -186,6 +189,41 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
 
+    type Join = tokio::task::JoinHandle<Copied>;
+
+    /// A copy between a loopback connection and a [`Fed`] channel (whose
+    /// writes fail if `gone`): the peer's end, the channel's queue, the
+    /// sink the copy gave the channel, the copy.
+    async fn start(
+        gone: bool,
+    ) -> (
+        TcpStream,
+        mpsc::UnboundedSender<Bytes>,
+        Arc<dyn DirectSink>,
+        Join,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let (queue, rx) = mpsc::unbounded_channel();
+        let held = Arc::new(Mutex::new(None));
+        let mut channel = Fed {
+            queue: rx,
+            sink: held.clone(),
+            _open: None,
+            gone,
+        };
+        let join = tokio::spawn(async move { join_tcp(ours, &mut channel, None).await });
+        loop {
+            if let Some(sink) = held.lock().unwrap().clone() {
+                return (peer, queue, sink, join);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Offers `data` to the sink until it takes some, within a deadline.
     async fn take_when_idle(sink: &Arc<dyn DirectSink>, data: &[u8]) -> usize {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -200,19 +238,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_bytes_wait_for_what_the_copy_holds_and_are_counted() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (ours, _) = listener.accept().await.unwrap();
-        let (queue, rx) = mpsc::unbounded_channel();
-        let held = Arc::new(Mutex::new(None));
-        let mut channel = Fed {
-            queue: rx,
-            sink: held.clone(),
-            _open: None,
-        };
-        let join = tokio::spawn(async move { join_tcp(ours, &mut channel, None).await });
+        let (mut peer, queue, sink, join) = start(false).await;
 
         // More than the sockets hold, queued while the peer reads nothing:
         // the copy task keeps some of it, so the sink must refuse.
@@ -220,12 +246,6 @@ mod tests {
         for chunk in bulk.chunks(32 * 1024) {
             queue.send(Bytes::copy_from_slice(chunk)).unwrap();
         }
-        let sink = loop {
-            if let Some(sink) = held.lock().unwrap().clone() {
-                break sink;
-            }
-            tokio::task::yield_now().await;
-        };
         let mut first = vec![0u8; 1 << 20];
         peer.read_exact(&mut first).await.unwrap();
         assert_eq!(
@@ -272,5 +292,20 @@ mod tests {
         let copied = join.await.unwrap();
         copied.end.unwrap();
         assert_eq!(copied.down, (32 << 20) + 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_copy_ends_in_error_the_session_writes_nothing() {
+        let (mut peer, queue, sink, join) = start(true).await;
+        // The copy task idles, so the session may write.
+        assert_eq!(take_when_idle(&sink, b"ok").await, 2);
+        // What the peer sends cannot go into the channel: the copy ends,
+        // the socket still open.
+        peer.write_all(b"x").await.unwrap();
+        let copied = join.await.unwrap();
+        assert!(copied.end.is_err());
+        assert_eq!(copied.down, 2);
+        assert_eq!(sink.try_take(b"late"), 0, "written after the copy ended");
+        drop(queue);
     }
 }

@@ -306,6 +306,8 @@ pub(super) mod tests {
         pub(super) sink: Arc<std::sync::Mutex<Option<Arc<dyn russh::DirectSink>>>>,
         /// Keeps the queue open (no end yet).
         pub(super) _open: Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
+        /// Writes fail (the session is gone).
+        pub(super) gone: bool,
     }
 
     impl Fed {
@@ -319,6 +321,7 @@ pub(super) mod tests {
                 queue,
                 sink: Arc::default(),
                 _open: (!ended).then_some(tx),
+                gone: false,
             }
         }
     }
@@ -345,6 +348,9 @@ pub(super) mod tests {
             _: &mut Context<'_>,
             data: &Bytes,
         ) -> Poll<io::Result<usize>> {
+            if self.gone {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
             Poll::Ready(Ok(data.len()))
         }
         fn poll_recv_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
