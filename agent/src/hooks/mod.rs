@@ -109,7 +109,11 @@ impl Hook {
         // Kills the whole group (the hook leads it) however this function
         // ends (timeout, drop): the blocking wait below then returns.
         let group = Group(child.id());
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        // Waits from now on, so the hook is reaped however this function
+        // ends (dropping the handle does not stop the wait).
+        let exited = tokio::task::spawn_blocking(move || child.wait());
+        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
             return Err(HookError::Io(std::io::Error::other("no pipes")));
         };
         let stdout = pipe::Receiver::from_owned_fd(OwnedFd::from(stdout)).map_err(HookError::Io)?;
@@ -119,7 +123,7 @@ impl Hook {
                 read_limited(stdout, MAX_STDOUT + 1),
                 read_limited(stderr, MAX_STDERR),
                 async {
-                    let status = tokio::task::spawn_blocking(move || child.wait())
+                    let status = exited
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                     // Background children of the hook would hold its pipes open.
