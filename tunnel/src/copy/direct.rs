@@ -85,6 +85,42 @@ impl DirectSink for DirectSocket {
 /// tokio's readiness (`&TcpStream` has no `AsyncRead`/`AsyncWrite`).
 struct SharedSocket(Arc<DirectSocket>);
 
+/// One read or write of `tcp` (`transfer`, which moves up to `wanted`
+/// bytes), as tokio's own `TcpStream` does it: wait until the socket is
+/// ready, and when the transfer moved less than asked (the socket is drained
+/// or full), clear that readiness as of before the transfer (a later event
+/// stands). That saves the call that would find nothing.
+fn poll_transfer(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    interest: Interest,
+    wanted: usize,
+    mut transfer: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        if interest.is_readable() {
+            ready!(tcp.poll_read_ready(cx))?;
+        } else {
+            ready!(tcp.poll_write_ready(cx))?;
+        }
+        let mut moved = None;
+        let polled = tcp.try_io(interest, || {
+            let n = transfer()?;
+            moved = Some(n);
+            // Saying "would block" is what clears the readiness.
+            if n > 0 && n < wanted {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match (moved, polled) {
+            (Some(n), _) => return Poll::Ready(Ok(n)),
+            (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (None, polled) => return Poll::Ready(polled.map(|()| 0)),
+        }
+    }
+}
+
 impl AsyncRead for SharedSocket {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -92,28 +128,11 @@ impl AsyncRead for SharedSocket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let tcp = &self.0.tcp;
-        loop {
-            ready!(tcp.poll_read_ready(cx))?;
-            let wanted = buf.remaining();
-            let mut read = None;
-            let polled = tcp.try_io(Interest::READABLE, || {
-                let n = tcp.try_read_buf(buf)?;
-                read = Some(n);
-                // Less than asked: the socket is drained. Saying so clears
-                // its readiness (as of before this read, so a later event
-                // stands), which saves the read that would find nothing, as
-                // tokio's own `TcpStream` does.
-                if n > 0 && n < wanted {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (read, polled) {
-                (Some(_), _) => return Poll::Ready(Ok(())),
-                (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                (None, polled) => return Poll::Ready(polled),
-            }
-        }
+        let wanted = buf.remaining();
+        poll_transfer(tcp, cx, Interest::READABLE, wanted, || {
+            tcp.try_read_buf(buf)
+        })
+        .map_ok(|_| ())
     }
 }
 
@@ -132,25 +151,10 @@ impl AsyncWrite for SharedSocket {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let tcp = &self.0.tcp;
-        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
-        loop {
-            ready!(tcp.poll_write_ready(cx))?;
-            let mut written = None;
-            let polled = tcp.try_io(Interest::WRITABLE, || {
-                let n = tcp.try_write_vectored(bufs)?;
-                written = Some(n);
-                // Less than offered: the socket is full (see `poll_read`).
-                if n > 0 && n < wanted {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (written, polled) {
-                (Some(n), _) => return Poll::Ready(Ok(n)),
-                (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                (None, polled) => return Poll::Ready(polled.map(|()| 0)),
-            }
-        }
+        let wanted = bufs.iter().map(|b| b.len()).sum();
+        poll_transfer(tcp, cx, Interest::WRITABLE, wanted, || {
+            tcp.try_write_vectored(bufs)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
