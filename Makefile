@@ -87,8 +87,8 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# `make test`: every test, two at a time; the one mostly idle 5-minute soak
-# runs beside the suites rather than after its own (hack/test.sh).
+# `make test`: every test, two at a time; the two mostly idle soaks run
+# beside the suites rather than each in turn (hack/test.sh).
 test: build harness go-peers promtool helm toxiproxy lint
 	CARGO=$(CARGO) ./hack/test.sh
 
