@@ -288,13 +288,23 @@ mod tests {
     }
 
     #[test]
-    fn window_doubles_when_drained_within_a_round_trip() {
+    fn window_grows_fourfold_when_drained_within_a_round_trip() {
         let l = window_limits();
         let e = epoch(WINDOW_SIZE, WINDOW_SIZE, 30, 50, u64::from(WINDOW_SIZE));
-        assert_eq!(russh::next_window(&l, &e), 2 * WINDOW_SIZE);
+        assert_eq!(russh::GROWTH, 4);
+        assert_eq!(russh::next_window(&l, &e), 4 * WINDOW_SIZE);
         // Half a window in a quarter of the round trip: same rate, grows too.
         let e = epoch(WINDOW_SIZE, WINDOW_SIZE / 2, 12, 50, u64::from(WINDOW_SIZE));
-        assert_eq!(russh::next_window(&l, &e), 2 * WINDOW_SIZE);
+        assert_eq!(russh::next_window(&l, &e), 4 * WINDOW_SIZE);
+        // From 2 MiB to the 32 MiB cap in two growths, not four.
+        let e = epoch(
+            4 * WINDOW_SIZE,
+            4 * WINDOW_SIZE,
+            30,
+            50,
+            u64::from(4 * WINDOW_SIZE),
+        );
+        assert_eq!(russh::next_window(&l, &e), WINDOW_MAX);
     }
 
     #[test]
@@ -365,11 +375,11 @@ mod tests {
         let l = window_limits();
         let grown = 2 * WINDOW_SIZE;
         let alone = u64::from(grown);
-        // Nothing learnt beyond this growth: the doubling stands.
+        // Nothing learnt beyond this growth: it stands.
         assert_eq!(russh::learnt_window(&l, grown, 0, alone), grown);
         assert_eq!(russh::learnt_window(&l, grown, grown, alone), grown);
-        // Another channel grew to 8 MiB: straight there.
-        let learnt = 4 * WINDOW_SIZE;
+        // Another channel grew to 16 MiB: straight there.
+        let learnt = 8 * WINDOW_SIZE;
         assert_eq!(russh::learnt_window(&l, grown, learnt, alone), learnt);
         // Never past the per-channel cap.
         assert_eq!(russh::learnt_window(&l, grown, u32::MAX, alone), WINDOW_MAX);
@@ -379,7 +389,7 @@ mod tests {
             russh::learnt_window(&l, grown, WINDOW_MAX, others + alone),
             6 << 20
         );
-        // Budget spent: the doubling next_window granted stands.
+        // Budget spent: the growth next_window granted stands.
         let spent = 2 * WINDOW_SESSION_BUDGET;
         assert_eq!(russh::learnt_window(&l, grown, WINDOW_MAX, spent), grown);
         // Fixed windows stay fixed.

@@ -71,7 +71,7 @@ pub use channels::{
 mod parsing;
 // Patched (PATCHES.md): receive windows that grow with the bandwidth-delay product.
 mod window;
-pub use window::{Epoch, WindowLimits, credit_due, learnt_window, next_window};
+pub use window::{Epoch, GROWTH, WindowLimits, credit_due, learnt_window, next_window};
 mod session;
 
 /// Server side of this library.
