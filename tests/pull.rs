@@ -85,11 +85,18 @@ async fn member_side_kubectl_lists_and_watches_the_host() -> Result<()> {
         .await
     };
 
-    // No annotation yet: refused, and the agent says why.
+    // No annotation yet: refused, and the agent says why. kubectl fails at
+    // once on the agent's TLS alert, not after client-go's retries of a
+    // closed connection.
     let out = list().await?;
     ensure!(
         !out.status.success(),
         "listed without the annotation: {out:?}"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("tls: access denied"),
+        "the refusal did not reach kubectl as a TLS alert: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     refused(
         &tower,
@@ -142,6 +149,11 @@ async fn member_side_kubectl_lists_and_watches_the_host() -> Result<()> {
         .output()
         .await?;
     ensure!(!out.status.success(), "an unpublished name worked: {out:?}");
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("tls: access denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     refused(
         &tower,
         "hub service \"nope\" is not published",

@@ -4,15 +4,20 @@
 //! published and whether this cluster opted in. The listeners are bound at
 //! start and outlive reconnects; without a tunnel, a connection is closed.
 //!
+//! A refused connection is closed; a TLS client gets a fatal alert first
+//! (see [`refuse`]).
+//!
 //! Log lines: `hub listening` (`service`, `addr`), `hub connection refused`
 //! (`service`, `reason`).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tunnel::hub::HubLink;
+use tunnel::hub::{HubError, HubLink};
 
 /// One `--hub-listen` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +77,7 @@ pub async fn serve(service: String, listener: TcpListener, link: HubLink, stop: 
                 Ok(channel) => channel,
                 Err(e) => {
                     tracing::warn!(%service, %peer, reason = %e, "hub connection refused");
+                    refuse(tcp, &e).await;
                     return;
                 }
             };
@@ -83,9 +89,97 @@ pub async fn serve(service: String, listener: TcpListener, link: HubLink, stop: 
     }
 }
 
+/// TLS alert descriptions (RFC 8446 6.2).
+const ACCESS_DENIED: u8 = 49;
+const INTERNAL_ERROR: u8 = 80;
+
+/// How long a refused connection waits for its client's first bytes, and
+/// then for the client to close after the alert.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A fatal TLS alert in a plaintext record (what a server sends before any
+/// keys, in TLS 1.2 and 1.3 alike).
+fn tls_alert(description: u8) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
+}
+
+/// Close a refused connection so that its client fails at once. A plain
+/// close looks transient to client-go, which retries a GET ten times a
+/// second apart, so a refused member-side `kubectl get` hung for most of a
+/// minute. A TLS client (its first byte a handshake record) gets a fatal
+/// alert instead, which Go reports as `remote error: tls: access denied`
+/// (`internal error` when no tunnel is up) and does not retry. The client's
+/// bytes are read to the end, so the close is a FIN, not a reset that could
+/// overtake the alert. Other protocols just see the close.
+async fn refuse(mut tcp: TcpStream, error: &HubError) {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(LINGER, tcp.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1))) || first[0] != 0x16 {
+        return;
+    }
+    let description = match error {
+        HubError::Refused { .. } => ACCESS_DENIED,
+        _ => INTERNAL_ERROR,
+    };
+    if tcp.write_all(&tls_alert(description)).await.is_err() {
+        return;
+    }
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = tcp.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a client that sent `first` reads from a connection refused for `error`.
+    async fn refused_answer(first: &[u8], error: HubError) -> Vec<u8> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(first).await.unwrap();
+        let refusing = tokio::spawn(async move { refuse(server, &error).await });
+        let mut answer = Vec::new();
+        // Not TLS: the close may be a reset (the request left unread).
+        match client.read_to_end(&mut answer).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("reading the refusal: {e}"),
+        }
+        drop(client);
+        refusing.await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_refused_tls_client_gets_a_fatal_alert_then_the_close() {
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0, 0, 1, 0];
+        let refused = HubError::Refused {
+            code: 1,
+            reason: "cluster alpha does not opt in".into(),
+        };
+        assert_eq!(
+            refused_answer(&hello, refused).await,
+            [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, ACCESS_DENIED]
+        );
+        assert_eq!(
+            refused_answer(&hello, HubError::NoTunnel).await,
+            [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, INTERNAL_ERROR]
+        );
+        // Not TLS: only the close, no bytes.
+        let get = b"GET / HTTP/1.1\r\n\r\n";
+        assert!(refused_answer(get, HubError::NoTunnel).await.is_empty());
+    }
 
     #[test]
     fn listen_values() {
