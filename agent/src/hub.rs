@@ -4,8 +4,8 @@
 //! published and whether this cluster opted in. The listeners are bound at
 //! start and outlive reconnects; without a tunnel, a connection is closed.
 //!
-//! A refused connection is closed; a TLS client gets a fatal alert first
-//! (see [`refuse`]).
+//! A refused connection is closed; when the proxy prohibits it, a TLS
+//! client gets a fatal alert first (see [`refuse`]).
 //!
 //! Log lines: `hub listening` (`service`, `addr`), `hub connection refused`
 //! (`service`, `reason`).
@@ -89,9 +89,11 @@ pub async fn serve(service: String, listener: TcpListener, link: HubLink, stop: 
     }
 }
 
-/// TLS alert descriptions (RFC 8446 6.2).
+/// The TLS alert description `access_denied` (RFC 8446 6.2).
 const ACCESS_DENIED: u8 = 49;
-const INTERNAL_ERROR: u8 = 80;
+/// SSH_OPEN_ADMINISTRATIVELY_PROHIBITED (RFC 4254 5.1): the proxy's policy
+/// refused (not published, not opted in), which no retry changes.
+const PROHIBITED: u32 = 1;
 
 /// How long a refused connection waits for its client's first bytes, and
 /// then for the client to close after the alert.
@@ -103,25 +105,31 @@ fn tls_alert(description: u8) -> [u8; 7] {
     [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
 }
 
-/// Close a refused connection so that its client fails at once. A plain
-/// close looks transient to client-go, which retries a GET ten times a
-/// second apart, so a refused member-side `kubectl get` hung for most of a
-/// minute. A TLS client (its first byte a handshake record) gets a fatal
-/// alert instead, which Go reports as `remote error: tls: access denied`
-/// (`internal error` when no tunnel is up) and does not retry. The client's
-/// bytes are read to the end, so the close is a FIN, not a reset that could
-/// overtake the alert. Other protocols just see the close.
+/// Close a refused connection. A plain close looks transient to client-go,
+/// which retries a GET ten times a second apart, so a member-side `kubectl
+/// get` the proxy prohibits hung for most of a minute. For a prohibition a
+/// TLS client (its first byte a handshake record) gets a fatal alert first,
+/// which Go reports as `remote error: tls: access denied` and does not
+/// retry; the client's bytes are read to the end, so the close is a FIN,
+/// not a reset that could overtake the alert. Transient refusals (no
+/// tunnel, no answer, too many hub channels, the service unreachable from
+/// the proxy) and other protocols just see the close, and may retry.
 async fn refuse(mut tcp: TcpStream, error: &HubError) {
+    if !matches!(
+        error,
+        HubError::Refused {
+            code: PROHIBITED,
+            ..
+        }
+    ) {
+        return;
+    }
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(LINGER, tcp.peek(&mut first)).await;
     if !matches!(peeked, Ok(Ok(1))) || first[0] != 0x16 {
         return;
     }
-    let description = match error {
-        HubError::Refused { .. } => ACCESS_DENIED,
-        _ => INTERNAL_ERROR,
-    };
-    if tcp.write_all(&tls_alert(description)).await.is_err() {
+    if tcp.write_all(&tls_alert(ACCESS_DENIED)).await.is_err() {
         return;
     }
     let _ = tcp.shutdown().await;
@@ -140,7 +148,8 @@ async fn refuse(mut tcp: TcpStream, error: &HubError) {
 mod tests {
     use super::*;
 
-    /// What a client that sent `first` reads from a connection refused for `error`.
+    /// What a client that sent `first` reads from a connection refused for
+    /// `error`.
     async fn refused_answer(first: &[u8], error: HubError) -> Vec<u8> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
@@ -162,23 +171,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_tls_client_gets_a_fatal_alert_then_the_close() {
+    async fn a_prohibited_tls_client_gets_a_fatal_alert_then_the_close() {
         let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0, 0, 1, 0];
-        let refused = HubError::Refused {
-            code: 1,
+        let prohibited = || HubError::Refused {
+            code: PROHIBITED,
             reason: "cluster alpha does not opt in".into(),
         };
         assert_eq!(
-            refused_answer(&hello, refused).await,
+            refused_answer(&hello, prohibited()).await,
             [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, ACCESS_DENIED]
         );
-        assert_eq!(
-            refused_answer(&hello, HubError::NoTunnel).await,
-            [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, INTERNAL_ERROR]
-        );
-        // Not TLS: only the close, no bytes.
+        // Transient: only the close, so the client may retry.
+        for transient in [
+            HubError::NoTunnel,
+            HubError::Refused {
+                code: 4,
+                reason: "too many hub channels".into(),
+            },
+        ] {
+            assert!(refused_answer(&hello, transient).await.is_empty());
+        }
+        // Not TLS: only the close.
         let get = b"GET / HTTP/1.1\r\n\r\n";
-        assert!(refused_answer(get, HubError::NoTunnel).await.is_empty());
+        assert!(refused_answer(get, prohibited()).await.is_empty());
     }
 
     #[test]
