@@ -91,9 +91,6 @@ pub async fn serve(service: String, listener: TcpListener, link: HubLink, stop: 
 
 /// The TLS alert description `access_denied` (RFC 8446 6.2).
 const ACCESS_DENIED: u8 = 49;
-/// SSH_OPEN_ADMINISTRATIVELY_PROHIBITED (RFC 4254 5.1): the proxy's policy
-/// refused (not published, not opted in), which no retry changes.
-const PROHIBITED: u32 = 1;
 
 /// How long a refused connection waits for its client's first bytes, and
 /// then for the client to close after the alert.
@@ -115,13 +112,7 @@ fn tls_alert(description: u8) -> [u8; 7] {
 /// tunnel, no answer, too many hub channels, the service unreachable from
 /// the proxy) and other protocols just see the close, and may retry.
 async fn refuse(mut tcp: TcpStream, error: &HubError) {
-    if !matches!(
-        error,
-        HubError::Refused {
-            code: PROHIBITED,
-            ..
-        }
-    ) {
+    if !error.prohibited() {
         return;
     }
     let mut first = [0u8; 1];
@@ -173,8 +164,9 @@ mod tests {
     #[tokio::test]
     async fn a_prohibited_tls_client_gets_a_fatal_alert_then_the_close() {
         let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0, 0, 1, 0];
+        // SSH reason 1: administratively prohibited.
         let prohibited = || HubError::Refused {
-            code: PROHIBITED,
+            code: 1,
             reason: "cluster alpha does not opt in".into(),
         };
         assert_eq!(

@@ -142,6 +142,15 @@ pub enum HubError {
     Closed,
 }
 
+impl HubError {
+    /// The proxy's policy refused (name not published, cluster not opted
+    /// in): unlike every other error here, no retry changes it.
+    pub fn prohibited(&self) -> bool {
+        matches!(self, Self::Refused { code, .. }
+            if *code == ChannelOpenFailure::AdministrativelyProhibited.code())
+    }
+}
+
 type OpenFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Channel<russh::client::Msg>, russh::Error>> + Send + 'a>>;
 

@@ -136,6 +136,13 @@ async fn hub_channels_reach_published_services_only() {
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+    // Final, not transient: the agent tells a TLS client so.
+    assert!(
+        link.open("secret")
+            .await
+            .err()
+            .is_some_and(|e| e.prohibited())
+    );
     // The refusal cost nothing: the tunnel still carries hub channels.
     assert!(link.open("echo").await.is_ok());
 }
@@ -170,6 +177,13 @@ async fn hub_channels_over_the_cap_are_refused_until_some_close() {
             ),
         }
     }
+    // Transient: a client may retry.
+    assert!(
+        link.open("echo")
+            .await
+            .err()
+            .is_some_and(|e| !e.prohibited())
+    );
     // The session is kept, and so are its channels.
     assert!(matches!(
         served.try_recv(),
